@@ -1,0 +1,1 @@
+//! placeholder: the GStreamer plugin lands with issue 5.

@@ -1,0 +1,10 @@
+//! sdcrossframe engine: Stable Diffusion 1.5 + Canny ControlNet img2img in candle,
+//! with cross-frame attention for temporally coherent video restyling.
+//!
+//! No GStreamer types live here; the element in `plugins/` is a thin layer over this crate.
+
+pub mod canny;
+pub mod models;
+pub mod scheduler;
+pub mod tokenizer;
+pub mod weights;

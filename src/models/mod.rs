@@ -1,0 +1,9 @@
+//! Candle models, one per file, loaded from diffusers-format checkpoints.
+
+pub mod attention;
+pub mod clip;
+pub mod controlnet;
+pub mod embeddings;
+pub mod unet;
+pub mod unet_blocks;
+pub mod vae;
