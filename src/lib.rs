@@ -4,6 +4,7 @@
 //! No GStreamer types live here; the element in `plugins/` is a thin layer over this crate.
 
 pub mod canny;
+pub mod frame;
 pub mod models;
 pub mod scheduler;
 pub mod tokenizer;

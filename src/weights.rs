@@ -1,1 +1,273 @@
-//! (in progress)
+//! Locating and validating diffusers-format model directories and their safetensors files.
+//!
+//! Every error names the file and the problem, so a user with a half-downloaded or
+//! PyTorch-pickle checkpoint knows what to fix.
+
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device};
+use candle_nn::VarBuilder;
+use serde::de::DeserializeOwned;
+
+/// Weight file names diffusers and transformers write, in order of preference.
+const SAFETENSORS_NAMES: &[&str] = &["diffusion_pytorch_model", "model"];
+/// Pickle-based weight files we refuse, with the reason.
+const PICKLE_EXTENSIONS: &[&str] = &["bin", "ckpt", "pt", "pth"];
+
+/// Reads and parses a JSON config file, naming the file on error.
+pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+/// The files making up one model component (`unet/`, `vae/`, a ControlNet directory...).
+#[derive(Debug, Clone)]
+pub struct ComponentFiles {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub weights: Vec<PathBuf>,
+}
+
+impl ComponentFiles {
+    /// Finds `config.json` and the safetensors weights in a component directory.
+    /// `variant` selects e.g. `diffusion_pytorch_model.fp16.safetensors`; without it the
+    /// plain file is preferred and a variant is used only when it is the only one there.
+    pub fn locate(dir: &Path, variant: Option<&str>) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("model directory {} does not exist", dir.display());
+        }
+        let config = dir.join("config.json");
+        if !config.is_file() {
+            bail!("{} is missing (is {} a diffusers-format model directory?)", config.display(), dir.display());
+        }
+        let weights = find_safetensors(dir, variant)?;
+        Ok(Self { dir: dir.to_path_buf(), config, weights })
+    }
+
+    pub fn read_config<T: DeserializeOwned>(&self) -> Result<T> {
+        read_config(&self.config)
+    }
+
+    /// A VarBuilder over the validated weight files, converting to `dtype` on load.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+        var_builder(&self.weights, dtype, device)
+    }
+}
+
+/// Validates each file and memory-maps them into one VarBuilder.
+pub fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<VarBuilder<'static>> {
+    for file in files {
+        validate_safetensors(file)?;
+    }
+    // SAFETY: the files are memory-mapped read-only; like every mmap user we rely on them
+    // not being truncated while the model is loaded.
+    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
+        .with_context(|| format!("cannot load weights from {}", display_list(files)))
+}
+
+fn display_list(files: &[PathBuf]) -> String {
+    files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn find_safetensors(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
+    let mut plain = Vec::new();
+    let mut variants = Vec::new();
+    for stem in SAFETENSORS_NAMES {
+        // Sharded checkpoints list their shards in an index file.
+        let index = dir.join(format!("{stem}.safetensors.index.json"));
+        if index.is_file() {
+            return sharded_files(&index);
+        }
+        let file = dir.join(format!("{stem}.safetensors"));
+        if file.is_file() {
+            plain.push(file);
+        }
+        if let Some(v) = variant {
+            let file = dir.join(format!("{stem}.{v}.safetensors"));
+            if file.is_file() {
+                variants.push(file);
+            }
+        } else {
+            for v in ["fp16", "bf16"] {
+                let file = dir.join(format!("{stem}.{v}.safetensors"));
+                if file.is_file() {
+                    variants.push(file);
+                }
+            }
+        }
+    }
+    let chosen = match variant {
+        Some(_) if !variants.is_empty() => variants.swap_remove(0),
+        _ if !plain.is_empty() => plain.swap_remove(0),
+        None if !variants.is_empty() => variants.swap_remove(0),
+        Some(v) => bail!("no {v} weights in {}: expected diffusion_pytorch_model.{v}.safetensors or model.{v}.safetensors", dir.display()),
+        None => {
+            let pickles = pickle_files(dir);
+            if !pickles.is_empty() {
+                bail!(
+                    "{} holds PyTorch pickle weights ({}); sdcrossframe needs safetensors: \
+                     convert them (e.g. diffusers' `from_pretrained(...).save_pretrained(dir, safe_serialization=True)`)",
+                    dir.display(),
+                    pickles.join(", ")
+                );
+            }
+            bail!(
+                "no weights in {}: expected diffusion_pytorch_model.safetensors or model.safetensors",
+                dir.display()
+            )
+        }
+    };
+    Ok(vec![chosen])
+}
+
+fn pickle_files(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else { return Vec::new() };
+    let mut names: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| {
+            Path::new(name)
+                .extension()
+                .is_some_and(|ext| PICKLE_EXTENSIONS.iter().any(|p| ext == *p))
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+fn sharded_files(index: &Path) -> Result<Vec<PathBuf>> {
+    #[derive(serde::Deserialize)]
+    struct Index {
+        weight_map: std::collections::BTreeMap<String, String>,
+    }
+    let parsed: Index = read_config(index)?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut files: Vec<PathBuf> = parsed.weight_map.values().map(|f| dir.join(f)).collect();
+    files.sort();
+    files.dedup();
+    for f in &files {
+        if !f.is_file() {
+            bail!("shard {} listed in {} is missing", f.display(), index.display());
+        }
+    }
+    Ok(files)
+}
+
+/// Checks the safetensors header and that the file holds every byte the header promises,
+/// so a truncated download is reported as such instead of as a bad tensor later.
+pub fn validate_safetensors(path: &Path) -> Result<()> {
+    let mut file = File::open(path).with_context(|| format!("cannot open weights file {}", path.display()))?;
+    let file_len = file.metadata().with_context(|| format!("cannot stat {}", path.display()))?.len();
+    let mut len_bytes = [0u8; 8];
+    file.read_exact(&mut len_bytes).map_err(|_| {
+        anyhow::anyhow!("weights file {} is truncated or not safetensors: {file_len} bytes, no header", path.display())
+    })?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > 100_000_000 || 8 + header_len > file_len {
+        bail!(
+            "weights file {} is truncated or not safetensors: header of {header_len} bytes announced, file has {file_len}",
+            path.display()
+        );
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).with_context(|| format!("cannot read header of {}", path.display()))?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&header)
+        .with_context(|| format!("weights file {} has a corrupt safetensors header", path.display()))?;
+    let data_len = header
+        .iter()
+        .filter(|(name, _)| name.as_str() != "__metadata__")
+        .filter_map(|(_, info)| info.get("data_offsets")?.as_array()?.get(1)?.as_u64())
+        .max()
+        .unwrap_or(0);
+    let available = file_len - 8 - header_len;
+    if data_len > available {
+        bail!(
+            "weights file {} is truncated: its header describes {data_len} bytes of tensor data but only {available} are present",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Where a model comes from: a local directory or a Hugging Face repo id.
+/// `needed` lists, for each file a repo must provide, the acceptable alternatives
+/// (e.g. the plain and fp16 weights); the first one found in the cache or downloadable wins.
+pub fn resolve_model(spec: &str, needed: &[&[&str]]) -> Result<PathBuf> {
+    let path = Path::new(spec);
+    if path.exists() {
+        if !path.is_dir() {
+            bail!("model path {} is a file; expected a diffusers-format model directory", path.display());
+        }
+        return Ok(path.to_path_buf());
+    }
+    if !looks_like_repo_id(spec) {
+        bail!("model directory {spec} does not exist (and it is not a Hugging Face repo id like owner/name)");
+    }
+    resolve_repo(spec, needed)
+}
+
+fn looks_like_repo_id(spec: &str) -> bool {
+    let mut parts = spec.split('/');
+    let (Some(owner), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
+    };
+    let ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c));
+    ok(owner) && ok(name) && !spec.starts_with('.')
+}
+
+/// Resolves a repo id through the local Hugging Face cache (HF_HOME or ~/.cache/huggingface),
+/// downloading missing files unless HF_HUB_OFFLINE is set. Returns the snapshot directory.
+fn resolve_repo(repo_id: &str, needed: &[&[&str]]) -> Result<PathBuf> {
+    let _span = tracing::info_span!("resolve_repo", repo_id).entered();
+    let cache = hf_hub::Cache::from_env();
+    let cached = cache.repo(hf_hub::Repo::model(repo_id.to_string()));
+    let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v != "0" && !v.is_empty());
+    let mut api = None;
+    let mut snapshot: Option<PathBuf> = None;
+    for alternatives in needed {
+        let mut found = alternatives.iter().find_map(|file| cached.get(file).map(|p| (*file, p)));
+        let mut last_error = None;
+        if found.is_none() && !offline {
+            if api.is_none() {
+                api = Some(
+                    hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
+                        .build()
+                        .context("cannot start the Hugging Face downloader")?,
+                );
+            }
+            let repo = api.as_ref().expect("set above").model(repo_id.to_string());
+            for file in *alternatives {
+                tracing::info!(repo_id, file, "downloading");
+                match repo.get(file) {
+                    Ok(p) => {
+                        found = Some((*file, p));
+                        break;
+                    }
+                    Err(e) => last_error = Some(e.to_string()),
+                }
+            }
+        }
+        let Some((file, path)) = found else {
+            let why = match (offline, last_error) {
+                (true, _) => "HF_HUB_OFFLINE is set".to_string(),
+                (false, Some(e)) => format!("downloading failed: {e}"),
+                (false, None) => "downloading failed".to_string(),
+            };
+            bail!(
+                "{repo_id}: {} is not in the Hugging Face cache at {} and {why}",
+                alternatives.join(" or "),
+                cache.path().display()
+            );
+        };
+        // `file` may contain a subdirectory; the snapshot root is that many levels up.
+        let depth = Path::new(file).components().count();
+        if snapshot.is_none() {
+            snapshot = path.ancestors().nth(depth).map(Path::to_path_buf);
+        }
+    }
+    snapshot.with_context(|| format!("{repo_id}: nothing to resolve"))
+}
