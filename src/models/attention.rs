@@ -1,1 +1,351 @@
-//! (in progress)
+//! Attention layers of the diffusers UNet: `Attention`, `BasicTransformerBlock`,
+//! `Transformer2DModel`, and the self-attention hook that cross-frame attention plugs into.
+//!
+//! Weight names are diffusers' (`to_q`, `to_k`, `to_v`, `to_out.0`, `norm1..3`,
+//! `ff.net.0.proj`, `ff.net.2`, `proj_in`, `proj_out`, `norm`, `transformer_blocks.N`).
+//! Every attention layer knows its own diffusers module path (e.g.
+//! `up_blocks.1.attentions.0.transformer_blocks.0.attn1`) so a hook can tell layers apart.
+
+use candle_core::{DType, Module, Result, Tensor};
+use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+
+/// Called at every self-attention (`attn1`) of the UNet.
+///
+/// This is the single point where cross-frame attention (or any other change to the keys and
+/// values of self-attention) enters the model; the UNet itself knows nothing about frames.
+pub trait SelfAttentionHook {
+    /// `layer`: the diffusers module path, e.g. "up_blocks.1.attentions.0.transformer_blocks.0.attn1".
+    /// `hidden`: the attention input (output of norm1), (batch, tokens, channels).
+    /// `project`: projects hidden states with this layer's to_k/to_v.
+    /// Return Some((keys, values)) (already projected, (batch, kv_tokens, channels)) to replace the
+    /// layer's own keys/values; queries always stay the layer's own. None = plain attention.
+    fn self_attention(
+        &mut self,
+        layer: &str,
+        hidden: &Tensor,
+        project: &dyn Fn(&Tensor) -> Result<(Tensor, Tensor)>,
+    ) -> Result<Option<(Tensor, Tensor)>>;
+}
+
+/// Plain attention everywhere.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoHook;
+
+impl SelfAttentionHook for NoHook {
+    fn self_attention(
+        &mut self,
+        _layer: &str,
+        _hidden: &Tensor,
+        _project: &dyn Fn(&Tensor) -> Result<(Tensor, Tensor)>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        Ok(None)
+    }
+}
+
+/// Multi-head scaled dot-product attention with diffusers' `Attention` weights
+/// (`to_q`, `to_k`, `to_v` without bias, `to_out.0` with bias).
+#[derive(Debug, Clone)]
+pub struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    dim_head: usize,
+    scale: f64,
+    name: String,
+    span: tracing::Span,
+}
+
+impl Attention {
+    /// `vb` points at the module; `name` is its diffusers path (reported to hooks and in errors).
+    /// `context_dim` is the key/value input width (`None` = self-attention, same as `query_dim`).
+    pub fn new(
+        vb: VarBuilder,
+        query_dim: usize,
+        context_dim: Option<usize>,
+        heads: usize,
+        dim_head: usize,
+        name: String,
+    ) -> Result<Self> {
+        if heads == 0 || dim_head == 0 {
+            candle_core::bail!("{name}: attention needs at least one head of non-zero width (heads {heads}, head dim {dim_head})");
+        }
+        let inner = heads * dim_head;
+        let context_dim = context_dim.unwrap_or(query_dim);
+        let to_q = candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?;
+        let to_k = candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?;
+        let to_v = candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?;
+        let to_out = candle_nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?;
+        let span = tracing::trace_span!("attention", layer = name.as_str());
+        Ok(Self { to_q, to_k, to_v, to_out, heads, dim_head, scale: (dim_head as f64).powf(-0.5), name, span })
+    }
+
+    /// The layer's diffusers module path.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Projects `context` (batch, tokens, context_dim) with this layer's `to_k` / `to_v`.
+    pub fn project_kv(&self, context: &Tensor) -> Result<(Tensor, Tensor)> {
+        Ok((self.to_k.forward(context)?, self.to_v.forward(context)?))
+    }
+
+    /// Plain attention: keys/values from `context`, or from `xs` when `context` is None.
+    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let (k, v) = self.project_kv(context.unwrap_or(xs))?;
+        self.attend(xs, &k, &v)
+    }
+
+    /// Self-attention with the hook asked for replacement keys/values.
+    pub fn forward_self(&self, xs: &Tensor, hook: &mut dyn SelfAttentionHook) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let project = |h: &Tensor| self.project_kv(h);
+        let (k, v) = match hook.self_attention(&self.name, xs, &project)? {
+            Some(kv) => kv,
+            None => self.project_kv(xs)?,
+        };
+        self.attend(xs, &k, &v)
+    }
+
+    /// Queries from `xs`, the given projected keys/values; returns `to_out(attention)`.
+    fn attend(&self, xs: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = xs.dims3()?;
+        let inner = self.heads * self.dim_head;
+        let (kb, m, kc) = k.dims3()?;
+        let (vb_, vm, vc) = v.dims3()?;
+        if kb != b || vb_ != b || kc != inner || vc != inner || vm != m {
+            candle_core::bail!(
+                "{}: keys {:?} / values {:?} do not fit queries of batch {b} and width {inner}",
+                self.name,
+                k.dims(),
+                v.dims()
+            );
+        }
+        let q = self.to_q.forward(xs)?;
+        let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+            t.reshape((b, len, self.heads, self.dim_head))?.transpose(1, 2)?.contiguous()
+        };
+        let q = split(&q, n)?;
+        let k = split(k, m)?;
+        let v = split(v, m)?;
+        let dtype = q.dtype();
+        // Scores and softmax in f32 for half types (diffusers' upcast), in place otherwise.
+        let (qf, kf) = match dtype {
+            DType::F16 | DType::BF16 => (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?),
+            _ => (q, k),
+        };
+        let scores = (qf.matmul(&kf.t()?)? * self.scale)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        let out = probs.matmul(&v)?; // (b, heads, n, dim_head)
+        let out = out.transpose(1, 2)?.reshape((b, n, inner))?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// GEGLU feed-forward (`ff.net.0.proj`, `ff.net.2`), inner width 4x.
+#[derive(Debug, Clone)]
+struct FeedForward {
+    proj: Linear,
+    out: Linear,
+}
+
+impl FeedForward {
+    fn new(vb: VarBuilder, dim: usize) -> Result<Self> {
+        let inner = dim * 4;
+        let proj = candle_nn::linear(dim, inner * 2, vb.pp("net").pp("0").pp("proj"))?;
+        let out = candle_nn::linear(inner, dim, vb.pp("net").pp("2"))?;
+        Ok(Self { proj, out })
+    }
+}
+
+impl Module for FeedForward {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.proj.forward(xs)?;
+        let chunks = h.chunk(2, candle_core::D::Minus1)?;
+        let h = (&chunks[0] * chunks[1].gelu_erf()?)?;
+        self.out.forward(&h)
+    }
+}
+
+/// diffusers' `BasicTransformerBlock` with `norm_type = "layer_norm"`:
+/// self-attention, cross-attention, GEGLU feed-forward, each pre-norm with a residual.
+#[derive(Debug, Clone)]
+pub struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+    only_cross_attention: bool,
+    span: tracing::Span,
+}
+
+impl BasicTransformerBlock {
+    /// `path` is the block's diffusers module path (without trailing dot).
+    pub fn new(
+        vb: VarBuilder,
+        dim: usize,
+        heads: usize,
+        dim_head: usize,
+        cross_attention_dim: usize,
+        only_cross_attention: bool,
+        path: &str,
+    ) -> Result<Self> {
+        let ln = candle_nn::LayerNormConfig { eps: 1e-5, ..Default::default() };
+        let norm1 = candle_nn::layer_norm(dim, ln, vb.pp("norm1"))?;
+        let attn1_ctx = only_cross_attention.then_some(cross_attention_dim);
+        let attn1 = Attention::new(vb.pp("attn1"), dim, attn1_ctx, heads, dim_head, format!("{path}.attn1"))?;
+        let norm2 = candle_nn::layer_norm(dim, ln, vb.pp("norm2"))?;
+        let attn2 = Attention::new(
+            vb.pp("attn2"),
+            dim,
+            Some(cross_attention_dim),
+            heads,
+            dim_head,
+            format!("{path}.attn2"),
+        )?;
+        let norm3 = candle_nn::layer_norm(dim, ln, vb.pp("norm3"))?;
+        let ff = FeedForward::new(vb.pp("ff"), dim)?;
+        let span = tracing::trace_span!("transformer-block");
+        Ok(Self { norm1, attn1, norm2, attn2, norm3, ff, only_cross_attention, span })
+    }
+
+    /// The self-attention layer (`attn1`).
+    pub fn attn1(&self) -> &Attention {
+        &self.attn1
+    }
+
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        encoder_hidden_states: &Tensor,
+        hook: &mut dyn SelfAttentionHook,
+    ) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let h = self.norm1.forward(xs)?;
+        let a = if self.only_cross_attention {
+            // attn1 attends to the text here; it is not a self-attention, so no hook.
+            self.attn1.forward(&h, Some(encoder_hidden_states))?
+        } else {
+            self.attn1.forward_self(&h, hook)?
+        };
+        let xs = (a + xs)?;
+        let a = self.attn2.forward(&self.norm2.forward(&xs)?, Some(encoder_hidden_states))?;
+        let xs = (a + xs)?;
+        let f = self.ff.forward(&self.norm3.forward(&xs)?)?;
+        f + xs
+    }
+}
+
+/// Settings of one `Transformer2DModel` (continuous input, layer-norm blocks).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Transformer2DConfig {
+    pub num_attention_heads: usize,
+    pub attention_head_dim: usize,
+    pub in_channels: usize,
+    pub num_layers: usize,
+    pub cross_attention_dim: usize,
+    pub norm_num_groups: usize,
+    pub use_linear_projection: bool,
+    pub only_cross_attention: bool,
+}
+
+#[derive(Debug, Clone)]
+enum Projection {
+    Conv(Conv2d),
+    Linear(Linear),
+}
+
+/// diffusers' `Transformer2DModel` over a feature map:
+/// GroupNorm (eps 1e-6) -> proj_in -> transformer blocks -> proj_out -> + input.
+#[derive(Debug, Clone)]
+pub struct Transformer2DModel {
+    norm: GroupNorm,
+    proj_in: Projection,
+    transformer_blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+    inner_dim: usize,
+    span: tracing::Span,
+}
+
+impl Transformer2DModel {
+    /// `vb` points at the module; `path` is its diffusers path (e.g. `down_blocks.0.attentions.1`).
+    pub fn new(vb: VarBuilder, config: &Transformer2DConfig, path: &str) -> Result<Self> {
+        let c = config;
+        let inner_dim = c.num_attention_heads * c.attention_head_dim;
+        let norm = candle_nn::group_norm(c.norm_num_groups, c.in_channels, 1e-6, vb.pp("norm"))?;
+        let (proj_in, proj_out) = if c.use_linear_projection {
+            (
+                Projection::Linear(candle_nn::linear(c.in_channels, inner_dim, vb.pp("proj_in"))?),
+                Projection::Linear(candle_nn::linear(inner_dim, c.in_channels, vb.pp("proj_out"))?),
+            )
+        } else {
+            let cfg = candle_nn::Conv2dConfig::default();
+            (
+                Projection::Conv(candle_nn::conv2d(c.in_channels, inner_dim, 1, cfg, vb.pp("proj_in"))?),
+                Projection::Conv(candle_nn::conv2d(inner_dim, c.in_channels, 1, cfg, vb.pp("proj_out"))?),
+            )
+        };
+        let vb_blocks = vb.pp("transformer_blocks");
+        let transformer_blocks = (0..c.num_layers)
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    vb_blocks.pp(i.to_string()),
+                    inner_dim,
+                    c.num_attention_heads,
+                    c.attention_head_dim,
+                    c.cross_attention_dim,
+                    c.only_cross_attention,
+                    &format!("{path}.transformer_blocks.{i}"),
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let span = tracing::trace_span!("transformer2d");
+        Ok(Self { norm, proj_in, transformer_blocks, proj_out, inner_dim, span })
+    }
+
+    /// The transformer blocks, in forward order.
+    pub fn blocks(&self) -> &[BasicTransformerBlock] {
+        &self.transformer_blocks
+    }
+
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        encoder_hidden_states: &Tensor,
+        hook: &mut dyn SelfAttentionHook,
+    ) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let (b, _c, h, w) = xs.dims4()?;
+        let residual = xs;
+        let xs = self.norm.forward(xs)?;
+        let to_tokens = |t: Tensor, ch: usize| -> Result<Tensor> {
+            t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))
+        };
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(conv.forward(&xs)?, self.inner_dim)?,
+            Projection::Linear(lin) => {
+                let c = xs.dim(1)?;
+                lin.forward(&to_tokens(xs, c)?)?
+            }
+        };
+        for block in &self.transformer_blocks {
+            tokens = block.forward(&tokens, encoder_hidden_states, hook)?;
+        }
+        let to_map = |t: Tensor, ch: usize| -> Result<Tensor> {
+            t.reshape((b, h, w, ch))?.permute((0, 3, 1, 2))?.contiguous()
+        };
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_map(tokens, self.inner_dim)?)?,
+            Projection::Linear(lin) => {
+                let t = lin.forward(&tokens)?;
+                let c = t.dim(2)?;
+                to_map(t, c)?
+            }
+        };
+        out + residual
+    }
+}

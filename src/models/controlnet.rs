@@ -1,1 +1,457 @@
-//! (in progress)
+//! diffusers' `ControlNetModel`: a copy of the UNet's encoder (down blocks + mid block) fed
+//! with the noisy latents plus an embedding of the control image, whose per-resolution
+//! features go through 1x1 "zero convolutions" and are added to the UNet's skip connections.
+//!
+//! The ControlNet's own self-attentions never call a cross-frame hook.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, VarBuilder};
+use serde::Deserialize;
+
+use super::attention::NoHook;
+use super::embeddings::{Activation, TimestepEmbedding, Timesteps};
+use super::unet::{check_common, down_block_settings, mid_block_settings, EncoderParams, LayersOfBlock, OneOrMany};
+use super::unet_blocks::{DownBlock, DownBlockSettings, MidBlock, MidBlockSettings, ResnetSettings};
+
+/// ControlNet outputs, already multiplied by the conditioning scale: one residual per UNet
+/// skip connection (12 for SD1.5) and one for the mid block.
+#[derive(Debug, Clone)]
+pub struct ControlNetResiduals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
+fn d_3() -> usize {
+    3
+}
+fn d_4() -> usize {
+    4
+}
+fn d_true() -> bool {
+    true
+}
+fn d_one() -> usize {
+    1
+}
+fn d_one_f() -> f64 {
+    1.0
+}
+fn d_down_types() -> Vec<String> {
+    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+        .map(String::from)
+        .to_vec()
+}
+fn d_mid_type() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+fn d_false_all() -> OneOrMany<bool> {
+    OneOrMany::One(false)
+}
+fn d_block_out() -> Vec<usize> {
+    vec![320, 640, 1280, 1280]
+}
+fn d_layers() -> usize {
+    2
+}
+fn d_silu() -> String {
+    "silu".into()
+}
+fn d_groups() -> Option<usize> {
+    Some(32)
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_cross_dim() -> OneOrMany<usize> {
+    OneOrMany::One(1280)
+}
+fn d_tlayers() -> OneOrMany<LayersOfBlock> {
+    OneOrMany::One(LayersOfBlock::All(1))
+}
+fn d_head_dim() -> OneOrMany<usize> {
+    OneOrMany::One(8)
+}
+fn d_default() -> String {
+    "default".into()
+}
+fn d_rgb() -> String {
+    "rgb".into()
+}
+fn d_cond_channels() -> Vec<usize> {
+    vec![16, 32, 96, 256]
+}
+
+/// `config.json` of a diffusers `ControlNetModel`. Missing keys take diffusers' defaults.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ControlNetConfig {
+    #[serde(default = "d_4")]
+    pub in_channels: usize,
+    #[serde(default = "d_3")]
+    pub conditioning_channels: usize,
+    #[serde(default = "d_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default = "d_down_types")]
+    pub down_block_types: Vec<String>,
+    #[serde(default = "d_mid_type")]
+    pub mid_block_type: Option<String>,
+    #[serde(default = "d_false_all")]
+    pub only_cross_attention: OneOrMany<bool>,
+    #[serde(default = "d_block_out")]
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "d_layers")]
+    pub layers_per_block: usize,
+    #[serde(default = "d_one")]
+    pub downsample_padding: usize,
+    #[serde(default = "d_one_f")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default = "d_silu")]
+    pub act_fn: String,
+    #[serde(default = "d_groups")]
+    pub norm_num_groups: Option<usize>,
+    #[serde(default = "d_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "d_cross_dim")]
+    pub cross_attention_dim: OneOrMany<usize>,
+    #[serde(default = "d_tlayers")]
+    pub transformer_layers_per_block: OneOrMany<LayersOfBlock>,
+    #[serde(default)]
+    pub encoder_hid_dim: Option<usize>,
+    #[serde(default)]
+    pub encoder_hid_dim_type: Option<String>,
+    /// The number of heads unless `num_attention_heads` is set (diffusers' naming).
+    #[serde(default = "d_head_dim")]
+    pub attention_head_dim: OneOrMany<usize>,
+    #[serde(default)]
+    pub num_attention_heads: Option<OneOrMany<usize>>,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub num_class_embeds: Option<usize>,
+    #[serde(default)]
+    pub upcast_attention: bool,
+    #[serde(default = "d_default")]
+    pub resnet_time_scale_shift: String,
+    /// `"rgb"` or `"bgr"` (the control image's channels are reversed for bgr).
+    #[serde(default = "d_rgb")]
+    pub controlnet_conditioning_channel_order: String,
+    #[serde(default = "d_cond_channels")]
+    pub conditioning_embedding_out_channels: Vec<usize>,
+    /// Average the residuals over space (diffusers' shuffle ControlNets).
+    #[serde(default)]
+    pub global_pool_conditions: bool,
+}
+
+impl ControlNetConfig {
+    fn encoder_params(&self) -> Result<EncoderParams<'_>> {
+        let n = self.down_block_types.len();
+        check_common(
+            &self.act_fn,
+            &self.resnet_time_scale_shift,
+            &self.class_embed_type,
+            self.num_class_embeds,
+            &self.addition_embed_type,
+            self.encoder_hid_dim,
+            &self.encoder_hid_dim_type,
+            self.norm_num_groups,
+            &self.block_out_channels,
+            &self.down_block_types,
+        )?;
+        if !matches!(self.controlnet_conditioning_channel_order.as_str(), "rgb" | "bgr") {
+            candle_core::bail!(
+                "unsupported config: controlnet_conditioning_channel_order = {:?} (rgb or bgr)",
+                self.controlnet_conditioning_channel_order
+            );
+        }
+        if self.conditioning_embedding_out_channels.is_empty() {
+            candle_core::bail!("config: conditioning_embedding_out_channels is empty");
+        }
+        let heads = match &self.num_attention_heads {
+            Some(h) => h.per_block(n, "num_attention_heads")?,
+            None => self.attention_head_dim.per_block(n, "attention_head_dim")?,
+        };
+        Ok(EncoderParams {
+            down_block_types: &self.down_block_types,
+            block_out_channels: &self.block_out_channels,
+            layers_per_block: vec![self.layers_per_block; n],
+            heads,
+            cross_attention_dim: self.cross_attention_dim.per_block(n, "cross_attention_dim")?,
+            transformer_layers: self.transformer_layers_per_block.per_block(n, "transformer_layers_per_block")?,
+            only_cross_attention: self.only_cross_attention.per_block(n, "only_cross_attention")?,
+            use_linear_projection: self.use_linear_projection,
+            downsample_padding: self.downsample_padding,
+            mid_block_type: self.mid_block_type.as_deref(),
+            mid_block_scale_factor: self.mid_block_scale_factor,
+        })
+    }
+
+    /// Time embedding width (always `4 * block_out_channels[0]` for ControlNet).
+    pub fn time_embed_dim(&self) -> usize {
+        4 * self.block_out_channels.first().copied().unwrap_or(0)
+    }
+
+    pub fn resnet_settings(&self) -> Result<ResnetSettings> {
+        Ok(ResnetSettings {
+            groups: self.norm_num_groups.ok_or_else(|| candle_core::Error::Msg("config: norm_num_groups is null".into()))?,
+            eps: self.norm_eps,
+            temb_channels: self.time_embed_dim(),
+        })
+    }
+
+    pub fn down_blocks(&self) -> Result<Vec<DownBlockSettings>> {
+        down_block_settings(&self.encoder_params()?)
+    }
+
+    /// The mid block; ControlNet requires one.
+    pub fn mid_block(&self) -> Result<MidBlockSettings> {
+        mid_block_settings(&self.encoder_params()?)?
+            .ok_or_else(|| candle_core::Error::Msg("unsupported config: ControlNet mid_block_type = null".into()))
+    }
+
+    /// Channels of each down residual (one per UNet skip connection).
+    pub fn down_residual_channels(&self) -> Result<Vec<usize>> {
+        let mut out = vec![self.block_out_channels[0]];
+        for d in self.down_blocks()? {
+            out.extend(std::iter::repeat_n(d.out_channels, d.num_layers + usize::from(d.add_downsample)));
+        }
+        Ok(out)
+    }
+}
+
+/// `controlnet_cond_embedding`: conv_in, pairs of (3x3, strided 3x3) convs, conv_out, SiLU
+/// between all of them.
+#[derive(Debug, Clone)]
+struct ConditioningEmbedding {
+    conv_in: Conv2d,
+    blocks: Vec<Conv2d>,
+    conv_out: Conv2d,
+}
+
+impl ConditioningEmbedding {
+    fn new(vb: VarBuilder, conditioning_channels: usize, channels: &[usize], out_channels: usize) -> Result<Self> {
+        let pad = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
+        let stride = candle_nn::Conv2dConfig { padding: 1, stride: 2, ..Default::default() };
+        let conv_in = candle_nn::conv2d(conditioning_channels, channels[0], 3, pad, vb.pp("conv_in"))?;
+        let mut blocks = Vec::new();
+        for (i, w) in channels.windows(2).enumerate() {
+            blocks.push(candle_nn::conv2d(w[0], w[0], 3, pad, vb.pp("blocks").pp((2 * i).to_string()))?);
+            blocks.push(candle_nn::conv2d(w[0], w[1], 3, stride, vb.pp("blocks").pp((2 * i + 1).to_string()))?);
+        }
+        let conv_out = candle_nn::conv2d(*channels.last().expect("non-empty"), out_channels, 3, pad, vb.pp("conv_out"))?;
+        Ok(Self { conv_in, blocks, conv_out })
+    }
+}
+
+impl Module for ConditioningEmbedding {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = candle_nn::ops::silu(&self.conv_in.forward(xs)?)?;
+        for b in &self.blocks {
+            xs = candle_nn::ops::silu(&b.forward(&xs)?)?;
+        }
+        self.conv_out.forward(&xs)
+    }
+}
+
+/// The diffusers ControlNetModel.
+#[derive(Debug)]
+pub struct ControlNetModel {
+    conv_in: Conv2d,
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    cond_embedding: ConditioningEmbedding,
+    down_blocks: Vec<DownBlock>,
+    controlnet_down_blocks: Vec<Conv2d>,
+    mid_block: MidBlock,
+    controlnet_mid_block: Conv2d,
+    downscale: usize,
+    config: ControlNetConfig,
+    span: tracing::Span,
+}
+
+impl ControlNetModel {
+    /// Builds the model; `vb` points at the root of the ControlNet weights (diffusers names).
+    pub fn new(vb: VarBuilder, config: &ControlNetConfig) -> Result<Self> {
+        let _span = tracing::info_span!("controlnet-load", blocks = ?config.block_out_channels).entered();
+        let down = config.down_blocks()?;
+        let mid = config.mid_block()?;
+        let resnet = config.resnet_settings()?;
+        let c0 = config.block_out_channels[0];
+        let pad = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
+        let conv_in = candle_nn::conv2d(config.in_channels, c0, 3, pad, vb.pp("conv_in"))?;
+        let time_proj = Timesteps::new(c0, config.flip_sin_to_cos, config.freq_shift);
+        let time_embedding = TimestepEmbedding::new(
+            vb.pp("time_embedding"),
+            c0,
+            config.time_embed_dim(),
+            Activation::from_name(&config.act_fn)?,
+            None,
+        )?;
+        let cond_embedding = ConditioningEmbedding::new(
+            vb.pp("controlnet_cond_embedding"),
+            config.conditioning_channels,
+            &config.conditioning_embedding_out_channels,
+            c0,
+        )?;
+        let down_blocks = down
+            .iter()
+            .enumerate()
+            .map(|(i, s)| DownBlock::new(vb.pp("down_blocks").pp(i.to_string()), s, &resnet, &format!("down_blocks.{i}")))
+            .collect::<Result<Vec<_>>>()?;
+        let one = candle_nn::Conv2dConfig::default();
+        let controlnet_down_blocks = config
+            .down_residual_channels()?
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| candle_nn::conv2d(c, c, 1, one, vb.pp("controlnet_down_blocks").pp(i.to_string())))
+            .collect::<Result<Vec<_>>>()?;
+        let mid_block = MidBlock::new(vb.pp("mid_block"), &mid, &resnet, "mid_block")?;
+        let controlnet_mid_block = candle_nn::conv2d(mid.channels, mid.channels, 1, one, vb.pp("controlnet_mid_block"))?;
+        let downscale = 1usize << (config.conditioning_embedding_out_channels.len() - 1);
+        Ok(Self {
+            conv_in,
+            time_proj,
+            time_embedding,
+            cond_embedding,
+            down_blocks,
+            controlnet_down_blocks,
+            mid_block,
+            controlnet_mid_block,
+            downscale,
+            config: config.clone(),
+            span: tracing::debug_span!("controlnet"),
+        })
+    }
+
+    pub fn config(&self) -> &ControlNetConfig {
+        &self.config
+    }
+
+    /// `control_image`: (batch, conditioning_channels, h * f, w * f) in [0, 1], where `f` is
+    /// `2^(len(conditioning_embedding_out_channels) - 1)` (8 for SD1.5) and (h, w) the latent
+    /// size. Returns the residuals already multiplied by `conditioning_scale`.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        control_image: &Tensor,
+        conditioning_scale: f64,
+    ) -> Result<ControlNetResiduals> {
+        let _enter = self.span.enter();
+        let (batch, _, h, w) = sample.dims4()?;
+        let (cb, cc, ch, cw) = control_image.dims4()?;
+        if cb != batch || cc != self.config.conditioning_channels || ch != h * self.downscale || cw != w * self.downscale {
+            candle_core::bail!(
+                "controlnet: control image {:?} does not fit latents {:?} (expected ({batch}, {}, {}, {}))",
+                control_image.dims(),
+                sample.dims(),
+                self.config.conditioning_channels,
+                h * self.downscale,
+                w * self.downscale
+            );
+        }
+        let (ebatch, _, _) = encoder_hidden_states.dims3()?;
+        if ebatch != batch {
+            candle_core::bail!("controlnet: encoder_hidden_states batch {ebatch} does not match sample batch {batch}");
+        }
+        let control = if self.config.controlnet_conditioning_channel_order == "bgr" {
+            let idx: Vec<u32> = (0..cc as u32).rev().collect();
+            let idx = Tensor::new(idx.as_slice(), control_image.device())?;
+            control_image.index_select(&idx, 1)?
+        } else {
+            control_image.clone()
+        };
+
+        let t_emb = self.time_proj.forward(timestep, batch, sample.dtype(), sample.device())?;
+        let emb = self.time_embedding.forward(&t_emb)?;
+
+        let mut xs = self.conv_in.forward(sample)?;
+        xs = (xs + self.cond_embedding.forward(&control)?)?;
+        let mut hook = NoHook;
+        let mut skips = vec![xs.clone()];
+        for block in &self.down_blocks {
+            let (out, res) = block.forward(&xs, &emb, encoder_hidden_states, &mut hook)?;
+            xs = out;
+            skips.extend(res);
+        }
+        let xs = self.mid_block.forward(&xs, &emb, encoder_hidden_states, &mut hook)?;
+
+        let finish = |t: Tensor| -> Result<Tensor> {
+            let t = (t * conditioning_scale)?;
+            if self.config.global_pool_conditions { t.mean_keepdim(3)?.mean_keepdim(2) } else { Ok(t) }
+        };
+        let down = skips
+            .iter()
+            .zip(&self.controlnet_down_blocks)
+            .map(|(s, conv)| finish(conv.forward(s)?))
+            .collect::<Result<Vec<_>>>()?;
+        let mid = finish(self.controlnet_mid_block.forward(&xs)?)?;
+        Ok(ControlNetResiduals { down, mid })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// lllyasviel/sd-controlnet-canny config.json.
+    const SD15_CANNY: &str = r#"{
+      "_class_name": "ControlNetModel",
+      "_diffusers_version": "0.14.0.dev0",
+      "act_fn": "silu",
+      "attention_head_dim": 8,
+      "block_out_channels": [320, 640, 1280, 1280],
+      "class_embed_type": null,
+      "conditioning_embedding_out_channels": [16, 32, 96, 256],
+      "controlnet_conditioning_channel_order": "rgb",
+      "cross_attention_dim": 768,
+      "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+      "downsample_padding": 1,
+      "flip_sin_to_cos": true,
+      "freq_shift": 0,
+      "in_channels": 4,
+      "layers_per_block": 2,
+      "mid_block_scale_factor": 1,
+      "norm_eps": 1e-05,
+      "norm_num_groups": 32,
+      "num_class_embeds": null,
+      "only_cross_attention": false,
+      "projection_class_embeddings_input_dim": null,
+      "resnet_time_scale_shift": "default",
+      "upcast_attention": false,
+      "use_linear_projection": false
+    }"#;
+
+    #[test]
+    fn sd15_canny_config_derives_diffusers_blocks() -> Result<()> {
+        let c: ControlNetConfig = serde_json::from_str(SD15_CANNY).unwrap();
+        assert_eq!(c.time_embed_dim(), 1280);
+        assert_eq!(c.conditioning_channels, 3);
+        assert!(!c.global_pool_conditions);
+        assert_eq!(
+            c.down_residual_channels()?,
+            [320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280]
+        );
+        let heads: Vec<_> = c
+            .down_blocks()?
+            .iter()
+            .map(|d| d.attention.as_ref().map(|a| (a.num_attention_heads, a.attention_head_dim, a.cross_attention_dim)))
+            .collect();
+        assert_eq!(heads, [Some((8, 40, 768)), Some((8, 80, 768)), Some((8, 160, 768)), None]);
+        let mid = c.mid_block()?;
+        assert_eq!(mid.attention.unwrap().attention_head_dim, 160);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_channel_order_is_named() {
+        let c: ControlNetConfig = serde_json::from_str(r#"{"controlnet_conditioning_channel_order": "rbg"}"#).unwrap();
+        let e = c.down_blocks().unwrap_err().to_string();
+        assert!(e.contains("controlnet_conditioning_channel_order"), "{e}");
+    }
+}

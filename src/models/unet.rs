@@ -1,1 +1,843 @@
-//! (in progress)
+//! diffusers' `UNet2DConditionModel` (the SD1.x/2.x denoiser) with ControlNet residuals and a
+//! self-attention hook.
+//!
+//! The config is read from the checkpoint's `config.json` (`UNet2DConditionConfig`, diffusers'
+//! defaults for missing keys); every shape is derived from it. Features the SD1.5-family
+//! checkpoints never use (class / addition embeddings, dual cross-attention, scale-shift
+//! resnets, other block types...) are rejected with an error naming the config key.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use serde::Deserialize;
+
+use super::attention::SelfAttentionHook;
+use super::controlnet::ControlNetResiduals;
+use super::embeddings::{Activation, TimestepEmbedding, Timesteps};
+use super::unet_blocks::{
+    CrossAttnSettings, DownBlock, DownBlockSettings, MidBlock, MidBlockSettings, ResnetSettings, UpBlock,
+    UpBlockSettings,
+};
+
+/// A config value given either once for all blocks or as a per-block list.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany<T> {
+    Many(Vec<T>),
+    One(T),
+}
+
+impl<T: Clone + std::fmt::Debug> OneOrMany<T> {
+    /// One value per block; `key` names the config key in the error.
+    pub fn per_block(&self, blocks: usize, key: &str) -> Result<Vec<T>> {
+        match self {
+            Self::One(v) => Ok(vec![v.clone(); blocks]),
+            Self::Many(v) if v.len() == blocks => Ok(v.clone()),
+            Self::Many(v) => Err(candle_core::Error::Msg(format!(
+                "config key {key} has {} entries ({v:?}) but the model has {blocks} down blocks",
+                v.len()
+            ))),
+        }
+    }
+}
+
+/// `transformer_layers_per_block` entry of one block: one count for every layer of the
+/// block, or a count per layer.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(untagged)]
+pub enum LayersOfBlock {
+    PerLayer(Vec<usize>),
+    All(usize),
+}
+
+impl LayersOfBlock {
+    fn per_layer(&self, layers: usize, key: &str) -> Result<Vec<usize>> {
+        match self {
+            Self::All(n) => Ok(vec![*n; layers]),
+            Self::PerLayer(v) if v.len() >= layers => Ok(v[..layers].to_vec()),
+            Self::PerLayer(v) => Err(candle_core::Error::Msg(format!(
+                "config key {key}: a block with {layers} layers got only {} transformer layer counts ({v:?})",
+                v.len()
+            ))),
+        }
+    }
+}
+
+fn d_4() -> usize {
+    4
+}
+fn d_true() -> bool {
+    true
+}
+fn d_one() -> usize {
+    1
+}
+fn d_one_f() -> f64 {
+    1.0
+}
+fn d_three() -> usize {
+    3
+}
+fn d_down_types() -> Vec<String> {
+    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
+        .map(String::from)
+        .to_vec()
+}
+fn d_up_types() -> Vec<String> {
+    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+        .map(String::from)
+        .to_vec()
+}
+fn d_mid_type() -> Option<String> {
+    Some("UNetMidBlock2DCrossAttn".into())
+}
+fn d_false_all() -> OneOrMany<bool> {
+    OneOrMany::One(false)
+}
+fn d_block_out() -> Vec<usize> {
+    vec![320, 640, 1280, 1280]
+}
+fn d_layers() -> OneOrMany<usize> {
+    OneOrMany::One(2)
+}
+fn d_silu() -> String {
+    "silu".into()
+}
+fn d_groups() -> Option<usize> {
+    Some(32)
+}
+fn d_eps() -> f64 {
+    1e-5
+}
+fn d_cross_dim() -> OneOrMany<usize> {
+    OneOrMany::One(1280)
+}
+fn d_tlayers() -> OneOrMany<LayersOfBlock> {
+    OneOrMany::One(LayersOfBlock::All(1))
+}
+fn d_head_dim() -> OneOrMany<usize> {
+    OneOrMany::One(8)
+}
+fn d_default() -> String {
+    "default".into()
+}
+fn d_positional() -> String {
+    "positional".into()
+}
+
+/// `unet/config.json` of a diffusers `UNet2DConditionModel`. Missing keys take diffusers'
+/// defaults; unknown keys are ignored.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UNet2DConditionConfig {
+    #[serde(default = "d_4")]
+    pub in_channels: usize,
+    #[serde(default = "d_4")]
+    pub out_channels: usize,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(default = "d_true")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default = "d_down_types")]
+    pub down_block_types: Vec<String>,
+    #[serde(default = "d_mid_type")]
+    pub mid_block_type: Option<String>,
+    #[serde(default = "d_up_types")]
+    pub up_block_types: Vec<String>,
+    #[serde(default = "d_false_all")]
+    pub only_cross_attention: OneOrMany<bool>,
+    #[serde(default = "d_block_out")]
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "d_layers")]
+    pub layers_per_block: OneOrMany<usize>,
+    #[serde(default = "d_one")]
+    pub downsample_padding: usize,
+    #[serde(default = "d_one_f")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default = "d_silu")]
+    pub act_fn: String,
+    #[serde(default = "d_groups")]
+    pub norm_num_groups: Option<usize>,
+    #[serde(default = "d_eps")]
+    pub norm_eps: f64,
+    #[serde(default = "d_cross_dim")]
+    pub cross_attention_dim: OneOrMany<usize>,
+    #[serde(default = "d_tlayers")]
+    pub transformer_layers_per_block: OneOrMany<LayersOfBlock>,
+    #[serde(default)]
+    pub reverse_transformer_layers_per_block: Option<Vec<LayersOfBlock>>,
+    #[serde(default)]
+    pub encoder_hid_dim: Option<usize>,
+    #[serde(default)]
+    pub encoder_hid_dim_type: Option<String>,
+    /// Despite the name, diffusers uses this as the number of heads (unless
+    /// `num_attention_heads` is set); the head width is `channels / heads`.
+    #[serde(default = "d_head_dim")]
+    pub attention_head_dim: OneOrMany<usize>,
+    #[serde(default)]
+    pub num_attention_heads: Option<OneOrMany<usize>>,
+    #[serde(default)]
+    pub dual_cross_attention: bool,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default)]
+    pub class_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub num_class_embeds: Option<usize>,
+    /// Accepted; attention scores are always computed in f32 for f16/bf16 inputs.
+    #[serde(default)]
+    pub upcast_attention: bool,
+    #[serde(default = "d_default")]
+    pub resnet_time_scale_shift: String,
+    #[serde(default = "d_positional")]
+    pub time_embedding_type: String,
+    #[serde(default)]
+    pub time_embedding_dim: Option<usize>,
+    #[serde(default)]
+    pub time_embedding_act_fn: Option<String>,
+    #[serde(default)]
+    pub timestep_post_act: Option<String>,
+    #[serde(default)]
+    pub time_cond_proj_dim: Option<usize>,
+    #[serde(default = "d_three")]
+    pub conv_in_kernel: usize,
+    #[serde(default = "d_three")]
+    pub conv_out_kernel: usize,
+    #[serde(default = "d_default")]
+    pub attention_type: String,
+    #[serde(default)]
+    pub cross_attention_norm: Option<String>,
+}
+
+/// The encoder half (down blocks + mid block) settings that UNet and ControlNet share.
+pub(crate) struct EncoderParams<'a> {
+    pub down_block_types: &'a [String],
+    pub block_out_channels: &'a [usize],
+    pub layers_per_block: Vec<usize>,
+    pub heads: Vec<usize>,
+    pub cross_attention_dim: Vec<usize>,
+    pub transformer_layers: Vec<LayersOfBlock>,
+    pub only_cross_attention: Vec<bool>,
+    pub use_linear_projection: bool,
+    pub downsample_padding: usize,
+    pub mid_block_type: Option<&'a str>,
+    pub mid_block_scale_factor: f64,
+}
+
+/// Checks shared by UNet and ControlNet configs; `what` names the model in errors.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn check_common(
+    act_fn: &str,
+    resnet_time_scale_shift: &str,
+    class_embed_type: &Option<String>,
+    num_class_embeds: Option<usize>,
+    addition_embed_type: &Option<String>,
+    encoder_hid_dim: Option<usize>,
+    encoder_hid_dim_type: &Option<String>,
+    norm_num_groups: Option<usize>,
+    block_out_channels: &[usize],
+    down_block_types: &[String],
+) -> Result<()> {
+    let unsupported = |key: &str, value: &dyn std::fmt::Debug, why: &str| {
+        Err(candle_core::Error::Msg(format!("unsupported config: {key} = {value:?} ({why})")))
+    };
+    if !matches!(act_fn, "silu" | "swish") {
+        return unsupported("act_fn", &act_fn, "only silu is supported");
+    }
+    if resnet_time_scale_shift != "default" {
+        return unsupported("resnet_time_scale_shift", &resnet_time_scale_shift, "only \"default\" is supported");
+    }
+    if class_embed_type.is_some() || num_class_embeds.is_some() {
+        return unsupported("class_embed_type / num_class_embeds", &(class_embed_type, num_class_embeds), "class embeddings must be null");
+    }
+    if addition_embed_type.is_some() {
+        return unsupported("addition_embed_type", addition_embed_type, "must be null");
+    }
+    if encoder_hid_dim.is_some() || encoder_hid_dim_type.is_some() {
+        return unsupported("encoder_hid_dim / encoder_hid_dim_type", &(encoder_hid_dim, encoder_hid_dim_type), "must be null");
+    }
+    if norm_num_groups.is_none() {
+        return unsupported("norm_num_groups", &norm_num_groups, "null is not supported");
+    }
+    if block_out_channels.is_empty() || block_out_channels.len() != down_block_types.len() {
+        return Err(candle_core::Error::Msg(format!(
+            "config: block_out_channels {block_out_channels:?} must have one entry per down block ({down_block_types:?})"
+        )));
+    }
+    Ok(())
+}
+
+fn cross_attn_settings(
+    p: &EncoderParams,
+    heads: usize,
+    channels: usize,
+    cross_dim: usize,
+    layers: Vec<usize>,
+    only_cross: bool,
+    block: &str,
+) -> Result<CrossAttnSettings> {
+    if heads == 0 || heads > channels {
+        candle_core::bail!("{block}: {heads} attention heads do not fit {channels} channels");
+    }
+    Ok(CrossAttnSettings {
+        num_attention_heads: heads,
+        attention_head_dim: channels / heads,
+        cross_attention_dim: cross_dim,
+        transformer_layers: layers,
+        use_linear_projection: p.use_linear_projection,
+        only_cross_attention: only_cross,
+    })
+}
+
+pub(crate) fn down_block_settings(p: &EncoderParams) -> Result<Vec<DownBlockSettings>> {
+    let n = p.down_block_types.len();
+    let mut out = Vec::with_capacity(n);
+    let mut output_channel = p.block_out_channels[0];
+    for (i, ty) in p.down_block_types.iter().enumerate() {
+        let in_channels = output_channel;
+        output_channel = p.block_out_channels[i];
+        let layers = p.layers_per_block[i];
+        let attention = match ty.as_str() {
+            "CrossAttnDownBlock2D" => Some(cross_attn_settings(
+                p,
+                p.heads[i],
+                output_channel,
+                p.cross_attention_dim[i],
+                p.transformer_layers[i].per_layer(layers, "transformer_layers_per_block")?,
+                p.only_cross_attention[i],
+                &format!("down_blocks.{i}"),
+            )?),
+            "DownBlock2D" => None,
+            other => candle_core::bail!(
+                "unsupported config: down_block_types[{i}] = {other:?} (supported: CrossAttnDownBlock2D, DownBlock2D)"
+            ),
+        };
+        out.push(DownBlockSettings {
+            block_type: ty.clone(),
+            in_channels,
+            out_channels: output_channel,
+            num_layers: layers,
+            add_downsample: i + 1 != n,
+            downsample_padding: p.downsample_padding,
+            attention,
+        });
+    }
+    Ok(out)
+}
+
+pub(crate) fn mid_block_settings(p: &EncoderParams) -> Result<Option<MidBlockSettings>> {
+    let channels = *p.block_out_channels.last().expect("checked non-empty");
+    let ty = match p.mid_block_type {
+        None => return Ok(None),
+        Some(t) => t,
+    };
+    let attention = match ty {
+        "UNetMidBlock2DCrossAttn" => Some(cross_attn_settings(
+            p,
+            *p.heads.last().expect("one per block"),
+            channels,
+            *p.cross_attention_dim.last().expect("one per block"),
+            p.transformer_layers.last().expect("one per block").per_layer(1, "transformer_layers_per_block")?,
+            false,
+            "mid_block",
+        )?),
+        "UNetMidBlock2D" => None,
+        other => candle_core::bail!(
+            "unsupported config: mid_block_type = {other:?} (supported: UNetMidBlock2DCrossAttn, UNetMidBlock2D, null)"
+        ),
+    };
+    Ok(Some(MidBlockSettings {
+        block_type: ty.to_string(),
+        channels,
+        output_scale_factor: p.mid_block_scale_factor,
+        attention,
+    }))
+}
+
+impl UNet2DConditionConfig {
+    /// Per-block heads: `num_attention_heads` when set, else `attention_head_dim` (diffusers'
+    /// historical naming).
+    fn heads(&self) -> Result<Vec<usize>> {
+        let n = self.down_block_types.len();
+        match &self.num_attention_heads {
+            Some(h) => h.per_block(n, "num_attention_heads"),
+            None => self.attention_head_dim.per_block(n, "attention_head_dim"),
+        }
+    }
+
+    fn encoder_params(&self) -> Result<EncoderParams<'_>> {
+        let n = self.down_block_types.len();
+        check_common(
+            &self.act_fn,
+            &self.resnet_time_scale_shift,
+            &self.class_embed_type,
+            self.num_class_embeds,
+            &self.addition_embed_type,
+            self.encoder_hid_dim,
+            &self.encoder_hid_dim_type,
+            self.norm_num_groups,
+            &self.block_out_channels,
+            &self.down_block_types,
+        )?;
+        let unsupported = |key: &str, value: &dyn std::fmt::Debug, why: &str| -> Result<()> {
+            Err(candle_core::Error::Msg(format!("unsupported config: {key} = {value:?} ({why})")))
+        };
+        if self.dual_cross_attention {
+            unsupported("dual_cross_attention", &true, "dual cross-attention is not supported")?;
+        }
+        if self.time_embedding_type != "positional" {
+            unsupported("time_embedding_type", &self.time_embedding_type, "only \"positional\" is supported")?;
+        }
+        if self.time_cond_proj_dim.is_some() {
+            unsupported("time_cond_proj_dim", &self.time_cond_proj_dim, "timestep conditioning is not supported")?;
+        }
+        if self.attention_type != "default" {
+            unsupported("attention_type", &self.attention_type, "only \"default\" is supported")?;
+        }
+        if self.cross_attention_norm.is_some() {
+            unsupported("cross_attention_norm", &self.cross_attention_norm, "must be null")?;
+        }
+        if self.up_block_types.len() != n {
+            candle_core::bail!(
+                "config: up_block_types {:?} must have as many entries as down_block_types {:?}",
+                self.up_block_types,
+                self.down_block_types
+            );
+        }
+        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+            candle_core::bail!("config: conv_in_kernel / conv_out_kernel must be odd");
+        }
+        let transformer_layers = match &self.transformer_layers_per_block {
+            OneOrMany::One(l) => vec![l.clone(); n],
+            many => many.per_block(n, "transformer_layers_per_block")?,
+        };
+        Ok(EncoderParams {
+            down_block_types: &self.down_block_types,
+            block_out_channels: &self.block_out_channels,
+            layers_per_block: self.layers_per_block.per_block(n, "layers_per_block")?,
+            heads: self.heads()?,
+            cross_attention_dim: self.cross_attention_dim.per_block(n, "cross_attention_dim")?,
+            transformer_layers,
+            only_cross_attention: self.only_cross_attention.per_block(n, "only_cross_attention")?,
+            use_linear_projection: self.use_linear_projection,
+            downsample_padding: self.downsample_padding,
+            mid_block_type: self.mid_block_type.as_deref(),
+            mid_block_scale_factor: self.mid_block_scale_factor,
+        })
+    }
+
+    /// Width of the time embedding (`time_embedding_dim`, default `4 * block_out_channels[0]`).
+    pub fn time_embed_dim(&self) -> usize {
+        self.time_embedding_dim.unwrap_or(4 * self.block_out_channels.first().copied().unwrap_or(0))
+    }
+
+    /// Resnet settings shared by every block.
+    pub fn resnet_settings(&self) -> Result<ResnetSettings> {
+        Ok(ResnetSettings {
+            groups: self.norm_num_groups.ok_or_else(|| candle_core::Error::Msg("config: norm_num_groups is null".into()))?,
+            eps: self.norm_eps,
+            temb_channels: self.time_embed_dim(),
+        })
+    }
+
+    /// Settings of each down block, as diffusers derives them.
+    pub fn down_blocks(&self) -> Result<Vec<DownBlockSettings>> {
+        down_block_settings(&self.encoder_params()?)
+    }
+
+    /// Settings of the mid block (`None` when `mid_block_type` is null).
+    pub fn mid_block(&self) -> Result<Option<MidBlockSettings>> {
+        mid_block_settings(&self.encoder_params()?)
+    }
+
+    /// Settings of each up block, as diffusers derives them (heads, cross-attention dims,
+    /// layer counts and only_cross_attention reversed).
+    pub fn up_blocks(&self) -> Result<Vec<UpBlockSettings>> {
+        let p = self.encoder_params()?;
+        let n = self.up_block_types.len();
+        let rev = |v: &[usize]| v.iter().rev().copied().collect::<Vec<_>>();
+        let channels = rev(&self.block_out_channels);
+        let heads = rev(&p.heads);
+        let layers = rev(&p.layers_per_block);
+        let cross = rev(&p.cross_attention_dim);
+        let only_cross: Vec<bool> = p.only_cross_attention.iter().rev().copied().collect();
+        let tlayers: Vec<LayersOfBlock> = match &self.reverse_transformer_layers_per_block {
+            Some(r) if r.len() == n => r.clone(),
+            Some(r) => candle_core::bail!(
+                "config key reverse_transformer_layers_per_block has {} entries but the model has {n} up blocks",
+                r.len()
+            ),
+            None => {
+                if p.transformer_layers.iter().any(|l| matches!(l, LayersOfBlock::PerLayer(_))) {
+                    candle_core::bail!(
+                        "config: transformer_layers_per_block with per-layer lists needs reverse_transformer_layers_per_block"
+                    );
+                }
+                p.transformer_layers.iter().rev().cloned().collect()
+            }
+        };
+        let mut out = Vec::with_capacity(n);
+        let mut output_channel = channels[0];
+        for (i, ty) in self.up_block_types.iter().enumerate() {
+            let prev_output_channels = output_channel;
+            output_channel = channels[i];
+            let in_channels = channels[(i + 1).min(n - 1)];
+            let num_layers = layers[i] + 1;
+            let attention = match ty.as_str() {
+                "CrossAttnUpBlock2D" => Some(cross_attn_settings(
+                    &p,
+                    heads[i],
+                    output_channel,
+                    cross[i],
+                    tlayers[i].per_layer(num_layers, "transformer_layers_per_block")?,
+                    only_cross[i],
+                    &format!("up_blocks.{i}"),
+                )?),
+                "UpBlock2D" => None,
+                other => candle_core::bail!(
+                    "unsupported config: up_block_types[{i}] = {other:?} (supported: CrossAttnUpBlock2D, UpBlock2D)"
+                ),
+            };
+            out.push(UpBlockSettings {
+                block_type: ty.clone(),
+                in_channels,
+                prev_output_channels,
+                out_channels: output_channel,
+                num_layers,
+                add_upsample: i + 1 != n,
+                attention,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// The diffusers UNet2DConditionModel.
+#[derive(Debug)]
+pub struct UNet2DConditionModel {
+    conv_in: Conv2d,
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    time_embed_act: Option<Activation>,
+    down_blocks: Vec<DownBlock>,
+    mid_block: Option<MidBlock>,
+    up_blocks: Vec<UpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    self_attention_layers: Vec<String>,
+    config: UNet2DConditionConfig,
+    span: tracing::Span,
+}
+
+/// diffusers paths of the self-attention layers (`attn1`) of a block with attention, in
+/// forward order.
+pub(crate) fn attn1_names(prefix: &str, a: &CrossAttnSettings, out: &mut Vec<String>) {
+    if a.only_cross_attention {
+        return;
+    }
+    for (j, &blocks) in a.transformer_layers.iter().enumerate() {
+        for k in 0..blocks {
+            out.push(format!("{prefix}.attentions.{j}.transformer_blocks.{k}.attn1"));
+        }
+    }
+}
+
+impl UNet2DConditionModel {
+    /// Builds the model; `vb` points at the root of the UNet weights (diffusers names).
+    pub fn new(vb: VarBuilder, config: &UNet2DConditionConfig) -> Result<Self> {
+        let _span = tracing::info_span!("unet-load", blocks = ?config.block_out_channels).entered();
+        let down = config.down_blocks()?;
+        let mid = config.mid_block()?;
+        let up = config.up_blocks()?;
+        let resnet = config.resnet_settings()?;
+        let c0 = config.block_out_channels[0];
+
+        let conv_in = candle_nn::conv2d(
+            config.in_channels,
+            c0,
+            config.conv_in_kernel,
+            candle_nn::Conv2dConfig { padding: (config.conv_in_kernel - 1) / 2, ..Default::default() },
+            vb.pp("conv_in"),
+        )?;
+        let time_proj = Timesteps::new(c0, config.flip_sin_to_cos, config.freq_shift);
+        let post_act = config.timestep_post_act.as_deref().map(Activation::from_name).transpose()?;
+        let time_embedding = TimestepEmbedding::new(
+            vb.pp("time_embedding"),
+            c0,
+            config.time_embed_dim(),
+            Activation::from_name(&config.act_fn)?,
+            post_act,
+        )?;
+        let time_embed_act = config.time_embedding_act_fn.as_deref().map(Activation::from_name).transpose()?;
+
+        let mut names = Vec::new();
+        let down_blocks = down
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let path = format!("down_blocks.{i}");
+                if let Some(a) = &s.attention {
+                    attn1_names(&path, a, &mut names);
+                }
+                DownBlock::new(vb.pp("down_blocks").pp(i.to_string()), s, &resnet, &path)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mid_block = match &mid {
+            Some(s) => {
+                if let Some(a) = &s.attention {
+                    attn1_names("mid_block", a, &mut names);
+                }
+                Some(MidBlock::new(vb.pp("mid_block"), s, &resnet, "mid_block")?)
+            }
+            None => None,
+        };
+        let up_blocks = up
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let path = format!("up_blocks.{i}");
+                if let Some(a) = &s.attention {
+                    attn1_names(&path, a, &mut names);
+                }
+                UpBlock::new(vb.pp("up_blocks").pp(i.to_string()), s, &resnet, &path)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let conv_norm_out = candle_nn::group_norm(resnet.groups, c0, config.norm_eps, vb.pp("conv_norm_out"))?;
+        let conv_out = candle_nn::conv2d(
+            c0,
+            config.out_channels,
+            config.conv_out_kernel,
+            candle_nn::Conv2dConfig { padding: (config.conv_out_kernel - 1) / 2, ..Default::default() },
+            vb.pp("conv_out"),
+        )?;
+        Ok(Self {
+            conv_in,
+            time_proj,
+            time_embedding,
+            time_embed_act,
+            down_blocks,
+            mid_block,
+            up_blocks,
+            conv_norm_out,
+            conv_out,
+            self_attention_layers: names,
+            config: config.clone(),
+            span: tracing::debug_span!("unet"),
+        })
+    }
+
+    pub fn config(&self) -> &UNet2DConditionConfig {
+        &self.config
+    }
+
+    /// diffusers paths of every self-attention layer the hook will be called for, in the
+    /// order `forward` calls them.
+    pub fn self_attention_layers(&self) -> &[String] {
+        &self.self_attention_layers
+    }
+
+    /// Number of skip connections the down path produces (= ControlNet down residuals).
+    pub fn num_down_residuals(&self) -> usize {
+        1 + self.down_blocks.iter().map(DownBlock::num_outputs).sum::<usize>()
+    }
+
+    /// Predicts the noise for `sample` (batch, in_channels, h, w) at `timestep` given
+    /// `encoder_hidden_states` (batch, tokens, cross_attention_dim). ControlNet `residuals`
+    /// are added to the skip connections and the mid-block output exactly like diffusers'
+    /// `down_block_additional_residuals` / `mid_block_additional_residual`. `hook` is called at
+    /// every self-attention.
+    pub fn forward(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        residuals: Option<&ControlNetResiduals>,
+        hook: &mut dyn SelfAttentionHook,
+    ) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let (batch, _, _, _) = sample.dims4()?;
+        let (ebatch, _, _) = encoder_hidden_states.dims3()?;
+        if ebatch != batch {
+            candle_core::bail!(
+                "unet: encoder_hidden_states batch {ebatch} does not match sample batch {batch} ({:?} vs {:?})",
+                encoder_hidden_states.dims(),
+                sample.dims()
+            );
+        }
+        let sample = if self.config.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
+
+        let t_emb = self.time_proj.forward(timestep, batch, sample.dtype(), sample.device())?;
+        let mut emb = self.time_embedding.forward(&t_emb)?;
+        if let Some(act) = &self.time_embed_act {
+            emb = act.apply(&emb)?;
+        }
+
+        let mut xs = self.conv_in.forward(&sample)?;
+        let mut skips = vec![xs.clone()];
+        for block in &self.down_blocks {
+            let (out, res) = block.forward(&xs, &emb, encoder_hidden_states, hook)?;
+            xs = out;
+            skips.extend(res);
+        }
+        if let Some(r) = residuals {
+            if r.down.len() != skips.len() {
+                candle_core::bail!(
+                    "unet: got {} ControlNet down residuals, the UNet has {} skip connections",
+                    r.down.len(),
+                    skips.len()
+                );
+            }
+            for (i, (skip, res)) in skips.iter_mut().zip(&r.down).enumerate() {
+                if skip.dims() != res.dims() {
+                    candle_core::bail!(
+                        "unet: ControlNet down residual {i} has shape {:?}, the skip connection {:?}",
+                        res.dims(),
+                        skip.dims()
+                    );
+                }
+                *skip = (&*skip + res)?;
+            }
+        }
+        if let Some(mid) = &self.mid_block {
+            xs = mid.forward(&xs, &emb, encoder_hidden_states, hook)?;
+        }
+        if let Some(r) = residuals {
+            if xs.dims() != r.mid.dims() {
+                candle_core::bail!(
+                    "unet: ControlNet mid residual has shape {:?}, the mid block output {:?}",
+                    r.mid.dims(),
+                    xs.dims()
+                );
+            }
+            xs = (xs + &r.mid)?;
+        }
+
+        for block in &self.up_blocks {
+            let n = block.num_inputs();
+            if n > skips.len() {
+                candle_core::bail!("unet: up block needs {n} skip connections, {} left", skips.len());
+            }
+            let rest = skips.split_off(skips.len() - n);
+            // The upsampler targets the size of the next skip connection, which is what
+            // diffusers does for sizes not divisible by the total upsampling factor and
+            // equals 2x otherwise.
+            let upsample_size = match skips.last() {
+                Some(next) => {
+                    let (_, _, h, w) = next.dims4()?;
+                    Some((h, w))
+                }
+                None => None,
+            };
+            xs = block.forward(&xs, &rest, &emb, encoder_hidden_states, upsample_size, hook)?;
+        }
+
+        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// runwayml/stable-diffusion-v1-5 unet/config.json.
+    pub(crate) const SD15_UNET: &str = r#"{
+      "_class_name": "UNet2DConditionModel",
+      "_diffusers_version": "0.6.0",
+      "act_fn": "silu",
+      "attention_head_dim": 8,
+      "block_out_channels": [320, 640, 1280, 1280],
+      "center_input_sample": false,
+      "cross_attention_dim": 768,
+      "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+      "downsample_padding": 1,
+      "flip_sin_to_cos": true,
+      "freq_shift": 0,
+      "in_channels": 4,
+      "layers_per_block": 2,
+      "mid_block_scale_factor": 1,
+      "norm_eps": 1e-05,
+      "norm_num_groups": 32,
+      "out_channels": 4,
+      "sample_size": 64,
+      "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+    }"#;
+
+    #[test]
+    fn sd15_config_derives_diffusers_blocks() -> Result<()> {
+        let c: UNet2DConditionConfig = serde_json::from_str(SD15_UNET).unwrap();
+        assert_eq!(c.time_embed_dim(), 1280);
+        let r = c.resnet_settings()?;
+        assert_eq!((r.groups, r.eps, r.temb_channels), (32, 1e-5, 1280));
+        let down = c.down_blocks()?;
+        let io: Vec<_> = down.iter().map(|d| (d.in_channels, d.out_channels, d.num_layers, d.add_downsample)).collect();
+        assert_eq!(io, [(320, 320, 2, true), (320, 640, 2, true), (640, 1280, 2, true), (1280, 1280, 2, false)]);
+        let heads: Vec<_> = down
+            .iter()
+            .map(|d| d.attention.as_ref().map(|a| (a.num_attention_heads, a.attention_head_dim, a.cross_attention_dim)))
+            .collect();
+        assert_eq!(heads, [Some((8, 40, 768)), Some((8, 80, 768)), Some((8, 160, 768)), None]);
+        let mid = c.mid_block()?.unwrap();
+        let a = mid.attention.as_ref().unwrap();
+        assert_eq!((mid.channels, a.num_attention_heads, a.attention_head_dim, a.transformer_layers.clone()), (1280, 8, 160, vec![1]));
+        let up = c.up_blocks()?;
+        let io: Vec<_> = up
+            .iter()
+            .map(|u| (u.prev_output_channels, u.in_channels, u.out_channels, u.num_layers, u.add_upsample))
+            .collect();
+        assert_eq!(
+            io,
+            [(1280, 1280, 1280, 3, true), (1280, 640, 1280, 3, true), (1280, 320, 640, 3, true), (640, 320, 320, 3, false)]
+        );
+        assert!(up[0].attention.is_none());
+        let a = up[3].attention.as_ref().unwrap();
+        assert_eq!((a.num_attention_heads, a.attention_head_dim, a.transformer_layers.clone()), (8, 40, vec![1, 1, 1]));
+        Ok(())
+    }
+
+    #[test]
+    fn head_lists_are_reversed_for_up_blocks() -> Result<()> {
+        let c: UNet2DConditionConfig = serde_json::from_str(
+            r#"{"attention_head_dim": [2, 4, 8], "block_out_channels": [32, 64, 64],
+                "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+                "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+                "transformer_layers_per_block": [1, 2, 3], "norm_num_groups": 8}"#,
+        )
+        .unwrap();
+        let down: Vec<_> = c.down_blocks()?.iter().map(|d| d.attention.as_ref().map(|a| a.num_attention_heads)).collect();
+        assert_eq!(down, [Some(2), Some(4), None]);
+        let up: Vec<_> = c
+            .up_blocks()?
+            .iter()
+            .map(|u| u.attention.as_ref().map(|a| (a.num_attention_heads, a.attention_head_dim, a.transformer_layers.clone())))
+            .collect();
+        assert_eq!(up, [None, Some((4, 16, vec![2, 2, 2])), Some((2, 16, vec![1, 1, 1]))]);
+        assert_eq!(c.mid_block()?.unwrap().attention.unwrap().transformer_layers, vec![3]);
+        // num_attention_heads wins over attention_head_dim when present.
+        let c: UNet2DConditionConfig = serde_json::from_str(
+            r#"{"attention_head_dim": 8, "num_attention_heads": [5, 10, 20, 20]}"#,
+        )
+        .unwrap();
+        let heads: Vec<_> = c.down_blocks()?.iter().map(|d| d.attention.as_ref().map(|a| a.attention_head_dim)).collect();
+        assert_eq!(heads, [Some(64), Some(64), Some(64), None]);
+        Ok(())
+    }
+
+    #[test]
+    fn unsupported_features_are_named() {
+        for (json, key) in [
+            (r#"{"dual_cross_attention": true}"#, "dual_cross_attention"),
+            (r#"{"class_embed_type": "timestep"}"#, "class_embed_type"),
+            (r#"{"resnet_time_scale_shift": "scale_shift"}"#, "resnet_time_scale_shift"),
+            (r#"{"addition_embed_type": "text_time"}"#, "addition_embed_type"),
+            (r#"{"down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"]}"#, "down_block_types[0]"),
+            (r#"{"attention_head_dim": [8, 8]}"#, "attention_head_dim"),
+        ] {
+            let c: UNet2DConditionConfig = serde_json::from_str(json).unwrap();
+            let e = c.down_blocks().unwrap_err().to_string();
+            assert!(e.contains(key), "{json}: {e}");
+        }
+    }
+}

@@ -1,1 +1,348 @@
-//! (in progress)
+//! Down, mid and up blocks of the diffusers UNet (shared by `UNet2DConditionModel` and
+//! `ControlNetModel`).
+//!
+//! Supported block types: `DownBlock2D`, `CrossAttnDownBlock2D`, `UNetMidBlock2DCrossAttn`,
+//! `UNetMidBlock2D` (without attention, as ControlNet uses it), `UpBlock2D`,
+//! `CrossAttnUpBlock2D`. The resnets are candle-transformers' `ResnetBlock2D` (diffusers'
+//! default ResnetBlock2D: pre-norm, SiLU, additive time embedding); everything holding a
+//! transformer is ours, because the self-attention hook lives in our transformer blocks.
+//! Each block gets its per-block settings already derived from the model config
+//! (see `UNet2DConditionConfig::down_blocks` etc.).
+
+use candle_core::{Module, Result, Tensor, D};
+use candle_nn::{Conv2d, VarBuilder};
+use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+
+use super::attention::{SelfAttentionHook, Transformer2DConfig, Transformer2DModel};
+
+/// Attention settings of a block that holds transformers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CrossAttnSettings {
+    /// Heads of every attention in the block.
+    pub num_attention_heads: usize,
+    /// Width of each head: `out_channels / num_attention_heads` (diffusers' rule).
+    pub attention_head_dim: usize,
+    pub cross_attention_dim: usize,
+    /// Transformer blocks inside each `Transformer2DModel`, one entry per resnet layer.
+    pub transformer_layers: Vec<usize>,
+    pub use_linear_projection: bool,
+    pub only_cross_attention: bool,
+}
+
+/// One down block, derived from the model config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DownBlockSettings {
+    /// `"DownBlock2D"` or `"CrossAttnDownBlock2D"`.
+    pub block_type: String,
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub num_layers: usize,
+    pub add_downsample: bool,
+    pub downsample_padding: usize,
+    /// `Some` for `CrossAttnDownBlock2D`.
+    pub attention: Option<CrossAttnSettings>,
+}
+
+/// The mid block, derived from the model config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MidBlockSettings {
+    /// `"UNetMidBlock2DCrossAttn"` or `"UNetMidBlock2D"` (one resnet, no attention).
+    pub block_type: String,
+    pub channels: usize,
+    /// Resnet output scale factor (`mid_block_scale_factor`).
+    pub output_scale_factor: f64,
+    /// `Some` for `UNetMidBlock2DCrossAttn` (one transformer).
+    pub attention: Option<CrossAttnSettings>,
+}
+
+/// One up block, derived from the model config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UpBlockSettings {
+    /// `"UpBlock2D"` or `"CrossAttnUpBlock2D"`.
+    pub block_type: String,
+    /// Channels of the skip connection consumed by the last resnet.
+    pub in_channels: usize,
+    /// Channels coming from the block below.
+    pub prev_output_channels: usize,
+    pub out_channels: usize,
+    /// Resnets (= skip connections consumed); diffusers uses `layers_per_block + 1`.
+    pub num_layers: usize,
+    pub add_upsample: bool,
+    pub attention: Option<CrossAttnSettings>,
+}
+
+/// Settings shared by every resnet of a model.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ResnetSettings {
+    pub groups: usize,
+    pub eps: f64,
+    pub temb_channels: usize,
+}
+
+fn resnet(
+    vb: VarBuilder,
+    in_channels: usize,
+    out_channels: usize,
+    r: &ResnetSettings,
+    output_scale_factor: f64,
+) -> Result<ResnetBlock2D> {
+    let cfg = ResnetBlock2DConfig {
+        out_channels: Some(out_channels),
+        temb_channels: Some(r.temb_channels),
+        groups: r.groups,
+        groups_out: None,
+        eps: r.eps,
+        use_in_shortcut: None,
+        output_scale_factor,
+    };
+    ResnetBlock2D::new(vb, in_channels, cfg)
+}
+
+fn transformer(
+    vb: VarBuilder,
+    channels: usize,
+    a: &CrossAttnSettings,
+    layer: usize,
+    groups: usize,
+    path: &str,
+) -> Result<Transformer2DModel> {
+    let num_layers = *a.transformer_layers.get(layer).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "{path}: transformer_layers_per_block has {} entries, layer {layer} needs one",
+            a.transformer_layers.len()
+        ))
+    })?;
+    let cfg = Transformer2DConfig {
+        num_attention_heads: a.num_attention_heads,
+        attention_head_dim: a.attention_head_dim,
+        in_channels: channels,
+        num_layers,
+        cross_attention_dim: a.cross_attention_dim,
+        norm_num_groups: groups,
+        use_linear_projection: a.use_linear_projection,
+        only_cross_attention: a.only_cross_attention,
+    };
+    Transformer2DModel::new(vb, &cfg, path)
+}
+
+/// Strided 3x3 convolution (`downsamplers.0.conv`).
+#[derive(Debug, Clone)]
+pub struct Downsample2D {
+    conv: Conv2d,
+    padding: usize,
+}
+
+impl Downsample2D {
+    pub fn new(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
+        let cfg = candle_nn::Conv2dConfig { stride: 2, padding, ..Default::default() };
+        let conv = candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?;
+        Ok(Self { conv, padding })
+    }
+}
+
+impl Module for Downsample2D {
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.padding == 0 {
+            // diffusers pads right and bottom by one in this case.
+            let xs = xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
+            self.conv.forward(&xs)
+        } else {
+            self.conv.forward(xs)
+        }
+    }
+}
+
+/// Nearest-neighbour upsampling to a given size, then a 3x3 convolution (`upsamplers.0.conv`).
+#[derive(Debug, Clone)]
+pub struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
+        let cfg = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
+        Ok(Self { conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))? })
+    }
+
+    /// `size`: output (height, width); `None` doubles both.
+    pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        let (th, tw) = size.unwrap_or((2 * h, 2 * w));
+        self.conv.forward(&xs.upsample_nearest2d(th, tw)?)
+    }
+}
+
+/// `DownBlock2D` / `CrossAttnDownBlock2D`.
+#[derive(Debug)]
+pub struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    downsampler: Option<Downsample2D>,
+    span: tracing::Span,
+}
+
+impl DownBlock {
+    /// `path` is the block's diffusers path, e.g. `down_blocks.0`.
+    pub fn new(vb: VarBuilder, s: &DownBlockSettings, r: &ResnetSettings, path: &str) -> Result<Self> {
+        let mut resnets = Vec::with_capacity(s.num_layers);
+        let mut attentions = Vec::new();
+        for i in 0..s.num_layers {
+            let in_ch = if i == 0 { s.in_channels } else { s.out_channels };
+            resnets.push(resnet(vb.pp("resnets").pp(i.to_string()), in_ch, s.out_channels, r, 1.0)?);
+            if let Some(a) = &s.attention {
+                attentions.push(transformer(
+                    vb.pp("attentions").pp(i.to_string()),
+                    s.out_channels,
+                    a,
+                    i,
+                    r.groups,
+                    &format!("{path}.attentions.{i}"),
+                )?);
+            }
+        }
+        let downsampler = if s.add_downsample {
+            Some(Downsample2D::new(vb.pp("downsamplers").pp("0"), s.out_channels, s.downsample_padding)?)
+        } else {
+            None
+        };
+        Ok(Self { resnets, attentions, downsampler, span: tracing::trace_span!("down-block", block = path) })
+    }
+
+    /// Skip connections this block produces.
+    pub fn num_outputs(&self) -> usize {
+        self.resnets.len() + usize::from(self.downsampler.is_some())
+    }
+
+    /// Returns the block output and its skip connections (one per resnet, plus the
+    /// downsampled map).
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        encoder_hidden_states: &Tensor,
+        hook: &mut dyn SelfAttentionHook,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let _enter = self.span.enter();
+        let mut xs = xs.clone();
+        let mut outputs = Vec::with_capacity(self.num_outputs());
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            xs = resnet.forward(&xs, Some(temb))?;
+            if let Some(attn) = self.attentions.get(i) {
+                xs = attn.forward(&xs, encoder_hidden_states, hook)?;
+            }
+            outputs.push(xs.clone());
+        }
+        if let Some(down) = &self.downsampler {
+            xs = down.forward(&xs)?;
+            outputs.push(xs.clone());
+        }
+        Ok((xs, outputs))
+    }
+}
+
+/// `UNetMidBlock2DCrossAttn` (resnet, transformer, resnet) or attention-free
+/// `UNetMidBlock2D` (a single resnet).
+#[derive(Debug)]
+pub struct MidBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    span: tracing::Span,
+}
+
+impl MidBlock {
+    pub fn new(vb: VarBuilder, s: &MidBlockSettings, r: &ResnetSettings, path: &str) -> Result<Self> {
+        let c = s.channels;
+        let mut resnets = vec![resnet(vb.pp("resnets").pp("0"), c, c, r, s.output_scale_factor)?];
+        let mut attentions = Vec::new();
+        if let Some(a) = &s.attention {
+            attentions.push(transformer(vb.pp("attentions").pp("0"), c, a, 0, r.groups, &format!("{path}.attentions.0"))?);
+            resnets.push(resnet(vb.pp("resnets").pp("1"), c, c, r, s.output_scale_factor)?);
+        }
+        Ok(Self { resnets, attentions, span: tracing::trace_span!("mid-block") })
+    }
+
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        encoder_hidden_states: &Tensor,
+        hook: &mut dyn SelfAttentionHook,
+    ) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let mut xs = self.resnets[0].forward(xs, Some(temb))?;
+        for (attn, resnet) in self.attentions.iter().zip(self.resnets.iter().skip(1)) {
+            xs = attn.forward(&xs, encoder_hidden_states, hook)?;
+            xs = resnet.forward(&xs, Some(temb))?;
+        }
+        Ok(xs)
+    }
+}
+
+/// `UpBlock2D` / `CrossAttnUpBlock2D`.
+#[derive(Debug)]
+pub struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<Transformer2DModel>,
+    upsampler: Option<Upsample2D>,
+    span: tracing::Span,
+}
+
+impl UpBlock {
+    pub fn new(vb: VarBuilder, s: &UpBlockSettings, r: &ResnetSettings, path: &str) -> Result<Self> {
+        let mut resnets = Vec::with_capacity(s.num_layers);
+        let mut attentions = Vec::new();
+        for i in 0..s.num_layers {
+            let skip = if i + 1 == s.num_layers { s.in_channels } else { s.out_channels };
+            let input = if i == 0 { s.prev_output_channels } else { s.out_channels };
+            resnets.push(resnet(vb.pp("resnets").pp(i.to_string()), input + skip, s.out_channels, r, 1.0)?);
+            if let Some(a) = &s.attention {
+                attentions.push(transformer(
+                    vb.pp("attentions").pp(i.to_string()),
+                    s.out_channels,
+                    a,
+                    i,
+                    r.groups,
+                    &format!("{path}.attentions.{i}"),
+                )?);
+            }
+        }
+        let upsampler =
+            if s.add_upsample { Some(Upsample2D::new(vb.pp("upsamplers").pp("0"), s.out_channels)?) } else { None };
+        Ok(Self { resnets, attentions, upsampler, span: tracing::trace_span!("up-block", block = path) })
+    }
+
+    /// Skip connections this block consumes.
+    pub fn num_inputs(&self) -> usize {
+        self.resnets.len()
+    }
+
+    /// `skips`: this block's skip connections in the order the down path produced them
+    /// (the last one is consumed first). `upsample_size`: output size of the upsampler.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        skips: &[Tensor],
+        temb: &Tensor,
+        encoder_hidden_states: &Tensor,
+        upsample_size: Option<(usize, usize)>,
+        hook: &mut dyn SelfAttentionHook,
+    ) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        if skips.len() != self.resnets.len() {
+            candle_core::bail!("up block needs {} skip connections, got {}", self.resnets.len(), skips.len());
+        }
+        let mut xs = xs.clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            let skip = &skips[skips.len() - 1 - i];
+            xs = Tensor::cat(&[&xs, skip], 1)?;
+            xs = resnet.forward(&xs, Some(temb))?;
+            if let Some(attn) = self.attentions.get(i) {
+                xs = attn.forward(&xs, encoder_hidden_states, hook)?;
+            }
+        }
+        match &self.upsampler {
+            Some(up) => up.forward(&xs, upsample_size),
+            None => Ok(xs),
+        }
+    }
+}
