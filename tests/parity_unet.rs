@@ -266,3 +266,51 @@ fn unet_file_given_to_controlnet_is_rejected() {
     let err = ControlNetModel::new(vb, &controlnet_config()).unwrap_err().to_string();
     assert!(err.contains("controlnet_cond_embedding"), "{err}");
 }
+
+#[test]
+fn unet_and_controlnet_run_in_f16() {
+    // dtype-generic code path (softmax in f32 for half types); f16 is only roughly equal.
+    let r = reference("unet.safetensors");
+    let c = reference("controlnet.safetensors");
+    let f16 = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[fixtures().join("tiny-sd/unet/diffusion_pytorch_model.safetensors")],
+            DType::F16,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let unet = UNet2DConditionModel::new(vb, &unet_config()).unwrap();
+    let out = unet
+        .forward(&f16(&r["sample"]), scalar(&r["timestep"]), &f16(&r["encoder_hidden_states"]), None, &mut NoHook)
+        .unwrap();
+    assert_eq!(out.dtype(), DType::F16);
+    let out = out.to_dtype(DType::F32).unwrap();
+    let rel = max_abs(&(&out - &r["out"]).unwrap()) / max_abs(&r["out"]);
+    println!("unet f16: relative error {rel:.3e}");
+    assert!(rel < 3e-2, "{rel}");
+
+    let vb = unsafe {
+        VarBuilder::from_mmaped_safetensors(
+            &[fixtures().join("tiny-controlnet/diffusion_pytorch_model.safetensors")],
+            DType::F16,
+            &Device::Cpu,
+        )
+        .unwrap()
+    };
+    let cn = ControlNetModel::new(vb, &controlnet_config()).unwrap();
+    let res = cn
+        .forward(
+            &f16(&c["sample"]),
+            scalar(&c["timestep"]),
+            &f16(&c["encoder_hidden_states"]),
+            &f16(&c["controlnet_cond"]),
+            scalar(&c["conditioning_scale"]),
+        )
+        .unwrap();
+    let mid = res.mid.to_dtype(DType::F32).unwrap();
+    let rel = max_abs(&(&mid - &c["mid"]).unwrap()) / max_abs(&c["mid"]);
+    println!("controlnet mid f16: relative error {rel:.3e}");
+    assert!(rel < 3e-2, "{rel}");
+}

@@ -406,7 +406,7 @@ impl UNet2DConditionConfig {
                 self.down_block_types
             );
         }
-        if self.conv_in_kernel % 2 == 0 || self.conv_out_kernel % 2 == 0 {
+        if self.conv_in_kernel.is_multiple_of(2) || self.conv_out_kernel.is_multiple_of(2) {
             candle_core::bail!("config: conv_in_kernel / conv_out_kernel must be odd");
         }
         let transformer_layers = match &self.transformer_layers_per_block {
