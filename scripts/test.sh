@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up a Debian 12 machine (scripts/setup-debian.sh) and runs every test on the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup-debian.sh
+[ -f "$HOME/.cargo/env" ] && . "$HOME/.cargo/env"
+export G_DEBUG=fatal_warnings
+cargo test --workspace --locked --no-fail-fast
