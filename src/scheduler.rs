@@ -1,1 +1,238 @@
-//! (in progress)
+//! DDIM, computed exactly as diffusers' `DDIMScheduler` does for img2img (eta 0): the
+//! timestep spacing, `steps_offset`, `set_alpha_to_one` and the `strength` slicing of
+//! `StableDiffusionControlNetImg2ImgPipeline.get_timesteps`.
+
+use anyhow::{Result, bail};
+use candle_core::Tensor;
+use serde::Deserialize;
+
+/// The fields of `scheduler/scheduler_config.json` DDIM uses; other schedulers' configs
+/// (SD1.5 ships a PNDM one) carry the same fields, and unknown ones are ignored.
+#[derive(Debug, Clone, Deserialize)]
+pub struct DdimSchedulerConfig {
+    #[serde(default = "default_train_timesteps")]
+    pub num_train_timesteps: usize,
+    #[serde(default = "default_beta_start")]
+    pub beta_start: f64,
+    #[serde(default = "default_beta_end")]
+    pub beta_end: f64,
+    #[serde(default = "default_beta_schedule")]
+    pub beta_schedule: String,
+    #[serde(default)]
+    pub trained_betas: Option<Vec<f64>>,
+    #[serde(default)]
+    pub set_alpha_to_one: bool,
+    #[serde(default)]
+    pub steps_offset: usize,
+    #[serde(default = "default_spacing")]
+    pub timestep_spacing: String,
+    #[serde(default = "default_prediction_type")]
+    pub prediction_type: String,
+    #[serde(default)]
+    pub clip_sample: bool,
+    #[serde(default = "default_clip_range")]
+    pub clip_sample_range: f64,
+    #[serde(default)]
+    pub thresholding: bool,
+    #[serde(default)]
+    pub rescale_betas_zero_snr: bool,
+}
+
+fn default_train_timesteps() -> usize {
+    1000
+}
+fn default_beta_start() -> f64 {
+    0.0001
+}
+fn default_beta_end() -> f64 {
+    0.02
+}
+fn default_beta_schedule() -> String {
+    "linear".into()
+}
+fn default_spacing() -> String {
+    "leading".into()
+}
+fn default_prediction_type() -> String {
+    "epsilon".into()
+}
+fn default_clip_range() -> f64 {
+    1.0
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Prediction {
+    Epsilon,
+    VPrediction,
+    Sample,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spacing {
+    Leading,
+    Trailing,
+    Linspace,
+}
+
+#[derive(Debug, Clone)]
+pub struct DdimScheduler {
+    alphas_cumprod: Vec<f64>,
+    final_alpha_cumprod: f64,
+    train_timesteps: usize,
+    steps_offset: usize,
+    spacing: Spacing,
+    prediction: Prediction,
+    clip_sample: Option<f64>,
+}
+
+impl DdimScheduler {
+    pub fn new(config: &DdimSchedulerConfig) -> Result<Self> {
+        let n = config.num_train_timesteps;
+        if n == 0 {
+            bail!("scheduler config: num_train_timesteps is 0");
+        }
+        let betas: Vec<f64> = match (&config.trained_betas, config.beta_schedule.as_str()) {
+            (Some(betas), _) => betas.clone(),
+            (None, "linear") => linspace(config.beta_start, config.beta_end, n),
+            (None, "scaled_linear") => {
+                linspace(config.beta_start.sqrt(), config.beta_end.sqrt(), n).iter().map(|b| b * b).collect()
+            }
+            (None, "squaredcos_cap_v2") => {
+                let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
+                (0..n)
+                    .map(|i| (1.0 - alpha_bar((i + 1) as f64 / n as f64) / alpha_bar(i as f64 / n as f64)).min(0.999))
+                    .collect()
+            }
+            (None, other) => bail!("scheduler config: beta_schedule {other:?} is not supported"),
+        };
+        if config.rescale_betas_zero_snr {
+            bail!("scheduler config: rescale_betas_zero_snr is not supported");
+        }
+        if config.thresholding {
+            bail!("scheduler config: thresholding is not supported");
+        }
+        // diffusers computes the betas in float32 and the cumulative product in float32 too.
+        let mut alphas_cumprod = Vec::with_capacity(n);
+        let mut product = 1f32;
+        for beta in &betas {
+            product *= 1.0 - *beta as f32;
+            alphas_cumprod.push(product as f64);
+        }
+        let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
+        let spacing = match config.timestep_spacing.as_str() {
+            "leading" => Spacing::Leading,
+            "trailing" => Spacing::Trailing,
+            "linspace" => Spacing::Linspace,
+            other => bail!("scheduler config: timestep_spacing {other:?} is not supported"),
+        };
+        let prediction = match config.prediction_type.as_str() {
+            "epsilon" => Prediction::Epsilon,
+            "v_prediction" => Prediction::VPrediction,
+            "sample" => Prediction::Sample,
+            other => bail!("scheduler config: prediction_type {other:?} is not supported"),
+        };
+        Ok(Self {
+            alphas_cumprod,
+            final_alpha_cumprod,
+            train_timesteps: n,
+            steps_offset: config.steps_offset,
+            spacing,
+            prediction,
+            clip_sample: config.clip_sample.then_some(config.clip_sample_range),
+        })
+    }
+
+    /// All timesteps of a `steps`-step schedule, as `set_timesteps` computes them.
+    pub fn timesteps(&self, steps: usize) -> Result<Vec<usize>> {
+        let n = self.train_timesteps;
+        if steps == 0 || steps > n {
+            bail!("steps must be between 1 and {n}, got {steps}");
+        }
+        let timesteps = match self.spacing {
+            Spacing::Leading => {
+                let ratio = n / steps;
+                (0..steps).rev().map(|i| i * ratio + self.steps_offset).collect()
+            }
+            Spacing::Trailing => {
+                let ratio = n as f64 / steps as f64;
+                let mut t: Vec<usize> = (1..=steps)
+                    .rev()
+                    .map(|i| ((i as f64 * ratio).round() as i64 - 1).max(0) as usize)
+                    .collect();
+                t.dedup();
+                t
+            }
+            Spacing::Linspace => linspace(0.0, (n - 1) as f64, steps).iter().rev().map(|t| t.round() as usize).collect(),
+        };
+        Ok(timesteps)
+    }
+
+    /// The timesteps an img2img frame runs: the last `min(int(steps * strength), steps)` of the
+    /// schedule. An error when that is none at all.
+    pub fn img2img_timesteps(&self, steps: usize, strength: f64) -> Result<Vec<usize>> {
+        if !(0.0..=1.0).contains(&strength) {
+            bail!("strength {strength} is outside 0..1");
+        }
+        let all = self.timesteps(steps)?;
+        let init = ((steps as f64 * strength) as usize).min(steps);
+        if init == 0 {
+            bail!("steps {steps} x strength {strength} gives 0 denoising steps; raise steps or strength");
+        }
+        Ok(all[steps - init..].to_vec())
+    }
+
+    fn alpha_cumprod(&self, timestep: i64) -> f64 {
+        if timestep >= 0 { self.alphas_cumprod[timestep as usize] } else { self.final_alpha_cumprod }
+    }
+
+    fn check_timestep(&self, timestep: usize) -> candle_core::Result<()> {
+        if timestep >= self.train_timesteps {
+            candle_core::bail!("timestep {timestep} is outside the scheduler's {} steps", self.train_timesteps);
+        }
+        Ok(())
+    }
+
+    /// Noises clean latents to `timestep` (diffusers' `add_noise`).
+    pub fn add_noise(&self, original: &Tensor, noise: &Tensor, timestep: usize) -> candle_core::Result<Tensor> {
+        self.check_timestep(timestep)?;
+        let alpha = self.alphas_cumprod[timestep];
+        (original * alpha.sqrt())? + (noise * (1.0 - alpha).sqrt())?
+    }
+
+    /// One DDIM step (eta 0) from `timestep` to the previous one of a `steps`-step schedule.
+    pub fn step(&self, model_output: &Tensor, timestep: usize, sample: &Tensor, steps: usize) -> candle_core::Result<Tensor> {
+        self.check_timestep(timestep)?;
+        let prev_timestep = timestep as i64 - (self.train_timesteps / steps.max(1)) as i64;
+        let alpha_t = self.alphas_cumprod[timestep];
+        let alpha_prev = self.alpha_cumprod(prev_timestep);
+        let beta_t = 1.0 - alpha_t;
+        let (pred_original, pred_epsilon) = match self.prediction {
+            Prediction::Epsilon => {
+                let x0 = ((sample - (model_output * beta_t.sqrt())?)? / alpha_t.sqrt())?;
+                (x0, model_output.clone())
+            }
+            Prediction::Sample => {
+                let eps = ((sample - (model_output * alpha_t.sqrt())?)? / beta_t.sqrt())?;
+                (model_output.clone(), eps)
+            }
+            Prediction::VPrediction => {
+                let x0 = ((sample * alpha_t.sqrt())? - (model_output * beta_t.sqrt())?)?;
+                let eps = ((model_output * alpha_t.sqrt())? + (sample * beta_t.sqrt())?)?;
+                (x0, eps)
+            }
+        };
+        let pred_original = match self.clip_sample {
+            Some(range) => pred_original.clamp(-range, range)?,
+            None => pred_original,
+        };
+        let direction = (pred_epsilon * (1.0 - alpha_prev).sqrt())?;
+        (pred_original * alpha_prev.sqrt())? + direction
+    }
+}
+
+fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
+    if n == 1 {
+        return vec![start];
+    }
+    (0..n).map(|i| start + (end - start) * i as f64 / (n - 1) as f64).collect()
+}
