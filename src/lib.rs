@@ -6,6 +6,7 @@
 pub mod canny;
 pub mod frame;
 pub mod models;
+pub mod pipeline;
 pub mod scheduler;
 pub mod tokenizer;
 pub mod weights;

@@ -1,0 +1,112 @@
+//! Full single-frame ControlNet img2img against diffusers'
+//! StableDiffusionControlNetImg2ImgPipeline (DDIM, VAE posterior mean, fixed noise) on the
+//! tiny model, and the `sdcrossframe stylize` CLI reproducing the same image.
+
+mod common;
+
+use candle_core::Device;
+use common::*;
+use sdcrossframe::pipeline::{FrameSettings, PlainFrame};
+
+#[derive(serde::Deserialize)]
+struct Case {
+    name: String,
+    frame: usize,
+    control: usize,
+    prompt: String,
+    negative_prompt: String,
+    steps: usize,
+    strength: f64,
+    guidance_scale: f64,
+    controlnet_scale: f64,
+    output: String,
+}
+
+fn cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(img2img_dir().join("cases.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn reference_image(case: &Case) -> candle_core::Tensor {
+    load_tensors(&img2img_dir().join(&case.output))["image"].clone()
+}
+
+/// Every case through ONE stylizer, so the prompt-embedding cache must notice each change.
+#[test]
+fn img2img_matches_diffusers_for_every_case() {
+    let mut stylizer = tiny_stylizer();
+    let noise = fixture_noise();
+    let mut failures = Vec::new();
+    for case in cases() {
+        let settings = FrameSettings {
+            prompt: case.prompt.clone(),
+            negative_prompt: case.negative_prompt.clone(),
+            steps: case.steps,
+            strength: case.strength,
+            guidance_scale: case.guidance_scale,
+            controlnet_scale: case.controlnet_scale,
+        };
+        let image = stylizer
+            .stylize(
+                &frame(case.frame).to_tensor(&Device::Cpu).unwrap(),
+                &control(case.control).to_tensor(&Device::Cpu).unwrap(),
+                &settings,
+                &noise,
+                &mut PlainFrame::default(),
+            )
+            .unwrap();
+        let err = max_abs_diff(&image, &reference_image(&case));
+        println!("{:<20} max abs error {err:.2e}", case.name);
+        if err > IMAGE_TOLERANCE {
+            failures.push(format!("{}: {err:.2e}", case.name));
+        }
+    }
+    assert!(failures.is_empty(), "cases over {IMAGE_TOLERANCE}: {failures:?}");
+}
+
+/// Parity only means something if each input visibly moves the output: every variant case
+/// must differ from `base` by far more than the tolerance.
+#[test]
+fn each_input_changes_the_output_far_beyond_tolerance() {
+    let all = cases();
+    let base = reference_image(all.iter().find(|c| c.name == "base").unwrap());
+    for case in all.iter().filter(|c| c.name != "base") {
+        let diff = max_abs_diff(&reference_image(case), &base);
+        println!("{:<20} differs from base by {diff:.3}", case.name);
+        assert!(diff > 20.0 * IMAGE_TOLERANCE, "{} differs from base by only {diff}", case.name);
+    }
+    // The variants cover prompt, control image, frame, controlnet scale and guidance scale.
+    for name in ["prompt2", "control2", "frame1", "cnscale03", "guidance1", "guidance3"] {
+        assert!(all.iter().any(|c| c.name == name), "fixture case {name} is missing");
+    }
+}
+
+#[test]
+fn cli_stylize_reproduces_the_diffusers_image_from_the_same_noise_file() {
+    let out = std::env::temp_dir().join(format!("sdcrossframe-cli-{}", std::process::id()));
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_sdcrossframe"))
+        .args(["stylize"])
+        .arg(img2img_dir().join("frame_0.png"))
+        .arg("--output")
+        .arg(&out)
+        .arg("--model")
+        .arg(fixtures().join("tiny-sd"))
+        .arg("--controlnet")
+        .arg(fixtures().join("tiny-controlnet"))
+        .args(["--prompt", BASE_PROMPT, "--negative-prompt", BASE_NEGATIVE])
+        .args(["--steps", "20", "--strength", "0.9", "--guidance-scale", "7.5", "--controlnet-scale", "0.7"])
+        .arg("--control")
+        .arg(img2img_dir().join("control_0.png"))
+        .arg("--noise-file")
+        .arg(img2img_dir().join("noise.safetensors"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let ours = image::open(out.join("frame_0.png")).unwrap().to_rgb8();
+    let theirs = image::open(img2img_dir().join("base.png")).unwrap().to_rgb8();
+    assert_eq!(ours.dimensions(), theirs.dimensions());
+    let worst = ours.as_raw().iter().zip(theirs.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    // Both are rounded from floats that agree within 1e-3, so at most one level apart.
+    assert!(worst <= 1, "CLI output differs from diffusers' PNG by {worst} levels");
+    std::fs::remove_dir_all(&out).ok();
+}
