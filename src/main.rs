@@ -1,1 +1,225 @@
-fn main() {}
+//! `sdcrossframe`: the command-line tool. `stylize` runs the engine over image files,
+//! `canny` previews the ControlNet's edge map.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device};
+use clap::{Args, Parser, Subcommand};
+
+use sdcrossframe::canny::{self, CannyParams, ImageView};
+use sdcrossframe::frame::RgbFrame;
+use sdcrossframe::pipeline::{self, FrameSettings, ModelSpec, PlainFrame, Stylizer};
+
+#[derive(Parser)]
+#[command(name = "sdcrossframe", version, about = "Stable Diffusion + ControlNet video restyling with cross-frame attention")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Stylize image files (PNG/JPEG in, PNG out).
+    Stylize(StylizeArgs),
+    /// Write the Canny edge map the ControlNet sees, to preview thresholds.
+    Canny(CannyArgs),
+}
+
+#[derive(Args)]
+struct StylizeArgs {
+    /// Input images, or directories of images (processed in name order).
+    #[arg(required = true)]
+    images: Vec<PathBuf>,
+    /// Output directory (created if missing); each output is named after its input.
+    #[arg(long, short)]
+    output: PathBuf,
+    /// Stable Diffusion model: a diffusers-format directory or a Hugging Face repo id.
+    #[arg(long, default_value = "runwayml/stable-diffusion-v1-5")]
+    model: String,
+    /// Canny ControlNet: a diffusers-format directory or a Hugging Face repo id.
+    #[arg(long, default_value = "lllyasviel/sd-controlnet-canny")]
+    controlnet: String,
+    /// Weight file variant to load, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors).
+    #[arg(long)]
+    variant: Option<String>,
+    /// Compute device: cpu, or cuda:N when built with the cuda feature.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    #[arg(long, default_value = "")]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Number of DDIM steps for strength 1 (the frame runs steps x strength of them).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    steps: u32,
+    /// How far the frame is noised before denoising, 0..1 (1 ignores the frame's content).
+    #[arg(long, default_value_t = 0.9)]
+    strength: f64,
+    /// Classifier-free guidance scale (1 or less disables guidance).
+    #[arg(long, default_value_t = 7.5)]
+    guidance_scale: f64,
+    /// How strongly the Canny edges steer the result.
+    #[arg(long, default_value_t = 0.7)]
+    controlnet_scale: f64,
+    /// Seed of the initial noise (ignored with --noise-file).
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// A safetensors file holding the initial noise latents (tensor "noise", [1, 4, H/8, W/8]).
+    #[arg(long)]
+    noise_file: Option<PathBuf>,
+    /// Use this control image instead of the frame's Canny edges.
+    #[arg(long)]
+    control: Option<PathBuf>,
+    #[arg(long, default_value_t = 50.0)]
+    canny_low: f64,
+    #[arg(long, default_value_t = 100.0)]
+    canny_high: f64,
+    /// Processing width (default: the image's, rounded down to a multiple of 8).
+    #[arg(long)]
+    width: Option<usize>,
+    /// Processing height (default: the image's, rounded down to a multiple of 8).
+    #[arg(long)]
+    height: Option<usize>,
+}
+
+#[derive(Args)]
+struct CannyArgs {
+    input: PathBuf,
+    output: PathBuf,
+    #[arg(long, default_value_t = 50.0)]
+    low: f64,
+    #[arg(long, default_value_t = 100.0)]
+    high: f64,
+    /// Use the L2 gradient magnitude instead of OpenCV's default L1.
+    #[arg(long)]
+    l2: bool,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,sdcrossframe=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Stylize(args) => stylize(args),
+        Command::Canny(args) => canny_command(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+pub fn parse_device(spec: &str) -> Result<Device> {
+    match spec {
+        "cpu" => Ok(Device::Cpu),
+        s if s.starts_with("cuda") => {
+            let ordinal = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse::<usize>().with_context(|| format!("bad device {s:?}: expected cuda:N"))?,
+                None if s == "cuda" => 0,
+                None => bail!("bad device {s:?}: expected cpu or cuda:N"),
+            };
+            Device::new_cuda(ordinal).with_context(|| format!("cannot open device {s}"))
+        }
+        other => bail!("unknown device {other:?}: expected cpu or cuda:N"),
+    }
+}
+
+pub fn parse_dtype(spec: &str) -> Result<DType> {
+    match spec {
+        "f32" | "float32" => Ok(DType::F32),
+        "f16" | "float16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        other => bail!("unknown dtype {other:?}: expected f32, f16 or bf16"),
+    }
+}
+
+fn edges_of(frame: &RgbFrame, params: &CannyParams) -> Result<canny::EdgeMap> {
+    let view = ImageView::new(&frame.data, frame.width, frame.height, 3, frame.width * 3)?;
+    canny::canny(&view, params)
+}
+
+fn stylize(args: StylizeArgs) -> Result<()> {
+    if !(0.0..=1.0).contains(&args.strength) {
+        bail!("--strength {} is outside 0..1", args.strength);
+    }
+    let inputs = pipeline::collect_images(&args.images)?;
+    let device = parse_device(&args.device)?;
+    let dtype = parse_dtype(&args.dtype)?;
+    let canny_params = CannyParams { low: args.canny_low, high: args.canny_high, l2_gradient: false };
+    canny_params.validate()?;
+    let settings = FrameSettings {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        steps: args.steps as usize,
+        strength: args.strength,
+        guidance_scale: args.guidance_scale,
+        controlnet_scale: args.controlnet_scale,
+    };
+    // Fail on bad settings and unreadable inputs before the (slow) model load.
+    let first = RgbFrame::load(&inputs[0])?;
+    let explicit_control = args.control.as_deref().map(RgbFrame::load).transpose()?;
+    let noise_from_file = args.noise_file.as_deref().map(|p| pipeline::load_noise_file(p, &device)).transpose()?;
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("cannot create output directory {}", args.output.display()))?;
+
+    let spec = ModelSpec { model: args.model.clone(), controlnet: args.controlnet.clone(), variant: args.variant.clone() };
+    let mut stylizer = Stylizer::load(&spec, &device, dtype)?;
+    stylizer.timesteps(&settings)?;
+    let factor = stylizer.vae_scale_factor();
+    let (width, height) = match (args.width, args.height) {
+        (Some(w), Some(h)) => pipeline::processing_size(w, h, factor)?,
+        (None, None) => pipeline::processing_size(first.width, first.height, factor)?,
+        _ => bail!("give both --width and --height, or neither"),
+    };
+    let noise = match noise_from_file {
+        Some(noise) => noise,
+        None => stylizer.seeded_noise(args.seed, width, height)?,
+    };
+
+    let progress = indicatif::ProgressBar::new(inputs.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} frames  {elapsed} elapsed, {eta} left  {msg}")
+            .expect("valid template"),
+    );
+    for path in &inputs {
+        let frame = RgbFrame::load(path)?.resized(width, height)?;
+        let control = match &explicit_control {
+            Some(control) => control.resized(width, height)?.to_tensor(&device)?,
+            None => canny::control_image(&edges_of(&frame, &canny_params)?, &device)?,
+        };
+        let output = stylizer
+            .stylize(&frame.to_tensor(&device)?, &control, &settings, &noise, &mut PlainFrame::default())
+            .with_context(|| format!("cannot stylize {}", path.display()))?;
+        let out_path = output_path(&args.output, path);
+        RgbFrame::from_tensor(&output)?.save_png(&out_path)?;
+        progress.set_message(out_path.display().to_string());
+        progress.inc(1);
+    }
+    progress.finish();
+    Ok(())
+}
+
+fn output_path(dir: &Path, input: &Path) -> PathBuf {
+    let stem = input.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "frame".into());
+    dir.join(format!("{stem}.png"))
+}
+
+fn canny_command(args: CannyArgs) -> Result<()> {
+    let params = CannyParams { low: args.low, high: args.high, l2_gradient: args.l2 };
+    params.validate()?;
+    let frame = RgbFrame::load(&args.input)?;
+    let edges = edges_of(&frame, &params)?;
+    image::save_buffer(&args.output, &edges.data, edges.width as u32, edges.height as u32, image::ExtendedColorType::L8)
+        .with_context(|| format!("cannot write {}", args.output.display()))
+}

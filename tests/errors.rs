@@ -1,0 +1,175 @@
+//! Bad input gets an error naming the file and the problem, never a panic.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device};
+use common::*;
+use sdcrossframe::pipeline::{ModelSpec, Stylizer};
+
+/// A scratch copy of the tiny pipeline whose components can be broken one at a time;
+/// untouched components are symlinked.
+struct ScratchModel {
+    root: PathBuf,
+}
+
+impl ScratchModel {
+    fn new(tag: &str) -> Self {
+        let root = std::env::temp_dir().join(format!("sdcrossframe-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        std::fs::create_dir_all(&root).unwrap();
+        let source = fixtures().join("tiny-sd");
+        for entry in std::fs::read_dir(&source).unwrap() {
+            let entry = entry.unwrap();
+            std::os::unix::fs::symlink(entry.path(), root.join(entry.file_name())).unwrap();
+        }
+        Self { root }
+    }
+
+    /// Replaces a symlinked component by a real copy that can be modified.
+    fn own(&self, component: &str) -> PathBuf {
+        let dir = self.root.join(component);
+        std::fs::remove_file(&dir).unwrap();
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in std::fs::read_dir(fixtures().join("tiny-sd").join(component)).unwrap() {
+            let entry = entry.unwrap();
+            std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+        }
+        dir
+    }
+
+    fn load(&self) -> String {
+        let spec = ModelSpec {
+            model: self.root.display().to_string(),
+            controlnet: fixtures().join("tiny-controlnet").display().to_string(),
+            variant: None,
+        };
+        match Stylizer::load(&spec, &Device::Cpu, DType::F32) {
+            Ok(_) => panic!("loading a broken model succeeded"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+}
+
+impl Drop for ScratchModel {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.root);
+    }
+}
+
+fn load_error(model: &Path, controlnet: &Path) -> String {
+    let spec = ModelSpec {
+        model: model.display().to_string(),
+        controlnet: controlnet.display().to_string(),
+        variant: None,
+    };
+    match Stylizer::load(&spec, &Device::Cpu, DType::F32) {
+        Ok(_) => panic!("loading succeeded"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn missing_model_directory_is_named() {
+    let missing = fixtures().join("no-such-model");
+    let err = load_error(&missing, &fixtures().join("tiny-controlnet"));
+    assert!(err.contains("no-such-model") && err.contains("does not exist"), "{err}");
+}
+
+#[test]
+fn directory_without_model_index_is_not_a_pipeline() {
+    // The ControlNet directory is a model directory but not a pipeline.
+    let err = load_error(&fixtures().join("tiny-controlnet"), &fixtures().join("tiny-controlnet"));
+    assert!(err.contains("model_index.json"), "{err}");
+}
+
+#[test]
+fn missing_config_file_is_named() {
+    let scratch = ScratchModel::new("noconfig");
+    let vae = scratch.own("vae");
+    std::fs::remove_file(vae.join("config.json")).unwrap();
+    let err = scratch.load();
+    assert!(err.contains("vae/config.json") && err.contains("missing"), "{err}");
+}
+
+#[test]
+fn pickle_weights_are_refused_with_a_safetensors_hint() {
+    let scratch = ScratchModel::new("pickle");
+    let unet = scratch.own("unet");
+    std::fs::rename(unet.join("diffusion_pytorch_model.safetensors"), unet.join("diffusion_pytorch_model.bin")).unwrap();
+    let err = scratch.load();
+    assert!(err.contains("diffusion_pytorch_model.bin") && err.contains("safetensors"), "{err}");
+    assert!(err.contains("pickle"), "{err}");
+}
+
+#[test]
+fn truncated_safetensors_is_reported_as_truncated() {
+    let scratch = ScratchModel::new("truncated");
+    let vae = scratch.own("vae");
+    let file = vae.join("diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let err = scratch.load();
+    assert!(err.contains("truncated") && err.contains("vae/diffusion_pytorch_model.safetensors"), "{err}");
+}
+
+#[test]
+fn config_that_does_not_match_the_weights_names_tensor_and_shapes() {
+    let scratch = ScratchModel::new("mismatch");
+    let unet = scratch.own("unet");
+    let path = unet.join("config.json");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config["in_channels"] = 5.into();
+    std::fs::write(&path, config.to_string()).unwrap();
+    let err = scratch.load();
+    assert!(err.contains("conv_in.weight"), "{err}");
+    assert!(err.contains("[32, 5, 3, 3]") && err.contains("[32, 4, 3, 3]"), "{err}");
+}
+
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdcrossframe")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn tiny_args() -> Vec<String> {
+    vec![
+        "--model".into(),
+        fixtures().join("tiny-sd").display().to_string(),
+        "--controlnet".into(),
+        fixtures().join("tiny-controlnet").display().to_string(),
+    ]
+}
+
+#[test]
+fn unreadable_image_is_named() {
+    let bad = fixtures().join("tiny-sd/model_index.json");
+    let out = std::env::temp_dir().join(format!("sdcrossframe-badimg-{}", std::process::id()));
+    let mut args = vec!["stylize".to_string(), bad.display().to_string(), "--output".into(), out.display().to_string()];
+    args.extend(tiny_args());
+    let (ok, stderr) = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok);
+    assert!(stderr.contains("model_index.json") && stderr.contains("image"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn zero_denoising_steps_is_an_error_that_says_so() {
+    let out = std::env::temp_dir().join(format!("sdcrossframe-zerosteps-{}", std::process::id()));
+    let frame = img2img_dir().join("frame_0.png");
+    let mut args = vec![
+        "stylize".to_string(),
+        frame.display().to_string(),
+        "--output".into(),
+        out.display().to_string(),
+        "--steps".into(),
+        "3".into(),
+        "--strength".into(),
+        "0.2".into(),
+    ];
+    args.extend(tiny_args());
+    let (ok, stderr) = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok);
+    assert!(stderr.contains("0 denoising steps"), "{stderr}");
+    std::fs::remove_dir_all(&out).ok();
+}
