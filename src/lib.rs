@@ -4,9 +4,11 @@
 //! No GStreamer types live here; the element in `plugins/` is a thin layer over this crate.
 
 pub mod canny;
+pub mod cross_frame;
 pub mod frame;
 pub mod models;
 pub mod pipeline;
 pub mod scheduler;
+pub mod session;
 pub mod tokenizer;
 pub mod weights;

@@ -1,0 +1,207 @@
+//! Cross-frame attention and the video session: parity with the original technique
+//! (re-implemented on diffusers with the cache keyed by step index), identities, bounded
+//! memory, re-anchoring.
+
+mod common;
+
+use candle_core::{Device, Tensor};
+use common::*;
+use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
+use sdcrossframe::pipeline::{FrameSettings, PlainFrame};
+use sdcrossframe::session::{SessionConfig, VideoSession};
+
+const FRAMES: usize = 6;
+
+fn session(mode: AttentionMode, scope: AttentionScope) -> VideoSession {
+    let config = SessionConfig { attention: mode, scope, scene_cut_threshold: 0.0, ..SessionConfig::default() };
+    let mut session = VideoSession::new(tiny_stylizer(), config, base_settings()).unwrap();
+    session.set_noise(Some(fixture_noise()));
+    session
+}
+
+fn run(session: &mut VideoSession, frames: usize) -> Vec<Tensor> {
+    (0..frames).map(|k| session.push(&frame(k), Some(&control(k))).unwrap().image).collect()
+}
+
+fn reference(mode: &str, scope: &str) -> Vec<Tensor> {
+    let path = fixtures().join(format!("reference/cross_frame/{mode}_{scope}.safetensors"));
+    let tensors = load_tensors(&path);
+    (0..FRAMES).map(|k| tensors[&format!("frame_{k}")].clone()).collect()
+}
+
+fn check_parity(mode: AttentionMode, scope: AttentionScope) {
+    let name = mode.to_string().replace('+', "_");
+    let want = reference(&name, &scope.to_string());
+    let got = run(&mut session(mode, scope), FRAMES);
+    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+        let err = max_abs_diff(g, w);
+        println!("{mode} {scope} frame {k}: max abs error {err:.2e}");
+        assert!(err <= IMAGE_TOLERANCE, "{mode} {scope} frame {k}: {err:.2e} over {IMAGE_TOLERANCE}");
+    }
+}
+
+#[test]
+fn first_prev_up_matches_reference() {
+    check_parity(AttentionMode::FirstPrev, AttentionScope::Up);
+}
+
+#[test]
+fn first_up_matches_reference() {
+    check_parity(AttentionMode::First, AttentionScope::Up);
+}
+
+#[test]
+fn prev_up_matches_reference() {
+    check_parity(AttentionMode::Prev, AttentionScope::Up);
+}
+
+#[test]
+fn first_prev_all_matches_reference() {
+    check_parity(AttentionMode::FirstPrev, AttentionScope::All);
+}
+
+#[test]
+fn first_all_matches_reference() {
+    check_parity(AttentionMode::First, AttentionScope::All);
+}
+
+#[test]
+fn prev_all_matches_reference() {
+    check_parity(AttentionMode::Prev, AttentionScope::All);
+}
+
+/// Parity tells modes apart only if they produce visibly different frames.
+#[test]
+fn modes_differ_far_beyond_tolerance_in_the_reference() {
+    for scope in ["up", "all"] {
+        let modes = ["off", "first", "prev", "first_prev"].map(|m| (m, reference(m, scope)));
+        for (i, (a, fa)) in modes.iter().enumerate() {
+            for (b, fb) in &modes[i + 1..] {
+                let diff = (2..FRAMES).map(|k| max_abs_diff(&fa[k], &fb[k])).fold(0f32, f32::max);
+                println!("{scope}: {a} vs {b}: {diff:.3}");
+                assert!(diff >= 20.0 * IMAGE_TOLERANCE, "{scope}: {a} and {b} differ by only {diff}");
+            }
+        }
+    }
+}
+
+#[test]
+fn off_reproduces_single_frame_img2img_exactly() {
+    let mut plain = tiny_stylizer();
+    let settings = base_settings();
+    let mut session = session(AttentionMode::Off, AttentionScope::Up);
+    for k in 0..3 {
+        let from_session = session.push(&frame(k), Some(&control(k))).unwrap().image;
+        let single = plain
+            .stylize(
+                &frame(k).to_tensor(&Device::Cpu).unwrap(),
+                &control(k).to_tensor(&Device::Cpu).unwrap(),
+                &settings,
+                &fixture_noise(),
+                &mut PlainFrame::default(),
+            )
+            .unwrap();
+        assert_eq!(max_abs_diff(&from_session, &single), 0.0, "frame {k}");
+    }
+}
+
+/// For frame 1, first == prev, and attending to [x0; x0] equals attending to x0.
+#[test]
+fn frame_one_under_first_prev_equals_first() {
+    let a = run(&mut session(AttentionMode::FirstPrev, AttentionScope::Up), 2);
+    let b = run(&mut session(AttentionMode::First, AttentionScope::Up), 2);
+    let same = max_abs_diff(&a[1], &b[1]);
+    println!("frame 1 first+prev vs first: {same:.2e}");
+    assert!(same <= 1e-5, "frame 1 differs by {same}");
+    // Frame 0 is the anchor: plain attention in every mode.
+    assert_eq!(max_abs_diff(&a[0], &b[0]), 0.0);
+}
+
+/// Cheap settings for the long-running behaviour tests.
+fn quick_settings() -> FrameSettings {
+    FrameSettings { steps: 4, strength: 0.5, ..base_settings() }
+}
+
+fn quick_session(config: SessionConfig) -> VideoSession {
+    let mut s = VideoSession::new(tiny_stylizer(), config, quick_settings()).unwrap();
+    s.set_noise(Some(fixture_noise()));
+    s
+}
+
+#[test]
+fn store_stays_constant_over_fifty_frames_and_reset_reanchors() {
+    let mut session = quick_session(SessionConfig { scene_cut_threshold: 0.0, ..SessionConfig::default() });
+    let first = session.push(&frame(0), Some(&control(0))).unwrap();
+    assert!(first.anchor);
+    let entries = session.attention().stored_entries();
+    let bytes = session.attention().stored_bytes();
+    // 2 steps x 6 up-block self-attention layers of the tiny model.
+    assert_eq!(entries, 2 * 6);
+    assert!(bytes > 0);
+    for i in 1..50 {
+        let out = session.push(&frame(i % 8), Some(&control(i % 8))).unwrap();
+        assert!(!out.anchor, "frame {i} re-anchored without a reason");
+        assert_eq!(session.attention().stored_entries(), entries, "frame {i}");
+        assert_eq!(session.attention().stored_bytes(), bytes, "frame {i}");
+    }
+    session.reset();
+    assert!(session.push(&frame(1), Some(&control(1))).unwrap().anchor, "reset must make the next frame an anchor");
+    assert!(!session.push(&frame(2), Some(&control(2))).unwrap().anchor);
+}
+
+#[test]
+fn scene_cut_and_anchor_interval_reanchor() {
+    let mut session = quick_session(SessionConfig { scene_cut_threshold: 0.2, ..SessionConfig::default() });
+    assert!(session.push(&frame(0), Some(&control(0))).unwrap().anchor);
+    assert!(!session.push(&frame(1), Some(&control(1))).unwrap().anchor, "consecutive frames are no cut");
+    let inverted = {
+        let mut f = frame(2);
+        f.data.iter_mut().for_each(|v| *v = 255 - *v);
+        f
+    };
+    let cut = session.push(&inverted, Some(&control(2))).unwrap();
+    assert!(cut.anchor);
+    assert_eq!(cut.anchor_reason, Some("scene cut"));
+
+    let mut session = quick_session(SessionConfig { anchor_interval: 3, scene_cut_threshold: 0.0, ..SessionConfig::default() });
+    let anchors: Vec<bool> = (0..7).map(|k| session.push(&frame(k), Some(&control(k))).unwrap().anchor).collect();
+    assert_eq!(anchors, [true, false, false, true, false, false, true]);
+}
+
+#[test]
+fn size_or_schedule_change_reanchors() {
+    let mut session = quick_session(SessionConfig { scene_cut_threshold: 0.0, ..SessionConfig::default() });
+    session.set_noise(None); // seeded noise follows the frame size
+    assert!(session.push(&frame(0), Some(&control(0))).unwrap().anchor);
+    assert!(!session.push(&frame(1), Some(&control(1))).unwrap().anchor);
+    let smaller = frame(2).resized(64, 48).unwrap();
+    let out = session.push(&smaller, Some(&control(2).resized(64, 48).unwrap())).unwrap();
+    assert!(out.anchor, "a frame of another size must re-anchor");
+    assert_eq!(out.image.dims(), &[1, 3, 48, 64]);
+    assert!(!session.push(&smaller, Some(&control(2).resized(64, 48).unwrap())).unwrap().anchor);
+    session.set_settings(FrameSettings { steps: 6, ..quick_settings() }).unwrap();
+    let out = session.push(&smaller, Some(&control(2).resized(64, 48).unwrap())).unwrap();
+    assert!(out.anchor, "a schedule change must re-anchor");
+}
+
+#[test]
+fn zero_denoising_steps_and_bad_noise_are_errors() {
+    let mut session = quick_session(SessionConfig::default());
+    let err = session.set_settings(FrameSettings { steps: 3, strength: 0.2, ..quick_settings() }).unwrap_err();
+    assert!(format!("{err:#}").contains("0 denoising steps"), "{err:#}");
+    // The session keeps its previous, valid settings.
+    assert_eq!(session.settings().steps, 4);
+    session.set_noise(Some(Tensor::zeros((1, 4, 3, 3), candle_core::DType::F32, &Device::Cpu).unwrap()));
+    let err = session.push(&frame(0), Some(&control(0))).err().expect("wrong noise shape must fail");
+    assert!(format!("{err:#}").contains("noise"), "{err:#}");
+    assert_eq!(session.frames_pushed(), 0, "a failed frame is not counted");
+}
+
+#[test]
+fn empty_session_resets_cleanly() {
+    let mut session = quick_session(SessionConfig::default());
+    assert_eq!(session.frames_pushed(), 0);
+    assert_eq!(session.attention().stored_entries(), 0);
+    session.reset();
+    assert!(session.push(&frame(0), Some(&control(0))).unwrap().anchor);
+}
