@@ -10,7 +10,9 @@ use clap::{Args, Parser, Subcommand};
 
 use sdcrossframe::canny::{self, CannyParams, ImageView};
 use sdcrossframe::frame::RgbFrame;
-use sdcrossframe::pipeline::{self, FrameSettings, ModelSpec, PlainFrame, Stylizer};
+use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
+use sdcrossframe::pipeline::{self, FrameSettings, ModelSpec, Stylizer};
+use sdcrossframe::session::{NoiseMode, SessionConfig, VideoSession};
 
 #[derive(Parser)]
 #[command(name = "sdcrossframe", version, about = "Stable Diffusion + ControlNet video restyling with cross-frame attention")]
@@ -21,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Stylize image files (PNG/JPEG in, PNG out).
+    /// Stylize image files (PNG/JPEG in, PNG out); several files are one video sequence,
+    /// kept coherent by cross-frame attention.
     Stylize(StylizeArgs),
     /// Write the Canny edge map the ControlNet sees, to preview thresholds.
     Canny(CannyArgs),
@@ -79,6 +82,22 @@ struct StylizeArgs {
     canny_low: f64,
     #[arg(long, default_value_t = 100.0)]
     canny_high: f64,
+    /// Cross-frame attention: off, first, prev or first+prev.
+    #[arg(long, default_value = "first+prev")]
+    attention: AttentionMode,
+    /// Which self-attention layers attend across frames: up (the original) or all.
+    #[arg(long, default_value = "up")]
+    attention_scope: AttentionScope,
+    /// Make every Nth frame a new anchor (0: never).
+    #[arg(long, default_value_t = 0)]
+    anchor_interval: usize,
+    /// Mean luma change (0..1) between consecutive frames that counts as a scene cut and
+    /// re-anchors (0 disables detection).
+    #[arg(long, default_value_t = 0.3)]
+    scene_cut_threshold: f64,
+    /// Initial noise: fixed (the same for every frame) or per-frame.
+    #[arg(long, default_value = "fixed")]
+    noise: NoiseMode,
     /// Processing width (default: the image's, rounded down to a multiple of 8).
     #[arg(long)]
     width: Option<usize>,
@@ -175,34 +194,41 @@ fn stylize(args: StylizeArgs) -> Result<()> {
         .with_context(|| format!("cannot create output directory {}", args.output.display()))?;
 
     let spec = ModelSpec { model: args.model.clone(), controlnet: args.controlnet.clone(), variant: args.variant.clone() };
-    let mut stylizer = Stylizer::load(&spec, &device, dtype)?;
+    let stylizer = Stylizer::load(&spec, &device, dtype)?;
     stylizer.timesteps(&settings)?;
-    let factor = stylizer.vae_scale_factor();
-    let (width, height) = match (args.width, args.height) {
-        (Some(w), Some(h)) => pipeline::processing_size(w, h, factor)?,
-        (None, None) => pipeline::processing_size(first.width, first.height, factor)?,
+    let size = match (args.width, args.height) {
+        (Some(w), Some(h)) => Some(pipeline::processing_size(w, h, stylizer.vae_scale_factor())?),
+        (None, None) => None,
         _ => bail!("give both --width and --height, or neither"),
     };
-    let noise = match noise_from_file {
-        Some(noise) => noise,
-        None => stylizer.seeded_noise(args.seed, width, height)?,
+    let config = SessionConfig {
+        attention: args.attention,
+        scope: args.attention_scope,
+        anchor_interval: args.anchor_interval,
+        scene_cut_threshold: args.scene_cut_threshold,
+        noise: args.noise,
+        seed: args.seed,
+        canny: canny_params,
+        size,
     };
+    let mut session = VideoSession::new(stylizer, config, settings)?;
+    session.set_noise(noise_from_file);
 
     let progress = indicatif::ProgressBar::new(inputs.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} frames  {elapsed} elapsed, {eta} left  {msg}")
             .expect("valid template"),
     );
-    for path in &inputs {
-        let frame = RgbFrame::load(path)?.resized(width, height)?;
-        let control = match &explicit_control {
-            Some(control) => control.resized(width, height)?.to_tensor(&device)?,
-            None => canny::control_image(&edges_of(&frame, &canny_params)?, &device)?,
-        };
-        let output = stylizer
-            .stylize(&frame.to_tensor(&device)?, &control, &settings, &noise, &mut PlainFrame::default())
+    for (index, path) in inputs.iter().enumerate() {
+        // The first frame was loaded above to fail early on a bad file.
+        let frame = if index == 0 { first.clone() } else { RgbFrame::load(path)? };
+        let output = session
+            .push(&frame, explicit_control.as_ref())
             .with_context(|| format!("cannot stylize {}", path.display()))?;
+        if let Some(reason) = output.anchor_reason.filter(|_| index > 0) {
+            progress.println(format!("{}: new cross-frame anchor ({reason})", path.display()));
+        }
         let out_path = output_path(&args.output, path);
-        RgbFrame::from_tensor(&output)?.save_png(&out_path)?;
+        output.to_rgb()?.save_png(&out_path)?;
         progress.set_message(out_path.display().to_string());
         progress.inc(1);
     }
