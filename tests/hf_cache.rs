@@ -1,0 +1,46 @@
+//! Hugging Face repo ids resolve through the local cache (HF_HOME) without a network.
+//! One test per binary: it sets process-wide environment variables.
+
+mod common;
+
+use std::path::Path;
+
+use candle_core::{DType, Device};
+use common::*;
+use sdcrossframe::pipeline::{ModelSpec, Stylizer};
+
+/// Lays out `source` as the snapshot of `repo` in an HF cache rooted at `hub`.
+fn cache_repo(hub: &Path, repo: &str, source: &Path) {
+    let folder = hub.join(format!("models--{}", repo.replace('/', "--")));
+    let revision = "0123456789abcdef0123456789abcdef01234567";
+    std::fs::create_dir_all(folder.join("refs")).unwrap();
+    std::fs::write(folder.join("refs/main"), revision).unwrap();
+    let snapshot = folder.join("snapshots").join(revision);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    for entry in std::fs::read_dir(source).unwrap() {
+        let entry = entry.unwrap();
+        std::os::unix::fs::symlink(entry.path(), snapshot.join(entry.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn repo_ids_resolve_through_the_local_cache_offline() {
+    let home = std::env::temp_dir().join(format!("sdcrossframe-hf-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&home);
+    cache_repo(&home.join("hub"), "tiny-org/tiny-sd", &fixtures().join("tiny-sd"));
+    cache_repo(&home.join("hub"), "tiny-org/tiny-controlnet", &fixtures().join("tiny-controlnet"));
+    // SAFETY: this binary's only test; nothing else reads the environment concurrently.
+    unsafe {
+        std::env::set_var("HF_HOME", &home);
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+    }
+    let spec = ModelSpec { model: "tiny-org/tiny-sd".into(), controlnet: "tiny-org/tiny-controlnet".into(), variant: None };
+    let stylizer = Stylizer::load(&spec, &Device::Cpu, DType::F32);
+    assert!(stylizer.is_ok(), "{:#}", stylizer.err().unwrap());
+
+    // A repo that is not cached names the repo, the file and why nothing was downloaded.
+    let missing = ModelSpec { model: "tiny-org/absent".into(), ..spec };
+    let err = format!("{:#}", Stylizer::load(&missing, &Device::Cpu, DType::F32).err().unwrap());
+    assert!(err.contains("tiny-org/absent") && err.contains("model_index.json") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    std::fs::remove_dir_all(&home).ok();
+}
