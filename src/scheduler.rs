@@ -63,7 +63,7 @@ fn default_clip_range() -> f64 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Prediction {
     Epsilon,
-    VPrediction,
+    Velocity,
     Sample,
 }
 
@@ -127,7 +127,7 @@ impl DdimScheduler {
         };
         let prediction = match config.prediction_type.as_str() {
             "epsilon" => Prediction::Epsilon,
-            "v_prediction" => Prediction::VPrediction,
+            "v_prediction" => Prediction::Velocity,
             "sample" => Prediction::Sample,
             other => bail!("scheduler config: prediction_type {other:?} is not supported"),
         };
@@ -215,7 +215,7 @@ impl DdimScheduler {
                 let eps = ((sample - (model_output * alpha_t.sqrt())?)? / beta_t.sqrt())?;
                 (model_output.clone(), eps)
             }
-            Prediction::VPrediction => {
+            Prediction::Velocity => {
                 let x0 = ((sample * alpha_t.sqrt())? - (model_output * beta_t.sqrt())?)?;
                 let eps = ((model_output * alpha_t.sqrt())? + (sample * beta_t.sqrt())?)?;
                 (x0, eps)

@@ -55,7 +55,7 @@ struct SelfAttention {
 impl SelfAttention {
     fn new(vb: VarBuilder, config: &ClipTextConfig) -> Result<Self> {
         let h = config.hidden_size;
-        if h % config.num_attention_heads != 0 {
+        if !h.is_multiple_of(config.num_attention_heads) {
             candle_core::bail!("text encoder config: hidden_size {h} is not a multiple of num_attention_heads");
         }
         Ok(Self {
