@@ -4,6 +4,8 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Result, bail};
 use candle_core::Tensor;
@@ -11,7 +13,63 @@ use candle_core::Tensor;
 use crate::canny::{self, CannyParams, ImageView};
 use crate::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
 use crate::frame::RgbFrame;
-use crate::pipeline::{self, FrameSettings, Stylizer};
+use crate::models::attention::SelfAttentionHook;
+use crate::pipeline::{self, FrameHook, FramePlan, FrameSettings, Stylizer};
+
+/// The error a frame returns when it was cancelled between denoising steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cancelled;
+
+impl fmt::Display for Cancelled {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("frame cancelled")
+    }
+}
+
+impl std::error::Error for Cancelled {}
+
+/// Cancels the frame in flight (between denoising steps) from another thread, e.g. on a
+/// flush or a state change, so a pipeline never waits for more than one step.
+#[derive(Debug, Clone, Default)]
+pub struct CancelHandle(Arc<AtomicBool>);
+
+impl CancelHandle {
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+
+    fn take(&self) -> bool {
+        self.0.swap(false, Ordering::SeqCst)
+    }
+
+    fn clear(&self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// The cross-frame state plus the cancellation check before every step.
+struct CancellableFrame<'a> {
+    attention: &'a mut CrossFrameAttention,
+    cancel: &'a CancelHandle,
+}
+
+impl FrameHook for CancellableFrame<'_> {
+    fn begin_frame(&mut self, plan: &FramePlan) -> Result<()> {
+        self.attention.begin_frame(plan)
+    }
+    fn begin_step(&mut self, index: usize, timestep: usize) -> Result<()> {
+        if self.cancel.take() {
+            return Err(Cancelled.into());
+        }
+        self.attention.begin_step(index, timestep)
+    }
+    fn attention_hook(&mut self) -> &mut dyn SelfAttentionHook {
+        self.attention.attention_hook()
+    }
+    fn end_frame(&mut self) -> Result<()> {
+        self.attention.end_frame()
+    }
+}
 
 /// Where each frame's initial noise comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -97,6 +155,7 @@ const THUMBNAIL_SIDE: usize = 32;
 pub struct VideoSession {
     stylizer: Stylizer,
     attention: CrossFrameAttention,
+    cancel: CancelHandle,
     config: SessionConfig,
     settings: FrameSettings,
     /// Noise given explicitly (e.g. from a file), used for every frame.
@@ -112,6 +171,7 @@ impl VideoSession {
         config.canny.validate()?;
         Ok(Self {
             attention: CrossFrameAttention::new(config.attention, config.scope),
+            cancel: CancelHandle::default(),
             stylizer,
             config,
             settings,
@@ -158,6 +218,12 @@ impl VideoSession {
     }
 
     /// Forgets every previous frame: the next frame is a new anchor.
+    /// A handle that cancels the frame in flight; the cancelled `push` returns an error
+    /// that downcasts to [`Cancelled`], and the next frame becomes a new anchor.
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
+    }
+
     pub fn reset(&mut self) {
         self.attention.reset();
         self.previous_thumbnail = None;
@@ -203,7 +269,10 @@ impl VideoSession {
             }
         };
         let noise = self.noise_for(index, width, height)?;
-        let result = self.stylizer.stylize(&frame.to_tensor(&device)?, &control, &self.settings, &noise, &mut self.attention);
+        // A cancel requested between frames is for the frame that was in flight then.
+        self.cancel.clear();
+        let mut hook = CancellableFrame { attention: &mut self.attention, cancel: &self.cancel };
+        let result = self.stylizer.stylize(&frame.to_tensor(&device)?, &control, &self.settings, &noise, &mut hook);
         let image = match result {
             Ok(image) => image,
             Err(e) => {

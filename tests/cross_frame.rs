@@ -205,3 +205,25 @@ fn empty_session_resets_cleanly() {
     session.reset();
     assert!(session.push(&frame(0), Some(&control(0))).unwrap().anchor);
 }
+
+#[test]
+fn cancel_stops_a_frame_between_steps_and_the_next_frame_reanchors() {
+    let mut session = quick_session(SessionConfig::default());
+    assert!(session.push(&frame(0), Some(&control(0))).unwrap().anchor);
+    // A long frame (about 10 s on the tiny model) to cancel early.
+    session.set_settings(FrameSettings { steps: 100, strength: 1.0, ..quick_settings() }).unwrap();
+    let started = std::time::Instant::now();
+    let handle = session.cancel_handle();
+    let canceller = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        handle.cancel();
+    });
+    let err = session.push(&frame(1), Some(&control(1))).err().expect("the frame must be cancelled");
+    canceller.join().unwrap();
+    println!("cancelled after {:?}", started.elapsed());
+    assert!(err.downcast_ref::<sdcrossframe::session::Cancelled>().is_some(), "{err:#}");
+    assert_eq!(session.frames_pushed(), 1);
+    // The cancelled frame left no partial state: the next frame is a clean anchor.
+    session.set_settings(quick_settings()).unwrap();
+    assert!(session.push(&frame(2), Some(&control(2))).unwrap().anchor);
+}
