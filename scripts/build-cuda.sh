@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Builds the engine's binaries with the `cuda` feature (release), on a machine with or without
+# a system CUDA toolkit and with or without a GPU.
+#
+# Usage: scripts/build-cuda.sh [--toolkit-only] [-- extra cargo args]
+#
+# Toolkit, in order of preference:
+#   1. CUDA_TOOLKIT_DIR=/path  a toolkit root holding bin/nvcc, include/, lib/ (or lib64/).
+#      A system install (/usr/local/cuda) works as is.
+#   2. nvcc on PATH (CUDA_HOME derived from it).
+#   3. Otherwise CUDA 13.0 is unpacked from NVIDIA's PyPI wheels into
+#      CUDA_WHEELS_DIR (default ~/.cache/sdcrossframe-cuda13) the first time:
+#        pip download --no-deps nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88
+#          nvidia-cuda-crt==13.0.88 nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85
+#          nvidia-cuda-nvrtc==13.0.88 nvidia-curand==10.4.0.35 nvidia-cublas==13.0.2.14
+#      unzip them, add the unversioned .so links, and build a link-time stub libcuda.so
+#      (the wheels carry no driver library; at run time the driver's libcuda.so.1 is used).
+#      Keep 13.0: a 580 driver refuses PTX from a newer nvcc.
+#
+# Other environment:
+#   CUDA_COMPUTE_CAP   GPU architecture for the kernels (default 90: H100/H200; 89: Ada, 86: Ampere).
+#   CARGO_TARGET_DIR   default target-cuda/ (separate from CPU builds so the two do not share a lock).
+#
+# Output: $CARGO_TARGET_DIR/release/sdcrossframe and sdcrossframe-bench. At run time they need
+# an NVIDIA driver and the CUDA 13 runtime libraries (libcudart.so.13, libcublas.so.13,
+# libcublasLt.so.13, libcurand.so.10) on the loader path; nothing from the build machine.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+
+TOOLKIT_ONLY=0
+if [ "${1:-}" = "--toolkit-only" ]; then TOOLKIT_ONLY=1; shift; fi
+if [ "${1:-}" = "--" ]; then shift; fi
+
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target-cuda}
+
+unpack_wheels() {
+    local w=$1
+    mkdir -p "$w/whl" "$w/root"
+    echo "build-cuda: downloading CUDA 13.0 wheels into $w" >&2
+    python3 -m pip download -q --no-deps -d "$w/whl" \
+        nvidia-cuda-nvcc==13.0.88 nvidia-nvvm==13.0.88 nvidia-cuda-crt==13.0.88 \
+        nvidia-cuda-runtime==13.0.96 nvidia-cuda-cccl==13.0.85 nvidia-cuda-nvrtc==13.0.88 \
+        nvidia-curand==10.4.0.35 nvidia-cublas==13.0.2.14
+    for f in "$w"/whl/*.whl; do unzip -q -o "$f" -d "$w/root"; done
+    local p=$w/root/nvidia/cu13
+    chmod +x "$p"/bin/* "$p"/nvvm/bin/*
+    (cd "$p/lib" && ln -sf libcublas.so.13 libcublas.so && ln -sf libcublasLt.so.13 libcublasLt.so \
+        && ln -sf libcurand.so.10 libcurand.so && ln -sf libnvrtc.so.13 libnvrtc.so \
+        && ln -sf libcudart.so.13 libcudart.so)
+    # Link-time stub for the driver library: every cu* symbol cudarc declares, as empty functions.
+    cargo fetch --quiet
+    local sys
+    sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/driver/sys/mod.rs 2>/dev/null | head -n1 || true)
+    if [ -z "$sys" ]; then
+        echo "build-cuda: cudarc 0.19 sources not found in the cargo registry after cargo fetch" >&2
+        exit 1
+    fi
+    mkdir -p "$p/lib/stubs"
+    grep -oE 'pub (unsafe )?fn cu[A-Za-z0-9_]+' "$sys" | awk '{print $NF}' | sort -u \
+        | sed 's/.*/void &(void){}/' >"$w/cudastub.c"
+    gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$p/lib/stubs/libcuda.so" "$w/cudastub.c"
+    touch "$w/.complete"
+}
+
+if [ -n "${CUDA_TOOLKIT_DIR:-}" ]; then
+    CUDA_HOME=$CUDA_TOOLKIT_DIR
+elif command -v nvcc >/dev/null 2>&1; then
+    CUDA_HOME=$(cd "$(dirname "$(command -v nvcc)")/.." && pwd)
+else
+    W=${CUDA_WHEELS_DIR:-$HOME/.cache/sdcrossframe-cuda13}
+    [ -f "$W/.complete" ] || unpack_wheels "$W"
+    CUDA_HOME=$W/root/nvidia/cu13
+    export CUDARC_CUDA_VERSION=13000
+fi
+if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
+    echo "build-cuda: no nvcc at $CUDA_HOME/bin/nvcc" >&2
+    exit 1
+fi
+export CUDA_HOME CUDA_PATH=$CUDA_HOME NVCC=$CUDA_HOME/bin/nvcc PATH=$CUDA_HOME/bin:$PATH
+LIBDIRS="$CUDA_HOME/lib:$CUDA_HOME/lib64:$CUDA_HOME/lib/stubs:$CUDA_HOME/lib64/stubs"
+export LIBRARY_PATH=$LIBDIRS${LIBRARY_PATH:+:$LIBRARY_PATH}
+echo "build-cuda: CUDA_HOME=$CUDA_HOME CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP CARGO_TARGET_DIR=$CARGO_TARGET_DIR" >&2
+"$NVCC" --version | tail -n 2 >&2
+[ "$TOOLKIT_ONLY" = 1 ] && exit 0
+
+start=$(date +%s)
+cargo build --release --features cuda -p sdcrossframe --bins "$@"
+echo "build-cuda: built in $(( $(date +%s) - start )) s" >&2
+
+# Wiring check: the binaries must load the CUDA libraries, so the feature really reached candle.
+for bin in sdcrossframe sdcrossframe-bench; do
+    exe=$CARGO_TARGET_DIR/release/$bin
+    [ -f "$exe" ] || continue
+    needed=$(readelf -d "$exe" | grep NEEDED || true)
+    for lib in libcuda.so.1 libcublas.so libcurand.so; do
+        if ! grep -q "$lib" <<<"$needed"; then
+            echo "build-cuda: $exe does not link $lib: the cuda feature did not reach candle" >&2
+            exit 1
+        fi
+    done
+    echo "build-cuda: $exe ($(du -h "$exe" | cut -f1)) links: $(grep -oE 'lib(cuda|cublas|cublasLt|curand|cudart|nvrtc)\.so[.0-9]*' <<<"$needed" | tr '\n' ' ')" >&2
+done

@@ -1,0 +1,883 @@
+//! `sdcrossframe-bench`: timings of the engine's models, with no weights needed.
+//!
+//! `unet-step` builds the UNet and ControlNet at Stable Diffusion 1.5 shapes (the real
+//! runwayml/stable-diffusion-v1-5 and lllyasviel/sd-controlnet-canny configs, embedded below)
+//! with random weights and times one UNet + ControlNet call, with plain self-attention and with
+//! the up blocks' keys/values doubled along tokens (what cross-frame first+prev attention costs).
+//! Speed does not depend on the weight values.
+//!
+//! `frame` times whole frames of ControlNet img2img and their stages (text encoder, VAE encode,
+//! denoising steps, VAE decode), with cross-frame attention first+prev and with it off, either
+//! with random SD1.5-shaped weights or with a diffusers model directory (`--model`,
+//! `--controlnet`). With a model directory the pipeline's own `Stylizer::stylize` is timed too.
+//!
+//! On CUDA the peak of the memory allocated on the device (candle's stream-ordered pool, weights
+//! included) is reported per measurement.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result, bail};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::VarBuilder;
+use clap::{Args, Parser, Subcommand};
+
+use sdcrossframe::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
+use sdcrossframe::models::attention::{NoHook, SelfAttentionHook};
+use sdcrossframe::models::clip::{ClipTextConfig, ClipTextModel};
+use sdcrossframe::models::controlnet::{ControlNetConfig, ControlNetModel};
+use sdcrossframe::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use sdcrossframe::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use sdcrossframe::pipeline::{FrameHook, FramePlan, FrameSettings, ModelSpec, Stylizer};
+use sdcrossframe::scheduler::{DdimScheduler, DdimSchedulerConfig};
+use sdcrossframe::tokenizer::ClipTokenizer;
+use sdcrossframe::weights::{self, ComponentFiles};
+
+/// runwayml/stable-diffusion-v1-5 `unet/config.json`.
+const SD15_UNET_CONFIG: &str = r#"{
+  "_class_name": "UNet2DConditionModel",
+  "_diffusers_version": "0.6.0",
+  "act_fn": "silu",
+  "attention_head_dim": 8,
+  "block_out_channels": [320, 640, 1280, 1280],
+  "center_input_sample": false,
+  "cross_attention_dim": 768,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  "downsample_padding": 1,
+  "flip_sin_to_cos": true,
+  "freq_shift": 0,
+  "in_channels": 4,
+  "layers_per_block": 2,
+  "mid_block_scale_factor": 1,
+  "norm_eps": 1e-05,
+  "norm_num_groups": 32,
+  "out_channels": 4,
+  "sample_size": 64,
+  "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+}"#;
+
+/// lllyasviel/sd-controlnet-canny `config.json`.
+const SD15_CONTROLNET_CONFIG: &str = r#"{
+  "_class_name": "ControlNetModel",
+  "_diffusers_version": "0.14.0.dev0",
+  "act_fn": "silu",
+  "attention_head_dim": 8,
+  "block_out_channels": [320, 640, 1280, 1280],
+  "class_embed_type": null,
+  "conditioning_embedding_out_channels": [16, 32, 96, 256],
+  "controlnet_conditioning_channel_order": "rgb",
+  "cross_attention_dim": 768,
+  "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+  "downsample_padding": 1,
+  "flip_sin_to_cos": true,
+  "freq_shift": 0,
+  "in_channels": 4,
+  "layers_per_block": 2,
+  "mid_block_scale_factor": 1,
+  "norm_eps": 1e-05,
+  "norm_num_groups": 32,
+  "num_class_embeds": null,
+  "only_cross_attention": false,
+  "projection_class_embeddings_input_dim": null,
+  "resnet_time_scale_shift": "default",
+  "upcast_attention": false,
+  "use_linear_projection": false
+}"#;
+
+/// runwayml/stable-diffusion-v1-5 `vae/config.json`.
+const SD15_VAE_CONFIG: &str = r#"{
+  "_class_name": "AutoencoderKL",
+  "_diffusers_version": "0.6.0",
+  "act_fn": "silu",
+  "block_out_channels": [128, 256, 512, 512],
+  "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"],
+  "in_channels": 3,
+  "latent_channels": 4,
+  "layers_per_block": 2,
+  "norm_num_groups": 32,
+  "out_channels": 3,
+  "sample_size": 512,
+  "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]
+}"#;
+
+/// runwayml/stable-diffusion-v1-5 `text_encoder/config.json` (openai/clip-vit-large-patch14's text model).
+const SD15_TEXT_ENCODER_CONFIG: &str = r#"{
+  "architectures": ["CLIPTextModel"],
+  "attention_dropout": 0.0,
+  "bos_token_id": 0,
+  "dropout": 0.0,
+  "eos_token_id": 2,
+  "hidden_act": "quick_gelu",
+  "hidden_size": 768,
+  "initializer_factor": 1.0,
+  "initializer_range": 0.02,
+  "intermediate_size": 3072,
+  "layer_norm_eps": 1e-05,
+  "max_position_embeddings": 77,
+  "model_type": "clip_text_model",
+  "num_attention_heads": 12,
+  "num_hidden_layers": 12,
+  "pad_token_id": 1,
+  "projection_dim": 768,
+  "vocab_size": 49408
+}"#;
+
+/// runwayml/stable-diffusion-v1-5 `scheduler/scheduler_config.json` (PNDM; DDIM reads the same fields).
+const SD15_SCHEDULER_CONFIG: &str = r#"{
+  "_class_name": "PNDMScheduler",
+  "_diffusers_version": "0.6.0",
+  "beta_end": 0.012,
+  "beta_schedule": "scaled_linear",
+  "beta_start": 0.00085,
+  "num_train_timesteps": 1000,
+  "set_alpha_to_one": false,
+  "skip_prk_steps": true,
+  "steps_offset": 1,
+  "trained_betas": null,
+  "clip_sample": false
+}"#;
+
+#[derive(Parser, Debug)]
+#[command(name = "sdcrossframe-bench", about = "Timings of the sdcrossframe engine (random weights or a model directory)")]
+struct Cli {
+    /// Compute device: cpu, or cuda:N (needs a build with --features cuda).
+    #[arg(long, default_value = "cpu", global = true)]
+    device: String,
+    /// Compute dtype: f32, f16 or bf16 (default: f32 on cpu, f16 on cuda).
+    #[arg(long, global = true)]
+    dtype: Option<String>,
+    /// Timed runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 5, global = true)]
+    runs: usize,
+    /// Untimed runs before the timed ones.
+    #[arg(long, default_value_t = 1, global = true)]
+    warmup: usize,
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand, Debug)]
+enum Mode {
+    /// One UNet + ControlNet call at SD1.5 shapes with random weights: plain and doubled K/V.
+    UnetStep(UnetStepArgs),
+    /// Whole img2img frames with per-stage times: cross-frame first+prev and attention off.
+    Frame(FrameArgs),
+}
+
+#[derive(Args, Debug)]
+struct UnetStepArgs {
+    /// Image width in pixels (latents are width/8).
+    #[arg(long, default_value_t = 512)]
+    width: usize,
+    /// Image height in pixels.
+    #[arg(long, default_value_t = 512)]
+    height: usize,
+    /// UNet batch (2 = classifier-free guidance).
+    #[arg(long, default_value_t = 2)]
+    batch: usize,
+    /// Also measure doubled K/V in every self-attention (scope "all").
+    #[arg(long)]
+    all_scope: bool,
+}
+
+#[derive(Args, Debug)]
+struct FrameArgs {
+    /// A diffusers Stable Diffusion directory; without it, random weights at SD1.5 shapes.
+    #[arg(long, requires = "controlnet")]
+    model: Option<String>,
+    /// A diffusers ControlNet directory (with --model).
+    #[arg(long, requires = "model")]
+    controlnet: Option<String>,
+    #[arg(long, default_value_t = 512)]
+    width: usize,
+    #[arg(long, default_value_t = 512)]
+    height: usize,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 0.9)]
+    strength: f64,
+    #[arg(long, default_value_t = 7.5)]
+    guidance_scale: f64,
+    #[arg(long, default_value_t = 0.7)]
+    controlnet_scale: f64,
+    /// Skip the pipeline's own `Stylizer::stylize` timing (only run with --model).
+    #[arg(long)]
+    no_pipeline: bool,
+}
+
+fn parse_device(spec: &str) -> Result<Device> {
+    let s = spec.trim().to_ascii_lowercase();
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let Some(ordinal) = s.strip_prefix("cuda") else {
+        bail!("unknown device {spec:?}: expected cpu or cuda:N");
+    };
+    let ordinal = match ordinal.strip_prefix(':') {
+        Some(n) => n.parse::<usize>().with_context(|| format!("bad device {spec:?}: expected cuda:N"))?,
+        None if ordinal.is_empty() => 0,
+        None => bail!("bad device {spec:?}: expected cpu or cuda:N"),
+    };
+    if !cfg!(feature = "cuda") {
+        bail!("device {spec}: this binary was built without CUDA; rebuild with --features cuda (scripts/build-cuda.sh)");
+    }
+    Device::new_cuda(ordinal).with_context(|| format!("cannot open device {spec}"))
+}
+
+fn parse_dtype(spec: Option<&str>, device: &Device) -> Result<DType> {
+    match spec.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
+        None if device.is_cpu() => Ok(DType::F32),
+        None => Ok(DType::F16),
+        Some("f32") => Ok(DType::F32),
+        Some("f16") => Ok(DType::F16),
+        Some("bf16") => Ok(DType::BF16),
+        Some(other) => bail!("unknown dtype {other:?}: expected f32, f16 or bf16"),
+    }
+}
+
+/// A VarBuilder backend that makes a random tensor of whatever shape a layer asks for:
+/// matrices and kernels ~ N(0, 1/fan_in) (activations keep their scale, no overflow in f16),
+/// 1-D weights (norm scales) ones, biases zeros.
+struct RandomWeights;
+
+impl candle_nn::var_builder::SimpleBackend for RandomWeights {
+    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let dims = s.dims();
+        if dims.len() >= 2 {
+            let fan_in: usize = dims[1..].iter().product();
+            let std = 1.0 / (fan_in.max(1) as f32).sqrt();
+            Tensor::randn(0f32, std, s, dev)?.to_dtype(dtype)
+        } else if name.ends_with("weight") {
+            Tensor::ones(s, dtype, dev)
+        } else {
+            Tensor::zeros(s, dtype, dev)
+        }
+    }
+
+    fn get_unchecked(&self, name: &str, _dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights: {name} was asked for without a shape")
+    }
+
+    fn contains_tensor(&self, _name: &str) -> bool {
+        false
+    }
+}
+
+fn random_vb(dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomWeights), dtype, device.clone())
+}
+
+fn parse_config<T: serde::de::DeserializeOwned>(json: &str, what: &str) -> Result<T> {
+    serde_json::from_str(json).with_context(|| format!("embedded {what} config does not parse"))
+}
+
+/// Doubles every covered self-attention's keys and values along tokens (2N keys), the cost
+/// of cross-frame first+prev attention without its store.
+struct DoubledKv {
+    all_layers: bool,
+}
+
+impl SelfAttentionHook for DoubledKv {
+    fn self_attention(
+        &mut self,
+        layer: &str,
+        hidden: &Tensor,
+        project: &dyn Fn(&Tensor) -> candle_core::Result<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        if !self.all_layers && !layer.starts_with("up_blocks.") {
+            return Ok(None);
+        }
+        let (k, v) = project(hidden)?;
+        Ok(Some((Tensor::cat(&[&k, &k], 1)?, Tensor::cat(&[&v, &v], 1)?)))
+    }
+}
+
+/// Device memory: on CUDA the high-water mark of the device's default memory pool (candle
+/// allocates every tensor from it), and the device's used memory (all processes, CUDA contexts
+/// included) from cuMemGetInfo.
+#[cfg(feature = "cuda")]
+mod gpu_memory {
+    use candle_core::Device;
+    use candle_core::cuda_backend::cudarc::driver::sys;
+
+    pub struct Probe {
+        pool: sys::CUmemoryPool,
+        ctx: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
+    }
+
+    fn check(r: sys::CUresult, what: &str) -> anyhow::Result<()> {
+        if r != sys::CUresult::CUDA_SUCCESS {
+            anyhow::bail!("{what} failed: {r:?}");
+        }
+        Ok(())
+    }
+
+    impl Probe {
+        pub fn new(device: &Device) -> anyhow::Result<Option<Self>> {
+            let Device::Cuda(dev) = device else { return Ok(None) };
+            let stream = dev.cuda_stream();
+            let ctx = stream.context().clone();
+            ctx.bind_to_thread()?;
+            let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+            check(unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }, "cuDeviceGetDefaultMemPool")?;
+            Ok(Some(Self { pool, ctx }))
+        }
+
+        /// Starts a new high-water mark at the memory in use now.
+        pub fn reset_peak(&self) -> anyhow::Result<()> {
+            self.ctx.bind_to_thread()?;
+            let mut zero: u64 = 0;
+            check(
+                unsafe {
+                    sys::cuMemPoolSetAttribute(
+                        self.pool,
+                        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                        &mut zero as *mut u64 as *mut _,
+                    )
+                },
+                "cuMemPoolSetAttribute(USED_MEM_HIGH)",
+            )
+        }
+
+        fn pool_attr(&self, attr: sys::CUmemPool_attribute) -> anyhow::Result<u64> {
+            self.ctx.bind_to_thread()?;
+            let mut v: u64 = 0;
+            check(
+                unsafe { sys::cuMemPoolGetAttribute(self.pool, attr, &mut v as *mut u64 as *mut _) },
+                "cuMemPoolGetAttribute",
+            )?;
+            Ok(v)
+        }
+
+        /// Peak bytes allocated from the pool since the last reset.
+        pub fn peak(&self) -> anyhow::Result<u64> {
+            self.pool_attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
+        }
+
+        /// Bytes allocated from the pool now.
+        pub fn current(&self) -> anyhow::Result<u64> {
+            self.pool_attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
+        }
+
+        /// (used, total) device memory.
+        pub fn device_used(&self) -> anyhow::Result<(u64, u64)> {
+            let (free, total) = self.ctx.mem_get_info()?;
+            Ok(((total - free) as u64, total as u64))
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+mod gpu_memory {
+    use candle_core::Device;
+
+    pub struct Probe;
+
+    impl Probe {
+        pub fn new(_device: &Device) -> anyhow::Result<Option<Self>> {
+            Ok(None)
+        }
+        pub fn reset_peak(&self) -> anyhow::Result<()> {
+            Ok(())
+        }
+        pub fn peak(&self) -> anyhow::Result<u64> {
+            Ok(0)
+        }
+        pub fn current(&self) -> anyhow::Result<u64> {
+            Ok(0)
+        }
+        pub fn device_used(&self) -> anyhow::Result<(u64, u64)> {
+            Ok((0, 0))
+        }
+    }
+}
+
+use gpu_memory::Probe;
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
+fn median(values: &[f64]) -> f64 {
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 { v[n / 2] } else { (v[n / 2 - 1] + v[n / 2]) / 2.0 }
+}
+
+fn min(values: &[f64]) -> f64 {
+    values.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+/// Milliseconds since `t`, after the device has finished its queued work.
+fn elapsed_ms(device: &Device, t: Instant) -> Result<f64> {
+    device.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
+fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        _ => "other",
+    }
+}
+
+fn is_finite(t: &Tensor) -> Result<bool> {
+    let s = t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?;
+    Ok(s.is_finite())
+}
+
+fn describe_device(device: &Device, probe: Option<&Probe>) -> Result<String> {
+    Ok(match (device, probe) {
+        (Device::Cpu, _) => format!(
+            "cpu ({} threads)",
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+        ),
+        (_, Some(p)) => {
+            let (_, total) = p.device_used()?;
+            format!("{device:?} ({:.1} GiB)", gib(total))
+        }
+        _ => format!("{device:?}"),
+    })
+}
+
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if cli.runs == 0 {
+        bail!("--runs must be at least 1");
+    }
+    let device = parse_device(&cli.device)?;
+    let dtype = parse_dtype(cli.dtype.as_deref(), &device)?;
+    let probe = Probe::new(&device)?;
+    println!(
+        "sdcrossframe-bench: device {}, dtype {}, {} warm-up + {} timed runs, cuda feature {}",
+        describe_device(&device, probe.as_ref())?,
+        dtype_name(dtype),
+        cli.warmup,
+        cli.runs,
+        if cfg!(feature = "cuda") { "on" } else { "off" }
+    );
+    match &cli.mode {
+        Mode::UnetStep(args) => unet_step(&cli, args, &device, dtype, probe.as_ref()),
+        Mode::Frame(args) => frame(&cli, args, &device, dtype, probe.as_ref()),
+    }
+}
+
+fn unet_step(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, probe: Option<&Probe>) -> Result<()> {
+    if !args.width.is_multiple_of(8) || !args.height.is_multiple_of(8) || args.width == 0 || args.height == 0 {
+        bail!("--width/--height must be non-zero multiples of 8 (got {}x{})", args.width, args.height);
+    }
+    let t = Instant::now();
+    let unet_config: UNet2DConditionConfig = parse_config(SD15_UNET_CONFIG, "SD1.5 UNet")?;
+    let cn_config: ControlNetConfig = parse_config(SD15_CONTROLNET_CONFIG, "SD1.5 ControlNet")?;
+    let unet = UNet2DConditionModel::new(random_vb(dtype, device).pp("unet"), &unet_config)
+        .context("cannot build the SD1.5-shaped UNet")?;
+    let controlnet = ControlNetModel::new(random_vb(dtype, device).pp("controlnet"), &cn_config)
+        .context("cannot build the SD1.5-shaped ControlNet")?;
+    let build_ms = elapsed_ms(device, t)?;
+    let weights_mem = match probe {
+        Some(p) => Some(p.current()?),
+        None => None,
+    };
+
+    let (b, h, w) = (args.batch, args.height / 8, args.width / 8);
+    let latents = Tensor::randn(0f32, 1f32, (b, unet_config.in_channels, h, w), device)?.to_dtype(dtype)?;
+    let text = Tensor::randn(0f32, 1f32, (b, 77, 768), device)?.to_dtype(dtype)?;
+    let control = Tensor::rand(0f32, 1f32, (b, cn_config.conditioning_channels, args.height, args.width), device)?
+        .to_dtype(dtype)?;
+    let timestep = 500.0;
+
+    println!(
+        "unet-step: SD1.5 UNet + Canny ControlNet, random weights (built in {:.1} s), {}x{} (latents {}x{}), batch {}, text 77x768",
+        build_ms / 1e3,
+        args.width,
+        args.height,
+        w,
+        h,
+        b
+    );
+    if let Some(m) = weights_mem {
+        println!("weights on the device: {:.2} GiB", gib(m));
+    }
+
+    let mut variants: Vec<(&str, Box<dyn SelfAttentionHook>)> = vec![
+        ("plain attention", Box::new(NoHook)),
+        ("2N K/V, up blocks", Box::new(DoubledKv { all_layers: false })),
+    ];
+    if args.all_scope {
+        variants.push(("2N K/V, all blocks", Box::new(DoubledKv { all_layers: true })));
+    }
+
+    let mut rows = Vec::new();
+    for (label, mut hook) in variants {
+        if let Some(p) = probe {
+            p.reset_peak()?;
+        }
+        let (mut cn_ms, mut unet_ms, mut total_ms) = (Vec::new(), Vec::new(), Vec::new());
+        let mut finite = true;
+        for run in 0..cli.warmup + cli.runs {
+            device.synchronize()?;
+            let t0 = Instant::now();
+            let residuals = controlnet.forward(&latents, timestep, &text, &control, 0.7)?;
+            let t_cn = elapsed_ms(device, t0)?;
+            let t1 = Instant::now();
+            let out = unet.forward(&latents, timestep, &text, Some(&residuals), hook.as_mut())?;
+            let t_unet = elapsed_ms(device, t1)?;
+            if run >= cli.warmup {
+                cn_ms.push(t_cn);
+                unet_ms.push(t_unet);
+                total_ms.push(t_cn + t_unet);
+            }
+            if run + 1 == cli.warmup + cli.runs {
+                finite = is_finite(&out)?;
+            }
+        }
+        let peak = match probe {
+            Some(p) => Some(p.peak()?),
+            None => None,
+        };
+        rows.push((label, median(&cn_ms), median(&unet_ms), median(&total_ms), min(&total_ms), peak, finite));
+    }
+
+    println!();
+    println!("| variant | ControlNet ms | UNet ms | step ms (median) | step ms (min) | peak alloc GiB | output finite |");
+    println!("|---|---:|---:|---:|---:|---:|---|");
+    for (label, cn, un, total, best, peak, finite) in &rows {
+        println!(
+            "| {label} | {cn:.1} | {un:.1} | {total:.1} | {best:.1} | {} | {} |",
+            peak.map(|p| format!("{:.2}", gib(p))).unwrap_or_else(|| "-".into()),
+            if *finite { "yes" } else { "NO" }
+        );
+    }
+    if rows.len() >= 2 {
+        println!();
+        println!("2N K/V (up blocks) / plain: {:.3}", rows[1].3 / rows[0].3);
+    }
+    if let Some(p) = probe {
+        let (used, total) = p.device_used()?;
+        println!("device memory used now (all processes, contexts included): {:.2} / {:.1} GiB", gib(used), gib(total));
+    }
+    Ok(())
+}
+
+/// The models of one ControlNet img2img pipeline, loaded or random.
+struct Models {
+    tokenizer: Option<ClipTokenizer>,
+    text_encoder: ClipTextModel,
+    unet: UNet2DConditionModel,
+    controlnet: ControlNetModel,
+    vae: AutoencoderKL,
+    scheduler: DdimScheduler,
+    latent_channels: usize,
+    vae_scale_factor: usize,
+    control_channels: usize,
+}
+
+impl Models {
+    fn random(dtype: DType, device: &Device) -> Result<Self> {
+        let text_config: ClipTextConfig = parse_config(SD15_TEXT_ENCODER_CONFIG, "SD1.5 text encoder")?;
+        let unet_config: UNet2DConditionConfig = parse_config(SD15_UNET_CONFIG, "SD1.5 UNet")?;
+        let cn_config: ControlNetConfig = parse_config(SD15_CONTROLNET_CONFIG, "SD1.5 ControlNet")?;
+        let vae_config: AutoencoderKLConfig = parse_config(SD15_VAE_CONFIG, "SD1.5 VAE")?;
+        let scheduler_config: DdimSchedulerConfig = parse_config(SD15_SCHEDULER_CONFIG, "SD1.5 scheduler")?;
+        Ok(Self {
+            tokenizer: None,
+            text_encoder: ClipTextModel::new(random_vb(dtype, device), &text_config)?,
+            unet: UNet2DConditionModel::new(random_vb(dtype, device), &unet_config)?,
+            controlnet: ControlNetModel::new(random_vb(dtype, device), &cn_config)?,
+            vae: AutoencoderKL::new(random_vb(dtype, device), &vae_config)?,
+            scheduler: DdimScheduler::new(&scheduler_config)?,
+            latent_channels: vae_config.latent_channels,
+            vae_scale_factor: 1 << vae_config.block_out_channels.len().saturating_sub(1),
+            control_channels: cn_config.conditioning_channels,
+        })
+    }
+
+    fn load(model: &str, controlnet: &str, dtype: DType, device: &Device) -> Result<Self> {
+        let root = std::path::PathBuf::from(model);
+        let component = |name: &str| ComponentFiles::locate(&root.join(name), None);
+        let text_files = component("text_encoder")?;
+        let text_config: ClipTextConfig = text_files.read_config()?;
+        let unet_files = component("unet")?;
+        let unet_config: UNet2DConditionConfig = unet_files.read_config()?;
+        let vae_files = component("vae")?;
+        let vae_config: AutoencoderKLConfig = vae_files.read_config()?;
+        let cn_files = ComponentFiles::locate(std::path::Path::new(controlnet), None)?;
+        let cn_config: ControlNetConfig = cn_files.read_config()?;
+        let scheduler_config: DdimSchedulerConfig =
+            weights::read_config(&root.join("scheduler").join("scheduler_config.json"))?;
+        Ok(Self {
+            tokenizer: Some(ClipTokenizer::from_dir(&root.join("tokenizer"))?),
+            text_encoder: ClipTextModel::new(text_files.var_builder(dtype, device)?, &text_config)?,
+            unet: UNet2DConditionModel::new(unet_files.var_builder(dtype, device)?, &unet_config)?,
+            controlnet: ControlNetModel::new(cn_files.var_builder(dtype, device)?, &cn_config)?,
+            vae: AutoencoderKL::new(vae_files.var_builder(dtype, device)?, &vae_config)?,
+            scheduler: DdimScheduler::new(&scheduler_config)?,
+            latent_channels: vae_config.latent_channels,
+            vae_scale_factor: 1 << vae_config.block_out_channels.len().saturating_sub(1),
+            control_channels: cn_config.conditioning_channels,
+        })
+    }
+
+    fn token_ids(&self, prompt: &str) -> Result<Vec<u32>> {
+        match &self.tokenizer {
+            Some(t) => Ok(t.encode(prompt)?.ids),
+            // CLIP's BOS, then EOS padding: the encoder's cost does not depend on the ids.
+            None => Ok(std::iter::once(49406).chain(std::iter::repeat_n(49407, 76)).collect()),
+        }
+    }
+}
+
+/// What one frame is made from.
+struct FrameInput {
+    settings: FrameSettings,
+    /// Text embeddings, `[negative; positive]` with guidance.
+    embeddings: Tensor,
+    /// `[1, 3, H, W]` in [0, 1].
+    frame: Tensor,
+    /// `[1, C, H, W]` in [0, 1].
+    control: Tensor,
+    /// `[1, latent channels, H / f, W / f]`.
+    noise: Tensor,
+}
+
+/// Per-stage times of one frame, in milliseconds.
+#[derive(Debug, Default, Clone)]
+struct FrameTimes {
+    vae_encode: f64,
+    steps: Vec<f64>,
+    vae_decode: f64,
+    total: f64,
+}
+
+/// One frame of ControlNet img2img, the same computation as `Stylizer::stylize`, with a sync
+/// and a clock reading between stages.
+fn staged_frame(
+    m: &Models,
+    device: &Device,
+    dtype: DType,
+    input: &FrameInput,
+    hook: &mut dyn FrameHook,
+) -> Result<(Tensor, FrameTimes)> {
+    let FrameInput { settings, embeddings, frame, control, noise } = input;
+    let (_, _, height, width) = frame.dims4()?;
+    let timesteps = m.scheduler.img2img_timesteps(settings.steps, settings.strength)?;
+    let guidance = settings.uses_guidance();
+    let batch = if guidance { 2 } else { 1 };
+    let mut times = FrameTimes::default();
+    device.synchronize()?;
+    let start = Instant::now();
+
+    let t = Instant::now();
+    let image = ((frame.to_dtype(dtype)? * 2.0)? - 1.0)?;
+    let latents = (m.vae.encode_mean(&image)? * m.vae.scaling_factor())?;
+    let noise = noise.to_dtype(dtype)?;
+    let mut latents = m.scheduler.add_noise(&latents, &noise, timesteps[0])?;
+    let control = control.to_dtype(dtype)?.repeat((batch, 1, 1, 1))?;
+    times.vae_encode = elapsed_ms(device, t)?;
+
+    hook.begin_frame(&FramePlan { timesteps: timesteps.clone(), width, height, batch })?;
+    for (index, &timestep) in timesteps.iter().enumerate() {
+        let t = Instant::now();
+        hook.begin_step(index, timestep)?;
+        let model_input = latents.repeat((batch, 1, 1, 1))?;
+        let residuals =
+            m.controlnet.forward(&model_input, timestep as f64, embeddings, &control, settings.controlnet_scale)?;
+        let noise_pred =
+            m.unet.forward(&model_input, timestep as f64, embeddings, Some(&residuals), hook.attention_hook())?;
+        let noise_pred = if guidance {
+            let uncond = noise_pred.narrow(0, 0, 1)?;
+            let cond = noise_pred.narrow(0, 1, 1)?;
+            (&uncond + ((cond - &uncond)? * settings.guidance_scale)?)?
+        } else {
+            noise_pred
+        };
+        latents = m.scheduler.step(&noise_pred, timestep, &latents, settings.steps)?;
+        times.steps.push(elapsed_ms(device, t)?);
+    }
+    hook.end_frame()?;
+
+    let t = Instant::now();
+    let image = m.vae.decode(&(latents / m.vae.scaling_factor())?)?;
+    let image = ((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+    times.vae_decode = elapsed_ms(device, t)?;
+    times.total = elapsed_ms(device, start)?;
+    Ok((image, times))
+}
+
+fn frame(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Option<&Probe>) -> Result<()> {
+    let t = Instant::now();
+    let models = match (&args.model, &args.controlnet) {
+        (Some(model), Some(cn)) => Models::load(model, cn, dtype, device)?,
+        _ => Models::random(dtype, device)?,
+    };
+    let load_ms = elapsed_ms(device, t)?;
+    let f = models.vae_scale_factor;
+    if args.width == 0 || args.height == 0 || !args.width.is_multiple_of(f) || !args.height.is_multiple_of(f) {
+        bail!("--width/--height must be non-zero multiples of {f} (got {}x{})", args.width, args.height);
+    }
+    let settings = FrameSettings {
+        prompt: "a watercolor painting of a woman, soft light".into(),
+        negative_prompt: String::new(),
+        steps: args.steps,
+        strength: args.strength,
+        guidance_scale: args.guidance_scale,
+        controlnet_scale: args.controlnet_scale,
+    };
+    let timesteps = models.scheduler.img2img_timesteps(settings.steps, settings.strength)?;
+    let source = match &args.model {
+        Some(m) => format!("{m} + {}", args.controlnet.as_deref().unwrap_or("")),
+        None => "random weights at SD1.5 shapes".into(),
+    };
+    println!(
+        "frame: {source} (loaded in {:.1} s), {}x{}, {} steps x strength {} = {} denoising steps, guidance {}, controlnet scale {}",
+        load_ms / 1e3,
+        args.width,
+        args.height,
+        settings.steps,
+        settings.strength,
+        timesteps.len(),
+        settings.guidance_scale,
+        settings.controlnet_scale
+    );
+
+    // Text encoder: once per prompt pair (the pipeline caches the embeddings).
+    let ids_pos = models.token_ids(&settings.prompt)?;
+    let ids_neg = models.token_ids(&settings.negative_prompt)?;
+    let mut text_ms = Vec::new();
+    let mut embeddings = None;
+    for run in 0..cli.warmup + cli.runs {
+        let t = Instant::now();
+        let pos = models.text_encoder.forward(&Tensor::new(ids_pos.as_slice(), device)?.unsqueeze(0)?)?;
+        let emb = if settings.uses_guidance() {
+            let neg = models.text_encoder.forward(&Tensor::new(ids_neg.as_slice(), device)?.unsqueeze(0)?)?;
+            Tensor::cat(&[neg, pos], 0)?
+        } else {
+            pos
+        };
+        let ms = elapsed_ms(device, t)?;
+        if run >= cli.warmup {
+            text_ms.push(ms);
+        }
+        embeddings = Some(emb);
+    }
+    let embeddings = embeddings.expect("at least one run");
+
+    let (h, w) = (args.height, args.width);
+    let frame = Tensor::rand(0f32, 1f32, (1, 3, h, w), device)?;
+    let control = Tensor::rand(0f32, 1f32, (1, models.control_channels, h, w), device)?;
+    let noise = Tensor::randn(0f32, 1f32, (1, models.latent_channels, h / f, w / f), device)?;
+    let input = FrameInput { settings, embeddings, frame, control, noise };
+
+    struct Row {
+        label: String,
+        times: Vec<FrameTimes>,
+        peak: Option<u64>,
+        finite: bool,
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    for mode in [AttentionMode::FirstPrev, AttentionMode::Off] {
+        let mut hook = CrossFrameAttention::new(mode, AttentionScope::Up);
+        if let Some(p) = probe {
+            p.reset_peak()?;
+        }
+        // Frame 0 is the anchor (plain attention, fills the store); the timed frames follow it.
+        let (_, anchor) = staged_frame(&models, device, dtype, &input, &mut hook)?;
+        let mut times = Vec::new();
+        let mut finite = true;
+        for run in 0..cli.warmup.saturating_sub(1) + cli.runs {
+            let (out, ft) = staged_frame(&models, device, dtype, &input, &mut hook)?;
+            if run >= cli.warmup.saturating_sub(1) {
+                times.push(ft);
+            }
+            finite = is_finite(&out)?;
+        }
+        if mode != AttentionMode::Off && hook.current_frame_is_anchor() {
+            bail!("cross-frame attention did not run as a follower frame");
+        }
+        let peak = match probe {
+            Some(p) => Some(p.peak()?),
+            None => None,
+        };
+        rows.push(Row {
+            label: format!("attention {mode} (anchor frame {:.0} ms)", anchor.total),
+            times,
+            peak,
+            finite,
+        });
+    }
+
+    println!();
+    println!("text encoder (2 prompts, once per prompt change): {:.1} ms", median(&text_ms));
+    println!();
+    println!(
+        "| variant | frame ms (median) | fps | VAE encode ms | step ms (median) | steps total ms | VAE decode ms | peak alloc GiB | output finite |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---|");
+    for row in &rows {
+        let col = |f: &dyn Fn(&FrameTimes) -> f64| median(&row.times.iter().map(f).collect::<Vec<_>>());
+        let total = col(&|t| t.total);
+        let step = median(&row.times.iter().flat_map(|t| t.steps.iter().copied()).collect::<Vec<_>>());
+        println!(
+            "| {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
+            row.label,
+            total,
+            1e3 / total,
+            col(&|t| t.vae_encode),
+            step,
+            col(&|t| t.steps.iter().sum()),
+            col(&|t| t.vae_decode),
+            row.peak.map(|p| format!("{:.2}", gib(p))).unwrap_or_else(|| "-".into()),
+            if row.finite { "yes" } else { "NO" }
+        );
+    }
+
+    // The pipeline's own entry point, end to end (needs model files).
+    if let (Some(model), Some(cn), false) = (&args.model, &args.controlnet, args.no_pipeline) {
+        drop(models);
+        let spec = ModelSpec { model: model.clone(), controlnet: cn.clone(), variant: None };
+        let mut stylizer = Stylizer::load(&spec, device, dtype)?;
+        println!();
+        println!("| Stylizer::stylize | frame ms (median) | fps |");
+        println!("|---|---:|---:|");
+        for mode in [AttentionMode::FirstPrev, AttentionMode::Off] {
+            let mut hook = CrossFrameAttention::new(mode, AttentionScope::Up);
+            stylizer.stylize(&input.frame, &input.control, &input.settings, &input.noise, &mut hook)?;
+            let mut ms = Vec::new();
+            for run in 0..cli.warmup.saturating_sub(1) + cli.runs {
+                device.synchronize()?;
+                let t = Instant::now();
+                stylizer.stylize(&input.frame, &input.control, &input.settings, &input.noise, &mut hook)?;
+                let e = elapsed_ms(device, t)?;
+                if run >= cli.warmup.saturating_sub(1) {
+                    ms.push(e);
+                }
+            }
+            let m = median(&ms);
+            println!("| attention {mode} | {m:.1} | {:.2} |", 1e3 / m);
+        }
+    }
+    if let Some(p) = probe {
+        let (used, total) = p.device_used()?;
+        println!("device memory used now (all processes, contexts included): {:.2} / {:.1} GiB", gib(used), gib(total));
+    }
+    Ok(())
+}
