@@ -7,7 +7,8 @@ use candle_core::Tensor;
 use serde::Deserialize;
 
 /// The fields of `scheduler/scheduler_config.json` DDIM uses; other schedulers' configs
-/// (SD1.5 ships a PNDM one) carry the same fields, and unknown ones are ignored.
+/// (SD1.5 ships a PNDM one) carry the same fields, and unknown ones are ignored. Missing
+/// fields take `DDIMScheduler`'s defaults, as `DDIMScheduler.from_config` does.
 #[derive(Debug, Clone, Deserialize)]
 pub struct DdimSchedulerConfig {
     #[serde(default = "default_train_timesteps")]
@@ -20,7 +21,7 @@ pub struct DdimSchedulerConfig {
     pub beta_schedule: String,
     #[serde(default)]
     pub trained_betas: Option<Vec<f64>>,
-    #[serde(default)]
+    #[serde(default = "yes")]
     pub set_alpha_to_one: bool,
     #[serde(default)]
     pub steps_offset: usize,
@@ -28,7 +29,7 @@ pub struct DdimSchedulerConfig {
     pub timestep_spacing: String,
     #[serde(default = "default_prediction_type")]
     pub prediction_type: String,
-    #[serde(default)]
+    #[serde(default = "yes")]
     pub clip_sample: bool,
     #[serde(default = "default_clip_range")]
     pub clip_sample_range: f64,
@@ -38,6 +39,9 @@ pub struct DdimSchedulerConfig {
     pub rescale_betas_zero_snr: bool,
 }
 
+fn yes() -> bool {
+    true
+}
 fn default_train_timesteps() -> usize {
     1000
 }
@@ -91,17 +95,26 @@ impl DdimScheduler {
         if n == 0 {
             bail!("scheduler config: num_train_timesteps is 0");
         }
-        let betas: Vec<f64> = match (&config.trained_betas, config.beta_schedule.as_str()) {
-            (Some(betas), _) => betas.clone(),
-            (None, "linear") => linspace(config.beta_start, config.beta_end, n),
+        // diffusers keeps the betas as float32 tensors (the linspace too).
+        let f32s = |values: Vec<f64>| values.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
+        let betas: Vec<f32> = match (&config.trained_betas, config.beta_schedule.as_str()) {
+            (Some(betas), _) => {
+                if betas.len() != n {
+                    bail!("scheduler config: {} trained_betas for {n} train timesteps", betas.len());
+                }
+                f32s(betas.clone())
+            }
+            (None, "linear") => f32s(linspace(config.beta_start, config.beta_end, n)),
             (None, "scaled_linear") => {
-                linspace(config.beta_start.sqrt(), config.beta_end.sqrt(), n).iter().map(|b| b * b).collect()
+                f32s(linspace(config.beta_start.sqrt(), config.beta_end.sqrt(), n)).iter().map(|b| b * b).collect()
             }
             (None, "squaredcos_cap_v2") => {
                 let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
-                (0..n)
-                    .map(|i| (1.0 - alpha_bar((i + 1) as f64 / n as f64) / alpha_bar(i as f64 / n as f64)).min(0.999))
-                    .collect()
+                f32s(
+                    (0..n)
+                        .map(|i| (1.0 - alpha_bar((i + 1) as f64 / n as f64) / alpha_bar(i as f64 / n as f64)).min(0.999))
+                        .collect(),
+                )
             }
             (None, other) => bail!("scheduler config: beta_schedule {other:?} is not supported"),
         };
@@ -111,12 +124,13 @@ impl DdimScheduler {
         if config.thresholding {
             bail!("scheduler config: thresholding is not supported");
         }
-        // diffusers computes the betas in float32 and the cumulative product in float32 too.
+        // alphas = 1 - betas in float32; torch's CPU cumprod accumulates in double and rounds
+        // each partial product to float32.
         let mut alphas_cumprod = Vec::with_capacity(n);
-        let mut product = 1f32;
+        let mut product = 1f64;
         for beta in &betas {
-            product *= 1.0 - *beta as f32;
-            alphas_cumprod.push(product as f64);
+            product *= (1.0 - beta) as f64;
+            alphas_cumprod.push(product as f32 as f64);
         }
         let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
         let spacing = match config.timestep_spacing.as_str() {
@@ -142,29 +156,54 @@ impl DdimScheduler {
         })
     }
 
-    /// All timesteps of a `steps`-step schedule, as `set_timesteps` computes them.
+    /// `alphas_cumprod` as diffusers holds it (float32 values).
+    pub fn alphas_cumprod(&self) -> &[f64] {
+        &self.alphas_cumprod
+    }
+
+    /// All timesteps of a `steps`-step schedule, as `set_timesteps` computes them (numpy's
+    /// arithmetic and round-half-to-even).
+    ///
+    /// One deliberate difference: for some step counts (61, 103, 121, ...) numpy's
+    /// `arange(n, 0, -n / steps)` yields one element too many and diffusers' "trailing"
+    /// schedule ends in timestep -1; that entry is left out here.
     pub fn timesteps(&self, steps: usize) -> Result<Vec<usize>> {
         let n = self.train_timesteps;
         if steps == 0 || steps > n {
             bail!("steps must be between 1 and {n}, got {steps}");
         }
-        let timesteps = match self.spacing {
+        let timesteps: Vec<i64> = match self.spacing {
             Spacing::Leading => {
                 let ratio = n / steps;
-                (0..steps).rev().map(|i| i * ratio + self.steps_offset).collect()
+                (0..steps).rev().map(|i| (i * ratio + self.steps_offset) as i64).collect()
             }
             Spacing::Trailing => {
-                let ratio = n as f64 / steps as f64;
-                let mut t: Vec<usize> = (1..=steps)
-                    .rev()
-                    .map(|i| ((i as f64 * ratio).round() as i64 - 1).max(0) as usize)
-                    .collect();
-                t.dedup();
-                t
+                // np.arange(n, 0, -ratio): length ceil(n / ratio), element i = n + i * delta with
+                // delta = (n - ratio) - n.
+                let start = n as f64;
+                let ratio = start / steps as f64;
+                let delta = (start - ratio) - start;
+                let length = (-start / -ratio).ceil() as usize;
+                (0..length).map(|i| (start + i as f64 * delta).round_ties_even() as i64 - 1).collect()
             }
-            Spacing::Linspace => linspace(0.0, (n - 1) as f64, steps).iter().rev().map(|t| t.round() as usize).collect(),
+            Spacing::Linspace => {
+                // np.linspace(0, n - 1, steps): i * ((n - 1) / (steps - 1)), last exactly n - 1.
+                let stop = (n - 1) as f64;
+                let step = if steps > 1 { stop / (steps - 1) as f64 } else { 0.0 };
+                (0..steps)
+                    .rev()
+                    .map(|i| if i + 1 == steps && steps > 1 { stop } else { i as f64 * step })
+                    .map(|t| t.round_ties_even() as i64)
+                    .collect()
+            }
         };
-        Ok(timesteps)
+        if let Some(&beyond) = timesteps.iter().find(|&&t| t >= n as i64) {
+            bail!(
+                "{steps} steps with steps_offset {} reach timestep {beyond}, beyond the scheduler's {n} train timesteps",
+                self.steps_offset
+            );
+        }
+        Ok(timesteps.into_iter().filter(|&t| t >= 0).map(|t| t as usize).collect())
     }
 
     /// The timesteps an img2img frame runs: the last `min(int(steps * strength), steps)` of the
