@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# GPU benchmark: sdcrossframe-bench (candle, CUDA) next to diffusers on the same card.
+#
+# Usage (on the GPU machine, from the repository root):
+#   scripts/bench-gpu.sh [BENCH_BINARY] [--frame]
+# BENCH_BINARY: a CUDA build of sdcrossframe-bench (default: .device/sdcrossframe-bench, or
+#   .device/sdcrossframe-bench.xz unpacked to /tmp; made by scripts/build-cuda.sh, then
+#   `strip` + `xz`).
+# --frame: also time whole frames (random SD1.5 weights, 512x512, the original's settings) and
+#   the tiny fixture model per frame.
+# Python: tests/reference/bench_diffusers.py needs torch and diffusers; when diffusers is not
+#   importable, wheels in .device/wheels (pip download diffusers==0.42.1 --no-deps) are
+#   installed into /tmp/site without network access.
+# Results: printed, and written under $OUT (or /tmp/bench-out) as candle-*.txt, diffusers.txt.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+BIN=${1:-.device/sdcrossframe-bench}
+FRAME=0
+for a in "$@"; do [ "$a" = "--frame" ] && FRAME=1; done
+[ "$BIN" = "--frame" ] && BIN=.device/sdcrossframe-bench
+RESULTS=${OUT:-/tmp/bench-out}
+mkdir -p "$RESULTS"
+
+if [ ! -x "$BIN" ] && [ -f "$BIN.xz" ]; then
+    xz -dc "$BIN.xz" >/tmp/sdcrossframe-bench && chmod +x /tmp/sdcrossframe-bench && BIN=/tmp/sdcrossframe-bench
+fi
+if [ ! -x "$BIN" ]; then
+    echo "bench-gpu: no benchmark binary at $BIN (build it with scripts/build-cuda.sh)" >&2
+    exit 1
+fi
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$RESULTS/gpu.txt"
+status=0
+
+echo "== candle: sdcrossframe-bench unet-step, f16"
+"$BIN" --device cuda:0 --dtype f16 --warmup 3 --runs 20 unet-step --all-scope 2>&1 | tee "$RESULTS/candle-unet-step.txt" || status=1
+
+if ! python3 -c "import diffusers" 2>/dev/null; then
+    if ls .device/wheels/*.whl >/dev/null 2>&1; then
+        python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .device/wheels/*.whl \
+            && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    fi
+fi
+echo "== diffusers: tests/reference/bench_diffusers.py, fp16, SDPA"
+PYTHONUNBUFFERED=1 python3 tests/reference/bench_diffusers.py --device cuda --dtype fp16 --warmup 3 --runs 20 2>&1 \
+    | tee "$RESULTS/diffusers.txt" || status=1
+
+if [ "$FRAME" = 1 ]; then
+    echo "== candle: sdcrossframe-bench frame, random SD1.5 weights, f16, 512x512"
+    "$BIN" --device cuda:0 --dtype f16 --warmup 1 --runs 3 frame 2>&1 | tee "$RESULTS/candle-frame.txt" || status=1
+    echo "== candle: sdcrossframe-bench frame, tiny fixture model, f32, 96x64"
+    "$BIN" --device cuda:0 --dtype f32 --warmup 1 --runs 5 frame --model tests/fixtures/tiny-sd \
+        --controlnet tests/fixtures/tiny-controlnet --width 96 --height 64 2>&1 | tee "$RESULTS/candle-frame-tiny.txt" || status=1
+fi
+exit $status
