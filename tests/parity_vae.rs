@@ -36,3 +36,30 @@ fn encode_mean_and_decode_match_diffusers() {
     assert!(err < 1e-4, "decode off by {err}");
     assert!((vae.scaling_factor() - 0.18215).abs() < 1e-12);
 }
+
+#[test]
+fn wrong_input_shapes_and_unsupported_configs_are_errors() {
+    let vae = vae();
+    let image = Tensor::zeros((1, 4, 16, 16), DType::F32, &Device::Cpu).unwrap();
+    let err = vae.encode_mean(&image).unwrap_err().to_string();
+    assert!(err.contains("encode") && err.contains("[1, 4, 16, 16]"), "{err}");
+    let latents = Tensor::zeros((4, 8, 8), DType::F32, &Device::Cpu).unwrap();
+    let err = vae.decode(&latents).unwrap_err().to_string();
+    assert!(err.contains("decode") && err.contains("[4, 8, 8]"), "{err}");
+
+    let files = ComponentFiles::locate(&fixtures().join("tiny-sd/vae"), None).unwrap();
+    let base: serde_json::Value = files.read_config().unwrap();
+    for (key, value, needle) in [
+        ("mid_block_add_attention", serde_json::json!(false), "mid_block_add_attention"),
+        ("down_block_types", serde_json::json!(["DownEncoderBlock2D"]), "down_block_types"),
+        ("up_block_types", serde_json::json!(["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]), "AttnUpDecoderBlock2D"),
+        ("act_fn", serde_json::json!("gelu"), "act_fn"),
+    ] {
+        let mut config = base.clone();
+        config[key] = value;
+        let config: AutoencoderKLConfig = serde_json::from_value(config).unwrap();
+        let vb = files.var_builder(DType::F32, &Device::Cpu).unwrap();
+        let err = AutoencoderKL::new(vb, &config).err().expect("must fail").to_string();
+        assert!(err.contains(needle), "{key}: {err}");
+    }
+}

@@ -83,6 +83,15 @@ impl AutoencoderKLConfig {
         if self.shift_factor.is_some_and(|s| s != 0.0) {
             candle_core::bail!("vae config: shift_factor is not supported (SD1.5 VAEs have none)");
         }
+        for (what, types) in [("down_block_types", &self.down_block_types), ("up_block_types", &self.up_block_types)] {
+            if !types.is_empty() && types.len() != self.block_out_channels.len() {
+                candle_core::bail!(
+                    "vae config: {} {what} for {} block_out_channels",
+                    types.len(),
+                    self.block_out_channels.len()
+                );
+            }
+        }
         for t in &self.down_block_types {
             if t != "DownEncoderBlock2D" {
                 candle_core::bail!("vae config: down block type {t} is not supported");
@@ -209,6 +218,7 @@ pub struct AutoencoderKL {
     decoder: Decoder,
     quant_conv: Option<Conv2d>,
     post_quant_conv: Option<Conv2d>,
+    in_channels: usize,
     latent_channels: usize,
     scaling_factor: f64,
 }
@@ -231,6 +241,7 @@ impl AutoencoderKL {
             decoder: Decoder::new(vb.pp("decoder"), config)?,
             quant_conv,
             post_quant_conv,
+            in_channels: config.in_channels,
             latent_channels: latent,
             scaling_factor: config.scaling_factor,
         })
@@ -243,6 +254,7 @@ impl AutoencoderKL {
 
     /// The posterior's mean for images in [-1, 1] (not yet multiplied by `scaling_factor`).
     pub fn encode_mean(&self, image: &Tensor) -> Result<Tensor> {
+        check_nchw("encode", image, self.in_channels)?;
         let moments = self.encoder.forward(image)?;
         let moments = match &self.quant_conv {
             Some(conv) => conv.forward(&moments)?,
@@ -253,10 +265,19 @@ impl AutoencoderKL {
 
     /// Decodes (unscaled) latents to images in about [-1, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        check_nchw("decode", latents, self.latent_channels)?;
         let latents = match &self.post_quant_conv {
             Some(conv) => conv.forward(latents)?,
             None => latents.clone(),
         };
         self.decoder.forward(&latents)
+    }
+}
+
+/// The VAE's inputs are `(batch, channels, height, width)` with the configured channels.
+fn check_nchw(what: &str, xs: &Tensor, channels: usize) -> Result<()> {
+    match xs.dims() {
+        &[_, c, h, w] if c == channels && h > 0 && w > 0 => Ok(()),
+        dims => candle_core::bail!("vae {what}: expected (batch, {channels}, height, width), got {dims:?}"),
     }
 }
