@@ -16,25 +16,27 @@ keys are exactly what real checkpoints have):
     model_index.json                           safety_checker / feature_extractor null
     scheduler/scheduler_config.json            PNDMScheduler with SD1.5's config (incl. the
                                                hidden key clip_sample false that DDIM picks up)
-    unet/config.json, unet/diffusion_pytorch_model.safetensors      (f32)
+    unet/config.json, unet/diffusion_pytorch_model.safetensors      (f16)
         UNet2DConditionModel: block_out_channels [32, 64, 64], layers_per_block 2,
         attention_head_dim [2, 4, 4] (diffusers treats it as the number of heads and
         reverses it for the up blocks), cross_attention_dim 32, norm_num_groups 8.
         Cross-attention (attn2) to_k/to_v are scaled by CROSS_ATTN_KV_SCALE; every
         up-block self-attention (up_blocks.*.attn1) has to_q/to_k weights scaled by
         UP_ATTN1_QK_SCALE and to_v/to_out.0 weights by UP_ATTN1_VO_SCALE.
-    vae/config.json, vae/diffusion_pytorch_model.safetensors        (f32)
+    vae/config.json, vae/diffusion_pytorch_model.safetensors        (f16)
         AutoencoderKL: block_out_channels [16, 32, 32, 32] (factor 8), layers_per_block 1,
         latent_channels 4, norm_num_groups 8, scaling_factor 0.18215. The posterior-mean
         rows of quant_conv are scaled by VAE_LATENT_SCALE (latents of SD-like magnitude).
     text_encoder/config.json, text_encoder/model.safetensors        (f16 tensors)
         CLIPTextModel: hidden 32, intermediate 64, 2 layers, 4 heads, 77 positions,
-        quick_gelu, vocab 49408, bos 49406, eos = pad 49407. Every reference below is
-        computed from these f16 weights upcast to f32.
+        quick_gelu, vocab 49408, bos 49406, eos = pad 49407.
+    Every model is stored in float16 (small fixtures, no file over 8 MiB); every reference
+    below is computed from these f16 weights upcast to f32 (the models are loaded back from
+    the saved files with torch_dtype float32).
     tokenizer/vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json
         the real CLIP BPE vocabulary (built from open_clip's bpe_simple_vocab_16e6.txt.gz,
         laid out like openai/clip-vit-large-patch14), SD1.5's tokenizer settings.
-  tests/fixtures/tiny-controlnet/config.json, diffusion_pytorch_model.safetensors (f32)
+  tests/fixtures/tiny-controlnet/config.json, diffusion_pytorch_model.safetensors (f16)
         ControlNetModel with the UNet's config (ControlNetModel.from_unet), its own random
         weights, conditioning_embedding_out_channels (8, 16, 16, 32) (control image at 8x
         the latent size). Its zero convolutions (controlnet_down_blocks.*,
@@ -59,6 +61,13 @@ Reference outputs, tests/fixtures/reference/ (safetensors tensors are f32 unless
   controlnet.safetensors  sample, timestep, encoder_hidden_states as above,
                         controlnet_cond [2,3,64,96] in [0,1], conditioning_scale [1] (0.7),
                         down.0..down.8, mid (returned residuals, already scaled).
+  unet_odd.safetensors  odd latent size 9x13 (downsampled to 5x7 and 3x4, so the up blocks
+                        upsample to the skip connections' sizes): sample [2,4,9,13],
+                        timestep [1] (761.0), encoder_hidden_states [2,77,32],
+                        controlnet_cond [2,3,72,104] (uniform random in [0,1]),
+                        conditioning_scale [1] (0.7), down.0..down.8 and mid (the ControlNet's
+                        residuals, already scaled), out [2,4,9,13] (the UNet with those
+                        residuals).
   vae.safetensors      image [1,3,64,96] in [-1,1] (frame 0), latent_mean [1,4,8,12]
                         (posterior mean, before scaling_factor), latents [1,4,8,12] (decoder
                         input), decoded [1,3,64,96] (raw decoder output, no clamp).
@@ -95,7 +104,7 @@ Checks (the script exits non-zero when one fails): every case differs from base 
 from control2) by mean abs >= 0.01 and max >= 0.05; base is not degenerate (std > 0.05, under
 half the pixels at 0 or 1); every case rerun in float64 matches the float32 output within
 F64_MAX_DIFF (the trajectory is not chaotic, so the images are usable as parity references).
-The text encoder is saved in f16, the other models in f32. Every reference is computed by
+Every model is saved in f16 and no fixture file exceeds 8 MiB. Every reference is computed by
 models loaded back from the saved files.
 """
 
@@ -154,6 +163,10 @@ CONTROLNET_COND_EMBED_SCALE = 4.0
 # ---------------------------------------------------------------------------------------
 
 WIDTH, HEIGHT = 96, 64
+# Odd latent size for the UNet + ControlNet reference that exercises the odd-size upsampling.
+ODD_LATENT_H, ODD_LATENT_W = 9, 13
+# No fixture file may be larger than this.
+MAX_FILE_BYTES = 8 * 1024 * 1024
 NUM_FRAMES = 8
 FRAME_STRIDE = 10
 PROMPT = "a beautiful woman with red hair"
@@ -391,7 +404,11 @@ def build_and_save_models():
     torch.manual_seed(SEED + 4)
     text_encoder = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
     jitter_norms(text_encoder, 104)
+    # Every model is stored in float16 (small fixtures); all references are computed from these
+    # rounded weights upcast to float32 (load_pipeline loads them back from the files).
     text_encoder = text_encoder.to(torch.float16)
+    unet = unet.to(torch.float16)
+    vae = vae.to(torch.float16)
 
     scheduler = PNDMScheduler.from_config(SCHEDULER_CONFIG)
     assert scheduler.config.clip_sample is False
@@ -407,7 +424,7 @@ def build_and_save_models():
     # Replace whatever transformers wrote for the tokenizer with SD1.5's file set.
     shutil.rmtree(SD_DIR / "tokenizer")
     shutil.move(str(tmp_tok), str(SD_DIR / "tokenizer"))
-    controlnet.save_pretrained(CN_DIR, safe_serialization=True)
+    controlnet.to(torch.float16).save_pretrained(CN_DIR, safe_serialization=True)
 
     # model_index.json: no safety checker / feature extractor / image encoder.
     mi = json.loads((SD_DIR / "model_index.json").read_text())
@@ -442,7 +459,16 @@ def check_saved_dtypes():
               CN_DIR / "diffusion_pytorch_model.safetensors"):
         with safe_open(p, "pt") as f:
             dts = {f.get_slice(k).get_dtype() for k in f.keys()}
-        assert dts == {"F32"}, f"{p} should be f32, got {dts}"
+        assert dts == {"F16"}, f"{p} should be f16, got {dts}"
+
+
+def check_file_sizes():
+    total = 0
+    for p in sorted(list(SD_DIR.rglob("*")) + list(CN_DIR.rglob("*")) + list(REF_DIR.rglob("*"))):
+        if p.is_file():
+            total += p.stat().st_size
+            assert p.stat().st_size <= MAX_FILE_BYTES, f"{p} is {p.stat().st_size} bytes (limit {MAX_FILE_BYTES})"
+    print(f"fixture size: {total / 2**20:.2f} MiB in tiny-sd, tiny-controlnet and reference")
 
 
 # ---------------------------------------------------------------------------------------
@@ -633,6 +659,28 @@ def make_component_refs(pipe):
     print(f"controlnet: residual abs means {[round(float(d.abs().mean()), 4) for d in down]} "
           f"mid {float(mid.abs().mean()):.4f}")
 
+    # Odd latent size (9x13): the downsamplers give 5x7 and 3x4, so the UNet's up blocks must
+    # upsample to the skip connections' sizes (diffusers passes upsample_size) instead of x2.
+    oh, ow = ODD_LATENT_H, ODD_LATENT_W
+    sample = randn((2, 4, oh, ow), 311)
+    timestep = torch.tensor([761.0])
+    cond = torch.rand((2, 3, oh * 8, ow * 8), generator=gen(312))
+    scale = 0.7
+    down, mid = cn(sample, timestep, encoder_hidden_states=ehs, controlnet_cond=cond, conditioning_scale=scale,
+                   return_dict=False)
+    out = unet(sample, timestep, encoder_hidden_states=ehs, down_block_additional_residuals=down,
+               mid_block_additional_residual=mid, return_dict=False)[0]
+    assert out.shape == sample.shape
+    tensors = {"sample": sample, "timestep": timestep, "encoder_hidden_states": ehs, "controlnet_cond": cond,
+               "conditioning_scale": torch.tensor([scale])}
+    for i, d in enumerate(down):
+        tensors[f"down.{i}"] = d
+    tensors["mid"] = mid
+    tensors["out"] = out
+    save_file({k: v.contiguous() for k, v in tensors.items()}, REF_DIR / "unet_odd.safetensors")
+    print(f"unet_odd: latent {oh}x{ow}, residual shapes {[tuple(d.shape[2:]) for d in down]}, "
+          f"|out| mean {out.abs().mean():.4f}")
+
     image = to_tensor01(load_png(IMG_DIR / "frame_0.png")) * 2.0 - 1.0
     mean = vae.encode(image).latent_dist.mean
     latents = randn(mean.shape, 501)
@@ -819,6 +867,7 @@ def main():
     make_component_refs(pipe)
     make_ddim_refs(pipe)
     ok = run_img2img(pipe)
+    check_file_sizes()
     if not ok:
         sys.exit("sensitivity / degeneracy checks failed: tune the constants at the top of the script")
     print("done")
