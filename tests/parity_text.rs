@@ -213,3 +213,18 @@ fn missing_or_garbled_tokenizer_files_are_named() {
     assert!(err.contains("<|no such token|>") && err.contains("vocab.json"), "{err}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn text_encoder_rejects_long_inputs_and_unknown_activations() {
+    let files = ComponentFiles::locate(&fixtures().join("tiny-sd/text_encoder"), None).unwrap();
+    let config: ClipTextConfig = files.read_config().unwrap();
+    let model = ClipTextModel::new(files.var_builder(DType::F32, &Device::Cpu).unwrap(), &config).unwrap();
+    let ids = Tensor::zeros((1, config.max_position_embeddings + 1), DType::U32, &Device::Cpu).unwrap();
+    let err = model.forward(&ids).unwrap_err().to_string();
+    assert!(err.contains(&format!("{} tokens", config.max_position_embeddings + 1)), "{err}");
+
+    let mut config = config;
+    config.hidden_act = "swish".into();
+    let err = ClipTextModel::new(files.var_builder(DType::F32, &Device::Cpu).unwrap(), &config).err().unwrap();
+    assert!(err.to_string().contains("swish"), "{err}");
+}
