@@ -1,0 +1,808 @@
+//! The `sdcrossframe` element: an in-place video filter over a
+//! [`sdcrossframe::session::VideoSession`].
+//!
+//! Threads and locks:
+//! - `settings` holds the property values; each frame copies them out and never holds the
+//!   lock while working.
+//! - `state` exists between `start` and `stop`. `start` spawns a loader thread (weights are
+//!   read and the session built off the streaming thread, with progress messages on the bus)
+//!   and keeps its receiving end; the first frame waits for it. The streaming thread holds
+//!   `state` for the whole frame.
+//! - `unblock` and `cancel` live outside `state` so a flush or PAUSED->READY, which come from
+//!   another thread, can stop a frame that waits for the model or is being denoised (the
+//!   engine checks the cancel handle before every denoising step).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{LazyLock, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use gst::glib;
+use gst::prelude::*;
+use gst::subclass::prelude::*;
+use gst_base::subclass::prelude::*;
+use gst_video::prelude::*;
+use gst_video::subclass::prelude::*;
+use sdcrossframe::canny::CannyParams;
+use sdcrossframe::pipeline::{FrameSettings, ModelSpec, Stylizer};
+use sdcrossframe::session::{CancelHandle, Cancelled, SessionConfig, VideoSession};
+
+use super::{Attention, AttentionScope, DType, Noise};
+use crate::video::{self, PixelLayout};
+
+static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
+    gst::DebugCategory::new(
+        "sdcrossframe",
+        gst::DebugColorFlags::empty(),
+        Some("Stable Diffusion video restyling with cross-frame attention"),
+    )
+});
+
+/// The original project's models (Hugging Face repo ids).
+const DEFAULT_MODEL: &str = "runwayml/stable-diffusion-v1-5";
+const DEFAULT_CONTROLNET: &str = "lllyasviel/sd-controlnet-canny";
+const DEFAULT_DEVICE: &str = "cpu";
+const DEFAULT_LATENCY_MS: u32 = 1000;
+const MAX_LATENCY_MS: u32 = 600_000;
+const MAX_SIZE: u32 = 16384;
+const MAX_THRESHOLD: f64 = 65535.0;
+/// How often a frame waiting for the model checks for a flush.
+const LOAD_POLL: Duration = Duration::from_millis(50);
+
+#[derive(Debug, Clone, PartialEq)]
+struct Settings {
+    model: String,
+    controlnet: String,
+    variant: Option<String>,
+    device: String,
+    dtype: DType,
+    prompt: String,
+    negative_prompt: String,
+    steps: u32,
+    strength: f64,
+    guidance_scale: f64,
+    controlnet_scale: f64,
+    seed: u64,
+    noise: Noise,
+    canny_low: f64,
+    canny_high: f64,
+    canny_l2: bool,
+    attention: Attention,
+    attention_scope: AttentionScope,
+    anchor_interval: u32,
+    scene_cut_threshold: f64,
+    width: u32,
+    height: u32,
+    latency_ms: u32,
+}
+
+impl Default for Settings {
+    /// The engine's defaults (checked by a test), i.e. the original project's settings.
+    fn default() -> Self {
+        let frame = FrameSettings::default();
+        let session = SessionConfig::default();
+        Self {
+            model: DEFAULT_MODEL.into(),
+            controlnet: DEFAULT_CONTROLNET.into(),
+            variant: None,
+            device: DEFAULT_DEVICE.into(),
+            dtype: DType::F32,
+            prompt: frame.prompt,
+            negative_prompt: frame.negative_prompt,
+            steps: frame.steps as u32,
+            strength: frame.strength,
+            guidance_scale: frame.guidance_scale,
+            controlnet_scale: frame.controlnet_scale,
+            seed: session.seed,
+            noise: Noise::Fixed,
+            canny_low: session.canny.low,
+            canny_high: session.canny.high,
+            canny_l2: session.canny.l2_gradient,
+            attention: Attention::FirstPrev,
+            attention_scope: AttentionScope::Up,
+            anchor_interval: session.anchor_interval as u32,
+            scene_cut_threshold: session.scene_cut_threshold,
+            width: 0,
+            height: 0,
+            latency_ms: DEFAULT_LATENCY_MS,
+        }
+    }
+}
+
+impl Settings {
+    fn model_spec(&self) -> ModelSpec {
+        ModelSpec {
+            model: self.model.clone(),
+            controlnet: self.controlnet.clone(),
+            variant: self.variant.clone().filter(|v| !v.is_empty()),
+        }
+    }
+
+    fn frame_settings(&self) -> FrameSettings {
+        FrameSettings {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            steps: self.steps as usize,
+            strength: self.strength,
+            guidance_scale: self.guidance_scale,
+            controlnet_scale: self.controlnet_scale,
+        }
+    }
+
+    fn session_config(&self, size: Option<(usize, usize)>) -> SessionConfig {
+        SessionConfig {
+            attention: self.attention.into(),
+            scope: self.attention_scope.into(),
+            anchor_interval: self.anchor_interval as usize,
+            scene_cut_threshold: self.scene_cut_threshold,
+            noise: self.noise.into(),
+            seed: self.seed,
+            canny: CannyParams { low: self.canny_low, high: self.canny_high, l2_gradient: self.canny_l2 },
+            size,
+        }
+    }
+
+    fn latency(&self) -> gst::ClockTime {
+        gst::ClockTime::from_mseconds(self.latency_ms as u64)
+    }
+}
+
+/// `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
+fn parse_device(spec: &str) -> anyhow::Result<candle_core::Device> {
+    let spec = spec.trim();
+    match spec {
+        "cpu" => Ok(candle_core::Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse::<usize>().with_context(|| format!("bad device {s:?}: expected cuda:N"))?,
+                None => 0,
+            };
+            candle_core::Device::new_cuda(ordinal).with_context(|| format!("cannot open device {s}"))
+        }
+        other => bail!("unknown device {other:?}: expected cpu or cuda:N"),
+    }
+}
+
+/// Everything the loader thread needs, copied out of the settings.
+struct LoadRequest {
+    spec: ModelSpec,
+    device: String,
+    dtype: DType,
+    config: SessionConfig,
+    frame_settings: FrameSettings,
+}
+
+impl LoadRequest {
+    fn describe(&self) -> String {
+        format!(
+            "Stable Diffusion model '{}' with ControlNet '{}' on {} ({})",
+            self.spec.model,
+            self.spec.controlnet,
+            self.device,
+            candle_core::DType::from(self.dtype).as_str()
+        )
+    }
+
+    fn load(self) -> anyhow::Result<VideoSession> {
+        let device = parse_device(&self.device)?;
+        let stylizer = Stylizer::load(&self.spec, &device, self.dtype.into())?;
+        let mut session = VideoSession::new(stylizer, self.config, self.frame_settings.clone())
+            .context("invalid element settings")?;
+        session.set_settings(self.frame_settings).context("invalid element settings")?;
+        Ok(session)
+    }
+}
+
+enum Model {
+    /// The loader thread sends the session, or `None` after it posted the load error.
+    Loading(mpsc::Receiver<Option<VideoSession>>),
+    Ready(Box<VideoSession>),
+    Failed,
+}
+
+struct State {
+    model: Model,
+    /// What the properties asked for at the last frame, applied or rejected: a change is
+    /// tried (and a rejection warned about) once.
+    requested: Option<(FrameSettings, SessionConfig)>,
+    /// The negotiated input, to re-anchor on real caps changes only.
+    info: Option<gst_video::VideoInfo>,
+}
+
+#[derive(Default)]
+pub struct SdCrossFrame {
+    settings: Mutex<Settings>,
+    state: Mutex<Option<State>>,
+    unblock: AtomicBool,
+    cancel: Mutex<Option<CancelHandle>>,
+}
+
+impl SdCrossFrame {
+    /// Starts loading the models on their own thread.
+    fn spawn_loader(&self, request: LoadRequest) -> std::io::Result<mpsc::Receiver<Option<VideoSession>>> {
+        let (tx, rx) = mpsc::channel();
+        let element = self.obj().downgrade();
+        std::thread::Builder::new().name("sdcrossframe-load".into()).spawn(move || {
+            let post = |message: gst::Message| {
+                if let Some(element) = element.upgrade() {
+                    let _ = element.post_message(message);
+                }
+            };
+            let src = element.upgrade();
+            let description = request.describe();
+            let (model, controlnet) = (request.spec.model.clone(), request.spec.controlnet.clone());
+            gst::info!(CAT, "loading {description}");
+            if let Some(src) = &src {
+                post(gst::message::Progress::builder(gst::ProgressType::Start, "load-model", &format!("Loading {description}")).src(src).build());
+            }
+            let started = Instant::now();
+            let result = request.load();
+            let Some(element) = src else {
+                return;
+            };
+            match result {
+                Ok(session) => {
+                    let text = format!("Loaded {description} in {:.1} s", started.elapsed().as_secs_f64());
+                    gst::info!(CAT, obj = element, "{text}");
+                    post(gst::message::Progress::builder(gst::ProgressType::Complete, "load-model", &text).src(&element).build());
+                    let _ = tx.send(Some(session));
+                }
+                Err(e) => {
+                    gst::error!(CAT, obj = element, "loading {description} failed: {e:#}");
+                    post(
+                        gst::message::Progress::builder(gst::ProgressType::Error, "load-model", &format!("Failed to load {description}"))
+                            .src(&element)
+                            .build(),
+                    );
+                    gst::element_error!(
+                        element,
+                        gst::LibraryError::Init,
+                        ("Could not load Stable Diffusion model '{model}' / ControlNet '{controlnet}': {e:#}"),
+                        ["{description}: {e:?}"]
+                    );
+                    let _ = tx.send(None);
+                }
+            }
+        })?;
+        Ok(rx)
+    }
+
+    /// Waits for the loader; gives up on a flush or a state change.
+    fn wait_for_model<'a>(&self, state: &'a mut State) -> Result<&'a mut VideoSession, gst::FlowError> {
+        let mut logged = false;
+        loop {
+            match &state.model {
+                Model::Ready(_) => break,
+                Model::Failed => return Err(gst::FlowError::Error),
+                Model::Loading(rx) => {
+                    if self.unblock.load(Ordering::SeqCst) {
+                        return Err(gst::FlowError::Flushing);
+                    }
+                    if !logged {
+                        gst::debug!(CAT, imp = self, "frame waits for the model to load");
+                        logged = true;
+                    }
+                    match rx.recv_timeout(LOAD_POLL) {
+                        Ok(Some(session)) => {
+                            *self.cancel.lock().unwrap() = Some(session.cancel_handle());
+                            state.model = Model::Ready(Box::new(session));
+                        }
+                        Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => state.model = Model::Failed,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    }
+                }
+            }
+        }
+        match &mut state.model {
+            Model::Ready(session) => Ok(session),
+            _ => unreachable!("checked above"),
+        }
+    }
+
+    /// Applies changed properties at this frame; a rejected change is a warning and the
+    /// previous values stay.
+    fn apply_settings(&self, state: &mut State, settings: &Settings, size: (usize, usize)) {
+        let requested = (settings.frame_settings(), settings.session_config(Some(size)));
+        if state.requested.as_ref() == Some(&requested) {
+            return;
+        }
+        let Model::Ready(session) = &mut state.model else {
+            return;
+        };
+        if session.settings() != &requested.0 {
+            gst::debug!(CAT, imp = self, "frame settings now {:?}", requested.0);
+            if let Err(e) = session.set_settings(requested.0.clone()) {
+                gst::element_imp_warning!(
+                    self,
+                    gst::LibraryError::Settings,
+                    ("Ignoring the new generation settings, keeping the previous ones: {e:#}")
+                );
+            }
+        }
+        gst::debug!(CAT, imp = self, "session config now {:?}", requested.1);
+        if let Err(e) = session.set_config(requested.1.clone()) {
+            gst::element_imp_warning!(
+                self,
+                gst::LibraryError::Settings,
+                ("Ignoring the new session settings, keeping the previous ones: {e:#}")
+            );
+        }
+        state.requested = Some(requested);
+    }
+
+    fn post_anchor(&self, reason: &str, index: u64, pts: Option<gst::ClockTime>) {
+        gst::info!(CAT, imp = self, "frame {index} is a new anchor: {reason}");
+        let s = gst::Structure::builder("sdcrossframe-anchor")
+            .field("reason", reason)
+            .field("frame", index)
+            .field_if_some("timestamp", pts)
+            .build();
+        let _ = self.obj().post_message(gst::message::Element::builder(s).src(&*self.obj()).build());
+    }
+
+    /// Makes a frame waiting for the model or in denoising return (as flushing) soon.
+    fn unblock(&self) {
+        self.unblock.store(true, Ordering::SeqCst);
+        if let Some(cancel) = self.cancel.lock().unwrap().as_ref() {
+            cancel.cancel();
+        }
+    }
+}
+
+#[glib::object_subclass]
+impl ObjectSubclass for SdCrossFrame {
+    const NAME: &'static str = "GstSdCrossFrame";
+    type Type = super::SdCrossFrame;
+    type ParentType = gst_video::VideoFilter;
+}
+
+impl ObjectImpl for SdCrossFrame {
+    fn properties() -> &'static [glib::ParamSpec] {
+        static PROPERTIES: LazyLock<Vec<glib::ParamSpec>> = LazyLock::new(|| {
+            let d = Settings::default();
+            vec![
+                glib::ParamSpecString::builder("model")
+                    .nick("Model")
+                    .blurb("Stable Diffusion 1.5 model: a diffusers-format directory or a Hugging Face repo id (resolved through HF_HOME); read when the element starts")
+                    .default_value(Some(DEFAULT_MODEL))
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("controlnet")
+                    .nick("ControlNet")
+                    .blurb("Canny ControlNet: a diffusers-format directory or a Hugging Face repo id; read when the element starts")
+                    .default_value(Some(DEFAULT_CONTROLNET))
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("variant")
+                    .nick("Weight variant")
+                    .blurb("Weight file variant such as fp16 (diffusion_pytorch_model.fp16.safetensors); empty for the plain files")
+                    .default_value(None)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("device")
+                    .nick("Device")
+                    .blurb("Compute device: cpu, or cuda:N when built with the cuda feature")
+                    .default_value(Some(DEFAULT_DEVICE))
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecEnum::builder_with_default("dtype", d.dtype)
+                    .nick("Dtype")
+                    .blurb("Compute and weight dtype (f16/bf16 need a GPU)")
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecString::builder("prompt")
+                    .nick("Prompt")
+                    .blurb("Text prompt; takes effect at the next frame")
+                    .default_value(Some(d.prompt.as_str()))
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecString::builder("negative-prompt")
+                    .nick("Negative prompt")
+                    .blurb("Negative text prompt (used when guidance-scale > 1); takes effect at the next frame")
+                    .default_value(Some(d.negative_prompt.as_str()))
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("steps")
+                    .nick("Steps")
+                    .blurb("DDIM inference steps; a frame runs steps x strength of them (a change re-anchors)")
+                    .minimum(1)
+                    .maximum(1000)
+                    .default_value(d.steps)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecDouble::builder("strength")
+                    .nick("Strength")
+                    .blurb("How much of each frame is re-generated (img2img strength); takes effect at the next frame (a change re-anchors)")
+                    .minimum(0.0)
+                    .maximum(1.0)
+                    .default_value(d.strength)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecDouble::builder("guidance-scale")
+                    .nick("Guidance scale")
+                    .blurb("Classifier-free guidance scale (1 or less disables guidance); takes effect at the next frame")
+                    .minimum(0.0)
+                    .maximum(50.0)
+                    .default_value(d.guidance_scale)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecDouble::builder("controlnet-scale")
+                    .nick("ControlNet scale")
+                    .blurb("ControlNet conditioning scale; takes effect at the next frame")
+                    .minimum(0.0)
+                    .maximum(5.0)
+                    .default_value(d.controlnet_scale)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt64::builder("seed")
+                    .nick("Seed")
+                    .blurb("Seed of the initial noise (the same on every machine)")
+                    .default_value(d.seed)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecEnum::builder_with_default("noise", d.noise)
+                    .nick("Noise")
+                    .blurb("Initial noise policy: fixed (coherent) or per-frame (the original)")
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecDouble::builder("canny-low")
+                    .nick("Canny low threshold")
+                    .blurb("Canny hysteresis low threshold of the control image (cv2.Canny's threshold1); must not exceed canny-high")
+                    .minimum(0.0)
+                    .maximum(MAX_THRESHOLD)
+                    .default_value(d.canny_low)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecDouble::builder("canny-high")
+                    .nick("Canny high threshold")
+                    .blurb("Canny hysteresis high threshold of the control image (cv2.Canny's threshold2)")
+                    .minimum(0.0)
+                    .maximum(MAX_THRESHOLD)
+                    .default_value(d.canny_high)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecBoolean::builder("canny-l2")
+                    .nick("Canny L2 gradient")
+                    .blurb("Use the L2 gradient magnitude for the control image's Canny edges instead of L1")
+                    .default_value(d.canny_l2)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecEnum::builder_with_default("attention", d.attention)
+                    .nick("Cross-frame attention")
+                    .blurb("Which frames' keys and values each frame's self-attention also sees")
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecEnum::builder_with_default("attention-scope", d.attention_scope)
+                    .nick("Attention scope")
+                    .blurb("Which UNet self-attention layers use cross-frame attention")
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("anchor-interval")
+                    .nick("Anchor interval")
+                    .blurb("Make a new anchor frame every N frames (0: never; scene cuts, flushes and caps changes still re-anchor)")
+                    .default_value(d.anchor_interval)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecDouble::builder("scene-cut-threshold")
+                    .nick("Scene cut threshold")
+                    .blurb("Mean absolute luma change (0..1) between consecutive frames that counts as a scene cut and re-anchors (0: off)")
+                    .minimum(0.0)
+                    .maximum(1.0)
+                    .default_value(d.scene_cut_threshold)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("width")
+                    .nick("Processing width")
+                    .blurb("Width frames are stylized at, rounded to a multiple of 8 (0: short side 512 keeping the aspect ratio, or from height)")
+                    .maximum(MAX_SIZE)
+                    .default_value(d.width)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("height")
+                    .nick("Processing height")
+                    .blurb("Height frames are stylized at, rounded to a multiple of 8 (0: short side 512 keeping the aspect ratio, or from width)")
+                    .maximum(MAX_SIZE)
+                    .default_value(d.height)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("latency")
+                    .nick("Latency")
+                    .blurb("Latency in milliseconds this element adds in live pipelines (set it to about one frame's processing time)")
+                    .maximum(MAX_LATENCY_MS)
+                    .default_value(d.latency_ms)
+                    .mutable_playing()
+                    .build(),
+            ]
+        });
+        PROPERTIES.as_ref()
+    }
+
+    fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
+        let name = pspec.name();
+        let started = self.state.lock().unwrap().is_some();
+        if started && matches!(name, "model" | "controlnet" | "variant" | "device" | "dtype") {
+            gst::warning!(CAT, imp = self, "{name} changed while running: takes effect when the element restarts");
+        }
+        let mut latency_changed = false;
+        {
+            let mut s = self.settings.lock().unwrap();
+            let string = || value.get::<Option<String>>().expect("type checked upstream").unwrap_or_default();
+            match name {
+                "model" => s.model = string(),
+                "controlnet" => s.controlnet = string(),
+                "variant" => s.variant = value.get().expect("type checked upstream"),
+                "device" => s.device = string(),
+                "dtype" => s.dtype = value.get().expect("type checked upstream"),
+                "prompt" => s.prompt = string(),
+                "negative-prompt" => s.negative_prompt = string(),
+                "steps" => s.steps = value.get().expect("type checked upstream"),
+                "strength" => s.strength = value.get().expect("type checked upstream"),
+                "guidance-scale" => s.guidance_scale = value.get().expect("type checked upstream"),
+                "controlnet-scale" => s.controlnet_scale = value.get().expect("type checked upstream"),
+                "seed" => s.seed = value.get().expect("type checked upstream"),
+                "noise" => s.noise = value.get().expect("type checked upstream"),
+                "canny-low" => s.canny_low = value.get().expect("type checked upstream"),
+                "canny-high" => s.canny_high = value.get().expect("type checked upstream"),
+                "canny-l2" => s.canny_l2 = value.get().expect("type checked upstream"),
+                "attention" => s.attention = value.get().expect("type checked upstream"),
+                "attention-scope" => s.attention_scope = value.get().expect("type checked upstream"),
+                "anchor-interval" => s.anchor_interval = value.get().expect("type checked upstream"),
+                "scene-cut-threshold" => s.scene_cut_threshold = value.get().expect("type checked upstream"),
+                "width" => s.width = value.get().expect("type checked upstream"),
+                "height" => s.height = value.get().expect("type checked upstream"),
+                "latency" => {
+                    let ms = value.get().expect("type checked upstream");
+                    latency_changed = ms != s.latency_ms;
+                    s.latency_ms = ms;
+                }
+                other => unimplemented!("property {other}"),
+            }
+        }
+        gst::debug!(CAT, imp = self, "{name} set to {value:?}");
+        if latency_changed && started {
+            let _ = self.obj().post_message(gst::message::Latency::builder().src(&*self.obj()).build());
+        }
+    }
+
+    fn property(&self, _id: usize, pspec: &glib::ParamSpec) -> glib::Value {
+        let s = self.settings.lock().unwrap();
+        match pspec.name() {
+            "model" => s.model.to_value(),
+            "controlnet" => s.controlnet.to_value(),
+            "variant" => s.variant.to_value(),
+            "device" => s.device.to_value(),
+            "dtype" => s.dtype.to_value(),
+            "prompt" => s.prompt.to_value(),
+            "negative-prompt" => s.negative_prompt.to_value(),
+            "steps" => s.steps.to_value(),
+            "strength" => s.strength.to_value(),
+            "guidance-scale" => s.guidance_scale.to_value(),
+            "controlnet-scale" => s.controlnet_scale.to_value(),
+            "seed" => s.seed.to_value(),
+            "noise" => s.noise.to_value(),
+            "canny-low" => s.canny_low.to_value(),
+            "canny-high" => s.canny_high.to_value(),
+            "canny-l2" => s.canny_l2.to_value(),
+            "attention" => s.attention.to_value(),
+            "attention-scope" => s.attention_scope.to_value(),
+            "anchor-interval" => s.anchor_interval.to_value(),
+            "scene-cut-threshold" => s.scene_cut_threshold.to_value(),
+            "width" => s.width.to_value(),
+            "height" => s.height.to_value(),
+            "latency" => s.latency_ms.to_value(),
+            other => unimplemented!("property {other}"),
+        }
+    }
+
+    fn constructed(&self) {
+        self.parent_constructed();
+        // Late frames are dropped before they are processed (BaseTransform's QoS).
+        self.obj().set_qos(true);
+    }
+}
+
+impl GstObjectImpl for SdCrossFrame {}
+
+impl ElementImpl for SdCrossFrame {
+    fn metadata() -> Option<&'static gst::subclass::ElementMetadata> {
+        static METADATA: LazyLock<gst::subclass::ElementMetadata> = LazyLock::new(|| {
+            gst::subclass::ElementMetadata::new(
+                "Stable Diffusion cross-frame video restyling",
+                "Filter/Effect/Video",
+                "Restyles video with Stable Diffusion 1.5 + Canny ControlNet img2img, with cross-frame attention for coherent frames",
+                "sdcrossframe developers",
+            )
+        });
+        Some(&*METADATA)
+    }
+
+    fn pad_templates() -> &'static [gst::PadTemplate] {
+        static PAD_TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
+            let caps = gst_video::VideoCapsBuilder::new().format_list(video::RGB_FORMATS.iter().copied()).build();
+            vec![
+                gst::PadTemplate::new("src", gst::PadDirection::Src, gst::PadPresence::Always, &caps).unwrap(),
+                gst::PadTemplate::new("sink", gst::PadDirection::Sink, gst::PadPresence::Always, &caps).unwrap(),
+            ]
+        });
+        PAD_TEMPLATES.as_ref()
+    }
+
+    fn change_state(&self, transition: gst::StateChange) -> Result<gst::StateChangeSuccess, gst::StateChangeError> {
+        if transition == gst::StateChange::PausedToReady {
+            // The streaming thread may be waiting for the model or denoising: let it go.
+            self.unblock();
+        }
+        self.parent_change_state(transition)
+    }
+}
+
+impl BaseTransformImpl for SdCrossFrame {
+    const MODE: gst_base::subclass::BaseTransformMode = gst_base::subclass::BaseTransformMode::AlwaysInPlace;
+    const PASSTHROUGH_ON_SAME_CAPS: bool = false;
+    const TRANSFORM_IP_ON_PASSTHROUGH: bool = false;
+
+    fn start(&self) -> Result<(), gst::ErrorMessage> {
+        self.unblock.store(false, Ordering::SeqCst);
+        let settings = self.settings.lock().unwrap().clone();
+        let request = LoadRequest {
+            spec: settings.model_spec(),
+            device: settings.device.clone(),
+            dtype: settings.dtype,
+            config: settings.session_config(None),
+            frame_settings: settings.frame_settings(),
+        };
+        let rx = self.spawn_loader(request).map_err(|e| {
+            gst::error_msg!(gst::CoreError::Thread, ["Cannot start the model loading thread: {e}"])
+        })?;
+        *self.state.lock().unwrap() = Some(State { model: Model::Loading(rx), requested: None, info: None });
+        Ok(())
+    }
+
+    fn stop(&self) -> Result<(), gst::ErrorMessage> {
+        // A load still in progress finishes on its thread and is dropped there.
+        *self.state.lock().unwrap() = None;
+        *self.cancel.lock().unwrap() = None;
+        Ok(())
+    }
+
+    fn sink_event(&self, event: gst::Event) -> bool {
+        match event.view() {
+            gst::EventView::FlushStart(_) => self.unblock(),
+            gst::EventView::FlushStop(_) => {
+                self.unblock.store(false, Ordering::SeqCst);
+                // Serialized: no frame is in flight.
+                if let Some(State { model: Model::Ready(session), .. }) = self.state.lock().unwrap().as_mut() {
+                    gst::debug!(CAT, imp = self, "flush: the next frame is a new anchor");
+                    session.reset();
+                }
+            }
+            _ => {}
+        }
+        self.parent_sink_event(event)
+    }
+
+    fn query(&self, direction: gst::PadDirection, query: &mut gst::QueryRef) -> bool {
+        if direction != gst::PadDirection::Src || !matches!(query.view(), gst::QueryView::Latency(_)) {
+            return BaseTransformImplExt::parent_query(self, direction, query);
+        }
+        if !BaseTransformImplExt::parent_query(self, direction, query) {
+            return false;
+        }
+        if let gst::QueryViewMut::Latency(q) = query.view_mut() {
+            let (live, min, max) = q.result();
+            if live {
+                let ours = self.settings.lock().unwrap().latency();
+                gst::debug!(CAT, imp = self, "upstream latency {min} / {max:?}, adding {ours}");
+                q.set(live, min + ours, max.map(|max| max + ours));
+            }
+        }
+        true
+    }
+}
+
+impl VideoFilterImpl for SdCrossFrame {
+    fn set_info(
+        &self,
+        _incaps: &gst::Caps,
+        in_info: &gst_video::VideoInfo,
+        _outcaps: &gst::Caps,
+        _out_info: &gst_video::VideoInfo,
+    ) -> Result<(), gst::LoggableError> {
+        let mut state = self.state.lock().unwrap();
+        if let Some(state) = state.as_mut() {
+            if state.info.as_ref().is_some_and(|info| info != in_info)
+                && let Model::Ready(session) = &mut state.model
+            {
+                gst::debug!(CAT, imp = self, "caps changed: the next frame is a new anchor");
+                session.reset();
+            }
+            state.info = Some(in_info.clone());
+        }
+        Ok(())
+    }
+
+    fn transform_frame_ip(
+        &self,
+        frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let settings = self.settings.lock().unwrap().clone();
+        let mut state = self.state.lock().unwrap();
+        let state = state.as_mut().ok_or(gst::FlowError::Flushing)?;
+        let factor = self.wait_for_model(state)?.stylizer().vae_scale_factor();
+
+        let (width, height) = (frame.width() as usize, frame.height() as usize);
+        let layout = PixelLayout::of(frame.format()).ok_or(gst::FlowError::NotNegotiated)?;
+        let stride = frame.plane_stride()[0] as usize;
+        let size = video::processing_size(width, height, (settings.width as usize, settings.height as usize), factor);
+        self.apply_settings(state, &settings, size);
+        let Model::Ready(session) = &mut state.model else {
+            unreachable!("the model is ready");
+        };
+
+        let input = frame
+            .plane_data(0)
+            .map_err(anyhow::Error::from)
+            .and_then(|data| video::to_rgb(data, width, height, stride, layout));
+        let input = match input {
+            Ok(input) => input,
+            Err(e) => {
+                gst::element_imp_error!(self, gst::StreamError::Format, ("Cannot read a {width}x{height} frame: {e:#}"));
+                return Err(gst::FlowError::Error);
+            }
+        };
+        let started = Instant::now();
+        let stylized = match session.push(&input, None) {
+            Ok(stylized) => stylized,
+            Err(e) if e.chain().any(|c| c.is::<Cancelled>()) => {
+                gst::debug!(CAT, imp = self, "frame cancelled (flush or state change)");
+                return Err(gst::FlowError::Flushing);
+            }
+            Err(e) => {
+                gst::element_imp_error!(
+                    self,
+                    gst::StreamError::Failed,
+                    ("Stylizing a {width}x{height} frame at {}x{} failed: {e:#}", size.0, size.1)
+                );
+                return Err(gst::FlowError::Error);
+            }
+        };
+        gst::trace!(CAT, imp = self, "frame stylized at {}x{} in {:?}", size.0, size.1, started.elapsed());
+        if stylized.anchor {
+            let index = session.frames_pushed().saturating_sub(1);
+            self.post_anchor(stylized.anchor_reason.unwrap_or("anchor"), index, frame.buffer().pts());
+        }
+
+        let output = stylized.to_rgb().and_then(|rgb| rgb.resized(width, height));
+        let written = output.and_then(|rgb| {
+            let data = frame.plane_data_mut(0)?;
+            video::write_rgb(&rgb, data, stride, layout)
+        });
+        if let Err(e) = written {
+            gst::element_imp_error!(self, gst::StreamError::Failed, ("Cannot write the stylized {width}x{height} frame: {e:#}"));
+            return Err(gst::FlowError::Error);
+        }
+        Ok(gst::FlowSuccess::Ok)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_engine() {
+        let d = Settings::default();
+        assert_eq!(d.frame_settings(), FrameSettings::default());
+        assert_eq!(d.session_config(None), SessionConfig::default());
+    }
+
+    #[test]
+    fn devices() {
+        assert!(matches!(parse_device("cpu"), Ok(candle_core::Device::Cpu)));
+        let err = parse_device("tpu").unwrap_err().to_string();
+        assert!(err.contains("unknown device \"tpu\""), "{err}");
+        let err = format!("{:#}", parse_device("cuda:x").unwrap_err());
+        assert!(err.contains("expected cuda:N"), "{err}");
+    }
+}
