@@ -168,17 +168,6 @@ const CANDIDATE: u8 = 0;
 const NOT_EDGE: u8 = 1;
 const EDGE: u8 = 2;
 
-/// Per-row scratch space for the Sobel passes.
-struct Scratch {
-    /// Vertical [1 2 1] and [-1 0 1] sums per byte of the row, with one replicated pixel of
-    /// padding on each side (`(width + 2) * channels`).
-    smooth: Vec<i16>,
-    diff: Vec<i16>,
-    /// Per-channel derivatives before picking the channel (multi-channel only).
-    dx_all: Vec<i16>,
-    dy_all: Vec<i16>,
-}
-
 /// One row's derivatives (of the chosen channel) and magnitudes; `mag` has a zero on each side.
 struct GradRow {
     dx: Vec<i16>,
@@ -192,6 +181,102 @@ impl GradRow {
     }
 }
 
+/// Scratch space for one plane's Sobel passes: vertical [1 2 1] and [-1 0 1] sums with one
+/// replicated pixel on each side (`width + 2`), and the plane's derivatives.
+struct PlaneScratch {
+    smooth: Vec<i16>,
+    diff: Vec<i16>,
+    dx: Vec<i16>,
+    dy: Vec<i16>,
+}
+
+impl PlaneScratch {
+    fn new(width: usize) -> Self {
+        Self { smooth: vec![0; width + 2], diff: vec![0; width + 2], dx: vec![0; width], dy: vec![0; width] }
+    }
+}
+
+/// The source rows as planes. Gray rows are read in place; colour rows are split into three
+/// planes once each (a ring of three rows), ignoring a 4th channel.
+struct Rows<'a> {
+    image: ImageView<'a>,
+    /// `planes[slot][channel]`, slot = y % 3 (colour only).
+    planes: Vec<[Vec<u8>; 3]>,
+    /// The source row held by each slot.
+    held: [usize; 3],
+}
+
+impl<'a> Rows<'a> {
+    fn new(image: ImageView<'a>) -> Self {
+        let w = image.width;
+        let planes = if image.channels == 1 {
+            Vec::new()
+        } else {
+            (0..3).map(|_| [vec![0u8; w], vec![0u8; w], vec![0u8; w]]).collect()
+        };
+        Self { image, planes, held: [usize::MAX; 3] }
+    }
+
+    /// Splits source row `y` into its slot unless it is there already.
+    #[inline(always)]
+    fn load(&mut self, y: usize) {
+        if self.image.channels == 1 || self.held[y % 3] == y {
+            return;
+        }
+        let row = self.image.row(y);
+        let [r, g, b] = &mut self.planes[y % 3];
+        match self.image.channels {
+            3 => split::<3>(row, r, g, b),
+            _ => split::<4>(row, r, g, b),
+        }
+        self.held[y % 3] = y;
+    }
+
+    /// Channel `c` of row `y` (loaded).
+    #[inline(always)]
+    fn plane(&self, y: usize, c: usize) -> &[u8] {
+        if self.image.channels == 1 { self.image.row(y) } else { &self.planes[y % 3][c] }
+    }
+}
+
+#[inline(always)]
+fn split<const CN: usize>(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) {
+    let (pixels, _) = row.as_chunks::<CN>();
+    for (((px, r), g), b) in pixels.iter().zip(r.iter_mut()).zip(g.iter_mut()).zip(b.iter_mut()) {
+        *r = px[0];
+        *g = px[1];
+        *b = px[2];
+    }
+}
+
+/// 3x3 Sobel of one plane row given the rows above and below (already border-replicated).
+#[inline(always)]
+fn sobel(above: &[u8], here: &[u8], below: &[u8], smooth: &mut [i16], diff: &mut [i16], dx: &mut [i16], dy: &mut [i16]) {
+    let w = here.len();
+    let (smooth, diff) = (&mut smooth[..w + 2], &mut diff[..w + 2]);
+    for ((((s, d), &a), &b), &c) in
+        smooth[1..w + 1].iter_mut().zip(diff[1..w + 1].iter_mut()).zip(&above[..w]).zip(&here[..w]).zip(&below[..w])
+    {
+        let (a, b, c) = (a as i16, b as i16, c as i16);
+        *s = a + 2 * b + c;
+        *d = c - a;
+    }
+    // Replicated left and right columns.
+    smooth[0] = smooth[1];
+    diff[0] = diff[1];
+    smooth[w + 1] = smooth[w];
+    diff[w + 1] = diff[w];
+    // dx = right - left of the smoothed row, dy = [1 2 1] of the difference row.
+    let (s_left, s_right) = (&smooth[..w], &smooth[2..w + 2]);
+    let (d_left, d_mid, d_right) = (&diff[..w], &diff[1..w + 1], &diff[2..w + 2]);
+    for ((dx, sl), sr) in dx[..w].iter_mut().zip(s_left).zip(s_right) {
+        *dx = sr - sl;
+    }
+    for (((dy, dl), dm), dr) in dy[..w].iter_mut().zip(d_left).zip(d_mid).zip(d_right) {
+        *dy = dl + 2 * dm + dr;
+    }
+}
+
 #[inline(always)]
 fn magnitude<const L2: bool>(dx: i16, dy: i16) -> i32 {
     let (dx, dy) = (dx as i32, dy as i32);
@@ -199,96 +284,50 @@ fn magnitude<const L2: bool>(dx: i16, dy: i16) -> i32 {
 }
 
 /// Sobel derivatives and magnitudes of row `y` into `out` (the magnitude's padding stays 0).
-fn gradient_row<const L2: bool>(image: &ImageView, y: usize, scratch: &mut Scratch, out: &mut GradRow) {
-    let (w, h, cn) = (image.width, image.height, image.channels);
-    let n = w * cn;
-    let above = image.row(y.saturating_sub(1));
-    let here = image.row(y);
-    let below = image.row((y + 1).min(h - 1));
-
-    // Vertical pass over every byte of the row.
-    {
-        let smooth = &mut scratch.smooth[cn..cn + n];
-        let diff = &mut scratch.diff[cn..cn + n];
-        for ((((s, d), &a), &b), &c) in smooth.iter_mut().zip(diff.iter_mut()).zip(above).zip(here).zip(below) {
-            let (a, b, c) = (a as i16, b as i16, c as i16);
-            *s = a + 2 * b + c;
-            *d = c - a;
-        }
-    }
-    // Replicated left and right columns.
-    for k in 0..cn {
-        scratch.smooth[k] = scratch.smooth[cn + k];
-        scratch.diff[k] = scratch.diff[cn + k];
-        scratch.smooth[cn + n + k] = scratch.smooth[n + k];
-        scratch.diff[cn + n + k] = scratch.diff[n + k];
-    }
-
-    // Horizontal pass: dx = right - left of the smoothed row, dy = [1 2 1] of the difference.
-    let (dx_dst, dy_dst) = if cn == 1 {
-        (&mut out.dx[..], &mut out.dy[..])
-    } else {
-        (&mut scratch.dx_all[..n], &mut scratch.dy_all[..n])
-    };
-    {
-        let (s, d) = (&scratch.smooth, &scratch.diff);
-        let (s_left, s_right) = (&s[..n], &s[2 * cn..2 * cn + n]);
-        let (d_left, d_mid, d_right) = (&d[..n], &d[cn..cn + n], &d[2 * cn..2 * cn + n]);
-        for (((dx, sl), sr), ((dy, dl), (dm, dr))) in dx_dst
-            .iter_mut()
-            .zip(s_left)
-            .zip(s_right)
-            .zip(dy_dst.iter_mut().zip(d_left).zip(d_mid.iter().zip(d_right)))
-        {
-            *dx = sr - sl;
-            *dy = dl + 2 * dm + dr;
-        }
-    }
-
+#[inline(always)]
+fn gradient_row<const L2: bool>(rows: &mut Rows, y: usize, scratch: &mut [PlaneScratch; 3], out: &mut GradRow) {
+    let h = rows.image.height;
+    let w = rows.image.width;
+    let (ya, yb) = (y.saturating_sub(1), (y + 1).min(h - 1));
+    rows.load(yb);
     let mag = &mut out.mag[1..w + 1];
-    match cn {
-        1 => {
-            for ((m, &dx), &dy) in mag.iter_mut().zip(&out.dx).zip(&out.dy) {
-                *m = magnitude::<L2>(dx, dy);
-            }
+    if rows.image.channels == 1 {
+        let s = &mut scratch[0];
+        sobel(rows.plane(ya, 0), rows.plane(y, 0), rows.plane(yb, 0), &mut s.smooth, &mut s.diff, &mut out.dx, &mut out.dy);
+        for ((m, &dx), &dy) in mag.iter_mut().zip(&out.dx[..w]).zip(&out.dy[..w]) {
+            *m = magnitude::<L2>(dx, dy);
         }
-        3 => pick_channel::<3, L2>(&scratch.dx_all[..n], &scratch.dy_all[..n], &mut out.dx, &mut out.dy, mag),
-        4 => pick_channel::<4, L2>(&scratch.dx_all[..n], &scratch.dy_all[..n], &mut out.dx, &mut out.dy, mag),
-        _ => unreachable!("channels checked by ImageView::new"),
+        return;
+    }
+    for (c, s) in scratch.iter_mut().enumerate() {
+        sobel(rows.plane(ya, c), rows.plane(y, c), rows.plane(yb, c), &mut s.smooth, &mut s.diff, &mut s.dx, &mut s.dy);
+    }
+    // Per pixel the first channel with the largest magnitude.
+    let [s0, s1, s2] = scratch;
+    let (dx0, dy0, dx1, dy1, dx2, dy2) = (&s0.dx[..w], &s0.dy[..w], &s1.dx[..w], &s1.dy[..w], &s2.dx[..w], &s2.dy[..w]);
+    let (dx, dy) = (&mut out.dx[..w], &mut out.dy[..w]);
+    for i in 0..w {
+        let (m0, m1, m2) = (magnitude::<L2>(dx0[i], dy0[i]), magnitude::<L2>(dx1[i], dy1[i]), magnitude::<L2>(dx2[i], dy2[i]));
+        let (mut m, mut gx, mut gy) = (m0, dx0[i], dy0[i]);
+        let take1 = m1 > m;
+        m = if take1 { m1 } else { m };
+        gx = if take1 { dx1[i] } else { gx };
+        gy = if take1 { dy1[i] } else { gy };
+        let take2 = m2 > m;
+        mag[i] = if take2 { m2 } else { m };
+        dx[i] = if take2 { dx2[i] } else { gx };
+        dy[i] = if take2 { dy2[i] } else { gy };
     }
 }
 
-/// Keeps, per pixel, the derivatives of the first of the first three channels with the largest
-/// magnitude.
-fn pick_channel<const CN: usize, const L2: bool>(
-    dx_all: &[i16],
-    dy_all: &[i16],
-    dx_out: &mut [i16],
-    dy_out: &mut [i16],
-    mag_out: &mut [i32],
-) {
-    let (dx_px, _) = dx_all.as_chunks::<CN>();
-    let (dy_px, _) = dy_all.as_chunks::<CN>();
-    for ((((gx, gy), dx), dy), m) in dx_px.iter().zip(dy_px).zip(dx_out.iter_mut()).zip(dy_out.iter_mut()).zip(mag_out) {
-        let m0 = magnitude::<L2>(gx[0], gy[0]);
-        let m1 = magnitude::<L2>(gx[1], gy[1]);
-        let m2 = magnitude::<L2>(gx[2], gy[2]);
-        let (mut best, mut bx, mut by) = (m0, gx[0], gy[0]);
-        if m1 > best {
-            (best, bx, by) = (m1, gx[1], gy[1]);
-        }
-        if m2 > best {
-            (best, bx, by) = (m2, gx[2], gy[2]);
-        }
-        *m = best;
-        *dx = bx;
-        *dy = by;
-    }
-}
-
-/// Non-maximum suppression and double threshold of one row. `map_row` is the row's slice of the
-/// bordered map (`width + 2`); strong pixels are pushed (as map indices, `row_start` being the
-/// index of `map_row[0]`).
+/// Non-maximum suppression and double threshold of one row. `prev`, `cur.mag` and `next` are
+/// padded magnitude rows (`width + 2`); `map_row` is the row's slice of the bordered map
+/// (`width + 2`); strong pixels are pushed (as map indices, `row_start` being the index of
+/// `map_row[0]`).
+///
+/// Every pixel is decided without branches (the direction is as good as random on real
+/// images), so the compiler vectorizes the loop; then the strong pixels are collected.
+#[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn suppress_row(
     prev: &[i32],
@@ -300,71 +339,90 @@ fn suppress_row(
     row_start: u32,
     stack: &mut Vec<u32>,
 ) {
-    const BLOCK: usize = 16;
     let w = cur.dx.len();
-    let mag = &cur.mag;
-    map_row.fill(NOT_EDGE);
-    let mut x0 = 0;
-    while x0 < w {
-        let x1 = (x0 + BLOCK).min(w);
-        // Most of a frame is below the low threshold: skip such blocks in one go.
-        if !mag[x0 + 1..x1 + 1].iter().fold(false, |any, &m| any | (m > low)) {
-            x0 = x1;
-            continue;
+    let (dx, dy) = (&cur.dx[..w], &cur.dy[..w]);
+    let mag = &cur.mag[..w + 2];
+    // Shifted views: index i is pixel x = i; `_l`, `_c`, `_r` are the columns x-1, x, x+1.
+    let (m_l, m_c, m_r) = (&mag[..w], &mag[1..w + 1], &mag[2..w + 2]);
+    let (p_l, p_c, p_r) = (&prev[..w], &prev[1..w + 1], &prev[2..w + 2]);
+    let (n_l, n_c, n_r) = (&next[..w], &next[1..w + 1], &next[2..w + 2]);
+    let out = &mut map_row[1..w + 1];
+    for i in 0..w {
+        // Load everything first: a loop without conditional loads vectorizes.
+        let (m, ml, mr) = (m_c[i], m_l[i], m_r[i]);
+        let (pl, pc, pr) = (p_l[i], p_c[i], p_r[i]);
+        let (nl, nc, nr) = (n_l[i], n_c[i], n_r[i]);
+        let (xs, ys) = (dx[i] as i32, dy[i] as i32);
+        let ax = xs.abs();
+        let ay = ys.abs() << CANNY_SHIFT;
+        let tg22x = ax * TG22;
+        let tg67x = tg22x + (ax << (CANNY_SHIFT + 1));
+        let horizontal = ay < tg22x;
+        let vertical = ay > tg67x;
+        let anti = (xs ^ ys) < 0;
+        // The two neighbours across the edge. Horizontal and vertical: strictly above the first,
+        // at least the second (m > b - 1); diagonals: strictly above both.
+        let a_diag = if anti { pr } else { pl };
+        let b_diag = if anti { nl } else { nr };
+        let a = if horizontal { ml } else if vertical { pc } else { a_diag };
+        let b = if horizontal { mr - 1 } else if vertical { nc - 1 } else { b_diag };
+        let is_max = (m > low) & (m > a) & (m > b);
+        let strong = m > high;
+        out[i] = if is_max { if strong { EDGE } else { CANDIDATE } } else { NOT_EDGE };
+    }
+    map_row[0] = NOT_EDGE;
+    map_row[w + 1] = NOT_EDGE;
+    for (chunk_index, chunk) in map_row[1..w + 1].chunks(32).enumerate() {
+        let mut mask = 0u32;
+        for (i, &v) in chunk.iter().enumerate() {
+            mask |= ((v == EDGE) as u32) << i;
         }
-        for x in x0..x1 {
-            let j = x + 1; // index in the padded magnitude rows
-            let m = mag[j];
-            if m <= low {
-                continue;
-            }
-            let (xs, ys) = (cur.dx[x] as i32, cur.dy[x] as i32);
-            let ax = xs.abs();
-            let ay = ys.abs() << CANNY_SHIFT;
-            let tg22x = ax * TG22;
-            let is_max = if ay < tg22x {
-                m > mag[j - 1] && m >= mag[j + 1]
-            } else {
-                let tg67x = tg22x + (ax << (CANNY_SHIFT + 1));
-                if ay > tg67x {
-                    m > prev[j] && m >= next[j]
-                } else if (xs ^ ys) < 0 {
-                    // Gradient along the anti-diagonal (image y grows downwards).
-                    m > prev[j + 1] && m > next[j - 1]
-                } else {
-                    m > prev[j - 1] && m > next[j + 1]
-                }
-            };
-            if is_max {
-                if m > high {
-                    map_row[j] = EDGE;
-                    stack.push(row_start + j as u32);
-                } else {
-                    map_row[j] = CANDIDATE;
-                }
-            }
+        while mask != 0 {
+            let x = chunk_index * 32 + mask.trailing_zeros() as usize;
+            mask &= mask - 1;
+            stack.push(row_start + 1 + x as u32);
         }
-        x0 = x1;
     }
 }
 
 /// Canny edge detection with OpenCV's semantics; see the module docs.
 pub fn canny(image: &ImageView, params: &CannyParams) -> Result<EdgeMap> {
     params.validate()?;
+    if params.l2_gradient { Ok(dispatch::<true>(image, params)) } else { Ok(dispatch::<false>(image, params)) }
+}
+
+/// [`canny`] without the AVX2 build, so that tests cover the code path of CPUs without it.
+#[doc(hidden)]
+pub fn canny_baseline(image: &ImageView, params: &CannyParams) -> Result<EdgeMap> {
+    params.validate()?;
     if params.l2_gradient { Ok(canny_impl::<true>(image, params)) } else { Ok(canny_impl::<false>(image, params)) }
 }
 
+/// Runs the AVX2 build of the whole detector where the CPU has it (the row loops are written
+/// for the compiler's auto-vectorizer), else the baseline build.
+fn dispatch<const L2: bool>(image: &ImageView, params: &CannyParams) -> EdgeMap {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2, checked just above.
+        return unsafe { canny_avx2::<L2>(image, params) };
+    }
+    canny_impl::<L2>(image, params)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn canny_avx2<const L2: bool>(image: &ImageView, params: &CannyParams) -> EdgeMap {
+    canny_impl::<L2>(image, params)
+}
+
+#[inline(always)]
 fn canny_impl<const L2: bool>(image: &ImageView, params: &CannyParams) -> EdgeMap {
-    let (w, h, cn) = (image.width, image.height, image.channels);
+    let (w, h) = (image.width, image.height);
     let (low, high) = params.integer_thresholds();
     let mw = w + 2;
 
-    let mut scratch = Scratch {
-        smooth: vec![0; (w + 2) * cn],
-        diff: vec![0; (w + 2) * cn],
-        dx_all: if cn > 1 { vec![0; w * cn] } else { Vec::new() },
-        dy_all: if cn > 1 { vec![0; w * cn] } else { Vec::new() },
-    };
+    let mut rows = Rows::new(*image);
+    let mut scratch = [PlaneScratch::new(w), PlaneScratch::new(w), PlaneScratch::new(w)];
     // Ring of rows: previous magnitudes, current row, next row. Rows outside the image are 0.
     let mut prev = vec![0i32; mw];
     let mut cur = GradRow::new(w);
@@ -375,11 +433,12 @@ fn canny_impl<const L2: bool>(image: &ImageView, params: &CannyParams) -> EdgeMa
     let mut map = vec![NOT_EDGE; mw * (h + 2)];
     let mut stack: Vec<u32> = Vec::with_capacity(1 << 10);
 
-    gradient_row::<L2>(image, 0, &mut scratch, &mut cur);
+    rows.load(0);
+    gradient_row::<L2>(&mut rows, 0, &mut scratch, &mut cur);
     for y in 0..h {
         let has_next = y + 1 < h;
         if has_next {
-            gradient_row::<L2>(image, y + 1, &mut scratch, &mut next);
+            gradient_row::<L2>(&mut rows, y + 1, &mut scratch, &mut next);
         }
         let next_mag = if has_next { &next.mag[..] } else { &zeros[..] };
         let row_start = (y + 1) * mw;
@@ -402,6 +461,7 @@ fn canny_impl<const L2: bool>(image: &ImageView, params: &CannyParams) -> EdgeMa
 
 /// Grows strong edges into 8-connected candidates. Every index on the stack is inside the
 /// border, so its 8 neighbours are inside the map.
+#[inline(always)]
 fn hysteresis(map: &mut [u8], mw: usize, stack: &mut Vec<u32>) {
     let mw = mw as u32;
     while let Some(i) = stack.pop() {

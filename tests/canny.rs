@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use sdcrossframe::canny::{CannyParams, EdgeMap, ImageView, canny, control_image};
+use sdcrossframe::canny::{CannyParams, EdgeMap, ImageView, canny, canny_baseline, control_image};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -187,6 +187,9 @@ fn matches_opencv_on_every_pixel() {
         let view = ImageView::packed(&input, case.width, case.height, case.channels).expect("valid view");
         let got = canny(&view, &params(case)).unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
         failures.extend(compare(case, "packed", &input, &got, &expected));
+        // The build for CPUs without AVX2 (the same source, compiled without it).
+        let got = canny_baseline(&view, &params(case)).unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
+        failures.extend(compare(case, "baseline build", &input, &got, &expected));
     }
     assert!(failures.is_empty(), "{} of {} cases differ from OpenCV:\n{}", failures.len(), fixtures.cases.len(), failures.join("\n"));
 }
