@@ -450,13 +450,16 @@ fn canny_impl<const L2: bool>(image: &ImageView, params: &CannyParams) -> EdgeMa
 
     hysteresis(&mut map, mw, &mut stack);
 
-    let mut data = vec![0u8; w * h];
-    for (out, row) in data.chunks_exact_mut(w).zip(map.chunks_exact(mw).skip(1)) {
-        for (o, &s) in out.iter_mut().zip(&row[1..w + 1]) {
+    // The output reuses the map's memory: row y moves from (y + 1) * mw + 1 to y * w, which is
+    // never past where it came from, so moving rows in order overwrites only rows already done.
+    for y in 0..h {
+        let (done, rest) = map.split_at_mut((y + 1) * mw + 1);
+        for (o, &s) in done[y * w..(y + 1) * w].iter_mut().zip(&rest[..w]) {
             *o = if s == EDGE { 255 } else { 0 };
         }
     }
-    EdgeMap { width: w, height: h, data }
+    map.truncate(w * h);
+    EdgeMap { width: w, height: h, data: map }
 }
 
 /// Grows strong edges into 8-connected candidates. Every index on the stack is inside the
