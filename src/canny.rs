@@ -19,8 +19,10 @@
 //! - Hysteresis: every candidate 8-connected (through candidates) to a strong pixel is an edge.
 //! - Output 255 on edges, 0 elsewhere; border pixels are treated like any other.
 //!
-//! Not OpenCV: 4-channel input (RGBx / RGBA from GStreamer) uses the first three channels only,
-//! where OpenCV would also look at the fourth.
+//! Not OpenCV, on purpose: 4-channel input (RGBx / RGBA from GStreamer) uses the first three
+//! channels only, where OpenCV would also look at the fourth; and an L1 threshold of 2^31 or more
+//! gives no edges, where OpenCV's conversion to `int` overflows to -2^31 and every local maximum
+//! becomes an edge.
 //!
 //! The work is done row by row (a ring of three magnitude rows, like OpenCV) straight from the
 //! borrowed rows, so padded GStreamer frames are read in place without copying the frame.
