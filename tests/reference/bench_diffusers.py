@@ -14,7 +14,8 @@ conditioning scale 0.7. Variants, each the median over --runs after --warmup:
 Also: peak CUDA memory (torch.cuda.max_memory_allocated) per variant.
 
 Usage: python3 tests/reference/bench_diffusers.py [--device cuda] [--dtype fp16] [--runs 20]
-Needs torch and diffusers (0.42.1 used for the committed numbers).
+Needs torch and diffusers (0.42.1 for the numbers in scripts/bench-gpu.sh). On a machine without
+diffusers, scripts/bench-gpu.sh installs a carried wheel first.
 """
 
 import argparse
@@ -105,6 +106,8 @@ def main():
     import diffusers
     from diffusers import ControlNetModel, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
+
+    diffusers.utils.logging.set_verbosity_error()
 
     device = torch.device(args.device)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
