@@ -259,7 +259,7 @@ impl SdCrossFrame {
                         element,
                         gst::LibraryError::Init,
                         ("Could not load Stable Diffusion model '{model}' / ControlNet '{controlnet}': {e:#}"),
-                        ["{description}: {e:?}"]
+                        ["{description}: {e:#}"]
                     );
                     let _ = tx.send(None);
                 }
