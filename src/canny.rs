@@ -253,7 +253,15 @@ fn split<const CN: usize>(row: &[u8], r: &mut [u8], g: &mut [u8], b: &mut [u8]) 
 
 /// 3x3 Sobel of one plane row given the rows above and below (already border-replicated).
 #[inline(always)]
-fn sobel(above: &[u8], here: &[u8], below: &[u8], smooth: &mut [i16], diff: &mut [i16], dx: &mut [i16], dy: &mut [i16]) {
+fn sobel(
+    above: &[u8],
+    here: &[u8],
+    below: &[u8],
+    smooth: &mut [i16],
+    diff: &mut [i16],
+    dx: &mut [i16],
+    dy: &mut [i16],
+) {
     let w = here.len();
     let (smooth, diff) = (&mut smooth[..w + 2], &mut diff[..w + 2]);
     for ((((s, d), &a), &b), &c) in
@@ -295,7 +303,15 @@ fn gradient_row<const L2: bool>(rows: &mut Rows, y: usize, scratch: &mut [PlaneS
     let mag = &mut out.mag[1..w + 1];
     if rows.image.channels == 1 {
         let s = &mut scratch[0];
-        sobel(rows.plane(ya, 0), rows.plane(y, 0), rows.plane(yb, 0), &mut s.smooth, &mut s.diff, &mut out.dx, &mut out.dy);
+        sobel(
+            rows.plane(ya, 0),
+            rows.plane(y, 0),
+            rows.plane(yb, 0),
+            &mut s.smooth,
+            &mut s.diff,
+            &mut out.dx,
+            &mut out.dy,
+        );
         for ((m, &dx), &dy) in mag.iter_mut().zip(&out.dx[..w]).zip(&out.dy[..w]) {
             *m = magnitude::<L2>(dx, dy);
         }
@@ -309,7 +325,8 @@ fn gradient_row<const L2: bool>(rows: &mut Rows, y: usize, scratch: &mut [PlaneS
     let (dx0, dy0, dx1, dy1, dx2, dy2) = (&s0.dx[..w], &s0.dy[..w], &s1.dx[..w], &s1.dy[..w], &s2.dx[..w], &s2.dy[..w]);
     let (dx, dy) = (&mut out.dx[..w], &mut out.dy[..w]);
     for i in 0..w {
-        let (m0, m1, m2) = (magnitude::<L2>(dx0[i], dy0[i]), magnitude::<L2>(dx1[i], dy1[i]), magnitude::<L2>(dx2[i], dy2[i]));
+        let (m0, m1, m2) =
+            (magnitude::<L2>(dx0[i], dy0[i]), magnitude::<L2>(dx1[i], dy1[i]), magnitude::<L2>(dx2[i], dy2[i]));
         let (mut m, mut gx, mut gy) = (m0, dx0[i], dy0[i]);
         let take1 = m1 > m;
         m = if take1 { m1 } else { m };
@@ -366,8 +383,20 @@ fn suppress_row(
         // at least the second (m > b - 1); diagonals: strictly above both.
         let a_diag = if anti { pr } else { pl };
         let b_diag = if anti { nl } else { nr };
-        let a = if horizontal { ml } else if vertical { pc } else { a_diag };
-        let b = if horizontal { mr - 1 } else if vertical { nc - 1 } else { b_diag };
+        let a = if horizontal {
+            ml
+        } else if vertical {
+            pc
+        } else {
+            a_diag
+        };
+        let b = if horizontal {
+            mr - 1
+        } else if vertical {
+            nc - 1
+        } else {
+            b_diag
+        };
         let is_max = (m > low) & (m > a) & (m > b);
         let strong = m > high;
         out[i] = if is_max { if strong { EDGE } else { CANDIDATE } } else { NOT_EDGE };
@@ -444,7 +473,16 @@ fn canny_impl<const L2: bool>(image: &ImageView, params: &CannyParams) -> EdgeMa
         }
         let next_mag = if has_next { &next.mag[..] } else { &zeros[..] };
         let row_start = (y + 1) * mw;
-        suppress_row(&prev, &cur, next_mag, low, high, &mut map[row_start..row_start + mw], row_start as u32, &mut stack);
+        suppress_row(
+            &prev,
+            &cur,
+            next_mag,
+            low,
+            high,
+            &mut map[row_start..row_start + mw],
+            row_start as u32,
+            &mut stack,
+        );
         // Scroll: cur's magnitudes become prev, next becomes cur.
         std::mem::swap(&mut prev, &mut cur.mag);
         std::mem::swap(&mut cur, &mut next);

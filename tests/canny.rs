@@ -55,7 +55,12 @@ fn load_input(case: &Case) -> Vec<u8> {
 fn load_expected(case: &Case) -> Vec<u8> {
     let path = fixture_dir().join(&case.output);
     let image = image::open(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display())).into_luma8();
-    assert_eq!((image.width() as usize, image.height() as usize), (case.width, case.height), "{}: output size", case.name);
+    assert_eq!(
+        (image.width() as usize, image.height() as usize),
+        (case.width, case.height),
+        "{}: output size",
+        case.name
+    );
     let data = image.into_raw();
     assert!(data.iter().all(|&v| v == 0 || v == 255), "{}: expected edges are not 0/255", case.name);
     data
@@ -169,7 +174,8 @@ fn fixture_set_covers_the_issue() {
         );
     }
     for (low, high) in [(50.0, 100.0), (100.0, 200.0), (0.0, 0.0)] {
-        let on_frames = fixtures.cases.iter().filter(|c| c.input.starts_with("frames/") && (c.low, c.high) == (low, high));
+        let on_frames =
+            fixtures.cases.iter().filter(|c| c.input.starts_with("frames/") && (c.low, c.high) == (low, high));
         assert!(on_frames.count() >= 14, "thresholds ({low}, {high}) missing on some frames");
     }
     assert!(fixtures.cases.iter().any(|c| c.l2 && c.input.starts_with("frames/")), "no L2 case on frames");
@@ -191,7 +197,13 @@ fn matches_opencv_on_every_pixel() {
         let got = canny_baseline(&view, &params(case)).unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
         failures.extend(compare(case, "baseline build", &input, &got, &expected));
     }
-    assert!(failures.is_empty(), "{} of {} cases differ from OpenCV:\n{}", failures.len(), fixtures.cases.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{} of {} cases differ from OpenCV:\n{}",
+        failures.len(),
+        fixtures.cases.len(),
+        failures.join("\n")
+    );
 }
 
 /// The same edges from rows padded like GStreamer's (stride > width * channels, the padding
@@ -253,10 +265,7 @@ fn bad_input_is_a_clear_error() {
         error_text(ImageView::new(&data, 4, 4, 3, 11)),
         "row stride 11 is smaller than 4 pixels x 3 channels = 12 bytes"
     );
-    assert_eq!(
-        error_text(ImageView::new(&data, 4, 5, 3, 16)),
-        "image of 4x5x3 with stride 16 needs 76 bytes, got 64"
-    );
+    assert_eq!(error_text(ImageView::new(&data, 4, 5, 3, 16)), "image of 4x5x3 with stride 16 needs 76 bytes, got 64");
     assert!(error_text(ImageView::new(&data, usize::MAX / 2, 2, 3, 0)).contains("too large"));
 
     let view = ImageView::packed(&data, 8, 8, 1).expect("valid view");
