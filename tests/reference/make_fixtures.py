@@ -22,7 +22,8 @@ keys are exactly what real checkpoints have):
         reverses it for the up blocks), cross_attention_dim 32, norm_num_groups 8.
         Cross-attention (attn2) to_k/to_v are scaled by CROSS_ATTN_KV_SCALE; every
         up-block self-attention (up_blocks.*.attn1) has to_q/to_k weights scaled by
-        UP_ATTN1_QK_SCALE and to_v/to_out.0 weights by UP_ATTN1_VO_SCALE.
+        UP_ATTN1_QK_SCALE and to_v/to_out.0 weights by UP_ATTN1_VO_SCALE, every down/mid-block
+        one by DOWN_MID_ATTN1_QK_SCALE / DOWN_MID_ATTN1_VO_SCALE.
     vae/config.json, vae/diffusion_pytorch_model.safetensors        (f16)
         AutoencoderKL: block_out_channels [16, 32, 32, 32] (factor 8), layers_per_block 1,
         latent_channels 4, norm_num_groups 8, scaling_factor 0.18215. The posterior-mean
@@ -99,13 +100,32 @@ Reference outputs, tests/fixtures/reference/ (safetensors tensors are f32 unless
   strength 0.9, guidance 7.5, controlnet scale 0.7), prompt2, control2 (frame 0 + control 1),
   frame1 (frame 1 + control 1; vs control2 it isolates the input frame), cnscale03,
   guidance1 (no CFG), guidance3, steps10_strength05.
+  cross_frame/MODE_SCOPE.safetensors  MODE in off, first, prev, first_prev (= first+prev),
+                        SCOPE in up, all: frame_0..frame_5 [1,3,64,96] in [0,1], the outputs of
+                        one video of frames 0..5 (frame_K with control_K, base settings, the
+                        same fixed noise for every frame) with cross-frame self-attention:
+                        the original technique re-implemented as a diffusers attention
+                        processor (CrossFrameAttnProcessor + CrossFrameState) but with the cache
+                        keyed by the step's index in the frame's schedule. Frame 0 is the
+                        anchor (plain attention, records every patched attn1 input = norm1
+                        output, whole CFG batch, as first = prev); frame i >= 1 takes queries
+                        from itself and keys/values from to_k/to_v of cat([first, prev], tokens)
+                        (first+prev), first or prev, never its own tokens; then prev = itself.
+                        Scope up: every attn1 under up_blocks.; all: every attn1 of the UNet;
+                        the ControlNet is not patched. off = plain img2img (off_up == off_all).
+  cross_frame/cases.json  {description, frames, controls, noise, settings, tensor_shape,
+                        cases: [{name, mode, scope, output, tensors, patched_layers}]}.
 
 Checks (the script exits non-zero when one fails): every case differs from base (and frame1
 from control2) by mean abs >= 0.01 and max >= 0.05; base is not degenerate (std > 0.05, under
 half the pixels at 0 or 1); every case rerun in float64 matches the float32 output within
 F64_MAX_DIFF (the trajectory is not chaotic, so the images are usable as parity references).
-Every model is saved in f16 and no fixture file exceeds 8 MiB. Every reference is computed by
-models loaded back from the saved files.
+Cross-frame: frame 0 of every mode equals off exactly; off frame 1 equals img2img/frame1;
+frame 1 under first+prev equals first within CROSS_FRAME_IDENTITY_TOL; every two modes differ
+by at least CROSS_FRAME_MIN_DIFF (max abs pixel difference over frames 2..5) in both scopes,
+and scope up vs all by as much for every mode; every video rerun in float64 matches within
+F64_MAX_DIFF. Every model is saved in f16 and no fixture file exceeds 8 MiB. Every reference
+is computed by models loaded back from the saved files.
 """
 
 import gzip
@@ -145,6 +165,11 @@ SEED = 20240521
 # (the float64 check below catches that).
 UP_ATTN1_QK_SCALE = 4.0
 UP_ATTN1_VO_SCALE = 2.0
+# The same for the UNet's down- and mid-block self-attention (down_blocks.*.attn1,
+# mid_block.*.attn1): makes cross-frame attention with scope "all" visibly different from
+# scope "up". Not applied to the ControlNet.
+DOWN_MID_ATTN1_QK_SCALE = 4.0
+DOWN_MID_ATTN1_VO_SCALE = 4.0
 # Cross-attention (attn2) key/value scaling in UNet and ControlNet: makes the prompt matter.
 CROSS_ATTN_KV_SCALE = 6.0
 # Scale of the (normally zero-initialised) ControlNet output convolutions.
@@ -160,9 +185,16 @@ VAE_LATENT_SCALE = 40.0
 # ControlNet conditioning embedding: every conv weight is scaled by this (a default-initialised
 # stack of 8 convs shrinks the control image to almost nothing next to its biases).
 CONTROLNET_COND_EMBED_SCALE = 4.0
+# Cross-frame references: modes must differ by at least this (max abs pixel difference,
+# pixels in [0, 1]); frame 1 under first+prev and first must agree within the tolerance.
+CROSS_FRAME_MIN_DIFF = 0.02
+CROSS_FRAME_IDENTITY_TOL = 1e-5
 # ---------------------------------------------------------------------------------------
 
 WIDTH, HEIGHT = 96, 64
+CROSS_FRAME_FRAMES = (0, 1, 2, 3, 4, 5)
+CROSS_FRAME_MODES = ("off", "first", "prev", "first+prev")
+CROSS_FRAME_SCOPES = ("up", "all")
 # Odd latent size for the UNet + ControlNet reference that exercises the odd-size upsampling.
 ODD_LATENT_H, ODD_LATENT_W = 9, 13
 # No fixture file may be larger than this.
@@ -265,16 +297,19 @@ def jitter_norms(model, offset):
 
 
 @torch.no_grad()
-def scale_attention(model, up_blocks):
+def scale_attention(model, self_attn):
     for name, m in model.named_modules():
         if name.endswith("attn2"):
             m.to_k.weight.mul_(CROSS_ATTN_KV_SCALE)
             m.to_v.weight.mul_(CROSS_ATTN_KV_SCALE)
-        if up_blocks and name.startswith("up_blocks.") and name.endswith("attn1"):
-            m.to_q.weight.mul_(UP_ATTN1_QK_SCALE)
-            m.to_k.weight.mul_(UP_ATTN1_QK_SCALE)
-            m.to_v.weight.mul_(UP_ATTN1_VO_SCALE)
-            m.to_out[0].weight.mul_(UP_ATTN1_VO_SCALE)
+        if self_attn and name.endswith("attn1"):
+            up = name.startswith("up_blocks.")
+            qk = UP_ATTN1_QK_SCALE if up else DOWN_MID_ATTN1_QK_SCALE
+            vo = UP_ATTN1_VO_SCALE if up else DOWN_MID_ATTN1_VO_SCALE
+            m.to_q.weight.mul_(qk)
+            m.to_k.weight.mul_(qk)
+            m.to_v.weight.mul_(vo)
+            m.to_out[0].weight.mul_(vo)
 
 
 @torch.no_grad()
@@ -378,7 +413,7 @@ def build_and_save_models():
     torch.manual_seed(SEED + 1)
     unet = UNet2DConditionModel(**UNET_CONFIG)
     jitter_norms(unet, 101)
-    scale_attention(unet, up_blocks=True)
+    scale_attention(unet, self_attn=True)
 
     torch.manual_seed(SEED + 2)
     # from_unet gives the exact ControlNet config; the weights are a fresh random init
@@ -390,7 +425,7 @@ def build_and_save_models():
         for m in controlnet.controlnet_cond_embedding.modules():
             if isinstance(m, torch.nn.Conv2d):
                 m.weight.mul_(CONTROLNET_COND_EMBED_SCALE)
-    scale_attention(controlnet, up_blocks=False)
+    scale_attention(controlnet, self_attn=False)
     randomize_zero_convs(controlnet, 202)
 
     torch.manual_seed(SEED + 3)
@@ -760,52 +795,72 @@ def img2img_cases():
     return cases
 
 
-def run_img2img(pipe):
-    noise = randn((1, 4, HEIGHT // 8, WIDTH // 8), 700)
-    save_file({"noise": noise}, IMG_DIR / "noise.safetensors")
+class Runner:
+    """Runs StableDiffusionControlNetImg2ImgPipeline deterministically: the VAE posterior mean
+    instead of a sample, the fixed `noise` tensor as the start noise of every run, eta 0.
+    Captures the noised start latents and the latents after the last step."""
 
-    orig_retrieve = cn_img2img_module.retrieve_latents
+    def __init__(self, pipe, noise):
+        self.pipe, self.noise, self.captured = pipe, noise, {}
+        self._orig_retrieve = cn_img2img_module.retrieve_latents
+        self._orig_randn = cn_img2img_module.randn_tensor
+        self._orig_prepare = pipe.prepare_latents
 
-    def retrieve_mean(encoder_output, generator=None, sample_mode="sample"):
-        return orig_retrieve(encoder_output, generator=generator, sample_mode="argmax")
+    def __enter__(self):
+        orig_retrieve, noise, captured, orig_prepare = self._orig_retrieve, self.noise, self.captured, \
+            self._orig_prepare
 
-    def fixed_noise(shape, generator=None, device=None, dtype=None, layout=None):
-        assert tuple(shape) == tuple(noise.shape), f"unexpected noise shape {shape}"
-        return noise.clone().to(dtype=dtype or torch.float32)
+        def retrieve_mean(encoder_output, generator=None, sample_mode="sample"):
+            return orig_retrieve(encoder_output, generator=generator, sample_mode="argmax")
 
-    cn_img2img_module.retrieve_latents = retrieve_mean
-    cn_img2img_module.randn_tensor = fixed_noise
+        def fixed_noise(shape, generator=None, device=None, dtype=None, layout=None):
+            assert tuple(shape) == tuple(noise.shape), f"unexpected noise shape {shape}"
+            return noise.clone().to(dtype=dtype or torch.float32)
 
-    captured = {}
-    orig_prepare = pipe.prepare_latents
+        def prepare_latents(*a, **k):
+            lat = orig_prepare(*a, **k)
+            captured["init"] = lat.clone()
+            return lat
 
-    def prepare_latents(*a, **k):
-        lat = orig_prepare(*a, **k)
-        captured["init"] = lat.clone()
-        return lat
+        cn_img2img_module.retrieve_latents = retrieve_mean
+        cn_img2img_module.randn_tensor = fixed_noise
+        self.pipe.prepare_latents = prepare_latents
+        return self
 
-    pipe.prepare_latents = prepare_latents
+    def __exit__(self, *exc):
+        cn_img2img_module.retrieve_latents = self._orig_retrieve
+        cn_img2img_module.randn_tensor = self._orig_randn
+        self.pipe.prepare_latents = self._orig_prepare
 
-    def on_step_end(p, i, t, kw):
-        captured["final"] = kw["latents"].clone()
-        return {}
+    def __call__(self, c):
+        """Runs case `c` (img2img_cases() keys); returns the image, numpy NHWC in [0, 1]."""
+        captured = self.captured
 
-    def run_case(c):
+        def on_step_end(p, i, t, kw):
+            captured["final"] = kw["latents"].clone()
+            return {}
+
         with torch.no_grad():
-            out = pipe(prompt=c["prompt"], negative_prompt=c["negative_prompt"],
-                       image=load_png(IMG_DIR / f"frame_{c['frame']}.png"),
-                       control_image=load_png(IMG_DIR / f"control_{c['control']}.png"),
-                       width=WIDTH, height=HEIGHT, num_inference_steps=c["steps"], strength=c["strength"],
-                       guidance_scale=c["guidance_scale"], controlnet_conditioning_scale=c["controlnet_scale"],
-                       eta=0.0, output_type="np", callback_on_step_end=on_step_end,
-                       callback_on_step_end_tensor_inputs=["latents"]).images
-        return out
+            return self.pipe(prompt=c["prompt"], negative_prompt=c["negative_prompt"],
+                             image=load_png(IMG_DIR / f"frame_{c['frame']}.png"),
+                             control_image=load_png(IMG_DIR / f"control_{c['control']}.png"),
+                             width=WIDTH, height=HEIGHT, num_inference_steps=c["steps"], strength=c["strength"],
+                             guidance_scale=c["guidance_scale"], controlnet_conditioning_scale=c["controlnet_scale"],
+                             eta=0.0, output_type="np", callback_on_step_end=on_step_end,
+                             callback_on_step_end_tensor_inputs=["latents"]).images
 
+
+def to_nchw(out):
+    return torch.from_numpy(np.ascontiguousarray(out)).permute(0, 3, 1, 2).contiguous()
+
+
+def run_img2img(pipe, run_case):
+    captured = run_case.captured
     cases = img2img_cases()
     results = {}
     for c in cases:
         out = run_case(c)
-        img = torch.from_numpy(np.ascontiguousarray(out)).permute(0, 3, 1, 2).contiguous().to(torch.float32)
+        img = to_nchw(out).to(torch.float32)
         assert img.shape == (1, 3, HEIGHT, WIDTH)
         save_file({"image": img, "init_latents": captured["init"].contiguous(),
                    "final_latents": captured["final"].contiguous()}, IMG_DIR / c["output"])
@@ -819,16 +874,13 @@ def run_img2img(pipe):
     ok = True
     pipe.to(torch.float64)
     for c in cases:
-        out64 = torch.from_numpy(run_case(c)).permute(0, 3, 1, 2).to(torch.float64)
+        out64 = to_nchw(run_case(c)).to(torch.float64)
         d = (out64 - results[c["name"]].to(torch.float64)).abs()
         good = float(d.max()) <= F64_MAX_DIFF
         print(f"img2img {c['name']:20s} f32 vs f64: mean {float(d.mean()):.2e} max {float(d.max()):.2e}"
               f"{'' if good else '  FAIL: chaotic, lower the attention scales'}")
         ok = ok and good
     pipe.to(torch.float32)
-
-    cn_img2img_module.retrieve_latents = orig_retrieve
-    pipe.prepare_latents = orig_prepare
 
     base = results["base"]
     print(f"img2img base: mean {base.mean():.4f} std {base.std():.4f} min {base.min():.4f} max {base.max():.4f} "
@@ -846,6 +898,229 @@ def run_img2img(pipe):
         print(f"img2img {name:20s} vs {ref:8s}: mean abs diff {d.mean():.4f} max {d.max():.4f} "
               f"std {img.std():.4f} {'ok' if good else 'TOO SMALL'}")
         ok = ok and bool(good)
+    return ok, results
+
+
+# ---------------------------------------------------------------------------------------
+# Cross-frame attention (the original "ReplaceAttn" technique re-implemented on diffusers)
+
+
+class CrossFrameState:
+    """What the patched self-attention layers share while a video is processed.
+
+    first[(layer, step)] / prev[(layer, step)] hold attn1 inputs (the output of norm1, whole
+    CFG batch) of the anchor frame / of the previous frame. Unlike the original, the key is
+    the step's index in the frame's own schedule (not a per-layer call counter), and every
+    frame's timesteps are checked against the anchor's."""
+
+    def __init__(self, mode):
+        assert mode in ("first+prev", "first", "prev"), mode
+        self.mode = mode
+        self.first, self.prev = {}, {}
+        self.timesteps = None  # the anchor frame's schedule
+        self.anchor = True
+        self.step = None
+        self.frame_timesteps = []
+
+    def begin_frame(self, anchor):
+        self.anchor, self.step, self.frame_timesteps = anchor, 0, []
+        if anchor:
+            self.first, self.prev, self.timesteps = {}, {}, None
+
+    def end_frame(self):
+        if self.anchor:
+            self.timesteps = list(self.frame_timesteps)
+        assert self.frame_timesteps == self.timesteps, \
+            f"frame schedule {self.frame_timesteps} differs from the anchor's {self.timesteps}"
+        self.step = None
+
+    # UNet forward hooks: one UNet call per denoising step (CFG is one batch of 2).
+    def unet_pre_hook(self, module, args, kwargs):
+        t = args[1] if len(args) > 1 else kwargs["timestep"]
+        t = int(t.flatten()[0]) if torch.is_tensor(t) else int(t)
+        assert self.step is not None, "UNet called outside a frame"
+        if not self.anchor:
+            assert self.step < len(self.timesteps) and self.timesteps[self.step] == t, \
+                f"step {self.step}: timestep {t} is not the anchor's"
+        self.frame_timesteps.append(t)
+
+    def unet_post_hook(self, module, args, kwargs, output):
+        self.step += 1
+
+    def context(self, layer, x):
+        """The tensor that attn1 of `layer` projects to keys and values at the current step."""
+        key = (layer, self.step)
+        if self.anchor:
+            self.first[key] = x.detach().clone()
+            self.prev[key] = x.detach().clone()
+            return x
+        first, prev = self.first[key], self.prev[key]
+        assert first.shape == x.shape and prev.shape == x.shape, (layer, first.shape, x.shape)
+        if self.mode == "first+prev":
+            ctx = torch.cat([first, prev], dim=1)  # tokens; batch rows pair up (uncond/cond)
+        elif self.mode == "first":
+            ctx = first
+        else:
+            ctx = prev
+        self.prev[key] = x.detach().clone()
+        return ctx
+
+
+class CrossFrameAttnProcessor:
+    """diffusers' AttnProcessor2_0 math (scaled_dot_product_attention, so an anchor frame is
+    bit-identical to plain attention) with keys and values from CrossFrameState.context; the
+    queries are always the frame's own."""
+
+    def __init__(self, state, layer):
+        self.state, self.layer = state, layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        assert encoder_hidden_states is None and attention_mask is None, f"{self.layer} is not a self-attention"
+        assert hidden_states.ndim == 3 and attn.spatial_norm is None and attn.group_norm is None
+        assert attn.norm_q is None and attn.norm_k is None
+        assert not attn.residual_connection and attn.rescale_output_factor == 1.0
+        context = self.state.context(self.layer, hidden_states)
+        batch, heads = hidden_states.shape[0], attn.heads
+        query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+        head_dim = key.shape[-1] // heads
+        query, key, value = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (query, key, value))
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                                                is_causal=False)
+        out = out.transpose(1, 2).reshape(batch, -1, heads * head_dim).to(query.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def cross_frame_layers(unet, scope):
+    """diffusers names of the UNet's self-attention layers in scope, in module order."""
+    assert scope in CROSS_FRAME_SCOPES, scope
+    names = [n[: -len(".processor")] for n in unet.attn_processors]
+    names = [n for n in names if n.endswith(".attn1")]
+    if scope == "up":
+        names = [n for n in names if n.startswith("up_blocks.")]
+    return names
+
+
+def run_video(pipe, run_case, mode, scope, base):
+    """Runs CROSS_FRAME_FRAMES as one video under (mode, scope); mode "off" is plain img2img.
+    Returns [1,3,H,W] images in the pipeline's dtype."""
+    unet = pipe.unet
+    state = None
+    if mode != "off":
+        state = CrossFrameState(mode)
+        layers = set(cross_frame_layers(unet, scope))
+        orig = dict(unet.attn_processors)
+        procs = {n: (CrossFrameAttnProcessor(state, n[: -len(".processor")])
+                     if n[: -len(".processor")] in layers else p) for n, p in orig.items()}
+        unet.set_attn_processor(procs)
+        hooks = [unet.register_forward_pre_hook(state.unet_pre_hook, with_kwargs=True),
+                 unet.register_forward_hook(state.unet_post_hook, with_kwargs=True)]
+    images = []
+    try:
+        for i, k in enumerate(CROSS_FRAME_FRAMES):
+            if state is not None:
+                state.begin_frame(anchor=(i == 0))
+            out = run_case(dict(base, frame=k, control=k))
+            if state is not None:
+                state.end_frame()
+            images.append(to_nchw(out))
+    finally:
+        if state is not None:
+            for h in hooks:
+                h.remove()
+            unet.set_attn_processor(dict(orig))
+    return images
+
+
+def run_cross_frame(pipe, run_case, img2img_results):
+    out_dir = REF_DIR / "cross_frame"
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    base = dict(prompt=PROMPT, negative_prompt=NEGATIVE_PROMPT, steps=20, strength=0.9, guidance_scale=7.5,
+                controlnet_scale=0.7)
+    n = len(CROSS_FRAME_FRAMES)
+    runs = {}  # (mode, scope) -> images; "off" is computed once (the scope does not apply)
+    for mode in CROSS_FRAME_MODES:
+        for scope in CROSS_FRAME_SCOPES:
+            if mode == "off" and ("off", CROSS_FRAME_SCOPES[0]) in runs:
+                runs[(mode, scope)] = runs[("off", CROSS_FRAME_SCOPES[0])]
+                continue
+            runs[(mode, scope)] = [im.to(torch.float32) for im in run_video(pipe, run_case, mode, scope, base)]
+
+    cases = []
+    for (mode, scope), images in runs.items():
+        name = f"{mode.replace('+', '_')}_{scope}"
+        save_file({f"frame_{i}": im.contiguous() for i, im in enumerate(images)}, out_dir / f"{name}.safetensors")
+        cases.append(dict(name=name, mode=mode, scope=scope, output=f"{name}.safetensors",
+                          tensors=[f"frame_{i}" for i in range(n)],
+                          patched_layers=[] if mode == "off" else cross_frame_layers(pipe.unet, scope)))
+    meta = dict(
+        description="A video of frames img2img/frame_K.png with control img2img/control_K.png, K in `frames` in "
+                    "this order, through StableDiffusionControlNetImg2ImgPipeline (DDIM, eta 0, VAE posterior "
+                    "mean, img2img/noise.safetensors as the start noise of every frame) with cross-frame "
+                    "self-attention. Frame 0 is the anchor (plain attention; records every patched layer's attn1 "
+                    "input, the output of norm1 for the whole CFG batch, per step index as first = prev). Frame "
+                    "i >= 1: queries from its own attn1 input, keys/values = to_k/to_v of cat([first, prev], "
+                    "tokens) for first+prev, first for first, prev for prev (its own tokens not included), then "
+                    "prev = its own input. Batch row b attends to row b of the cache (0 uncond, 1 cond). Scope "
+                    "up: every attn1 under up_blocks.; all: every attn1 of the UNet. The ControlNet is never "
+                    "patched. off = plain img2img per frame (off_up and off_all are the same images).",
+        frames=list(CROSS_FRAME_FRAMES), controls=list(CROSS_FRAME_FRAMES), noise="img2img/noise.safetensors",
+        settings=dict(base, eta=0.0, width=WIDTH, height=HEIGHT, scheduler="DDIM"),
+        tensor_shape=[1, 3, HEIGHT, WIDTH], tensor_range="[0, 1]", cases=cases)
+    (out_dir / "cases.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+    ok = True
+
+    def check(good, msg):
+        nonlocal ok
+        print(f"cross_frame {msg} {'ok' if good else 'FAIL'}")
+        ok = ok and bool(good)
+
+    def maxdiff(a, b):
+        return float((a.to(torch.float64) - b.to(torch.float64)).abs().max())
+
+    # off is plain img2img: frame 1 must be the img2img `frame1` case.
+    check(maxdiff(runs[("off", "up")][1], img2img_results["frame1"]) == 0.0,
+          f"off frame 1 vs img2img/frame1: {maxdiff(runs[('off', 'up')][1], img2img_results['frame1']):.2e}")
+    for scope in CROSS_FRAME_SCOPES:
+        # The anchor frame is plain attention in every mode.
+        d0 = max(maxdiff(runs[(m, scope)][0], runs[("off", scope)][0]) for m in CROSS_FRAME_MODES)
+        check(d0 == 0.0, f"{scope}: frame 0 of every mode vs off: {d0:.2e}")
+        # Frame 1: first == prev, and attending to [x0; x0] equals attending to x0.
+        d1 = maxdiff(runs[("first+prev", scope)][1], runs[("first", scope)][1])
+        check(d1 <= CROSS_FRAME_IDENTITY_TOL, f"{scope}: frame 1 first+prev vs first: {d1:.2e} "
+                                              f"(must be <= {CROSS_FRAME_IDENTITY_TOL:.0e})")
+        d1p = maxdiff(runs[("prev", scope)][1], runs[("first", scope)][1])
+        check(d1p <= CROSS_FRAME_IDENTITY_TOL, f"{scope}: frame 1 prev vs first: {d1p:.2e}")
+        # Modes must differ visibly (frames 2.. where first, prev and first+prev are all distinct).
+        for i, a in enumerate(CROSS_FRAME_MODES):
+            for b in CROSS_FRAME_MODES[i + 1:]:
+                per = [maxdiff(runs[(a, scope)][k], runs[(b, scope)][k]) for k in range(n)]
+                d = max(per[2:])
+                check(d >= CROSS_FRAME_MIN_DIFF,
+                      f"{scope}: {a:10s} vs {b:10s} max abs diff over frames 2..{n - 1}: {d:.4f} "
+                      f"(per frame {' '.join(f'{x:.4f}' for x in per)}; must be >= {CROSS_FRAME_MIN_DIFF})")
+    # The scope must be visible too (frames 1.., frame 0 is the anchor).
+    for mode in CROSS_FRAME_MODES[1:]:
+        per = [maxdiff(runs[(mode, "up")][k], runs[(mode, "all")][k]) for k in range(n)]
+        check(max(per) >= CROSS_FRAME_MIN_DIFF,
+              f"{mode:10s} up vs all: max abs diff {max(per):.4f} (per frame {' '.join(f'{x:.4f}' for x in per)};"
+              f" must be >= {CROSS_FRAME_MIN_DIFF})")
+
+    # Chaos guard: every video again in float64.
+    pipe.to(torch.float64)
+    try:
+        for (mode, scope), images in runs.items():
+            if mode == "off" and scope != CROSS_FRAME_SCOPES[0]:
+                continue
+            im64 = run_video(pipe, run_case, mode, scope, base)
+            per = [maxdiff(a, b) for a, b in zip(im64, images)]
+            check(max(per) <= F64_MAX_DIFF, f"{mode:10s} {scope:3s} f32 vs f64 max per frame "
+                                            f"{' '.join(f'{x:.1e}' for x in per)} (must be <= {F64_MAX_DIFF:.0e})")
+    finally:
+        pipe.to(torch.float32)
     return ok
 
 
@@ -866,7 +1141,11 @@ def main():
     extract_frames()
     make_component_refs(pipe)
     make_ddim_refs(pipe)
-    ok = run_img2img(pipe)
+    noise = randn((1, 4, HEIGHT // 8, WIDTH // 8), 700)
+    save_file({"noise": noise}, IMG_DIR / "noise.safetensors")
+    with Runner(pipe, noise) as run_case:
+        ok, results = run_img2img(pipe, run_case)
+        ok = run_cross_frame(pipe, run_case, results) and ok
     check_file_sizes()
     if not ok:
         sys.exit("sensitivity / degeneracy checks failed: tune the constants at the top of the script")
