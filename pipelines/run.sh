@@ -8,6 +8,7 @@
 # error. Values are pasted in as they are: a value with spaces must sit inside the file's
 # double quotes (as PROMPT does) and must not contain double quotes itself.
 # The plugin is taken from target/release (else target/debug) unless GST_PLUGIN_PATH is set.
+# GST_LAUNCH_OPTS adds gst-launch-1.0 options (e.g. -v, -m).
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
@@ -40,6 +41,6 @@ launch=$(grep -v '^[[:space:]]*#' "$file" | perl -0777 -pe '
     #ge;
     s/\s+/ /g;
 ')
-echo "gst-launch-1.0 -e $launch" >&2
+echo "gst-launch-1.0 -e ${GST_LAUNCH_OPTS:-} $launch" >&2
 set -f  # no globbing: the launch line is split into words only
-exec gst-launch-1.0 -e $launch
+exec gst-launch-1.0 -e ${GST_LAUNCH_OPTS:-} $launch
