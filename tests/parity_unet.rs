@@ -314,3 +314,28 @@ fn unet_and_controlnet_run_in_f16() {
     println!("controlnet mid f16: relative error {rel:.3e}");
     assert!(rel < 3e-2, "{rel}");
 }
+
+/// A latent size that does not halve evenly (9x13 -> 5x7 -> 3x4): the up blocks must
+/// upsample to the skip connection's size, as diffusers does with explicit upsample sizes.
+#[test]
+fn odd_latent_size_matches_diffusers() {
+    let r = reference("unet_odd.safetensors");
+    let controlnet = load_controlnet();
+    let residuals = controlnet
+        .forward(
+            &r["sample"],
+            scalar(&r["timestep"]),
+            &r["encoder_hidden_states"],
+            &r["controlnet_cond"],
+            scalar(&r["conditioning_scale"]),
+        )
+        .unwrap();
+    for (i, got) in residuals.down.iter().enumerate() {
+        assert_close(&format!("odd down.{i}"), got, &r[&format!("down.{i}")]);
+    }
+    assert_close("odd mid", &residuals.mid, &r["mid"]);
+    let out = load_unet()
+        .forward(&r["sample"], scalar(&r["timestep"]), &r["encoder_hidden_states"], Some(&residuals), &mut NoHook)
+        .unwrap();
+    assert_close("odd out", &out, &r["out"]);
+}
