@@ -5,6 +5,7 @@
 
 pub mod canny;
 pub mod cross_frame;
+pub mod device;
 pub mod frame;
 pub mod models;
 pub mod pipeline;

@@ -5,12 +5,12 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device};
 use clap::{Args, Parser, Subcommand};
 
 use sdcrossframe::canny::{self, CannyParams, ImageView};
 use sdcrossframe::frame::RgbFrame;
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
+use sdcrossframe::device::{parse_device, parse_dtype};
 use sdcrossframe::pipeline::{self, FrameSettings, ModelSpec, Stylizer};
 use sdcrossframe::session::{NoiseMode, SessionConfig, VideoSession};
 
@@ -137,30 +137,6 @@ fn main() -> ExitCode {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
-    }
-}
-
-pub fn parse_device(spec: &str) -> Result<Device> {
-    match spec {
-        "cpu" => Ok(Device::Cpu),
-        s if s.starts_with("cuda") => {
-            let ordinal = match s.strip_prefix("cuda:") {
-                Some(n) => n.parse::<usize>().with_context(|| format!("bad device {s:?}: expected cuda:N"))?,
-                None if s == "cuda" => 0,
-                None => bail!("bad device {s:?}: expected cpu or cuda:N"),
-            };
-            Device::new_cuda(ordinal).with_context(|| format!("cannot open device {s}"))
-        }
-        other => bail!("unknown device {other:?}: expected cpu or cuda:N"),
-    }
-}
-
-pub fn parse_dtype(spec: &str) -> Result<DType> {
-    match spec {
-        "f32" | "float32" => Ok(DType::F32),
-        "f16" | "float16" => Ok(DType::F16),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        other => bail!("unknown dtype {other:?}: expected f32, f16 or bf16"),
     }
 }
 

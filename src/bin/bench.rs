@@ -27,6 +27,7 @@ use sdcrossframe::models::clip::{ClipTextConfig, ClipTextModel};
 use sdcrossframe::models::controlnet::{ControlNetConfig, ControlNetModel};
 use sdcrossframe::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use sdcrossframe::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use sdcrossframe::device::{default_dtype, parse_device, parse_dtype};
 use sdcrossframe::pipeline::{FrameHook, FramePlan, FrameSettings, ModelSpec, Stylizer};
 use sdcrossframe::scheduler::{DdimScheduler, DdimSchedulerConfig};
 use sdcrossframe::tokenizer::ClipTokenizer;
@@ -202,36 +203,6 @@ struct FrameArgs {
     /// Skip the pipeline's own `Stylizer::stylize` timing (only run with --model).
     #[arg(long)]
     no_pipeline: bool,
-}
-
-fn parse_device(spec: &str) -> Result<Device> {
-    let s = spec.trim().to_ascii_lowercase();
-    if s == "cpu" {
-        return Ok(Device::Cpu);
-    }
-    let Some(ordinal) = s.strip_prefix("cuda") else {
-        bail!("unknown device {spec:?}: expected cpu or cuda:N");
-    };
-    let ordinal = match ordinal.strip_prefix(':') {
-        Some(n) => n.parse::<usize>().with_context(|| format!("bad device {spec:?}: expected cuda:N"))?,
-        None if ordinal.is_empty() => 0,
-        None => bail!("bad device {spec:?}: expected cpu or cuda:N"),
-    };
-    if !cfg!(feature = "cuda") {
-        bail!("device {spec}: this binary was built without CUDA; rebuild with --features cuda (scripts/build-cuda.sh)");
-    }
-    Device::new_cuda(ordinal).with_context(|| format!("cannot open device {spec}"))
-}
-
-fn parse_dtype(spec: Option<&str>, device: &Device) -> Result<DType> {
-    match spec.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
-        None if device.is_cpu() => Ok(DType::F32),
-        None => Ok(DType::F16),
-        Some("f32") => Ok(DType::F32),
-        Some("f16") => Ok(DType::F16),
-        Some("bf16") => Ok(DType::BF16),
-        Some(other) => bail!("unknown dtype {other:?}: expected f32, f16 or bf16"),
-    }
 }
 
 /// A VarBuilder backend that makes a random tensor of whatever shape a layer asks for:
@@ -465,7 +436,10 @@ fn run() -> Result<()> {
         bail!("--runs must be at least 1");
     }
     let device = parse_device(&cli.device)?;
-    let dtype = parse_dtype(cli.dtype.as_deref(), &device)?;
+    let dtype = match cli.dtype.as_deref() {
+        Some(spec) => parse_dtype(spec)?,
+        None => default_dtype(&device),
+    };
     let probe = Probe::new(&device)?;
     println!(
         "sdcrossframe-bench: device {}, dtype {}, {} warm-up + {} timed runs, cuda feature {}",

@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use gst::glib;
 use gst::prelude::*;
 use gst::subclass::prelude::*;
@@ -148,22 +148,6 @@ impl Settings {
     }
 }
 
-/// `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
-fn parse_device(spec: &str) -> anyhow::Result<candle_core::Device> {
-    let spec = spec.trim();
-    match spec {
-        "cpu" => Ok(candle_core::Device::Cpu),
-        s if s == "cuda" || s.starts_with("cuda:") => {
-            let ordinal = match s.strip_prefix("cuda:") {
-                Some(n) => n.parse::<usize>().with_context(|| format!("bad device {s:?}: expected cuda:N"))?,
-                None => 0,
-            };
-            candle_core::Device::new_cuda(ordinal).with_context(|| format!("cannot open device {s}"))
-        }
-        other => bail!("unknown device {other:?}: expected cpu or cuda:N"),
-    }
-}
-
 /// Everything the loader thread needs, copied out of the settings.
 struct LoadRequest {
     spec: ModelSpec,
@@ -185,7 +169,7 @@ impl LoadRequest {
     }
 
     fn load(self) -> anyhow::Result<VideoSession> {
-        let device = parse_device(&self.device)?;
+        let device = sdcrossframe::device::parse_device(&self.device)?;
         let stylizer = Stylizer::load(&self.spec, &device, self.dtype.into())?;
         let mut session = VideoSession::new(stylizer, self.config, self.frame_settings.clone())
             .context("invalid element settings")?;
@@ -795,14 +779,5 @@ mod tests {
         let d = Settings::default();
         assert_eq!(d.frame_settings(), FrameSettings::default());
         assert_eq!(d.session_config(None), SessionConfig::default());
-    }
-
-    #[test]
-    fn devices() {
-        assert!(matches!(parse_device("cpu"), Ok(candle_core::Device::Cpu)));
-        let err = parse_device("tpu").unwrap_err().to_string();
-        assert!(err.contains("unknown device \"tpu\""), "{err}");
-        let err = format!("{:#}", parse_device("cuda:x").unwrap_err());
-        assert!(err.contains("expected cuda:N"), "{err}");
     }
 }
