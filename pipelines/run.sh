@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Runs one of the launch-string files in this directory with gst-launch-1.0 -e.
+# Runs one of the launch-string files in this directory with gst-launch-1.0 -e: the same
+# as `sdcrossframe run FILE VAR=value ...` without a progress display, for machines where
+# only the plugin is installed.
 #
 #   pipelines/run.sh FILE.pipeline [VAR=value ...]
 #

@@ -1,5 +1,10 @@
 //! `sdcrossframe`: the command-line tool. `stylize` runs the engine over image files,
-//! `canny` previews the ControlNet's edge map.
+//! `canny` previews the ControlNet's edge map, `run` runs a GStreamer pipeline file.
+
+#[cfg(feature = "runner")]
+mod launch_file;
+#[cfg(feature = "runner")]
+mod run;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -8,14 +13,18 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use sdcrossframe::canny::{self, CannyParams, ImageView};
-use sdcrossframe::frame::RgbFrame;
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
 use sdcrossframe::device::{parse_device, parse_dtype};
+use sdcrossframe::frame::RgbFrame;
 use sdcrossframe::pipeline::{self, FrameSettings, ModelSpec, Stylizer};
 use sdcrossframe::session::{NoiseMode, SessionConfig, VideoSession};
 
 #[derive(Parser)]
-#[command(name = "sdcrossframe", version, about = "Stable Diffusion + ControlNet video restyling with cross-frame attention")]
+#[command(
+    name = "sdcrossframe",
+    version,
+    about = "Stable Diffusion + ControlNet video restyling with cross-frame attention"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -28,6 +37,10 @@ enum Command {
     Stylize(StylizeArgs),
     /// Write the Canny edge map the ControlNet sees, to preview thresholds.
     Canny(CannyArgs),
+    /// Run a GStreamer pipeline file (pipelines/*.pipeline) with its variables filled in:
+    /// progress for files, latency for live sources, Ctrl-C finishes the output.
+    #[cfg(feature = "runner")]
+    Run(run::RunArgs),
 }
 
 #[derive(Args)]
@@ -128,11 +141,13 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Stylize(args) => stylize(args),
-        Command::Canny(args) => canny_command(args),
+        Command::Stylize(args) => stylize(args).map(|()| ExitCode::SUCCESS),
+        Command::Canny(args) => canny_command(args).map(|()| ExitCode::SUCCESS),
+        #[cfg(feature = "runner")]
+        Command::Run(args) => run::run(args),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -169,7 +184,8 @@ fn stylize(args: StylizeArgs) -> Result<()> {
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create output directory {}", args.output.display()))?;
 
-    let spec = ModelSpec { model: args.model.clone(), controlnet: args.controlnet.clone(), variant: args.variant.clone() };
+    let spec =
+        ModelSpec { model: args.model.clone(), controlnet: args.controlnet.clone(), variant: args.variant.clone() };
     let stylizer = Stylizer::load(&spec, &device, dtype)?;
     stylizer.timesteps(&settings)?;
     let size = match (args.width, args.height) {

@@ -1,0 +1,255 @@
+//! End to end: a real clip excerpt through decodebin ! videoconvert ! sdcrossframe (tiny
+//! model) ! videoconvert ! x264enc ! mp4mux ! filesink, in process and through the
+//! `sdcrossframe run` runner, with the result decoded again and checked.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use gst::prelude::*;
+use gst_video::prelude::*;
+
+/// 2 s of the portrait clip: 50 frames of 270x480 (not a multiple of 8 wide).
+const CLIP: &str = "media/portrait-270x480-2s.mp4";
+const CLIP_FRAMES: usize = 50;
+const CLIP_SIZE: (usize, usize) = (270, 480);
+
+/// Small processing size and few steps keep the tiny model fast on a CI core.
+fn element_options() -> String {
+    format!(
+        "model=\"{}\" controlnet=\"{}\" width=48 height=80 steps=4 prompt=\"a red house\"",
+        common::fixture("tiny-sd").display(),
+        common::fixture("tiny-controlnet").display()
+    )
+}
+
+struct Decoded {
+    width: usize,
+    height: usize,
+    frames: Vec<Vec<u8>>,
+}
+
+/// Every frame of a video file as packed RGB.
+fn decode(path: &Path) -> Decoded {
+    let pipeline = gst::parse::launch(&format!(
+        "filesrc location=\"{}\" ! decodebin ! videoconvert ! video/x-raw,format=RGB ! appsink name=sink sync=false",
+        path.display()
+    ))
+    .unwrap()
+    .downcast::<gst::Pipeline>()
+    .unwrap();
+    let sink = pipeline.by_name("sink").unwrap().downcast::<gst_app::AppSink>().unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let (mut width, mut height, mut frames) = (0, 0, Vec::new());
+    while let Ok(sample) = sink.pull_sample() {
+        let info = gst_video::VideoInfo::from_caps(sample.caps().unwrap()).unwrap();
+        (width, height) = (info.width() as usize, info.height() as usize);
+        let buffer = sample.buffer().unwrap();
+        let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer, &info).unwrap();
+        let stride = frame.plane_stride()[0] as usize;
+        let data = frame.plane_data(0).unwrap();
+        let mut packed = Vec::with_capacity(width * height * 3);
+        for row in data.chunks(stride).take(height) {
+            packed.extend_from_slice(&row[..width * 3]);
+        }
+        frames.push(packed);
+    }
+    let bus = pipeline.bus().unwrap();
+    let error = bus.pop_filtered(&[gst::MessageType::Error]);
+    pipeline.set_state(gst::State::Null).unwrap();
+    assert!(error.is_none(), "decoding {} failed: {error:?}", path.display());
+    Decoded { width, height, frames }
+}
+
+fn mean_abs_difference(a: &[u8], b: &[u8]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| (x as f64 - y as f64).abs()).sum::<f64>() / a.len() as f64
+}
+
+/// Same count and size as the input, and every frame visibly restyled.
+fn assert_restyled(output: &Path) {
+    let input = decode(&common::fixture(CLIP));
+    assert_eq!(input.frames.len(), CLIP_FRAMES, "the fixture clip changed");
+    let result = decode(output);
+    assert_eq!(result.frames.len(), CLIP_FRAMES, "frame count of {}", output.display());
+    assert_eq!((result.width, result.height), CLIP_SIZE, "frame size of {}", output.display());
+    for (index, (before, after)) in input.frames.iter().zip(&result.frames).enumerate() {
+        let changed = mean_abs_difference(before, after);
+        // x264 at its default quality moves pixels by ~1-2 levels on average; the tiny
+        // model's restyle moves them by tens.
+        assert!(changed > 10.0, "frame {index} barely changed: mean difference {changed:.2}");
+    }
+    let frame_to_frame = mean_abs_difference(&result.frames[0], &result.frames[CLIP_FRAMES - 1]);
+    assert!(frame_to_frame > 0.5, "every output frame is the same picture");
+}
+
+fn output_path(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sdcrossframe-e2e-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join(name)
+}
+
+#[test]
+fn clip_through_the_file_pipeline_is_restyled_frame_for_frame() {
+    common::init();
+    let output = output_path("in-process.mp4");
+    let pipeline = gst::parse::launch(&format!(
+        "filesrc location=\"{}\" ! decodebin ! videoconvert ! sdcrossframe {} ! videoconvert ! x264enc ! mp4mux ! filesink location=\"{}\"",
+        common::fixture(CLIP).display(),
+        element_options(),
+        output.display()
+    ))
+    .unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let bus = pipeline.bus().unwrap();
+    let message = bus
+        .timed_pop_filtered(gst::ClockTime::from_seconds(600), &[gst::MessageType::Eos, gst::MessageType::Error])
+        .expect("the pipeline finished within 10 minutes");
+    pipeline.set_state(gst::State::Null).unwrap();
+    assert!(matches!(message.view(), gst::MessageView::Eos(_)), "pipeline failed: {message:?}");
+    assert_restyled(&output);
+}
+
+/// The `sdcrossframe` binary of this workspace build, with the plugin next to it.
+fn runner() -> Command {
+    // target/<profile>/deps/e2e-<hash> -> target/<profile>
+    let dir = std::env::current_exe().unwrap().parent().unwrap().parent().unwrap().to_path_buf();
+    let binary = dir.join("sdcrossframe");
+    assert!(
+        binary.exists() && dir.join("libgstsdcrossframe.so").exists(),
+        "{} or the plugin next to it is missing: run the tests with cargo test --workspace",
+        binary.display()
+    );
+    let mut command = Command::new(binary);
+    command.current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("..")).env("GST_PLUGIN_PATH", &dir);
+    command
+}
+
+fn file_pipeline_arguments(output: &Path) -> Vec<String> {
+    vec![
+        "run".into(),
+        "pipelines/file-to-mp4.pipeline".into(),
+        format!("INPUT={}", common::fixture(CLIP).display()),
+        format!("OUTPUT={}", output.display()),
+        format!("MODEL={}", common::fixture("tiny-sd").display()),
+        format!("CONTROLNET={}", common::fixture("tiny-controlnet").display()),
+        "WIDTH=48".into(),
+        "HEIGHT=80".into(),
+        "STEPS=4".into(),
+    ]
+}
+
+#[test]
+fn runner_runs_the_file_pipeline_file() {
+    common::init();
+    let output = output_path("runner.mp4");
+    let result = runner().args(file_pipeline_arguments(&output)).output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "runner failed: {stderr}");
+    assert!(stderr.contains(&format!("{CLIP_FRAMES} frames in")), "no summary line: {stderr}");
+    assert_restyled(&output);
+}
+
+#[test]
+fn runner_fails_with_the_bus_error_text() {
+    let output = output_path("never.mp4");
+    let mut arguments = file_pipeline_arguments(&output);
+    arguments[4] = "MODEL=/nonexistent/sd15".into();
+    let result = runner().args(&arguments).output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("Could not load Stable Diffusion model '/nonexistent/sd15'"), "{stderr}");
+    assert!(stderr.contains("does not exist"), "{stderr}");
+
+    let result = runner().args(["run", "pipelines/file-to-mp4.pipeline", "OUTPUT=x.mp4"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("variable INPUT is not set"), "{stderr}");
+}
+
+#[test]
+fn runner_turns_ctrl_c_into_eos_and_finalizes_the_file() {
+    common::init();
+    let dir = output_path("");
+    let pipeline_file = dir.join("endless.pipeline");
+    std::fs::write(
+        &pipeline_file,
+        "# a test pattern that would run for 400 s\n\
+         videotestsrc num-buffers=10000 pattern=ball ! video/x-raw,width=64,height=48,framerate=25/1\n\
+         ! sdcrossframe model=\"${MODEL}\" controlnet=\"${CONTROLNET}\" width=64 height=48 steps=2\n\
+         ! videoconvert ! x264enc ! mp4mux ! filesink location=\"${OUTPUT}\"\n",
+    )
+    .unwrap();
+    let output = dir.join("interrupted.mp4");
+    let mut child = runner()
+        .args([
+            "run".into(),
+            pipeline_file.display().to_string(),
+            format!("OUTPUT={}", output.display()),
+            format!("MODEL={}", common::fixture("tiny-sd").display()),
+            format!("CONTROLNET={}", common::fixture("tiny-controlnet").display()),
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let it run a few seconds after it says it is running (the signal handler is armed).
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut first_line = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut first_line).unwrap();
+    assert!(first_line.starts_with("running "), "{first_line}");
+    std::thread::sleep(Duration::from_secs(5));
+    Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let interrupted = Instant::now();
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stderr, &mut rest).unwrap();
+    assert!(status.success(), "exit {status}: {rest}");
+    assert!(interrupted.elapsed() < Duration::from_secs(60), "took {:?} to finish after Ctrl-C", interrupted.elapsed());
+    assert!(rest.contains("interrupted: finishing the stream"), "{rest}");
+    let result = decode(&output);
+    assert!(!result.frames.is_empty() && result.frames.len() < 10000, "{} frames", result.frames.len());
+    assert_eq!((result.width, result.height), (64, 48));
+}
+
+/// Every file in pipelines/ fills in (required variables given dummy values) and
+/// gst_parse_launch builds it: no typo in an element, property or value.
+#[test]
+fn every_pipeline_file_builds() {
+    common::init();
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pipeline"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 6, "{files:?}");
+    for file in files {
+        let mut assignments: Vec<String> = Vec::new();
+        let line = loop {
+            let result = runner().arg("run").arg(&file).arg("--print").args(&assignments).output().unwrap();
+            let stderr = String::from_utf8_lossy(&result.stderr).into_owned();
+            if result.status.success() {
+                break String::from_utf8(result.stdout).unwrap();
+            }
+            let Some(name) = stderr.split("variable ").nth(1).and_then(|r| r.split(" is not set").next()) else {
+                panic!("{}: {stderr}", file.display());
+            };
+            assert!(assignments.len() < 10, "{}: {stderr}", file.display());
+            assignments.push(format!("{name}=/tmp/{}", name.to_lowercase()));
+        };
+        let pipeline = gst::parse::launch(line.trim())
+            .unwrap_or_else(|e| panic!("{} does not build: {e}\n{line}", file.display()));
+        // The element took every property value.
+        let element = pipeline
+            .downcast_ref::<gst::Bin>()
+            .unwrap()
+            .iterate_recurse()
+            .into_iter()
+            .flatten()
+            .find(|e| e.factory().is_some_and(|f| f.name() == "sdcrossframe"))
+            .unwrap_or_else(|| panic!("{} has no sdcrossframe element", file.display()));
+        assert!(!element.property::<String>("prompt").is_empty(), "{}", file.display());
+    }
+}
