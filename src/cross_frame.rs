@@ -201,11 +201,7 @@ impl CrossFrameAttention {
 
     /// Bytes held by the store (keys and values of the anchor and the previous frame).
     pub fn stored_bytes(&self) -> usize {
-        self.store
-            .iter()
-            .flat_map(|layers| layers.values())
-            .map(|e| e.first.bytes() + e.prev.bytes())
-            .sum()
+        self.store.iter().flat_map(|layers| layers.values()).map(|e| e.first.bytes() + e.prev.bytes()).sum()
     }
 }
 

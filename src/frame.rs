@@ -50,8 +50,7 @@ impl RgbFrame {
             .with_context(|| format!("cannot decode image {} (PNG or JPEG expected)", path.display()))?
             .to_rgb8();
         let (w, h) = image.dimensions();
-        Self::new(w as usize, h as usize, image.into_raw())
-            .with_context(|| format!("image {}", path.display()))
+        Self::new(w as usize, h as usize, image.into_raw()).with_context(|| format!("image {}", path.display()))
     }
 
     pub fn save_png(&self, path: &Path) -> Result<()> {

@@ -114,10 +114,8 @@ const PIPELINE_FILES: &[&[&str]] = &[
     &["vae/config.json"],
     &["vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors"],
 ];
-const CONTROLNET_FILES: &[&[&str]] = &[
-    &["config.json"],
-    &["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"],
-];
+const CONTROLNET_FILES: &[&[&str]] =
+    &[&["config.json"], &["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"]];
 
 /// Prompt embeddings kept while the prompt pair is unchanged.
 struct PromptCache {
@@ -287,7 +285,10 @@ impl Stylizer {
         }
         let expected_noise = self.noise_shape(width, height);
         if noise.dims4()? != expected_noise {
-            bail!("initial noise has shape {:?}, expected {expected_noise:?} for a {width}x{height} frame", noise.dims());
+            bail!(
+                "initial noise has shape {:?}, expected {expected_noise:?} for a {width}x{height} frame",
+                noise.dims()
+            );
         }
         let timesteps = self.timesteps(settings)?;
         let _span = tracing::info_span!("stylize_frame", width, height, steps = timesteps.len()).entered();

@@ -112,7 +112,9 @@ impl DdimScheduler {
                 let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
                 f32s(
                     (0..n)
-                        .map(|i| (1.0 - alpha_bar((i + 1) as f64 / n as f64) / alpha_bar(i as f64 / n as f64)).min(0.999))
+                        .map(|i| {
+                            (1.0 - alpha_bar((i + 1) as f64 / n as f64) / alpha_bar(i as f64 / n as f64)).min(0.999)
+                        })
                         .collect(),
                 )
             }
@@ -239,7 +241,13 @@ impl DdimScheduler {
     }
 
     /// One DDIM step (eta 0) from `timestep` to the previous one of a `steps`-step schedule.
-    pub fn step(&self, model_output: &Tensor, timestep: usize, sample: &Tensor, steps: usize) -> candle_core::Result<Tensor> {
+    pub fn step(
+        &self,
+        model_output: &Tensor,
+        timestep: usize,
+        sample: &Tensor,
+        steps: usize,
+    ) -> candle_core::Result<Tensor> {
         self.check_timestep(timestep)?;
         let prev_timestep = timestep as i64 - (self.train_timesteps / steps.max(1)) as i64;
         let alpha_t = self.alphas_cumprod[timestep];

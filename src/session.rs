@@ -318,9 +318,7 @@ impl VideoSession {
             return Ok(noise.clone());
         }
         match self.config.noise {
-            NoiseMode::PerFrame => {
-                self.stylizer.seeded_noise(self.config.seed.wrapping_add(index), width, height)
-            }
+            NoiseMode::PerFrame => self.stylizer.seeded_noise(self.config.seed.wrapping_add(index), width, height),
             NoiseMode::Fixed => {
                 if let Some((size, noise)) = &self.fixed_noise
                     && *size == (width, height)

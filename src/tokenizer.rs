@@ -17,8 +17,7 @@ use tokenizers::{Model, NormalizedString, Tokenizer};
 use unicode_general_category::{GeneralCategory, get_general_category};
 
 /// CLIP's pre-tokenization pattern (transformers' `CLIPTokenizer`).
-const CLIP_SPLIT: &str =
-    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 
 /// The merges the Python `CLIPTokenizer` reads from `merges.txt` (`49152 - 256 - 2`); it
 /// ignores any further lines.
@@ -173,10 +172,8 @@ impl ClipTokenizer {
         };
         let merges_text =
             std::fs::read_to_string(&merges_path).with_context(|| format!("cannot read {}", merges_path.display()))?;
-        let mut merges: Vec<&str> = merges_text
-            .lines()
-            .filter(|line| !line.starts_with("#version") && !line.trim().is_empty())
-            .collect();
+        let mut merges: Vec<&str> =
+            merges_text.lines().filter(|line| !line.starts_with("#version") && !line.trim().is_empty()).collect();
         if let Some(bad) = merges.iter().find(|m| m.split(' ').count() != 2) {
             bail!("{} has a malformed merge line {bad:?}", merges_path.display());
         }

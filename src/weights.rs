@@ -19,8 +19,7 @@ const PICKLE_EXTENSIONS: &[&str] = &["bin", "ckpt", "pt", "pth"];
 
 /// Reads and parses a JSON config file, naming the file on error.
 pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read config file {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
 }
 
@@ -104,7 +103,10 @@ fn find_safetensors(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
         Some(_) if !variants.is_empty() => variants.swap_remove(0),
         _ if !plain.is_empty() => plain.swap_remove(0),
         None if !variants.is_empty() => variants.swap_remove(0),
-        Some(v) => bail!("no {v} weights in {}: expected diffusion_pytorch_model.{v}.safetensors or model.{v}.safetensors", dir.display()),
+        Some(v) => bail!(
+            "no {v} weights in {}: expected diffusion_pytorch_model.{v}.safetensors or model.{v}.safetensors",
+            dir.display()
+        ),
         None => {
             let pickles = pickle_files(dir);
             if !pickles.is_empty() {
@@ -115,10 +117,7 @@ fn find_safetensors(dir: &Path, variant: Option<&str>) -> Result<Vec<PathBuf>> {
                     pickles.join(", ")
                 );
             }
-            bail!(
-                "no weights in {}: expected diffusion_pytorch_model.safetensors or model.safetensors",
-                dir.display()
-            )
+            bail!("no weights in {}: expected diffusion_pytorch_model.safetensors or model.safetensors", dir.display())
         }
     };
     Ok(vec![chosen])
@@ -129,11 +128,7 @@ fn pickle_files(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = entries
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|name| {
-            Path::new(name)
-                .extension()
-                .is_some_and(|ext| PICKLE_EXTENSIONS.iter().any(|p| ext == *p))
-        })
+        .filter(|name| Path::new(name).extension().is_some_and(|ext| PICKLE_EXTENSIONS.iter().any(|p| ext == *p)))
         .collect();
     names.sort();
     names

@@ -163,7 +163,8 @@ fn scene_cut_and_anchor_interval_reanchor() {
     assert!(cut.anchor);
     assert_eq!(cut.anchor_reason, Some("scene cut"));
 
-    let mut session = quick_session(SessionConfig { anchor_interval: 3, scene_cut_threshold: 0.0, ..SessionConfig::default() });
+    let mut session =
+        quick_session(SessionConfig { anchor_interval: 3, scene_cut_threshold: 0.0, ..SessionConfig::default() });
     let anchors: Vec<bool> = (0..7).map(|k| session.push(&frame(k), Some(&control(k))).unwrap().anchor).collect();
     assert_eq!(anchors, [true, false, false, true, false, false, true]);
 }

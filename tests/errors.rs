@@ -59,11 +59,8 @@ impl Drop for ScratchModel {
 }
 
 fn load_error(model: &Path, controlnet: &Path) -> String {
-    let spec = ModelSpec {
-        model: model.display().to_string(),
-        controlnet: controlnet.display().to_string(),
-        variant: None,
-    };
+    let spec =
+        ModelSpec { model: model.display().to_string(), controlnet: controlnet.display().to_string(), variant: None };
     match Stylizer::load(&spec, &Device::Cpu, DType::F32) {
         Ok(_) => panic!("loading succeeded"),
         Err(e) => format!("{e:#}"),
@@ -97,7 +94,8 @@ fn missing_config_file_is_named() {
 fn pickle_weights_are_refused_with_a_safetensors_hint() {
     let scratch = ScratchModel::new("pickle");
     let unet = scratch.own("unet");
-    std::fs::rename(unet.join("diffusion_pytorch_model.safetensors"), unet.join("diffusion_pytorch_model.bin")).unwrap();
+    std::fs::rename(unet.join("diffusion_pytorch_model.safetensors"), unet.join("diffusion_pytorch_model.bin"))
+        .unwrap();
     let err = scratch.load();
     assert!(err.contains("diffusion_pytorch_model.bin") && err.contains("safetensors"), "{err}");
     assert!(err.contains("pickle"), "{err}");

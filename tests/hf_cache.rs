@@ -34,13 +34,17 @@ fn repo_ids_resolve_through_the_local_cache_offline() {
         std::env::set_var("HF_HOME", &home);
         std::env::set_var("HF_HUB_OFFLINE", "1");
     }
-    let spec = ModelSpec { model: "tiny-org/tiny-sd".into(), controlnet: "tiny-org/tiny-controlnet".into(), variant: None };
+    let spec =
+        ModelSpec { model: "tiny-org/tiny-sd".into(), controlnet: "tiny-org/tiny-controlnet".into(), variant: None };
     let stylizer = Stylizer::load(&spec, &Device::Cpu, DType::F32);
     assert!(stylizer.is_ok(), "{:#}", stylizer.err().unwrap());
 
     // A repo that is not cached names the repo, the file and why nothing was downloaded.
     let missing = ModelSpec { model: "tiny-org/absent".into(), ..spec };
     let err = format!("{:#}", Stylizer::load(&missing, &Device::Cpu, DType::F32).err().unwrap());
-    assert!(err.contains("tiny-org/absent") && err.contains("model_index.json") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    assert!(
+        err.contains("tiny-org/absent") && err.contains("model_index.json") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
     std::fs::remove_dir_all(&home).ok();
 }

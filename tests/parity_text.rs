@@ -119,8 +119,16 @@ fn final_sigma_special_strings_and_format_characters_match_each_transformers() {
         ),
         // An upper-case special-token string: transformers 4 lower-cases it into the special
         // token unless punctuation glues it to its neighbour; transformers 5 never does.
-        ("a <|ENDOFTEXT|> b", &[49406, 320, 49407, 321, 49407], &[49406, 320, 27, 347, 40786, 4160, 91, 285, 321, 49407]),
-        (")<|ENDOFTEXT|>", &[49406, 8, 27, 347, 40786, 4160, 91, 285, 49407], &[49406, 8, 27, 347, 40786, 4160, 91, 285, 49407]),
+        (
+            "a <|ENDOFTEXT|> b",
+            &[49406, 320, 49407, 321, 49407],
+            &[49406, 320, 27, 347, 40786, 4160, 91, 285, 321, 49407],
+        ),
+        (
+            ")<|ENDOFTEXT|>",
+            &[49406, 8, 27, 347, 40786, 4160, 91, 285, 49407],
+            &[49406, 8, 27, 347, 40786, 4160, 91, 285, 49407],
+        ),
         ("x<|endoftext|>y", &[49406, 343, 49407, 344, 49407], &[49406, 343, 49407, 344, 49407]),
         (
             "soft\u{ad}hyphen \u{feff}bom",

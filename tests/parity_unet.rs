@@ -70,9 +70,8 @@ fn assert_close(what: &str, got: &Tensor, want: &Tensor) -> f32 {
 fn unet_matches_diffusers_without_residuals() {
     let r = reference("unet.safetensors");
     let unet = load_unet();
-    let out = unet
-        .forward(&r["sample"], scalar(&r["timestep"]), &r["encoder_hidden_states"], None, &mut NoHook)
-        .unwrap();
+    let out =
+        unet.forward(&r["sample"], scalar(&r["timestep"]), &r["encoder_hidden_states"], None, &mut NoHook).unwrap();
     assert_close("unet out", &out, &r["out"]);
 }
 
@@ -149,7 +148,9 @@ impl SelfAttentionHook for Recorder {
 
 fn expected_attn1_layers() -> Vec<String> {
     let mut v = Vec::new();
-    for (block, n) in [("down_blocks.0", 2), ("down_blocks.1", 2), ("mid_block", 1), ("up_blocks.1", 3), ("up_blocks.2", 3)] {
+    for (block, n) in
+        [("down_blocks.0", 2), ("down_blocks.1", 2), ("mid_block", 1), ("up_blocks.1", 3), ("up_blocks.2", 3)]
+    {
         for j in 0..n {
             v.push(format!("{block}.attentions.{j}.transformer_blocks.0.attn1"));
         }
@@ -168,8 +169,17 @@ fn hook_sees_every_self_attention_in_forward_order() {
     assert_eq!(unet.self_attention_layers(), expected.as_slice());
     // (batch, tokens, channels) of the norm1 output: 8x12 latents, 32 then 64 channels.
     let shapes: Vec<Vec<usize>> = [
-        [2, 96, 32], [2, 96, 32], [2, 24, 64], [2, 24, 64], [2, 6, 64],
-        [2, 24, 64], [2, 24, 64], [2, 24, 64], [2, 96, 32], [2, 96, 32], [2, 96, 32],
+        [2, 96, 32],
+        [2, 96, 32],
+        [2, 24, 64],
+        [2, 24, 64],
+        [2, 6, 64],
+        [2, 24, 64],
+        [2, 24, 64],
+        [2, 24, 64],
+        [2, 96, 32],
+        [2, 96, 32],
+        [2, 96, 32],
     ]
     .iter()
     .map(|s| s.to_vec())

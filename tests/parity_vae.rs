@@ -52,7 +52,11 @@ fn wrong_input_shapes_and_unsupported_configs_are_errors() {
     for (key, value, needle) in [
         ("mid_block_add_attention", serde_json::json!(false), "mid_block_add_attention"),
         ("down_block_types", serde_json::json!(["DownEncoderBlock2D"]), "down_block_types"),
-        ("up_block_types", serde_json::json!(["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]), "AttnUpDecoderBlock2D"),
+        (
+            "up_block_types",
+            serde_json::json!(["AttnUpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"]),
+            "AttnUpDecoderBlock2D",
+        ),
         ("act_fn", serde_json::json!("gelu"), "act_fn"),
     ] {
         let mut config = base.clone();

@@ -219,9 +219,11 @@ fn schedules_predictions_and_clipping_match_diffusers() {
         let first = scheduler.step(&output, timesteps[0], &sample, variant.steps).unwrap();
         let last = scheduler.step(&output, *timesteps.last().unwrap(), &sample, variant.steps).unwrap();
         let noisy = scheduler.add_noise(&sample, &row(&NOISE), timesteps[0]).unwrap();
-        for (name, got, want) in
-            [("first step", first, variant.first_step), ("last step", last, variant.last_step), ("add_noise", noisy, variant.noisy)]
-        {
+        for (name, got, want) in [
+            ("first step", first, variant.first_step),
+            ("last step", last, variant.last_step),
+            ("add_noise", noisy, variant.noisy),
+        ] {
             let err = max_abs_diff(&got, &row(want));
             assert!(err < 1e-5, "{}: {name} off by {err}", variant.config);
         }

@@ -185,7 +185,10 @@ mod tests {
                     }
                 }
                 // Row padding is untouched.
-                assert_eq!(data[y * stride + w * layout.bytes..(y + 1) * stride], original[y * stride + w * layout.bytes..(y + 1) * stride]);
+                assert_eq!(
+                    data[y * stride + w * layout.bytes..(y + 1) * stride],
+                    original[y * stride + w * layout.bytes..(y + 1) * stride]
+                );
             }
         }
     }

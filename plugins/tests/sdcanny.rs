@@ -19,7 +19,12 @@ fn load_gray(path: &Path) -> (usize, usize, Vec<u8>) {
 }
 
 /// Runs one frame through sdcanny and returns the output plane without row padding.
-fn run(props: &[(&str, &dyn ToValue)], input: &RgbFrame, in_format: gst_video::VideoFormat, out_format: &str) -> Vec<u8> {
+fn run(
+    props: &[(&str, &dyn ToValue)],
+    input: &RgbFrame,
+    in_format: gst_video::VideoFormat,
+    out_format: &str,
+) -> Vec<u8> {
     init();
     let element = gst::ElementFactory::make("sdcanny").build().unwrap();
     for (name, value) in props {
@@ -39,16 +44,15 @@ fn run(props: &[(&str, &dyn ToValue)], input: &RgbFrame, in_format: gst_video::V
 
 #[test]
 fn matches_opencv_on_video_frames_in_every_input_format() {
-    for (low, high, l2, suffix) in [(50.0, 100.0, false, "50-100"), (100.0, 200.0, false, "100-200"), (50.0, 100.0, true, "50-100-l2")] {
+    for (low, high, l2, suffix) in
+        [(50.0, 100.0, false, "50-100"), (100.0, 200.0, false, "100-200"), (50.0, 100.0, true, "50-100-l2")]
+    {
         let input = RgbFrame::load(&fixture("canny/frames/portrait-f029-512.png")).unwrap();
         let (w, h, expected) = load_gray(&fixture(&format!("canny/edges/portrait-f029-512-{suffix}.png")));
         assert_eq!((w, h), (512, 512));
         assert!(expected.iter().filter(|&&v| v == 255).count() > 1000);
-        let formats: &[gst_video::VideoFormat] = if l2 || low != 50.0 {
-            &[gst_video::VideoFormat::Rgb]
-        } else {
-            &ALL_FORMATS
-        };
+        let formats: &[gst_video::VideoFormat] =
+            if l2 || low != 50.0 { &[gst_video::VideoFormat::Rgb] } else { &ALL_FORMATS };
         for &format in formats {
             // 512x512 is its own default processing size: no scaling.
             let out = run(&[("canny-low", &low), ("canny-high", &high), ("l2", &l2)], &input, format, "GRAY8");
@@ -102,11 +106,13 @@ fn caps() {
     let element = gst::ElementFactory::make("sdcanny").build().unwrap();
     let sink = element.static_pad("sink").unwrap();
     for format in ["RGB", "BGR", "RGBA", "BGRA", "RGBx", "BGRx", "ARGB", "ABGR", "xRGB", "xBGR"] {
-        let caps = gst::Caps::from_str(&format!("video/x-raw,format={format},width=962,height=506,framerate=30/1")).unwrap();
+        let caps =
+            gst::Caps::from_str(&format!("video/x-raw,format={format},width=962,height=506,framerate=30/1")).unwrap();
         assert!(sink.query_accept_caps(&caps), "{format} refused");
     }
     for format in ["I420", "NV12", "GRAY8", "RGB16"] {
-        let caps = gst::Caps::from_str(&format!("video/x-raw,format={format},width=64,height=64,framerate=30/1")).unwrap();
+        let caps =
+            gst::Caps::from_str(&format!("video/x-raw,format={format},width=64,height=64,framerate=30/1")).unwrap();
         assert!(!sink.query_accept_caps(&caps), "{format} accepted");
     }
     let src = element.static_pad("src").unwrap();
@@ -142,7 +148,11 @@ fn properties() {
 #[test]
 fn low_above_high_is_an_error_message() {
     init();
-    let element = gst::ElementFactory::make("sdcanny").property("canny-low", 120.0).property("canny-high", 100.0).build().unwrap();
+    let element = gst::ElementFactory::make("sdcanny")
+        .property("canny-low", 120.0)
+        .property("canny-high", 100.0)
+        .build()
+        .unwrap();
     let bus = gst::Bus::new();
     element.set_bus(Some(&bus));
     let mut h = Harness::with_element(&element, Some("sink"), Some("src"));

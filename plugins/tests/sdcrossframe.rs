@@ -133,7 +133,13 @@ fn properties_defaults_ranges_and_flags() {
     assert_eq!(nick("noise"), "fixed");
     assert_eq!(nick("attention"), "first+prev");
     assert_eq!(nick("attention-scope"), "up");
-    for (name, value) in [("dtype", "bf16"), ("noise", "per-frame"), ("attention", "off"), ("attention", "prev"), ("attention-scope", "all")] {
+    for (name, value) in [
+        ("dtype", "bf16"),
+        ("noise", "per-frame"),
+        ("attention", "off"),
+        ("attention", "prev"),
+        ("attention-scope", "all"),
+    ] {
         element.set_property_from_str(name, value);
         assert_eq!(nick(name), value);
     }
@@ -145,7 +151,10 @@ fn properties_defaults_ranges_and_flags() {
     }
     for name in ["model", "controlnet", "device", "dtype", "variant"] {
         let flags = element.find_property(name).unwrap().flags();
-        assert!(flags.contains(gst::PARAM_FLAG_MUTABLE_READY) && !flags.contains(gst::PARAM_FLAG_MUTABLE_PLAYING), "{name}");
+        assert!(
+            flags.contains(gst::PARAM_FLAG_MUTABLE_READY) && !flags.contains(gst::PARAM_FLAG_MUTABLE_PLAYING),
+            "{name}"
+        );
     }
     for p in element.list_properties() {
         if p.owner_type() == element.type_() {
@@ -164,7 +173,8 @@ fn caps_accept_rgb_family_only() {
         assert!(sink.query_accept_caps(&caps), "{format:?} refused");
     }
     for format in ["I420", "NV12", "GRAY8", "RGB16", "AYUV"] {
-        let caps = gst::Caps::from_str(&format!("video/x-raw,format={format},width=64,height=64,framerate=30/1")).unwrap();
+        let caps =
+            gst::Caps::from_str(&format!("video/x-raw,format={format},width=64,height=64,framerate=30/1")).unwrap();
         assert!(!sink.query_accept_caps(&caps), "{format} accepted");
     }
     // Same caps out as in.
@@ -254,10 +264,9 @@ fn bad_model_path_is_an_error_message_naming_it() {
 #[test]
 fn bad_device_and_bad_settings_are_error_messages() {
     init();
-    for (props, expected) in [
-        ("device=tpu", "unknown device \"tpu\""),
-        ("canny-low=200", "low threshold 200 is above high threshold 100"),
-    ] {
+    for (props, expected) in
+        [("device=tpu", "unknown device \"tpu\""), ("canny-low=200", "low threshold 200 is above high threshold 100")]
+    {
         let pipeline = gst::parse::launch(&format!(
             "videotestsrc num-buffers=3 ! video/x-raw,width=96,height=64 ! sdcrossframe model={} controlnet={} {props} ! fakesink",
             fixture("tiny-sd").display(),

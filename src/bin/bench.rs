@@ -22,12 +22,12 @@ use candle_nn::VarBuilder;
 use clap::{Args, Parser, Subcommand};
 
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
+use sdcrossframe::device::{default_dtype, parse_device, parse_dtype};
 use sdcrossframe::models::attention::{NoHook, SelfAttentionHook};
 use sdcrossframe::models::clip::{ClipTextConfig, ClipTextModel};
 use sdcrossframe::models::controlnet::{ControlNetConfig, ControlNetModel};
 use sdcrossframe::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use sdcrossframe::models::vae::{AutoencoderKL, AutoencoderKLConfig};
-use sdcrossframe::device::{default_dtype, parse_device, parse_dtype};
 use sdcrossframe::pipeline::{FrameHook, FramePlan, FrameSettings, ModelSpec, Stylizer};
 use sdcrossframe::scheduler::{DdimScheduler, DdimSchedulerConfig};
 use sdcrossframe::tokenizer::ClipTokenizer;
@@ -138,7 +138,10 @@ const SD15_SCHEDULER_CONFIG: &str = r#"{
 }"#;
 
 #[derive(Parser, Debug)]
-#[command(name = "sdcrossframe-bench", about = "Timings of the sdcrossframe engine (random weights or a model directory)")]
+#[command(
+    name = "sdcrossframe-bench",
+    about = "Timings of the sdcrossframe engine (random weights or a model directory)"
+)]
 struct Cli {
     /// Compute device: cpu, or cuda:N (needs a build with --features cuda).
     #[arg(long, default_value = "cpu", global = true)]
@@ -211,7 +214,14 @@ struct FrameArgs {
 struct RandomWeights;
 
 impl candle_nn::var_builder::SimpleBackend for RandomWeights {
-    fn get(&self, s: Shape, name: &str, _h: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
         let dims = s.dims();
         if dims.len() >= 2 {
             let fan_in: usize = dims[1..].iter().product();
@@ -404,10 +414,9 @@ fn is_finite(t: &Tensor) -> Result<bool> {
 
 fn describe_device(device: &Device, probe: Option<&Probe>) -> Result<String> {
     Ok(match (device, probe) {
-        (Device::Cpu, _) => format!(
-            "cpu ({} threads)",
-            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-        ),
+        (Device::Cpu, _) => {
+            format!("cpu ({} threads)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1))
+        }
         (_, Some(p)) => {
             let (_, total) = p.device_used()?;
             format!("{device:?} ({:.1} GiB)", gib(total))
@@ -492,10 +501,8 @@ fn unet_step(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, prob
         println!("weights on the device: {:.2} GiB", gib(m));
     }
 
-    let mut variants: Vec<(&str, Box<dyn SelfAttentionHook>)> = vec![
-        ("plain attention", Box::new(NoHook)),
-        ("2N K/V, up blocks", Box::new(DoubledKv { all_layers: false })),
-    ];
+    let mut variants: Vec<(&str, Box<dyn SelfAttentionHook>)> =
+        vec![("plain attention", Box::new(NoHook)), ("2N K/V, up blocks", Box::new(DoubledKv { all_layers: false }))];
     if args.all_scope {
         variants.push(("2N K/V, all blocks", Box::new(DoubledKv { all_layers: true })));
     }
@@ -532,7 +539,9 @@ fn unet_step(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, prob
     }
 
     println!();
-    println!("| variant | ControlNet ms | UNet ms | step ms (median) | step ms (min) | peak alloc GiB | output finite |");
+    println!(
+        "| variant | ControlNet ms | UNet ms | step ms (median) | step ms (min) | peak alloc GiB | output finite |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---|");
     for (label, cn, un, total, best, peak, finite) in &rows {
         println!(

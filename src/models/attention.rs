@@ -69,7 +69,9 @@ impl Attention {
         name: String,
     ) -> Result<Self> {
         if heads == 0 || dim_head == 0 {
-            candle_core::bail!("{name}: attention needs at least one head of non-zero width (heads {heads}, head dim {dim_head})");
+            candle_core::bail!(
+                "{name}: attention needs at least one head of non-zero width (heads {heads}, head dim {dim_head})"
+            );
         }
         let inner = heads * dim_head;
         let context_dim = context_dim.unwrap_or(query_dim);
@@ -199,14 +201,8 @@ impl BasicTransformerBlock {
         let attn1_ctx = only_cross_attention.then_some(cross_attention_dim);
         let attn1 = Attention::new(vb.pp("attn1"), dim, attn1_ctx, heads, dim_head, format!("{path}.attn1"))?;
         let norm2 = candle_nn::layer_norm(dim, ln, vb.pp("norm2"))?;
-        let attn2 = Attention::new(
-            vb.pp("attn2"),
-            dim,
-            Some(cross_attention_dim),
-            heads,
-            dim_head,
-            format!("{path}.attn2"),
-        )?;
+        let attn2 =
+            Attention::new(vb.pp("attn2"), dim, Some(cross_attention_dim), heads, dim_head, format!("{path}.attn2"))?;
         let norm3 = candle_nn::layer_norm(dim, ln, vb.pp("norm3"))?;
         let ff = FeedForward::new(vb.pp("ff"), dim)?;
         let span = tracing::trace_span!("transformer-block");
@@ -322,9 +318,7 @@ impl Transformer2DModel {
         let (b, _c, h, w) = xs.dims4()?;
         let residual = xs;
         let xs = self.norm.forward(xs)?;
-        let to_tokens = |t: Tensor, ch: usize| -> Result<Tensor> {
-            t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch))
-        };
+        let to_tokens = |t: Tensor, ch: usize| -> Result<Tensor> { t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch)) };
         let mut tokens = match &self.proj_in {
             Projection::Conv(conv) => to_tokens(conv.forward(&xs)?, self.inner_dim)?,
             Projection::Linear(lin) => {
@@ -335,9 +329,8 @@ impl Transformer2DModel {
         for block in &self.transformer_blocks {
             tokens = block.forward(&tokens, encoder_hidden_states, hook)?;
         }
-        let to_map = |t: Tensor, ch: usize| -> Result<Tensor> {
-            t.reshape((b, h, w, ch))?.permute((0, 3, 1, 2))?.contiguous()
-        };
+        let to_map =
+            |t: Tensor, ch: usize| -> Result<Tensor> { t.reshape((b, h, w, ch))?.permute((0, 3, 1, 2))?.contiguous() };
         let out = match &self.proj_out {
             Projection::Conv(conv) => conv.forward(&to_map(tokens, self.inner_dim)?)?,
             Projection::Linear(lin) => {

@@ -131,7 +131,8 @@ impl ClipTextModel {
             other => candle_core::bail!("text encoder config: hidden_act {other:?} is not supported"),
         };
         // transformers 4 saves under `text_model.`; transformers 5 saves without the prefix.
-        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
+        let vb =
+            if vb.contains_tensor("text_model.embeddings.token_embedding.weight") { vb.pp("text_model") } else { vb };
         let embeddings = vb.pp("embeddings");
         let h = config.hidden_size;
         let token_embedding = candle_nn::embedding(config.vocab_size, h, embeddings.pp("token_embedding"))?;
@@ -141,7 +142,13 @@ impl ClipTextModel {
             .map(|i| EncoderLayer::new(vb.pp("encoder").pp("layers").pp(i), config, activation))
             .collect::<Result<Vec<_>>>()?;
         let final_layer_norm = candle_nn::layer_norm(h, config.layer_norm_eps, vb.pp("final_layer_norm"))?;
-        Ok(Self { token_embedding, position_embedding, layers, final_layer_norm, max_positions: config.max_position_embeddings })
+        Ok(Self {
+            token_embedding,
+            position_embedding,
+            layers,
+            final_layer_norm,
+            max_positions: config.max_position_embeddings,
+        })
     }
 
     /// `input_ids` `(batch, tokens)` (u32 or i64) to `last_hidden_state` `(batch, tokens, hidden)`.
@@ -152,10 +159,8 @@ impl ClipTextModel {
         }
         let device = input_ids.device();
         let positions = Tensor::arange(0u32, tokens as u32, device)?;
-        let xs = self
-            .token_embedding
-            .forward(input_ids)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let xs =
+            self.token_embedding.forward(input_ids)?.broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(tokens, device)?;
         let mut xs = xs;
         for layer in &self.layers {
@@ -167,9 +172,7 @@ impl ClipTextModel {
 
 /// `(tokens, tokens)` f32 mask: 0 on and below the diagonal, -inf above.
 fn causal_mask(tokens: usize, device: &Device) -> Result<Tensor> {
-    let values: Vec<f32> = (0..tokens)
-        .flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let values: Vec<f32> =
+        (0..tokens).flat_map(|i| (0..tokens).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Tensor::from_vec(values, (tokens, tokens), device)
 }
-

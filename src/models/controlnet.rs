@@ -10,7 +10,7 @@ use serde::Deserialize;
 
 use super::attention::NoHook;
 use super::embeddings::{Activation, TimestepEmbedding, Timesteps};
-use super::unet::{check_common, down_block_settings, mid_block_settings, EncoderParams, LayersOfBlock, OneOrMany};
+use super::unet::{EncoderParams, LayersOfBlock, OneOrMany, check_common, down_block_settings, mid_block_settings};
 use super::unet_blocks::{DownBlock, DownBlockSettings, MidBlock, MidBlockSettings, ResnetSettings};
 
 /// ControlNet outputs, already multiplied by the conditioning scale: one residual per UNet
@@ -37,9 +37,7 @@ fn d_one_f() -> f64 {
     1.0
 }
 fn d_down_types() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-        .map(String::from)
-        .to_vec()
+    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec()
 }
 fn d_mid_type() -> Option<String> {
     Some("UNetMidBlock2DCrossAttn".into())
@@ -197,7 +195,9 @@ impl ControlNetConfig {
 
     pub fn resnet_settings(&self) -> Result<ResnetSettings> {
         Ok(ResnetSettings {
-            groups: self.norm_num_groups.ok_or_else(|| candle_core::Error::Msg("config: norm_num_groups is null".into()))?,
+            groups: self
+                .norm_num_groups
+                .ok_or_else(|| candle_core::Error::Msg("config: norm_num_groups is null".into()))?,
             eps: self.norm_eps,
             temb_channels: self.time_embed_dim(),
         })
@@ -242,7 +242,8 @@ impl ConditioningEmbedding {
             blocks.push(candle_nn::conv2d(w[0], w[0], 3, pad, vb.pp("blocks").pp((2 * i).to_string()))?);
             blocks.push(candle_nn::conv2d(w[0], w[1], 3, stride, vb.pp("blocks").pp((2 * i + 1).to_string()))?);
         }
-        let conv_out = candle_nn::conv2d(*channels.last().expect("non-empty"), out_channels, 3, pad, vb.pp("conv_out"))?;
+        let conv_out =
+            candle_nn::conv2d(*channels.last().expect("non-empty"), out_channels, 3, pad, vb.pp("conv_out"))?;
         Ok(Self { conv_in, blocks, conv_out })
     }
 }
@@ -300,7 +301,9 @@ impl ControlNetModel {
         let down_blocks = down
             .iter()
             .enumerate()
-            .map(|(i, s)| DownBlock::new(vb.pp("down_blocks").pp(i.to_string()), s, &resnet, &format!("down_blocks.{i}")))
+            .map(|(i, s)| {
+                DownBlock::new(vb.pp("down_blocks").pp(i.to_string()), s, &resnet, &format!("down_blocks.{i}"))
+            })
             .collect::<Result<Vec<_>>>()?;
         let one = candle_nn::Conv2dConfig::default();
         let controlnet_down_blocks = config
@@ -310,7 +313,8 @@ impl ControlNetModel {
             .map(|(i, &c)| candle_nn::conv2d(c, c, 1, one, vb.pp("controlnet_down_blocks").pp(i.to_string())))
             .collect::<Result<Vec<_>>>()?;
         let mid_block = MidBlock::new(vb.pp("mid_block"), &mid, &resnet, "mid_block")?;
-        let controlnet_mid_block = candle_nn::conv2d(mid.channels, mid.channels, 1, one, vb.pp("controlnet_mid_block"))?;
+        let controlnet_mid_block =
+            candle_nn::conv2d(mid.channels, mid.channels, 1, one, vb.pp("controlnet_mid_block"))?;
         let downscale = 1usize << (config.conditioning_embedding_out_channels.len() - 1);
         Ok(Self {
             conv_in,
@@ -345,7 +349,11 @@ impl ControlNetModel {
         let _enter = self.span.enter();
         let (batch, _, h, w) = sample.dims4()?;
         let (cb, cc, ch, cw) = control_image.dims4()?;
-        if cb != batch || cc != self.config.conditioning_channels || ch != h * self.downscale || cw != w * self.downscale {
+        if cb != batch
+            || cc != self.config.conditioning_channels
+            || ch != h * self.downscale
+            || cw != w * self.downscale
+        {
             candle_core::bail!(
                 "controlnet: control image {:?} does not fit latents {:?} (expected ({batch}, {}, {}, {}))",
                 control_image.dims(),
@@ -433,10 +441,7 @@ mod tests {
         assert_eq!(c.time_embed_dim(), 1280);
         assert_eq!(c.conditioning_channels, 3);
         assert!(!c.global_pool_conditions);
-        assert_eq!(
-            c.down_residual_channels()?,
-            [320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280]
-        );
+        assert_eq!(c.down_residual_channels()?, [320, 320, 320, 320, 640, 640, 640, 1280, 1280, 1280, 1280, 1280]);
         let heads: Vec<_> = c
             .down_blocks()?
             .iter()

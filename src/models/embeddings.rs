@@ -70,9 +70,7 @@ pub fn timestep_embedding(
     // torch computes all of this in float32; do the same so the angles match bit for bit
     // as far as possible (the timestep is multiplied into angles up to ~1000 rad).
     let neg_log_period = -(10000f64.ln() as f32);
-    let freqs: Vec<f32> = (0..half)
-        .map(|i| ((neg_log_period * i as f32) / denom).exp())
-        .collect();
+    let freqs: Vec<f32> = (0..half).map(|i| ((neg_log_period * i as f32) / denom).exp()).collect();
     let mut data = Vec::with_capacity(timesteps.len() * dim);
     for &t in timesteps {
         let t = t as f32;
@@ -157,14 +155,7 @@ mod tests {
     fn matches_diffusers_formula() -> Result<()> {
         // dim 6, half 3, shift 1: freqs exp(-ln(1e4) * i / 2) = 1, 1e-2, 1e-4.
         let e = timestep_embedding(&[10.0], 6, false, 1.0, &Device::Cpu)?.to_vec2::<f32>()?;
-        let expect = [
-            10f32.sin(),
-            0.1f32.sin(),
-            0.001f32.sin(),
-            10f32.cos(),
-            0.1f32.cos(),
-            0.001f32.cos(),
-        ];
+        let expect = [10f32.sin(), 0.1f32.sin(), 0.001f32.sin(), 10f32.cos(), 0.1f32.cos(), 0.001f32.cos()];
         for (a, b) in e[0].iter().zip(expect.iter()) {
             assert!((a - b).abs() < 1e-6, "{a} vs {b}");
         }

@@ -78,14 +78,10 @@ fn d_three() -> usize {
     3
 }
 fn d_down_types() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-        .map(String::from)
-        .to_vec()
+    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec()
 }
 fn d_up_types() -> Vec<String> {
-    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-        .map(String::from)
-        .to_vec()
+    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec()
 }
 fn d_mid_type() -> Option<String> {
     Some("UNetMidBlock2DCrossAttn".into())
@@ -250,13 +246,21 @@ pub(crate) fn check_common(
         return unsupported("resnet_time_scale_shift", &resnet_time_scale_shift, "only \"default\" is supported");
     }
     if class_embed_type.is_some() || num_class_embeds.is_some() {
-        return unsupported("class_embed_type / num_class_embeds", &(class_embed_type, num_class_embeds), "class embeddings must be null");
+        return unsupported(
+            "class_embed_type / num_class_embeds",
+            &(class_embed_type, num_class_embeds),
+            "class embeddings must be null",
+        );
     }
     if addition_embed_type.is_some() {
         return unsupported("addition_embed_type", addition_embed_type, "must be null");
     }
     if encoder_hid_dim.is_some() || encoder_hid_dim_type.is_some() {
-        return unsupported("encoder_hid_dim / encoder_hid_dim_type", &(encoder_hid_dim, encoder_hid_dim_type), "must be null");
+        return unsupported(
+            "encoder_hid_dim / encoder_hid_dim_type",
+            &(encoder_hid_dim, encoder_hid_dim_type),
+            "must be null",
+        );
     }
     if norm_num_groups.is_none() {
         return unsupported("norm_num_groups", &norm_num_groups, "null is not supported");
@@ -436,7 +440,9 @@ impl UNet2DConditionConfig {
     /// Resnet settings shared by every block.
     pub fn resnet_settings(&self) -> Result<ResnetSettings> {
         Ok(ResnetSettings {
-            groups: self.norm_num_groups.ok_or_else(|| candle_core::Error::Msg("config: norm_num_groups is null".into()))?,
+            groups: self
+                .norm_num_groups
+                .ok_or_else(|| candle_core::Error::Msg("config: norm_num_groups is null".into()))?,
             eps: self.norm_eps,
             temb_channels: self.time_embed_dim(),
         })
@@ -781,7 +787,10 @@ mod tests {
         assert_eq!(heads, [Some((8, 40, 768)), Some((8, 80, 768)), Some((8, 160, 768)), None]);
         let mid = c.mid_block()?.unwrap();
         let a = mid.attention.as_ref().unwrap();
-        assert_eq!((mid.channels, a.num_attention_heads, a.attention_head_dim, a.transformer_layers.clone()), (1280, 8, 160, vec![1]));
+        assert_eq!(
+            (mid.channels, a.num_attention_heads, a.attention_head_dim, a.transformer_layers.clone()),
+            (1280, 8, 160, vec![1])
+        );
         let up = c.up_blocks()?;
         let io: Vec<_> = up
             .iter()
@@ -789,7 +798,12 @@ mod tests {
             .collect();
         assert_eq!(
             io,
-            [(1280, 1280, 1280, 3, true), (1280, 640, 1280, 3, true), (1280, 320, 640, 3, true), (640, 320, 320, 3, false)]
+            [
+                (1280, 1280, 1280, 3, true),
+                (1280, 640, 1280, 3, true),
+                (1280, 320, 640, 3, true),
+                (640, 320, 320, 3, false)
+            ]
         );
         assert!(up[0].attention.is_none());
         let a = up[3].attention.as_ref().unwrap();
@@ -806,21 +820,25 @@ mod tests {
                 "transformer_layers_per_block": [1, 2, 3], "norm_num_groups": 8}"#,
         )
         .unwrap();
-        let down: Vec<_> = c.down_blocks()?.iter().map(|d| d.attention.as_ref().map(|a| a.num_attention_heads)).collect();
+        let down: Vec<_> =
+            c.down_blocks()?.iter().map(|d| d.attention.as_ref().map(|a| a.num_attention_heads)).collect();
         assert_eq!(down, [Some(2), Some(4), None]);
         let up: Vec<_> = c
             .up_blocks()?
             .iter()
-            .map(|u| u.attention.as_ref().map(|a| (a.num_attention_heads, a.attention_head_dim, a.transformer_layers.clone())))
+            .map(|u| {
+                u.attention
+                    .as_ref()
+                    .map(|a| (a.num_attention_heads, a.attention_head_dim, a.transformer_layers.clone()))
+            })
             .collect();
         assert_eq!(up, [None, Some((4, 16, vec![2, 2, 2])), Some((2, 16, vec![1, 1, 1]))]);
         assert_eq!(c.mid_block()?.unwrap().attention.unwrap().transformer_layers, vec![3]);
         // num_attention_heads wins over attention_head_dim when present.
-        let c: UNet2DConditionConfig = serde_json::from_str(
-            r#"{"attention_head_dim": 8, "num_attention_heads": [5, 10, 20, 20]}"#,
-        )
-        .unwrap();
-        let heads: Vec<_> = c.down_blocks()?.iter().map(|d| d.attention.as_ref().map(|a| a.attention_head_dim)).collect();
+        let c: UNet2DConditionConfig =
+            serde_json::from_str(r#"{"attention_head_dim": 8, "num_attention_heads": [5, 10, 20, 20]}"#).unwrap();
+        let heads: Vec<_> =
+            c.down_blocks()?.iter().map(|d| d.attention.as_ref().map(|a| a.attention_head_dim)).collect();
         assert_eq!(heads, [Some(64), Some(64), Some(64), None]);
         Ok(())
     }
@@ -832,7 +850,10 @@ mod tests {
             (r#"{"class_embed_type": "timestep"}"#, "class_embed_type"),
             (r#"{"resnet_time_scale_shift": "scale_shift"}"#, "resnet_time_scale_shift"),
             (r#"{"addition_embed_type": "text_time"}"#, "addition_embed_type"),
-            (r#"{"down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"]}"#, "down_block_types[0]"),
+            (
+                r#"{"down_block_types": ["SimpleCrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D", "DownBlock2D"]}"#,
+                "down_block_types[0]",
+            ),
             (r#"{"attention_head_dim": [8, 8]}"#, "attention_head_dim"),
         ] {
             let c: UNet2DConditionConfig = serde_json::from_str(json).unwrap();

@@ -9,7 +9,7 @@
 //! Each block gets its per-block settings already derived from the model config
 //! (see `UNet2DConditionConfig::down_blocks` etc.).
 
-use candle_core::{Module, Result, Tensor, D};
+use candle_core::{D, Module, Result, Tensor};
 use candle_nn::{Conv2d, VarBuilder};
 use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 
@@ -255,7 +255,14 @@ impl MidBlock {
         let mut resnets = vec![resnet(vb.pp("resnets").pp("0"), c, c, r, s.output_scale_factor)?];
         let mut attentions = Vec::new();
         if let Some(a) = &s.attention {
-            attentions.push(transformer(vb.pp("attentions").pp("0"), c, a, 0, r.groups, &format!("{path}.attentions.0"))?);
+            attentions.push(transformer(
+                vb.pp("attentions").pp("0"),
+                c,
+                a,
+                0,
+                r.groups,
+                &format!("{path}.attentions.0"),
+            )?);
             resnets.push(resnet(vb.pp("resnets").pp("1"), c, c, r, s.output_scale_factor)?);
         }
         Ok(Self { resnets, attentions, span: tracing::trace_span!("mid-block") })

@@ -193,7 +193,12 @@ impl Decoder {
                 add_upsample: index + 1 < reversed.len(),
                 ..Default::default()
             };
-            up_blocks.push(UpDecoderBlock2D::new(vb.pp("up_blocks").pp(index), in_channels, out_channels, block_config)?);
+            up_blocks.push(UpDecoderBlock2D::new(
+                vb.pp("up_blocks").pp(index),
+                in_channels,
+                out_channels,
+                block_config,
+            )?);
         }
         let first = config.block_out_channels[0];
         let conv_norm_out = candle_nn::group_norm(config.norm_num_groups, first, VAE_EPS, vb.pp("conv_norm_out"))?;

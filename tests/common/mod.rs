@@ -35,11 +35,7 @@ pub fn tiny_stylizer() -> Stylizer {
 }
 
 pub fn base_settings() -> FrameSettings {
-    FrameSettings {
-        prompt: BASE_PROMPT.into(),
-        negative_prompt: BASE_NEGATIVE.into(),
-        ..FrameSettings::default()
-    }
+    FrameSettings { prompt: BASE_PROMPT.into(), negative_prompt: BASE_NEGATIVE.into(), ..FrameSettings::default() }
 }
 
 pub fn frame(k: usize) -> RgbFrame {
@@ -55,8 +51,7 @@ pub fn fixture_noise() -> Tensor {
 }
 
 pub fn load_tensors(path: &Path) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(path, &Device::Cpu)
-        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -148,11 +148,20 @@ impl ElementImpl for SdCanny {
 
     fn pad_templates() -> &'static [gst::PadTemplate] {
         static PAD_TEMPLATES: LazyLock<Vec<gst::PadTemplate>> = LazyLock::new(|| {
-            let src = gst::PadTemplate::new("src", gst::PadDirection::Src, gst::PadPresence::Always, &caps_with_formats(OUTPUT_FORMATS))
-                .unwrap();
-            let sink =
-                gst::PadTemplate::new("sink", gst::PadDirection::Sink, gst::PadPresence::Always, &caps_with_formats(video::RGB_FORMATS))
-                    .unwrap();
+            let src = gst::PadTemplate::new(
+                "src",
+                gst::PadDirection::Src,
+                gst::PadPresence::Always,
+                &caps_with_formats(OUTPUT_FORMATS),
+            )
+            .unwrap();
+            let sink = gst::PadTemplate::new(
+                "sink",
+                gst::PadDirection::Sink,
+                gst::PadPresence::Always,
+                &caps_with_formats(video::RGB_FORMATS),
+            )
+            .unwrap();
             vec![src, sink]
         });
         PAD_TEMPLATES.as_ref()
@@ -211,7 +220,11 @@ impl VideoFilterImpl for SdCanny {
         let edges = match edges {
             Ok(edges) => edges,
             Err(e) => {
-                gst::element_imp_error!(self, gst::StreamError::Failed, ("Canny failed on a {width}x{height} frame: {e:#}"));
+                gst::element_imp_error!(
+                    self,
+                    gst::StreamError::Failed,
+                    ("Canny failed on a {width}x{height} frame: {e:#}")
+                );
                 return Err(gst::FlowError::Error);
             }
         };

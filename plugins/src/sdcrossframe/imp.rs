@@ -218,7 +218,15 @@ impl SdCrossFrame {
             let (model, controlnet) = (request.spec.model.clone(), request.spec.controlnet.clone());
             gst::info!(CAT, "loading {description}");
             if let Some(src) = &src {
-                post(gst::message::Progress::builder(gst::ProgressType::Start, "load-model", &format!("Loading {description}")).src(src).build());
+                post(
+                    gst::message::Progress::builder(
+                        gst::ProgressType::Start,
+                        "load-model",
+                        &format!("Loading {description}"),
+                    )
+                    .src(src)
+                    .build(),
+                );
             }
             let started = Instant::now();
             let result = request.load();
@@ -229,15 +237,23 @@ impl SdCrossFrame {
                 Ok(session) => {
                     let text = format!("Loaded {description} in {:.1} s", started.elapsed().as_secs_f64());
                     gst::info!(CAT, obj = element, "{text}");
-                    post(gst::message::Progress::builder(gst::ProgressType::Complete, "load-model", &text).src(&element).build());
+                    post(
+                        gst::message::Progress::builder(gst::ProgressType::Complete, "load-model", &text)
+                            .src(&element)
+                            .build(),
+                    );
                     let _ = tx.send(Some(session));
                 }
                 Err(e) => {
                     gst::error!(CAT, obj = element, "loading {description} failed: {e:#}");
                     post(
-                        gst::message::Progress::builder(gst::ProgressType::Error, "load-model", &format!("Failed to load {description}"))
-                            .src(&element)
-                            .build(),
+                        gst::message::Progress::builder(
+                            gst::ProgressType::Error,
+                            "load-model",
+                            &format!("Failed to load {description}"),
+                        )
+                        .src(&element)
+                        .build(),
                     );
                     gst::element_error!(
                         element,
@@ -636,9 +652,9 @@ impl BaseTransformImpl for SdCrossFrame {
             config: settings.session_config(None),
             frame_settings: settings.frame_settings(),
         };
-        let rx = self.spawn_loader(request).map_err(|e| {
-            gst::error_msg!(gst::CoreError::Thread, ["Cannot start the model loading thread: {e}"])
-        })?;
+        let rx = self
+            .spawn_loader(request)
+            .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ["Cannot start the model loading thread: {e}"]))?;
         *self.state.lock().unwrap() = Some(State { model: Model::Loading(rx), requested: None, info: None });
         Ok(())
     }
@@ -731,7 +747,11 @@ impl VideoFilterImpl for SdCrossFrame {
         let input = match input {
             Ok(input) => input,
             Err(e) => {
-                gst::element_imp_error!(self, gst::StreamError::Format, ("Cannot read a {width}x{height} frame: {e:#}"));
+                gst::element_imp_error!(
+                    self,
+                    gst::StreamError::Format,
+                    ("Cannot read a {width}x{height} frame: {e:#}")
+                );
                 return Err(gst::FlowError::Error);
             }
         };
@@ -763,7 +783,11 @@ impl VideoFilterImpl for SdCrossFrame {
             video::write_rgb(&rgb, data, stride, layout)
         });
         if let Err(e) = written {
-            gst::element_imp_error!(self, gst::StreamError::Failed, ("Cannot write the stylized {width}x{height} frame: {e:#}"));
+            gst::element_imp_error!(
+                self,
+                gst::StreamError::Failed,
+                ("Cannot write the stylized {width}x{height} frame: {e:#}")
+            );
             return Err(gst::FlowError::Error);
         }
         Ok(gst::FlowSuccess::Ok)

@@ -42,7 +42,10 @@ pub enum Noise {
     #[default]
     #[enum_value(name = "Fixed: the same seeded noise for every frame (coherent)", nick = "fixed")]
     Fixed = 0,
-    #[enum_value(name = "Per-frame: fresh noise for every frame, seed + frame index (the original)", nick = "per-frame")]
+    #[enum_value(
+        name = "Per-frame: fresh noise for every frame, seed + frame index (the original)",
+        nick = "per-frame"
+    )]
     PerFrame = 1,
 }
 

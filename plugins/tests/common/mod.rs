@@ -1,7 +1,6 @@
 //! Helpers shared by the element tests.
 #![allow(dead_code)]
 
-
 use std::path::{Path, PathBuf};
 
 use gst_video::prelude::*;
