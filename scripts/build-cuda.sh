@@ -87,7 +87,9 @@ echo "build-cuda: CUDA_HOME=$CUDA_HOME CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP CARGO_
 [ "$TOOLKIT_ONLY" = 1 ] && exit 0
 
 start=$(date +%s)
-cargo build --release --features cuda -p sdcrossframe --bins "$@"
+# Extra arguments pick the targets (e.g. --bin sdcrossframe-bench); default: every binary.
+if [ $# -eq 0 ]; then set -- --bins; fi
+cargo build --release --features cuda -p sdcrossframe "$@"
 echo "build-cuda: built in $(( $(date +%s) - start )) s" >&2
 
 # Wiring check: the binaries must load the CUDA libraries, so the feature really reached candle.

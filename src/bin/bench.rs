@@ -272,6 +272,97 @@ impl SelfAttentionHook for DoubledKv {
     }
 }
 
+/// A self-attention hook of the step benchmark, with the bytes it keeps between frames.
+trait BenchHook: SelfAttentionHook {
+    fn stored_bytes(&self) -> usize {
+        0
+    }
+    fn as_hook(&mut self) -> &mut dyn SelfAttentionHook;
+}
+
+impl BenchHook for NoHook {
+    fn as_hook(&mut self) -> &mut dyn SelfAttentionHook {
+        self
+    }
+}
+
+impl BenchHook for DoubledKv {
+    fn as_hook(&mut self) -> &mut dyn SelfAttentionHook {
+        self
+    }
+}
+
+impl BenchHook for CachedFirstPrev {
+    fn stored_bytes(&self) -> usize {
+        CachedFirstPrev::stored_bytes(self)
+    }
+    fn as_hook(&mut self) -> &mut dyn SelfAttentionHook {
+        self
+    }
+}
+
+/// What cross-frame first+prev attention costs a later frame at one layer, with the store
+/// holding either the projected keys/values (what `cross_frame` does: this frame's N tokens
+/// are projected once, for its own queries' successor, and the stored K/V are concatenated)
+/// or the attention inputs (the stored 2N tokens are projected at every layer and step).
+/// The first call per layer fills the store from the current frame; values do not matter.
+struct CachedFirstPrev {
+    cache_hidden: bool,
+    stored: std::collections::HashMap<String, [Tensor; 4]>,
+}
+
+impl CachedFirstPrev {
+    fn new(cache_hidden: bool) -> Self {
+        Self { cache_hidden, stored: Default::default() }
+    }
+
+    fn stored_bytes(&self) -> usize {
+        let mut bytes = 0;
+        for tensors in self.stored.values() {
+            // Projected: first K, first V, prev K, prev V. Hidden: first and prev inputs
+            // (kept twice in the array to share the layout; count them once).
+            let held = if self.cache_hidden { &tensors[..2] } else { &tensors[..] };
+            bytes += held.iter().map(|t| t.elem_count() * t.dtype().size_in_bytes()).sum::<usize>();
+        }
+        bytes
+    }
+}
+
+impl SelfAttentionHook for CachedFirstPrev {
+    fn self_attention(
+        &mut self,
+        layer: &str,
+        hidden: &Tensor,
+        project: &dyn Fn(&Tensor) -> candle_core::Result<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        if !layer.starts_with("up_blocks.") {
+            return Ok(None);
+        }
+        if !self.stored.contains_key(layer) {
+            let entry = if self.cache_hidden {
+                [hidden.clone(), hidden.clone(), hidden.clone(), hidden.clone()]
+            } else {
+                let (k, v) = project(hidden)?;
+                [k.clone(), v.clone(), k, v]
+            };
+            self.stored.insert(layer.to_string(), entry);
+        }
+        let entry = self.stored.get_mut(layer).expect("inserted above");
+        if self.cache_hidden {
+            let kv = project(&Tensor::cat(&[&entry[0], &entry[1]], 1)?)?;
+            entry[1] = hidden.clone(); // this frame becomes "prev"
+            Ok(Some(kv))
+        } else {
+            let keys = Tensor::cat(&[&entry[0], &entry[2]], 1)?;
+            let values = Tensor::cat(&[&entry[1], &entry[3]], 1)?;
+            let (k, v) = project(hidden)?; // this frame's K/V become "prev"
+            entry[2] = k;
+            entry[3] = v;
+            Ok(Some((keys, values)))
+        }
+    }
+}
+
 /// Device memory: on CUDA the high-water mark of the device's default memory pool (candle
 /// allocates every tensor from it), and the device's used memory (all processes, CUDA contexts
 /// included) from cuMemGetInfo.
@@ -501,13 +592,16 @@ fn unet_step(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, prob
         println!("weights on the device: {:.2} GiB", gib(m));
     }
 
-    let mut variants: Vec<(&str, Box<dyn SelfAttentionHook>)> =
+    let mut variants: Vec<(&str, Box<dyn BenchHook>)> =
         vec![("plain attention", Box::new(NoHook)), ("2N K/V, up blocks", Box::new(DoubledKv { all_layers: false }))];
     if args.all_scope {
         variants.push(("2N K/V, all blocks", Box::new(DoubledKv { all_layers: true })));
     }
+    variants.push(("first+prev, store projected K/V", Box::new(CachedFirstPrev::new(false))));
+    variants.push(("first+prev, store hidden states", Box::new(CachedFirstPrev::new(true))));
 
     let mut rows = Vec::new();
+    let mut stored = Vec::new();
     for (label, mut hook) in variants {
         if let Some(p) = probe {
             p.reset_peak()?;
@@ -520,7 +614,7 @@ fn unet_step(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, prob
             let residuals = controlnet.forward(&latents, timestep, &text, &control, 0.7)?;
             let t_cn = elapsed_ms(device, t0)?;
             let t1 = Instant::now();
-            let out = unet.forward(&latents, timestep, &text, Some(&residuals), hook.as_mut())?;
+            let out = unet.forward(&latents, timestep, &text, Some(&residuals), hook.as_hook())?;
             let t_unet = elapsed_ms(device, t1)?;
             if run >= cli.warmup {
                 cn_ms.push(t_cn);
@@ -535,6 +629,9 @@ fn unet_step(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, prob
             Some(p) => Some(p.peak()?),
             None => None,
         };
+        if hook.stored_bytes() > 0 {
+            stored.push((label, hook.stored_bytes()));
+        }
         rows.push((label, median(&cn_ms), median(&unet_ms), median(&total_ms), min(&total_ms), peak, finite));
     }
 
@@ -553,6 +650,9 @@ fn unet_step(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, prob
     if rows.len() >= 2 {
         println!();
         println!("2N K/V (up blocks) / plain: {:.3}", rows[1].3 / rows[0].3);
+    }
+    for (label, bytes) in stored {
+        println!("{label}: store {:.1} MiB per denoising step ({:.2} GiB for 18 steps)", bytes as f64 / (1u64 << 20) as f64, gib(bytes as u64 * 18));
     }
     if let Some(p) = probe {
         let (used, total) = p.device_used()?;
