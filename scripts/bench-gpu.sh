@@ -25,6 +25,10 @@
 # 2736 ms/frame (step 139.5 ms, VAE encode 77 ms, decode 153 ms; text encoder 12 ms once),
 # attention off 2284 ms/frame (step 114 ms); peak allocated 9.66 / 5.29 GiB.
 # Tiny fixture model, 96x64, f32: 530 ms/frame (29 ms/step: launch-bound).
+# Rerun 2026-11-27 (same card, same build flags): plain 124.3 ms vs diffusers 52.2 ms; 2N up
+# 149.3 vs 57.2 ms; first+prev with a store of projected K/V 149.4 ms (store 105 MiB/step) vs a
+# store of attention inputs 148.7 ms (52.5 MiB/step): cross_frame keeps the inputs. Frame:
+# first+prev 2821 ms, off 2297 ms.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)

@@ -3,6 +3,7 @@
 # a system CUDA toolkit and with or without a GPU.
 #
 # Usage: scripts/build-cuda.sh [--toolkit-only] [-- extra cargo args]
+#        scripts/build-cuda.sh --tests [-- extra cargo args]   (cargo test --no-run: GPU test binaries)
 #
 # Toolkit, in order of preference:
 #   1. CUDA_TOOLKIT_DIR=/path  a toolkit root holding bin/nvcc, include/, lib/ (or lib64/).
@@ -30,7 +31,9 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 
 TOOLKIT_ONLY=0
+CARGO_COMMAND=(build)
 if [ "${1:-}" = "--toolkit-only" ]; then TOOLKIT_ONLY=1; shift; fi
+if [ "${1:-}" = "--tests" ]; then CARGO_COMMAND=(test --no-run); shift; fi
 if [ "${1:-}" = "--" ]; then shift; fi
 
 export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-90}
@@ -88,8 +91,8 @@ echo "build-cuda: CUDA_HOME=$CUDA_HOME CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP CARGO_
 
 start=$(date +%s)
 # Extra arguments pick the targets (e.g. --bin sdcrossframe-bench); default: every binary.
-if [ $# -eq 0 ]; then set -- --bins; fi
-cargo build --release --features cuda -p sdcrossframe "$@"
+if [ $# -eq 0 ] && [ "${CARGO_COMMAND[0]}" = build ]; then set -- --bins; fi
+cargo "${CARGO_COMMAND[@]}" --release --features cuda -p sdcrossframe "$@"
 echo "build-cuda: built in $(( $(date +%s) - start )) s" >&2
 
 # Wiring check: the binaries must load the CUDA libraries, so the feature really reached candle.

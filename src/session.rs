@@ -141,6 +141,10 @@ pub struct StylizedFrame {
     pub anchor: bool,
     /// Why it became the anchor, when it did.
     pub anchor_reason: Option<&'static str>,
+    /// Time spent scaling the frame, its scene-cut measure, Canny and the upload.
+    pub prepare_time: std::time::Duration,
+    /// Time spent in the diffusion itself (VAE encode, denoising, VAE decode).
+    pub diffuse_time: std::time::Duration,
 }
 
 impl StylizedFrame {
@@ -251,6 +255,7 @@ impl VideoSession {
     pub fn push(&mut self, frame: &RgbFrame, control: Option<&RgbFrame>) -> Result<StylizedFrame> {
         let index = self.frames_pushed;
         let _span = tracing::info_span!("session_frame", index).entered();
+        let started = std::time::Instant::now();
         let (width, height) = self.processing_size(frame.width, frame.height)?;
         let frame = frame.resized(width, height)?;
         let device = self.stylizer.device().clone();
@@ -272,7 +277,10 @@ impl VideoSession {
         // A cancel requested between frames is for the frame that was in flight then.
         self.cancel.clear();
         let mut hook = CancellableFrame { attention: &mut self.attention, cancel: &self.cancel };
-        let result = self.stylizer.stylize(&frame.to_tensor(&device)?, &control, &self.settings, &noise, &mut hook);
+        let input = frame.to_tensor(&device)?;
+        let prepare_time = started.elapsed();
+        let result = self.stylizer.stylize(&input, &control, &self.settings, &noise, &mut hook);
+        let diffuse_time = started.elapsed() - prepare_time;
         let image = match result {
             Ok(image) => image,
             Err(e) => {
@@ -288,7 +296,13 @@ impl VideoSession {
             (true, None) => Some("frame size or schedule changed"),
             (_, reason) => reason,
         };
-        Ok(StylizedFrame { image, anchor, anchor_reason: if anchor { anchor_reason } else { None } })
+        Ok(StylizedFrame {
+            image,
+            anchor,
+            anchor_reason: if anchor { anchor_reason } else { None },
+            prepare_time,
+            diffuse_time,
+        })
     }
 
     /// Why the next frame must become an anchor, if it must (interval or scene cut).

@@ -307,7 +307,29 @@ async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
             stats.frames_out as f64 / elapsed.max(1e-9)
         );
     }
+    if live {
+        for line in sink_statistics(pipeline) {
+            eprintln!("{line}");
+        }
+    }
     outcome
+}
+
+/// What each video sink rendered and dropped as late (GstBaseSink's `stats`): in a live
+/// pipeline, the frames the viewer actually saw.
+fn sink_statistics(pipeline: &gst::Pipeline) -> Vec<String> {
+    pipeline
+        .iterate_sinks()
+        .into_iter()
+        .flatten()
+        .filter(|sink| sink.find_property("stats").is_some())
+        .filter_map(|sink| {
+            let stats = sink.property::<gst::Structure>("stats");
+            let rendered = stats.get::<u64>("rendered").ok()?;
+            let dropped = stats.get::<u64>("dropped").ok()?;
+            Some(format!("{}: {rendered} frames rendered, {dropped} dropped as late", sink.name()))
+        })
+        .collect()
 }
 
 fn source_name(message: &gst::Message) -> String {

@@ -192,6 +192,43 @@ struct State {
     requested: Option<(FrameSettings, SessionConfig)>,
     /// The negotiated input, to re-anchor on real caps changes only.
     info: Option<gst_video::VideoInfo>,
+    timings: FrameTimings,
+}
+
+/// Where a frame's time goes, summed over the stream and logged at stop: the element's
+/// own work (reading, preparing, writing) against the diffusion.
+#[derive(Default)]
+struct FrameTimings {
+    frames: u32,
+    /// Packed RGB from the buffer's layout and stride.
+    read: Duration,
+    /// Scaling to the processing size, scene-cut measure, Canny, upload.
+    prepare: Duration,
+    /// VAE encode, denoising steps, VAE decode.
+    diffuse: Duration,
+    /// Back to 8-bit, scaling to the frame size, into the buffer's layout.
+    write: Duration,
+}
+
+impl FrameTimings {
+    fn summary(&self) -> Option<String> {
+        if self.frames == 0 {
+            return None;
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1e3 / self.frames as f64;
+        let total = ms(self.read) + ms(self.prepare) + ms(self.diffuse) + ms(self.write);
+        let overhead = total - ms(self.diffuse);
+        Some(format!(
+            "{} frames, per frame: read {:.2} ms, prepare {:.2} ms, diffuse {:.1} ms, write {:.2} ms; \
+             element overhead {overhead:.2} ms = {:.2}% of {total:.1} ms",
+            self.frames,
+            ms(self.read),
+            ms(self.prepare),
+            ms(self.diffuse),
+            ms(self.write),
+            100.0 * overhead / total.max(1e-9)
+        ))
+    }
 }
 
 #[derive(Default)]
@@ -655,13 +692,15 @@ impl BaseTransformImpl for SdCrossFrame {
         let rx = self
             .spawn_loader(request)
             .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ["Cannot start the model loading thread: {e}"]))?;
-        *self.state.lock().unwrap() = Some(State { model: Model::Loading(rx), requested: None, info: None });
+        *self.state.lock().unwrap() = Some(State { model: Model::Loading(rx), requested: None, info: None, timings: FrameTimings::default() });
         Ok(())
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
         // A load still in progress finishes on its thread and is dropped there.
-        *self.state.lock().unwrap() = None;
+        if let Some(summary) = self.state.lock().unwrap().take().and_then(|state| state.timings.summary()) {
+            gst::info!(CAT, imp = self, "{summary}");
+        }
         *self.cancel.lock().unwrap() = None;
         Ok(())
     }
@@ -740,6 +779,7 @@ impl VideoFilterImpl for SdCrossFrame {
             unreachable!("the model is ready");
         };
 
+        let read_started = Instant::now();
         let input = frame
             .plane_data(0)
             .map_err(anyhow::Error::from)
@@ -755,7 +795,7 @@ impl VideoFilterImpl for SdCrossFrame {
                 return Err(gst::FlowError::Error);
             }
         };
-        let started = Instant::now();
+        let read_time = read_started.elapsed();
         let stylized = match session.push(&input, None) {
             Ok(stylized) => stylized,
             Err(e) if e.chain().any(|c| c.is::<Cancelled>()) => {
@@ -771,7 +811,7 @@ impl VideoFilterImpl for SdCrossFrame {
                 return Err(gst::FlowError::Error);
             }
         };
-        gst::trace!(CAT, imp = self, "frame stylized at {}x{} in {:?}", size.0, size.1, started.elapsed());
+        let write_started = Instant::now();
         if stylized.anchor {
             let index = session.frames_pushed().saturating_sub(1);
             self.post_anchor(stylized.anchor_reason.unwrap_or("anchor"), index, frame.buffer().pts());
@@ -790,6 +830,22 @@ impl VideoFilterImpl for SdCrossFrame {
             );
             return Err(gst::FlowError::Error);
         }
+        let write_time = write_started.elapsed();
+        gst::trace!(
+            CAT,
+            imp = self,
+            "frame at {}x{}: read {read_time:?}, prepare {:?}, diffuse {:?}, write {write_time:?}",
+            size.0,
+            size.1,
+            stylized.prepare_time,
+            stylized.diffuse_time
+        );
+        let timings = &mut state.timings;
+        timings.frames += 1;
+        timings.read += read_time;
+        timings.prepare += stylized.prepare_time;
+        timings.diffuse += stylized.diffuse_time;
+        timings.write += write_time;
         Ok(gst::FlowSuccess::Ok)
     }
 }

@@ -1,0 +1,58 @@
+//! GPU against CPU on the tiny model: a 4-frame cross-frame session (first+prev, fixed
+//! noise) in f32 on CUDA must match the CPU within the parity tolerance; f16 and bf16 are
+//! reported and bounded. Opt-in: needs a CUDA build and a GPU.
+//!
+//!   cargo test --release --features cuda --test gpu -- --nocapture
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::*;
+use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
+use sdcrossframe::pipeline::Stylizer;
+use sdcrossframe::session::{SessionConfig, VideoSession};
+
+const FRAMES: usize = 4;
+
+fn run_session(device: &Device, dtype: DType) -> Vec<Tensor> {
+    let stylizer = Stylizer::load(&tiny_spec(), device, dtype).expect("tiny model loads");
+    let config =
+        SessionConfig { attention: AttentionMode::FirstPrev, scope: AttentionScope::Up, ..SessionConfig::default() };
+    let mut session = VideoSession::new(stylizer, config, base_settings()).unwrap();
+    session.set_noise(Some(fixture_noise().to_device(device).unwrap()));
+    (0..FRAMES)
+        .map(|k| {
+            let image = session.push(&frame(k), Some(&control(k))).unwrap().image;
+            image.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap()
+        })
+        .collect()
+}
+
+fn differences(got: &[Tensor], want: &[Tensor]) -> (f32, f32) {
+    let max = got.iter().zip(want).map(|(g, w)| max_abs_diff(g, w)).fold(0f32, f32::max);
+    let mean = got.iter().zip(want).map(|(g, w)| mean_abs_diff(g, w)).sum::<f32>() / got.len() as f32;
+    (max, mean)
+}
+
+#[test]
+fn gpu_matches_cpu_in_f32_and_stays_close_in_half_precision() {
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let cpu = run_session(&Device::Cpu, DType::F32);
+    let (max, mean) = differences(&run_session(&gpu, DType::F32), &cpu);
+    println!("cuda f32 vs cpu f32 over {FRAMES} frames: max abs {max:.2e}, mean abs {mean:.2e}");
+    let mut bad = Vec::new();
+    if max > IMAGE_TOLERANCE {
+        bad.push(format!("f32 max {max:.2e} > {IMAGE_TOLERANCE}"));
+    }
+    for dtype in [DType::F16, DType::BF16] {
+        let (max, mean) = differences(&run_session(&gpu, dtype), &cpu);
+        println!("cuda {dtype:?} vs cpu f32 over {FRAMES} frames: max abs {max:.2e}, mean abs {mean:.2e}");
+        // Pixels are in [0, 1]: half precision may move single pixels a little, never the picture.
+        let (max_bound, mean_bound) = if dtype == DType::F16 { (0.1, 0.01) } else { (0.2, 0.03) };
+        if max > max_bound || mean > mean_bound {
+            bad.push(format!("{dtype:?}: max {max:.2e} (bound {max_bound}), mean {mean:.2e} (bound {mean_bound})"));
+        }
+    }
+    assert!(bad.is_empty(), "{bad:?}");
+}
