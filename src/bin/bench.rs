@@ -653,7 +653,11 @@ fn unet_step(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, prob
         println!("2N K/V (up blocks) / plain: {:.3}", rows[1].3 / rows[0].3);
     }
     for (label, bytes) in stored {
-        println!("{label}: store {:.1} MiB per denoising step ({:.2} GiB for 18 steps)", bytes as f64 / (1u64 << 20) as f64, gib(bytes as u64 * 18));
+        println!(
+            "{label}: store {:.1} MiB per denoising step ({:.2} GiB for 18 steps)",
+            bytes as f64 / (1u64 << 20) as f64,
+            gib(bytes as u64 * 18)
+        );
     }
     if let Some(p) = probe {
         let (used, total) = p.device_used()?;

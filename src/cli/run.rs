@@ -178,7 +178,12 @@ async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
     let bus = pipeline.bus().context("the pipeline has no bus")?;
     let mut messages = bus.stream();
 
-    let live = match pipeline.set_state(gst::State::Playing) {
+    // PAUSED first, as gst-launch does: only that transition says whether the source is live.
+    let started = pipeline.set_state(gst::State::Paused).and_then(|paused| {
+        pipeline.set_state(gst::State::Playing)?;
+        Ok(paused)
+    });
+    let live = match started {
         Ok(gst::StateChangeSuccess::NoPreroll) => true,
         Ok(_) => false,
         Err(_) => {
@@ -319,15 +324,17 @@ async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
 /// pipeline, the frames the viewer actually saw.
 fn sink_statistics(pipeline: &gst::Pipeline) -> Vec<String> {
     pipeline
-        .iterate_sinks()
+        .iterate_recurse()
         .into_iter()
         .flatten()
-        .filter(|sink| sink.find_property("stats").is_some())
+        // Leaf sinks only: a sink bin such as fakevideosink proxies its child's stats.
+        .filter(|e| !e.is::<gst::Bin>())
+        .filter(|e| e.element_flags().contains(gst::ElementFlags::SINK) && e.find_property("stats").is_some())
         .filter_map(|sink| {
             let stats = sink.property::<gst::Structure>("stats");
             let rendered = stats.get::<u64>("rendered").ok()?;
             let dropped = stats.get::<u64>("dropped").ok()?;
-            Some(format!("{}: {rendered} frames rendered, {dropped} dropped as late", sink.name()))
+            Some(format!("{}: {rendered} frames rendered, {dropped} dropped as late", sink.path_string()))
         })
         .collect()
 }

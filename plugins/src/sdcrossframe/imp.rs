@@ -692,7 +692,8 @@ impl BaseTransformImpl for SdCrossFrame {
         let rx = self
             .spawn_loader(request)
             .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ["Cannot start the model loading thread: {e}"]))?;
-        *self.state.lock().unwrap() = Some(State { model: Model::Loading(rx), requested: None, info: None, timings: FrameTimings::default() });
+        *self.state.lock().unwrap() =
+            Some(State { model: Model::Loading(rx), requested: None, info: None, timings: FrameTimings::default() });
         Ok(())
     }
 
