@@ -29,6 +29,12 @@
 # 149.3 vs 57.2 ms; first+prev with a store of projected K/V 149.4 ms (store 105 MiB/step) vs a
 # store of attention inputs 148.7 ms (52.5 MiB/step): cross_frame keeps the inputs. Frame:
 # first+prev 2821 ms, off 2297 ms.
+# Per-op profile (`sdcrossframe-bench ops` vs tests/reference/bench_ops_torch.py, f16, ms,
+# candle / torch): attention 2x8x4096x4096x40 with f32 scores 12.76 / SDPA 0.196 (f16 scores
+# 5.56); with 8192 keys 24.2 / 0.349; at 1024 tokens 0.89 / 0.042; GroupNorm 2x320x64x64 0.328 /
+# 0.047; conv3x3 320 at 64x64 0.663 / 0.078 (640 at 32x32 0.368 / 0.087, 1280 at 16x16 equal);
+# linear 2x4096x320 0.183 / 0.033; SiLU and LayerNorm equal. The 7 self-attentions at 4096
+# tokens of a UNet + ControlNet call take about 90 of its 124 ms.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -63,6 +69,10 @@ fi
 echo "== diffusers: tests/reference/bench_diffusers.py, fp16, SDPA"
 PYTHONUNBUFFERED=1 python3 tests/reference/bench_diffusers.py --device cuda --dtype fp16 --warmup 3 --runs 20 2>&1 \
     | tee "$RESULTS/diffusers.txt" || status=1
+
+echo "== per-op profile: candle vs torch, f16"
+"$BIN" --device cuda:0 --dtype f16 --warmup 3 --runs 20 ops 2>&1 | tee "$RESULTS/candle-ops.txt" || status=1
+python3 tests/reference/bench_ops_torch.py --dtype fp16 2>&1 | tee "$RESULTS/torch-ops.txt" || status=1
 
 if [ "$FRAME" = 1 ]; then
     echo "== candle: sdcrossframe-bench frame, random SD1.5 weights, f16, 512x512"

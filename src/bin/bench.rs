@@ -165,6 +165,9 @@ enum Mode {
     UnetStep(UnetStepArgs),
     /// Whole img2img frames with per-stage times: cross-frame first+prev and attention off.
     Frame(FrameArgs),
+    /// Single operations at SD1.5 shapes (GroupNorm, SiLU, convolutions, linear layers,
+    /// attention): where a step's time goes, to compare with tests/reference/bench_ops_torch.py.
+    Ops,
 }
 
 #[derive(Args, Debug)]
@@ -553,6 +556,7 @@ fn run() -> Result<()> {
     match &cli.mode {
         Mode::UnetStep(args) => unet_step(&cli, args, &device, dtype, probe.as_ref()),
         Mode::Frame(args) => frame(&cli, args, &device, dtype, probe.as_ref()),
+        Mode::Ops => ops(&cli, &device, dtype),
     }
 }
 
@@ -966,6 +970,75 @@ fn frame(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Opti
     if let Some(p) = probe {
         let (used, total) = p.device_used()?;
         println!("device memory used now (all processes, contexts included): {:.2} / {:.1} GiB", gib(used), gib(total));
+    }
+    Ok(())
+}
+
+/// Median time of `f` in ms (device synchronised around every run).
+fn time_op(cli: &Cli, device: &Device, mut f: impl FnMut() -> candle_core::Result<Tensor>) -> Result<f64> {
+    let mut times = Vec::new();
+    for run in 0..cli.warmup + cli.runs {
+        device.synchronize()?;
+        let t = Instant::now();
+        let out = f()?;
+        drop(out);
+        let ms = elapsed_ms(device, t)?;
+        if run >= cli.warmup {
+            times.push(ms);
+        }
+    }
+    Ok(median(&times))
+}
+
+/// The building blocks of a UNet step at SD1.5 shapes (batch 2 for CFG), one at a time.
+/// The same list, in the same order and names, is in tests/reference/bench_ops_torch.py.
+fn ops(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
+    let vb = random_vb(dtype, device);
+    let randn = |shape: &[usize]| -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, 1f32, shape, device)?.to_dtype(dtype)
+    };
+    println!("ops: SD1.5 shapes, batch 2, {}, median of {} after {} warm-up", dtype_name(dtype), cli.runs, cli.warmup);
+    println!("| op | shape | ms |");
+    println!("|---|---|---:|");
+    for (channels, side) in [(320usize, 64usize), (640, 32), (1280, 16)] {
+        let x = randn(&[2, channels, side, side])?;
+        let norm = candle_nn::group_norm(32, channels, 1e-5, vb.pp(format!("gn{channels}")))?;
+        let ms = time_op(cli, device, || candle_core::Module::forward(&norm, &x))?;
+        println!("| group_norm(32) | 2x{channels}x{side}x{side} | {ms:.3} |");
+        let ms = time_op(cli, device, || candle_nn::ops::silu(&x))?;
+        println!("| silu | 2x{channels}x{side}x{side} | {ms:.3} |");
+        let conv_config = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
+        let conv = candle_nn::conv2d(channels, channels, 3, conv_config, vb.pp(format!("conv{channels}")))?;
+        let ms = time_op(cli, device, || candle_core::Module::forward(&conv, &x))?;
+        println!("| conv3x3 | 2x{channels}x{side}x{side} | {ms:.3} |");
+        let tokens = side * side;
+        let h = randn(&[2, tokens, channels])?;
+        let linear = candle_nn::linear(channels, channels, vb.pp(format!("lin{channels}")))?;
+        let ms = time_op(cli, device, || candle_core::Module::forward(&linear, &h))?;
+        println!("| linear | 2x{tokens}x{channels} | {ms:.3} |");
+        let ln = candle_nn::layer_norm(channels, 1e-5, vb.pp(format!("ln{channels}")))?;
+        let ms = time_op(cli, device, || candle_core::Module::forward(&ln, &h))?;
+        println!("| layer_norm | 2x{tokens}x{channels} | {ms:.3} |");
+        // Self-attention core (8 heads) as the UNet runs it: f32 scores for half types.
+        let head_dim = channels / 8;
+        for kv_tokens in [tokens, 2 * tokens] {
+            let q = randn(&[2, 8, tokens, head_dim])?;
+            let k = randn(&[2, 8, kv_tokens, head_dim])?;
+            let v = randn(&[2, 8, kv_tokens, head_dim])?;
+            let scale = (head_dim as f64).powf(-0.5);
+            let upcast = |q: &Tensor, k: &Tensor, v: &Tensor| -> candle_core::Result<Tensor> {
+                let scores = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * scale)?;
+                candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?.matmul(v)
+            };
+            let ms = time_op(cli, device, || upcast(&q, &k, &v))?;
+            println!("| attention, f32 scores | 2x8x{tokens}x{kv_tokens}x{head_dim} | {ms:.3} |");
+            let half = |q: &Tensor, k: &Tensor, v: &Tensor| -> candle_core::Result<Tensor> {
+                let scores = (q * scale)?.matmul(&k.t()?)?;
+                candle_nn::ops::softmax_last_dim(&scores)?.matmul(v)
+            };
+            let ms = time_op(cli, device, || half(&q, &k, &v))?;
+            println!("| attention, {} scores | 2x8x{tokens}x{kv_tokens}x{head_dim} | {ms:.3} |", dtype_name(dtype));
+        }
     }
     Ok(())
 }
