@@ -24,7 +24,9 @@ use clap::{Args, Parser, Subcommand};
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
 use sdcrossframe::device::{default_dtype, parse_device, parse_dtype};
 use sdcrossframe::models::attention::{NoHook, SelfAttentionHook};
+use sdcrossframe::models::flash_attention::fused_attention;
 use sdcrossframe::models::clip::{ClipTextConfig, ClipTextModel};
+use sdcrossframe::models::attention::unfused_attention;
 use sdcrossframe::models::controlnet::{ControlNetConfig, ControlNetModel};
 use sdcrossframe::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use sdcrossframe::models::vae::{AutoencoderKL, AutoencoderKLConfig};
@@ -165,6 +167,8 @@ enum Mode {
     UnetStep(UnetStepArgs),
     /// Whole img2img frames with per-stage times: cross-frame first+prev and attention off.
     Frame(FrameArgs),
+    /// Attention alone: the fused kernel against candle's unfused matmul-softmax-matmul.
+    Attention,
 }
 
 #[derive(Args, Debug)]
@@ -461,6 +465,7 @@ fn run() -> Result<()> {
     match &cli.mode {
         Mode::UnetStep(args) => unet_step(&cli, args, &device, dtype, probe.as_ref()),
         Mode::Frame(args) => frame(&cli, args, &device, dtype, probe.as_ref()),
+        Mode::Attention => attention(&cli, &device, dtype),
     }
 }
 
@@ -861,6 +866,58 @@ fn frame(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Opti
     if let Some(p) = probe {
         let (used, total) = p.device_used()?;
         println!("device memory used now (all processes, contexts included): {:.2} / {:.1} GiB", gib(used), gib(total));
+    }
+    Ok(())
+}
+
+/// Fused vs unfused attention at the UNet's shapes (batch 2 = CFG, 8 heads): self-attention at
+/// 64x64 latents (4096 tokens, head dim 40) with plain and doubled (cross-frame) keys, the
+/// 32x32 and 16x16 levels (head dims 80 and 160), and cross-attention to 77 text tokens.
+/// Also prints the largest difference between the two results.
+fn attention(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
+    const CASES: [(usize, usize, usize, usize, usize); 9] = [
+        (1, 8, 4096, 4096, 40),
+        (2, 8, 4096, 4096, 40),
+        (2, 8, 4096, 8192, 40),
+        (2, 8, 4096, 77, 40),
+        (2, 8, 1024, 1024, 80),
+        (2, 8, 1024, 2048, 80),
+        (2, 8, 256, 256, 160),
+        (2, 8, 256, 512, 160),
+        (2, 8, 333, 1001, 72),
+    ];
+    let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> Result<f64> {
+        let mut ms = Vec::new();
+        for run in 0..cli.warmup + cli.runs {
+            device.synchronize()?;
+            let t = Instant::now();
+            drop(f()?);
+            let e = elapsed_ms(device, t)?;
+            if run >= cli.warmup {
+                ms.push(e);
+            }
+        }
+        Ok(median(&ms))
+    };
+    println!("| batch x heads | queries | keys | head dim | fused ms | unfused ms | speed-up | TFLOP/s fused | max abs diff |");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    for (b, h, n, m, d) in CASES {
+        let rand = |len: usize| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1., (b, h, len, d), device)?.to_dtype(dtype)?) };
+        let (q, k, v) = (rand(n)?, rand(m)?, rand(m)?);
+        let scale = (d as f64).powf(-0.5);
+        let fused = time(&|| fused_attention(&q, &k, &v, scale))?;
+        let unfused = time(&|| unfused_attention(&q, &k, &v, scale))?;
+        let diff = (fused_attention(&q, &k, &v, scale)?.to_dtype(DType::F32)?
+            - unfused_attention(&q, &k, &v, scale)?.to_dtype(DType::F32)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+        let tflops = 4.0 * (b * h * n * m * d) as f64 / (fused * 1e-3) / 1e12;
+        println!(
+            "| {b}x{h} | {n} | {m} | {d} | {fused:.3} | {unfused:.3} | {:.1}x | {tflops:.1} | {diff:.2e} |",
+            unfused / fused
+        );
     }
     Ok(())
 }
