@@ -37,9 +37,7 @@ fn main() {
     if let Ok(ccbin) = env::var("NVCC_CCBIN") {
         cmd.args(["-ccbin", &ccbin]);
     }
-    let status = cmd
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run nvcc at {}: {e}", nvcc.display()));
+    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run nvcc at {}: {e}", nvcc.display()));
     if !status.success() {
         panic!("nvcc failed ({status}) compiling {KERNEL} for sm_{cap}: see the compiler output above");
     }

@@ -23,11 +23,11 @@ use clap::{Args, Parser, Subcommand};
 
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
 use sdcrossframe::device::{default_dtype, parse_device, parse_dtype};
-use sdcrossframe::models::attention::{NoHook, SelfAttentionHook};
-use sdcrossframe::models::flash_attention::fused_attention;
-use sdcrossframe::models::clip::{ClipTextConfig, ClipTextModel};
 use sdcrossframe::models::attention::unfused_attention;
+use sdcrossframe::models::attention::{NoHook, SelfAttentionHook};
+use sdcrossframe::models::clip::{ClipTextConfig, ClipTextModel};
 use sdcrossframe::models::controlnet::{ControlNetConfig, ControlNetModel};
+use sdcrossframe::models::flash_attention::fused_attention;
 use sdcrossframe::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use sdcrossframe::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use sdcrossframe::pipeline::{FrameHook, FramePlan, FrameSettings, ModelSpec, Stylizer};
@@ -899,10 +899,13 @@ fn attention(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
         }
         Ok(median(&ms))
     };
-    println!("| batch x heads | queries | keys | head dim | fused ms | unfused ms | speed-up | TFLOP/s fused | max abs diff |");
+    println!(
+        "| batch x heads | queries | keys | head dim | fused ms | unfused ms | speed-up | TFLOP/s fused | max abs diff |"
+    );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for (b, h, n, m, d) in CASES {
-        let rand = |len: usize| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1., (b, h, len, d), device)?.to_dtype(dtype)?) };
+        let rand =
+            |len: usize| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1., (b, h, len, d), device)?.to_dtype(dtype)?) };
         let (q, k, v) = (rand(n)?, rand(m)?, rand(m)?);
         let scale = (d as f64).powf(-0.5);
         let fused = time(&|| fused_attention(&q, &k, &v, scale))?;
