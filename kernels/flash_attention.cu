@@ -2,7 +2,8 @@
 //   out = softmax(scale * Q K^T) V
 // Q: (B, H, N, D), K and V: (B, H, M, D), out: (B, H, N, D), all contiguous, f16 or bf16.
 // Scores, the online softmax and the output accumulate in f32; the N x M score matrix is
-// never materialised: each block keeps 64 query rows and streams K/V in tiles of 64 keys.
+// never materialised: each block keeps 64 query rows and streams K/V in tiles of 64 keys
+// (cp.async: the V copy overlaps Q K^T, the next K copy overlaps P V).
 //
 // Tensor cores through `mma.sync.m16n8k16` (sm_80+) with operands loaded by `ldmatrix`.
 // Unlike WMMA fragments, the register layout of mma.sync is documented, so the scores of
@@ -131,6 +132,29 @@ __device__ __forceinline__ void load_tile(uint16_t* dst, const uint16_t* src, in
     }
 }
 
+// load_tile through cp.async (16 bytes a chunk, zero-filled past the end), so the copy runs in
+// the background while the warps compute. Only for the aligned case (`vec`).
+template <int DP>
+__device__ __forceinline__ void load_tile_async(uint16_t* dst, const uint16_t* src, int row0, int rows, int d) {
+    constexpr int S = DP + 8;
+    constexpr int CHUNKS = DP / 8;
+    for (int c = threadIdx.x; c < BC * CHUNKS; c += THREADS) {
+        const int r = c / CHUNKS;
+        const int col = (c % CHUNKS) * 8;
+        const int gr = row0 + r;
+        const bool inside = gr < rows && col < d;
+        const uint16_t* p = inside ? src + static_cast<size_t>(gr) * d + col : src;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst + r * S + col)), "l"(p),
+                     "r"(inside ? 16 : 0));
+    }
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 template <typename T, int DP>
 __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                           T* __restrict__ o, int n, int m, int d, float scale_log2) {
@@ -175,9 +199,17 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
     float row_sum[2] = {0.f, 0.f};
     const int mi = lane / 8;  // which 8x8 matrix of an ldmatrix.x4 this lane addresses
 
+    // Pipeline (one buffer each for K and V): the V copy of a tile overlaps Q K^T, the K copy of
+    // the next tile overlaps P V. Unaligned inputs load synchronously (the waits are then no-ops).
+    if (vec) load_tile_async<DP>(ks, kh, 0, m, d);
     for (int k0 = 0; k0 < m; k0 += BC) {
-        load_tile<DP>(ks, kh, k0, m, d, vec);
-        load_tile<DP>(vs, vh, k0, m, d, vec);
+        if (vec) {
+            load_tile_async<DP>(vs, vh, k0, m, d);
+            cp_async_wait<1>();  // K of this tile has landed
+        } else {
+            load_tile<DP>(ks, kh, k0, m, d, false);
+            load_tile<DP>(vs, vh, k0, m, d, false);
+        }
         __syncthreads();
 
         // S = Q K^T for this warp's 16 rows and 64 keys.
@@ -241,6 +273,10 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
             pf[j / 2][(j % 2) * 2 + 1] = pack2<T>(p2, p3);
         }
 
+        if (vec) cp_async_wait<0>();  // V of this tile has landed
+        __syncthreads();              // and every warp is done with ks
+        if (vec && k0 + BC < m) load_tile_async<DP>(ks, kh, k0 + BC, m, d);
+
         // O += P V; V (keys x dims, row-major) is the B operand, transposed by ldmatrix.
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk) {
@@ -252,7 +288,7 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
                 mma16816<T>(acc[2 * dp + 1], pf[kk], b2, b3);
             }
         }
-        __syncthreads();  // before the next tile overwrites ks / vs
+        __syncthreads();  // every warp is done with vs before the next V copy
     }
 
     float inv[2];

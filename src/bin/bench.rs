@@ -874,6 +874,11 @@ fn frame(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Opti
 /// 64x64 latents (4096 tokens, head dim 40) with plain and doubled (cross-frame) keys, the
 /// 32x32 and 16x16 levels (head dims 80 and 160), and cross-attention to 77 text tokens.
 /// Also prints the largest difference between the two results.
+///
+/// Measured 2026-11-27 on one H100 80GB HBM3, f16, median of 20 (`--device cuda:0 --dtype f16
+/// --warmup 3 --runs 20 attention`): 1x8x4096x4096x40 0.174 ms fused vs 5.82 ms unfused,
+/// 2x8x4096x4096x40 0.314 vs 11.6 ms, 2x8x4096x8192x40 0.604 vs 23.1 ms, 2x8x1024x1024x80 0.051
+/// vs 0.663 ms, 2x8x256x256x160 0.028 vs 0.072 ms; bf16 within a few percent of f16.
 fn attention(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
     const CASES: [(usize, usize, usize, usize, usize); 9] = [
         (1, 8, 4096, 4096, 40),
