@@ -57,6 +57,9 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$RESULTS/gpu.txt"
 status=0
 
+echo "== candle: sdcrossframe-bench attention (fused kernel vs unfused), f16"
+"$BIN" --device cuda:0 --dtype f16 --warmup 3 --runs 20 attention 2>&1 | tee "$RESULTS/candle-attention.txt" || status=1
+
 echo "== candle: sdcrossframe-bench unet-step, f16"
 "$BIN" --device cuda:0 --dtype f16 --warmup 3 --runs 20 unet-step --all-scope 2>&1 | tee "$RESULTS/candle-unet-step.txt" || status=1
 

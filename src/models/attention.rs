@@ -9,6 +9,8 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
 
+use super::flash_attention;
+
 /// Called at every self-attention (`attn1`) of the UNet.
 ///
 /// This is the single point where cross-frame attention (or any other change to the keys and
@@ -132,18 +134,29 @@ impl Attention {
         let q = split(&q, n)?;
         let k = split(k, m)?;
         let v = split(v, m)?;
-        let dtype = q.dtype();
-        // Scores and softmax in f32 for half types (diffusers' upcast), in place otherwise.
-        let (qf, kf) = match dtype {
-            DType::F16 | DType::BF16 => (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?),
-            _ => (q, k),
-        };
-        let scores = (qf.matmul(&kf.t()?)? * self.scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        let out = probs.matmul(&v)?; // (b, heads, n, dim_head)
+        // Half types on CUDA: the fused kernel (never stores the n x m scores). Everything else
+        // keeps the unfused path, which the CPU parity tests against diffusers rely on.
+        let out = if flash_attention::use_fused(&q) {
+            flash_attention::fused_attention(&q, &k, &v, self.scale)?
+        } else {
+            unfused_attention(&q, &k, &v, self.scale)?
+        }; // (b, heads, n, dim_head)
         let out = out.transpose(1, 2)?.reshape((b, n, inner))?;
         self.to_out.forward(&out)
     }
+}
+
+/// Unfused `softmax(scale * q k^T) v` for q (batch, heads, n, d) and k, v (batch, heads, m, d):
+/// two matmuls and a softmax, scores and softmax in f32 for half types (diffusers' upcast).
+pub fn unfused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let dtype = q.dtype();
+    let (qf, kf) = match dtype {
+        DType::F16 | DType::BF16 => (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?),
+        _ => (q.clone(), k.clone()),
+    };
+    let scores = (qf.matmul(&kf.t()?)? * scale)?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+    probs.matmul(&v.contiguous()?)
 }
 
 /// GEGLU feed-forward (`ff.net.0.proj`, `ff.net.2`), inner width 4x.

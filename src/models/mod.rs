@@ -4,6 +4,7 @@ pub mod attention;
 pub mod clip;
 pub mod controlnet;
 pub mod embeddings;
+pub mod flash_attention;
 pub mod unet;
 pub mod unet_blocks;
 pub mod vae;

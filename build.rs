@@ -1,0 +1,85 @@
+//! Compiles `kernels/flash_attention.cu` to PTX when the `cuda` feature is on; without it
+//! nothing is compiled (CI has no CUDA toolkit).
+//!
+//! nvcc comes from `CUDA_TOOLKIT_DIR`, `CUDA_HOME` or `CUDA_PATH` (`bin/nvcc`), else `PATH`;
+//! the architecture from `CUDA_COMPUTE_CAP` (e.g. 90 for H100, default 90). The kernel uses
+//! `mma.sync` bf16 tensor-core instructions, which need sm_80 or newer: for an older target no
+//! PTX is made and the engine keeps its unfused attention (cfg `sdcrossframe_flash_ptx` unset).
+
+use std::env;
+use std::path::PathBuf;
+use std::process::Command;
+
+const KERNEL: &str = "kernels/flash_attention.cu";
+
+fn main() {
+    println!("cargo::rerun-if-changed={KERNEL}");
+    for var in ["CUDA_TOOLKIT_DIR", "CUDA_HOME", "CUDA_PATH", "CUDA_COMPUTE_CAP", "NVCC_CCBIN"] {
+        println!("cargo::rerun-if-env-changed={var}");
+    }
+    println!("cargo::rustc-check-cfg=cfg(sdcrossframe_flash_ptx)");
+    if env::var_os("CARGO_FEATURE_CUDA").is_none() {
+        return;
+    }
+
+    let cap = compute_cap();
+    if cap < 80 {
+        println!(
+            "cargo::warning=CUDA_COMPUTE_CAP={cap}: the fused attention kernel needs sm_80 or newer; \
+             attention stays unfused"
+        );
+        return;
+    }
+    let nvcc = find_nvcc();
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("flash_attention.ptx");
+    let mut cmd = Command::new(&nvcc);
+    cmd.args(["--ptx", &format!("-arch=sm_{cap}"), "-O3", "-std=c++17", KERNEL, "-o"]).arg(&out);
+    if let Ok(ccbin) = env::var("NVCC_CCBIN") {
+        cmd.args(["-ccbin", &ccbin]);
+    }
+    let status = cmd.status().unwrap_or_else(|e| panic!("cannot run nvcc at {}: {e}", nvcc.display()));
+    if !status.success() {
+        panic!("nvcc failed ({status}) compiling {KERNEL} for sm_{cap}: see the compiler output above");
+    }
+    println!("cargo::rustc-cfg=sdcrossframe_flash_ptx");
+}
+
+/// `CUDA_COMPUTE_CAP` as a number: "90", "9.0" and "sm_90" all mean 90.
+fn compute_cap() -> u32 {
+    match env::var("CUDA_COMPUTE_CAP") {
+        Ok(s) => {
+            let digits: String = s.trim().trim_start_matches("sm_").chars().filter(|c| *c != '.').collect();
+            digits.parse().unwrap_or_else(|_| {
+                panic!("CUDA_COMPUTE_CAP={s:?} is not a compute capability (expected e.g. 90 for H100, 86, 80)")
+            })
+        }
+        Err(_) => {
+            println!("cargo::warning=CUDA_COMPUTE_CAP is not set: building the fused attention kernel for sm_90");
+            90
+        }
+    }
+}
+
+fn find_nvcc() -> PathBuf {
+    for var in ["CUDA_TOOLKIT_DIR", "CUDA_HOME", "CUDA_PATH"] {
+        if let Some(root) = env::var_os(var) {
+            let nvcc = PathBuf::from(root).join("bin").join("nvcc");
+            if nvcc.is_file() {
+                return nvcc;
+            }
+        }
+    }
+    if let Some(path) = env::var_os("PATH") {
+        for dir in env::split_paths(&path) {
+            let nvcc = dir.join("nvcc");
+            if nvcc.is_file() {
+                return nvcc;
+            }
+        }
+    }
+    panic!(
+        "the `cuda` feature compiles {KERNEL} with nvcc, but no nvcc was found: set CUDA_HOME (or \
+         CUDA_TOOLKIT_DIR) to a CUDA toolkit holding bin/nvcc, put nvcc on PATH, or build with \
+         scripts/build-cuda.sh, which provides one"
+    );
+}

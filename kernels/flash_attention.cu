@@ -1,0 +1,340 @@
+// Fused scaled dot-product attention (forward only), flash-attention style:
+//   out = softmax(scale * Q K^T) V
+// Q: (B, H, N, D), K and V: (B, H, M, D), out: (B, H, N, D), all contiguous, f16 or bf16.
+// Scores, the online softmax and the output accumulate in f32; the N x M score matrix is
+// never materialised: each block keeps 64 query rows and streams K/V in tiles of 64 keys
+// (cp.async: the V copy overlaps Q K^T, the next K copy overlaps P V).
+//
+// Tensor cores through `mma.sync.m16n8k16` (sm_80+) with operands loaded by `ldmatrix`.
+// Unlike WMMA fragments, the register layout of mma.sync is documented, so the scores of
+// Q K^T can be rescaled, exponentiated and fed back as the A operand of P V without going
+// through shared memory.
+//
+// Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), g = lane / 4, t = lane % 4:
+//   A (16x16, row-major) regs a0..a3: (g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)
+//   B (16x8, "col")      regs b0, b1: (k 2t..2t+1, n g), (k 2t+8.., n g)
+//   C (16x8, f32)        c0..c3:      (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
+//
+// The head dimension is a template parameter DP = D rounded up to 16; columns D..DP are
+// zero in shared memory so they add nothing to the scores and produce no output.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace {
+
+constexpr int BR = 64;  // query rows per block: 4 warps x 16 rows
+constexpr int BC = 64;  // keys per K/V tile
+constexpr int THREADS = 128;
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// 2^x on the special function unit (about 2 ulp; 2^-inf = 0), what the softmax needs.
+__device__ __forceinline__ float fast_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
+                                              const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(smem_addr(p)));
+}
+
+// c += a * b for one 16x8x16 tile, f32 accumulation.
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1);
+
+template <>
+__device__ __forceinline__ void mma16816<__half>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+template <>
+__device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                                        uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Two floats into one register of two 16-bit values, `lo` in the low half (the lower column).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+    __half2 h = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+}
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+    __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t*>(&h);
+}
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) {
+    return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+    return __float2bfloat16_rn(x);
+}
+
+// Copies rows [row0, row0 + 64) of a (rows, d) matrix into shared memory with row stride
+// DP + 8 (the 16-byte pad keeps ldmatrix free of bank conflicts); rows past the end and
+// columns past d are zero. `vec`: d % 8 == 0 and the source is 16-byte aligned.
+template <int DP>
+__device__ __forceinline__ void load_tile(uint16_t* dst, const uint16_t* src, int row0, int rows, int d, bool vec) {
+    constexpr int S = DP + 8;
+    constexpr int CHUNKS = DP / 8;
+    for (int c = threadIdx.x; c < BC * CHUNKS; c += THREADS) {
+        const int r = c / CHUNKS;
+        const int col = (c % CHUNKS) * 8;
+        const int gr = row0 + r;
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (gr < rows && col < d) {
+            const uint16_t* p = src + static_cast<size_t>(gr) * d + col;
+            if (vec) {
+                val = *reinterpret_cast<const uint4*>(p);
+            } else {
+                uint16_t tmp[8];
+#pragma unroll
+                for (int i = 0; i < 8; ++i) tmp[i] = (col + i < d) ? p[i] : 0;
+                val = make_uint4(tmp[0] | (uint32_t(tmp[1]) << 16), tmp[2] | (uint32_t(tmp[3]) << 16),
+                                 tmp[4] | (uint32_t(tmp[5]) << 16), tmp[6] | (uint32_t(tmp[7]) << 16));
+            }
+        }
+        *reinterpret_cast<uint4*>(dst + r * S + col) = val;
+    }
+}
+
+// load_tile through cp.async (16 bytes a chunk, zero-filled past the end), so the copy runs in
+// the background while the warps compute. Only for the aligned case (`vec`).
+template <int DP>
+__device__ __forceinline__ void load_tile_async(uint16_t* dst, const uint16_t* src, int row0, int rows, int d) {
+    constexpr int S = DP + 8;
+    constexpr int CHUNKS = DP / 8;
+    for (int c = threadIdx.x; c < BC * CHUNKS; c += THREADS) {
+        const int r = c / CHUNKS;
+        const int col = (c % CHUNKS) * 8;
+        const int gr = row0 + r;
+        const bool inside = gr < rows && col < d;
+        const uint16_t* p = inside ? src + static_cast<size_t>(gr) * d + col : src;
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst + r * S + col)), "l"(p),
+                     "r"(inside ? 16 : 0));
+    }
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+template <typename T, int DP>
+__device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                          T* __restrict__ o, int n, int m, int d, float scale_log2) {
+    static_assert(DP % 16 == 0 && DP <= 256, "padded head dim must be a multiple of 16");
+    constexpr int S = DP + 8;
+    constexpr int KD = DP / 16;  // k-steps over the head dim (Q K^T)
+    constexpr int ND = DP / 8;   // n-tiles over the head dim (P V output)
+    constexpr int NS = BC / 8;   // n-tiles over the keys (scores)
+    constexpr int KS = BC / 16;  // k-steps over the keys (P V)
+    __shared__ __align__(16) uint16_t ks[BC * S];
+    __shared__ __align__(16) uint16_t vs[BC * S];
+
+    const int warp = threadIdx.x / 32;
+    const int lane = threadIdx.x % 32;
+    const int g = lane / 4;
+    const int t = lane % 4;
+    const int q0 = blockIdx.x * BR;
+    const size_t bh = blockIdx.y;
+    const uint16_t* qh = reinterpret_cast<const uint16_t*>(q) + bh * n * d;
+    const uint16_t* kh = reinterpret_cast<const uint16_t*>(k) + bh * m * d;
+    const uint16_t* vh = reinterpret_cast<const uint16_t*>(v) + bh * m * d;
+    T* oh = o + bh * n * d;
+    const bool vec = d % 8 == 0 &&
+                     ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) &
+                      15) == 0;
+
+    // The query tile goes through the K buffer once, then lives in registers as A fragments.
+    load_tile<DP>(ks, qh, q0, n, d, vec);
+    __syncthreads();
+    uint32_t qf[KD][4];
+#pragma unroll
+    for (int kk = 0; kk < KD; ++kk) {
+        ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], &ks[(warp * 16 + lane % 16) * S + kk * 16 + (lane / 16) * 8]);
+    }
+    __syncthreads();
+
+    float acc[ND][4];
+#pragma unroll
+    for (int i = 0; i < ND; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    // Running max (in log2 units, already scaled) and partial sum for rows g and g + 8.
+    float row_max[2] = {neg_inf(), neg_inf()};
+    float row_sum[2] = {0.f, 0.f};
+    const int mi = lane / 8;  // which 8x8 matrix of an ldmatrix.x4 this lane addresses
+
+    // Pipeline (one buffer each for K and V): the V copy of a tile overlaps Q K^T, the K copy of
+    // the next tile overlaps P V. Unaligned inputs load synchronously (the waits are then no-ops).
+    if (vec) load_tile_async<DP>(ks, kh, 0, m, d);
+    for (int k0 = 0; k0 < m; k0 += BC) {
+        if (vec) {
+            load_tile_async<DP>(vs, vh, k0, m, d);
+            cp_async_wait<1>();  // K of this tile has landed
+        } else {
+            load_tile<DP>(ks, kh, k0, m, d, false);
+            load_tile<DP>(vs, vh, k0, m, d, false);
+        }
+        __syncthreads();
+
+        // S = Q K^T for this warp's 16 rows and 64 keys.
+        float s[NS][4];
+#pragma unroll
+        for (int j = 0; j < NS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+#pragma unroll
+        for (int np = 0; np < NS / 2; ++np) {
+#pragma unroll
+            for (int kk = 0; kk < KD; ++kk) {
+                uint32_t b0, b1, b2, b3;
+                ldsm_x4(b0, b1, b2, b3, &ks[(np * 16 + lane % 8 + 8 * (mi / 2)) * S + kk * 16 + 8 * (mi % 2)]);
+                mma16816<T>(s[2 * np], qf[kk], b0, b1);
+                mma16816<T>(s[2 * np + 1], qf[kk], b2, b3);
+            }
+        }
+
+        // Online softmax: scale, mask keys past m, new row max, rescale what came before.
+        float tile_max[2] = {neg_inf(), neg_inf()};
+#pragma unroll
+        for (int j = 0; j < NS; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int col = k0 + j * 8 + 2 * t + (e & 1);
+                const float x = col < m ? s[j][e] * scale_log2 : neg_inf();
+                s[j][e] = x;
+                tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
+            }
+        }
+        float alpha[2];
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+            // The four lanes of a quad share a row.
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
+            tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 2));
+            const float new_max = fmaxf(row_max[r], tile_max[r]);  // finite: every tile has a key
+            alpha[r] = fast_exp2(row_max[r] - new_max);
+            row_max[r] = new_max;
+            row_sum[r] *= alpha[r];
+        }
+#pragma unroll
+        for (int i = 0; i < ND; ++i) {
+            acc[i][0] *= alpha[0];
+            acc[i][1] *= alpha[0];
+            acc[i][2] *= alpha[1];
+            acc[i][3] *= alpha[1];
+        }
+
+        // P = exp2(S - max), straight into A fragments: the C tiles of keys 16kk..16kk+7 and
+        // 16kk+8..16kk+15 are exactly the left and right halves of A for k-step kk.
+        uint32_t pf[KS][4];
+#pragma unroll
+        for (int j = 0; j < NS; ++j) {
+            const float p0 = fast_exp2(s[j][0] - row_max[0]);
+            const float p1 = fast_exp2(s[j][1] - row_max[0]);
+            const float p2 = fast_exp2(s[j][2] - row_max[1]);
+            const float p3 = fast_exp2(s[j][3] - row_max[1]);
+            row_sum[0] += p0 + p1;
+            row_sum[1] += p2 + p3;
+            pf[j / 2][(j % 2) * 2] = pack2<T>(p0, p1);
+            pf[j / 2][(j % 2) * 2 + 1] = pack2<T>(p2, p3);
+        }
+
+        if (vec) cp_async_wait<0>();  // V of this tile has landed
+        __syncthreads();              // and every warp is done with ks
+        if (vec && k0 + BC < m) load_tile_async<DP>(ks, kh, k0 + BC, m, d);
+
+        // O += P V; V (keys x dims, row-major) is the B operand, transposed by ldmatrix.
+#pragma unroll
+        for (int kk = 0; kk < KS; ++kk) {
+#pragma unroll
+            for (int dp = 0; dp < ND / 2; ++dp) {
+                uint32_t b0, b1, b2, b3;
+                ldsm_x4_trans(b0, b1, b2, b3, &vs[(kk * 16 + lane % 8 + 8 * (mi % 2)) * S + dp * 16 + 8 * (mi / 2)]);
+                mma16816<T>(acc[2 * dp], pf[kk], b0, b1);
+                mma16816<T>(acc[2 * dp + 1], pf[kk], b2, b3);
+            }
+        }
+        __syncthreads();  // every warp is done with vs before the next V copy
+    }
+
+    float inv[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        float l = row_sum[r];
+        l += __shfl_xor_sync(0xffffffff, l, 1);
+        l += __shfl_xor_sync(0xffffffff, l, 2);
+        inv[r] = 1.f / l;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+        const int row = q0 + warp * 16 + g + 8 * r;
+        if (row >= n) continue;
+        T* out = oh + static_cast<size_t>(row) * d;
+#pragma unroll
+        for (int i = 0; i < ND; ++i) {
+            const int col = i * 8 + 2 * t;
+            if (col < d) out[col] = from_float<T>(acc[i][2 * r] * inv[r]);
+            if (col + 1 < d) out[col + 1] = from_float<T>(acc[i][2 * r + 1] * inv[r]);
+        }
+    }
+}
+
+}  // namespace
+
+// One entry point per dtype and padded head dim: flash_attn_{f16,bf16}_d{16,32,...,160}.
+// Launch: grid (ceil(n / 64), batch * heads), block 128, no dynamic shared memory.
+#define FLASH_ENTRY(NAME, T, DP)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(THREADS) NAME##_d##DP(                                           \
+        const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o, int n, int m, \
+        int d, float scale_log2) {                                                                                \
+        flash_fwd<T, DP>(q, k, v, o, n, m, d, scale_log2);                                                        \
+    }
+
+#define FLASH_ALL_DIMS(NAME, T) \
+    FLASH_ENTRY(NAME, T, 16)    \
+    FLASH_ENTRY(NAME, T, 32)    \
+    FLASH_ENTRY(NAME, T, 48)    \
+    FLASH_ENTRY(NAME, T, 64)    \
+    FLASH_ENTRY(NAME, T, 80)    \
+    FLASH_ENTRY(NAME, T, 96)    \
+    FLASH_ENTRY(NAME, T, 112)   \
+    FLASH_ENTRY(NAME, T, 128)   \
+    FLASH_ENTRY(NAME, T, 144)   \
+    FLASH_ENTRY(NAME, T, 160)
+
+FLASH_ALL_DIMS(flash_attn_f16, __half)
+FLASH_ALL_DIMS(flash_attn_bf16, __nv_bfloat16)

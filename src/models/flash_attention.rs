@@ -1,0 +1,325 @@
+//! Fused scaled dot-product attention, `softmax(scale * Q K^T) V`, as a candle custom op.
+//!
+//! On CUDA this runs `kernels/flash_attention.cu` (compiled to PTX by build.rs when the `cuda`
+//! feature is on): one pass over the keys with an online softmax, the scores never stored, f32
+//! accumulation, tensor cores for both products. On the CPU the op is a plain f32 reference,
+//! there for tests; the model keeps its unfused candle path on the CPU (see
+//! `Attention::attend`).
+//!
+//! Shapes: `q` (batch, heads, n, head_dim), `k` and `v` (batch, heads, m, head_dim); `m` may
+//! differ from `n` (cross-frame attention doubles it, cross-attention to text has 77 keys).
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+
+/// Widest head the CUDA kernel is built for (SD1.5 uses 40, 80 and 160).
+pub const MAX_HEAD_DIM: usize = 160;
+
+/// Set to `unfused` to keep candle's unfused attention on CUDA too (A/B measurements).
+pub const ATTENTION_ENV: &str = "SDCROSSFRAME_ATTENTION";
+
+/// Validated sizes of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Dims {
+    batch: usize,
+    heads: usize,
+    n: usize,
+    m: usize,
+    d: usize,
+}
+
+impl Dims {
+    fn check(q: &Shape, k: &Shape, v: &Shape) -> Result<Self> {
+        let (Ok((b, h, n, d)), Ok((kb, kh, m, kd)), Ok(vd)) = (q.dims4(), k.dims4(), v.dims4()) else {
+            candle_core::bail!(
+                "fused attention: q, k and v must be 4-D (batch, heads, tokens, head_dim); got q {q:?}, k {k:?}, v {v:?}"
+            );
+        };
+        if (kb, kh, kd) != (b, h, d) || vd != (b, h, m, d) {
+            candle_core::bail!(
+                "fused attention: shapes do not fit: q {q:?} needs k and v of (batch {b}, heads {h}, keys, head_dim {d}) \
+                 with the same number of keys; got k {k:?}, v {v:?}"
+            );
+        }
+        if d == 0 || m == 0 {
+            candle_core::bail!("fused attention: needs a non-zero head dim and at least one key; got q {q:?}, k {k:?}");
+        }
+        Ok(Self { batch: b, heads: h, n, m, d })
+    }
+}
+
+/// The custom op; `scale` multiplies the scores before the softmax.
+#[derive(Debug, Clone, Copy)]
+pub struct FlashAttention {
+    pub scale: f32,
+}
+
+/// `softmax(scale * q k^T) v` over the last two dims, fused on CUDA (f16/bf16, head dim up to
+/// [`MAX_HEAD_DIM`]), an f32 reference on the CPU (any float dtype). Inputs need not be
+/// contiguous; the result has q's dtype and shape.
+pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let dims = Dims::check(q.shape(), k.shape(), v.shape())?;
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        candle_core::bail!(
+            "fused attention: q, k and v must share a dtype; got {:?}, {:?}, {:?}",
+            q.dtype(),
+            k.dtype(),
+            v.dtype()
+        );
+    }
+    if !q.device().same_device(k.device()) || !q.device().same_device(v.device()) {
+        candle_core::bail!(
+            "fused attention: q, k and v must be on one device; got {:?}, {:?}, {:?}",
+            q.device(),
+            k.device(),
+            v.device()
+        );
+    }
+    if dims.n == 0 || dims.batch == 0 || dims.heads == 0 {
+        return q.zeros_like();
+    }
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    q.apply_op3_no_bwd(&k, &v, &FlashAttention { scale: scale as f32 })
+}
+
+/// Whether `Attention::attend` should use the fused op for queries `q` (batch, heads, n, d):
+/// a CUDA tensor in f16/bf16, a head dim the kernel covers, a build that has the kernel, and
+/// not switched off with `SDCROSSFRAME_ATTENTION=unfused`.
+pub fn use_fused(q: &Tensor) -> bool {
+    cfg!(sdcrossframe_flash_ptx)
+        && q.device().is_cuda()
+        && matches!(q.dtype(), DType::F16 | DType::BF16)
+        && q.dims().last().is_some_and(|&d| d <= MAX_HEAD_DIM)
+        && !fused_disabled()
+}
+
+fn fused_disabled() -> bool {
+    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DISABLED.get_or_init(|| std::env::var(ATTENTION_ENV).is_ok_and(|v| v.trim().eq_ignore_ascii_case("unfused")))
+}
+
+fn to_f32(s: &CpuStorage, layout: &Layout, what: &str) -> Result<Vec<f32>> {
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("fused attention: {what} must be contiguous");
+    };
+    Ok(match s {
+        CpuStorage::F32(x) => x[start..end].to_vec(),
+        CpuStorage::F16(x) => x[start..end].iter().map(|v| v.to_f32()).collect(),
+        CpuStorage::BF16(x) => x[start..end].iter().map(|v| v.to_f32()).collect(),
+        CpuStorage::F64(x) => x[start..end].iter().map(|&v| v as f32).collect(),
+        other => candle_core::bail!("fused attention: {what} has dtype {:?}; expected a float type", other.dtype()),
+    })
+}
+
+impl CustomOp3 for FlashAttention {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    /// Reference: every row's scores, max-subtracted softmax and weighted sum in f32.
+    fn cpu_fwd(
+        &self,
+        qs: &CpuStorage,
+        ql: &Layout,
+        ks: &CpuStorage,
+        kl: &Layout,
+        vs: &CpuStorage,
+        vl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let Dims { batch, heads, n, m, d } = Dims::check(ql.shape(), kl.shape(), vl.shape())?;
+        let (q, k, v) = (to_f32(qs, ql, "q")?, to_f32(ks, kl, "k")?, to_f32(vs, vl, "v")?);
+        let mut out = vec![0f32; batch * heads * n * d];
+        let mut scores = vec![0f32; m];
+        for bh in 0..batch * heads {
+            let (qh, kh, vh) = (&q[bh * n * d..][..n * d], &k[bh * m * d..][..m * d], &v[bh * m * d..][..m * d]);
+            for i in 0..n {
+                let qi = &qh[i * d..][..d];
+                let mut max = f32::NEG_INFINITY;
+                for (j, s) in scores.iter_mut().enumerate() {
+                    *s = self.scale * qi.iter().zip(&kh[j * d..][..d]).map(|(a, b)| a * b).sum::<f32>();
+                    max = max.max(*s);
+                }
+                let mut sum = 0f32;
+                for s in scores.iter_mut() {
+                    *s = (*s - max).exp();
+                    sum += *s;
+                }
+                let oi = &mut out[(bh * n + i) * d..][..d];
+                for (j, &p) in scores.iter().enumerate() {
+                    for (o, &x) in oi.iter_mut().zip(&vh[j * d..][..d]) {
+                        *o += p * x;
+                    }
+                }
+                oi.iter_mut().for_each(|o| *o /= sum);
+            }
+        }
+        let storage = match qs.dtype() {
+            DType::F32 => CpuStorage::F32(out),
+            DType::F16 => CpuStorage::F16(out.into_iter().map(half::f16::from_f32).collect()),
+            DType::BF16 => CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect()),
+            DType::F64 => CpuStorage::F64(out.into_iter().map(f64::from).collect()),
+            other => candle_core::bail!("fused attention: unsupported dtype {other:?}"),
+        };
+        Ok((storage, ql.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &candle_core::CudaStorage,
+        ql: &Layout,
+        ks: &candle_core::CudaStorage,
+        kl: &Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims = Dims::check(ql.shape(), kl.shape(), vl.shape())?;
+        #[cfg(not(sdcrossframe_flash_ptx))]
+        {
+            let _ = (qs, ks, vs, dims);
+            candle_core::bail!(
+                "fused attention: this build has no CUDA kernel for it (CUDA_COMPUTE_CAP below 80 at build time)"
+            )
+        }
+        #[cfg(sdcrossframe_flash_ptx)]
+        {
+            let storage = match qs.dtype() {
+                DType::F16 => cuda::launch::<half::f16>(self.scale, dims, (qs, ql), (ks, kl), (vs, vl), "f16")?,
+                DType::BF16 => cuda::launch::<half::bf16>(self.scale, dims, (qs, ql), (ks, kl), (vs, vl), "bf16")?,
+                other => {
+                    candle_core::bail!("fused attention on CUDA supports f16 and bf16; got {other:?}")
+                }
+            };
+            Ok((storage, ql.shape().clone()))
+        }
+    }
+}
+
+#[cfg(all(feature = "cuda", sdcrossframe_flash_ptx))]
+mod cuda {
+    use super::{Dims, MAX_HEAD_DIM};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::{CudaStorage, Layout, Result};
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
+    const MODULE: &str = "sdcrossframe_flash_attention";
+    /// Query rows per block and threads per block, as in the kernel.
+    const BLOCK_ROWS: usize = 64;
+    const THREADS: u32 = 128;
+
+    pub(super) fn launch<T: CudaDType + DeviceRepr>(
+        scale: f32,
+        dims: Dims,
+        (qs, ql): (&CudaStorage, &Layout),
+        (ks, kl): (&CudaStorage, &Layout),
+        (vs, vl): (&CudaStorage, &Layout),
+        type_name: &str,
+    ) -> Result<CudaStorage> {
+        let Dims { batch, heads, n, m, d } = dims;
+        if d > MAX_HEAD_DIM {
+            candle_core::bail!("fused attention on CUDA supports head dims up to {MAX_HEAD_DIM}; got {d}");
+        }
+        let bh = batch * heads;
+        if bh > 65_535 || n.max(m).saturating_mul(d) > i32::MAX as usize {
+            candle_core::bail!(
+                "fused attention: too large for the kernel (batch x heads {bh} > 65535 or tokens x head_dim over 2^31)"
+            );
+        }
+        let (q, k, v) = (view::<T>(qs, ql, "q")?, view::<T>(ks, kl, "k")?, view::<T>(vs, vl, "v")?);
+        let dev = qs.device();
+        // The kernel is instantiated for head dims rounded up to 16; the rest is zero padding.
+        let padded = d.div_ceil(16) * 16;
+        let func = dev.get_or_load_custom_func(&format!("flash_attn_{type_name}_d{padded}"), MODULE, PTX)?;
+        // SAFETY: the kernel writes every element of `out` (all n rows, d columns per head).
+        let out = unsafe { dev.alloc::<T>(bh * n * d)? };
+        let cfg = LaunchConfig {
+            grid_dim: (n.div_ceil(BLOCK_ROWS) as u32, bh as u32, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n_, m_, d_) = (n as i32, m as i32, d as i32);
+        let scale_log2 = scale * std::f32::consts::LOG2_E;
+        let mut builder = func.builder();
+        builder.arg(&q).arg(&k).arg(&v).arg(&out).arg(&n_).arg(&m_).arg(&d_).arg(&scale_log2);
+        // SAFETY: argument types and order match the kernel's signature; sizes checked above.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+
+    fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("fused attention: {what} must be contiguous");
+        };
+        Ok(s.as_cuda_slice::<T>()?.slice(start..end))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::attention::unfused_attention;
+    use candle_core::Device;
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
+        d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn cpu_reference_matches_unfused_math() {
+        let dev = Device::Cpu;
+        // n != m, a head dim that is no multiple of 8, sharp enough scores that the max matters.
+        for (n, m, d) in [(5, 13, 16), (77, 33, 40), (3, 1, 7)] {
+            let q = (Tensor::randn(0f32, 1., (2, 3, n, d), &dev).unwrap() * 3.).unwrap();
+            let k = Tensor::randn(0f32, 1., (2, 3, m, d), &dev).unwrap();
+            let v = Tensor::randn(0f32, 1., (2, 3, m, d), &dev).unwrap();
+            let scale = (d as f64).powf(-0.5);
+            let fused = fused_attention(&q, &k, &v, scale).unwrap();
+            let reference = unfused_attention(&q, &k, &v, scale).unwrap();
+            assert_eq!(fused.dims(), &[2, 3, n, d]);
+            let err = max_abs_diff(&fused, &reference);
+            assert!(err < 1e-5, "n {n} m {m} d {d}: max abs error {err}");
+        }
+    }
+
+    #[test]
+    fn cpu_reference_handles_half_types_and_strided_inputs() {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1., (1, 4, 2, 9), &dev).unwrap(); // (b, n, h, d) -> transposed below
+        let k = Tensor::randn(0f32, 1., (1, 2, 11, 9), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (1, 2, 11, 9), &dev).unwrap();
+        let q = q.transpose(1, 2).unwrap(); // not contiguous
+        let reference = unfused_attention(&q.contiguous().unwrap(), &k, &v, 0.3).unwrap();
+        for dtype in [DType::F16, DType::BF16] {
+            let (qh, kh, vh) = (q.to_dtype(dtype).unwrap(), k.to_dtype(dtype).unwrap(), v.to_dtype(dtype).unwrap());
+            let fused = fused_attention(&qh, &kh, &vh, 0.3).unwrap();
+            assert_eq!(fused.dtype(), dtype);
+            let err = max_abs_diff(&fused, &reference);
+            assert!(err < 3e-2, "{dtype:?}: max abs error {err}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_shapes_and_dtypes_with_clear_errors() {
+        let dev = Device::Cpu;
+        let q = Tensor::zeros((1, 2, 3, 8), DType::F32, &dev).unwrap();
+        let k = Tensor::zeros((1, 2, 5, 8), DType::F32, &dev).unwrap();
+        let v_short = Tensor::zeros((1, 2, 4, 8), DType::F32, &dev).unwrap();
+        let err = fused_attention(&q, &k, &v_short, 1.).unwrap_err().to_string();
+        assert!(err.contains("shapes do not fit") && err.contains("[1, 2, 4, 8]"), "{err}");
+        let err = fused_attention(&q, &k.to_dtype(DType::F16).unwrap(), &k, 1.).unwrap_err().to_string();
+        assert!(err.contains("share a dtype"), "{err}");
+        let flat = Tensor::zeros((2, 3, 8), DType::F32, &dev).unwrap();
+        let err = fused_attention(&flat, &k, &k, 1.).unwrap_err().to_string();
+        assert!(err.contains("must be 4-D"), "{err}");
+        let none = Tensor::zeros((1, 2, 0, 8), DType::F32, &dev).unwrap();
+        let err = fused_attention(&q, &none, &none, 1.).unwrap_err().to_string();
+        assert!(err.contains("at least one key"), "{err}");
+        // No queries: an empty result, no error.
+        let empty_q = Tensor::zeros((1, 2, 0, 8), DType::F32, &dev).unwrap();
+        assert_eq!(fused_attention(&empty_q, &k, &k, 1.).unwrap().dims(), &[1, 2, 0, 8]);
+        assert!(!use_fused(&q), "CPU tensors keep the unfused path");
+    }
+}

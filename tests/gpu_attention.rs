@@ -1,0 +1,81 @@
+//! The fused CUDA attention kernel against candle's unfused attention on the same GPU.
+//!
+//! Needs a GPU and a build with the `cuda` feature (CI has neither, so without the feature
+//! this file is empty):
+//!   scripts/build-cuda.sh, then on the GPU machine
+//!   cargo test --release --features cuda --test gpu_attention -- --nocapture
+//! Prints the largest absolute difference of every case.
+#![cfg(feature = "cuda")]
+
+use candle_core::{DType, Device, Tensor};
+use sdcrossframe::models::attention::unfused_attention;
+use sdcrossframe::models::flash_attention::{fused_attention, use_fused};
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
+    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+/// `sharpness` scales the queries: 1 gives scores of unit spread, 4 a peaked softmax.
+fn check(dev: &Device, dtype: DType, (b, h, n, m, d): (usize, usize, usize, usize, usize), sharpness: f64) -> f32 {
+    let rand = |len: usize| Tensor::randn(0f32, 1., (b, h, len, d), dev).unwrap();
+    let q = (rand(n) * sharpness).unwrap().to_dtype(dtype).unwrap();
+    let (k, v) = (rand(m).to_dtype(dtype).unwrap(), rand(m).to_dtype(dtype).unwrap());
+    let scale = (d as f64).powf(-0.5);
+    let fused = fused_attention(&q, &k, &v, scale).unwrap();
+    assert_eq!(fused.dims(), &[b, h, n, d]);
+    assert_eq!(fused.dtype(), dtype);
+    let reference = unfused_attention(&q, &k, &v, scale).unwrap();
+    let err = max_abs_diff(&fused, &reference);
+    println!("{dtype:?} b {b} h {h} n {n} m {m} d {d} sharpness {sharpness}: max abs error {err:.3e}");
+    err
+}
+
+#[test]
+fn fused_kernel_matches_unfused_attention() {
+    let dev = Device::new_cuda(0).expect("this test needs a CUDA GPU");
+    let q = Tensor::zeros((1, 1, 1, 40), DType::F16, &dev).unwrap();
+    assert!(use_fused(&q), "the build has no fused kernel (CUDA_COMPUTE_CAP < 80?)");
+    let cases = [
+        (1, 2, 4096, 8192, 40),
+        (2, 8, 4096, 4096, 40),
+        (1, 3, 77, 333, 16),
+        (1, 3, 77, 333, 40),
+        (1, 3, 77, 333, 80),
+        (1, 3, 77, 333, 160),
+        (2, 2, 1000, 77, 40),  // cross-attention to text: fewer keys than one tile's rows
+        (1, 2, 5, 3, 8),       // a single partial tile
+        (1, 2, 130, 1, 24),    // one key
+        (1, 1, 200, 300, 100), // head dim no multiple of 8: the unaligned load path
+    ];
+    for dtype in [DType::F16, DType::BF16] {
+        // Outputs are averages of unit-normal values: f16 keeps ~3 decimal digits, bf16 ~2.
+        let tol = if dtype == DType::F16 { 4e-3 } else { 3e-2 };
+        for case in cases {
+            for sharpness in [1.0, 4.0] {
+                let err = check(&dev, dtype, case, sharpness);
+                assert!(err <= tol, "{dtype:?} {case:?} sharpness {sharpness}: max abs error {err} > {tol}");
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_kernel_handles_strided_inputs_and_offsets() {
+    let dev = Device::new_cuda(0).expect("this test needs a CUDA GPU");
+    // (b, n, h, d) projections transposed to (b, h, n, d), as the UNet makes them; keys that
+    // start at an offset into their buffer; values one element off 16-byte alignment (the
+    // kernel's scalar load path).
+    let x = Tensor::randn(0f32, 1., (2, 100, 4, 40), &dev).unwrap().to_dtype(DType::F16).unwrap();
+    let q = x.transpose(1, 2).unwrap();
+    let kv = Tensor::randn(0f32, 1., (3, 4, 200, 40), &dev).unwrap().to_dtype(DType::F16).unwrap();
+    let k = kv.narrow(0, 1, 2).unwrap();
+    let flat = Tensor::randn(0f32, 1., 2 * 4 * 200 * 40 + 1, &dev).unwrap().to_dtype(DType::F16).unwrap();
+    let v = flat.narrow(0, 1, 2 * 4 * 200 * 40).unwrap().reshape((2, 4, 200, 40)).unwrap();
+    let fused = fused_attention(&q, &k, &v, 0.2).unwrap();
+    let reference =
+        unfused_attention(&q.contiguous().unwrap(), &k.contiguous().unwrap(), &v.contiguous().unwrap(), 0.2).unwrap();
+    let err = max_abs_diff(&fused, &reference);
+    println!("strided/offset inputs: max abs error {err:.3e}");
+    assert!(err <= 4e-3, "max abs error {err}");
+}
