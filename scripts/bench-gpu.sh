@@ -35,6 +35,18 @@
 # 0.047; conv3x3 320 at 64x64 0.663 / 0.078 (640 at 32x32 0.368 / 0.087, 1280 at 16x16 equal);
 # linear 2x4096x320 0.183 / 0.033; SiLU and LayerNorm equal. The 7 self-attentions at 4096
 # tokens of a UNet + ControlNet call take about 90 of its 124 ms.
+# With the fused attention kernel (2026-11-27, one H100, same device run as diffusers):
+#   UNet + ControlNet step: plain 68.6 ms, 2N up 69.8, first+prev (store of inputs) 69.5 ms,
+#   peak 2.57 GiB; diffusers 63.8 / 49.3 ms (median; min 45.3 / 39.8).
+#   Frame at the original's settings (512x512, 18 steps, guidance 7.5, cn 0.7), f16:
+#     candle first+prev 1493 ms (VAE encode 77, step 68.7 x 18 = 1263, VAE decode 152; text
+#     encoder 9.9 ms once per prompt), peak 5.28 GiB; attention off 1449 ms.
+#     diffusers StableDiffusionControlNetImg2ImgPipeline (bench_diffusers_frame.py): plain SDPA
+#     1090 ms, first+prev SDPA 1090 ms (peak 4.29 GiB), first+prev with the original's unfused
+#     processor 1013 ms. candle / diffusers first+prev SDPA = 1.37.
+#   Next hot spots from the ops profile: GroupNorm (0.68 vs 0.06 ms at 2x320x64x64; ~90 per
+#   step, most inside candle-transformers' ResnetBlock2D and the VAE blocks), conv3x3 at 64x64
+#   (0.63 vs 0.10 ms, im2col; cuDNN not used), linear (0.14 vs 0.055 ms).
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -80,6 +92,9 @@ python3 tests/reference/bench_ops_torch.py --dtype fp16 2>&1 | tee "$RESULTS/tor
 if [ "$FRAME" = 1 ]; then
     echo "== candle: sdcrossframe-bench frame, random SD1.5 weights, f16, 512x512"
     "$BIN" --device cuda:0 --dtype f16 --warmup 1 --runs 3 frame 2>&1 | tee "$RESULTS/candle-frame.txt" || status=1
+    echo "== diffusers: tests/reference/bench_diffusers_frame.py, StableDiffusionControlNetImg2ImgPipeline, fp16"
+    PYTHONUNBUFFERED=1 python3 tests/reference/bench_diffusers_frame.py --dtype fp16 --frames 6 --warmup 2 2>&1 \
+        | grep -v "should be kept in float32" | tee "$RESULTS/diffusers-frame.txt" || status=1
     echo "== candle: sdcrossframe-bench frame, tiny fixture model, f32, 96x64"
     "$BIN" --device cuda:0 --dtype f32 --warmup 1 --runs 5 frame --model tests/fixtures/tiny-sd \
         --controlnet tests/fixtures/tiny-controlnet --width 96 --height 64 2>&1 | tee "$RESULTS/candle-frame-tiny.txt" || status=1
