@@ -1006,9 +1006,18 @@ fn ops(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
     println!("|---|---|---:|");
     for (channels, side) in [(320usize, 64usize), (640, 32), (1280, 16)] {
         let x = randn(&[2, channels, side, side])?;
-        let norm = candle_nn::group_norm(32, channels, 1e-5, vb.pp(format!("gn{channels}")))?;
+        let norm =
+            sdcrossframe::models::group_norm::GroupNorm::new(vb.pp(format!("gn{channels}")), 32, channels, 1e-5)?;
+        let ms = time_op(cli, device, || norm.forward_reference(&x))?;
+        println!("| group_norm(32), candle-nn | 2x{channels}x{side}x{side} | {ms:.3} |");
         let ms = time_op(cli, device, || candle_core::Module::forward(&norm, &x))?;
-        println!("| group_norm(32) | 2x{channels}x{side}x{side} | {ms:.3} |");
+        let diff = (candle_core::Module::forward(&norm, &x)?.to_dtype(DType::F32)?
+            - norm.forward_reference(&x)?.to_dtype(DType::F32)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+        println!("| group_norm(32), models::group_norm (max diff {diff:.1e}) | 2x{channels}x{side}x{side} | {ms:.3} |");
         let ms = time_op(cli, device, || candle_nn::ops::silu(&x))?;
         println!("| silu | 2x{channels}x{side}x{side} | {ms:.3} |");
         let conv_config = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };

@@ -7,7 +7,9 @@
 //! `up_blocks.1.attentions.0.transformer_blocks.0.attn1`) so a hook can tell layers apart.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Conv2d, LayerNorm, Linear, VarBuilder};
+
+use super::group_norm::GroupNorm;
 
 use super::flash_attention;
 
@@ -285,7 +287,7 @@ impl Transformer2DModel {
     pub fn new(vb: VarBuilder, config: &Transformer2DConfig, path: &str) -> Result<Self> {
         let c = config;
         let inner_dim = c.num_attention_heads * c.attention_head_dim;
-        let norm = candle_nn::group_norm(c.norm_num_groups, c.in_channels, 1e-6, vb.pp("norm"))?;
+        let norm = GroupNorm::new(vb.pp("norm"), c.norm_num_groups, c.in_channels, 1e-6)?;
         let (proj_in, proj_out) = if c.use_linear_projection {
             (
                 Projection::Linear(candle_nn::linear(c.in_channels, inner_dim, vb.pp("proj_in"))?),

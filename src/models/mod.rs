@@ -5,6 +5,8 @@ pub mod clip;
 pub mod controlnet;
 pub mod embeddings;
 pub mod flash_attention;
+pub mod group_norm;
+pub mod resnet;
 pub mod unet;
 pub mod unet_blocks;
 pub mod vae;

@@ -7,7 +7,9 @@
 //! resnets, other block types...) are rejected with an error naming the config key.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::{Conv2d, VarBuilder};
+
+use super::group_norm::GroupNorm;
 use serde::Deserialize;
 
 use super::attention::SelfAttentionHook;
@@ -610,7 +612,7 @@ impl UNet2DConditionModel {
                 UpBlock::new(vb.pp("up_blocks").pp(i.to_string()), s, &resnet, &path)
             })
             .collect::<Result<Vec<_>>>()?;
-        let conv_norm_out = candle_nn::group_norm(resnet.groups, c0, config.norm_eps, vb.pp("conv_norm_out"))?;
+        let conv_norm_out = GroupNorm::new(vb.pp("conv_norm_out"), resnet.groups, c0, config.norm_eps)?;
         let conv_out = candle_nn::conv2d(
             c0,
             config.out_channels,

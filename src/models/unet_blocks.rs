@@ -3,15 +3,15 @@
 //!
 //! Supported block types: `DownBlock2D`, `CrossAttnDownBlock2D`, `UNetMidBlock2DCrossAttn`,
 //! `UNetMidBlock2D` (without attention, as ControlNet uses it), `UpBlock2D`,
-//! `CrossAttnUpBlock2D`. The resnets are candle-transformers' `ResnetBlock2D` (diffusers'
+//! `CrossAttnUpBlock2D`. The resnets are `super::resnet::ResnetBlock2D` (diffusers'
 //! default ResnetBlock2D: pre-norm, SiLU, additive time embedding); everything holding a
 //! transformer is ours, because the self-attention hook lives in our transformer blocks.
 //! Each block gets its per-block settings already derived from the model config
 //! (see `UNet2DConditionConfig::down_blocks` etc.).
 
+use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::{Conv2d, VarBuilder};
-use candle_transformers::models::stable_diffusion::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 
 use super::attention::{SelfAttentionHook, Transformer2DConfig, Transformer2DModel};
 
@@ -87,15 +87,13 @@ fn resnet(
     output_scale_factor: f64,
 ) -> Result<ResnetBlock2D> {
     let cfg = ResnetBlock2DConfig {
-        out_channels: Some(out_channels),
+        out_channels,
         temb_channels: Some(r.temb_channels),
         groups: r.groups,
-        groups_out: None,
         eps: r.eps,
-        use_in_shortcut: None,
         output_scale_factor,
     };
-    ResnetBlock2D::new(vb, in_channels, cfg)
+    ResnetBlock2D::new(vb, in_channels, &cfg)
 }
 
 fn transformer(

@@ -1,0 +1,79 @@
+//! diffusers' default `ResnetBlock2D` (pre-norm, SiLU, additive time embedding), with weight
+//! names `norm1`, `conv1`, `time_emb_proj`, `norm2`, `conv2`, `conv_shortcut`.
+//!
+//! The same computation, in the same order, as candle-transformers' block, which the UNet used
+//! before; it exists so the block's GroupNorms are [`super::group_norm::GroupNorm`] (fast on
+//! CUDA, unchanged on the CPU).
+
+use candle_core::{D, Module, Result, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+
+use super::group_norm::GroupNorm;
+
+#[derive(Debug, Clone, Copy)]
+pub struct ResnetBlock2DConfig {
+    pub out_channels: usize,
+    /// Width of the time embedding; `None` for blocks without one.
+    pub temb_channels: Option<usize>,
+    pub groups: usize,
+    pub eps: f64,
+    /// The output is divided by this (diffusers' `output_scale_factor`).
+    pub output_scale_factor: f64,
+}
+
+#[derive(Debug, Clone)]
+pub struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    time_emb_proj: Option<Linear>,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    output_scale_factor: f64,
+    span: tracing::Span,
+}
+
+impl ResnetBlock2D {
+    pub fn new(vb: VarBuilder, in_channels: usize, config: &ResnetBlock2DConfig) -> Result<Self> {
+        let out = config.out_channels;
+        let conv3 = Conv2dConfig { padding: 1, ..Default::default() };
+        let norm1 = GroupNorm::new(vb.pp("norm1"), config.groups, in_channels, config.eps)?;
+        let conv1 = candle_nn::conv2d(in_channels, out, 3, conv3, vb.pp("conv1"))?;
+        let time_emb_proj =
+            config.temb_channels.map(|t| candle_nn::linear(t, out, vb.pp("time_emb_proj"))).transpose()?;
+        let norm2 = GroupNorm::new(vb.pp("norm2"), config.groups, out, config.eps)?;
+        let conv2 = candle_nn::conv2d(out, out, 3, conv3, vb.pp("conv2"))?;
+        let conv_shortcut = (in_channels != out)
+            .then(|| candle_nn::conv2d(in_channels, out, 1, Conv2dConfig::default(), vb.pp("conv_shortcut")))
+            .transpose()?;
+        Ok(Self {
+            norm1,
+            conv1,
+            time_emb_proj,
+            norm2,
+            conv2,
+            conv_shortcut,
+            output_scale_factor: config.output_scale_factor,
+            span: tracing::trace_span!("resnet"),
+        })
+    }
+
+    pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(xs)?,
+            None => xs.clone(),
+        };
+        let hidden = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
+        let hidden = match (temb, &self.time_emb_proj) {
+            (Some(temb), Some(proj)) => proj
+                .forward(&candle_nn::ops::silu(temb)?)?
+                .unsqueeze(D::Minus1)?
+                .unsqueeze(D::Minus1)?
+                .broadcast_add(&hidden)?,
+            _ => hidden,
+        };
+        let hidden = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&hidden)?)?)?;
+        (shortcut + hidden)? / self.output_scale_factor
+    }
+}
