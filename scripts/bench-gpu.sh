@@ -44,6 +44,11 @@
 #     diffusers StableDiffusionControlNetImg2ImgPipeline (bench_diffusers_frame.py): plain SDPA
 #     1090 ms, first+prev SDPA 1090 ms (peak 4.29 GiB), first+prev with the original's unfused
 #     processor 1013 ms. candle / diffusers first+prev SDPA = 1.37.
+#   With models::group_norm (one layer-norm kernel per row; next device run, another H100):
+#     GroupNorm 2x320x64x64 0.130 ms (candle-nn 0.416, torch 0.049); step first+prev 62.9 ms
+#     (plain 60.6); frame first+prev 1369 ms (SDCROSSFRAME_GROUP_NORM=unfused in the same run:
+#     1500 ms), off 1326 ms. diffusers in that run: plain SDPA 1500, first+prev SDPA 1392,
+#     original processor 1250 ms; diffusers varied by 30% between the two runs (1090 vs 1392).
 #   Next hot spots from the ops profile: GroupNorm (0.68 vs 0.06 ms at 2x320x64x64; ~90 per
 #   step, most inside candle-transformers' ResnetBlock2D and the VAE blocks), conv3x3 at 64x64
 #   (0.63 vs 0.10 ms, im2col; cuDNN not used), linear (0.14 vs 0.055 ms).
