@@ -525,6 +525,8 @@ fn describe_device(device: &Device, probe: Option<&Probe>) -> Result<String> {
 }
 
 fn main() -> std::process::ExitCode {
+    // SAFETY: first thing in main, before any thread starts.
+    unsafe { sdcrossframe::device::pin_cpu_thread_count() };
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

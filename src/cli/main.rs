@@ -133,6 +133,8 @@ struct CannyArgs {
 }
 
 fn main() -> ExitCode {
+    // SAFETY: first thing in main, before tracing, GStreamer or candle start threads.
+    unsafe { sdcrossframe::device::pin_cpu_thread_count() };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn,sdcrossframe=info".into()),
