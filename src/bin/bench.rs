@@ -1041,11 +1041,7 @@ fn ops(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
             let k = randn(&[2, 8, kv_tokens, head_dim])?;
             let v = randn(&[2, 8, kv_tokens, head_dim])?;
             let scale = (head_dim as f64).powf(-0.5);
-            let upcast = |q: &Tensor, k: &Tensor, v: &Tensor| -> candle_core::Result<Tensor> {
-                let scores = (q.to_dtype(DType::F32)?.matmul(&k.to_dtype(DType::F32)?.t()?)? * scale)?;
-                candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?.matmul(v)
-            };
-            let ms = time_op(cli, device, || upcast(&q, &k, &v))?;
+            let ms = time_op(cli, device, || sdcrossframe::models::attention::unfused_attention(&q, &k, &v, scale))?;
             println!("| attention, f32 scores | 2x8x{tokens}x{kv_tokens}x{head_dim} | {ms:.3} |");
             let half = |q: &Tensor, k: &Tensor, v: &Tensor| -> candle_core::Result<Tensor> {
                 let scores = (q * scale)?.matmul(&k.t()?)?;
