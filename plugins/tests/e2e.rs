@@ -118,7 +118,7 @@ fn runner() -> Command {
     let binary = dir.join("sdcrossframe");
     assert!(
         binary.exists() && dir.join("libgstsdcrossframe.so").exists(),
-        "{} or the plugin next to it is missing: run the tests with cargo test --workspace",
+        "{} or the plugin next to it is missing: `cargo test` does not build the plugin library, run `cargo build --workspace` before `cargo test --workspace`",
         binary.display()
     );
     let mut command = Command::new(binary);
