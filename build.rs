@@ -1,28 +1,34 @@
-//! Compiles `kernels/flash_attention.cu` to PTX when the `cuda` feature is on; without it
+//! Compiles the CUDA kernels in `kernels/` to PTX when the `cuda` feature is on; without it
 //! nothing is compiled (CI has no CUDA toolkit).
 //!
 //! nvcc comes from `CUDA_TOOLKIT_DIR`, `CUDA_HOME` or `CUDA_PATH` (`bin/nvcc`), else `PATH`;
 //! the architecture from `CUDA_COMPUTE_CAP` (e.g. 90 for H100, default 90). The kernel uses
 //! `mma.sync` bf16 tensor-core instructions, which need sm_80 or newer: for an older target no
 //! PTX is made and the engine keeps its unfused attention (cfg `sdcrossframe_flash_ptx` unset).
+//! `kernels/group_norm.cu` (cfg `sdcrossframe_group_norm_ptx`) builds for any architecture.
 
 use std::env;
 use std::path::PathBuf;
 use std::process::Command;
 
-const KERNEL: &str = "kernels/flash_attention.cu";
+const FLASH_KERNEL: &str = "kernels/flash_attention.cu";
+const GROUP_NORM_KERNEL: &str = "kernels/group_norm.cu";
 
 fn main() {
-    println!("cargo::rerun-if-changed={KERNEL}");
+    println!("cargo::rerun-if-changed={FLASH_KERNEL}");
+    println!("cargo::rerun-if-changed={GROUP_NORM_KERNEL}");
     for var in ["CUDA_TOOLKIT_DIR", "CUDA_HOME", "CUDA_PATH", "CUDA_COMPUTE_CAP", "NVCC_CCBIN"] {
         println!("cargo::rerun-if-env-changed={var}");
     }
     println!("cargo::rustc-check-cfg=cfg(sdcrossframe_flash_ptx)");
+    println!("cargo::rustc-check-cfg=cfg(sdcrossframe_group_norm_ptx)");
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
 
     let cap = compute_cap();
+    compile_ptx(GROUP_NORM_KERNEL, "group_norm.ptx", cap);
+    println!("cargo::rustc-cfg=sdcrossframe_group_norm_ptx");
     if cap < 80 {
         println!(
             "cargo::warning=CUDA_COMPUTE_CAP={cap}: the fused attention kernel needs sm_80 or newer; \
@@ -30,18 +36,23 @@ fn main() {
         );
         return;
     }
+    compile_ptx(FLASH_KERNEL, "flash_attention.ptx", cap);
+    println!("cargo::rustc-cfg=sdcrossframe_flash_ptx");
+}
+
+/// `nvcc --ptx` of `kernel` into `$OUT_DIR/ptx_name`.
+fn compile_ptx(kernel: &str, ptx_name: &str, cap: u32) {
     let nvcc = find_nvcc();
-    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("flash_attention.ptx");
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join(ptx_name);
     let mut cmd = Command::new(&nvcc);
-    cmd.args(["--ptx", &format!("-arch=sm_{cap}"), "-O3", "-std=c++17", KERNEL, "-o"]).arg(&out);
+    cmd.args(["--ptx", &format!("-arch=sm_{cap}"), "-O3", "-std=c++17", kernel, "-o"]).arg(&out);
     if let Ok(ccbin) = env::var("NVCC_CCBIN") {
         cmd.args(["-ccbin", &ccbin]);
     }
     let status = cmd.status().unwrap_or_else(|e| panic!("cannot run nvcc at {}: {e}", nvcc.display()));
     if !status.success() {
-        panic!("nvcc failed ({status}) compiling {KERNEL} for sm_{cap}: see the compiler output above");
+        panic!("nvcc failed ({status}) compiling {kernel} for sm_{cap}: see the compiler output above");
     }
-    println!("cargo::rustc-cfg=sdcrossframe_flash_ptx");
 }
 
 /// `CUDA_COMPUTE_CAP` as a number: "90", "9.0" and "sm_90" all mean 90.
@@ -78,7 +89,7 @@ fn find_nvcc() -> PathBuf {
         }
     }
     panic!(
-        "the `cuda` feature compiles {KERNEL} with nvcc, but no nvcc was found: set CUDA_HOME (or \
+        "the `cuda` feature compiles the kernels in kernels/ with nvcc, but no nvcc was found: set CUDA_HOME (or \
          CUDA_TOOLKIT_DIR) to a CUDA toolkit holding bin/nvcc, put nvcc on PATH, or build with \
          scripts/build-cuda.sh, which provides one"
     );

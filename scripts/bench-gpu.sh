@@ -71,6 +71,22 @@ if [ ! -x "$BIN" ]; then
     exit 1
 fi
 
+# Builds with the `cudnn` feature need libcudnn.so.9: use the one PyTorch's wheels bring when the
+# loader does not know one.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcudnn\.so\.9'; then
+    cudnn_dir=$(python3 - <<'PY' 2>/dev/null
+import glob, os, site
+for root in site.getsitepackages():
+    for hit in glob.glob(os.path.join(root, "nvidia", "**", "libcudnn.so.9"), recursive=True):
+        print(os.path.dirname(hit)); raise SystemExit
+PY
+)
+    if [ -n "$cudnn_dir" ]; then
+        export LD_LIBRARY_PATH=$cudnn_dir${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+        echo "bench-gpu: libcudnn.so.9 from $cudnn_dir"
+    fi
+fi
+
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$RESULTS/gpu.txt"
 status=0
 

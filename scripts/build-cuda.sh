@@ -68,6 +68,22 @@ unpack_wheels() {
     touch "$w/.complete"
 }
 
+# Link-time stub for cuDNN 9 (the `cudnn` feature): every cudnn* symbol cudarc declares. At run
+# time the real libcudnn.so.9 is used (a cuDNN 9 install, or the nvidia-cudnn-cu13 wheel that
+# PyTorch's CUDA 13 builds depend on, on the loader path).
+make_cudnn_stub() {
+    local stubs=$1 sys
+    sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/cudnn/sys/mod.rs 2>/dev/null | head -n1 || true)
+    if [ -z "$sys" ]; then
+        cargo fetch --quiet
+        sys=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.*/src/cudnn/sys/mod.rs | head -n1)
+    fi
+    mkdir -p "$stubs"
+    grep -oE 'pub (unsafe )?fn cudnn[A-Za-z0-9_]+' "$sys" | awk '{print $NF}' | sort -u \
+        | sed 's/.*/void &(void){}/' >"$stubs/cudnnstub.c"
+    gcc -shared -fPIC -Wl,-soname,libcudnn.so.9 -o "$stubs/libcudnn.so" "$stubs/cudnnstub.c"
+}
+
 if [ -n "${CUDA_TOOLKIT_DIR:-}" ]; then
     CUDA_HOME=$CUDA_TOOLKIT_DIR
 elif command -v nvcc >/dev/null 2>&1; then
@@ -77,6 +93,7 @@ else
     [ -f "$W/.complete" ] || unpack_wheels "$W"
     CUDA_HOME=$W/root/nvidia/cu13
     export CUDARC_CUDA_VERSION=13000
+    [ -f "$CUDA_HOME/lib/stubs/libcudnn.so" ] || make_cudnn_stub "$CUDA_HOME/lib/stubs"
 fi
 if [ ! -x "$CUDA_HOME/bin/nvcc" ]; then
     echo "build-cuda: no nvcc at $CUDA_HOME/bin/nvcc" >&2
@@ -106,5 +123,5 @@ for bin in sdcrossframe sdcrossframe-bench; do
             exit 1
         fi
     done
-    echo "build-cuda: $exe ($(du -h "$exe" | cut -f1)) links: $(grep -oE 'lib(cuda|cublas|cublasLt|curand|cudart|nvrtc)\.so[.0-9]*' <<<"$needed" | tr '\n' ' ')" >&2
+    echo "build-cuda: $exe ($(du -h "$exe" | cut -f1)) links: $(grep -oE 'lib(cuda|cublas|cublasLt|curand|cudart|nvrtc|cudnn)\.so[.0-9]*' <<<"$needed" | tr '\n' ' ')" >&2
 done

@@ -1026,6 +1026,20 @@ fn ops(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
         let conv = candle_nn::conv2d(channels, channels, 3, conv_config, vb.pp(format!("conv{channels}")))?;
         let ms = time_op(cli, device, || candle_core::Module::forward(&conv, &x))?;
         println!("| conv3x3 | 2x{channels}x{side}x{side} | {ms:.3} |");
+        let ours =
+            sdcrossframe::models::conv::Conv2d::same(vb.pp(format!("conv{channels}")), channels, channels, 3, 1)?;
+        let ms = time_op(cli, device, || candle_core::Module::forward(&ours, &x))?;
+        let diff = (candle_core::Module::forward(&ours, &x)?.to_dtype(DType::F32)?
+            - candle_core::Module::forward(&conv, &x)?.to_dtype(DType::F32)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
+        println!(
+            "| conv3x3, models::conv (cuDNN with the `cudnn` feature; max diff {diff:.1e}) | 2x{channels}x{side}x{side} | {ms:.3} |"
+        );
+        let ms = time_op(cli, device, || norm.forward_silu(&x))?;
+        println!("| group_norm(32) + silu, models::group_norm | 2x{channels}x{side}x{side} | {ms:.3} |");
         let tokens = side * side;
         let h = randn(&[2, tokens, channels])?;
         let linear = candle_nn::linear(channels, channels, vb.pp(format!("lin{channels}")))?;

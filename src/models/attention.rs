@@ -7,7 +7,9 @@
 //! `up_blocks.1.attentions.0.transformer_blocks.0.attn1`) so a hook can tell layers apart.
 
 use candle_core::{DType, Module, Result, Tensor};
-use candle_nn::{Conv2d, LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+
+use super::conv::Conv2d;
 
 use super::group_norm::GroupNorm;
 
@@ -294,10 +296,9 @@ impl Transformer2DModel {
                 Projection::Linear(candle_nn::linear(inner_dim, c.in_channels, vb.pp("proj_out"))?),
             )
         } else {
-            let cfg = candle_nn::Conv2dConfig::default();
             (
-                Projection::Conv(candle_nn::conv2d(c.in_channels, inner_dim, 1, cfg, vb.pp("proj_in"))?),
-                Projection::Conv(candle_nn::conv2d(inner_dim, c.in_channels, 1, cfg, vb.pp("proj_out"))?),
+                Projection::Conv(Conv2d::new(vb.pp("proj_in"), c.in_channels, inner_dim, 1, 0, 1)?),
+                Projection::Conv(Conv2d::new(vb.pp("proj_out"), inner_dim, c.in_channels, 1, 0, 1)?),
             )
         };
         let vb_blocks = vb.pp("transformer_blocks");

@@ -5,7 +5,9 @@
 //! The ControlNet's own self-attentions never call a cross-frame hook.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::conv::Conv2d;
 use serde::Deserialize;
 
 use super::attention::NoHook;
@@ -234,16 +236,13 @@ struct ConditioningEmbedding {
 
 impl ConditioningEmbedding {
     fn new(vb: VarBuilder, conditioning_channels: usize, channels: &[usize], out_channels: usize) -> Result<Self> {
-        let pad = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
-        let stride = candle_nn::Conv2dConfig { padding: 1, stride: 2, ..Default::default() };
-        let conv_in = candle_nn::conv2d(conditioning_channels, channels[0], 3, pad, vb.pp("conv_in"))?;
+        let conv_in = Conv2d::same(vb.pp("conv_in"), conditioning_channels, channels[0], 3, 1)?;
         let mut blocks = Vec::new();
         for (i, w) in channels.windows(2).enumerate() {
-            blocks.push(candle_nn::conv2d(w[0], w[0], 3, pad, vb.pp("blocks").pp((2 * i).to_string()))?);
-            blocks.push(candle_nn::conv2d(w[0], w[1], 3, stride, vb.pp("blocks").pp((2 * i + 1).to_string()))?);
+            blocks.push(Conv2d::same(vb.pp("blocks").pp(2 * i), w[0], w[0], 3, 1)?);
+            blocks.push(Conv2d::same(vb.pp("blocks").pp(2 * i + 1), w[0], w[1], 3, 2)?);
         }
-        let conv_out =
-            candle_nn::conv2d(*channels.last().expect("non-empty"), out_channels, 3, pad, vb.pp("conv_out"))?;
+        let conv_out = Conv2d::same(vb.pp("conv_out"), *channels.last().expect("non-empty"), out_channels, 3, 1)?;
         Ok(Self { conv_in, blocks, conv_out })
     }
 }
@@ -282,8 +281,7 @@ impl ControlNetModel {
         let mid = config.mid_block()?;
         let resnet = config.resnet_settings()?;
         let c0 = config.block_out_channels[0];
-        let pad = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
-        let conv_in = candle_nn::conv2d(config.in_channels, c0, 3, pad, vb.pp("conv_in"))?;
+        let conv_in = Conv2d::same(vb.pp("conv_in"), config.in_channels, c0, 3, 1)?;
         let time_proj = Timesteps::new(c0, config.flip_sin_to_cos, config.freq_shift);
         let time_embedding = TimestepEmbedding::new(
             vb.pp("time_embedding"),
@@ -305,16 +303,14 @@ impl ControlNetModel {
                 DownBlock::new(vb.pp("down_blocks").pp(i.to_string()), s, &resnet, &format!("down_blocks.{i}"))
             })
             .collect::<Result<Vec<_>>>()?;
-        let one = candle_nn::Conv2dConfig::default();
         let controlnet_down_blocks = config
             .down_residual_channels()?
             .iter()
             .enumerate()
-            .map(|(i, &c)| candle_nn::conv2d(c, c, 1, one, vb.pp("controlnet_down_blocks").pp(i.to_string())))
+            .map(|(i, &c)| Conv2d::new(vb.pp("controlnet_down_blocks").pp(i), c, c, 1, 0, 1))
             .collect::<Result<Vec<_>>>()?;
         let mid_block = MidBlock::new(vb.pp("mid_block"), &mid, &resnet, "mid_block")?;
-        let controlnet_mid_block =
-            candle_nn::conv2d(mid.channels, mid.channels, 1, one, vb.pp("controlnet_mid_block"))?;
+        let controlnet_mid_block = Conv2d::new(vb.pp("controlnet_mid_block"), mid.channels, mid.channels, 1, 0, 1)?;
         let downscale = 1usize << (config.conditioning_embedding_out_channels.len() - 1);
         Ok(Self {
             conv_in,

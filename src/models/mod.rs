@@ -3,6 +3,7 @@
 pub mod attention;
 pub mod clip;
 pub mod controlnet;
+pub mod conv;
 pub mod embeddings;
 pub mod flash_attention;
 pub mod group_norm;
@@ -10,3 +11,4 @@ pub mod resnet;
 pub mod unet;
 pub mod unet_blocks;
 pub mod vae;
+pub mod vae_blocks;

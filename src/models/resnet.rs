@@ -6,7 +6,9 @@
 //! CUDA, unchanged on the CPU).
 
 use candle_core::{D, Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, Linear, VarBuilder};
+use candle_nn::{Linear, VarBuilder};
+
+use super::conv::Conv2d;
 
 use super::group_norm::GroupNorm;
 
@@ -36,16 +38,14 @@ pub struct ResnetBlock2D {
 impl ResnetBlock2D {
     pub fn new(vb: VarBuilder, in_channels: usize, config: &ResnetBlock2DConfig) -> Result<Self> {
         let out = config.out_channels;
-        let conv3 = Conv2dConfig { padding: 1, ..Default::default() };
         let norm1 = GroupNorm::new(vb.pp("norm1"), config.groups, in_channels, config.eps)?;
-        let conv1 = candle_nn::conv2d(in_channels, out, 3, conv3, vb.pp("conv1"))?;
+        let conv1 = Conv2d::same(vb.pp("conv1"), in_channels, out, 3, 1)?;
         let time_emb_proj =
             config.temb_channels.map(|t| candle_nn::linear(t, out, vb.pp("time_emb_proj"))).transpose()?;
         let norm2 = GroupNorm::new(vb.pp("norm2"), config.groups, out, config.eps)?;
-        let conv2 = candle_nn::conv2d(out, out, 3, conv3, vb.pp("conv2"))?;
-        let conv_shortcut = (in_channels != out)
-            .then(|| candle_nn::conv2d(in_channels, out, 1, Conv2dConfig::default(), vb.pp("conv_shortcut")))
-            .transpose()?;
+        let conv2 = Conv2d::same(vb.pp("conv2"), out, out, 3, 1)?;
+        let conv_shortcut =
+            (in_channels != out).then(|| Conv2d::new(vb.pp("conv_shortcut"), in_channels, out, 1, 0, 1)).transpose()?;
         Ok(Self {
             norm1,
             conv1,
@@ -64,7 +64,7 @@ impl ResnetBlock2D {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        let hidden = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(xs)?)?)?;
+        let hidden = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
         let hidden = match (temb, &self.time_emb_proj) {
             (Some(temb), Some(proj)) => proj
                 .forward(&candle_nn::ops::silu(temb)?)?
@@ -73,7 +73,7 @@ impl ResnetBlock2D {
                 .broadcast_add(&hidden)?,
             _ => hidden,
         };
-        let hidden = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&hidden)?)?)?;
+        let hidden = self.conv2.forward(&self.norm2.forward_silu(&hidden)?)?;
         (shortcut + hidden)? / self.output_scale_factor
     }
 }

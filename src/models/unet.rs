@@ -7,7 +7,9 @@
 //! resnets, other block types...) are rejected with an error naming the config key.
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::conv::Conv2d;
 
 use super::group_norm::GroupNorm;
 use serde::Deserialize;
@@ -562,13 +564,7 @@ impl UNet2DConditionModel {
         let resnet = config.resnet_settings()?;
         let c0 = config.block_out_channels[0];
 
-        let conv_in = candle_nn::conv2d(
-            config.in_channels,
-            c0,
-            config.conv_in_kernel,
-            candle_nn::Conv2dConfig { padding: (config.conv_in_kernel - 1) / 2, ..Default::default() },
-            vb.pp("conv_in"),
-        )?;
+        let conv_in = Conv2d::same(vb.pp("conv_in"), config.in_channels, c0, config.conv_in_kernel, 1)?;
         let time_proj = Timesteps::new(c0, config.flip_sin_to_cos, config.freq_shift);
         let post_act = config.timestep_post_act.as_deref().map(Activation::from_name).transpose()?;
         let time_embedding = TimestepEmbedding::new(
@@ -613,13 +609,7 @@ impl UNet2DConditionModel {
             })
             .collect::<Result<Vec<_>>>()?;
         let conv_norm_out = GroupNorm::new(vb.pp("conv_norm_out"), resnet.groups, c0, config.norm_eps)?;
-        let conv_out = candle_nn::conv2d(
-            c0,
-            config.out_channels,
-            config.conv_out_kernel,
-            candle_nn::Conv2dConfig { padding: (config.conv_out_kernel - 1) / 2, ..Default::default() },
-            vb.pp("conv_out"),
-        )?;
+        let conv_out = Conv2d::same(vb.pp("conv_out"), c0, config.out_channels, config.conv_out_kernel, 1)?;
         Ok(Self {
             conv_in,
             time_proj,
@@ -741,7 +731,7 @@ impl UNet2DConditionModel {
             xs = block.forward(&xs, &rest, &emb, encoder_hidden_states, upsample_size, hook)?;
         }
 
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

@@ -11,7 +11,9 @@
 
 use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 use candle_core::{D, Module, Result, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
+
+use super::conv::Conv2d;
 
 use super::attention::{SelfAttentionHook, Transformer2DConfig, Transformer2DModel};
 
@@ -132,8 +134,7 @@ pub struct Downsample2D {
 
 impl Downsample2D {
     pub fn new(vb: VarBuilder, channels: usize, padding: usize) -> Result<Self> {
-        let cfg = candle_nn::Conv2dConfig { stride: 2, padding, ..Default::default() };
-        let conv = candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))?;
+        let conv = Conv2d::new(vb.pp("conv"), channels, channels, 3, padding, 2)?;
         Ok(Self { conv, padding })
     }
 }
@@ -158,8 +159,7 @@ pub struct Upsample2D {
 
 impl Upsample2D {
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        let cfg = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
-        Ok(Self { conv: candle_nn::conv2d(channels, channels, 3, cfg, vb.pp("conv"))? })
+        Ok(Self { conv: Conv2d::same(vb.pp("conv"), channels, channels, 3, 1)? })
     }
 
     /// `size`: output (height, width); `None` doubles both.

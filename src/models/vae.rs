@@ -1,16 +1,17 @@
 //! AutoencoderKL (the SD VAE) from a diffusers `vae/` directory.
 //!
-//! Built from candle-transformers' public encoder/decoder blocks; ours exists because
-//! candle's `AutoEncoderKL` hides the posterior mean, and img2img here encodes
-//! deterministically at the mean.
+//! Ours rather than candle-transformers' `AutoEncoderKL`: that one hides the posterior mean
+//! (img2img here encodes deterministically at the mean), and its blocks use candle-nn's
+//! GroupNorm, slow on CUDA (see [`super::vae_blocks`]).
 
 use candle_core::{Module, Result, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
-use candle_transformers::models::stable_diffusion::unet_2d_blocks::{
-    DownEncoderBlock2D, DownEncoderBlock2DConfig, UNetMidBlock2D, UNetMidBlock2DConfig, UpDecoderBlock2D,
-    UpDecoderBlock2DConfig,
-};
+use candle_nn::VarBuilder;
+
+use super::conv::Conv2d;
 use serde::Deserialize;
+
+use super::group_norm::GroupNorm;
+use super::vae_blocks::{DownEncoderBlock, UpDecoderBlock, VaeBlockConfig, VaeMidBlock};
 
 /// `vae/config.json` as diffusers writes it.
 #[derive(Debug, Clone, Deserialize)]
@@ -105,26 +106,19 @@ impl AutoencoderKLConfig {
         Ok(())
     }
 
-    fn mid_block_config(&self) -> UNetMidBlock2DConfig {
-        UNetMidBlock2DConfig {
-            resnet_eps: VAE_EPS,
-            output_scale_factor: 1.,
-            // One head spanning all channels, as diffusers' VAE attention.
-            attn_num_head_channels: None,
-            resnet_groups: Some(self.norm_num_groups),
-            ..Default::default()
-        }
+    fn block_config(&self) -> VaeBlockConfig {
+        VaeBlockConfig { groups: self.norm_num_groups, eps: VAE_EPS }
     }
 }
 
 fn conv3x3(in_channels: usize, out_channels: usize, vb: VarBuilder) -> Result<Conv2d> {
-    candle_nn::conv2d(in_channels, out_channels, 3, Conv2dConfig { padding: 1, ..Default::default() }, vb)
+    Conv2d::same(vb, in_channels, out_channels, 3, 1)
 }
 
 struct Encoder {
     conv_in: Conv2d,
-    down_blocks: Vec<DownEncoderBlock2D>,
-    mid_block: UNetMidBlock2D,
+    down_blocks: Vec<DownEncoderBlock>,
+    mid_block: VaeMidBlock,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
 }
@@ -132,29 +126,22 @@ struct Encoder {
 impl Encoder {
     fn new(vb: VarBuilder, config: &AutoencoderKLConfig) -> Result<Self> {
         let channels = &config.block_out_channels;
+        let blocks = config.block_config();
         let conv_in = conv3x3(config.in_channels, channels[0], vb.pp("conv_in"))?;
         let mut down_blocks = Vec::with_capacity(channels.len());
         for (index, &out_channels) in channels.iter().enumerate() {
-            let in_channels = channels[index.saturating_sub(1)];
-            let block_config = DownEncoderBlock2DConfig {
-                num_layers: config.layers_per_block,
-                resnet_eps: VAE_EPS,
-                resnet_groups: config.norm_num_groups,
-                add_downsample: index + 1 < channels.len(),
-                // diffusers pads the encoder's downsamplers asymmetrically (right/bottom).
-                downsample_padding: 0,
-                ..Default::default()
-            };
-            down_blocks.push(DownEncoderBlock2D::new(
+            down_blocks.push(DownEncoderBlock::new(
                 vb.pp("down_blocks").pp(index),
-                in_channels,
+                config.layers_per_block,
+                channels[index.saturating_sub(1)],
                 out_channels,
-                block_config,
+                index + 1 < channels.len(),
+                &blocks,
             )?);
         }
         let last = *channels.last().expect("checked non-empty");
-        let mid_block = UNetMidBlock2D::new(vb.pp("mid_block"), last, None, config.mid_block_config())?;
-        let conv_norm_out = candle_nn::group_norm(config.norm_num_groups, last, VAE_EPS, vb.pp("conv_norm_out"))?;
+        let mid_block = VaeMidBlock::new(vb.pp("mid_block"), last, &blocks)?;
+        let conv_norm_out = GroupNorm::new(vb.pp("conv_norm_out"), config.norm_num_groups, last, VAE_EPS)?;
         let conv_out = conv3x3(last, 2 * config.latent_channels, vb.pp("conv_out"))?;
         Ok(Self { conv_in, down_blocks, mid_block, conv_norm_out, conv_out })
     }
@@ -164,16 +151,16 @@ impl Encoder {
         for block in &self.down_blocks {
             xs = block.forward(&xs)?;
         }
-        let xs = self.mid_block.forward(&xs, None)?;
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.mid_block.forward(&xs)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }
 
 struct Decoder {
     conv_in: Conv2d,
-    mid_block: UNetMidBlock2D,
-    up_blocks: Vec<UpDecoderBlock2D>,
+    mid_block: VaeMidBlock,
+    up_blocks: Vec<UpDecoderBlock>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
 }
@@ -181,38 +168,33 @@ struct Decoder {
 impl Decoder {
     fn new(vb: VarBuilder, config: &AutoencoderKLConfig) -> Result<Self> {
         let reversed: Vec<usize> = config.block_out_channels.iter().rev().copied().collect();
+        let blocks = config.block_config();
         let conv_in = conv3x3(config.latent_channels, reversed[0], vb.pp("conv_in"))?;
-        let mid_block = UNetMidBlock2D::new(vb.pp("mid_block"), reversed[0], None, config.mid_block_config())?;
+        let mid_block = VaeMidBlock::new(vb.pp("mid_block"), reversed[0], &blocks)?;
         let mut up_blocks = Vec::with_capacity(reversed.len());
         for (index, &out_channels) in reversed.iter().enumerate() {
-            let in_channels = reversed[index.saturating_sub(1)];
-            let block_config = UpDecoderBlock2DConfig {
-                num_layers: config.layers_per_block + 1,
-                resnet_eps: VAE_EPS,
-                resnet_groups: config.norm_num_groups,
-                add_upsample: index + 1 < reversed.len(),
-                ..Default::default()
-            };
-            up_blocks.push(UpDecoderBlock2D::new(
+            up_blocks.push(UpDecoderBlock::new(
                 vb.pp("up_blocks").pp(index),
-                in_channels,
+                config.layers_per_block + 1,
+                reversed[index.saturating_sub(1)],
                 out_channels,
-                block_config,
+                index + 1 < reversed.len(),
+                &blocks,
             )?);
         }
         let first = config.block_out_channels[0];
-        let conv_norm_out = candle_nn::group_norm(config.norm_num_groups, first, VAE_EPS, vb.pp("conv_norm_out"))?;
+        let conv_norm_out = GroupNorm::new(vb.pp("conv_norm_out"), config.norm_num_groups, first, VAE_EPS)?;
         let conv_out = conv3x3(first, config.out_channels, vb.pp("conv_out"))?;
         Ok(Self { conv_in, mid_block, up_blocks, conv_norm_out, conv_out })
     }
 
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = self.conv_in.forward(xs)?;
-        let mut xs = self.mid_block.forward(&xs, None)?;
+        let mut xs = self.mid_block.forward(&xs)?;
         for block in &self.up_blocks {
             xs = block.forward(&xs)?;
         }
-        let xs = candle_nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }
@@ -235,11 +217,11 @@ impl AutoencoderKL {
         let latent = config.latent_channels;
         let quant_conv = config
             .use_quant_conv
-            .then(|| candle_nn::conv2d(2 * latent, 2 * latent, 1, Default::default(), vb.pp("quant_conv")))
+            .then(|| Conv2d::same(vb.pp("quant_conv"), 2 * latent, 2 * latent, 1, 1))
             .transpose()?;
         let post_quant_conv = config
             .use_post_quant_conv
-            .then(|| candle_nn::conv2d(latent, latent, 1, Default::default(), vb.pp("post_quant_conv")))
+            .then(|| Conv2d::same(vb.pp("post_quant_conv"), latent, latent, 1, 1))
             .transpose()?;
         Ok(Self {
             encoder: Encoder::new(vb.pp("encoder"), config)?,

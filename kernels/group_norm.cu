@@ -1,0 +1,120 @@
+// GroupNorm (optionally followed by SiLU) in two launches, for f32, f16 and bf16.
+//
+// The input is contiguous (batch, channels, spatial...). Row r = b * groups + g is the
+// contiguous run of channels_per_group * spatial values of sample b, group g. Rows are split in
+// chunks of CHUNK values so that a few large rows (the VAE at 512x512: 32 rows of a million
+// values) still fill the GPU.
+//
+// Pass 1 (group_norm_stats_*): one block per (chunk, row) sums x - shift and (x - shift)^2 in
+// f32, where shift is the row's first value: shifting by a sample of the data keeps the
+// variance from cancelling when the mean is large against the spread.
+// Pass 2 (group_norm_apply_*): each block adds up its row's chunk partials, then writes
+// (x - mean) * rstd * gamma[c] + beta[c] (and SiLU) for its chunk.
+
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <stdint.h>
+
+#define THREADS 256
+#define CHUNK 8192
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+
+// Block-wide sum of two values; the result is valid in thread 0.
+__device__ __forceinline__ void block_sum2(float &a, float &b) {
+    __shared__ float sa[THREADS / 32], sb[THREADS / 32];
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        a += __shfl_down_sync(0xffffffff, a, offset);
+        b += __shfl_down_sync(0xffffffff, b, offset);
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { sa[warp] = a; sb[warp] = b; }
+    __syncthreads();
+    if (warp == 0) {
+        a = lane < THREADS / 32 ? sa[lane] : 0.f;
+        b = lane < THREADS / 32 ? sb[lane] : 0.f;
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            a += __shfl_down_sync(0xffffffff, a, offset);
+            b += __shfl_down_sync(0xffffffff, b, offset);
+        }
+    }
+}
+
+// partials: rows x chunks x 2 floats (shifted sum, shifted sum of squares).
+template <typename T>
+__device__ void stats(const T *__restrict__ x, float *__restrict__ partials, int64_t row_len, int chunks) {
+    const int chunk = blockIdx.x, row = blockIdx.y;
+    const T *xr = x + (int64_t)row * row_len;
+    const float shift = to_float(xr[0]);
+    const int64_t begin = (int64_t)chunk * CHUNK;
+    const int64_t end = min(begin + CHUNK, row_len);
+    float s = 0.f, ss = 0.f;
+    for (int64_t i = begin + threadIdx.x; i < end; i += THREADS) {
+        const float v = to_float(xr[i]) - shift;
+        s += v;
+        ss += v * v;
+    }
+    block_sum2(s, ss);
+    if (threadIdx.x == 0) {
+        float *p = partials + ((int64_t)row * chunks + chunk) * 2;
+        p[0] = s;
+        p[1] = ss;
+    }
+}
+
+template <typename T>
+__device__ void apply(const T *__restrict__ x, const float *__restrict__ partials, const T *__restrict__ gamma,
+                      const T *__restrict__ beta, T *__restrict__ y, int64_t row_len, int chunks, int64_t spatial,
+                      int channels_per_group, int groups, float eps, int silu) {
+    const int chunk = blockIdx.x, row = blockIdx.y;
+    __shared__ float mean_rstd[2];
+    float s = 0.f, ss = 0.f;
+    for (int i = threadIdx.x; i < chunks; i += THREADS) {
+        s += partials[((int64_t)row * chunks + i) * 2];
+        ss += partials[((int64_t)row * chunks + i) * 2 + 1];
+    }
+    block_sum2(s, ss);
+    const T *xr = x + (int64_t)row * row_len;
+    if (threadIdx.x == 0) {
+        const float n = (float)row_len;
+        const float m = s / n;
+        const float var = fmaxf(ss / n - m * m, 0.f);
+        mean_rstd[0] = to_float(xr[0]) + m;
+        mean_rstd[1] = rsqrtf(var + eps);
+    }
+    __syncthreads();
+    const float mean = mean_rstd[0], rstd = mean_rstd[1];
+    const int first_channel = (row % groups) * channels_per_group;
+    T *yr = y + (int64_t)row * row_len;
+    const int64_t begin = (int64_t)chunk * CHUNK;
+    const int64_t end = min(begin + CHUNK, row_len);
+    for (int64_t i = begin + threadIdx.x; i < end; i += THREADS) {
+        const int c = first_channel + (int)(i / spatial);
+        float v = (to_float(xr[i]) - mean) * rstd * to_float(gamma[c]) + to_float(beta[c]);
+        if (silu) v = v / (1.f + __expf(-v));
+        yr[i] = from_float<T>(v);
+    }
+}
+
+#define GROUP_NORM(NAME, T)                                                                                      \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                        \
+        group_norm_stats_##NAME(const T *x, float *partials, int64_t row_len, int chunks) {                      \
+        stats<T>(x, partials, row_len, chunks);                                                                  \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                        \
+        group_norm_apply_##NAME(const T *x, const float *partials, const T *gamma, const T *beta, T *y,          \
+                                int64_t row_len, int chunks, int64_t spatial, int channels_per_group, int groups, \
+                                float eps, int silu) {                                                           \
+        apply<T>(x, partials, gamma, beta, y, row_len, chunks, spatial, channels_per_group, groups, eps, silu);  \
+    }
+
+GROUP_NORM(f32, float)
+GROUP_NORM(f16, __half)
+GROUP_NORM(bf16, __nv_bfloat16)
