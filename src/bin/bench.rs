@@ -1022,21 +1022,21 @@ fn ops(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
         println!("| group_norm(32), models::group_norm (max diff {diff:.1e}) | 2x{channels}x{side}x{side} | {ms:.3} |");
         let ms = time_op(cli, device, || candle_nn::ops::silu(&x))?;
         println!("| silu | 2x{channels}x{side}x{side} | {ms:.3} |");
-        let conv_config = candle_nn::Conv2dConfig { padding: 1, ..Default::default() };
-        let conv = candle_nn::conv2d(channels, channels, 3, conv_config, vb.pp(format!("conv{channels}")))?;
-        let ms = time_op(cli, device, || candle_core::Module::forward(&conv, &x))?;
-        println!("| conv3x3 | 2x{channels}x{side}x{side} | {ms:.3} |");
-        let ours =
+        let conv =
             sdcrossframe::models::conv::Conv2d::same(vb.pp(format!("conv{channels}")), channels, channels, 3, 1)?;
-        let ms = time_op(cli, device, || candle_core::Module::forward(&ours, &x))?;
-        let diff = (candle_core::Module::forward(&ours, &x)?.to_dtype(DType::F32)?
-            - candle_core::Module::forward(&conv, &x)?.to_dtype(DType::F32)?)?
+        // candle's own convolution (im2col + GEMM on CUDA) with the same weights.
+        let candle_conv = || x.conv2d(conv.weight(), 1, 1, 1, 1)?.broadcast_add(conv.bias());
+        let ms = time_op(cli, device, candle_conv)?;
+        println!("| conv3x3 | 2x{channels}x{side}x{side} | {ms:.3} |");
+        let ms = time_op(cli, device, || candle_core::Module::forward(&conv, &x))?;
+        let diff = (candle_core::Module::forward(&conv, &x)?.to_dtype(DType::F32)?
+            - candle_conv()?.to_dtype(DType::F32)?)?
         .abs()?
         .flatten_all()?
         .max(0)?
         .to_scalar::<f32>()?;
         println!(
-            "| conv3x3, models::conv (cuDNN with the `cudnn` feature; max diff {diff:.1e}) | 2x{channels}x{side}x{side} | {ms:.3} |"
+            "| conv3x3, models::conv (cuDNN or im2col, timed per shape, with the `cudnn` feature; max diff {diff:.1e}) | 2x{channels}x{side}x{side} | {ms:.3} |"
         );
         let ms = time_op(cli, device, || norm.forward_silu(&x))?;
         println!("| group_norm(32) + silu, models::group_norm | 2x{channels}x{side}x{side} | {ms:.3} |");

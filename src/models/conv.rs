@@ -1,13 +1,16 @@
 //! 2-D convolution with bias (`weight`, `bias`), as every model here uses it.
 //!
 //! Without the `cudnn` feature this is candle's convolution (im2col + GEMM on CUDA). With it,
-//! f16/bf16 convolutions on CUDA go to cuDNN through [`cudnn`] below. candle's own cuDNN path
-//! (candle-core's `cudnn` feature) was slower than im2col on an H100 (0.68 ms against 0.08 ms in
-//! PyTorch for a 320-channel 3x3 at 2x64x64): it builds every descriptor and asks cuDNN's
-//! heuristics for an algorithm on every call, and leaves the math type at its default, so half
-//! precision convolutions skip the tensor cores. Ours keeps one plan per shape (descriptors,
-//! algorithm, workspace size), allows tensor-core math and accumulates in f32, as PyTorch does.
-//! `SDCROSSFRAME_CONV=im2col` keeps candle's path on CUDA (A/B measurements).
+//! f16/bf16 convolutions on CUDA may go to cuDNN (the `cudnn` module below). candle's own cuDNN
+//! path (candle-core's `cudnn` feature) was far slower on an H100 (5.5 ms for a 320-channel 3x3
+//! at 2x64x64, against 0.7 ms with im2col and 0.08 ms in PyTorch): it builds every descriptor and
+//! asks cuDNN's heuristics for an algorithm on every call, and leaves the math type at its
+//! default. Ours keeps the descriptors per shape, allows tensor-core math, accumulates in f32
+//! (as PyTorch does), and times the candidates once per shape, like PyTorch's
+//! `cudnn.benchmark`: every cuDNN algorithm and candle's im2col, keeping the fastest. cuDNN's
+//! heuristic pick alone was 3x faster than im2col at 64x64 but 3x slower at 16x16.
+//! `SDCROSSFRAME_CONV=im2col` (candle only) or `cudnn` (cuDNN only) narrows the choice for A/B
+//! measurements.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -42,6 +45,15 @@ impl Conv2d {
         Self::new(vb, in_channels, out_channels, kernel, (kernel - 1) / 2, stride)
     }
 
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// Shaped `(out_channels, 1, 1)` for broadcasting over the output.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
     /// The convolution without the bias.
     fn convolve(&self, xs: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cudnn")]
@@ -62,30 +74,57 @@ impl Module for Conv2d {
 mod cudnn {
     use std::cell::RefCell;
     use std::collections::HashMap;
+    use std::rc::Rc;
     use std::sync::Arc;
+    use std::time::Instant;
 
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::cudnn::{
-        ConvDescriptor, ConvForward, Cudnn, CudnnDataType, FilterDescriptor, TensorDescriptor, sys,
+        ConvDescriptor, ConvForward, Cudnn, CudnnDataType, CudnnError, FilterDescriptor, TensorDescriptor, sys,
     };
     use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
     use candle_core::cuda_backend::{CudaDType, DeviceId};
-    use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+    use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
+
+    use sys::cudnnConvolutionFwdAlgo_t as Algo;
+
+    /// The cuDNN algorithms tried per shape.
+    const ALGOS: [Algo; 7] = [
+        Algo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+        Algo::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+        Algo::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+        Algo::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+        Algo::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+        Algo::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+        Algo::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+    ];
+    /// Algorithms needing more scratch memory than this are not considered.
+    const MAX_WORKSPACE: usize = 512 << 20;
 
     pub(super) fn applies(xs: &Tensor) -> bool {
-        xs.device().is_cuda()
-            && matches!(xs.dtype(), DType::F16 | DType::BF16)
-            && std::env::var(super::CONV_ENV).map_or(true, |v| v != "im2col")
+        xs.device().is_cuda() && matches!(xs.dtype(), DType::F16 | DType::BF16) && mode() != Mode::Im2col
     }
 
-    pub(super) fn conv2d(xs: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-        let weight = weight.to_dtype(xs.dtype())?;
-        xs.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &CudnnConv { padding, stride })
+    #[derive(Clone, Copy, PartialEq, Eq)]
+    enum Mode {
+        Tuned,
+        Im2col,
+        CudnnOnly,
     }
 
-    struct CudnnConv {
-        padding: usize,
-        stride: usize,
+    fn mode() -> Mode {
+        match std::env::var(super::CONV_ENV).as_deref() {
+            Ok("im2col") => Mode::Im2col,
+            Ok("cudnn") => Mode::CudnnOnly,
+            _ => Mode::Tuned,
+        }
+    }
+
+    /// How one shape runs.
+    #[derive(Clone, Copy, Debug)]
+    enum Method {
+        Im2col,
+        Cudnn(Algo),
     }
 
     /// Everything that fixes a plan.
@@ -97,16 +136,111 @@ mod cudnn {
         filter: [usize; 4],
         padding: usize,
         stride: usize,
+        cudnn_only: bool,
     }
 
-    /// Descriptors, the algorithm cuDNN's heuristics chose for them and its workspace size.
+    // cuDNN handles and descriptors are neither Send nor Sync: one set per thread.
+    thread_local! {
+        static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
+        static PLANS: RefCell<HashMap<Key, Rc<AnyPlan>>> = RefCell::new(HashMap::new());
+        static METHODS: RefCell<HashMap<Key, Method>> = RefCell::new(HashMap::new());
+    }
+
+    pub(super) fn conv2d(xs: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+        let xs = xs.contiguous()?;
+        let weight = weight.to_dtype(xs.dtype())?.contiguous()?;
+        let (&[n, c, h, w], &[k, kc, kh, kw]) = (xs.dims(), weight.dims()) else {
+            candle_core::bail!(
+                "convolution: expected 4-D input and filter, got {:?} and {:?}",
+                xs.dims(),
+                weight.dims()
+            );
+        };
+        let candle_core::Device::Cuda(dev) = xs.device() else {
+            candle_core::bail!("cuDNN convolution: CUDA tensors only")
+        };
+        let key = Key {
+            device: dev.id(),
+            dtype: xs.dtype(),
+            input: [n, c, h, w],
+            filter: [k, kc, kh, kw],
+            padding,
+            stride,
+            cudnn_only: mode() == Mode::CudnnOnly,
+        };
+        let known = METHODS.with(|m| m.borrow().get(&key).copied());
+        let method = match known {
+            Some(method) => method,
+            None => {
+                let method = tune(&xs, &weight, &key)?;
+                METHODS.with(|m| m.borrow_mut().insert(key, method));
+                method
+            }
+        };
+        run_method(&xs, &weight, &key, method)
+    }
+
+    fn run_method(xs: &Tensor, weight: &Tensor, key: &Key, method: Method) -> Result<Tensor> {
+        match method {
+            Method::Im2col => xs.conv2d(weight, key.padding, key.stride, 1, 1),
+            Method::Cudnn(algo) => xs.apply_op2_no_bwd(weight, &CudnnConv { key: *key, algo }),
+        }
+    }
+
+    /// Times every candidate on this shape (one warm-up, three runs) and keeps the fastest.
+    fn tune(xs: &Tensor, weight: &Tensor, key: &Key) -> Result<Method> {
+        let _span = tracing::debug_span!("conv-tune", input = ?key.input, filter = ?key.filter).entered();
+        let device = xs.device();
+        let time = |method: Method| -> Result<f64> {
+            run_method(xs, weight, key, method)?;
+            device.synchronize()?;
+            let start = Instant::now();
+            for _ in 0..3 {
+                run_method(xs, weight, key, method)?;
+            }
+            device.synchronize()?;
+            Ok(start.elapsed().as_secs_f64() / 3.0)
+        };
+        let mut candidates: Vec<Method> = ALGOS.iter().map(|&a| Method::Cudnn(a)).collect();
+        if !key.cudnn_only {
+            candidates.insert(0, Method::Im2col);
+        }
+        let mut best: Option<(f64, Method)> = None;
+        for method in candidates {
+            match time(method) {
+                Ok(t) => {
+                    tracing::trace!(?method, ms = t * 1e3, "candidate");
+                    if best.is_none_or(|(b, _)| t < b) {
+                        best = Some((t, method));
+                    }
+                }
+                // Unsupported algorithms and oversized workspaces drop out here.
+                Err(e) => tracing::trace!(?method, "not usable: {e}"),
+            }
+        }
+        let Some((t, method)) = best else {
+            candle_core::bail!(
+                "cuDNN convolution: no algorithm runs input {:?} with filter {:?}",
+                key.input,
+                key.filter
+            )
+        };
+        tracing::debug!(?method, ms = t * 1e3, "fastest");
+        Ok(method)
+    }
+
+    struct CudnnConv {
+        key: Key,
+        algo: Algo,
+    }
+
+    /// A shape's descriptors and the workspace size of each algorithm tried on it.
     struct Plan<T: CudnnDataType> {
         conv: ConvDescriptor<f32>,
         x: TensorDescriptor<T>,
         w: FilterDescriptor<T>,
         y: TensorDescriptor<T>,
-        algo: sys::cudnnConvolutionFwdAlgo_t,
-        workspace: usize,
+        workspaces: RefCell<HashMap<Algo, usize>>,
     }
 
     enum AnyPlan {
@@ -114,26 +248,18 @@ mod cudnn {
         BF16(Plan<half::bf16>),
     }
 
-    // cuDNN handles and descriptors are neither Send nor Sync: one set per thread.
-    thread_local! {
-        static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
-        static PLANS: RefCell<HashMap<Key, Arc<AnyPlan>>> = RefCell::new(HashMap::new());
-    }
-
     fn handle(dev: &candle_core::CudaDevice) -> Result<Arc<Cudnn>> {
         HANDLES.with(|handles| {
             if let Some(h) = handles.borrow().get(&dev.id()) {
                 return Ok(h.clone());
             }
-            let h = Cudnn::new(dev.cuda_stream()).map_err(|e| candle_core::Error::Msg(format!("cuDNN: {e:?}")))?;
+            let h = Cudnn::new(dev.cuda_stream()).map_err(cudnn_err("handle"))?;
             handles.borrow_mut().insert(dev.id(), h.clone());
             Ok(h)
         })
     }
 
-    fn cudnn_err(
-        what: &str,
-    ) -> impl Fn(candle_core::cuda_backend::cudarc::cudnn::CudnnError) -> candle_core::Error + '_ {
+    fn cudnn_err(what: &str) -> impl Fn(CudnnError) -> candle_core::Error + '_ {
         move |e| candle_core::Error::Msg(format!("cuDNN convolution: {what}: {e:?}"))
     }
 
@@ -141,9 +267,13 @@ mod cudnn {
         dims.map(|d| d as i32)
     }
 
-    fn make_plan<T: CudnnDataType>(cudnn: &Arc<Cudnn>, key: &Key, out: [usize; 4]) -> Result<Plan<T>> {
-        let p = key.padding as i32;
-        let s = key.stride as i32;
+    fn output_dims(key: &Key) -> [usize; 4] {
+        let ([n, _, h, w], [k, _, kh, kw], p, s) = (key.input, key.filter, key.padding, key.stride);
+        [n, k, (h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1]
+    }
+
+    fn make_plan<T: CudnnDataType>(cudnn: &Arc<Cudnn>, key: &Key) -> Result<Plan<T>> {
+        let (p, s) = (key.padding as i32, key.stride as i32);
         let mut conv = cudnn
             .create_conv2d::<f32>([p, p], [s, s], [1, 1], sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION)
             .map_err(cudnn_err("descriptor"))?;
@@ -151,16 +281,13 @@ mod cudnn {
         let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
         let x = cudnn.create_4d_tensor::<T>(nchw, i32s(key.input)).map_err(cudnn_err("input descriptor"))?;
         let w = cudnn.create_4d_filter::<T>(nchw, i32s(key.filter)).map_err(cudnn_err("filter descriptor"))?;
-        let y = cudnn.create_4d_tensor::<T>(nchw, i32s(out)).map_err(cudnn_err("output descriptor"))?;
-        let forward = ConvForward { conv: &conv, x: &x, w: &w, y: &y };
-        let algo = forward.pick_algorithm().map_err(cudnn_err("algorithm"))?;
-        let workspace = forward.get_workspace_size(algo).map_err(cudnn_err("workspace size"))?;
-        tracing::debug!(?algo, workspace, input = ?key.input, filter = ?key.filter, "cuDNN convolution plan");
-        Ok(Plan { conv, x, w, y, algo, workspace })
+        let y = cudnn.create_4d_tensor::<T>(nchw, i32s(output_dims(key))).map_err(cudnn_err("output descriptor"))?;
+        Ok(Plan { conv, x, w, y, workspaces: RefCell::new(HashMap::new()) })
     }
 
-    fn run<T: CudnnDataType + CudaDType + DeviceRepr + candle_core::WithDType>(
+    fn run<T: CudnnDataType + CudaDType + DeviceRepr + WithDType>(
         plan: &Plan<T>,
+        algo: Algo,
         dev: &candle_core::CudaDevice,
         (xs, xl): (&CudaStorage, &Layout),
         (ws, wl): (&CudaStorage, &Layout),
@@ -169,14 +296,26 @@ mod cudnn {
         let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets()) else {
             candle_core::bail!("cuDNN convolution: input and filter must be contiguous");
         };
+        let forward = ConvForward { conv: &plan.conv, x: &plan.x, w: &plan.w, y: &plan.y };
+        let known = plan.workspaces.borrow().get(&algo).copied();
+        let workspace_size = match known {
+            Some(size) => size,
+            None => {
+                let size = forward.get_workspace_size(algo).map_err(cudnn_err("workspace size"))?;
+                plan.workspaces.borrow_mut().insert(algo, size);
+                size
+            }
+        };
+        if workspace_size > MAX_WORKSPACE {
+            candle_core::bail!("cuDNN convolution: {algo:?} needs {workspace_size} bytes of workspace");
+        }
         let x = xs.as_cuda_slice::<T>()?.slice(x0..x1);
         let w = ws.as_cuda_slice::<T>()?.slice(w0..w1);
-        // SAFETY: cuDNN writes every output element (beta = 0).
+        // SAFETY: cuDNN writes every output element (beta = 0); the workspace is scratch.
         let mut y = unsafe { dev.alloc::<T>(out_len)? };
-        let mut workspace = unsafe { dev.alloc::<u8>(plan.workspace.max(1))? };
-        let forward = ConvForward { conv: &plan.conv, x: &plan.x, w: &plan.w, y: &plan.y };
+        let mut workspace = unsafe { dev.alloc::<u8>(workspace_size.max(1))? };
         // SAFETY: the slices match the descriptors' types and sizes (the plan's key).
-        unsafe { forward.launch(plan.algo, Some(&mut workspace), (T::one(), T::zero()), &x, &w, &mut y) }
+        unsafe { forward.launch(algo, Some(&mut workspace), (T::one(), T::zero()), &x, &w, &mut y) }
             .map_err(cudnn_err("forward"))?;
         Ok(CudaStorage::wrap_cuda_slice(y, dev.clone()))
     }
@@ -197,50 +336,38 @@ mod cudnn {
             ws: &CudaStorage,
             wl: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
-            let (&[n, c, h, w], &[k, kc, kh, kw]) = (xl.dims(), wl.dims()) else {
-                candle_core::bail!(
-                    "cuDNN convolution: expected 4-D input and filter, got {:?} and {:?}",
-                    xl.dims(),
-                    wl.dims()
-                );
-            };
+            let key = &self.key;
+            if xl.dims() != key.input || wl.dims() != key.filter || xs.dtype() != key.dtype {
+                candle_core::bail!("cuDNN convolution: tensors do not match the plan");
+            }
+            let [_, c, h, w] = key.input;
+            let [_, kc, kh, kw] = key.filter;
             if kc != c {
                 candle_core::bail!("cuDNN convolution: input has {c} channels, the filter expects {kc}");
             }
-            let (p, s) = (self.padding, self.stride);
-            if h + 2 * p < kh || w + 2 * p < kw {
-                candle_core::bail!(
-                    "cuDNN convolution: input {h}x{w} (padding {p}) is smaller than the {kh}x{kw} kernel"
-                );
+            if h + 2 * key.padding < kh || w + 2 * key.padding < kw {
+                candle_core::bail!("cuDNN convolution: input {h}x{w} is smaller than the {kh}x{kw} kernel");
             }
-            let out = [n, k, (h + 2 * p - kh) / s + 1, (w + 2 * p - kw) / s + 1];
             let dev = xs.device().clone();
-            let key = Key {
-                device: dev.id(),
-                dtype: xs.dtype(),
-                input: [n, c, h, w],
-                filter: [k, kc, kh, kw],
-                padding: p,
-                stride: s,
-            };
-            let cached = PLANS.with(|plans| plans.borrow().get(&key).cloned());
+            let cached = PLANS.with(|plans| plans.borrow().get(key).cloned());
             let plan = match cached {
                 Some(plan) => plan,
                 None => {
                     let cudnn = handle(&dev)?;
-                    let plan = Arc::new(match key.dtype {
-                        DType::F16 => AnyPlan::F16(make_plan(&cudnn, &key, out)?),
-                        DType::BF16 => AnyPlan::BF16(make_plan(&cudnn, &key, out)?),
+                    let plan = Rc::new(match key.dtype {
+                        DType::F16 => AnyPlan::F16(make_plan(&cudnn, key)?),
+                        DType::BF16 => AnyPlan::BF16(make_plan(&cudnn, key)?),
                         other => candle_core::bail!("cuDNN convolution: f16 and bf16 only, got {other:?}"),
                     });
-                    PLANS.with(|plans| plans.borrow_mut().insert(key, plan.clone()));
+                    PLANS.with(|plans| plans.borrow_mut().insert(*key, plan.clone()));
                     plan
                 }
             };
+            let out = output_dims(key);
             let out_len = out.iter().product();
             let storage = match &*plan {
-                AnyPlan::F16(plan) => run(plan, &dev, (xs, xl), (ws, wl), out_len)?,
-                AnyPlan::BF16(plan) => run(plan, &dev, (xs, xl), (ws, wl), out_len)?,
+                AnyPlan::F16(plan) => run(plan, self.algo, &dev, (xs, xl), (ws, wl), out_len)?,
+                AnyPlan::BF16(plan) => run(plan, self.algo, &dev, (xs, xl), (ws, wl), out_len)?,
             };
             Ok((storage, Shape::from(out.to_vec())))
         }
