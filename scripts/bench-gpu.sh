@@ -49,9 +49,14 @@
 #     (plain 60.6); frame first+prev 1369 ms (SDCROSSFRAME_GROUP_NORM=unfused in the same run:
 #     1500 ms), off 1326 ms. diffusers in that run: plain SDPA 1500, first+prev SDPA 1392,
 #     original processor 1250 ms; diffusers varied by 30% between the two runs (1090 vs 1392).
-#   Next hot spots from the ops profile: GroupNorm (0.68 vs 0.06 ms at 2x320x64x64; ~90 per
-#   step, most inside candle-transformers' ResnetBlock2D and the VAE blocks), conv3x3 at 64x64
-#   (0.63 vs 0.10 ms, im2col; cuDNN not used), linear (0.14 vs 0.055 ms).
+#   With kernels/group_norm.cu, models::vae_blocks and models::conv (cuDNN or im2col timed per
+#   shape; `cudnn` feature), 2026-11-27, one H100, this script with --frame (candle and diffusers
+#   in the same run): GroupNorm 2x320x64x64 0.030 ms (torch 0.050); conv3x3 320 at 64x64 0.229
+#   ms (im2col 0.662, torch 0.080); step first+prev 43.3 ms (diffusers 35.0 ms for 2N K/V);
+#   frame first+prev 888.3 ms (VAE encode 14.9, decode 23.9; peak 4.73 GiB), off 875.0 ms;
+#   diffusers pipeline: plain SDPA 942.2, first+prev SDPA 1144.7, original processor 1109.1 ms
+#   (candle / diffusers first+prev SDPA = 0.78). A run before (same binary): 825.8 ms against
+#   1023.8 / 1147.9 ms; SDCROSSFRAME_CONV=im2col 1180.3 ms, cudnn-only 875.6 ms.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
