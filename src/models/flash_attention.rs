@@ -9,6 +9,7 @@
 //! Shapes: `q` (batch, heads, n, head_dim), `k` and `v` (batch, heads, m, head_dim); `m` may
 //! differ from `n` (cross-frame attention doubles it, cross-attention to text has 77 keys).
 
+use super::op_storage::{cpu_from_f32, cpu_to_f32};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -98,19 +99,6 @@ fn fused_disabled() -> bool {
     *DISABLED.get_or_init(|| std::env::var(ATTENTION_ENV).is_ok_and(|v| v.trim().eq_ignore_ascii_case("unfused")))
 }
 
-fn to_f32(s: &CpuStorage, layout: &Layout, what: &str) -> Result<Vec<f32>> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("fused attention: {what} must be contiguous");
-    };
-    Ok(match s {
-        CpuStorage::F32(x) => x[start..end].to_vec(),
-        CpuStorage::F16(x) => x[start..end].iter().map(|v| v.to_f32()).collect(),
-        CpuStorage::BF16(x) => x[start..end].iter().map(|v| v.to_f32()).collect(),
-        CpuStorage::F64(x) => x[start..end].iter().map(|&v| v as f32).collect(),
-        other => candle_core::bail!("fused attention: {what} has dtype {:?}; expected a float type", other.dtype()),
-    })
-}
-
 impl CustomOp3 for FlashAttention {
     fn name(&self) -> &'static str {
         "flash-attention"
@@ -127,6 +115,7 @@ impl CustomOp3 for FlashAttention {
         vl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let Dims { batch, heads, n, m, d } = Dims::check(ql.shape(), kl.shape(), vl.shape())?;
+        let to_f32 = |s, l, what| cpu_to_f32(s, l, "fused attention", what);
         let (q, k, v) = (to_f32(qs, ql, "q")?, to_f32(ks, kl, "k")?, to_f32(vs, vl, "v")?);
         let mut out = vec![0f32; batch * heads * n * d];
         let mut scores = vec![0f32; m];
@@ -153,13 +142,7 @@ impl CustomOp3 for FlashAttention {
                 oi.iter_mut().for_each(|o| *o /= sum);
             }
         }
-        let storage = match qs.dtype() {
-            DType::F32 => CpuStorage::F32(out),
-            DType::F16 => CpuStorage::F16(out.into_iter().map(half::f16::from_f32).collect()),
-            DType::BF16 => CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect()),
-            DType::F64 => CpuStorage::F64(out.into_iter().map(f64::from).collect()),
-            other => candle_core::bail!("fused attention: unsupported dtype {other:?}"),
-        };
+        let storage = cpu_from_f32(out, qs.dtype(), "fused attention")?;
         Ok((storage, ql.shape().clone()))
     }
 
@@ -198,8 +181,9 @@ impl CustomOp3 for FlashAttention {
 #[cfg(all(feature = "cuda", sdcrossframe_flash_ptx))]
 mod cuda {
     use super::{Dims, MAX_HEAD_DIM};
+    use crate::models::op_storage::cuda_view;
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, Layout, Result};
 
@@ -227,7 +211,8 @@ mod cuda {
                 "fused attention: too large for the kernel (batch x heads {bh} > 65535 or tokens x head_dim over 2^31)"
             );
         }
-        let (q, k, v) = (view::<T>(qs, ql, "q")?, view::<T>(ks, kl, "k")?, view::<T>(vs, vl, "v")?);
+        let view = |s, l, what| cuda_view::<T>(s, l, "fused attention", what);
+        let (q, k, v) = (view(qs, ql, "q")?, view(ks, kl, "k")?, view(vs, vl, "v")?);
         let dev = qs.device();
         // The kernel is instantiated for head dims rounded up to 16; the rest is zero padding.
         let padded = d.div_ceil(16) * 16;
@@ -246,13 +231,6 @@ mod cuda {
         // SAFETY: argument types and order match the kernel's signature; sizes checked above.
         unsafe { builder.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
-    }
-
-    fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("fused attention: {what} must be contiguous");
-        };
-        Ok(s.as_cuda_slice::<T>()?.slice(start..end))
     }
 }
 

@@ -8,8 +8,9 @@
 //! candle-nn's `GroupNorm` (and candle's SiLU), unchanged, so the CPU parity tests keep their
 //! exact numbers; [`group_norm`] runs the kernel's algorithm on the CPU for tests.
 
+use super::op_storage::{cpu_from_f32, cpu_to_f32};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 /// Set to `unfused` to keep candle-nn's GroupNorm on CUDA too (A/B measurements).
@@ -102,18 +103,6 @@ impl GroupNormOp {
     }
 }
 
-fn to_f32(s: &CpuStorage, layout: &Layout, what: &str) -> Result<Vec<f32>> {
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("GroupNorm: {what} must be contiguous");
-    };
-    Ok(match s {
-        CpuStorage::F32(x) => x[start..end].to_vec(),
-        CpuStorage::F16(x) => x[start..end].iter().map(|v| v.to_f32()).collect(),
-        CpuStorage::BF16(x) => x[start..end].iter().map(|v| v.to_f32()).collect(),
-        other => candle_core::bail!("GroupNorm: {what} has dtype {:?}; expected f32, f16 or bf16", other.dtype()),
-    })
-}
-
 impl CustomOp3 for GroupNormOp {
     fn name(&self) -> &'static str {
         "group-norm"
@@ -130,6 +119,7 @@ impl CustomOp3 for GroupNormOp {
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = self.geometry(xl.shape());
+        let to_f32 = |s, l, what| cpu_to_f32(s, l, "GroupNorm", what);
         let (x, w, b) = (to_f32(xs, xl, "input")?, to_f32(ws, wl, "weight")?, to_f32(bs, bl, "bias")?);
         let mut out = vec![0f32; x.len()];
         for row in 0..g.rows {
@@ -147,13 +137,7 @@ impl CustomOp3 for GroupNormOp {
                 *o = if self.silu { y / (1.0 + (-y).exp()) } else { y };
             }
         }
-        let storage = match xs.dtype() {
-            DType::F32 => CpuStorage::F32(out),
-            DType::F16 => CpuStorage::F16(out.into_iter().map(half::f16::from_f32).collect()),
-            DType::BF16 => CpuStorage::BF16(out.into_iter().map(half::bf16::from_f32).collect()),
-            other => candle_core::bail!("GroupNorm: unsupported dtype {other:?}"),
-        };
-        Ok((storage, xl.shape().clone()))
+        Ok((cpu_from_f32(out, xs.dtype(), "GroupNorm")?, xl.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -175,9 +159,9 @@ impl CustomOp3 for GroupNormOp {
         {
             let g = self.geometry(xl.shape());
             let storage = match xs.dtype() {
-                DType::F32 => cuda::launch::<f32>(self, &g, (xs, xl), (ws, wl), (bs, bl), "f32")?,
-                DType::F16 => cuda::launch::<half::f16>(self, &g, (xs, xl), (ws, wl), (bs, bl), "f16")?,
-                DType::BF16 => cuda::launch::<half::bf16>(self, &g, (xs, xl), (ws, wl), (bs, bl), "bf16")?,
+                candle_core::DType::F32 => cuda::launch::<f32>(self, &g, (xs, xl), (ws, wl), (bs, bl), "f32")?,
+                candle_core::DType::F16 => cuda::launch::<half::f16>(self, &g, (xs, xl), (ws, wl), (bs, bl), "f16")?,
+                candle_core::DType::BF16 => cuda::launch::<half::bf16>(self, &g, (xs, xl), (ws, wl), (bs, bl), "bf16")?,
                 other => candle_core::bail!("GroupNorm on CUDA supports f32, f16 and bf16; got {other:?}"),
             };
             Ok((storage, xl.shape().clone()))
@@ -188,8 +172,9 @@ impl CustomOp3 for GroupNormOp {
 #[cfg(all(feature = "cuda", sdcrossframe_group_norm_ptx))]
 mod cuda {
     use super::{Geometry, GroupNormOp};
+    use crate::models::op_storage::cuda_view;
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{CudaStorage, Layout, Result};
 
@@ -211,7 +196,8 @@ mod cuda {
         if g.rows > 65_535 || chunks > i32::MAX as usize || g.channels_per_group > i32::MAX as usize {
             candle_core::bail!("GroupNorm: too large for the kernel ({} rows of {} values)", g.rows, g.row_len);
         }
-        let (x, w, b) = (view::<T>(xs, xl, "input")?, view::<T>(ws, wl, "weight")?, view::<T>(bs, bl, "bias")?);
+        let view = |s, l, what| cuda_view::<T>(s, l, "GroupNorm", what);
+        let (x, w, b) = (view(xs, xl, "input")?, view(ws, wl, "weight")?, view(bs, bl, "bias")?);
         let dev = xs.device();
         let stats = dev.get_or_load_custom_func(&format!("group_norm_stats_{type_name}"), MODULE, PTX)?;
         let apply = dev.get_or_load_custom_func(&format!("group_norm_apply_{type_name}"), MODULE, PTX)?;
@@ -236,19 +222,12 @@ mod cuda {
         unsafe { builder.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }
-
-    fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-        let Some((start, end)) = l.contiguous_offsets() else {
-            candle_core::bail!("GroupNorm: {what} must be contiguous");
-        };
-        Ok(s.as_cuda_slice::<T>()?.slice(start..end))
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap())

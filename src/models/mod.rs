@@ -7,6 +7,7 @@ pub mod conv;
 pub mod embeddings;
 pub mod flash_attention;
 pub mod group_norm;
+mod op_storage;
 pub mod resnet;
 pub mod unet;
 pub mod unet_blocks;
