@@ -57,10 +57,10 @@ impl LaunchFile {
         }
         let mut variables: Vec<Variable> = Vec::new();
         for piece in split_placeholders(&body)? {
-            if let Piece::Placeholder(var) = piece {
-                if !variables.iter().any(|v| v.name == var.name) {
-                    variables.push(var);
-                }
+            if let Piece::Placeholder(var) = piece
+                && !variables.iter().any(|v| v.name == var.name)
+            {
+                variables.push(var);
             }
         }
         Ok(Self { body, header, variables })
