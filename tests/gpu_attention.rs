@@ -7,14 +7,12 @@
 //! Prints the largest absolute difference of every case.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
 use sdcrossframe::models::attention::unfused_attention;
 use sdcrossframe::models::flash_attention::{fused_attention, use_fused};
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
 
 /// `sharpness` scales the queries: 1 gives scores of unit spread, 4 a peaked softmax.
 fn check(dev: &Device, dtype: DType, (b, h, n, m, d): (usize, usize, usize, usize, usize), sharpness: f64) -> f32 {

@@ -8,16 +8,14 @@
 //! Prints the largest absolute difference of every case.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
+use common::max_abs_diff;
 use sdcrossframe::models::conv::Conv2d;
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
 
 #[test]
 fn convolutions_match_candle_in_f32() {

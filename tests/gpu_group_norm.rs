@@ -7,13 +7,11 @@
 //! Prints the largest absolute difference of every case.
 #![cfg(feature = "cuda")]
 
-use candle_core::{DType, Device, Tensor};
-use sdcrossframe::models::group_norm::group_norm;
+mod common;
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-    d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-}
+use candle_core::{DType, Device, Tensor};
+use common::max_abs_diff;
+use sdcrossframe::models::group_norm::group_norm;
 
 #[test]
 fn kernel_matches_candle_nn_on_the_cpu() {

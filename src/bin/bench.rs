@@ -982,6 +982,11 @@ fn frame(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Opti
 }
 
 /// Median time of `f` in ms (device synchronised around every run).
+/// Largest absolute difference of two tensors, in f32.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> candle_core::Result<f32> {
+    (a.to_dtype(DType::F32)? - b.to_dtype(DType::F32)?)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+}
+
 fn time_op(cli: &Cli, device: &Device, mut f: impl FnMut() -> candle_core::Result<Tensor>) -> Result<f64> {
     let mut times = Vec::new();
     for run in 0..cli.warmup + cli.runs {
@@ -1013,12 +1018,7 @@ fn ops(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
         let ms = time_op(cli, device, || norm.forward_reference(&x))?;
         println!("| group_norm(32), candle-nn | 2x{channels}x{side}x{side} | {ms:.3} |");
         let ms = time_op(cli, device, || candle_core::Module::forward(&norm, &x))?;
-        let diff = (candle_core::Module::forward(&norm, &x)?.to_dtype(DType::F32)?
-            - norm.forward_reference(&x)?.to_dtype(DType::F32)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
+        let diff = max_abs_diff(&candle_core::Module::forward(&norm, &x)?, &norm.forward_reference(&x)?)?;
         println!("| group_norm(32), models::group_norm (max diff {diff:.1e}) | 2x{channels}x{side}x{side} | {ms:.3} |");
         let ms = time_op(cli, device, || candle_nn::ops::silu(&x))?;
         println!("| silu | 2x{channels}x{side}x{side} | {ms:.3} |");
@@ -1029,12 +1029,7 @@ fn ops(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
         let ms = time_op(cli, device, candle_conv)?;
         println!("| conv3x3 | 2x{channels}x{side}x{side} | {ms:.3} |");
         let ms = time_op(cli, device, || candle_core::Module::forward(&conv, &x))?;
-        let diff = (candle_core::Module::forward(&conv, &x)?.to_dtype(DType::F32)?
-            - candle_conv()?.to_dtype(DType::F32)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
+        let diff = max_abs_diff(&candle_core::Module::forward(&conv, &x)?, &candle_conv()?)?;
         println!(
             "| conv3x3, models::conv (cuDNN or im2col, timed per shape, with the `cudnn` feature; max diff {diff:.1e}) | 2x{channels}x{side}x{side} | {ms:.3} |"
         );
@@ -1089,19 +1084,6 @@ fn attention(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
         (2, 8, 256, 512, 160),
         (2, 8, 333, 1001, 72),
     ];
-    let time = |f: &dyn Fn() -> candle_core::Result<Tensor>| -> Result<f64> {
-        let mut ms = Vec::new();
-        for run in 0..cli.warmup + cli.runs {
-            device.synchronize()?;
-            let t = Instant::now();
-            drop(f()?);
-            let e = elapsed_ms(device, t)?;
-            if run >= cli.warmup {
-                ms.push(e);
-            }
-        }
-        Ok(median(&ms))
-    };
     println!(
         "| batch x heads | queries | keys | head dim | fused ms | unfused ms | speed-up | TFLOP/s fused | max abs diff |"
     );
@@ -1111,14 +1093,9 @@ fn attention(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
             |len: usize| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1., (b, h, len, d), device)?.to_dtype(dtype)?) };
         let (q, k, v) = (rand(n)?, rand(m)?, rand(m)?);
         let scale = (d as f64).powf(-0.5);
-        let fused = time(&|| fused_attention(&q, &k, &v, scale))?;
-        let unfused = time(&|| unfused_attention(&q, &k, &v, scale))?;
-        let diff = (fused_attention(&q, &k, &v, scale)?.to_dtype(DType::F32)?
-            - unfused_attention(&q, &k, &v, scale)?.to_dtype(DType::F32)?)?
-        .abs()?
-        .flatten_all()?
-        .max(0)?
-        .to_scalar::<f32>()?;
+        let fused = time_op(cli, device, || fused_attention(&q, &k, &v, scale))?;
+        let unfused = time_op(cli, device, || unfused_attention(&q, &k, &v, scale))?;
+        let diff = max_abs_diff(&fused_attention(&q, &k, &v, scale)?, &unfused_attention(&q, &k, &v, scale)?)?;
         let tflops = 4.0 * (b * h * n * m * d) as f64 / (fused * 1e-3) / 1e12;
         println!(
             "| {b}x{h} | {n} | {m} | {d} | {fused:.3} | {unfused:.3} | {:.1}x | {tflops:.1} | {diff:.2e} |",

@@ -112,12 +112,14 @@ mod cudnn {
         CudnnOnly,
     }
 
+    /// From `SDCROSSFRAME_CONV`, read once per process.
     fn mode() -> Mode {
-        match std::env::var(super::CONV_ENV).as_deref() {
+        static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
+        *MODE.get_or_init(|| match std::env::var(super::CONV_ENV).as_deref() {
             Ok("im2col") => Mode::Im2col,
             Ok("cudnn") => Mode::CudnnOnly,
             _ => Mode::Tuned,
-        }
+        })
     }
 
     /// How one shape runs.
@@ -136,7 +138,6 @@ mod cudnn {
         filter: [usize; 4],
         padding: usize,
         stride: usize,
-        cudnn_only: bool,
     }
 
     // cuDNN handles and descriptors are neither Send nor Sync: one set per thread.
@@ -159,15 +160,8 @@ mod cudnn {
         let candle_core::Device::Cuda(dev) = xs.device() else {
             candle_core::bail!("cuDNN convolution: CUDA tensors only")
         };
-        let key = Key {
-            device: dev.id(),
-            dtype: xs.dtype(),
-            input: [n, c, h, w],
-            filter: [k, kc, kh, kw],
-            padding,
-            stride,
-            cudnn_only: mode() == Mode::CudnnOnly,
-        };
+        let key =
+            Key { device: dev.id(), dtype: xs.dtype(), input: [n, c, h, w], filter: [k, kc, kh, kw], padding, stride };
         let known = METHODS.with(|m| m.borrow().get(&key).copied());
         let method = match known {
             Some(method) => method,
@@ -202,7 +196,7 @@ mod cudnn {
             Ok(start.elapsed().as_secs_f64() / 3.0)
         };
         let mut candidates: Vec<Method> = ALGOS.iter().map(|&a| Method::Cudnn(a)).collect();
-        if !key.cudnn_only {
+        if mode() != Mode::CudnnOnly {
             candidates.insert(0, Method::Im2col);
         }
         let mut best: Option<(f64, Method)> = None;

@@ -238,12 +238,8 @@ mod cuda {
 mod tests {
     use super::*;
     use crate::models::attention::unfused_attention;
+    use crate::models::max_abs_diff;
     use candle_core::Device;
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a.to_dtype(DType::F32).unwrap() - b.to_dtype(DType::F32).unwrap()).unwrap();
-        d.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
-    }
 
     #[test]
     fn cpu_reference_matches_unfused_math() {
