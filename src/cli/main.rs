@@ -34,7 +34,7 @@ struct Cli {
 enum Command {
     /// Stylize image files (PNG/JPEG in, PNG out); several files are one video sequence,
     /// kept coherent by cross-frame attention.
-    Stylize(StylizeArgs),
+    Stylize(Box<StylizeArgs>),
     /// Write the Canny edge map the ControlNet sees, to preview thresholds.
     Canny(CannyArgs),
     /// Run a GStreamer pipeline file (pipelines/*.pipeline) with its variables filled in:
@@ -143,7 +143,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Stylize(args) => stylize(args).map(|()| ExitCode::SUCCESS),
+        Command::Stylize(args) => stylize(*args).map(|()| ExitCode::SUCCESS),
         Command::Canny(args) => canny_command(args).map(|()| ExitCode::SUCCESS),
         #[cfg(feature = "runner")]
         Command::Run(args) => run::run(args),

@@ -271,11 +271,12 @@ async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
                 pipeline.send_event(gst::event::Eos::new());
             }
             _ = ticker.tick() => {
-                if !live && !length_known {
-                    if let Some(total) = expected_frames(pipeline, elements.first()) {
-                        bar.set_length(total);
-                        length_known = true;
-                    }
+                if !live
+                    && !length_known
+                    && let Some(total) = expected_frames(pipeline, elements.first())
+                {
+                    bar.set_length(total);
+                    length_known = true;
                 }
                 let stats = stats.lock().unwrap();
                 bar.set_position(stats.frames_out);
@@ -284,15 +285,13 @@ async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
                     let total = if length_known { format!("/{}", bar.length().unwrap_or(0)) } else { String::new() };
                     eprintln!("{}{total} frames after {:.0} s", stats.frames_out, started.elapsed().as_secs_f64());
                 }
-                if live {
-                    if let (Some(last), Some(mean)) = (stats.last_latency, stats.mean_latency()) {
-                        let dropped = stats.frames_in - stats.frames_out;
-                        bar.set_message(format!(
-                            "{} ms per frame (mean {} ms), {dropped} dropped",
-                            last.as_millis(),
-                            mean.as_millis()
-                        ));
-                    }
+                if live && let (Some(last), Some(mean)) = (stats.last_latency, stats.mean_latency()) {
+                    let dropped = stats.frames_in - stats.frames_out;
+                    bar.set_message(format!(
+                        "{} ms per frame (mean {} ms), {dropped} dropped",
+                        last.as_millis(),
+                        mean.as_millis()
+                    ));
                 }
             }
         }
