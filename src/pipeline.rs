@@ -303,18 +303,19 @@ impl Stylizer {
         };
         let noise = noise.to_dtype(self.dtype)?;
         let mut latents = self.scheduler.add_noise(&latents, &noise, timesteps[0])?;
-        let control = control.to_dtype(self.dtype)?.repeat((batch, 1, 1, 1))?;
+        // Once per frame, for every step and both guidance halves (diffusers redoes it per step).
+        let condition = self.controlnet.embed_condition(&control.to_dtype(self.dtype)?)?;
 
         hook.begin_frame(&FramePlan { timesteps: timesteps.clone(), width, height, batch })?;
         for (index, &timestep) in timesteps.iter().enumerate() {
             let _span = tracing::debug_span!("denoise_step", index, timestep).entered();
             hook.begin_step(index, timestep)?;
             let model_input = latents.repeat((batch, 1, 1, 1))?;
-            let residuals = self.controlnet.forward(
+            let residuals = self.controlnet.forward_embedded(
                 &model_input,
                 timestep as f64,
                 &embeddings,
-                &control,
+                &condition,
                 settings.controlnet_scale,
             )?;
             let noise_pred = self.unet.forward(

@@ -125,6 +125,37 @@ fn controlnet_matches_diffusers() {
     println!("controlnet: worst relative error {worst:.3e}");
 }
 
+/// The pipeline embeds a frame's control image once (batch 1) and reuses it for every step
+/// and both guidance halves; that must equal embedding the repeated image on every call.
+#[test]
+fn control_embedded_once_and_broadcast_equals_per_call_embedding() {
+    let r = reference("controlnet.safetensors");
+    let cn = load_controlnet();
+    let (sample, t, ehs, scale) =
+        (&r["sample"], scalar(&r["timestep"]), &r["encoder_hidden_states"], scalar(&r["conditioning_scale"]));
+    let one = r["controlnet_cond"].narrow(0, 0, 1).unwrap();
+    let per_call = cn.forward(sample, t, ehs, &one.repeat((2, 1, 1, 1)).unwrap(), scale).unwrap();
+    let condition = cn.embed_condition(&one).unwrap();
+    let once = cn.forward_embedded(sample, t, ehs, &condition, scale).unwrap();
+    let mut worst = 0f32;
+    for (a, b) in per_call.down.iter().chain([&per_call.mid]).zip(once.down.iter().chain([&once.mid])) {
+        worst = worst.max(max_abs(&(a - b).unwrap()));
+    }
+    assert!(worst <= 1e-5, "broadcast embedding differs by {worst}");
+    // And it is not vacuous: another control image changes the residuals.
+    let other = cn.embed_condition(&r["controlnet_cond"].narrow(0, 1, 1).unwrap()).unwrap();
+    let changed = cn.forward_embedded(sample, t, ehs, &other, scale).unwrap();
+    assert!(max_abs(&(&changed.mid - &once.mid).unwrap()) > 1e-3);
+
+    // A control image whose embedding does not fit the latents is an error naming both shapes.
+    let small = one.narrow(2, 0, 32).unwrap();
+    let err = cn.forward_embedded(sample, t, ehs, &cn.embed_condition(&small).unwrap(), scale).unwrap_err();
+    assert!(err.to_string().contains("does not fit latents"), "{err}");
+    let odd = one.narrow(2, 0, 30).unwrap();
+    let err = cn.embed_condition(&odd).unwrap_err().to_string();
+    assert!(err.contains("multiple of 8"), "{err}");
+}
+
 /// Returns the layer's own projected keys/values and records what it saw.
 #[derive(Default)]
 struct Recorder {

@@ -188,6 +188,10 @@ struct UnetStepArgs {
     /// Also measure doubled K/V in every self-attention (scope "all").
     #[arg(long)]
     all_scope: bool,
+    /// Bracket the last run of the first variant with cuProfilerStart/Stop, so that
+    /// `ncu --profile-from-start off` times the kernels of exactly one step (CUDA builds).
+    #[arg(long)]
+    profiler_range: bool,
 }
 
 #[derive(Args, Debug)]
@@ -621,13 +625,20 @@ fn unet_step(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, prob
         let (mut cn_ms, mut unet_ms, mut total_ms) = (Vec::new(), Vec::new(), Vec::new());
         let mut finite = true;
         for run in 0..cli.warmup + cli.runs {
+            let profiled = args.profiler_range && rows.is_empty() && run + 1 == cli.warmup + cli.runs;
             device.synchronize()?;
+            if profiled {
+                profiler_range(true)?;
+            }
             let t0 = Instant::now();
             let residuals = controlnet.forward(&latents, timestep, &text, &control, 0.7)?;
             let t_cn = elapsed_ms(device, t0)?;
             let t1 = Instant::now();
             let out = unet.forward(&latents, timestep, &text, Some(&residuals), hook.as_hook())?;
             let t_unet = elapsed_ms(device, t1)?;
+            if profiled {
+                profiler_range(false)?;
+            }
             if run >= cli.warmup {
                 cn_ms.push(t_cn);
                 unet_ms.push(t_unet);
@@ -663,6 +674,14 @@ fn unet_step(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, prob
         println!();
         println!("2N K/V (up blocks) / plain: {:.3}", rows[1].3 / rows[0].3);
     }
+    // The steps above embed the control image on every ControlNet call, as diffusers does;
+    // the pipeline embeds it once per frame at batch 1, so its steps cost this much less.
+    let one_control = control.narrow(0, 0, 1)?;
+    let per_call_ms = time_op(cli, device, || controlnet.embed_condition(&control).map(|c| c.tensor().clone()))?;
+    let once_ms = time_op(cli, device, || controlnet.embed_condition(&one_control).map(|c| c.tensor().clone()))?;
+    println!(
+        "control image embedding: {per_call_ms:.2} ms at batch {b} (inside every step above); {once_ms:.2} ms at batch 1, once per frame in the pipeline"
+    );
     for (label, bytes) in stored {
         println!(
             "{label}: store {:.1} MiB per denoising step ({:.2} GiB for 18 steps)",
@@ -675,6 +694,19 @@ fn unet_step(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, prob
         println!("device memory used now (all processes, contexts included): {:.2} / {:.1} GiB", gib(used), gib(total));
     }
     Ok(())
+}
+
+/// Starts or stops the CUDA profiler's collection (what `ncu --profile-from-start off` records).
+#[cfg(feature = "cuda")]
+fn profiler_range(start: bool) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::{profiler_start, profiler_stop};
+    let result = if start { profiler_start() } else { profiler_stop() };
+    result.map_err(|e| anyhow::anyhow!("cuProfilerStart/Stop failed: {e:?}"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn profiler_range(_start: bool) -> Result<()> {
+    bail!("--profiler-range needs a CUDA build (the `cuda` feature)")
 }
 
 /// The models of one ControlNet img2img pipeline, loaded or random.
@@ -790,7 +822,7 @@ fn staged_frame(
     let latents = (m.vae.encode_mean(&image)? * m.vae.scaling_factor())?;
     let noise = noise.to_dtype(dtype)?;
     let mut latents = m.scheduler.add_noise(&latents, &noise, timesteps[0])?;
-    let control = control.to_dtype(dtype)?.repeat((batch, 1, 1, 1))?;
+    let condition = m.controlnet.embed_condition(&control.to_dtype(dtype)?)?;
     times.vae_encode = elapsed_ms(device, t)?;
 
     hook.begin_frame(&FramePlan { timesteps: timesteps.clone(), width, height, batch })?;
@@ -798,8 +830,13 @@ fn staged_frame(
         let t = Instant::now();
         hook.begin_step(index, timestep)?;
         let model_input = latents.repeat((batch, 1, 1, 1))?;
-        let residuals =
-            m.controlnet.forward(&model_input, timestep as f64, embeddings, &control, settings.controlnet_scale)?;
+        let residuals = m.controlnet.forward_embedded(
+            &model_input,
+            timestep as f64,
+            embeddings,
+            &condition,
+            settings.controlnet_scale,
+        )?;
         let noise_pred =
             m.unet.forward(&model_input, timestep as f64, embeddings, Some(&residuals), hook.attention_hook())?;
         let noise_pred = if guidance {

@@ -225,6 +225,26 @@ impl ControlNetConfig {
     }
 }
 
+/// A control image after `controlnet_cond_embedding`: (n, block_out_channels[0], h, w) at the
+/// latent size. Made by [`ControlNetModel::embed_condition`].
+#[derive(Debug, Clone)]
+pub struct ControlCondition {
+    embedding: Tensor,
+}
+
+impl ControlCondition {
+    /// The embedding, (n, block_out_channels[0], h, w).
+    pub fn tensor(&self) -> &Tensor {
+        &self.embedding
+    }
+
+    /// The control image's shape this embedding came from, for error messages.
+    fn image_dims(&self, downscale: usize, channels: usize) -> Result<Vec<usize>> {
+        let (n, _, h, w) = self.embedding.dims4()?;
+        Ok(vec![n, channels, h * downscale, w * downscale])
+    }
+}
+
 /// `controlnet_cond_embedding`: conv_in, pairs of (3x3, strided 3x3) convs, conv_out, SiLU
 /// between all of them.
 #[derive(Debug, Clone)]
@@ -334,6 +354,8 @@ impl ControlNetModel {
     /// `control_image`: (batch, conditioning_channels, h * f, w * f) in [0, 1], where `f` is
     /// `2^(len(conditioning_embedding_out_channels) - 1)` (8 for SD1.5) and (h, w) the latent
     /// size. Returns the residuals already multiplied by `conditioning_scale`.
+    /// Embeds the control image on every call, as diffusers does; a denoising loop should
+    /// call [`Self::embed_condition`] once and [`Self::forward_embedded`] per step.
     pub fn forward(
         &self,
         sample: &Tensor,
@@ -342,17 +364,53 @@ impl ControlNetModel {
         control_image: &Tensor,
         conditioning_scale: f64,
     ) -> Result<ControlNetResiduals> {
+        let condition = self.embed_condition(control_image)?;
+        self.forward_embedded(sample, timestep, encoder_hidden_states, &condition, conditioning_scale)
+    }
+
+    /// Runs `controlnet_cond_embedding` on `control_image` ((n, conditioning_channels, H, W) in
+    /// [0, 1], H and W multiples of the downscale factor). The embedding depends on nothing
+    /// else, so one frame needs it once for all its denoising steps, and once for both
+    /// halves of a classifier-free-guidance batch (n = 1 broadcasts over the batch).
+    pub fn embed_condition(&self, control_image: &Tensor) -> Result<ControlCondition> {
+        let _enter = self.span.enter();
+        let (_, cc, ch, cw) = control_image.dims4()?;
+        if cc != self.config.conditioning_channels || ch % self.downscale != 0 || cw % self.downscale != 0 {
+            candle_core::bail!(
+                "controlnet: control image {:?} must have {} channels and a size that is a multiple of {}",
+                control_image.dims(),
+                self.config.conditioning_channels,
+                self.downscale
+            );
+        }
+        let control = if self.config.controlnet_conditioning_channel_order == "bgr" {
+            let idx: Vec<u32> = (0..cc as u32).rev().collect();
+            let idx = Tensor::new(idx.as_slice(), control_image.device())?;
+            control_image.index_select(&idx, 1)?
+        } else {
+            control_image.clone()
+        };
+        Ok(ControlCondition { embedding: self.cond_embedding.forward(&control)? })
+    }
+
+    /// The ControlNet on `sample` (batch, in_channels, h, w) with a control image already
+    /// embedded by [`Self::embed_condition`] (batch 1 or `batch`, at the latent size h x w).
+    /// Returns the residuals already multiplied by `conditioning_scale`.
+    pub fn forward_embedded(
+        &self,
+        sample: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        condition: &ControlCondition,
+        conditioning_scale: f64,
+    ) -> Result<ControlNetResiduals> {
         let _enter = self.span.enter();
         let (batch, _, h, w) = sample.dims4()?;
-        let (cb, cc, ch, cw) = control_image.dims4()?;
-        if cb != batch
-            || cc != self.config.conditioning_channels
-            || ch != h * self.downscale
-            || cw != w * self.downscale
-        {
+        let (cb, _, ch, cw) = condition.embedding.dims4()?;
+        if !(cb == batch || cb == 1) || ch != h || cw != w {
             candle_core::bail!(
-                "controlnet: control image {:?} does not fit latents {:?} (expected ({batch}, {}, {}, {}))",
-                control_image.dims(),
+                "controlnet: control image {:?} does not fit latents {:?} (expected (1 or {batch}, {}, {}, {}))",
+                condition.image_dims(self.downscale, self.config.conditioning_channels)?,
                 sample.dims(),
                 self.config.conditioning_channels,
                 h * self.downscale,
@@ -363,19 +421,12 @@ impl ControlNetModel {
         if ebatch != batch {
             candle_core::bail!("controlnet: encoder_hidden_states batch {ebatch} does not match sample batch {batch}");
         }
-        let control = if self.config.controlnet_conditioning_channel_order == "bgr" {
-            let idx: Vec<u32> = (0..cc as u32).rev().collect();
-            let idx = Tensor::new(idx.as_slice(), control_image.device())?;
-            control_image.index_select(&idx, 1)?
-        } else {
-            control_image.clone()
-        };
 
         let t_emb = self.time_proj.forward(timestep, batch, sample.dtype(), sample.device())?;
         let emb = self.time_embedding.forward(&t_emb)?;
 
         let mut xs = self.conv_in.forward(sample)?;
-        xs = (xs + self.cond_embedding.forward(&control)?)?;
+        xs = xs.broadcast_add(&condition.embedding)?;
         let mut hook = NoHook;
         let mut skips = vec![xs.clone()];
         for block in &self.down_blocks {
