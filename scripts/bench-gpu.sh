@@ -2,12 +2,16 @@
 # GPU benchmark: sdcrossframe-bench (candle, CUDA) next to diffusers on the same card.
 #
 # Usage (on the GPU machine, from the repository root):
-#   scripts/bench-gpu.sh [BENCH_BINARY] [--frame]
+#   scripts/bench-gpu.sh [BENCH_BINARY] [--frame] [--profile]
 # BENCH_BINARY: a CUDA build of sdcrossframe-bench (default: .device/sdcrossframe-bench, or
 #   .device/sdcrossframe-bench.xz unpacked to /tmp; made by scripts/build-cuda.sh, then
 #   `strip` + `xz`).
 # --frame: also time whole frames (random SD1.5 weights, 512x512, the original's settings) and
 #   the tiny fixture model per frame.
+# --profile: only this: time the kernels of one plain UNet + ControlNet step under Nsight Compute
+#   (ncu, duration metric only, clocks not locked) and summarise them by kernel name with
+#   scripts/ncu-summary.py against the step's wall time measured without ncu (results in
+#   ncu-step.csv, ncu-summary.txt).
 # Python: tests/reference/bench_diffusers.py needs torch and diffusers; when diffusers is not
 #   importable, wheels in .device/wheels (pip download diffusers==0.42.1 --no-deps) are
 #   installed into /tmp/site without network access.
@@ -63,8 +67,12 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT"
 BIN=${1:-.device/sdcrossframe-bench}
 FRAME=0
-for a in "$@"; do [ "$a" = "--frame" ] && FRAME=1; done
-[ "$BIN" = "--frame" ] && BIN=.device/sdcrossframe-bench
+PROFILE=0
+for a in "$@"; do
+    [ "$a" = "--frame" ] && FRAME=1
+    [ "$a" = "--profile" ] && PROFILE=1
+done
+case "$BIN" in --*) BIN=.device/sdcrossframe-bench ;; esac
 RESULTS=${OUT:-/tmp/bench-out}
 mkdir -p "$RESULTS"
 
@@ -94,6 +102,21 @@ fi
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$RESULTS/gpu.txt"
 status=0
+
+if [ "$PROFILE" = 1 ]; then
+    NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    [ -n "$NCU" ] || { echo "bench-gpu: ncu (Nsight Compute) not found" >&2; exit 1; }
+    echo "== candle: unet-step wall time without the profiler, f16"
+    "$BIN" --device cuda:0 --dtype f16 --warmup 3 --runs 20 unet-step 2>&1 | tee "$RESULTS/candle-unet-step.txt"
+    step_ms=$(awk -F'|' '/^\| plain attention/ {gsub(/ /, "", $5); print $5}' "$RESULTS/candle-unet-step.txt")
+    echo "== ncu: the kernels of one plain step"
+    "$NCU" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
+        --print-units base "$BIN" --device cuda:0 --dtype f16 --warmup 2 --runs 1 unet-step --profiler-range \
+        >"$RESULTS/ncu-step.csv" 2>"$RESULTS/ncu-step.err" || { tail -5 "$RESULTS/ncu-step.err"; exit 1; }
+    python3 scripts/ncu-summary.py "$RESULTS/ncu-step.csv" --top 40 ${step_ms:+--step-ms "$step_ms"} \
+        | tee "$RESULTS/ncu-summary.txt"
+    exit $?
+fi
 
 echo "== candle: sdcrossframe-bench attention (fused kernel vs unfused), f16"
 "$BIN" --device cuda:0 --dtype f16 --warmup 3 --runs 20 attention 2>&1 | tee "$RESULTS/candle-attention.txt" || status=1
