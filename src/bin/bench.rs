@@ -793,6 +793,7 @@ struct FrameInput {
 /// Per-stage times of one frame, in milliseconds.
 #[derive(Debug, Default, Clone)]
 struct FrameTimes {
+    /// VAE encode, noising, and the ControlNet's control-image embedding (once per frame).
     vae_encode: f64,
     steps: Vec<f64>,
     vae_decode: f64,
@@ -965,7 +966,7 @@ fn frame(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Opti
     println!("text encoder (2 prompts, once per prompt change): {:.1} ms", median(&text_ms));
     println!();
     println!(
-        "| variant | frame ms (median) | fps | VAE encode ms | step ms (median) | steps total ms | VAE decode ms | peak alloc GiB | output finite |"
+        "| variant | frame ms (median) | fps | VAE encode + control embedding ms | step ms (median) | steps total ms | VAE decode ms | peak alloc GiB | output finite |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|---|");
     for row in &rows {
