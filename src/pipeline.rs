@@ -125,18 +125,170 @@ struct PromptCache {
     embeddings: Tensor,
 }
 
+/// A point in one frame's computation, reported to a [`StageObserver`] when it is done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// VAE encode, noising to the first timestep, and the control image's embedding.
+    Encoded,
+    /// Denoising step `index` (UNet + ControlNet, guidance, scheduler).
+    Step(usize),
+    /// VAE decode.
+    Decoded,
+}
+
+/// Sees each stage of a frame end (the benchmark times them; the pipeline passes `()`).
+pub trait StageObserver {
+    fn stage_done(&mut self, stage: Stage) -> Result<()>;
+}
+
+impl StageObserver for () {
+    fn stage_done(&mut self, _stage: Stage) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// The UNet, ControlNet, VAE and scheduler, and one frame of ControlNet img2img with them
+/// (the text encoder is separate: its embeddings are an input, cached while the prompt stays).
+pub struct Img2Img {
+    pub unet: UNet2DConditionModel,
+    pub controlnet: ControlNetModel,
+    pub vae: AutoencoderKL,
+    pub scheduler: DdimScheduler,
+    latent_channels: usize,
+    vae_scale_factor: usize,
+    dtype: DType,
+}
+
+impl Img2Img {
+    /// `vae_config` is the VAE's (latent channels, downscale factor); `dtype` the models' dtype.
+    pub fn new(
+        unet: UNet2DConditionModel,
+        controlnet: ControlNetModel,
+        vae: AutoencoderKL,
+        vae_config: &AutoencoderKLConfig,
+        scheduler: DdimScheduler,
+        dtype: DType,
+    ) -> Self {
+        Self {
+            unet,
+            controlnet,
+            vae,
+            scheduler,
+            latent_channels: vae_config.latent_channels,
+            vae_scale_factor: 1 << vae_config.block_out_channels.len().saturating_sub(1),
+            dtype,
+        }
+    }
+
+    /// Frame sizes must be multiples of this (8 for SD).
+    pub fn vae_scale_factor(&self) -> usize {
+        self.vae_scale_factor
+    }
+
+    /// Channels of the control image the ControlNet takes (3 for Canny).
+    pub fn control_channels(&self) -> usize {
+        self.controlnet.config().conditioning_channels
+    }
+
+    /// The timesteps a frame with these settings runs; an error when there are none.
+    pub fn timesteps(&self, settings: &FrameSettings) -> Result<Vec<usize>> {
+        self.scheduler.img2img_timesteps(settings.steps, settings.strength)
+    }
+
+    /// Shape of the initial noise for a frame of `width` x `height` pixels.
+    pub fn noise_shape(&self, width: usize, height: usize) -> (usize, usize, usize, usize) {
+        (1, self.latent_channels, height / self.vae_scale_factor, width / self.vae_scale_factor)
+    }
+
+    /// One frame. `frame` and `control` are `[1, 3, H, W]` in [0, 1] at the processing size (a
+    /// multiple of `vae_scale_factor`); `embeddings` the text embeddings (`[negative; positive]`
+    /// with guidance); `noise` has `noise_shape`. Returns `[1, 3, H, W]` f32 in [0, 1].
+    #[allow(clippy::too_many_arguments)]
+    pub fn run(
+        &self,
+        frame: &Tensor,
+        control: &Tensor,
+        embeddings: &Tensor,
+        settings: &FrameSettings,
+        noise: &Tensor,
+        hook: &mut dyn FrameHook,
+        observer: &mut dyn StageObserver,
+    ) -> Result<Tensor> {
+        let (_, _, height, width) = frame.dims4().context("frame must be a [1, 3, H, W] tensor")?;
+        if height % self.vae_scale_factor != 0 || width % self.vae_scale_factor != 0 {
+            bail!("frame size {width}x{height} is not a multiple of {}", self.vae_scale_factor);
+        }
+        if control.dims4()? != frame.dims4()? {
+            bail!("control image shape {:?} differs from the frame's {:?}", control.dims(), frame.dims());
+        }
+        let expected_noise = self.noise_shape(width, height);
+        if noise.dims4()? != expected_noise {
+            bail!(
+                "initial noise has shape {:?}, expected {expected_noise:?} for a {width}x{height} frame",
+                noise.dims()
+            );
+        }
+        let timesteps = self.timesteps(settings)?;
+        let _span = tracing::info_span!("stylize_frame", width, height, steps = timesteps.len()).entered();
+        let guidance = settings.uses_guidance();
+        let batch = if guidance { 2 } else { 1 };
+
+        let latents = {
+            let _span = tracing::info_span!("vae_encode").entered();
+            let image = ((frame.to_dtype(self.dtype)? * 2.0)? - 1.0)?;
+            (self.vae.encode_mean(&image)? * self.vae.scaling_factor())?
+        };
+        let noise = noise.to_dtype(self.dtype)?;
+        let mut latents = self.scheduler.add_noise(&latents, &noise, timesteps[0])?;
+        // Once per frame, for every step and both guidance halves (diffusers redoes it per step).
+        let condition = self.controlnet.embed_condition(&control.to_dtype(self.dtype)?)?;
+        observer.stage_done(Stage::Encoded)?;
+
+        hook.begin_frame(&FramePlan { timesteps: timesteps.clone(), width, height, batch })?;
+        for (index, &timestep) in timesteps.iter().enumerate() {
+            let _span = tracing::debug_span!("denoise_step", index, timestep).entered();
+            hook.begin_step(index, timestep)?;
+            let model_input = latents.repeat((batch, 1, 1, 1))?;
+            let residuals = self.controlnet.forward_embedded(
+                &model_input,
+                timestep as f64,
+                embeddings,
+                &condition,
+                settings.controlnet_scale,
+            )?;
+            let noise_pred = self.unet.forward(
+                &model_input,
+                timestep as f64,
+                embeddings,
+                Some(&residuals),
+                hook.attention_hook(),
+            )?;
+            let noise_pred = if guidance {
+                let uncond = noise_pred.narrow(0, 0, 1)?;
+                let cond = noise_pred.narrow(0, 1, 1)?;
+                (&uncond + ((cond - &uncond)? * settings.guidance_scale)?)?
+            } else {
+                noise_pred
+            };
+            latents = self.scheduler.step(&noise_pred, timestep, &latents, settings.steps)?;
+            observer.stage_done(Stage::Step(index))?;
+        }
+        hook.end_frame()?;
+
+        let _span = tracing::info_span!("vae_decode").entered();
+        let image = self.vae.decode(&(latents / self.vae.scaling_factor())?)?;
+        let image = ((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+        observer.stage_done(Stage::Decoded)?;
+        Ok(image)
+    }
+}
+
 /// The loaded models and the per-frame img2img computation.
 pub struct Stylizer {
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextModel,
-    unet: UNet2DConditionModel,
-    controlnet: ControlNetModel,
-    vae: AutoencoderKL,
-    scheduler: DdimScheduler,
-    latent_channels: usize,
-    vae_scale_factor: usize,
+    img2img: Img2Img,
     device: Device,
-    dtype: DType,
     prompt_cache: Option<PromptCache>,
 }
 
@@ -188,14 +340,8 @@ impl Stylizer {
         Ok(Self {
             tokenizer,
             text_encoder,
-            unet,
-            controlnet,
-            latent_channels: vae_config.latent_channels,
-            vae_scale_factor: 1 << vae_config.block_out_channels.len().saturating_sub(1),
-            vae,
-            scheduler,
+            img2img: Img2Img::new(unet, controlnet, vae, &vae_config, scheduler, dtype),
             device: device.clone(),
-            dtype,
             prompt_cache: None,
         })
     }
@@ -206,17 +352,17 @@ impl Stylizer {
 
     /// Frame sizes must be multiples of this (8 for SD).
     pub fn vae_scale_factor(&self) -> usize {
-        self.vae_scale_factor
+        self.img2img.vae_scale_factor()
     }
 
     /// The timesteps a frame with these settings runs; an error when there are none.
     pub fn timesteps(&self, settings: &FrameSettings) -> Result<Vec<usize>> {
-        self.scheduler.img2img_timesteps(settings.steps, settings.strength)
+        self.img2img.timesteps(settings)
     }
 
     /// Shape of the initial noise for a frame of `width` x `height` pixels.
     pub fn noise_shape(&self, width: usize, height: usize) -> (usize, usize, usize, usize) {
-        (1, self.latent_channels, height / self.vae_scale_factor, width / self.vae_scale_factor)
+        self.img2img.noise_shape(width, height)
     }
 
     /// Deterministic standard-normal noise for a frame, the same on every machine for a seed.
@@ -276,69 +422,8 @@ impl Stylizer {
         noise: &Tensor,
         hook: &mut dyn FrameHook,
     ) -> Result<Tensor> {
-        let (_, _, height, width) = frame.dims4().context("frame must be a [1, 3, H, W] tensor")?;
-        if height % self.vae_scale_factor != 0 || width % self.vae_scale_factor != 0 {
-            bail!("frame size {width}x{height} is not a multiple of {}", self.vae_scale_factor);
-        }
-        if control.dims4()? != frame.dims4()? {
-            bail!("control image shape {:?} differs from the frame's {:?}", control.dims(), frame.dims());
-        }
-        let expected_noise = self.noise_shape(width, height);
-        if noise.dims4()? != expected_noise {
-            bail!(
-                "initial noise has shape {:?}, expected {expected_noise:?} for a {width}x{height} frame",
-                noise.dims()
-            );
-        }
-        let timesteps = self.timesteps(settings)?;
-        let _span = tracing::info_span!("stylize_frame", width, height, steps = timesteps.len()).entered();
         let embeddings = self.prompt_embeddings(settings)?;
-        let guidance = settings.uses_guidance();
-        let batch = if guidance { 2 } else { 1 };
-
-        let latents = {
-            let _span = tracing::info_span!("vae_encode").entered();
-            let image = ((frame.to_dtype(self.dtype)? * 2.0)? - 1.0)?;
-            (self.vae.encode_mean(&image)? * self.vae.scaling_factor())?
-        };
-        let noise = noise.to_dtype(self.dtype)?;
-        let mut latents = self.scheduler.add_noise(&latents, &noise, timesteps[0])?;
-        // Once per frame, for every step and both guidance halves (diffusers redoes it per step).
-        let condition = self.controlnet.embed_condition(&control.to_dtype(self.dtype)?)?;
-
-        hook.begin_frame(&FramePlan { timesteps: timesteps.clone(), width, height, batch })?;
-        for (index, &timestep) in timesteps.iter().enumerate() {
-            let _span = tracing::debug_span!("denoise_step", index, timestep).entered();
-            hook.begin_step(index, timestep)?;
-            let model_input = latents.repeat((batch, 1, 1, 1))?;
-            let residuals = self.controlnet.forward_embedded(
-                &model_input,
-                timestep as f64,
-                &embeddings,
-                &condition,
-                settings.controlnet_scale,
-            )?;
-            let noise_pred = self.unet.forward(
-                &model_input,
-                timestep as f64,
-                &embeddings,
-                Some(&residuals),
-                hook.attention_hook(),
-            )?;
-            let noise_pred = if guidance {
-                let uncond = noise_pred.narrow(0, 0, 1)?;
-                let cond = noise_pred.narrow(0, 1, 1)?;
-                (&uncond + ((cond - &uncond)? * settings.guidance_scale)?)?
-            } else {
-                noise_pred
-            };
-            latents = self.scheduler.step(&noise_pred, timestep, &latents, settings.steps)?;
-        }
-        hook.end_frame()?;
-
-        let _span = tracing::info_span!("vae_decode").entered();
-        let image = self.vae.decode(&(latents / self.vae.scaling_factor())?)?;
-        Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+        self.img2img.run(frame, control, &embeddings, settings, noise, hook, &mut ())
     }
 }
 

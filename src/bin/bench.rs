@@ -30,7 +30,7 @@ use sdcrossframe::models::controlnet::{ControlNetConfig, ControlNetModel};
 use sdcrossframe::models::flash_attention::fused_attention;
 use sdcrossframe::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use sdcrossframe::models::vae::{AutoencoderKL, AutoencoderKLConfig};
-use sdcrossframe::pipeline::{FrameHook, FramePlan, FrameSettings, ModelSpec, Stylizer};
+use sdcrossframe::pipeline::{FrameHook, FrameSettings, Img2Img, ModelSpec, Stage, StageObserver, Stylizer};
 use sdcrossframe::scheduler::{DdimScheduler, DdimSchedulerConfig};
 use sdcrossframe::tokenizer::ClipTokenizer;
 use sdcrossframe::weights::{self, ComponentFiles};
@@ -713,13 +713,8 @@ fn profiler_range(_start: bool) -> Result<()> {
 struct Models {
     tokenizer: Option<ClipTokenizer>,
     text_encoder: ClipTextModel,
-    unet: UNet2DConditionModel,
-    controlnet: ControlNetModel,
-    vae: AutoencoderKL,
-    scheduler: DdimScheduler,
-    latent_channels: usize,
-    vae_scale_factor: usize,
-    control_channels: usize,
+    /// The pipeline's own per-frame computation (what `Stylizer::stylize` runs).
+    img2img: Img2Img,
 }
 
 impl Models {
@@ -732,13 +727,14 @@ impl Models {
         Ok(Self {
             tokenizer: None,
             text_encoder: ClipTextModel::new(random_vb(dtype, device), &text_config)?,
-            unet: UNet2DConditionModel::new(random_vb(dtype, device), &unet_config)?,
-            controlnet: ControlNetModel::new(random_vb(dtype, device), &cn_config)?,
-            vae: AutoencoderKL::new(random_vb(dtype, device), &vae_config)?,
-            scheduler: DdimScheduler::new(&scheduler_config)?,
-            latent_channels: vae_config.latent_channels,
-            vae_scale_factor: 1 << vae_config.block_out_channels.len().saturating_sub(1),
-            control_channels: cn_config.conditioning_channels,
+            img2img: Img2Img::new(
+                UNet2DConditionModel::new(random_vb(dtype, device), &unet_config)?,
+                ControlNetModel::new(random_vb(dtype, device), &cn_config)?,
+                AutoencoderKL::new(random_vb(dtype, device), &vae_config)?,
+                &vae_config,
+                DdimScheduler::new(&scheduler_config)?,
+                dtype,
+            ),
         })
     }
 
@@ -758,13 +754,14 @@ impl Models {
         Ok(Self {
             tokenizer: Some(ClipTokenizer::from_dir(&root.join("tokenizer"))?),
             text_encoder: ClipTextModel::new(text_files.var_builder(dtype, device)?, &text_config)?,
-            unet: UNet2DConditionModel::new(unet_files.var_builder(dtype, device)?, &unet_config)?,
-            controlnet: ControlNetModel::new(cn_files.var_builder(dtype, device)?, &cn_config)?,
-            vae: AutoencoderKL::new(vae_files.var_builder(dtype, device)?, &vae_config)?,
-            scheduler: DdimScheduler::new(&scheduler_config)?,
-            latent_channels: vae_config.latent_channels,
-            vae_scale_factor: 1 << vae_config.block_out_channels.len().saturating_sub(1),
-            control_channels: cn_config.conditioning_channels,
+            img2img: Img2Img::new(
+                UNet2DConditionModel::new(unet_files.var_builder(dtype, device)?, &unet_config)?,
+                ControlNetModel::new(cn_files.var_builder(dtype, device)?, &cn_config)?,
+                AutoencoderKL::new(vae_files.var_builder(dtype, device)?, &vae_config)?,
+                &vae_config,
+                DdimScheduler::new(&scheduler_config)?,
+                dtype,
+            ),
         })
     }
 
@@ -800,62 +797,40 @@ struct FrameTimes {
     total: f64,
 }
 
-/// One frame of ControlNet img2img, the same computation as `Stylizer::stylize`, with a sync
-/// and a clock reading between stages.
+/// Records each stage's time, synchronizing the device at every stage end.
+struct StageClock<'a> {
+    device: &'a Device,
+    last: Instant,
+    times: FrameTimes,
+}
+
+impl StageObserver for StageClock<'_> {
+    fn stage_done(&mut self, stage: Stage) -> Result<()> {
+        let ms = elapsed_ms(self.device, self.last)?;
+        self.last = Instant::now();
+        match stage {
+            Stage::Encoded => self.times.vae_encode = ms,
+            Stage::Step(_) => self.times.steps.push(ms),
+            Stage::Decoded => self.times.vae_decode = ms,
+        }
+        Ok(())
+    }
+}
+
+/// One frame through the pipeline's `Img2Img::run` (what `Stylizer::stylize` runs after the
+/// cached text embeddings), with a sync and a clock reading at the end of every stage.
 fn staged_frame(
     m: &Models,
     device: &Device,
-    dtype: DType,
     input: &FrameInput,
     hook: &mut dyn FrameHook,
 ) -> Result<(Tensor, FrameTimes)> {
     let FrameInput { settings, embeddings, frame, control, noise } = input;
-    let (_, _, height, width) = frame.dims4()?;
-    let timesteps = m.scheduler.img2img_timesteps(settings.steps, settings.strength)?;
-    let guidance = settings.uses_guidance();
-    let batch = if guidance { 2 } else { 1 };
-    let mut times = FrameTimes::default();
     device.synchronize()?;
     let start = Instant::now();
-
-    let t = Instant::now();
-    let image = ((frame.to_dtype(dtype)? * 2.0)? - 1.0)?;
-    let latents = (m.vae.encode_mean(&image)? * m.vae.scaling_factor())?;
-    let noise = noise.to_dtype(dtype)?;
-    let mut latents = m.scheduler.add_noise(&latents, &noise, timesteps[0])?;
-    let condition = m.controlnet.embed_condition(&control.to_dtype(dtype)?)?;
-    times.vae_encode = elapsed_ms(device, t)?;
-
-    hook.begin_frame(&FramePlan { timesteps: timesteps.clone(), width, height, batch })?;
-    for (index, &timestep) in timesteps.iter().enumerate() {
-        let t = Instant::now();
-        hook.begin_step(index, timestep)?;
-        let model_input = latents.repeat((batch, 1, 1, 1))?;
-        let residuals = m.controlnet.forward_embedded(
-            &model_input,
-            timestep as f64,
-            embeddings,
-            &condition,
-            settings.controlnet_scale,
-        )?;
-        let noise_pred =
-            m.unet.forward(&model_input, timestep as f64, embeddings, Some(&residuals), hook.attention_hook())?;
-        let noise_pred = if guidance {
-            let uncond = noise_pred.narrow(0, 0, 1)?;
-            let cond = noise_pred.narrow(0, 1, 1)?;
-            (&uncond + ((cond - &uncond)? * settings.guidance_scale)?)?
-        } else {
-            noise_pred
-        };
-        latents = m.scheduler.step(&noise_pred, timestep, &latents, settings.steps)?;
-        times.steps.push(elapsed_ms(device, t)?);
-    }
-    hook.end_frame()?;
-
-    let t = Instant::now();
-    let image = m.vae.decode(&(latents / m.vae.scaling_factor())?)?;
-    let image = ((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
-    times.vae_decode = elapsed_ms(device, t)?;
+    let mut clock = StageClock { device, last: start, times: FrameTimes::default() };
+    let image = m.img2img.run(frame, control, embeddings, settings, noise, hook, &mut clock)?;
+    let mut times = clock.times;
     times.total = elapsed_ms(device, start)?;
     Ok((image, times))
 }
@@ -867,7 +842,7 @@ fn frame(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Opti
         _ => Models::random(dtype, device)?,
     };
     let load_ms = elapsed_ms(device, t)?;
-    let f = models.vae_scale_factor;
+    let f = models.img2img.vae_scale_factor();
     if args.width == 0 || args.height == 0 || !args.width.is_multiple_of(f) || !args.height.is_multiple_of(f) {
         bail!("--width/--height must be non-zero multiples of {f} (got {}x{})", args.width, args.height);
     }
@@ -879,7 +854,7 @@ fn frame(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Opti
         guidance_scale: args.guidance_scale,
         controlnet_scale: args.controlnet_scale,
     };
-    let timesteps = models.scheduler.img2img_timesteps(settings.steps, settings.strength)?;
+    let timesteps = models.img2img.timesteps(&settings)?;
     let source = match &args.model {
         Some(m) => format!("{m} + {}", args.controlnet.as_deref().unwrap_or("")),
         None => "random weights at SD1.5 shapes".into(),
@@ -920,8 +895,8 @@ fn frame(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Opti
 
     let (h, w) = (args.height, args.width);
     let frame = Tensor::rand(0f32, 1f32, (1, 3, h, w), device)?;
-    let control = Tensor::rand(0f32, 1f32, (1, models.control_channels, h, w), device)?;
-    let noise = Tensor::randn(0f32, 1f32, (1, models.latent_channels, h / f, w / f), device)?;
+    let control = Tensor::rand(0f32, 1f32, (1, models.img2img.control_channels(), h, w), device)?;
+    let noise = Tensor::randn(0f32, 1f32, models.img2img.noise_shape(w, h), device)?;
     let input = FrameInput { settings, embeddings, frame, control, noise };
 
     struct Row {
@@ -937,11 +912,11 @@ fn frame(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Opti
             p.reset_peak()?;
         }
         // Frame 0 is the anchor (plain attention, fills the store); the timed frames follow it.
-        let (_, anchor) = staged_frame(&models, device, dtype, &input, &mut hook)?;
+        let (_, anchor) = staged_frame(&models, device, &input, &mut hook)?;
         let mut times = Vec::new();
         let mut finite = true;
         for run in 0..cli.warmup.saturating_sub(1) + cli.runs {
-            let (out, ft) = staged_frame(&models, device, dtype, &input, &mut hook)?;
+            let (out, ft) = staged_frame(&models, device, &input, &mut hook)?;
             if run >= cli.warmup.saturating_sub(1) {
                 times.push(ft);
             }
