@@ -11,7 +11,8 @@
 # --profile: only this: time the kernels of one plain UNet + ControlNet step under Nsight Compute
 #   (ncu, duration metric only, clocks not locked) and summarise them by kernel name with
 #   scripts/ncu-summary.py against the step's wall time measured without ncu (results in
-#   ncu-step.csv, ncu-summary.txt).
+#   ncu-step.csv, ncu-summary.txt); and the same step captured as a CUDA graph and replayed
+#   (unet-step --cuda-graph), which shows how much of a step is host-side launch work.
 # Python: tests/reference/bench_diffusers.py needs torch and diffusers; when diffusers is not
 #   importable, wheels in .device/wheels (pip download diffusers==0.42.1 --no-deps) are
 #   installed into /tmp/site without network access.
@@ -106,8 +107,8 @@ status=0
 if [ "$PROFILE" = 1 ]; then
     NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     [ -n "$NCU" ] || { echo "bench-gpu: ncu (Nsight Compute) not found" >&2; exit 1; }
-    echo "== candle: unet-step wall time without the profiler, f16"
-    "$BIN" --device cuda:0 --dtype f16 --warmup 3 --runs 20 unet-step 2>&1 | tee "$RESULTS/candle-unet-step.txt"
+    echo "== candle: unet-step wall time without the profiler, and one step as a CUDA graph, f16"
+    "$BIN" --device cuda:0 --dtype f16 --warmup 3 --runs 20 unet-step --cuda-graph 2>&1 | tee "$RESULTS/candle-unet-step.txt"
     step_ms=$(awk -F'|' '/^\| plain attention/ {gsub(/ /, "", $5); print $5}' "$RESULTS/candle-unet-step.txt")
     echo "== ncu: the kernels of one plain step"
     "$NCU" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv --page raw \

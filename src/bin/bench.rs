@@ -192,6 +192,10 @@ struct UnetStepArgs {
     /// `ncu --profile-from-start off` times the kernels of exactly one step (CUDA builds).
     #[arg(long)]
     profiler_range: bool,
+    /// Experiment: also capture one plain step in a CUDA graph and time its replays against
+    /// eager execution (how much of a step is host-side launch work). CUDA builds.
+    #[arg(long)]
+    cuda_graph: bool,
 }
 
 #[derive(Args, Debug)]
@@ -674,6 +678,13 @@ fn unet_step(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, prob
         println!();
         println!("2N K/V (up blocks) / plain: {:.3}", rows[1].3 / rows[0].3);
     }
+    if args.cuda_graph {
+        let step = || -> candle_core::Result<Tensor> {
+            let residuals = controlnet.forward(&latents, timestep, &text, &control, 0.7)?;
+            unet.forward(&latents, timestep, &text, Some(&residuals), &mut NoHook)
+        };
+        graph_replay(cli, device, step)?;
+    }
     // The steps above embed the control image on every ControlNet call, as diffusers does;
     // the pipeline embeds it once per frame at batch 1, so its steps cost this much less.
     let one_control = control.narrow(0, 0, 1)?;
@@ -694,6 +705,69 @@ fn unet_step(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, prob
         println!("device memory used now (all processes, contexts included): {:.2} / {:.1} GiB", gib(used), gib(total));
     }
     Ok(())
+}
+
+/// Captures `step` in a CUDA graph and times replays against eager runs of the same work.
+/// candle 0.11 serves kernels' small host uploads (dims, strides, the timestep) from a cache
+/// while `enable_cuda_graph_htod_cache` is held, which is what makes capture possible; an eager
+/// run with the cache on fills it (and does the cuDNN tuning) before capturing.
+#[cfg(feature = "cuda")]
+fn graph_replay(cli: &Cli, device: &Device, step: impl Fn() -> candle_core::Result<Tensor>) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let Device::Cuda(cuda) = device else { bail!("--cuda-graph needs a CUDA device") };
+    let stream = cuda.cuda_stream();
+    let _upload_cache = cuda.enable_cuda_graph_htod_cache();
+
+    let eager = step()?;
+    let mut eager_ms = Vec::new();
+    for run in 0..cli.warmup + cli.runs {
+        device.synchronize()?;
+        let t = Instant::now();
+        drop(step()?);
+        let ms = elapsed_ms(device, t)?;
+        if run >= cli.warmup {
+            eager_ms.push(ms);
+        }
+    }
+
+    device.synchronize()?;
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(|e| anyhow::anyhow!("cuStreamBeginCapture: {e:?}"))?;
+    let captured = step();
+    // End the capture whatever happened, so the stream leaves capture mode.
+    let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+    let captured = captured.context("running the step under capture")?;
+    let graph = graph
+        .map_err(|e| anyhow::anyhow!("cuStreamEndCapture / instantiate: {e:?}"))?
+        .context("the capture recorded no graph")?;
+    graph.upload().map_err(|e| anyhow::anyhow!("cuGraphUpload: {e:?}"))?;
+
+    let mut replay_ms = Vec::new();
+    for run in 0..cli.warmup + cli.runs {
+        device.synchronize()?;
+        let t = Instant::now();
+        graph.launch().map_err(|e| anyhow::anyhow!("cuGraphLaunch: {e:?}"))?;
+        let ms = elapsed_ms(device, t)?;
+        if run >= cli.warmup {
+            replay_ms.push(ms);
+        }
+    }
+    // `captured` lives in the graph's memory: it holds the last replay's output until freed.
+    let diff = max_abs_diff(&captured, &eager)?;
+    drop(captured);
+    drop(graph);
+    println!(
+        "CUDA graph, one plain step: eager {:.1} ms, replay {:.1} ms (median; upload cache on for both); replay vs eager output max diff {diff:.1e}",
+        median(&eager_ms),
+        median(&replay_ms)
+    );
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn graph_replay(_cli: &Cli, _device: &Device, _step: impl Fn() -> candle_core::Result<Tensor>) -> Result<()> {
+    bail!("--cuda-graph needs a CUDA build (the `cuda` feature)")
 }
 
 /// Starts or stops the CUDA profiler's collection (what `ncu --profile-from-start off` records).
