@@ -150,10 +150,10 @@ impl StageObserver for () {
 /// The UNet, ControlNet, VAE and scheduler, and one frame of ControlNet img2img with them
 /// (the text encoder is separate: its embeddings are an input, cached while the prompt stays).
 pub struct Img2Img {
-    pub unet: UNet2DConditionModel,
-    pub controlnet: ControlNetModel,
-    pub vae: AutoencoderKL,
-    pub scheduler: DdimScheduler,
+    unet: UNet2DConditionModel,
+    controlnet: ControlNetModel,
+    vae: AutoencoderKL,
+    scheduler: DdimScheduler,
     latent_channels: usize,
     vae_scale_factor: usize,
     dtype: DType,
