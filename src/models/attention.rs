@@ -10,7 +10,6 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 use super::conv::Conv2d;
-
 use super::group_norm::GroupNorm;
 
 use super::flash_attention;

@@ -237,12 +237,6 @@ impl ControlCondition {
     pub fn tensor(&self) -> &Tensor {
         &self.embedding
     }
-
-    /// The control image's shape this embedding came from, for error messages.
-    fn image_dims(&self, downscale: usize, channels: usize) -> Result<Vec<usize>> {
-        let (n, _, h, w) = self.embedding.dims4()?;
-        Ok(vec![n, channels, h * downscale, w * downscale])
-    }
 }
 
 /// `controlnet_cond_embedding`: conv_in, pairs of (3x3, strided 3x3) convs, conv_out, SiLU
@@ -409,12 +403,11 @@ impl ControlNetModel {
         let (cb, _, ch, cw) = condition.embedding.dims4()?;
         if !(cb == batch || cb == 1) || ch != h || cw != w {
             candle_core::bail!(
-                "controlnet: control image {:?} does not fit latents {:?} (expected (1 or {batch}, {}, {}, {}))",
-                condition.image_dims(self.downscale, self.config.conditioning_channels)?,
+                "controlnet: a control image embedded as {:?} does not fit latents {:?} (the image must be \
+                 {}x the latent size, batch 1 or {batch})",
+                condition.embedding.dims(),
                 sample.dims(),
-                self.config.conditioning_channels,
-                h * self.downscale,
-                w * self.downscale
+                self.downscale
             );
         }
         let (ebatch, _, _) = encoder_hidden_states.dims3()?;

@@ -9,7 +9,6 @@ use candle_core::{D, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::conv::Conv2d;
-
 use super::group_norm::GroupNorm;
 
 #[derive(Debug, Clone, Copy)]

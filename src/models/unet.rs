@@ -10,7 +10,6 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::conv::Conv2d;
-
 use super::group_norm::GroupNorm;
 use serde::Deserialize;
 

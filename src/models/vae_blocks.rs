@@ -47,6 +47,10 @@ fn resnets(
         .collect()
 }
 
+fn run_resnets(resnets: &[ResnetBlock2D], xs: &Tensor) -> Result<Tensor> {
+    resnets.iter().try_fold(xs.clone(), |xs, resnet| resnet.forward(&xs, None))
+}
+
 /// `DownEncoderBlock2D`: resnets, then (except in the last block) a stride-2 convolution padded
 /// right and bottom, as diffusers' encoder does.
 #[derive(Debug)]
@@ -71,10 +75,7 @@ impl DownEncoderBlock {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut xs = xs.clone();
-        for resnet in &self.resnets {
-            xs = resnet.forward(&xs, None)?;
-        }
+        let xs = run_resnets(&self.resnets, xs)?;
         match &self.downsampler {
             Some(down) => down.forward(&xs),
             None => Ok(xs),
@@ -104,10 +105,7 @@ impl UpDecoderBlock {
     }
 
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let mut xs = xs.clone();
-        for resnet in &self.resnets {
-            xs = resnet.forward(&xs, None)?;
-        }
+        let xs = run_resnets(&self.resnets, xs)?;
         match &self.upsampler {
             Some(up) => up.forward(&xs, None),
             None => Ok(xs),
