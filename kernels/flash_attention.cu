@@ -1,6 +1,9 @@
 // Fused scaled dot-product attention (forward only), flash-attention style:
 //   out = softmax(scale * Q K^T) V
-// Q: (B, H, N, D), K and V: (B, H, M, D), out: (B, H, N, D), all contiguous, f16 or bf16.
+// Q: (B, H, N, D), K and V: (B, H, M, D), out: (B, H, N, D), f16 or bf16, each addressed through
+// its own batch, head and row strides (the head dim is contiguous): the attention layer passes
+// its projections (B, N, H * D) as they are and takes the output in that layout too, so no
+// head split or merge copies are needed.
 // Scores, the online softmax and the output accumulate in f32; the N x M score matrix is
 // never materialised: each block keeps 64 query rows and streams K/V in tiles of 64 keys
 // (cp.async: the V copy overlaps Q K^T, the next K copy overlaps P V).
@@ -104,11 +107,12 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
     return __float2bfloat16_rn(x);
 }
 
-// Copies rows [row0, row0 + 64) of a (rows, d) matrix into shared memory with row stride
-// DP + 8 (the 16-byte pad keeps ldmatrix free of bank conflicts); rows past the end and
-// columns past d are zero. `vec`: d % 8 == 0 and the source is 16-byte aligned.
+// Copies rows [row0, row0 + 64) of a (rows, d) matrix (rows `stride` elements apart) into shared
+// memory with row stride DP + 8 (the 16-byte pad keeps ldmatrix free of bank conflicts); rows
+// past the end and columns past d are zero. `vec`: every row starts 16-byte aligned, d % 8 == 0.
 template <int DP>
-__device__ __forceinline__ void load_tile(uint16_t* dst, const uint16_t* src, int row0, int rows, int d, bool vec) {
+__device__ __forceinline__ void load_tile(uint16_t* dst, const uint16_t* src, int64_t stride, int row0, int rows,
+                                          int d, bool vec) {
     constexpr int S = DP + 8;
     constexpr int CHUNKS = DP / 8;
     for (int c = threadIdx.x; c < BC * CHUNKS; c += THREADS) {
@@ -117,7 +121,7 @@ __device__ __forceinline__ void load_tile(uint16_t* dst, const uint16_t* src, in
         const int gr = row0 + r;
         uint4 val = make_uint4(0, 0, 0, 0);
         if (gr < rows && col < d) {
-            const uint16_t* p = src + static_cast<size_t>(gr) * d + col;
+            const uint16_t* p = src + gr * stride + col;
             if (vec) {
                 val = *reinterpret_cast<const uint4*>(p);
             } else {
@@ -135,7 +139,8 @@ __device__ __forceinline__ void load_tile(uint16_t* dst, const uint16_t* src, in
 // load_tile through cp.async (16 bytes a chunk, zero-filled past the end), so the copy runs in
 // the background while the warps compute. Only for the aligned case (`vec`).
 template <int DP>
-__device__ __forceinline__ void load_tile_async(uint16_t* dst, const uint16_t* src, int row0, int rows, int d) {
+__device__ __forceinline__ void load_tile_async(uint16_t* dst, const uint16_t* src, int64_t stride, int row0,
+                                                int rows, int d) {
     constexpr int S = DP + 8;
     constexpr int CHUNKS = DP / 8;
     for (int c = threadIdx.x; c < BC * CHUNKS; c += THREADS) {
@@ -143,7 +148,7 @@ __device__ __forceinline__ void load_tile_async(uint16_t* dst, const uint16_t* s
         const int col = (c % CHUNKS) * 8;
         const int gr = row0 + r;
         const bool inside = gr < rows && col < d;
-        const uint16_t* p = inside ? src + static_cast<size_t>(gr) * d + col : src;
+        const uint16_t* p = inside ? src + gr * stride + col : src;
         asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst + r * S + col)), "l"(p),
                      "r"(inside ? 16 : 0));
     }
@@ -155,9 +160,15 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
+// Strides in elements: batch, head, row.
+struct Strides {
+    int64_t batch, head, row;
+};
+
 template <typename T, int DP>
 __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                                          T* __restrict__ o, int n, int m, int d, float scale_log2) {
+                                          T* __restrict__ o, int n, int m, int d, float scale_log2, int heads,
+                                          Strides qs_, Strides ks_, Strides vs_, Strides os_) {
     static_assert(DP % 16 == 0 && DP <= 256, "padded head dim must be a multiple of 16");
     constexpr int S = DP + 8;
     constexpr int KD = DP / 16;  // k-steps over the head dim (Q K^T)
@@ -172,17 +183,18 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
     const int g = lane / 4;
     const int t = lane % 4;
     const int q0 = blockIdx.x * BR;
-    const size_t bh = blockIdx.y;
-    const uint16_t* qh = reinterpret_cast<const uint16_t*>(q) + bh * n * d;
-    const uint16_t* kh = reinterpret_cast<const uint16_t*>(k) + bh * m * d;
-    const uint16_t* vh = reinterpret_cast<const uint16_t*>(v) + bh * m * d;
-    T* oh = o + bh * n * d;
+    const int64_t b = blockIdx.y / heads, h = blockIdx.y % heads;
+    const uint16_t* qh = reinterpret_cast<const uint16_t*>(q) + b * qs_.batch + h * qs_.head;
+    const uint16_t* kh = reinterpret_cast<const uint16_t*>(k) + b * ks_.batch + h * ks_.head;
+    const uint16_t* vh = reinterpret_cast<const uint16_t*>(v) + b * vs_.batch + h * vs_.head;
+    T* oh = o + b * os_.batch + h * os_.head;
     const bool vec = d % 8 == 0 &&
-                     ((reinterpret_cast<uintptr_t>(q) | reinterpret_cast<uintptr_t>(k) | reinterpret_cast<uintptr_t>(v)) &
-                      15) == 0;
+                     ((reinterpret_cast<uintptr_t>(qh) | reinterpret_cast<uintptr_t>(kh) |
+                       reinterpret_cast<uintptr_t>(vh)) & 15) == 0 &&
+                     ((qs_.row | ks_.row | vs_.row) & 7) == 0;
 
     // The query tile goes through the K buffer once, then lives in registers as A fragments.
-    load_tile<DP>(ks, qh, q0, n, d, vec);
+    load_tile<DP>(ks, qh, qs_.row, q0, n, d, vec);
     __syncthreads();
     uint32_t qf[KD][4];
 #pragma unroll
@@ -201,14 +213,14 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
 
     // Pipeline (one buffer each for K and V): the V copy of a tile overlaps Q K^T, the K copy of
     // the next tile overlaps P V. Unaligned inputs load synchronously (the waits are then no-ops).
-    if (vec) load_tile_async<DP>(ks, kh, 0, m, d);
+    if (vec) load_tile_async<DP>(ks, kh, ks_.row, 0, m, d);
     for (int k0 = 0; k0 < m; k0 += BC) {
         if (vec) {
-            load_tile_async<DP>(vs, vh, k0, m, d);
+            load_tile_async<DP>(vs, vh, vs_.row, k0, m, d);
             cp_async_wait<1>();  // K of this tile has landed
         } else {
-            load_tile<DP>(ks, kh, k0, m, d, false);
-            load_tile<DP>(vs, vh, k0, m, d, false);
+            load_tile<DP>(ks, kh, ks_.row, k0, m, d, false);
+            load_tile<DP>(vs, vh, vs_.row, k0, m, d, false);
         }
         __syncthreads();
 
@@ -275,7 +287,7 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
 
         if (vec) cp_async_wait<0>();  // V of this tile has landed
         __syncthreads();              // and every warp is done with ks
-        if (vec && k0 + BC < m) load_tile_async<DP>(ks, kh, k0 + BC, m, d);
+        if (vec && k0 + BC < m) load_tile_async<DP>(ks, kh, ks_.row, k0 + BC, m, d);
 
         // O += P V; V (keys x dims, row-major) is the B operand, transposed by ldmatrix.
 #pragma unroll
@@ -303,7 +315,7 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
     for (int r = 0; r < 2; ++r) {
         const int row = q0 + warp * 16 + g + 8 * r;
         if (row >= n) continue;
-        T* out = oh + static_cast<size_t>(row) * d;
+        T* out = oh + row * os_.row;
 #pragma unroll
         for (int i = 0; i < ND; ++i) {
             const int col = i * 8 + 2 * t;
@@ -316,12 +328,15 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
 }  // namespace
 
 // One entry point per dtype and padded head dim: flash_attn_{f16,bf16}_d{16,32,...,160}.
-// Launch: grid (ceil(n / 64), batch * heads), block 128, no dynamic shared memory.
+// Launch: grid (ceil(n / 64), batch * heads), block 128, no dynamic shared memory. Strides come
+// as batch, head, row triples for q, k, v and out.
 #define FLASH_ENTRY(NAME, T, DP)                                                                                  \
     extern "C" __global__ void __launch_bounds__(THREADS) NAME##_d##DP(                                           \
         const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o, int n, int m, \
-        int d, float scale_log2) {                                                                                \
-        flash_fwd<T, DP>(q, k, v, o, n, m, d, scale_log2);                                                        \
+        int d, float scale_log2, int heads, int64_t qb, int64_t qh, int64_t qr, int64_t kb, int64_t kh, int64_t kr, \
+        int64_t vb, int64_t vh, int64_t vr, int64_t ob, int64_t oh, int64_t orow) {                              \
+        flash_fwd<T, DP>(q, k, v, o, n, m, d, scale_log2, heads, Strides{qb, qh, qr}, Strides{kb, kh, kr},       \
+                         Strides{vb, vh, vr}, Strides{ob, oh, orow});                                            \
     }
 
 #define FLASH_ALL_DIMS(NAME, T) \

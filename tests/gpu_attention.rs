@@ -12,7 +12,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::max_abs_diff;
 use sdcrossframe::models::attention::unfused_attention;
-use sdcrossframe::models::flash_attention::{fused_attention, use_fused};
+use sdcrossframe::models::flash_attention::{fused_attention, fused_attention_tokens, use_fused};
 
 /// `sharpness` scales the queries: 1 gives scores of unit spread, 4 a peaked softmax.
 fn check(dev: &Device, dtype: DType, (b, h, n, m, d): (usize, usize, usize, usize, usize), sharpness: f64) -> f32 {
@@ -33,7 +33,7 @@ fn check(dev: &Device, dtype: DType, (b, h, n, m, d): (usize, usize, usize, usiz
 fn fused_kernel_matches_unfused_attention() {
     let dev = Device::new_cuda(0).expect("this test needs a CUDA GPU");
     let q = Tensor::zeros((1, 1, 1, 40), DType::F16, &dev).unwrap();
-    assert!(use_fused(&q), "the build has no fused kernel (CUDA_COMPUTE_CAP < 80?)");
+    assert!(use_fused(&q, 40), "the build has no fused kernel (CUDA_COMPUTE_CAP < 80?)");
     let cases = [
         (1, 2, 4096, 8192, 40),
         (2, 8, 4096, 4096, 40),
@@ -76,4 +76,34 @@ fn fused_kernel_handles_strided_inputs_and_offsets() {
     let err = max_abs_diff(&fused, &reference);
     println!("strided/offset inputs: max abs error {err:.3e}");
     assert!(err <= 4e-3, "max abs error {err}");
+}
+
+#[test]
+fn token_layout_matches_split_heads() {
+    let dev = Device::new_cuda(0).expect("this test needs a CUDA GPU");
+    // The attention layer's own layout (batch, tokens, heads x head_dim): SD's head dims, keys
+    // twice the queries (cross-frame), text keys, and keys that are a narrowed view.
+    for (b, h, n, m, d) in [(2, 8, 4096, 8192, 40), (2, 8, 1024, 77, 80), (2, 8, 256, 256, 160), (1, 3, 50, 70, 24)] {
+        for dtype in [DType::F16, DType::BF16] {
+            let rand = |len: usize| Tensor::randn(0f32, 1., (b, len, h * d), &dev).unwrap().to_dtype(dtype).unwrap();
+            let (q, v) = (rand(n), rand(m));
+            let wide = rand(m + 3);
+            let k = wide.narrow(1, 3, m).unwrap();
+            let scale = (d as f64).powf(-0.5);
+            let fused = fused_attention_tokens(&q, &k, &v, h, scale).unwrap();
+            assert_eq!(fused.dims(), &[b, n, h * d]);
+            let split =
+                |t: &Tensor, len| t.reshape((b, len, h, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+            let reference = unfused_attention(&split(&q, n), &split(&k.contiguous().unwrap(), m), &split(&v, m), scale)
+                .unwrap()
+                .transpose(1, 2)
+                .unwrap()
+                .reshape((b, n, h * d))
+                .unwrap();
+            let err = max_abs_diff(&fused, &reference);
+            println!("tokens layout {dtype:?} b {b} h {h} n {n} m {m} d {d}: max abs error {err:.3e}");
+            let tol = if dtype == DType::F16 { 4e-3 } else { 3e-2 };
+            assert!(err <= tol, "{dtype:?} {:?}: max abs error {err}", (b, h, n, m, d));
+        }
+    }
 }

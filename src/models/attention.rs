@@ -13,6 +13,7 @@ use super::conv::Conv2d;
 use super::group_norm::GroupNorm;
 
 use super::flash_attention;
+use super::fused;
 
 /// Called at every self-attention (`attn1`) of the UNet.
 ///
@@ -98,26 +99,33 @@ impl Attention {
         Ok((self.to_k.forward(context)?, self.to_v.forward(context)?))
     }
 
-    /// Plain attention: keys/values from `context`, or from `xs` when `context` is None.
-    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+    /// Plain attention: keys/values from `context`, or from `xs` when `context` is None; plus
+    /// `residual` when given.
+    pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
         let _enter = self.span.enter();
         let (k, v) = self.project_kv(context.unwrap_or(xs))?;
-        self.attend(xs, &k, &v)
+        self.attend(xs, &k, &v, residual)
     }
 
-    /// Self-attention with the hook asked for replacement keys/values.
-    pub fn forward_self(&self, xs: &Tensor, hook: &mut dyn SelfAttentionHook) -> Result<Tensor> {
+    /// Self-attention with the hook asked for replacement keys/values; plus `residual`.
+    pub fn forward_self(
+        &self,
+        xs: &Tensor,
+        hook: &mut dyn SelfAttentionHook,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let _enter = self.span.enter();
         let project = |h: &Tensor| self.project_kv(h);
         let (k, v) = match hook.self_attention(&self.name, xs, &project)? {
             Some(kv) => kv,
             None => self.project_kv(xs)?,
         };
-        self.attend(xs, &k, &v)
+        self.attend(xs, &k, &v, residual)
     }
 
-    /// Queries from `xs`, the given projected keys/values; returns `to_out(attention)`.
-    fn attend(&self, xs: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    /// Queries from `xs`, the given projected keys/values; returns `to_out(attention)` (+
+    /// `residual`, fused into to_out's bias add on CUDA).
+    fn attend(&self, xs: &Tensor, k: &Tensor, v: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let (b, n, _) = xs.dims3()?;
         let inner = self.heads * self.dim_head;
         let (kb, m, kc) = k.dims3()?;
@@ -131,21 +139,19 @@ impl Attention {
             );
         }
         let q = self.to_q.forward(xs)?;
-        let split = |t: &Tensor, len: usize| -> Result<Tensor> {
-            t.reshape((b, len, self.heads, self.dim_head))?.transpose(1, 2)?.contiguous()
-        };
-        let q = split(&q, n)?;
-        let k = split(k, m)?;
-        let v = split(v, m)?;
-        // Half types on CUDA: the fused kernel (never stores the n x m scores). Everything else
-        // keeps the unfused path, which the CPU parity tests against diffusers rely on.
-        let out = if flash_attention::use_fused(&q) {
-            flash_attention::fused_attention(&q, &k, &v, self.scale)?
+        // Half types on CUDA: the fused kernel (never stores the n x m scores), reading the heads
+        // straight from the projections. Everything else keeps the unfused path, which the CPU
+        // parity tests against diffusers rely on.
+        let out = if flash_attention::use_fused(&q, self.dim_head) {
+            flash_attention::fused_attention_tokens(&q, k, v, self.heads, self.scale)?
         } else {
-            unfused_attention(&q, &k, &v, self.scale)?
-        }; // (b, heads, n, dim_head)
-        let out = out.transpose(1, 2)?.reshape((b, n, inner))?;
-        self.to_out.forward(&out)
+            let split = |t: &Tensor, len: usize| -> Result<Tensor> {
+                t.reshape((b, len, self.heads, self.dim_head))?.transpose(1, 2)?.contiguous()
+            };
+            let out = unfused_attention(&split(&q, n)?, &split(k, m)?, &split(v, m)?, self.scale)?;
+            out.transpose(1, 2)?.reshape((b, n, inner))?
+        };
+        fused::linear(&self.to_out, &out, residual)
     }
 }
 
@@ -178,12 +184,10 @@ impl FeedForward {
     }
 }
 
-impl Module for FeedForward {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(xs)?;
-        let chunks = h.chunk(2, candle_core::D::Minus1)?;
-        let h = (&chunks[0] * chunks[1].gelu_erf()?)?;
-        self.out.forward(&h)
+impl FeedForward {
+    /// `out(geglu(proj(xs))) + residual`.
+    fn forward(&self, xs: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        fused::linear(&self.out, &fused::geglu(&self.proj, xs)?, Some(residual))
     }
 }
 
@@ -238,17 +242,14 @@ impl BasicTransformerBlock {
     ) -> Result<Tensor> {
         let _enter = self.span.enter();
         let h = self.norm1.forward(xs)?;
-        let a = if self.only_cross_attention {
+        let xs = if self.only_cross_attention {
             // attn1 attends to the text here; it is not a self-attention, so no hook.
-            self.attn1.forward(&h, Some(encoder_hidden_states))?
+            self.attn1.forward(&h, Some(encoder_hidden_states), Some(xs))?
         } else {
-            self.attn1.forward_self(&h, hook)?
+            self.attn1.forward_self(&h, hook, Some(xs))?
         };
-        let xs = (a + xs)?;
-        let a = self.attn2.forward(&self.norm2.forward(&xs)?, Some(encoder_hidden_states))?;
-        let xs = (a + xs)?;
-        let f = self.ff.forward(&self.norm3.forward(&xs)?)?;
-        f + xs
+        let xs = self.attn2.forward(&self.norm2.forward(&xs)?, Some(encoder_hidden_states), Some(&xs))?;
+        self.ff.forward(&self.norm3.forward(&xs)?, &xs)
     }
 }
 
@@ -279,7 +280,6 @@ pub struct Transformer2DModel {
     proj_in: Projection,
     transformer_blocks: Vec<BasicTransformerBlock>,
     proj_out: Projection,
-    inner_dim: usize,
     span: tracing::Span,
 }
 
@@ -315,7 +315,7 @@ impl Transformer2DModel {
             })
             .collect::<Result<Vec<_>>>()?;
         let span = tracing::trace_span!("transformer2d");
-        Ok(Self { norm, proj_in, transformer_blocks, proj_out, inner_dim, span })
+        Ok(Self { norm, proj_in, transformer_blocks, proj_out, span })
     }
 
     /// The transformer blocks, in forward order.
@@ -330,30 +330,23 @@ impl Transformer2DModel {
         hook: &mut dyn SelfAttentionHook,
     ) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let (b, _c, h, w) = xs.dims4()?;
+        let (b, c, h, w) = xs.dims4()?;
         let residual = xs;
         let xs = self.norm.forward(xs)?;
-        let to_tokens = |t: Tensor, ch: usize| -> Result<Tensor> { t.permute((0, 2, 3, 1))?.reshape((b, h * w, ch)) };
         let mut tokens = match &self.proj_in {
-            Projection::Conv(conv) => to_tokens(conv.forward(&xs)?, self.inner_dim)?,
-            Projection::Linear(lin) => {
-                let c = xs.dim(1)?;
-                lin.forward(&to_tokens(xs, c)?)?
-            }
+            Projection::Conv(conv) => conv.forward_to_tokens(&xs)?,
+            Projection::Linear(lin) => lin.forward(&xs.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?)?,
         };
         for block in &self.transformer_blocks {
             tokens = block.forward(&tokens, encoder_hidden_states, hook)?;
         }
-        let to_map =
-            |t: Tensor, ch: usize| -> Result<Tensor> { t.reshape((b, h, w, ch))?.permute((0, 3, 1, 2))?.contiguous() };
-        let out = match &self.proj_out {
-            Projection::Conv(conv) => conv.forward(&to_map(tokens, self.inner_dim)?)?,
+        match &self.proj_out {
+            Projection::Conv(conv) => conv.forward_from_tokens(&tokens, (h, w), residual),
             Projection::Linear(lin) => {
                 let t = lin.forward(&tokens)?;
                 let c = t.dim(2)?;
-                to_map(t, c)?
+                t.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()? + residual
             }
-        };
-        out + residual
+        }
     }
 }

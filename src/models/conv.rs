@@ -10,12 +10,18 @@
 //! `cudnn.benchmark`: every cuDNN algorithm and candle's im2col, keeping the fastest. cuDNN's
 //! heuristic pick alone was 3x faster than im2col at 64x64 but 3x slower at 16x16.
 //! `SDCROSSFRAME_CONV=im2col` (candle only) or `cudnn` (cuDNN only) narrows the choice for A/B
-//! measurements.
+//! measurements. `SDCROSSFRAME_CONV_PLANS=FILE` keeps the choices in FILE: later processes skip
+//! the timing (seconds on the first frame) and a profiler run gets the choices of a normal run.
+//! On CUDA, 1x1 convolutions are GEMMs (cuBLAS) and never reach the tuning.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use super::fused;
+
 pub const CONV_ENV: &str = "SDCROSSFRAME_CONV";
+/// A file that keeps the tuned choice per shape across processes (cuDNN builds).
+pub const CONV_PLANS_ENV: &str = "SDCROSSFRAME_CONV_PLANS";
 
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -54,19 +60,93 @@ impl Conv2d {
         &self.bias
     }
 
+    /// A 1x1 convolution at stride 1 without padding: a matrix product per sample.
+    fn is_pointwise(&self) -> bool {
+        let dims = self.weight.dims();
+        dims[2] == 1 && dims[3] == 1 && self.stride == 1 && self.padding == 0
+    }
+
+    /// The weight of a pointwise convolution as an (out, in) matrix.
+    fn pointwise_matrix(&self) -> Result<Tensor> {
+        let dims = self.weight.dims();
+        self.weight.reshape((dims[0], dims[1]))
+    }
+
     /// The convolution without the bias.
     fn convolve(&self, xs: &Tensor) -> Result<Tensor> {
+        // On CUDA a 1x1 convolution is one batched GEMM (cuBLAS, tensor cores); cuDNN ran the
+        // UNet's NCHW 1x1 convolutions without tensor cores (an H100 profile: 80-440 us each).
+        if self.is_pointwise() && fused::applies(xs) {
+            let (n, c, h, w) = xs.dims4()?;
+            let out = self.pointwise_matrix()?.broadcast_left(n)?.matmul(&xs.reshape((n, c, h * w))?)?;
+            return out.reshape((n, (), h, w));
+        }
         #[cfg(feature = "cudnn")]
         if cudnn::applies(xs) {
             return cudnn::conv2d(xs, &self.weight, self.padding, self.stride);
         }
         xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)
     }
+
+    /// The convolution plus its bias, plus a per-sample channel bias `sample_bias` (batch,
+    /// out_channels) (the resnet's time embedding), plus `residual` (the output's shape), in
+    /// that order; on CUDA the three additions are one kernel.
+    pub fn forward_add(&self, xs: &Tensor, sample_bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
+        let ys = self.convolve(xs)?;
+        let bias = self.bias.flatten_all()?;
+        if fused::applies(&ys) {
+            let bias = match sample_bias {
+                Some(extra) => extra.broadcast_add(&bias.unsqueeze(0)?)?,
+                None => bias,
+            };
+            return fused::add_channel_bias(&ys, &bias, residual);
+        }
+        let ys = fused::add_channel_bias(&ys, &bias, None)?;
+        let ys = match sample_bias {
+            Some(extra) => extra.unsqueeze(2)?.unsqueeze(3)?.broadcast_add(&ys)?,
+            None => ys,
+        };
+        match residual {
+            Some(r) => r + ys,
+            None => Ok(ys),
+        }
+    }
+
+    /// A pointwise convolution whose output goes on as tokens: (batch, height x width,
+    /// out_channels). On CUDA the GEMM reads the feature map transposed and writes the tokens
+    /// directly, instead of a convolution and a permute copy.
+    pub fn forward_to_tokens(&self, xs: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = xs.dims4()?;
+        if !(self.is_pointwise() && fused::applies(xs)) {
+            let ys = self.forward(xs)?;
+            let out = ys.dim(1)?;
+            return ys.permute((0, 2, 3, 1))?.reshape((n, h * w, out));
+        }
+        let tokens_in = xs.reshape((n, c, h * w))?.transpose(1, 2)?;
+        let ys = tokens_in.matmul(&self.pointwise_matrix()?.t()?.broadcast_left(n)?)?;
+        fused::add_feature_bias(&ys, &self.bias.flatten_all()?, None)
+    }
+
+    /// A pointwise convolution of tokens (batch, height x width, in_channels) back to a feature
+    /// map (batch, out_channels, height, width), plus `residual`.
+    pub fn forward_from_tokens(&self, tokens: &Tensor, (h, w): (usize, usize), residual: &Tensor) -> Result<Tensor> {
+        let (n, hw, c) = tokens.dims3()?;
+        if hw != h * w {
+            candle_core::bail!("convolution from tokens: {hw} tokens do not make a {h}x{w} map");
+        }
+        if !(self.is_pointwise() && fused::applies(tokens)) {
+            let map = tokens.reshape((n, h, w, c))?.permute((0, 3, 1, 2))?.contiguous()?;
+            return self.forward(&map)? + residual;
+        }
+        let ys = self.pointwise_matrix()?.broadcast_left(n)?.matmul(&tokens.transpose(1, 2)?)?;
+        let ys = ys.reshape((n, (), h, w))?;
+        fused::add_channel_bias(&ys, &self.bias.flatten_all()?, Some(residual))
+    }
 }
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        self.convolve(xs)?.broadcast_add(&self.bias)
+        self.forward_add(xs, None, None)
     }
 }
 
@@ -163,14 +243,15 @@ mod cudnn {
         let key =
             Key { device: dev.id(), dtype: xs.dtype(), input: [n, c, h, w], filter: [k, kc, kh, kw], padding, stride };
         let known = METHODS.with(|m| m.borrow().get(&key).copied());
-        let method = match known {
+        let method = match known.or_else(|| saved_plans::lookup(&key)) {
             Some(method) => method,
             None => {
                 let method = tune(&xs, &weight, &key)?;
-                METHODS.with(|m| m.borrow_mut().insert(key, method));
+                saved_plans::record(&key, method);
                 method
             }
         };
+        METHODS.with(|m| m.borrow_mut().insert(key, method));
         run_method(&xs, &weight, &key, method)
     }
 
@@ -221,6 +302,83 @@ mod cudnn {
         };
         tracing::debug!(?method, ms = t * 1e3, "fastest");
         Ok(method)
+    }
+
+    /// Tuning results kept in a file named by `SDCROSSFRAME_CONV_PLANS`, one line per shape:
+    /// a later process (or a profiler run, whose launch overhead would skew host-timed tuning)
+    /// reuses them instead of timing again. The file is only valid for the GPU and cuDNN it
+    /// was made with.
+    mod saved_plans {
+        use super::{ALGOS, Key, Method};
+        use std::collections::HashMap;
+        use std::io::Write;
+        use std::sync::{Mutex, OnceLock};
+
+        const PLANS_ENV: &str = crate::models::conv::CONV_PLANS_ENV;
+
+        fn shape_line(key: &Key) -> String {
+            let dims = |d: [usize; 4]| d.map(|v| v.to_string()).join("x");
+            format!(
+                "{:?} {} {} p{} s{}",
+                key.dtype,
+                dims(key.input),
+                dims(key.filter),
+                key.padding,
+                key.stride
+            )
+        }
+
+        fn method_name(method: Method) -> String {
+            match method {
+                Method::Im2col => "im2col".into(),
+                Method::Cudnn(algo) => format!("{algo:?}"),
+            }
+        }
+
+        fn parse_method(name: &str) -> Option<Method> {
+            if name == "im2col" {
+                return Some(Method::Im2col);
+            }
+            ALGOS.iter().find(|a| format!("{a:?}") == name).map(|&a| Method::Cudnn(a))
+        }
+
+        fn plans() -> Option<&'static Mutex<HashMap<String, Method>>> {
+            static PLANS: OnceLock<Option<Mutex<HashMap<String, Method>>>> = OnceLock::new();
+            PLANS
+                .get_or_init(|| {
+                    let path = std::env::var_os(PLANS_ENV)?;
+                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let map = text
+                        .lines()
+                        .filter_map(|line| {
+                            let (shape, method) = line.rsplit_once(' ')?;
+                            Some((shape.to_string(), parse_method(method)?))
+                        })
+                        .collect();
+                    Some(Mutex::new(map))
+                })
+                .as_ref()
+        }
+
+        pub(super) fn lookup(key: &Key) -> Option<Method> {
+            plans()?.lock().ok()?.get(&shape_line(key)).copied()
+        }
+
+        pub(super) fn record(key: &Key, method: Method) {
+            let Some(plans) = plans() else { return };
+            let Ok(mut plans) = plans.lock() else { return };
+            let line = shape_line(key);
+            plans.insert(line.clone(), method);
+            let Some(path) = std::env::var_os(PLANS_ENV) else { return };
+            let appended = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .and_then(|mut f| writeln!(f, "{line} {}", method_name(method)));
+            if let Err(e) = appended {
+                tracing::warn!("cannot record a convolution plan in {}: {e}", path.to_string_lossy());
+            }
+        }
     }
 
     struct CudnnConv {

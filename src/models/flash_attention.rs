@@ -8,6 +8,9 @@
 //!
 //! Shapes: `q` (batch, heads, n, head_dim), `k` and `v` (batch, heads, m, head_dim); `m` may
 //! differ from `n` (cross-frame attention doubles it, cross-attention to text has 77 keys).
+//! The kernel reads each input through its own strides, so [`fused_attention_tokens`] takes the
+//! projections as (batch, tokens, heads x head_dim) and returns that layout, without the head
+//! split and merge copies (four per attention layer before).
 
 use super::op_storage::{cpu_from_f32, cpu_to_f32};
 use candle_core::backend::BackendStorage;
@@ -49,10 +52,19 @@ impl Dims {
     }
 }
 
-/// The custom op; `scale` multiplies the scores before the softmax.
+/// The custom op; `scale` multiplies the scores before the softmax. The output is (batch,
+/// heads, n, head_dim), or (batch, n, heads, head_dim) with `tokens_first`.
 #[derive(Debug, Clone, Copy)]
 pub struct FlashAttention {
     pub scale: f32,
+    pub tokens_first: bool,
+}
+
+impl FlashAttention {
+    fn out_shape(&self, dims: Dims) -> Shape {
+        let Dims { batch, heads, n, d, .. } = dims;
+        if self.tokens_first { Shape::from((batch, n, heads, d)) } else { Shape::from((batch, heads, n, d)) }
+    }
 }
 
 /// `softmax(scale * q k^T) v` over the last two dims, fused on CUDA (f16/bf16, head dim up to
@@ -79,18 +91,58 @@ pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result
     if dims.n == 0 || dims.batch == 0 || dims.heads == 0 {
         return q.zeros_like();
     }
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    q.apply_op3_no_bwd(&k, &v, &FlashAttention { scale: scale as f32 })
+    let (q, k, v) = (kernel_input(q)?, kernel_input(k)?, kernel_input(v)?);
+    q.apply_op3_no_bwd(&k, &v, &FlashAttention { scale: scale as f32, tokens_first: false })
 }
 
-/// Whether `Attention::attend` should use the fused op for queries `q` (batch, heads, n, d):
-/// a CUDA tensor in f16/bf16, a head dim the kernel covers, a build that has the kernel, and
-/// not switched off with `SDCROSSFRAME_ATTENTION=unfused`.
-pub fn use_fused(q: &Tensor) -> bool {
+/// [`fused_attention`] on the layers' own layout: `q` (batch, n, heads x head_dim), `k` and `v`
+/// (batch, m, heads x head_dim); returns (batch, n, heads x head_dim). On CUDA the heads are
+/// strided views of the projections, read and written in place.
+pub fn fused_attention_tokens(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let split = |t: &Tensor, what: &str| -> Result<Tensor> {
+        let (b, tokens, width) = t.dims3().map_err(|_| {
+            candle_core::Error::Msg(format!(
+                "fused attention: {what} must be (batch, tokens, heads x head_dim); got {:?}",
+                t.dims()
+            ))
+        })?;
+        if heads == 0 || !width.is_multiple_of(heads) {
+            candle_core::bail!("fused attention: {what} width {width} does not split into {heads} heads");
+        }
+        t.reshape((b, tokens, heads, width / heads))?.transpose(1, 2)
+    };
+    let (qh, kh, vh) = (split(q, "q")?, split(k, "k")?, split(v, "v")?);
+    let dims = Dims::check(qh.shape(), kh.shape(), vh.shape())?;
+    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
+        candle_core::bail!(
+            "fused attention: q, k and v must share a dtype; got {:?}, {:?}, {:?}",
+            q.dtype(),
+            k.dtype(),
+            v.dtype()
+        );
+    }
+    if dims.n == 0 || dims.batch == 0 {
+        return q.zeros_like();
+    }
+    let (qh, kh, vh) = (kernel_input(&qh)?, kernel_input(&kh)?, kernel_input(&vh)?);
+    let out = qh.apply_op3_no_bwd(&kh, &vh, &FlashAttention { scale: scale as f32, tokens_first: true })?;
+    out.reshape((dims.batch, dims.n, dims.heads * dims.d))
+}
+
+/// What the op reads: on CUDA any layout whose head dim is contiguous (the kernel takes the
+/// other strides); the CPU reference wants contiguous storage.
+fn kernel_input(t: &Tensor) -> Result<Tensor> {
+    if t.device().is_cuda() && t.stride().last() == Some(&1) { Ok(t.clone()) } else { t.contiguous() }
+}
+
+/// Whether `Attention::attend` should use the fused op for queries `q` with heads of
+/// `head_dim`: a CUDA tensor in f16/bf16, a head dim the kernel covers, a build that has the
+/// kernel, and not switched off with `SDCROSSFRAME_ATTENTION=unfused`.
+pub fn use_fused(q: &Tensor, head_dim: usize) -> bool {
     cfg!(sdcrossframe_flash_ptx)
         && q.device().is_cuda()
         && matches!(q.dtype(), DType::F16 | DType::BF16)
-        && q.dims().last().is_some_and(|&d| d <= MAX_HEAD_DIM)
+        && head_dim <= MAX_HEAD_DIM
         && !fused_disabled()
 }
 
@@ -118,6 +170,10 @@ impl CustomOp3 for FlashAttention {
         let to_f32 = |s, l, what| cpu_to_f32(s, l, "fused attention", what);
         let (q, k, v) = (to_f32(qs, ql, "q")?, to_f32(ks, kl, "k")?, to_f32(vs, vl, "v")?);
         let mut out = vec![0f32; batch * heads * n * d];
+        // Where row i of head bh starts in the output.
+        let out_row = |bh: usize, i: usize| {
+            if self.tokens_first { ((bh / heads * n + i) * heads + bh % heads) * d } else { (bh * n + i) * d }
+        };
         let mut scores = vec![0f32; m];
         for bh in 0..batch * heads {
             let (qh, kh, vh) = (&q[bh * n * d..][..n * d], &k[bh * m * d..][..m * d], &v[bh * m * d..][..m * d]);
@@ -133,7 +189,7 @@ impl CustomOp3 for FlashAttention {
                     *s = (*s - max).exp();
                     sum += *s;
                 }
-                let oi = &mut out[(bh * n + i) * d..][..d];
+                let oi = &mut out[out_row(bh, i)..][..d];
                 for (j, &p) in scores.iter().enumerate() {
                     for (o, &x) in oi.iter_mut().zip(&vh[j * d..][..d]) {
                         *o += p * x;
@@ -143,7 +199,7 @@ impl CustomOp3 for FlashAttention {
             }
         }
         let storage = cpu_from_f32(out, qs.dtype(), "fused attention")?;
-        Ok((storage, ql.shape().clone()))
+        Ok((storage, self.out_shape(Dims { batch, heads, n, m, d })))
     }
 
     #[cfg(feature = "cuda")]
@@ -167,21 +223,20 @@ impl CustomOp3 for FlashAttention {
         #[cfg(sdcrossframe_flash_ptx)]
         {
             let storage = match qs.dtype() {
-                DType::F16 => cuda::launch::<half::f16>(self.scale, dims, (qs, ql), (ks, kl), (vs, vl), "f16")?,
-                DType::BF16 => cuda::launch::<half::bf16>(self.scale, dims, (qs, ql), (ks, kl), (vs, vl), "bf16")?,
+                DType::F16 => cuda::launch::<half::f16>(self, dims, (qs, ql), (ks, kl), (vs, vl), "f16")?,
+                DType::BF16 => cuda::launch::<half::bf16>(self, dims, (qs, ql), (ks, kl), (vs, vl), "bf16")?,
                 other => {
                     candle_core::bail!("fused attention on CUDA supports f16 and bf16; got {other:?}")
                 }
             };
-            Ok((storage, ql.shape().clone()))
+            Ok((storage, self.out_shape(dims)))
         }
     }
 }
 
 #[cfg(all(feature = "cuda", sdcrossframe_flash_ptx))]
 mod cuda {
-    use super::{Dims, MAX_HEAD_DIM};
-    use crate::models::op_storage::cuda_view;
+    use super::{Dims, FlashAttention, MAX_HEAD_DIM};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
@@ -193,8 +248,25 @@ mod cuda {
     const BLOCK_ROWS: usize = 64;
     const THREADS: u32 = 128;
 
+    /// A view from the layout's start to the end of the storage, and the layout's batch, head
+    /// and row strides; the head dim must be contiguous.
+    fn strided_view<'a, T: CudaDType>(
+        s: &'a CudaStorage,
+        l: &Layout,
+        what: &str,
+    ) -> Result<(candle_core::cuda_backend::cudarc::driver::CudaView<'a, T>, [i64; 3])> {
+        let &[sb, sh, sr, sd] = l.stride() else {
+            candle_core::bail!("fused attention: {what} must be 4-D");
+        };
+        if sd != 1 {
+            candle_core::bail!("fused attention: {what} needs a contiguous head dim (stride {sd})");
+        }
+        let slice = s.as_cuda_slice::<T>()?;
+        Ok((slice.slice(l.start_offset()..), [sb as i64, sh as i64, sr as i64]))
+    }
+
     pub(super) fn launch<T: CudaDType + DeviceRepr>(
-        scale: f32,
+        op: &FlashAttention,
         dims: Dims,
         (qs, ql): (&CudaStorage, &Layout),
         (ks, kl): (&CudaStorage, &Layout),
@@ -211,8 +283,12 @@ mod cuda {
                 "fused attention: too large for the kernel (batch x heads {bh} > 65535 or tokens x head_dim over 2^31)"
             );
         }
-        let view = |s, l, what| cuda_view::<T>(s, l, "fused attention", what);
-        let (q, k, v) = (view(qs, ql, "q")?, view(ks, kl, "k")?, view(vs, vl, "v")?);
+        let (q, q_strides) = strided_view::<T>(qs, ql, "q")?;
+        let (k, k_strides) = strided_view::<T>(ks, kl, "k")?;
+        let (v, v_strides) = strided_view::<T>(vs, vl, "v")?;
+        let (n64, d64, h64) = (n as i64, d as i64, heads as i64);
+        let o_strides: [i64; 3] =
+            if op.tokens_first { [n64 * h64 * d64, d64, h64 * d64] } else { [h64 * n64 * d64, n64 * d64, d64] };
         let dev = qs.device();
         // The kernel is instantiated for head dims rounded up to 16; the rest is zero padding.
         let padded = d.div_ceil(16) * 16;
@@ -224,10 +300,13 @@ mod cuda {
             block_dim: (THREADS, 1, 1),
             shared_mem_bytes: 0,
         };
-        let (n_, m_, d_) = (n as i32, m as i32, d as i32);
-        let scale_log2 = scale * std::f32::consts::LOG2_E;
+        let (n_, m_, d_, heads_) = (n as i32, m as i32, d as i32, heads as i32);
+        let scale_log2 = op.scale * std::f32::consts::LOG2_E;
         let mut builder = func.builder();
-        builder.arg(&q).arg(&k).arg(&v).arg(&out).arg(&n_).arg(&m_).arg(&d_).arg(&scale_log2);
+        builder.arg(&q).arg(&k).arg(&v).arg(&out).arg(&n_).arg(&m_).arg(&d_).arg(&scale_log2).arg(&heads_);
+        for stride in q_strides.iter().chain(&k_strides).chain(&v_strides).chain(&o_strides) {
+            builder.arg(stride);
+        }
         // SAFETY: argument types and order match the kernel's signature; sizes checked above.
         unsafe { builder.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
@@ -276,6 +355,27 @@ mod tests {
     }
 
     #[test]
+    fn token_layout_reference_matches_split_heads() {
+        let dev = Device::Cpu;
+        let (b, h, n, m, d) = (2, 3, 7, 11, 8);
+        let q = Tensor::randn(0f32, 1., (b, n, h * d), &dev).unwrap();
+        let k = Tensor::randn(0f32, 1., (b, m, h * d), &dev).unwrap();
+        let v = Tensor::randn(0f32, 1., (b, m, h * d), &dev).unwrap();
+        let split = |t: &Tensor, len| t.reshape((b, len, h, d)).unwrap().transpose(1, 2).unwrap().contiguous().unwrap();
+        let reference = unfused_attention(&split(&q, n), &split(&k, m), &split(&v, m), 0.4)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap()
+            .reshape((b, n, h * d))
+            .unwrap();
+        let fused = fused_attention_tokens(&q, &k, &v, h, 0.4).unwrap();
+        assert_eq!(fused.dims(), &[b, n, h * d]);
+        assert!(max_abs_diff(&fused, &reference) < 1e-5);
+        let err = fused_attention_tokens(&q, &k, &v, 5, 0.4).unwrap_err().to_string();
+        assert!(err.contains("does not split into 5 heads"), "{err}");
+    }
+
+    #[test]
     fn rejects_bad_shapes_and_dtypes_with_clear_errors() {
         let dev = Device::Cpu;
         let q = Tensor::zeros((1, 2, 3, 8), DType::F32, &dev).unwrap();
@@ -294,6 +394,6 @@ mod tests {
         // No queries: an empty result, no error.
         let empty_q = Tensor::zeros((1, 2, 0, 8), DType::F32, &dev).unwrap();
         assert_eq!(fused_attention(&empty_q, &k, &k, 1.).unwrap().dims(), &[1, 2, 0, 8]);
-        assert!(!use_fused(&q), "CPU tensors keep the unfused path");
+        assert!(!use_fused(&q, 8), "CPU tensors keep the unfused path");
     }
 }

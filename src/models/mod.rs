@@ -6,6 +6,7 @@ pub mod controlnet;
 pub mod conv;
 pub mod embeddings;
 pub mod flash_attention;
+pub mod fused;
 pub mod group_norm;
 mod op_storage;
 pub mod resnet;

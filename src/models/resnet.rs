@@ -5,7 +5,7 @@
 //! before; it exists so the block's GroupNorms are [`super::group_norm::GroupNorm`] (fast on
 //! CUDA, unchanged on the CPU).
 
-use candle_core::{D, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
 use super::conv::Conv2d;
@@ -63,16 +63,17 @@ impl ResnetBlock2D {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        let hidden = self.conv1.forward(&self.norm1.forward_silu(xs)?)?;
-        let hidden = match (temb, &self.time_emb_proj) {
-            (Some(temb), Some(proj)) => proj
-                .forward(&candle_nn::ops::silu(temb)?)?
-                .unsqueeze(D::Minus1)?
-                .unsqueeze(D::Minus1)?
-                .broadcast_add(&hidden)?,
-            _ => hidden,
+        let temb = match (temb, &self.time_emb_proj) {
+            (Some(temb), Some(proj)) => Some(proj.forward(&candle_nn::ops::silu(temb)?)?),
+            _ => None,
         };
-        let hidden = self.conv2.forward(&self.norm2.forward_silu(&hidden)?)?;
-        (shortcut + hidden)? / self.output_scale_factor
+        // conv1's bias and the time embedding, then conv2's bias and the shortcut, are each one
+        // addition pass on CUDA (see `Conv2d::forward_add`).
+        let hidden = self.conv1.forward_add(&self.norm1.forward_silu(xs)?, temb.as_ref(), None)?;
+        let hidden = self.norm2.forward_silu(&hidden)?;
+        if self.output_scale_factor == 1.0 {
+            return self.conv2.forward_add(&hidden, None, Some(&shortcut));
+        }
+        (shortcut + self.conv2.forward(&hidden)?)? / self.output_scale_factor
     }
 }

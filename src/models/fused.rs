@@ -1,0 +1,513 @@
+//! Fused epilogues on CUDA: bias adds (per channel, per sample and channel, per column), with an
+//! optional residual, and GEGLU, each one pass over the activations (`kernels/elementwise.cu`).
+//!
+//! An H100 profile of one UNet + ControlNet step (Nsight Compute, 2026-11-27) found candle's
+//! broadcast add at 457 launches and a quarter of all kernel time: a convolution's bias add took
+//! longer than the cuDNN convolution itself, because candle's broadcast kernel recomputes a
+//! strided index per element; GEGLU's strided halves made its gelu and product the slowest
+//! element-wise kernels of the step. Off CUDA every function here is the candle computation the
+//! models used before, op for op, so the CPU parity tests keep their exact numbers.
+//! `SDCROSSFRAME_FUSED=off` keeps the candle ops on CUDA too (A/B measurements).
+
+use super::op_storage::{cpu_from_f32, cpu_to_f32};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, D, DType, Layout, Result, Shape, Tensor};
+use candle_nn::{Linear, Module};
+
+pub const FUSED_ENV: &str = "SDCROSSFRAME_FUSED";
+
+/// Whether `xs` goes through the fused kernels: a CUDA tensor of a float type, a build with the
+/// kernels, not switched off.
+pub fn applies(xs: &Tensor) -> bool {
+    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    cfg!(sdcrossframe_elementwise_ptx)
+        && xs.device().is_cuda()
+        && matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        && !*DISABLED.get_or_init(|| std::env::var(FUSED_ENV).is_ok_and(|v| v.trim().eq_ignore_ascii_case("off")))
+}
+
+/// `xs` (batch, channels, spatial...) plus `bias` over the channels, then plus `residual` (xs's
+/// shape). `bias` is (channels) or, per sample, (batch, channels).
+pub fn add_channel_bias(xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    let dims = xs.dims();
+    if dims.len() < 2 {
+        candle_core::bail!("channel bias: expected (batch, channels, ...), got {dims:?}");
+    }
+    let (batch, channels) = (dims[0], dims[1]);
+    let per_sample = match bias.dims() {
+        [c] if *c == channels => false,
+        [b, c] if *b == batch && *c == channels => true,
+        other => candle_core::bail!(
+            "channel bias: a bias of {other:?} does not fit {dims:?} (expected [{channels}] or [{batch}, {channels}])"
+        ),
+    };
+    check_residual(xs, residual)?;
+    if applies(xs) {
+        let spatial = dims[2..].iter().product();
+        let op = BiasAdd { per_column: false, rows: batch * channels, cols: spatial, groups: bias.elem_count() };
+        return op.run(xs, bias, residual);
+    }
+    // candle: the bias broadcast over the trailing dims, as the models always did.
+    let mut shape = vec![1; dims.len()];
+    shape[1] = channels;
+    if per_sample {
+        shape[0] = batch;
+    }
+    let ys = xs.broadcast_add(&bias.reshape(shape)?)?;
+    match residual {
+        Some(r) => ys + r,
+        None => Ok(ys),
+    }
+}
+
+/// `xs` (..., features) plus `bias` (features) on the last dim, then plus `residual`.
+pub fn add_feature_bias(xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    let features = xs.dim(D::Minus1)?;
+    if bias.dims() != [features] {
+        candle_core::bail!("feature bias: a bias of {:?} does not fit {:?}", bias.dims(), xs.dims());
+    }
+    check_residual(xs, residual)?;
+    if applies(xs) {
+        let op =
+            BiasAdd { per_column: true, rows: xs.elem_count() / features.max(1), cols: features, groups: features };
+        return op.run(xs, bias, residual);
+    }
+    let ys = xs.broadcast_add(bias)?;
+    match residual {
+        Some(r) => ys + r,
+        None => Ok(ys),
+    }
+}
+
+fn check_residual(xs: &Tensor, residual: Option<&Tensor>) -> Result<()> {
+    match residual {
+        Some(r) if r.dims() != xs.dims() => {
+            candle_core::bail!("residual add: {:?} does not match the output {:?}", r.dims(), xs.dims())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A linear layer, then `residual` added: candle-nn's `Linear` off CUDA (plus a separate add);
+/// on CUDA the matmul, then bias and residual in one kernel.
+pub fn linear(layer: &Linear, xs: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    if !applies(xs) {
+        let ys = layer.forward(xs)?;
+        return match residual {
+            Some(r) => ys + r,
+            None => Ok(ys),
+        };
+    }
+    let ys = matmul_weight_t(xs, layer.weight())?;
+    match (layer.bias(), residual) {
+        (Some(bias), residual) => add_feature_bias(&ys, bias, residual),
+        (None, Some(r)) => ys + r,
+        (None, None) => Ok(ys),
+    }
+}
+
+/// `xs @ weight^T` for xs (..., in) and weight (out, in), batched as candle-nn's `Linear` does.
+fn matmul_weight_t(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    let w = match *xs.dims() {
+        [b1, b2, _, _] => weight.broadcast_left((b1, b2))?.t()?,
+        [b, _, _] => weight.broadcast_left(b)?.t()?,
+        _ => weight.t()?,
+    };
+    xs.matmul(&w)
+}
+
+/// diffusers' GEGLU feed-forward input: `proj(xs)` split in halves `a`, `g` on the last dim,
+/// `a * gelu_erf(g)`. On CUDA the bias and the whole gate are one kernel after the matmul.
+pub fn geglu(proj: &Linear, xs: &Tensor) -> Result<Tensor> {
+    if !applies(xs) {
+        let h = proj.forward(xs)?;
+        let chunks = h.chunk(2, D::Minus1)?;
+        return &chunks[0] * chunks[1].gelu_erf()?;
+    }
+    let h = matmul_weight_t(xs, proj.weight())?;
+    let width = h.dim(D::Minus1)?;
+    if width % 2 != 0 {
+        candle_core::bail!("GEGLU: the projection's width {width} is odd; it must split in two halves");
+    }
+    if let Some(b) = proj.bias()
+        && b.dims() != [width]
+    {
+        candle_core::bail!("GEGLU: a bias of {:?} does not fit the projection's width {width}", b.dims());
+    }
+    let h = h.contiguous()?;
+    let rows = h.elem_count() / width.max(1);
+    let mut out_dims = h.dims().to_vec();
+    *out_dims.last_mut().expect("matmul output has dims") = width / 2;
+    let op = Geglu { rows, half: width / 2 };
+    let out = match proj.bias() {
+        Some(b) => h.apply_op2_no_bwd(&b.to_dtype(h.dtype())?, &op)?,
+        None => h.apply_op1_no_bwd(&op)?,
+    };
+    out.reshape(out_dims)
+}
+
+/// The bias-add kernels' geometry: `rows` x `cols` contiguous values; the bias is indexed by
+/// column, or by `row % groups`.
+#[derive(Debug, Clone, Copy)]
+struct BiasAdd {
+    per_column: bool,
+    rows: usize,
+    cols: usize,
+    groups: usize,
+}
+
+impl BiasAdd {
+    fn run(self, xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let xs = xs.contiguous()?;
+        let bias = bias.to_dtype(xs.dtype())?.contiguous()?;
+        match residual {
+            Some(r) => xs.apply_op3_no_bwd(&bias, &r.to_dtype(xs.dtype())?.contiguous()?, &self),
+            None => xs.apply_op2_no_bwd(&bias, &self),
+        }
+    }
+}
+
+/// GEGLU's geometry: `rows` of `2 * half` values in, `rows` of `half` out.
+#[derive(Debug, Clone, Copy)]
+struct Geglu {
+    rows: usize,
+    half: usize,
+}
+
+type CpuInput<'a> = (&'a CpuStorage, &'a Layout);
+
+impl BiasAdd {
+    /// The kernels' indexing in f32 on the CPU (tests of the op's geometry).
+    fn cpu_reference(&self, x: CpuInput, bias: CpuInput, residual: Option<CpuInput>) -> Result<CpuStorage> {
+        let to_f32 = |(s, l): CpuInput, what| cpu_to_f32(s, l, "bias add", what);
+        let (x_values, b) = (to_f32(x, "input")?, to_f32(bias, "bias")?);
+        let r = residual.map(|r| to_f32(r, "residual")).transpose()?;
+        if x_values.len() != self.rows * self.cols || b.len() != self.groups {
+            candle_core::bail!("bias add: sizes do not match {self:?}");
+        }
+        let out = x_values
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                let (row, col) = (i / self.cols, i % self.cols);
+                let bias = if self.per_column { b[col] } else { b[row % self.groups] };
+                v + bias + r.as_ref().map_or(0.0, |r| r[i])
+            })
+            .collect();
+        cpu_from_f32(out, x.0.dtype(), "bias add")
+    }
+}
+
+impl candle_core::CustomOp2 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "bias-add"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((self.cpu_reference((xs, xl), (bs, bl), None)?, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::bias_add(self, (xs, xl), (bs, bl), None)?, xl.shape().clone()))
+    }
+}
+
+impl candle_core::CustomOp3 for BiasAdd {
+    fn name(&self) -> &'static str {
+        "bias-add-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((self.cpu_reference((xs, xl), (bs, bl), Some((rs, rl)))?, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+        rs: &candle_core::CudaStorage,
+        rl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::bias_add(self, (xs, xl), (bs, bl), Some((rs, rl)))?, xl.shape().clone()))
+    }
+}
+
+impl Geglu {
+    fn out_shape(&self) -> Shape {
+        Shape::from((self.rows, self.half))
+    }
+
+    /// The kernel's computation in f32 on the CPU (tests of the op's geometry).
+    fn cpu_reference(&self, h: CpuInput, bias: Option<CpuInput>) -> Result<(CpuStorage, Shape)> {
+        let hv = cpu_to_f32(h.0, h.1, "GEGLU", "input")?;
+        let b = bias.map(|(s, l)| cpu_to_f32(s, l, "GEGLU", "bias")).transpose()?;
+        let f = self.half;
+        let erf_gelu =
+            |x: f32| 0.5 * x * (1.0 + candle_core::cpu::erf::erf_f64(f64::from(x) / std::f64::consts::SQRT_2) as f32);
+        let mut out = Vec::with_capacity(self.rows * f);
+        for row in hv.chunks(2 * f) {
+            for j in 0..f {
+                let (bias_a, bias_g) = b.as_ref().map_or((0.0, 0.0), |b| (b[j], b[f + j]));
+                out.push((row[j] + bias_a) * erf_gelu(row[f + j] + bias_g));
+            }
+        }
+        Ok((cpu_from_f32(out, h.0.dtype(), "GEGLU")?, self.out_shape()))
+    }
+}
+
+impl candle_core::CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "geglu"
+    }
+
+    fn cpu_fwd(&self, hs: &CpuStorage, hl: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu_reference((hs, hl), None)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, hs: &candle_core::CudaStorage, hl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::geglu(self, (hs, hl), None)?, self.out_shape()))
+    }
+}
+
+impl candle_core::CustomOp2 for Geglu {
+    fn name(&self) -> &'static str {
+        "geglu-bias"
+    }
+
+    fn cpu_fwd(&self, hs: &CpuStorage, hl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu_reference((hs, hl), Some((bs, bl)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        hs: &candle_core::CudaStorage,
+        hl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::geglu(self, (hs, hl), Some((bs, bl)))?, self.out_shape()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use super::{BiasAdd, Geglu};
+    use candle_core::backend::BackendStorage;
+    use candle_core::{CudaStorage, DType, Layout, Result};
+
+    type Input<'a> = (&'a CudaStorage, &'a Layout);
+
+    pub(super) fn bias_add(op: &BiasAdd, x: Input, bias: Input, residual: Option<Input>) -> Result<CudaStorage> {
+        #[cfg(not(sdcrossframe_elementwise_ptx))]
+        {
+            let _ = (op, x, bias, residual);
+            candle_core::bail!("fused bias add: this build has no CUDA kernel for it")
+        }
+        #[cfg(sdcrossframe_elementwise_ptx)]
+        match x.0.dtype() {
+            DType::F32 => kernels::bias_add::<f32>(op, x, bias, residual, "f32"),
+            DType::F16 => kernels::bias_add::<half::f16>(op, x, bias, residual, "f16"),
+            DType::BF16 => kernels::bias_add::<half::bf16>(op, x, bias, residual, "bf16"),
+            other => candle_core::bail!("fused bias add supports f32, f16 and bf16; got {other:?}"),
+        }
+    }
+
+    pub(super) fn geglu(op: &Geglu, h: Input, bias: Option<Input>) -> Result<CudaStorage> {
+        #[cfg(not(sdcrossframe_elementwise_ptx))]
+        {
+            let _ = (op, h, bias);
+            candle_core::bail!("fused GEGLU: this build has no CUDA kernel for it")
+        }
+        #[cfg(sdcrossframe_elementwise_ptx)]
+        match h.0.dtype() {
+            DType::F32 => kernels::geglu::<f32>(op, h, bias, "f32"),
+            DType::F16 => kernels::geglu::<half::f16>(op, h, bias, "f16"),
+            DType::BF16 => kernels::geglu::<half::bf16>(op, h, bias, "bf16"),
+            other => candle_core::bail!("fused GEGLU supports f32, f16 and bf16; got {other:?}"),
+        }
+    }
+
+    #[cfg(sdcrossframe_elementwise_ptx)]
+    mod kernels {
+        use super::super::{BiasAdd, Geglu};
+        use super::Input;
+        use crate::models::op_storage::cuda_view;
+        use candle_core::backend::BackendStorage;
+        use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+        use candle_core::cuda_backend::{CudaDType, WrapErr};
+        use candle_core::{CudaStorage, Layout, Result};
+
+        const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/elementwise.ptx"));
+        const MODULE: &str = "sdcrossframe_elementwise";
+        /// As in the kernel.
+        const THREADS: usize = 256;
+
+        fn config(rows: usize, cols: usize, vec_width: usize) -> LaunchConfig {
+            LaunchConfig {
+                grid_dim: (cols.div_ceil(THREADS * vec_width).max(1) as u32, rows.clamp(1, 65_535) as u32, 1),
+                block_dim: (THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            }
+        }
+
+        /// Whether every input starts on a 16-byte boundary (the kernels' vector loads): CUDA
+        /// allocations are 256-byte aligned, so the layouts' offsets decide.
+        fn aligned(layouts: &[&Layout], vec_width: usize) -> bool {
+            layouts.iter().all(|l| l.start_offset().is_multiple_of(vec_width))
+        }
+
+        pub(super) fn bias_add<T: CudaDType + DeviceRepr>(
+            op: &BiasAdd,
+            (xs, xl): Input,
+            (bs, bl): Input,
+            residual: Option<Input>,
+            type_name: &str,
+        ) -> Result<CudaStorage> {
+            let n = op.rows * op.cols;
+            let x = cuda_view::<T>(xs, xl, "fused bias add", "input")?;
+            let b = cuda_view::<T>(bs, bl, "fused bias add", "bias")?;
+            let r = residual.map(|(rs, rl)| cuda_view::<T>(rs, rl, "fused bias add", "residual")).transpose()?;
+            if x.len() != n || b.len() != op.groups || r.as_ref().is_some_and(|r| r.len() != n) {
+                candle_core::bail!("fused bias add: sizes do not match {op:?}");
+            }
+            let dev = xs.device();
+            let vec_width = 16 / std::mem::size_of::<T>();
+            let mut layouts = vec![xl, bl];
+            layouts.extend(residual.map(|(_, rl)| rl));
+            let vec = op.cols.is_multiple_of(vec_width)
+                && (!op.per_column || op.groups.is_multiple_of(vec_width))
+                && aligned(&layouts, vec_width);
+            let name = if op.per_column { "bias_add_cols" } else { "bias_add_rows" };
+            let func = dev.get_or_load_custom_func(&format!("{name}_{type_name}"), MODULE, PTX)?;
+            // SAFETY: the kernel writes every one of the n outputs.
+            let out = unsafe { dev.alloc::<T>(n)? };
+            let (rows, cols, groups, vec) = (op.rows as i64, op.cols as i64, op.groups as i64, vec as i32);
+            let null = 0u64;
+            let mut builder = func.builder();
+            builder.arg(&x).arg(&b);
+            match &r {
+                Some(r) => builder.arg(r),
+                None => builder.arg(&null),
+            };
+            builder.arg(&out).arg(&rows).arg(&cols).arg(&groups).arg(&vec);
+            // SAFETY: argument types and order match bias_add_*; sizes checked above.
+            unsafe { builder.launch(config(op.rows, op.cols, vec_width)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+
+        pub(super) fn geglu<T: CudaDType + DeviceRepr>(
+            op: &Geglu,
+            (hs, hl): Input,
+            bias: Option<Input>,
+            type_name: &str,
+        ) -> Result<CudaStorage> {
+            let h = cuda_view::<T>(hs, hl, "fused GEGLU", "input")?;
+            let b = bias.map(|(bs, bl)| cuda_view::<T>(bs, bl, "fused GEGLU", "bias")).transpose()?;
+            if h.len() != op.rows * op.half * 2 || b.as_ref().is_some_and(|b| b.len() != op.half * 2) {
+                candle_core::bail!("fused GEGLU: sizes do not match {op:?}");
+            }
+            let dev = hs.device();
+            let vec_width = 16 / std::mem::size_of::<T>();
+            let mut layouts = vec![hl];
+            layouts.extend(bias.map(|(_, bl)| bl));
+            let vec = op.half.is_multiple_of(vec_width) && aligned(&layouts, vec_width);
+            let func = dev.get_or_load_custom_func(&format!("geglu_{type_name}"), MODULE, PTX)?;
+            // SAFETY: the kernel writes every one of the rows x half outputs.
+            let out = unsafe { dev.alloc::<T>(op.rows * op.half)? };
+            let (rows, half, vec) = (op.rows as i64, op.half as i64, vec as i32);
+            let null = 0u64;
+            let mut builder = func.builder();
+            builder.arg(&h);
+            match &b {
+                Some(b) => builder.arg(b),
+                None => builder.arg(&null),
+            };
+            builder.arg(&out).arg(&rows).arg(&half).arg(&vec);
+            // SAFETY: argument types and order match geglu_*; sizes checked above.
+            unsafe { builder.launch(config(op.rows, op.half, vec_width)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::max_abs_diff;
+    use candle_core::Device;
+
+    fn randn(shape: &[usize]) -> Tensor {
+        Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The ops' geometry (what the CUDA kernels index) against candle's broadcasting.
+    #[test]
+    fn bias_add_geometry_matches_candle_broadcasting() {
+        let x = randn(&[2, 6, 3, 5]);
+        let residual = randn(&[2, 6, 3, 5]);
+        let channel = randn(&[6]);
+        let per_sample = randn(&[2, 6]);
+        let rows = BiasAdd { per_column: false, rows: 12, cols: 15, groups: 6 };
+        let expected = (x.broadcast_add(&channel.reshape((1, 6, 1, 1)).unwrap()).unwrap() + &residual).unwrap();
+        let got = rows.run(&x, &channel, Some(&residual)).unwrap();
+        assert!(max_abs_diff(&got, &expected) < 1e-6);
+        let per_sample_op = BiasAdd { groups: 12, ..rows };
+        let expected = x.broadcast_add(&per_sample.reshape((2, 6, 1, 1)).unwrap()).unwrap();
+        assert!(max_abs_diff(&per_sample_op.run(&x, &per_sample, None).unwrap(), &expected) < 1e-6);
+        let tokens = randn(&[2, 7, 6]);
+        let cols = BiasAdd { per_column: true, rows: 14, cols: 6, groups: 6 };
+        let expected = tokens.broadcast_add(&channel).unwrap();
+        assert!(max_abs_diff(&cols.run(&tokens, &channel, None).unwrap(), &expected) < 1e-6);
+        // f16 in, f16 out.
+        let half = cols.run(&tokens.to_dtype(DType::F16).unwrap(), &channel, None).unwrap();
+        assert_eq!(half.dtype(), DType::F16);
+        assert!(max_abs_diff(&half, &expected) < 1e-2);
+    }
+
+    #[test]
+    fn geglu_geometry_matches_chunked_gelu() {
+        let h = randn(&[2, 5, 16]);
+        let bias = randn(&[16]);
+        let with_bias = h.broadcast_add(&bias).unwrap();
+        let chunks = with_bias.chunk(2, D::Minus1).unwrap();
+        let expected = (&chunks[0] * chunks[1].gelu_erf().unwrap()).unwrap();
+        let op = Geglu { rows: 10, half: 8 };
+        let got = h.apply_op2_no_bwd(&bias, &op).unwrap().reshape((2, 5, 8)).unwrap();
+        assert!(max_abs_diff(&got, &expected) < 1e-5, "{}", max_abs_diff(&got, &expected));
+        let chunks = h.chunk(2, D::Minus1).unwrap();
+        let expected = (&chunks[0] * chunks[1].gelu_erf().unwrap()).unwrap();
+        let got = h.apply_op1_no_bwd(&op).unwrap().reshape((2, 5, 8)).unwrap();
+        assert!(max_abs_diff(&got, &expected) < 1e-5);
+    }
+
+    #[test]
+    fn misfit_biases_and_residuals_are_errors() {
+        let x = randn(&[2, 6, 3, 5]);
+        let err = add_channel_bias(&x, &randn(&[5]), None).unwrap_err().to_string();
+        assert!(err.contains("does not fit") && err.contains("[2, 6]"), "{err}");
+        let err = add_channel_bias(&x, &randn(&[6]), Some(&randn(&[2, 6, 3, 4]))).unwrap_err().to_string();
+        assert!(err.contains("residual add") && err.contains("[2, 6, 3, 4]"), "{err}");
+        let err = add_feature_bias(&x, &randn(&[6]), None).unwrap_err().to_string();
+        assert!(err.contains("feature bias") && err.contains("[6]"), "{err}");
+    }
+}

@@ -1,0 +1,146 @@
+//! The fused element-wise kernels (`kernels/elementwise.cu`: bias adds with a residual, GEGLU)
+//! and the GEMM form of 1x1 convolutions on CUDA, against candle's ops on the CPU.
+//!
+//! Needs a GPU and a build with the `cuda` feature (CI has neither, so without the feature
+//! this file is empty):
+//!   scripts/build-cuda.sh --tests -- --test gpu_fused, then on the GPU machine run the binary
+//!   (or `cargo test --release --features cuda --test gpu_fused -- --nocapture`).
+//! Prints the largest absolute difference of every case.
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use candle_core::{D, DType, Device, Module, Tensor};
+use candle_nn::{Linear, VarBuilder};
+use sdcrossframe::models::conv::Conv2d;
+use sdcrossframe::models::fused;
+
+const CASES: [(DType, f32); 3] = [(DType::F32, 1e-4), (DType::F16, 2e-2), (DType::BF16, 1.5e-1)];
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("this test needs a CUDA GPU")
+}
+
+/// Largest difference of a GPU result from a CPU reference.
+fn max_abs_diff(gpu_result: &Tensor, reference: &Tensor) -> f32 {
+    common::max_abs_diff(&gpu_result.to_device(&Device::Cpu).unwrap(), reference)
+}
+
+fn randn(shape: &[usize]) -> Tensor {
+    Tensor::randn(0f32, 1.0, shape, &Device::Cpu).unwrap()
+}
+
+fn on(t: &Tensor, dtype: DType, dev: &Device) -> Tensor {
+    t.to_dtype(dtype).unwrap().to_device(dev).unwrap()
+}
+
+#[test]
+fn bias_adds_match_candle_broadcasting() {
+    let gpu = gpu();
+    // UNet-sized maps (vector path), odd sizes (scalar path), a per-sample bias.
+    for shape in [[2usize, 320, 64, 64], [2, 7, 5, 3], [1, 12, 3, 8]] {
+        let (x, r) = (randn(&shape), randn(&shape));
+        let channel = randn(&[shape[1]]);
+        let per_sample = randn(&[shape[0], shape[1]]);
+        let c4 = |t: &Tensor, n| t.reshape((n, shape[1], 1, 1)).unwrap();
+        let expected = (x.broadcast_add(&c4(&channel, 1)).unwrap() + &r).unwrap();
+        let expected_sample = x.broadcast_add(&c4(&per_sample, shape[0])).unwrap();
+        for (dtype, bound) in CASES {
+            let got =
+                fused::add_channel_bias(&on(&x, dtype, &gpu), &on(&channel, dtype, &gpu), Some(&on(&r, dtype, &gpu)))
+                    .unwrap();
+            let err = max_abs_diff(&got, &expected);
+            println!("channel bias + residual {shape:?} {dtype:?}: max abs diff {err:.2e}");
+            assert!(err < bound * 2.0, "{shape:?} {dtype:?}: {err}");
+            let got = fused::add_channel_bias(&on(&x, dtype, &gpu), &on(&per_sample, dtype, &gpu), None).unwrap();
+            let err = max_abs_diff(&got, &expected_sample);
+            assert!(err < bound * 2.0, "per-sample {shape:?} {dtype:?}: {err}");
+        }
+    }
+    for shape in [[2usize, 4096, 320], [3, 7, 5]] {
+        let (x, r) = (randn(&shape), randn(&shape));
+        let bias = randn(&[shape[2]]);
+        let expected = (x.broadcast_add(&bias).unwrap() + &r).unwrap();
+        for (dtype, bound) in CASES {
+            let got =
+                fused::add_feature_bias(&on(&x, dtype, &gpu), &on(&bias, dtype, &gpu), Some(&on(&r, dtype, &gpu)))
+                    .unwrap();
+            let err = max_abs_diff(&got, &expected);
+            println!("feature bias + residual {shape:?} {dtype:?}: max abs diff {err:.2e}");
+            assert!(err < bound * 2.0, "{shape:?} {dtype:?}: {err}");
+        }
+    }
+}
+
+/// Weights of unit-variance outputs, as trained layers have (unscaled random weights made GEGLU
+/// outputs of ~50, where f16's rounding alone exceeds an absolute bound).
+fn linear(out: usize, inp: usize) -> Linear {
+    Linear::new((randn(&[out, inp]) / (inp as f64).sqrt()).unwrap(), Some(randn(&[out])))
+}
+
+fn linear_on(l: &Linear, dtype: DType, dev: &Device) -> Linear {
+    Linear::new(on(l.weight(), dtype, dev), l.bias().map(|b| on(b, dtype, dev)))
+}
+
+#[test]
+fn linear_and_geglu_match_candle() {
+    let gpu = gpu();
+    for (tokens, dim) in [(4096usize, 320usize), (77, 12)] {
+        let x = randn(&[2, tokens, dim]);
+        let r = randn(&[2, tokens, dim]);
+        let proj = linear(dim * 8, dim);
+        let chunks = proj.forward(&x).unwrap().chunk(2, D::Minus1).unwrap();
+        let expected_geglu = (&chunks[0] * chunks[1].gelu_erf().unwrap()).unwrap();
+        let out = linear(dim, dim);
+        let expected_linear = (out.forward(&x).unwrap() + &r).unwrap();
+        for (dtype, bound) in CASES {
+            let got = fused::geglu(&linear_on(&proj, dtype, &gpu), &on(&x, dtype, &gpu)).unwrap();
+            let err = max_abs_diff(&got, &expected_geglu);
+            println!("GEGLU 2x{tokens}x{dim} {dtype:?}: max abs diff {err:.2e}");
+            assert!(err < bound * 4.0, "GEGLU {tokens}x{dim} {dtype:?}: {err}");
+            let got =
+                fused::linear(&linear_on(&out, dtype, &gpu), &on(&x, dtype, &gpu), Some(&on(&r, dtype, &gpu))).unwrap();
+            let err = max_abs_diff(&got, &expected_linear);
+            println!("linear + residual 2x{tokens}x{dim} {dtype:?}: max abs diff {err:.2e}");
+            assert!(err < bound * 4.0, "linear {tokens}x{dim} {dtype:?}: {err}");
+        }
+    }
+}
+
+#[test]
+fn pointwise_convolutions_as_gemms_match_candle_conv() {
+    let gpu = gpu();
+    let (cin, cout, h, w) = (64, 48, 16, 12);
+    let weight = (randn(&[cout, cin, 1, 1]) * 0.2).unwrap();
+    let bias = randn(&[cout]);
+    let conv_on = |dtype, dev: &Device| {
+        let vb = VarBuilder::from_tensors(
+            [("weight".to_string(), on(&weight, dtype, dev)), ("bias".to_string(), on(&bias, dtype, dev))]
+                .into_iter()
+                .collect(),
+            dtype,
+            dev,
+        );
+        Conv2d::new(vb, cin, cout, 1, 0, 1).unwrap()
+    };
+    let cpu_conv = conv_on(DType::F32, &Device::Cpu);
+    let x = randn(&[2, cin, h, w]);
+    let r = randn(&[2, cout, h, w]);
+    let expected = cpu_conv.forward(&x).unwrap();
+    let expected_tokens = expected.permute((0, 2, 3, 1)).unwrap().reshape((2, h * w, cout)).unwrap();
+    let tokens_in = x.permute((0, 2, 3, 1)).unwrap().reshape((2, h * w, cin)).unwrap();
+    let expected_from_tokens = (cpu_conv.forward(&x).unwrap() + &r).unwrap();
+    for (dtype, bound) in CASES {
+        let conv = conv_on(dtype, &gpu);
+        let xg = on(&x, dtype, &gpu);
+        let err = max_abs_diff(&conv.forward(&xg).unwrap(), &expected);
+        println!("1x1 conv {dtype:?}: max abs diff {err:.2e}");
+        assert!(err < bound * 4.0, "{dtype:?}: {err}");
+        let err = max_abs_diff(&conv.forward_to_tokens(&xg).unwrap(), &expected_tokens);
+        assert!(err < bound * 4.0, "to tokens {dtype:?}: {err}");
+        let got = conv.forward_from_tokens(&on(&tokens_in, dtype, &gpu), (h, w), &on(&r, dtype, &gpu)).unwrap();
+        let err = max_abs_diff(&got, &expected_from_tokens);
+        println!("1x1 conv from tokens + residual {dtype:?}: max abs diff {err:.2e}");
+        assert!(err < bound * 4.0, "from tokens {dtype:?}: {err}");
+    }
+}
