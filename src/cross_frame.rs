@@ -16,6 +16,12 @@
 //! `sdcrossframe-bench unet-step`), both cost the same per step within noise (148.7 vs
 //! 149.4 ms median: the extra projection is about 1% of a step's FLOPs) while the store is
 //! 52.5 vs 105 MiB per denoising step (0.92 vs 1.85 GiB over the original's 18 steps).
+//!
+//! Entries are buffers written in place: the anchor copies its inputs into them, a later frame
+//! overwrites "previous" after reading it. Buffers keep their device addresses while the frame
+//! plan stays, so a step that reads and writes them can be captured once as a CUDA graph and
+//! replayed for every later frame (`FrameHook::graph_key`); a new anchor with the same plan
+//! (scene cut, anchor interval) writes into the same buffers.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -105,7 +111,8 @@ impl fmt::Display for AttentionScope {
 }
 
 /// The anchor's and the previous frame's attention inputs of one layer at one step,
-/// `(batch, tokens, channels)` each (on the anchor frame both are the anchor's).
+/// `(batch, tokens, channels)` each (on the anchor frame both hold the anchor's), in buffers of
+/// their own.
 struct Entry {
     first: Tensor,
     prev: Tensor,
@@ -115,6 +122,11 @@ impl Entry {
     fn bytes(&self) -> usize {
         (self.first.elem_count() + self.prev.elem_count()) * self.first.dtype().size_in_bytes()
     }
+}
+
+fn next_generation() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// Whether the current frame records a new anchor or reads the stored frames.
@@ -136,6 +148,9 @@ pub struct CrossFrameAttention {
     step: Option<usize>,
     anchor_requested: bool,
     frames_since_anchor: usize,
+    /// Names the store's current buffers; a fresh number (unique in the process) whenever they
+    /// are dropped, so graphs captured on old buffers, or on another instance's, never match.
+    generation: u64,
 }
 
 impl CrossFrameAttention {
@@ -149,6 +164,7 @@ impl CrossFrameAttention {
             step: None,
             anchor_requested: false,
             frames_since_anchor: 0,
+            generation: next_generation(),
         }
     }
 
@@ -175,6 +191,7 @@ impl CrossFrameAttention {
         self.store.clear();
         self.anchored_plan = None;
         self.frames_since_anchor = 0;
+        self.generation = next_generation();
     }
 
     /// The next frame becomes the new anchor (scene cut, anchor interval).
@@ -218,8 +235,13 @@ impl FrameHook for CrossFrameAttention {
             );
         }
         if self.anchor_requested || !same_plan {
-            self.store.clear();
-            self.store.resize_with(plan.timesteps.len(), HashMap::new);
+            if !same_plan {
+                // Buffers of another size or schedule: drop them. A new anchor on the same plan
+                // overwrites them in place instead.
+                self.store.clear();
+                self.store.resize_with(plan.timesteps.len(), HashMap::new);
+                self.generation = next_generation();
+            }
             self.anchored_plan = Some(plan.clone());
             self.anchor_requested = false;
             self.frames_since_anchor = 0;
@@ -249,6 +271,26 @@ impl FrameHook for CrossFrameAttention {
         self
     }
 
+    /// At a step whose entries exist, everything the hook does is device work on the entries'
+    /// buffers (copies in, reads), the same on every frame of a role: replayable. An anchor
+    /// that still has to allocate its entries is not.
+    fn graph_key(&self) -> Option<u64> {
+        let role = match (self.mode, self.role) {
+            (AttentionMode::Off, _) => return Some(0),
+            (_, Role::Follower) => 1,
+            (_, Role::Anchor) => {
+                let step = self.step?;
+                if self.store.get(step).is_none_or(HashMap::is_empty) {
+                    return None;
+                }
+                2
+            }
+        };
+        let mode = self.mode as u64;
+        let scope = self.scope as u64;
+        Some((self.generation << 8) | (mode << 4) | (scope << 2) | role)
+    }
+
     fn end_frame(&mut self) -> Result<()> {
         self.step = None;
         Ok(())
@@ -271,7 +313,17 @@ impl SelfAttentionHook for CrossFrameAttention {
         let layers = &mut self.store[step];
         match self.role {
             Role::Anchor => {
-                layers.insert(layer.to_string(), Entry { first: hidden.clone(), prev: hidden.clone() });
+                match layers.get(layer) {
+                    Some(entry) if entry.first.dims() == hidden.dims() && entry.first.dtype() == hidden.dtype() => {
+                        let hidden = hidden.contiguous()?;
+                        entry.first.slice_set(&hidden, 0, 0)?;
+                        entry.prev.slice_set(&hidden, 0, 0)?;
+                    }
+                    _ => {
+                        let entry = Entry { first: hidden.copy()?, prev: hidden.copy()? };
+                        layers.insert(layer.to_string(), entry);
+                    }
+                }
                 Ok(None)
             }
             Role::Follower => {
@@ -292,9 +344,88 @@ impl SelfAttentionHook for CrossFrameAttention {
                     AttentionMode::Off => unreachable!("handled above"),
                 };
                 let (keys, values) = project(&context)?;
-                entry.prev = hidden.clone();
+                // After the projection in stream order, so "previous" is read before it is
+                // overwritten (for `Prev` the context is the buffer itself).
+                entry.prev.slice_set(&hidden.contiguous()?, 0, 0)?;
                 Ok(Some((keys, values)))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn plan(steps: usize) -> FramePlan {
+        FramePlan { timesteps: (0..steps).map(|i| 900 - 100 * i).collect(), width: 64, height: 64, batch: 2 }
+    }
+
+    /// Runs one frame through the hook: every step calls the one up-block layer with `value`.
+    fn frame(hook: &mut CrossFrameAttention, plan: &FramePlan, value: f32) -> Vec<Option<u64>> {
+        let project = |h: &Tensor| Ok((h.clone(), h.clone()));
+        let hidden = Tensor::full(value, (2, 4, 8), &Device::Cpu).unwrap();
+        hook.begin_frame(plan).unwrap();
+        let keys = plan
+            .timesteps
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| {
+                hook.begin_step(i, t).unwrap();
+                let key = hook.graph_key();
+                hook.self_attention("up_blocks.1.attentions.0.transformer_blocks.0.attn1", &hidden, &project).unwrap();
+                key
+            })
+            .collect();
+        hook.end_frame().unwrap();
+        keys
+    }
+
+    #[test]
+    fn graph_keys_follow_the_stores_buffers() {
+        let plan = plan(3);
+        let mut hook = CrossFrameAttention::new(AttentionMode::FirstPrev, AttentionScope::Up);
+        // The first anchor allocates its entries: not replayable.
+        assert_eq!(frame(&mut hook, &plan, 1.0), vec![None; 3]);
+        let follower = frame(&mut hook, &plan, 2.0);
+        assert!(follower.iter().all(Option::is_some));
+        assert_eq!(frame(&mut hook, &plan, 3.0), follower, "followers share keys");
+        // A new anchor on the same plan writes into the same buffers: replayable, own key.
+        hook.request_anchor();
+        let anchor = frame(&mut hook, &plan, 4.0);
+        assert!(anchor.iter().all(Option::is_some) && anchor != follower);
+        let entry = &hook.store[0]["up_blocks.1.attentions.0.transformer_blocks.0.attn1"];
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert!(values(&entry.first).iter().chain(&values(&entry.prev)).all(|&v| v == 4.0));
+        assert_eq!(frame(&mut hook, &plan, 5.0), follower, "same buffers, same follower keys");
+        // Another instance, or new buffers after a reset, never reuse these keys.
+        let mut other = CrossFrameAttention::new(AttentionMode::FirstPrev, AttentionScope::Up);
+        frame(&mut other, &plan, 1.0);
+        assert_ne!(frame(&mut other, &plan, 2.0), follower);
+        hook.reset();
+        frame(&mut hook, &plan, 1.0);
+        assert_ne!(frame(&mut hook, &plan, 2.0), follower);
+    }
+
+    #[test]
+    fn followers_overwrite_previous_in_place_after_reading_it() {
+        let plan = plan(1);
+        let layer = "up_blocks.1.attentions.0.transformer_blocks.0.attn1";
+        let mut hook = CrossFrameAttention::new(AttentionMode::Prev, AttentionScope::Up);
+        frame(&mut hook, &plan, 1.0);
+        let seen = std::cell::RefCell::new(Vec::new());
+        let project = |h: &Tensor| {
+            seen.borrow_mut().push(h.flatten_all()?.to_vec1::<f32>()?[0]);
+            Ok((h.clone(), h.clone()))
+        };
+        for value in [2.0f32, 3.0] {
+            hook.begin_frame(&plan).unwrap();
+            hook.begin_step(0, plan.timesteps[0]).unwrap();
+            let hidden = Tensor::full(value, (2, 4, 8), &Device::Cpu).unwrap();
+            hook.self_attention(layer, &hidden, &project).unwrap();
+            hook.end_frame().unwrap();
+        }
+        assert_eq!(*seen.borrow(), vec![1.0, 2.0], "each frame reads the frame before it");
     }
 }

@@ -11,5 +11,6 @@ pub mod models;
 pub mod pipeline;
 pub mod scheduler;
 pub mod session;
+pub mod step_graphs;
 pub mod tokenizer;
 pub mod weights;

@@ -3,16 +3,18 @@
 //! is taken at its mean (deterministic: no per-frame sampling noise, no flicker from it).
 
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
 use crate::models::attention::{NoHook, SelfAttentionHook};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
-use crate::models::controlnet::{ControlNetConfig, ControlNetModel};
+use crate::models::controlnet::{ControlCondition, ControlNetConfig, ControlNetModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::scheduler::{DdimScheduler, DdimSchedulerConfig};
+use crate::step_graphs::{GraphStats, StepGraphs, StepKey};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{self, ComponentFiles};
 
@@ -73,6 +75,13 @@ pub trait FrameHook {
     }
     /// The hook the UNet calls at each self-attention during the current step.
     fn attention_hook(&mut self) -> &mut dyn SelfAttentionHook;
+    /// Called after `begin_step`: `Some(key)` when the current step may be captured in a CUDA
+    /// graph and later replayed without calling the hook, because all the hook does at this
+    /// step is device work on buffers that stay where they are, the same for every step with
+    /// this key. `None` (the default) keeps the step eager.
+    fn graph_key(&self) -> Option<u64> {
+        None
+    }
     /// Called after the frame's last step.
     fn end_frame(&mut self) -> Result<()> {
         Ok(())
@@ -84,6 +93,10 @@ pub trait FrameHook {
 pub struct PlainFrame(NoHook);
 
 impl FrameHook for PlainFrame {
+    fn graph_key(&self) -> Option<u64> {
+        Some(0)
+    }
+
     fn attention_hook(&mut self) -> &mut dyn SelfAttentionHook {
         &mut self.0
     }
@@ -157,6 +170,8 @@ pub struct Img2Img {
     latent_channels: usize,
     vae_scale_factor: usize,
     dtype: DType,
+    /// Captured denoising steps (CUDA); behind a Mutex because `run` takes `&self`.
+    step_graphs: Mutex<StepGraphs>,
 }
 
 impl Img2Img {
@@ -177,7 +192,14 @@ impl Img2Img {
             latent_channels: vae_config.latent_channels,
             vae_scale_factor: 1 << vae_config.block_out_channels.len().saturating_sub(1),
             dtype,
+            step_graphs: Mutex::new(StepGraphs::default()),
         }
+    }
+
+    /// How denoising steps ran so far: eagerly, captured, replayed (see `step_graphs`), and
+    /// why the last capture failed, if one did.
+    pub fn graph_stats(&self) -> (GraphStats, Option<String>) {
+        self.step_graphs.lock().map(|g| (g.stats(), g.last_error().map(str::to_string))).unwrap_or_default()
     }
 
     /// Frame sizes must be multiples of this (8 for SD).
@@ -245,24 +267,38 @@ impl Img2Img {
         observer.stage_done(Stage::Encoded)?;
 
         hook.begin_frame(&FramePlan { timesteps: timesteps.clone(), width, height, batch })?;
+        let mut graphs = self.step_graphs.lock().map_err(|_| anyhow::anyhow!("step graphs poisoned by a panic"))?;
+        // Small uploads (the timestep embedding, kernel shape arguments) are cached by content
+        // so that a later capture of the same step finds them on the device.
+        #[cfg(feature = "cuda")]
+        let _upload_cache = match frame.device() {
+            Device::Cuda(cuda) if StepGraphs::enabled_for(frame.device()) => Some(cuda.enable_cuda_graph_htod_cache()),
+            _ => None,
+        };
         for (index, &timestep) in timesteps.iter().enumerate() {
             let _span = tracing::debug_span!("denoise_step", index, timestep).entered();
             hook.begin_step(index, timestep)?;
             let model_input = latents.repeat((batch, 1, 1, 1))?;
-            let residuals = self.controlnet.forward_embedded(
-                &model_input,
-                timestep as f64,
-                embeddings,
-                &condition,
-                settings.controlnet_scale,
-            )?;
-            let noise_pred = self.unet.forward(
-                &model_input,
-                timestep as f64,
-                embeddings,
-                Some(&residuals),
-                hook.attention_hook(),
-            )?;
+            let key = StepKey {
+                index,
+                timestep,
+                controlnet_scale_bits: settings.controlnet_scale.to_bits(),
+                hook: hook.graph_key(),
+            };
+            let inputs = [&model_input, embeddings, condition.tensor()];
+            let noise_pred = graphs.run(frame.device(), key, &inputs, |inputs| {
+                let [model_input, embeddings, condition] = inputs else {
+                    candle_core::bail!("a denoising step takes three inputs")
+                };
+                let residuals = self.controlnet.forward_embedded(
+                    model_input,
+                    timestep as f64,
+                    embeddings,
+                    &ControlCondition::from_embedding(condition.clone()),
+                    settings.controlnet_scale,
+                )?;
+                self.unet.forward(model_input, timestep as f64, embeddings, Some(&residuals), hook.attention_hook())
+            })?;
             let noise_pred = if guidance {
                 let uncond = noise_pred.narrow(0, 0, 1)?;
                 let cond = noise_pred.narrow(0, 1, 1)?;
@@ -348,6 +384,12 @@ impl Stylizer {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// How denoising steps ran so far (CUDA graphs: eager, captured, replayed, failed) and
+    /// why the last capture failed.
+    pub fn graph_stats(&self) -> (GraphStats, Option<String>) {
+        self.img2img.graph_stats()
     }
 
     /// Frame sizes must be multiples of this (8 for SD).

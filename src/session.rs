@@ -66,6 +66,10 @@ impl FrameHook for CancellableFrame<'_> {
     fn attention_hook(&mut self) -> &mut dyn SelfAttentionHook {
         self.attention.attention_hook()
     }
+    /// The cancel check runs in `begin_step`, outside any captured graph.
+    fn graph_key(&self) -> Option<u64> {
+        self.attention.graph_key()
+    }
     fn end_frame(&mut self) -> Result<()> {
         self.attention.end_frame()
     }

@@ -12,6 +12,7 @@ use common::*;
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
 use sdcrossframe::pipeline::Stylizer;
 use sdcrossframe::session::{SessionConfig, VideoSession};
+use sdcrossframe::step_graphs::StepGraphs;
 
 const FRAMES: usize = 4;
 
@@ -21,12 +22,23 @@ fn run_session(device: &Device, dtype: DType) -> Vec<Tensor> {
         SessionConfig { attention: AttentionMode::FirstPrev, scope: AttentionScope::Up, ..SessionConfig::default() };
     let mut session = VideoSession::new(stylizer, config, base_settings()).unwrap();
     session.set_noise(Some(fixture_noise().to_device(device).unwrap()));
-    (0..FRAMES)
+    let images = (0..FRAMES)
         .map(|k| {
             let image = session.push(&frame(k), Some(&control(k))).unwrap().image;
             image.to_device(&Device::Cpu).unwrap().to_dtype(DType::F32).unwrap()
         })
-        .collect()
+        .collect();
+    if device.is_cuda() && StepGraphs::enabled_for(device) {
+        // Frame 1 is the anchor and frame 2 the first follower (eager); frame 3 captures its
+        // steps, frame 4 replays them: the comparison covers replayed CUDA graphs.
+        let (stats, error) = session.stylizer().graph_stats();
+        println!("{dtype:?} denoising steps: {stats:?}");
+        assert!(
+            stats.captured > 0 && stats.replayed > 0 && stats.failed == 0,
+            "{dtype:?}: steps did not run from CUDA graphs: {stats:?}, capture error: {error:?}"
+        );
+    }
+    images
 }
 
 fn differences(got: &[Tensor], want: &[Tensor]) -> (f32, f32) {

@@ -985,6 +985,7 @@ fn frame(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Opti
         if let Some(p) = probe {
             p.reset_peak()?;
         }
+        let (graphs_before, _) = models.img2img.graph_stats();
         // Frame 0 is the anchor (plain attention, fills the store); the timed frames follow it.
         let (_, anchor) = staged_frame(&models, device, &input, &mut hook)?;
         let mut times = Vec::new();
@@ -1003,8 +1004,18 @@ fn frame(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Opti
             Some(p) => Some(p.peak()?),
             None => None,
         };
+        let (graphs, capture_error) = models.img2img.graph_stats();
+        if let Some(e) = capture_error {
+            println!("CUDA graph capture failed ({} steps): {e}", graphs.failed);
+        }
         rows.push(Row {
-            label: format!("attention {mode} (anchor frame {:.0} ms)", anchor.total),
+            label: format!(
+                "attention {mode} (anchor frame {:.0} ms; steps eager/captured/replayed {}/{}/{})",
+                anchor.total,
+                graphs.eager - graphs_before.eager,
+                graphs.captured - graphs_before.captured,
+                graphs.replayed - graphs_before.replayed
+            ),
             times,
             peak,
             finite,

@@ -237,6 +237,12 @@ impl ControlCondition {
     pub fn tensor(&self) -> &Tensor {
         &self.embedding
     }
+
+    /// An embedding made by `embed_condition` (or a copy of one, e.g. a static buffer that a
+    /// captured CUDA graph reads).
+    pub(crate) fn from_embedding(embedding: Tensor) -> Self {
+        Self { embedding }
+    }
 }
 
 /// `controlnet_cond_embedding`: conv_in, pairs of (3x3, strided 3x3) convs, conv_out, SiLU

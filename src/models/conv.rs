@@ -318,14 +318,7 @@ mod cudnn {
 
         fn shape_line(key: &Key) -> String {
             let dims = |d: [usize; 4]| d.map(|v| v.to_string()).join("x");
-            format!(
-                "{:?} {} {} p{} s{}",
-                key.dtype,
-                dims(key.input),
-                dims(key.filter),
-                key.padding,
-                key.stride
-            )
+            format!("{:?} {} {} p{} s{}", key.dtype, dims(key.input), dims(key.filter), key.padding, key.stride)
         }
 
         fn method_name(method: Method) -> String {
