@@ -5,8 +5,9 @@
 //! the architecture from `CUDA_COMPUTE_CAP` (e.g. 90 for H100, default 90). The kernel uses
 //! `mma.sync` bf16 tensor-core instructions, which need sm_80 or newer: for an older target no
 //! PTX is made and the engine keeps its unfused attention (cfg `sdcrossframe_flash_ptx` unset).
-//! `kernels/group_norm.cu` (cfg `sdcrossframe_group_norm_ptx`) and `kernels/elementwise.cu` (cfg
-//! `sdcrossframe_elementwise_ptx`) build for any architecture.
+//! `kernels/group_norm.cu` (cfg `sdcrossframe_group_norm_ptx`), `kernels/elementwise.cu` (cfg
+//! `sdcrossframe_elementwise_ptx`) and `kernels/im2col.cu` (cfg `sdcrossframe_im2col_ptx`) build
+//! for any architecture.
 
 use std::env;
 use std::path::PathBuf;
@@ -15,17 +16,20 @@ use std::process::Command;
 const FLASH_KERNEL: &str = "kernels/flash_attention.cu";
 const GROUP_NORM_KERNEL: &str = "kernels/group_norm.cu";
 const ELEMENTWISE_KERNEL: &str = "kernels/elementwise.cu";
+const IM2COL_KERNEL: &str = "kernels/im2col.cu";
 
 fn main() {
     println!("cargo::rerun-if-changed={FLASH_KERNEL}");
     println!("cargo::rerun-if-changed={GROUP_NORM_KERNEL}");
     println!("cargo::rerun-if-changed={ELEMENTWISE_KERNEL}");
+    println!("cargo::rerun-if-changed={IM2COL_KERNEL}");
     for var in ["CUDA_TOOLKIT_DIR", "CUDA_HOME", "CUDA_PATH", "CUDA_COMPUTE_CAP", "NVCC_CCBIN"] {
         println!("cargo::rerun-if-env-changed={var}");
     }
     println!("cargo::rustc-check-cfg=cfg(sdcrossframe_flash_ptx)");
     println!("cargo::rustc-check-cfg=cfg(sdcrossframe_group_norm_ptx)");
     println!("cargo::rustc-check-cfg=cfg(sdcrossframe_elementwise_ptx)");
+    println!("cargo::rustc-check-cfg=cfg(sdcrossframe_im2col_ptx)");
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -35,6 +39,8 @@ fn main() {
     println!("cargo::rustc-cfg=sdcrossframe_group_norm_ptx");
     compile_ptx(ELEMENTWISE_KERNEL, "elementwise.ptx", cap);
     println!("cargo::rustc-cfg=sdcrossframe_elementwise_ptx");
+    compile_ptx(IM2COL_KERNEL, "im2col.ptx", cap);
+    println!("cargo::rustc-cfg=sdcrossframe_im2col_ptx");
     if cap < 80 {
         println!(
             "cargo::warning=CUDA_COMPUTE_CAP={cap}: the fused attention kernel needs sm_80 or newer; \

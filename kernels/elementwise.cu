@@ -10,6 +10,7 @@
 // bias_add_cols_*: x is (rows, cols); out = x + bias[col] (+ residual): a linear layer's output.
 // geglu_*: h is (rows, 2f); out (rows, f) = (h[:, j] + b[j]) * gelu_erf(h[:, f + j] + b[f + j]),
 //   diffusers' GEGLU with the projection's bias folded in (b may be null).
+// layer_norm_*: see layer_norm_rows below (its own launch shape).
 //
 // Launch: block THREADS; grid (ceil(cols / (THREADS * VEC)), min(rows, 65535)); blocks loop over
 // rows in steps of gridDim.y. `vec` != 0 selects 16-byte loads and stores: the caller checks
@@ -129,6 +130,65 @@ __device__ __forceinline__ void geglu(const T* __restrict__ h, const T* __restri
     }
 }
 
+// LayerNorm over rows of `cols` values (cols % VEC == 0, cols <= VEC * 32 * MAX_WORDS): one warp
+// per row holds the row in registers, so x is read once; mean and variance in f32 (two passes
+// over the registers), then (x - mean) * rstd * gamma + beta. Launch: block THREADS (8 rows),
+// grid ceil(rows / 8) capped at 65535 (blocks loop over rows).
+constexpr int LN_MAX_WORDS = 8;
+
+template <typename T>
+__device__ __forceinline__ void layer_norm_rows(const T* __restrict__ x, const T* __restrict__ gamma,
+                                                const T* __restrict__ beta, T* __restrict__ out, int64_t rows,
+                                                int cols, float eps) {
+    constexpr int VEC = Pack<T>::VEC;
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int words = cols / VEC;
+    for (int64_t row = static_cast<int64_t>(blockIdx.x) * (THREADS / 32) + warp; row < rows;
+         row += static_cast<int64_t>(gridDim.x) * (THREADS / 32)) {
+        const T* xr = x + row * cols;
+        Pack<T> p[LN_MAX_WORDS];
+        float sum = 0.f;
+#pragma unroll
+        for (int k = 0; k < LN_MAX_WORDS; ++k) {
+            const int w = lane + 32 * k;
+            if (w < words) {
+                p[k] = load16(xr + w * VEC);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) sum += to_float(p[k].v[i]);
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffff, sum, o);
+        const float mean = sum / cols;
+        float var = 0.f;
+#pragma unroll
+        for (int k = 0; k < LN_MAX_WORDS; ++k) {
+            if (lane + 32 * k < words) {
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    const float d = to_float(p[k].v[i]) - mean;
+                    var += d * d;
+                }
+            }
+        }
+        for (int o = 16; o > 0; o >>= 1) var += __shfl_xor_sync(0xffffffff, var, o);
+        const float rstd = rsqrtf(var / cols + eps);
+        T* orow = out + row * cols;
+#pragma unroll
+        for (int k = 0; k < LN_MAX_WORDS; ++k) {
+            const int w = lane + 32 * k;
+            if (w < words) {
+                const Pack<T> g = load16(gamma + w * VEC), b = load16(beta + w * VEC);
+                Pack<T> y;
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) {
+                    y.v[i] = from_float<T>((to_float(p[k].v[i]) - mean) * rstd * to_float(g.v[i]) + to_float(b.v[i]));
+                }
+                store16(orow + w * VEC, y);
+            }
+        }
+    }
+}
+
 #define ELEMENTWISE(NAME, T)                                                                                   \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                      \
         bias_add_rows_##NAME(const T* x, const T* bias, const T* residual, T* out, int64_t rows, int64_t cols, \
@@ -143,6 +203,10 @@ __device__ __forceinline__ void geglu(const T* __restrict__ h, const T* __restri
     extern "C" __global__ void __launch_bounds__(THREADS)                                                      \
         geglu_##NAME(const T* h, const T* bias, T* out, int64_t rows, int64_t f, int vec) {                    \
         geglu<T>(h, bias, out, rows, f, vec);                                                                  \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                      \
+        layer_norm_##NAME(const T* x, const T* gamma, const T* beta, T* out, int64_t rows, int cols, float eps) { \
+        layer_norm_rows<T>(x, gamma, beta, out, rows, cols, eps);                                              \
     }
 
 ELEMENTWISE(f32, float)

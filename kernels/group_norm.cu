@@ -10,6 +10,8 @@
 // variance from cancelling when the mean is large against the spread.
 // Pass 2 (group_norm_apply_*): each block adds up its row's chunk partials, then writes
 // (x - mean) * rstd * gamma[c] + beta[c] (and SiLU) for its chunk.
+// `vec` (both passes): 16-byte loads and stores; the caller checks that the input starts
+// 16-byte aligned and that spatial (hence row_len) is a multiple of 16 / sizeof(T).
 
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -47,19 +49,42 @@ __device__ __forceinline__ void block_sum2(float &a, float &b) {
     }
 }
 
+// VEC values of T in one 16-byte word (the vector path: rows and chunks start 16-byte aligned).
+template <typename T> struct Pack {
+    static constexpr int VEC = 16 / sizeof(T);
+    union {
+        uint4 raw;
+        T v[VEC];
+    };
+};
+
 // partials: rows x chunks x 2 floats (shifted sum, shifted sum of squares).
 template <typename T>
-__device__ void stats(const T *__restrict__ x, float *__restrict__ partials, int64_t row_len, int chunks) {
+__device__ void stats(const T *__restrict__ x, float *__restrict__ partials, int64_t row_len, int chunks, int vec) {
+    constexpr int VEC = Pack<T>::VEC;
     const int chunk = blockIdx.x, row = blockIdx.y;
     const T *xr = x + (int64_t)row * row_len;
     const float shift = to_float(xr[0]);
     const int64_t begin = (int64_t)chunk * CHUNK;
     const int64_t end = min(begin + CHUNK, row_len);
     float s = 0.f, ss = 0.f;
-    for (int64_t i = begin + threadIdx.x; i < end; i += THREADS) {
-        const float v = to_float(xr[i]) - shift;
-        s += v;
-        ss += v * v;
+    if (vec) {
+        for (int64_t i = begin + threadIdx.x * VEC; i < end; i += THREADS * VEC) {
+            Pack<T> p;
+            p.raw = *reinterpret_cast<const uint4 *>(xr + i);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                const float v = to_float(p.v[j]) - shift;
+                s += v;
+                ss += v * v;
+            }
+        }
+    } else {
+        for (int64_t i = begin + threadIdx.x; i < end; i += THREADS) {
+            const float v = to_float(xr[i]) - shift;
+            s += v;
+            ss += v * v;
+        }
     }
     block_sum2(s, ss);
     if (threadIdx.x == 0) {
@@ -72,7 +97,8 @@ __device__ void stats(const T *__restrict__ x, float *__restrict__ partials, int
 template <typename T>
 __device__ void apply(const T *__restrict__ x, const float *__restrict__ partials, const T *__restrict__ gamma,
                       const T *__restrict__ beta, T *__restrict__ y, int64_t row_len, int chunks, int64_t spatial,
-                      int channels_per_group, int groups, float eps, int silu) {
+                      int channels_per_group, int groups, float eps, int silu, int vec) {
+    constexpr int VEC = Pack<T>::VEC;
     const int chunk = blockIdx.x, row = blockIdx.y;
     __shared__ float mean_rstd[2];
     float s = 0.f, ss = 0.f;
@@ -95,6 +121,24 @@ __device__ void apply(const T *__restrict__ x, const float *__restrict__ partial
     T *yr = y + (int64_t)row * row_len;
     const int64_t begin = (int64_t)chunk * CHUNK;
     const int64_t end = min(begin + CHUNK, row_len);
+    if (vec) {
+        // spatial % VEC == 0: the VEC values of a word share a channel.
+        for (int64_t i = begin + threadIdx.x * VEC; i < end; i += THREADS * VEC) {
+            const int c = first_channel + (int)(i / spatial);
+            const float scale = rstd * to_float(gamma[c]);
+            const float offset = to_float(beta[c]) - mean * scale;
+            Pack<T> p;
+            p.raw = *reinterpret_cast<const uint4 *>(xr + i);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) {
+                float v = to_float(p.v[j]) * scale + offset;
+                if (silu) v = v / (1.f + __expf(-v));
+                p.v[j] = from_float<T>(v);
+            }
+            *reinterpret_cast<uint4 *>(yr + i) = p.raw;
+        }
+        return;
+    }
     for (int64_t i = begin + threadIdx.x; i < end; i += THREADS) {
         const int c = first_channel + (int)(i / spatial);
         float v = (to_float(xr[i]) - mean) * rstd * to_float(gamma[c]) + to_float(beta[c]);
@@ -105,14 +149,15 @@ __device__ void apply(const T *__restrict__ x, const float *__restrict__ partial
 
 #define GROUP_NORM(NAME, T)                                                                                      \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                        \
-        group_norm_stats_##NAME(const T *x, float *partials, int64_t row_len, int chunks) {                      \
-        stats<T>(x, partials, row_len, chunks);                                                                  \
+        group_norm_stats_##NAME(const T *x, float *partials, int64_t row_len, int chunks, int vec) {             \
+        stats<T>(x, partials, row_len, chunks, vec);                                                             \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                        \
         group_norm_apply_##NAME(const T *x, const float *partials, const T *gamma, const T *beta, T *y,          \
                                 int64_t row_len, int chunks, int64_t spatial, int channels_per_group, int groups, \
-                                float eps, int silu) {                                                           \
-        apply<T>(x, partials, gamma, beta, y, row_len, chunks, spatial, channels_per_group, groups, eps, silu);  \
+                                float eps, int silu, int vec) {                                                  \
+        apply<T>(x, partials, gamma, beta, y, row_len, chunks, spatial, channels_per_group, groups, eps, silu,    \
+                 vec);                                                                                           \
     }
 
 GROUP_NORM(f32, float)

@@ -107,11 +107,15 @@ status=0
 if [ "$PROFILE" = 1 ]; then
     NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
     [ -n "$NCU" ] || { echo "bench-gpu: ncu (Nsight Compute) not found" >&2; exit 1; }
+    # The profiled run reuses this run's convolution choices: tuned under the profiler, its
+    # launch overhead would skew them.
+    export SDCROSSFRAME_CONV_PLANS="$RESULTS/conv-plans.txt"
+    rm -f "$SDCROSSFRAME_CONV_PLANS"
     echo "== candle: unet-step wall time without the profiler, and one step as a CUDA graph, f16"
     "$BIN" --device cuda:0 --dtype f16 --warmup 3 --runs 20 unet-step --cuda-graph 2>&1 | tee "$RESULTS/candle-unet-step.txt"
     step_ms=$(awk -F'|' '/^\| plain attention/ {gsub(/ /, "", $5); print $5}' "$RESULTS/candle-unet-step.txt")
-    echo "== ncu: the kernels of one plain step"
-    "$NCU" --profile-from-start off --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
+    echo "== ncu: the kernels of one plain step (caches not flushed between kernels)"
+    "$NCU" --profile-from-start off --clock-control none --cache-control none --metrics gpu__time_duration.sum --csv --page raw \
         --print-units base "$BIN" --device cuda:0 --dtype f16 --warmup 2 --runs 1 unet-step --profiler-range \
         >"$RESULTS/ncu-step.csv" 2>"$RESULTS/ncu-step.err" || { tail -5 "$RESULTS/ncu-step.err"; exit 1; }
     python3 scripts/ncu-summary.py "$RESULTS/ncu-step.csv" --top 40 ${step_ms:+--step-ms "$step_ms"} \
@@ -141,12 +145,13 @@ python3 tests/reference/bench_ops_torch.py --dtype fp16 2>&1 | tee "$RESULTS/tor
 
 if [ "$FRAME" = 1 ]; then
     echo "== candle: sdcrossframe-bench frame, random SD1.5 weights, f16, 512x512"
-    "$BIN" --device cuda:0 --dtype f16 --warmup 1 --runs 3 frame 2>&1 | tee "$RESULTS/candle-frame.txt" || status=1
+    # Warm-up 3: the anchor, then two follower frames (run eagerly, then captured as CUDA graphs).
+    "$BIN" --device cuda:0 --dtype f16 --warmup 3 --runs 5 frame 2>&1 | tee "$RESULTS/candle-frame.txt" || status=1
     echo "== diffusers: tests/reference/bench_diffusers_frame.py, StableDiffusionControlNetImg2ImgPipeline, fp16"
     PYTHONUNBUFFERED=1 python3 tests/reference/bench_diffusers_frame.py --dtype fp16 --frames 6 --warmup 2 2>&1 \
         | grep -v "should be kept in float32" | tee "$RESULTS/diffusers-frame.txt" || status=1
     echo "== candle: sdcrossframe-bench frame, tiny fixture model, f32, 96x64"
-    "$BIN" --device cuda:0 --dtype f32 --warmup 1 --runs 5 frame --model tests/fixtures/tiny-sd \
+    "$BIN" --device cuda:0 --dtype f32 --warmup 3 --runs 5 frame --model tests/fixtures/tiny-sd \
         --controlnet tests/fixtures/tiny-controlnet --width 96 --height 64 2>&1 | tee "$RESULTS/candle-frame-tiny.txt" || status=1
 fi
 exit $status

@@ -195,6 +195,22 @@ impl StepGraphs {
     }
 }
 
+/// GPU time of one call of `f`, measured as a CUDA graph replays it: `reps` calls captured in
+/// one graph, launched once to warm up, then timed over two launches. Unlike timing eager
+/// calls, this leaves out the host's launch overhead, which replayed steps do not pay (the
+/// convolution tuner chose differently on host timing). An error when `f` cannot be captured.
+#[cfg(feature = "cuda")]
+pub fn graph_time(device: &Device, reps: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> Result<f64> {
+    let graph = imp::Graph::capture(device, || (0..reps).try_for_each(|_| f()))?;
+    graph.launch()?;
+    device.synchronize()?;
+    let start = std::time::Instant::now();
+    graph.launch()?;
+    graph.launch()?;
+    device.synchronize()?;
+    Ok(start.elapsed().as_secs_f64() / (2 * reps) as f64)
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     use anyhow::{Context, Result, anyhow, bail};

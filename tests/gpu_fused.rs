@@ -144,3 +144,22 @@ fn pointwise_convolutions_as_gemms_match_candle_conv() {
         assert!(err < bound * 4.0, "from tokens {dtype:?}: {err}");
     }
 }
+
+#[test]
+fn layer_norm_matches_candle_nn() {
+    let gpu = gpu();
+    // The transformer widths (320, 640, 1280), the kernel's widest row (2048), an odd width
+    // (candle-nn's kernel then).
+    for (rows, width) in [(8192usize, 320usize), (2048, 640), (512, 1280), (77, 2048), (33, 12)] {
+        let x = ((randn(&[2, rows, width]) * 2.0).unwrap() + 0.5).unwrap();
+        let (weight, bias) = (randn(&[width]), randn(&[width]));
+        let expected = candle_nn::LayerNorm::new(weight.clone(), bias.clone(), 1e-5).forward(&x).unwrap();
+        for (dtype, bound) in CASES {
+            let norm = candle_nn::LayerNorm::new(on(&weight, dtype, &gpu), on(&bias, dtype, &gpu), 1e-5);
+            let got = fused::layer_norm(&norm, &on(&x, dtype, &gpu)).unwrap();
+            let err = max_abs_diff(&got, &expected);
+            println!("LayerNorm 2x{rows}x{width} {dtype:?}: max abs diff {err:.2e}");
+            assert!(err < bound * 4.0, "LayerNorm {rows}x{width} {dtype:?}: {err}");
+        }
+    }
+}

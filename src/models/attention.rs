@@ -241,15 +241,15 @@ impl BasicTransformerBlock {
         hook: &mut dyn SelfAttentionHook,
     ) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let h = self.norm1.forward(xs)?;
+        let h = fused::layer_norm(&self.norm1, xs)?;
         let xs = if self.only_cross_attention {
             // attn1 attends to the text here; it is not a self-attention, so no hook.
             self.attn1.forward(&h, Some(encoder_hidden_states), Some(xs))?
         } else {
             self.attn1.forward_self(&h, hook, Some(xs))?
         };
-        let xs = self.attn2.forward(&self.norm2.forward(&xs)?, Some(encoder_hidden_states), Some(&xs))?;
-        self.ff.forward(&self.norm3.forward(&xs)?, &xs)
+        let xs = self.attn2.forward(&fused::layer_norm(&self.norm2, &xs)?, Some(encoder_hidden_states), Some(&xs))?;
+        self.ff.forward(&fused::layer_norm(&self.norm3, &xs)?, &xs)
     }
 }
 

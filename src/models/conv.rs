@@ -7,9 +7,10 @@
 //! asks cuDNN's heuristics for an algorithm on every call, and leaves the math type at its
 //! default. Ours keeps the descriptors per shape, allows tensor-core math, accumulates in f32
 //! (as PyTorch does), and times the candidates once per shape, like PyTorch's
-//! `cudnn.benchmark`: every cuDNN algorithm and candle's im2col, keeping the fastest. cuDNN's
-//! heuristic pick alone was 3x faster than im2col at 64x64 but 3x slower at 16x16.
-//! `SDCROSSFRAME_CONV=im2col` (candle only) or `cudnn` (cuDNN only) narrows the choice for A/B
+//! `cudnn.benchmark`: every cuDNN algorithm and an im2col + GEMM ([`super::im2col`], whose
+//! columns let the GEMM write NCHW directly), keeping the fastest. cuDNN's heuristic pick alone
+//! was 3x faster than im2col at 64x64 but 3x slower at 16x16.
+//! `SDCROSSFRAME_CONV=im2col` (im2col only) or `cudnn` (cuDNN only) narrows the choice for A/B
 //! measurements. `SDCROSSFRAME_CONV_PLANS=FILE` keeps the choices in FILE: later processes skip
 //! the timing (seconds on the first frame) and a profiler run gets the choices of a normal run.
 //! On CUDA, 1x1 convolutions are GEMMs (cuBLAS) and never reach the tuning.
@@ -84,6 +85,9 @@ impl Conv2d {
         #[cfg(feature = "cudnn")]
         if cudnn::applies(xs) {
             return cudnn::conv2d(xs, &self.weight, self.padding, self.stride);
+        }
+        if super::im2col::applies(xs) {
+            return super::im2col::conv2d_columns(xs, &self.weight, self.padding, self.stride);
         }
         xs.conv2d(&self.weight, self.padding, self.stride, 1, 1)
     }
@@ -257,17 +261,28 @@ mod cudnn {
 
     fn run_method(xs: &Tensor, weight: &Tensor, key: &Key, method: Method) -> Result<Tensor> {
         match method {
+            Method::Im2col if crate::models::im2col::applies(xs) => {
+                crate::models::im2col::conv2d_columns(xs, weight, key.padding, key.stride)
+            }
             Method::Im2col => xs.conv2d(weight, key.padding, key.stride, 1, 1),
             Method::Cudnn(algo) => xs.apply_op2_no_bwd(weight, &CudnnConv { key: *key, algo }),
         }
     }
 
-    /// Times every candidate on this shape (one warm-up, three runs) and keeps the fastest.
+    /// Times every candidate on this shape (one warm-up, then five calls replayed from a CUDA
+    /// graph twice) and keeps the fastest.
     fn tune(xs: &Tensor, weight: &Tensor, key: &Key) -> Result<Method> {
         let _span = tracing::debug_span!("conv-tune", input = ?key.input, filter = ?key.filter).entered();
         let device = xs.device();
         let time = |method: Method| -> Result<f64> {
             run_method(xs, weight, key, method)?;
+            // GPU time as a replayed graph runs it (host timing favoured methods with fewer
+            // launches); host timing if the method cannot be captured.
+            let in_graph = crate::step_graphs::graph_time(device, 5, || run_method(xs, weight, key, method).map(drop));
+            match in_graph {
+                Ok(t) => return Ok(t),
+                Err(e) => tracing::debug!(?method, "timing without a graph: {e:#}"),
+            }
             device.synchronize()?;
             let start = Instant::now();
             for _ in 0..3 {

@@ -146,6 +146,79 @@ pub fn geglu(proj: &Linear, xs: &Tensor) -> Result<Tensor> {
     out.reshape(out_dims)
 }
 
+/// candle-nn's `LayerNorm` (with bias) over the last dim. On CUDA in f16/bf16, for widths up to
+/// 2048 that are multiples of 8, one warp per row reads the row once (candle's kernel: 10.7 us
+/// per 2x4096x320 call in an H100 profile, 69 calls per UNet + ControlNet step).
+pub fn layer_norm(norm: &candle_nn::LayerNorm, xs: &Tensor) -> Result<Tensor> {
+    let features = xs.dim(D::Minus1)?;
+    let vec_width = 16 / xs.dtype().size_in_bytes();
+    let fits = matches!(xs.dtype(), DType::F16 | DType::BF16)
+        && features.is_multiple_of(vec_width)
+        && features <= vec_width * 32 * LAYER_NORM_MAX_WORDS;
+    let (Some(bias), true, true) = (norm.bias(), fits, applies(xs)) else {
+        return norm.forward(xs);
+    };
+    let xs = xs.contiguous()?;
+    let op = LayerNormRows { rows: xs.elem_count() / features.max(1), cols: features, eps: norm.eps() as f32 };
+    let (gamma, beta) = (norm.weight().to_dtype(xs.dtype())?, bias.to_dtype(xs.dtype())?);
+    xs.apply_op3_no_bwd(&gamma.contiguous()?, &beta.contiguous()?, &op)
+}
+
+/// 16-byte words per lane in the LayerNorm kernel (as `LN_MAX_WORDS` there).
+const LAYER_NORM_MAX_WORDS: usize = 8;
+
+/// LayerNorm's geometry: `rows` of `cols` values, normalised with `eps`.
+#[derive(Debug, Clone, Copy)]
+struct LayerNormRows {
+    rows: usize,
+    cols: usize,
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for LayerNormRows {
+    fn name(&self) -> &'static str {
+        "layer-norm-rows"
+    }
+
+    /// The kernel's computation in f32 (tests of the op's geometry).
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = cpu_to_f32(xs, xl, "LayerNorm", "input")?;
+        let (g, b) = (cpu_to_f32(gs, gl, "LayerNorm", "weight")?, cpu_to_f32(bs, bl, "LayerNorm", "bias")?);
+        if x.len() != self.rows * self.cols || g.len() != self.cols || b.len() != self.cols {
+            candle_core::bail!("LayerNorm: sizes do not match {self:?}");
+        }
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks(self.cols) {
+            let mean = row.iter().sum::<f32>() / self.cols as f32;
+            let var = row.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / self.cols as f32;
+            let rstd = 1.0 / (var + self.eps).sqrt();
+            out.extend(row.iter().zip(g.iter().zip(&b)).map(|(v, (g, b))| (v - mean) * rstd * g + b));
+        }
+        Ok((cpu_from_f32(out, xs.dtype(), "LayerNorm")?, xl.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        gs: &candle_core::CudaStorage,
+        gl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::layer_norm(self, (xs, xl), (gs, gl), (bs, bl))?, xl.shape().clone()))
+    }
+}
+
 /// The bias-add kernels' geometry: `rows` x `cols` contiguous values; the bias is indexed by
 /// column, or by `row % groups`.
 #[derive(Debug, Clone, Copy)]
@@ -311,7 +384,7 @@ impl candle_core::CustomOp2 for Geglu {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::{BiasAdd, Geglu};
+    use super::{BiasAdd, Geglu, LayerNormRows};
     use candle_core::backend::BackendStorage;
     use candle_core::{CudaStorage, DType, Layout, Result};
 
@@ -332,6 +405,20 @@ mod cuda {
         }
     }
 
+    pub(super) fn layer_norm(op: &LayerNormRows, x: Input, gamma: Input, beta: Input) -> Result<CudaStorage> {
+        #[cfg(not(sdcrossframe_elementwise_ptx))]
+        {
+            let _ = (op, x, gamma, beta);
+            candle_core::bail!("fused LayerNorm: this build has no CUDA kernel for it")
+        }
+        #[cfg(sdcrossframe_elementwise_ptx)]
+        match x.0.dtype() {
+            DType::F16 => kernels::layer_norm::<half::f16>(op, x, gamma, beta, "f16"),
+            DType::BF16 => kernels::layer_norm::<half::bf16>(op, x, gamma, beta, "bf16"),
+            other => candle_core::bail!("fused LayerNorm supports f16 and bf16; got {other:?}"),
+        }
+    }
+
     pub(super) fn geglu(op: &Geglu, h: Input, bias: Option<Input>) -> Result<CudaStorage> {
         #[cfg(not(sdcrossframe_elementwise_ptx))]
         {
@@ -349,7 +436,7 @@ mod cuda {
 
     #[cfg(sdcrossframe_elementwise_ptx)]
     mod kernels {
-        use super::super::{BiasAdd, Geglu};
+        use super::super::{BiasAdd, Geglu, LayerNormRows};
         use super::Input;
         use crate::models::op_storage::cuda_view;
         use candle_core::backend::BackendStorage;
@@ -412,6 +499,41 @@ mod cuda {
             builder.arg(&out).arg(&rows).arg(&cols).arg(&groups).arg(&vec);
             // SAFETY: argument types and order match bias_add_*; sizes checked above.
             unsafe { builder.launch(config(op.rows, op.cols, vec_width)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+
+        pub(super) fn layer_norm<T: CudaDType + DeviceRepr>(
+            op: &LayerNormRows,
+            (xs, xl): Input,
+            (gs, gl): Input,
+            (bs, bl): Input,
+            type_name: &str,
+        ) -> Result<CudaStorage> {
+            let x = cuda_view::<T>(xs, xl, "fused LayerNorm", "input")?;
+            let g = cuda_view::<T>(gs, gl, "fused LayerNorm", "weight")?;
+            let b = cuda_view::<T>(bs, bl, "fused LayerNorm", "bias")?;
+            let vec_width = 16 / std::mem::size_of::<T>();
+            if x.len() != op.rows * op.cols || g.len() != op.cols || b.len() != op.cols {
+                candle_core::bail!("fused LayerNorm: sizes do not match {op:?}");
+            }
+            if !aligned(&[xl, gl, bl], vec_width) || op.cols > i32::MAX as usize {
+                candle_core::bail!("fused LayerNorm: inputs must start 16-byte aligned");
+            }
+            let dev = xs.device();
+            let func = dev.get_or_load_custom_func(&format!("layer_norm_{type_name}"), MODULE, PTX)?;
+            // SAFETY: the kernel writes every value of every row.
+            let out = unsafe { dev.alloc::<T>(op.rows * op.cols)? };
+            let rows_per_block = THREADS / 32;
+            let cfg = LaunchConfig {
+                grid_dim: (op.rows.div_ceil(rows_per_block).clamp(1, 65_535) as u32, 1, 1),
+                block_dim: (THREADS as u32, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let (rows, cols) = (op.rows as i64, op.cols as i32);
+            let mut builder = func.builder();
+            builder.arg(&x).arg(&g).arg(&b).arg(&out).arg(&rows).arg(&cols).arg(&op.eps);
+            // SAFETY: argument types and order match layer_norm_*; sizes checked above.
+            unsafe { builder.launch(cfg) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         }
 
@@ -498,6 +620,19 @@ mod tests {
         let expected = (&chunks[0] * chunks[1].gelu_erf().unwrap()).unwrap();
         let got = h.apply_op1_no_bwd(&op).unwrap().reshape((2, 5, 8)).unwrap();
         assert!(max_abs_diff(&got, &expected) < 1e-5);
+    }
+
+    #[test]
+    fn layer_norm_geometry_matches_candle_nn() {
+        let x = ((randn(&[2, 5, 16]) * 3.0).unwrap() + 1.5).unwrap();
+        let (weight, bias) = (randn(&[16]), randn(&[16]));
+        let norm = candle_nn::LayerNorm::new(weight.clone(), bias.clone(), 1e-5);
+        let expected = norm.forward(&x).unwrap();
+        let op = LayerNormRows { rows: 10, cols: 16, eps: 1e-5 };
+        let got = x.apply_op3_no_bwd(&weight, &bias, &op).unwrap();
+        assert!(max_abs_diff(&got, &expected) < 1e-5, "{}", max_abs_diff(&got, &expected));
+        // Off CUDA the public function is candle-nn's.
+        assert_eq!(max_abs_diff(&layer_norm(&norm, &x).unwrap(), &expected), 0.0);
     }
 
     #[test]

@@ -212,13 +212,16 @@ mod cuda {
         };
         let (row_len, chunks_i, spatial) = (g.row_len as i64, chunks as i32, g.spatial as i64);
         let (cpg, groups, silu) = (g.channels_per_group as i32, op.groups as i32, op.silu as i32);
+        // 16-byte loads when every row starts aligned and a word never spans two channels.
+        let vec_width = 16 / std::mem::size_of::<T>();
+        let vec = (g.spatial.is_multiple_of(vec_width) && xl.start_offset().is_multiple_of(vec_width)) as i32;
         let mut builder = stats.builder();
-        builder.arg(&x).arg(&partials).arg(&row_len).arg(&chunks_i);
+        builder.arg(&x).arg(&partials).arg(&row_len).arg(&chunks_i).arg(&vec);
         // SAFETY: argument types and order match group_norm_stats_*; sizes checked above.
         unsafe { builder.launch(cfg) }.w()?;
         let mut builder = apply.builder();
         builder.arg(&x).arg(&partials).arg(&w).arg(&b).arg(&out).arg(&row_len).arg(&chunks_i).arg(&spatial);
-        builder.arg(&cpg).arg(&groups).arg(&op.eps).arg(&silu);
+        builder.arg(&cpg).arg(&groups).arg(&op.eps).arg(&silu).arg(&vec);
         // SAFETY: argument types and order match group_norm_apply_*.
         unsafe { builder.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))

@@ -8,6 +8,7 @@ pub mod embeddings;
 pub mod flash_attention;
 pub mod fused;
 pub mod group_norm;
+pub mod im2col;
 mod op_storage;
 pub mod resnet;
 pub mod unet;
