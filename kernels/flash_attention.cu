@@ -5,8 +5,8 @@
 // its projections (B, N, H * D) as they are and takes the output in that layout too, so no
 // head split or merge copies are needed.
 // Scores, the online softmax and the output accumulate in f32; the N x M score matrix is
-// never materialised: each block keeps 64 query rows and streams K/V in tiles of 64 keys
-// (cp.async: the V copy overlaps Q K^T, the next K copy overlaps P V).
+// never materialised: each block keeps 64 or 128 query rows and streams K/V in tiles of 64
+// keys (cp.async: the V copy overlaps Q K^T, the next K copy overlaps P V).
 //
 // Tensor cores through `mma.sync.m16n8k16` (sm_80+) with operands loaded by `ldmatrix`.
 // Unlike WMMA fragments, the register layout of mma.sync is documented, so the scores of
@@ -27,9 +27,9 @@
 
 namespace {
 
-constexpr int BR = 64;  // query rows per block: 4 warps x 16 rows
+// A block has WARPS warps of 16 query rows each (4 or 8: 64 or 128 rows; more rows per block
+// read each K/V tile from L2 fewer times, fewer rows fill the GPU better at small n).
 constexpr int BC = 64;  // keys per K/V tile
-constexpr int THREADS = 128;
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
@@ -110,12 +110,12 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 // Copies rows [row0, row0 + 64) of a (rows, d) matrix (rows `stride` elements apart) into shared
 // memory with row stride DP + 8 (the 16-byte pad keeps ldmatrix free of bank conflicts); rows
 // past the end and columns past d are zero. `vec`: every row starts 16-byte aligned, d % 8 == 0.
-template <int DP>
+template <int DP, int NT>
 __device__ __forceinline__ void load_tile(uint16_t* dst, const uint16_t* src, int64_t stride, int row0, int rows,
                                           int d, bool vec) {
     constexpr int S = DP + 8;
     constexpr int CHUNKS = DP / 8;
-    for (int c = threadIdx.x; c < BC * CHUNKS; c += THREADS) {
+    for (int c = threadIdx.x; c < BC * CHUNKS; c += NT) {
         const int r = c / CHUNKS;
         const int col = (c % CHUNKS) * 8;
         const int gr = row0 + r;
@@ -138,12 +138,12 @@ __device__ __forceinline__ void load_tile(uint16_t* dst, const uint16_t* src, in
 
 // load_tile through cp.async (16 bytes a chunk, zero-filled past the end), so the copy runs in
 // the background while the warps compute. Only for the aligned case (`vec`).
-template <int DP>
+template <int DP, int NT>
 __device__ __forceinline__ void load_tile_async(uint16_t* dst, const uint16_t* src, int64_t stride, int row0,
                                                 int rows, int d) {
     constexpr int S = DP + 8;
     constexpr int CHUNKS = DP / 8;
-    for (int c = threadIdx.x; c < BC * CHUNKS; c += THREADS) {
+    for (int c = threadIdx.x; c < BC * CHUNKS; c += NT) {
         const int r = c / CHUNKS;
         const int col = (c % CHUNKS) * 8;
         const int gr = row0 + r;
@@ -165,11 +165,14 @@ struct Strides {
     int64_t batch, head, row;
 };
 
-template <typename T, int DP>
+template <typename T, int DP, int WARPS>
 __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                           T* __restrict__ o, int n, int m, int d, float scale_log2, int heads,
                                           Strides qs_, Strides ks_, Strides vs_, Strides os_) {
     static_assert(DP % 16 == 0 && DP <= 256, "padded head dim must be a multiple of 16");
+    static_assert(WARPS == 4 || WARPS == 8, "the query tile is staged in one or both K/V buffers");
+    constexpr int NT = WARPS * 32;
+    constexpr int BR = WARPS * 16;
     constexpr int S = DP + 8;
     constexpr int KD = DP / 16;  // k-steps over the head dim (Q K^T)
     constexpr int ND = DP / 8;   // n-tiles over the head dim (P V output)
@@ -193,13 +196,17 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
                        reinterpret_cast<uintptr_t>(vh)) & 15) == 0 &&
                      ((qs_.row | ks_.row | vs_.row) & 7) == 0;
 
-    // The query tile goes through the K buffer once, then lives in registers as A fragments.
-    load_tile<DP>(ks, qh, qs_.row, q0, n, d, vec);
+    // The query tile goes through the K buffer (and the V buffer for rows 64..127) once, then
+    // lives in registers as A fragments.
+    load_tile<DP, NT>(ks, qh, qs_.row, q0, n, d, vec);
+    if (WARPS > 4) load_tile<DP, NT>(vs, qh, qs_.row, q0 + BC, n, d, vec);
     __syncthreads();
     uint32_t qf[KD][4];
+    const uint16_t* qtile = warp < 4 ? ks : vs;
 #pragma unroll
     for (int kk = 0; kk < KD; ++kk) {
-        ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3], &ks[(warp * 16 + lane % 16) * S + kk * 16 + (lane / 16) * 8]);
+        ldsm_x4(qf[kk][0], qf[kk][1], qf[kk][2], qf[kk][3],
+                &qtile[((warp % 4) * 16 + lane % 16) * S + kk * 16 + (lane / 16) * 8]);
     }
     __syncthreads();
 
@@ -213,14 +220,14 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
 
     // Pipeline (one buffer each for K and V): the V copy of a tile overlaps Q K^T, the K copy of
     // the next tile overlaps P V. Unaligned inputs load synchronously (the waits are then no-ops).
-    if (vec) load_tile_async<DP>(ks, kh, ks_.row, 0, m, d);
+    if (vec) load_tile_async<DP, NT>(ks, kh, ks_.row, 0, m, d);
     for (int k0 = 0; k0 < m; k0 += BC) {
         if (vec) {
-            load_tile_async<DP>(vs, vh, vs_.row, k0, m, d);
+            load_tile_async<DP, NT>(vs, vh, vs_.row, k0, m, d);
             cp_async_wait<1>();  // K of this tile has landed
         } else {
-            load_tile<DP>(ks, kh, ks_.row, k0, m, d, false);
-            load_tile<DP>(vs, vh, vs_.row, k0, m, d, false);
+            load_tile<DP, NT>(ks, kh, ks_.row, k0, m, d, false);
+            load_tile<DP, NT>(vs, vh, vs_.row, k0, m, d, false);
         }
         __syncthreads();
 
@@ -287,7 +294,7 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
 
         if (vec) cp_async_wait<0>();  // V of this tile has landed
         __syncthreads();              // and every warp is done with ks
-        if (vec && k0 + BC < m) load_tile_async<DP>(ks, kh, ks_.row, k0 + BC, m, d);
+        if (vec && k0 + BC < m) load_tile_async<DP, NT>(ks, kh, ks_.row, k0 + BC, m, d);
 
         // O += P V; V (keys x dims, row-major) is the B operand, transposed by ldmatrix.
 #pragma unroll
@@ -327,17 +334,21 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
 
 }  // namespace
 
-// One entry point per dtype and padded head dim: flash_attn_{f16,bf16}_d{16,32,...,160}.
-// Launch: grid (ceil(n / 64), batch * heads), block 128, no dynamic shared memory. Strides come
-// as batch, head, row triples for q, k, v and out.
-#define FLASH_ENTRY(NAME, T, DP)                                                                                  \
-    extern "C" __global__ void __launch_bounds__(THREADS) NAME##_d##DP(                                           \
+// Entry points per dtype, padded head dim and block size: flash_attn_{f16,bf16}_d{16,...,160}
+// (4 warps: grid (ceil(n / 64), batch * heads), block 128) and the same names with _w8 (8 warps:
+// grid (ceil(n / 128), batch * heads), block 256); no dynamic shared memory. Strides come as
+// batch, head, row triples for q, k, v and out.
+#define FLASH_KERNEL(FN, T, DP, WARPS)                                                                            \
+    extern "C" __global__ void __launch_bounds__(WARPS * 32) FN(                                                  \
         const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o, int n, int m, \
         int d, float scale_log2, int heads, int64_t qb, int64_t qh, int64_t qr, int64_t kb, int64_t kh, int64_t kr, \
         int64_t vb, int64_t vh, int64_t vr, int64_t ob, int64_t oh, int64_t orow) {                              \
-        flash_fwd<T, DP>(q, k, v, o, n, m, d, scale_log2, heads, Strides{qb, qh, qr}, Strides{kb, kh, kr},       \
-                         Strides{vb, vh, vr}, Strides{ob, oh, orow});                                            \
+        flash_fwd<T, DP, WARPS>(q, k, v, o, n, m, d, scale_log2, heads, Strides{qb, qh, qr}, Strides{kb, kh, kr}, \
+                                Strides{vb, vh, vr}, Strides{ob, oh, orow});                                     \
     }
+#define FLASH_ENTRY(NAME, T, DP)             \
+    FLASH_KERNEL(NAME##_d##DP, T, DP, 4) \
+    FLASH_KERNEL(NAME##_d##DP##_w8, T, DP, 8)
 
 #define FLASH_ALL_DIMS(NAME, T) \
     FLASH_ENTRY(NAME, T, 16)    \

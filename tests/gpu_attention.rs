@@ -45,10 +45,14 @@ fn fused_kernel_matches_unfused_attention() {
         (1, 2, 5, 3, 8),       // a single partial tile
         (1, 2, 130, 1, 24),    // one key
         (1, 1, 200, 300, 100), // head dim no multiple of 8: the unaligned load path
+        (1, 2, 2100, 300, 40), // 8-warp blocks with a partial last block
     ];
     for dtype in [DType::F16, DType::BF16] {
-        // Outputs are averages of unit-normal values: f16 keeps ~3 decimal digits, bf16 ~2.
-        let tol = if dtype == DType::F16 { 4e-3 } else { 3e-2 };
+        // Outputs are averages of unit-normal values, and sharp scores leave a few of millions
+        // of outputs near 4: the bound is one rounding step (ulp) there, in which the fused and
+        // the unfused path may differ: 2^-8 in f16, 2^-5 in bf16 (a bf16 run differed by exactly
+        // 2^-5 = 3.125e-2 on a 2x8x4096x4096 case).
+        let tol = if dtype == DType::F16 { 4e-3 } else { 4e-2 };
         for case in cases {
             for sharpness in [1.0, 4.0] {
                 let err = check(&dev, dtype, case, sharpness);

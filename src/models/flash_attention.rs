@@ -72,22 +72,7 @@ impl FlashAttention {
 /// contiguous; the result has q's dtype and shape.
 pub fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let dims = Dims::check(q.shape(), k.shape(), v.shape())?;
-    if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
-        candle_core::bail!(
-            "fused attention: q, k and v must share a dtype; got {:?}, {:?}, {:?}",
-            q.dtype(),
-            k.dtype(),
-            v.dtype()
-        );
-    }
-    if !q.device().same_device(k.device()) || !q.device().same_device(v.device()) {
-        candle_core::bail!(
-            "fused attention: q, k and v must be on one device; got {:?}, {:?}, {:?}",
-            q.device(),
-            k.device(),
-            v.device()
-        );
-    }
+    same_dtype_and_device(q, k, v)?;
     if dims.n == 0 || dims.batch == 0 || dims.heads == 0 {
         return q.zeros_like();
     }
@@ -113,6 +98,16 @@ pub fn fused_attention_tokens(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, 
     };
     let (qh, kh, vh) = (split(q, "q")?, split(k, "k")?, split(v, "v")?);
     let dims = Dims::check(qh.shape(), kh.shape(), vh.shape())?;
+    same_dtype_and_device(q, k, v)?;
+    if dims.n == 0 || dims.batch == 0 {
+        return q.zeros_like();
+    }
+    let (qh, kh, vh) = (kernel_input(&qh)?, kernel_input(&kh)?, kernel_input(&vh)?);
+    let out = qh.apply_op3_no_bwd(&kh, &vh, &FlashAttention { scale: scale as f32, tokens_first: true })?;
+    out.reshape((dims.batch, dims.n, dims.heads * dims.d))
+}
+
+fn same_dtype_and_device(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {
     if k.dtype() != q.dtype() || v.dtype() != q.dtype() {
         candle_core::bail!(
             "fused attention: q, k and v must share a dtype; got {:?}, {:?}, {:?}",
@@ -121,12 +116,15 @@ pub fn fused_attention_tokens(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, 
             v.dtype()
         );
     }
-    if dims.n == 0 || dims.batch == 0 {
-        return q.zeros_like();
+    if !q.device().same_device(k.device()) || !q.device().same_device(v.device()) {
+        candle_core::bail!(
+            "fused attention: q, k and v must be on one device; got {:?}, {:?}, {:?}",
+            q.device(),
+            k.device(),
+            v.device()
+        );
     }
-    let (qh, kh, vh) = (kernel_input(&qh)?, kernel_input(&kh)?, kernel_input(&vh)?);
-    let out = qh.apply_op3_no_bwd(&kh, &vh, &FlashAttention { scale: scale as f32, tokens_first: true })?;
-    out.reshape((dims.batch, dims.n, dims.heads * dims.d))
+    Ok(())
 }
 
 /// What the op reads: on CUDA any layout whose head dim is contiguous (the kernel takes the
@@ -244,9 +242,21 @@ mod cuda {
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/flash_attention.ptx"));
     const MODULE: &str = "sdcrossframe_flash_attention";
-    /// Query rows per block and threads per block, as in the kernel.
-    const BLOCK_ROWS: usize = 64;
-    const THREADS: u32 = 128;
+    /// From this many queries on, blocks of 8 warps (128 query rows): each K/V tile is read
+    /// from L2 half as often; below it, 4-warp blocks (64 rows) fill the GPU better.
+    const WIDE_BLOCKS_FROM: usize = 2048;
+
+    /// Warps per block: `SDCROSSFRAME_FLASH_WARPS=4|8` forces one size (A/B measurements).
+    fn warps(n: usize) -> usize {
+        static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
+        let forced = *FORCED.get_or_init(|| {
+            std::env::var("SDCROSSFRAME_FLASH_WARPS")
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .filter(|w| [4, 8].contains(w))
+        });
+        forced.unwrap_or(if n >= WIDE_BLOCKS_FROM { 8 } else { 4 })
+    }
 
     /// A view from the layout's start to the end of the storage, and the layout's batch, head
     /// and row strides; the head dim must be contiguous.
@@ -292,12 +302,14 @@ mod cuda {
         let dev = qs.device();
         // The kernel is instantiated for head dims rounded up to 16; the rest is zero padding.
         let padded = d.div_ceil(16) * 16;
-        let func = dev.get_or_load_custom_func(&format!("flash_attn_{type_name}_d{padded}"), MODULE, PTX)?;
+        let warps = warps(n);
+        let suffix = if warps == 8 { "_w8" } else { "" };
+        let func = dev.get_or_load_custom_func(&format!("flash_attn_{type_name}_d{padded}{suffix}"), MODULE, PTX)?;
         // SAFETY: the kernel writes every element of `out` (all n rows, d columns per head).
         let out = unsafe { dev.alloc::<T>(bh * n * d)? };
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(BLOCK_ROWS) as u32, bh as u32, 1),
-            block_dim: (THREADS, 1, 1),
+            grid_dim: (n.div_ceil(warps * 16) as u32, bh as u32, 1),
+            block_dim: (warps as u32 * 32, 1, 1),
             shared_mem_bytes: 0,
         };
         let (n_, m_, d_, heads_) = (n as i32, m as i32, d as i32, heads as i32);
