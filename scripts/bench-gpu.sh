@@ -69,6 +69,9 @@
 #   replayed; VAE encode 7.9, decode 12.9 ms; peak 5.09 GiB. diffusers: first+prev SDPA 975.8,
 #   plain SDPA 1267.2, original processor 1458.8 ms (candle / diffusers first+prev SDPA =
 #   0.29). unet-step plain: 18.7 ms eager, 13.7 ms replayed; diffusers 51.3 ms.
+#   Plus 8-warp attention blocks (c9dd8ff), same layout of run: frame first+prev 278.5 ms (rerun
+#   277.7), off 263.1; step 14.3 ms; diffusers first+prev SDPA 1058.1, plain 1281.9, original
+#   processor 1472.0 ms (ratio 0.26); unet-step 18.0 eager / 13.6 replayed, diffusers 38.6 ms.
 set -uo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
