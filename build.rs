@@ -17,12 +17,15 @@ const FLASH_KERNEL: &str = "kernels/flash_attention.cu";
 const GROUP_NORM_KERNEL: &str = "kernels/group_norm.cu";
 const ELEMENTWISE_KERNEL: &str = "kernels/elementwise.cu";
 const IM2COL_KERNEL: &str = "kernels/im2col.cu";
+/// Included by the element-wise and GroupNorm kernels.
+const KERNEL_HELPERS: &str = "kernels/common.cuh";
 
 fn main() {
     println!("cargo::rerun-if-changed={FLASH_KERNEL}");
     println!("cargo::rerun-if-changed={GROUP_NORM_KERNEL}");
     println!("cargo::rerun-if-changed={ELEMENTWISE_KERNEL}");
     println!("cargo::rerun-if-changed={IM2COL_KERNEL}");
+    println!("cargo::rerun-if-changed={KERNEL_HELPERS}");
     for var in ["CUDA_TOOLKIT_DIR", "CUDA_HOME", "CUDA_PATH", "CUDA_COMPUTE_CAP", "NVCC_CCBIN"] {
         println!("cargo::rerun-if-env-changed={var}");
     }

@@ -13,21 +13,10 @@
 // `vec` (both passes): 16-byte loads and stores; the caller checks that the input starts
 // 16-byte aligned and that spatial (hence row_len) is a multiple of 16 / sizeof(T).
 
-#include <cuda_fp16.h>
-#include <cuda_bf16.h>
-#include <stdint.h>
+#include "common.cuh"
 
 #define THREADS 256
 #define CHUNK 8192
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T> __device__ __forceinline__ T from_float(float x);
-template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half(x); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
 
 // Block-wide sum of two values; the result is valid in thread 0.
 __device__ __forceinline__ void block_sum2(float &a, float &b) {
@@ -49,15 +38,6 @@ __device__ __forceinline__ void block_sum2(float &a, float &b) {
     }
 }
 
-// VEC values of T in one 16-byte word (the vector path: rows and chunks start 16-byte aligned).
-template <typename T> struct Pack {
-    static constexpr int VEC = 16 / sizeof(T);
-    union {
-        uint4 raw;
-        T v[VEC];
-    };
-};
-
 // partials: rows x chunks x 2 floats (shifted sum, shifted sum of squares).
 template <typename T>
 __device__ void stats(const T *__restrict__ x, float *__restrict__ partials, int64_t row_len, int chunks, int vec) {
@@ -70,8 +50,7 @@ __device__ void stats(const T *__restrict__ x, float *__restrict__ partials, int
     float s = 0.f, ss = 0.f;
     if (vec) {
         for (int64_t i = begin + threadIdx.x * VEC; i < end; i += THREADS * VEC) {
-            Pack<T> p;
-            p.raw = *reinterpret_cast<const uint4 *>(xr + i);
+            const Pack<T> p = load16(xr + i);
 #pragma unroll
             for (int j = 0; j < VEC; ++j) {
                 const float v = to_float(p.v[j]) - shift;
@@ -127,15 +106,14 @@ __device__ void apply(const T *__restrict__ x, const float *__restrict__ partial
             const int c = first_channel + (int)(i / spatial);
             const float scale = rstd * to_float(gamma[c]);
             const float offset = to_float(beta[c]) - mean * scale;
-            Pack<T> p;
-            p.raw = *reinterpret_cast<const uint4 *>(xr + i);
+            Pack<T> p = load16(xr + i);
 #pragma unroll
             for (int j = 0; j < VEC; ++j) {
                 float v = to_float(p.v[j]) * scale + offset;
                 if (silu) v = v / (1.f + __expf(-v));
                 p.v[j] = from_float<T>(v);
             }
-            *reinterpret_cast<uint4 *>(yr + i) = p.raw;
+            store16(yr + i, p);
         }
         return;
     }

@@ -64,7 +64,7 @@ enum Entry {
     /// Ran eagerly once; captured on the next run.
     Warm,
     #[cfg(feature = "cuda")]
-    Graph(imp::Graph),
+    Graph(CapturedGraph),
     /// Capture failed; always eager.
     Eager,
 }
@@ -172,14 +172,14 @@ impl StepGraphs {
         device: &Device,
         inputs: &[&Tensor],
         step: &mut dyn FnMut(&[Tensor]) -> candle_core::Result<Tensor>,
-    ) -> Result<imp::Graph> {
+    ) -> Result<CapturedGraph> {
         if self.inputs.is_empty() {
             self.inputs = inputs.iter().map(|t| t.zeros_like()).collect::<candle_core::Result<_>>()?;
             self.output = Some(inputs[0].zeros_like()?);
         }
         imp::copy_into(&self.inputs, inputs)?;
         let (buffers, output) = (&self.inputs, self.output.as_ref().expect("made with the inputs"));
-        let graph = imp::Graph::capture(device, || {
+        let graph = CapturedGraph::capture(device, || {
             let out = step(buffers)?;
             if out.dims() != output.dims() || out.dtype() != output.dtype() {
                 candle_core::bail!(
@@ -201,7 +201,7 @@ impl StepGraphs {
 /// convolution tuner chose differently on host timing). An error when `f` cannot be captured.
 #[cfg(feature = "cuda")]
 pub fn graph_time(device: &Device, reps: usize, mut f: impl FnMut() -> candle_core::Result<()>) -> Result<f64> {
-    let graph = imp::Graph::capture(device, || (0..reps).try_for_each(|_| f()))?;
+    let graph = CapturedGraph::capture(device, || (0..reps).try_for_each(|_| f()))?;
     graph.launch()?;
     device.synchronize()?;
     let start = std::time::Instant::now();
@@ -212,22 +212,26 @@ pub fn graph_time(device: &Device, reps: usize, mut f: impl FnMut() -> candle_co
 }
 
 #[cfg(feature = "cuda")]
+pub use imp::CapturedGraph;
+
+#[cfg(feature = "cuda")]
 mod imp {
     use anyhow::{Context, Result, anyhow, bail};
     use candle_core::cuda_backend::cudarc::driver::CudaGraph;
     use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     use candle_core::{Device, Tensor};
 
-    /// A captured, instantiated graph.
-    pub(super) struct Graph(CudaGraph);
+    /// A captured, instantiated CUDA graph (also what the benchmark's `--cuda-graph` uses).
+    pub struct CapturedGraph(CudaGraph);
 
     // SAFETY: a graph exec belongs to a CUDA context, not to a thread; cudarc binds the
     // context to the calling thread before each launch. The pipeline uses it from one thread
     // at a time (the element's State is behind a Mutex).
-    unsafe impl Send for Graph {}
+    unsafe impl Send for CapturedGraph {}
 
-    impl Graph {
-        pub(super) fn capture(device: &Device, body: impl FnOnce() -> candle_core::Result<()>) -> Result<Self> {
+    impl CapturedGraph {
+        /// Records what `body` issues on the device's stream (nothing runs until a launch).
+        pub fn capture(device: &Device, body: impl FnOnce() -> candle_core::Result<()>) -> Result<Self> {
             let Device::Cuda(cuda) = device else { bail!("CUDA graphs need a CUDA device") };
             let stream = cuda.cuda_stream();
             device.synchronize()?;
@@ -245,7 +249,7 @@ mod imp {
             Ok(Self(graph))
         }
 
-        pub(super) fn launch(&self) -> Result<()> {
+        pub fn launch(&self) -> Result<()> {
             self.0.launch().map_err(|e| anyhow!("cuGraphLaunch: {e:?}"))
         }
     }

@@ -715,9 +715,7 @@ fn unet_step(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, prob
 /// run with the cache on fills it (and does the cuDNN tuning) before capturing.
 #[cfg(feature = "cuda")]
 fn graph_replay(cli: &Cli, device: &Device, step: impl Fn() -> candle_core::Result<Tensor>) -> Result<()> {
-    use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     let Device::Cuda(cuda) = device else { bail!("--cuda-graph needs a CUDA device") };
-    let stream = cuda.cuda_stream();
     let _upload_cache = cuda.enable_cuda_graph_htod_cache();
 
     let eager = step()?;
@@ -732,24 +730,18 @@ fn graph_replay(cli: &Cli, device: &Device, step: impl Fn() -> candle_core::Resu
         }
     }
 
-    device.synchronize()?;
-    stream
-        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
-        .map_err(|e| anyhow::anyhow!("cuStreamBeginCapture: {e:?}"))?;
-    let captured = step();
-    // End the capture whatever happened, so the stream leaves capture mode.
-    let graph = stream.end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
-    let captured = captured.context("running the step under capture")?;
-    let graph = graph
-        .map_err(|e| anyhow::anyhow!("cuStreamEndCapture / instantiate: {e:?}"))?
-        .context("the capture recorded no graph")?;
-    graph.upload().map_err(|e| anyhow::anyhow!("cuGraphUpload: {e:?}"))?;
+    let mut captured = None;
+    let graph = sdcrossframe::step_graphs::CapturedGraph::capture(device, || {
+        captured = Some(step()?);
+        Ok(())
+    })?;
+    let captured = captured.context("the capture produced no output")?;
 
     let mut replay_ms = Vec::new();
     for run in 0..cli.warmup + cli.runs {
         device.synchronize()?;
         let t = Instant::now();
-        graph.launch().map_err(|e| anyhow::anyhow!("cuGraphLaunch: {e:?}"))?;
+        graph.launch()?;
         let ms = elapsed_ms(device, t)?;
         if run >= cli.warmup {
             replay_ms.push(ms);
@@ -1138,7 +1130,7 @@ fn ops(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
         let conv =
             sdcrossframe::models::conv::Conv2d::same(vb.pp(format!("conv{channels}")), channels, channels, 3, 1)?;
         // candle's own convolution (im2col + GEMM on CUDA) with the same weights.
-        let candle_conv = || x.conv2d(conv.weight(), 1, 1, 1, 1)?.broadcast_add(conv.bias());
+        let candle_conv = || x.conv2d(conv.weight(), 1, 1, 1, 1)?.broadcast_add(&conv.bias().reshape(((), 1, 1))?);
         let ms = time_op(cli, device, candle_conv)?;
         println!("| conv3x3 | 2x{channels}x{side}x{side} | {ms:.3} |");
         let ms = time_op(cli, device, || candle_core::Module::forward(&conv, &x))?;

@@ -43,7 +43,7 @@ impl Conv2d {
         stride: usize,
     ) -> Result<Self> {
         let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
-        let bias = vb.get(out_channels, "bias")?.reshape((out_channels, 1, 1))?;
+        let bias = vb.get(out_channels, "bias")?;
         Ok(Self { weight, bias, padding, stride })
     }
 
@@ -56,7 +56,7 @@ impl Conv2d {
         &self.weight
     }
 
-    /// Shaped `(out_channels, 1, 1)` for broadcasting over the output.
+    /// `(out_channels)`.
     pub fn bias(&self) -> &Tensor {
         &self.bias
     }
@@ -97,15 +97,13 @@ impl Conv2d {
     /// that order; on CUDA the three additions are one kernel.
     pub fn forward_add(&self, xs: &Tensor, sample_bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
         let ys = self.convolve(xs)?;
-        let bias = self.bias.flatten_all()?;
         if fused::applies(&ys) {
-            let bias = match sample_bias {
-                Some(extra) => extra.broadcast_add(&bias.unsqueeze(0)?)?,
-                None => bias,
+            return match sample_bias {
+                Some(extra) => fused::add_channel_bias(&ys, &extra.broadcast_add(&self.bias.unsqueeze(0)?)?, residual),
+                None => fused::add_channel_bias(&ys, &self.bias, residual),
             };
-            return fused::add_channel_bias(&ys, &bias, residual);
         }
-        let ys = fused::add_channel_bias(&ys, &bias, None)?;
+        let ys = fused::add_channel_bias(&ys, &self.bias, None)?;
         let ys = match sample_bias {
             Some(extra) => extra.unsqueeze(2)?.unsqueeze(3)?.broadcast_add(&ys)?,
             None => ys,
@@ -128,7 +126,7 @@ impl Conv2d {
         }
         let tokens_in = xs.reshape((n, c, h * w))?.transpose(1, 2)?;
         let ys = tokens_in.matmul(&self.pointwise_matrix()?.t()?.broadcast_left(n)?)?;
-        fused::add_feature_bias(&ys, &self.bias.flatten_all()?, None)
+        fused::add_feature_bias(&ys, &self.bias, None)
     }
 
     /// A pointwise convolution of tokens (batch, height x width, in_channels) back to a feature
@@ -144,7 +142,7 @@ impl Conv2d {
         }
         let ys = self.pointwise_matrix()?.broadcast_left(n)?.matmul(&tokens.transpose(1, 2)?)?;
         let ys = ys.reshape((n, (), h, w))?;
-        fused::add_channel_bias(&ys, &self.bias.flatten_all()?, Some(residual))
+        fused::add_channel_bias(&ys, &self.bias, Some(residual))
     }
 }
 
@@ -247,15 +245,21 @@ mod cudnn {
         let key =
             Key { device: dev.id(), dtype: xs.dtype(), input: [n, c, h, w], filter: [k, kc, kh, kw], padding, stride };
         let known = METHODS.with(|m| m.borrow().get(&key).copied());
-        let method = match known.or_else(|| saved_plans::lookup(&key)) {
+        let method = match known {
             Some(method) => method,
             None => {
-                let method = tune(&xs, &weight, &key)?;
-                saved_plans::record(&key, method);
+                let method = match saved_plans::lookup(&key) {
+                    Some(method) => method,
+                    None => {
+                        let method = tune(&xs, &weight, &key)?;
+                        saved_plans::record(&key, method);
+                        method
+                    }
+                };
+                METHODS.with(|m| m.borrow_mut().insert(key, method));
                 method
             }
         };
-        METHODS.with(|m| m.borrow_mut().insert(key, method));
         run_method(&xs, &weight, &key, method)
     }
 
