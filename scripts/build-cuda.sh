@@ -125,10 +125,15 @@ fi
 echo "build-cuda: features $FEATURES" >&2
 
 start=$(date +%s)
-# Extra arguments pick the targets (e.g. --bin sdcrossframe-bench); default: every binary and
-# the GStreamer plugin (libgstsdcrossframe.so, which `sdcrossframe run` loads from beside itself).
-if [ $# -eq 0 ] && [ "${CARGO_COMMAND[0]}" = build ]; then set -- --bins --lib -p gst-plugin-sdcrossframe; fi
-cargo "${CARGO_COMMAND[@]}" --release --features "$FEATURES" -p sdcrossframe "$@"
+# Extra arguments pick the targets (e.g. --bin sdcrossframe-bench, --test gpu); default: the
+# whole workspace (the engine, the CLI, the benchmark and the GStreamer plugin,
+# libgstsdcrossframe.so, which `sdcrossframe run` loads from beside itself). Every member
+# gets the feature, so their own CUDA-only code is built too.
+features=""
+for package in sdcrossframe sdcrossframe-cli sdcrossframe-bench gst-plugin-sdcrossframe; do
+    features="$features,$package/$FEATURES"
+done
+cargo "${CARGO_COMMAND[@]}" --release --workspace --features "${features#,}" "$@"
 echo "build-cuda: built in $(( $(date +%s) - start )) s" >&2
 
 # Wiring check: the binaries must load the CUDA libraries, so the feature really reached candle.

@@ -4,8 +4,6 @@
 
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Result, bail};
 use candle_core::Tensor;
@@ -13,67 +11,7 @@ use candle_core::Tensor;
 use crate::canny::{self, CannyParams, ImageView};
 use crate::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
 use crate::frame::RgbFrame;
-use crate::models::attention::SelfAttentionHook;
-use crate::pipeline::{self, FrameHook, FramePlan, FrameSettings, Stylizer};
-
-/// The error a frame returns when it was cancelled between denoising steps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Cancelled;
-
-impl fmt::Display for Cancelled {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("frame cancelled")
-    }
-}
-
-impl std::error::Error for Cancelled {}
-
-/// Cancels the frame in flight (between denoising steps) from another thread, e.g. on a
-/// flush or a state change, so a pipeline never waits for more than one step.
-#[derive(Debug, Clone, Default)]
-pub struct CancelHandle(Arc<AtomicBool>);
-
-impl CancelHandle {
-    pub fn cancel(&self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-
-    fn take(&self) -> bool {
-        self.0.swap(false, Ordering::SeqCst)
-    }
-
-    fn clear(&self) {
-        self.0.store(false, Ordering::SeqCst);
-    }
-}
-
-/// The cross-frame state plus the cancellation check before every step.
-struct CancellableFrame<'a> {
-    attention: &'a mut CrossFrameAttention,
-    cancel: &'a CancelHandle,
-}
-
-impl FrameHook for CancellableFrame<'_> {
-    fn begin_frame(&mut self, plan: &FramePlan) -> Result<()> {
-        self.attention.begin_frame(plan)
-    }
-    fn begin_step(&mut self, index: usize, timestep: usize) -> Result<()> {
-        if self.cancel.take() {
-            return Err(Cancelled.into());
-        }
-        self.attention.begin_step(index, timestep)
-    }
-    fn attention_hook(&mut self) -> &mut dyn SelfAttentionHook {
-        self.attention.attention_hook()
-    }
-    /// The cancel check runs in `begin_step`, outside any captured graph.
-    fn graph_key(&self) -> Option<u64> {
-        self.attention.graph_key()
-    }
-    fn end_frame(&mut self) -> Result<()> {
-        self.attention.end_frame()
-    }
-}
+use crate::pipeline::{CancelHandle, FrameSettings, SizeRequest, Stylizer};
 
 /// Where each frame's initial noise comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -118,8 +56,8 @@ pub struct SessionConfig {
     pub noise: NoiseMode,
     pub seed: u64,
     pub canny: CannyParams,
-    /// Processing size; `None` uses each frame's size rounded down to the VAE factor.
-    pub size: Option<(usize, usize)>,
+    /// Processing size requested (see [`SizeRequest`]; default: short side 512).
+    pub size: SizeRequest,
 }
 
 impl Default for SessionConfig {
@@ -132,7 +70,7 @@ impl Default for SessionConfig {
             noise: NoiseMode::Fixed,
             seed: 0,
             canny: CannyParams::default(),
-            size: None,
+            size: SizeRequest::default(),
         }
     }
 }
@@ -205,7 +143,7 @@ impl VideoSession {
     /// Takes effect at the next frame. A schedule change (steps, strength, guidance on/off)
     /// re-anchors there.
     pub fn set_settings(&mut self, settings: FrameSettings) -> Result<()> {
-        self.stylizer.timesteps(&settings)?;
+        self.stylizer.img2img().timesteps(&settings)?;
         self.settings = settings;
         Ok(())
     }
@@ -225,13 +163,13 @@ impl VideoSession {
         self.explicit_noise = noise;
     }
 
-    /// Forgets every previous frame: the next frame is a new anchor.
     /// A handle that cancels the frame in flight; the cancelled `push` returns an error
-    /// that downcasts to [`Cancelled`], and the next frame becomes a new anchor.
+    /// that downcasts to [`crate::pipeline::Cancelled`], and the next frame becomes a new anchor.
     pub fn cancel_handle(&self) -> CancelHandle {
         self.cancel.clone()
     }
 
+    /// Forgets every previous frame: the next frame is a new anchor.
     pub fn reset(&mut self) {
         self.attention.reset();
         self.previous_thumbnail = None;
@@ -243,16 +181,7 @@ impl VideoSession {
 
     /// The size frames of `width` x `height` are processed at.
     pub fn processing_size(&self, width: usize, height: usize) -> Result<(usize, usize)> {
-        let factor = self.stylizer.vae_scale_factor();
-        match self.config.size {
-            Some((w, h)) => {
-                if w % factor != 0 || h % factor != 0 {
-                    bail!("processing size {w}x{h} is not a multiple of {factor}");
-                }
-                Ok((w, h))
-            }
-            None => pipeline::processing_size(width, height, factor),
-        }
+        self.config.size.resolve(width, height, self.stylizer.img2img().vae_scale_factor())
     }
 
     /// Stylizes the next frame. `control` replaces the frame's Canny edges when given.
@@ -280,10 +209,16 @@ impl VideoSession {
         let noise = self.noise_for(index, width, height)?;
         // A cancel requested between frames is for the frame that was in flight then.
         self.cancel.clear();
-        let mut hook = CancellableFrame { attention: &mut self.attention, cancel: &self.cancel };
         let input = frame.to_tensor(&device)?;
         let prepare_time = started.elapsed();
-        let result = self.stylizer.stylize(&input, &control, &self.settings, &noise, &mut hook);
+        let result = self.stylizer.stylize_cancellable(
+            &input,
+            &control,
+            &self.settings,
+            &noise,
+            &mut self.attention,
+            &self.cancel,
+        );
         let diffuse_time = started.elapsed() - prepare_time;
         let image = match result {
             Ok(image) => image,

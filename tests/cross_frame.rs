@@ -7,13 +7,19 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::*;
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
-use sdcrossframe::pipeline::{FrameSettings, PlainFrame};
+use sdcrossframe::pipeline::{FrameSettings, PlainFrame, SizeRequest};
 use sdcrossframe::session::{SessionConfig, VideoSession};
 
 const FRAMES: usize = 6;
 
 fn session(mode: AttentionMode, scope: AttentionScope) -> VideoSession {
-    let config = SessionConfig { attention: mode, scope, scene_cut_threshold: 0.0, ..SessionConfig::default() };
+    let config = SessionConfig {
+        attention: mode,
+        scope,
+        scene_cut_threshold: 0.0,
+        size: fixture_size(),
+        ..SessionConfig::default()
+    };
     let mut session = VideoSession::new(tiny_stylizer(), config, base_settings()).unwrap();
     session.set_noise(Some(fixture_noise()));
     session
@@ -130,7 +136,8 @@ fn quick_session(config: SessionConfig) -> VideoSession {
 
 #[test]
 fn store_stays_constant_over_fifty_frames_and_reset_reanchors() {
-    let mut session = quick_session(SessionConfig { scene_cut_threshold: 0.0, ..SessionConfig::default() });
+    let mut session =
+        quick_session(SessionConfig { scene_cut_threshold: 0.0, size: fixture_size(), ..SessionConfig::default() });
     let first = session.push(&frame(0), Some(&control(0))).unwrap();
     assert!(first.anchor);
     let entries = session.attention().stored_entries();
@@ -151,7 +158,8 @@ fn store_stays_constant_over_fifty_frames_and_reset_reanchors() {
 
 #[test]
 fn scene_cut_and_anchor_interval_reanchor() {
-    let mut session = quick_session(SessionConfig { scene_cut_threshold: 0.2, ..SessionConfig::default() });
+    let mut session =
+        quick_session(SessionConfig { scene_cut_threshold: 0.2, size: fixture_size(), ..SessionConfig::default() });
     assert!(session.push(&frame(0), Some(&control(0))).unwrap().anchor);
     assert!(!session.push(&frame(1), Some(&control(1))).unwrap().anchor, "consecutive frames are no cut");
     let inverted = {
@@ -163,22 +171,29 @@ fn scene_cut_and_anchor_interval_reanchor() {
     assert!(cut.anchor);
     assert_eq!(cut.anchor_reason, Some("scene cut"));
 
-    let mut session =
-        quick_session(SessionConfig { anchor_interval: 3, scene_cut_threshold: 0.0, ..SessionConfig::default() });
+    let mut session = quick_session(SessionConfig {
+        anchor_interval: 3,
+        scene_cut_threshold: 0.0,
+        size: fixture_size(),
+        ..SessionConfig::default()
+    });
     let anchors: Vec<bool> = (0..7).map(|k| session.push(&frame(k), Some(&control(k))).unwrap().anchor).collect();
     assert_eq!(anchors, [true, false, false, true, false, false, true]);
 }
 
 #[test]
 fn size_or_schedule_change_reanchors() {
-    let mut session = quick_session(SessionConfig { scene_cut_threshold: 0.0, ..SessionConfig::default() });
+    // Height fixed, width from the aspect ratio: the fixture frames keep 96x64, a 64x48 frame
+    // is processed at 88x64.
+    let size = SizeRequest { width: 0, height: 64 };
+    let mut session = quick_session(SessionConfig { scene_cut_threshold: 0.0, size, ..SessionConfig::default() });
     session.set_noise(None); // seeded noise follows the frame size
     assert!(session.push(&frame(0), Some(&control(0))).unwrap().anchor);
     assert!(!session.push(&frame(1), Some(&control(1))).unwrap().anchor);
     let smaller = frame(2).resized(64, 48).unwrap();
     let out = session.push(&smaller, Some(&control(2).resized(64, 48).unwrap())).unwrap();
     assert!(out.anchor, "a frame of another size must re-anchor");
-    assert_eq!(out.image.dims(), &[1, 3, 48, 64]);
+    assert_eq!(out.image.dims(), &[1, 3, 64, 88]);
     assert!(!session.push(&smaller, Some(&control(2).resized(64, 48).unwrap())).unwrap().anchor);
     session.set_settings(FrameSettings { steps: 6, ..quick_settings() }).unwrap();
     let out = session.push(&smaller, Some(&control(2).resized(64, 48).unwrap())).unwrap();
@@ -187,7 +202,7 @@ fn size_or_schedule_change_reanchors() {
 
 #[test]
 fn zero_denoising_steps_and_bad_noise_are_errors() {
-    let mut session = quick_session(SessionConfig::default());
+    let mut session = quick_session(SessionConfig { size: fixture_size(), ..SessionConfig::default() });
     let err = session.set_settings(FrameSettings { steps: 3, strength: 0.2, ..quick_settings() }).unwrap_err();
     assert!(format!("{err:#}").contains("0 denoising steps"), "{err:#}");
     // The session keeps its previous, valid settings.
@@ -200,7 +215,7 @@ fn zero_denoising_steps_and_bad_noise_are_errors() {
 
 #[test]
 fn empty_session_resets_cleanly() {
-    let mut session = quick_session(SessionConfig::default());
+    let mut session = quick_session(SessionConfig { size: fixture_size(), ..SessionConfig::default() });
     assert_eq!(session.frames_pushed(), 0);
     assert_eq!(session.attention().stored_entries(), 0);
     session.reset();
@@ -209,7 +224,7 @@ fn empty_session_resets_cleanly() {
 
 #[test]
 fn cancel_stops_a_frame_between_steps_and_the_next_frame_reanchors() {
-    let mut session = quick_session(SessionConfig::default());
+    let mut session = quick_session(SessionConfig { size: fixture_size(), ..SessionConfig::default() });
     assert!(session.push(&frame(0), Some(&control(0))).unwrap().anchor);
     // A long frame (about 10 s on the tiny model) to cancel early.
     session.set_settings(FrameSettings { steps: 100, strength: 1.0, ..quick_settings() }).unwrap();
@@ -222,7 +237,7 @@ fn cancel_stops_a_frame_between_steps_and_the_next_frame_reanchors() {
     let err = session.push(&frame(1), Some(&control(1))).err().expect("the frame must be cancelled");
     canceller.join().unwrap();
     println!("cancelled after {:?}", started.elapsed());
-    assert!(err.downcast_ref::<sdcrossframe::session::Cancelled>().is_some(), "{err:#}");
+    assert!(err.downcast_ref::<sdcrossframe::pipeline::Cancelled>().is_some(), "{err:#}");
     assert_eq!(session.frames_pushed(), 1);
     // The cancelled frame left no partial state: the next frame is a clean anchor.
     session.set_settings(quick_settings()).unwrap();

@@ -18,8 +18,12 @@ const FRAMES: usize = 4;
 
 fn run_session(device: &Device, dtype: DType) -> Vec<Tensor> {
     let stylizer = Stylizer::load(&tiny_spec(), device, dtype).expect("tiny model loads");
-    let config =
-        SessionConfig { attention: AttentionMode::FirstPrev, scope: AttentionScope::Up, ..SessionConfig::default() };
+    let config = SessionConfig {
+        attention: AttentionMode::FirstPrev,
+        scope: AttentionScope::Up,
+        size: fixture_size(),
+        ..SessionConfig::default()
+    };
     let mut session = VideoSession::new(stylizer, config, base_settings()).unwrap();
     session.set_noise(Some(fixture_noise().to_device(device).unwrap()));
     let images = (0..FRAMES)
@@ -31,7 +35,7 @@ fn run_session(device: &Device, dtype: DType) -> Vec<Tensor> {
     if device.is_cuda() && StepGraphs::enabled_for(device) {
         // Frame 1 is the anchor and frame 2 the first follower (eager); frame 3 captures its
         // steps, frame 4 replays them: the comparison covers replayed CUDA graphs.
-        let (stats, error) = session.stylizer().graph_stats();
+        let (stats, error) = session.stylizer().img2img().graph_stats();
         println!("{dtype:?} denoising steps: {stats:?}");
         assert!(
             stats.captured > 0 && stats.replayed > 0 && stats.failed == 0,

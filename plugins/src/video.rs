@@ -1,5 +1,4 @@
-//! Conversions between GStreamer's packed RGB-family frames and the engine's packed RGB,
-//! and the processing size rule shared by the elements.
+//! Conversions between GStreamer's packed RGB-family frames and the engine's packed RGB.
 
 use anyhow::{Result, bail};
 use gst_video::VideoFormat;
@@ -18,9 +17,6 @@ pub const RGB_FORMATS: &[VideoFormat] = &[
     VideoFormat::Xrgb,
     VideoFormat::Xbgr,
 ];
-
-/// Short side of the default processing size (the original project's 512).
-pub const DEFAULT_SHORT_SIDE: usize = 512;
 
 /// Where R, G and B sit inside one pixel of a packed format, and the pixel's size in bytes.
 /// The remaining byte of 4-byte formats (alpha or padding) is never written.
@@ -102,27 +98,6 @@ pub fn write_rgb(rgb: &RgbFrame, data: &mut [u8], stride: usize, layout: PixelLa
     Ok(())
 }
 
-fn round_to(value: f64, factor: usize) -> usize {
-    ((value / factor as f64).round() as usize).max(1) * factor
-}
-
-/// The size frames of `width` x `height` are processed at. `requested` is the elements'
-/// `width`/`height` properties: both 0 scales the short side to 512 keeping the aspect ratio;
-/// one of them 0 follows the aspect ratio from the other; both set are used as they are.
-/// Every result is rounded to the nearest multiple of `factor` (at least `factor`).
-pub fn processing_size(width: usize, height: usize, requested: (usize, usize), factor: usize) -> (usize, usize) {
-    let (w, h) = (width.max(1) as f64, height.max(1) as f64);
-    match requested {
-        (0, 0) => {
-            let scale = DEFAULT_SHORT_SIDE as f64 / w.min(h);
-            (round_to(w * scale, factor), round_to(h * scale, factor))
-        }
-        (rw, 0) => (round_to(rw as f64, factor), round_to(rw as f64 * h / w, factor)),
-        (0, rh) => (round_to(rh as f64 * w / h, factor), round_to(rh as f64, factor)),
-        (rw, rh) => (round_to(rw as f64, factor), round_to(rh as f64, factor)),
-    }
-}
-
 /// Nearest-neighbour resize of a one-byte-per-pixel plane (keeps binary edge maps binary).
 pub fn resize_nearest(data: &[u8], width: usize, height: usize, out_width: usize, out_height: usize) -> Vec<u8> {
     if (width, height) == (out_width, out_height) {
@@ -141,22 +116,6 @@ pub fn resize_nearest(data: &[u8], width: usize, height: usize, out_width: usize
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn default_processing_size_keeps_aspect_with_short_side_512() {
-        assert_eq!(processing_size(962, 506, (0, 0), 8), (976, 512));
-        assert_eq!(processing_size(640, 480, (0, 0), 8), (680, 512));
-        assert_eq!(processing_size(480, 640, (0, 0), 8), (512, 680));
-        assert_eq!(processing_size(512, 512, (0, 0), 8), (512, 512));
-    }
-
-    #[test]
-    fn requested_processing_size() {
-        assert_eq!(processing_size(962, 506, (96, 64), 8), (96, 64));
-        assert_eq!(processing_size(962, 506, (100, 0), 8), (104, 56));
-        assert_eq!(processing_size(962, 506, (0, 3), 8), (8, 8));
-        assert_eq!(processing_size(1, 1, (0, 0), 8), (512, 512));
-    }
 
     #[test]
     fn round_trip_all_layouts_with_padding() {

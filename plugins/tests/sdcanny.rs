@@ -55,7 +55,7 @@ fn matches_opencv_on_video_frames_in_every_input_format() {
             if l2 || low != 50.0 { &[gst_video::VideoFormat::Rgb] } else { &ALL_FORMATS };
         for &format in formats {
             // 512x512 is its own default processing size: no scaling.
-            let out = run(&[("canny-low", &low), ("canny-high", &high), ("l2", &l2)], &input, format, "GRAY8");
+            let out = run(&[("canny-low", &low), ("canny-high", &high), ("canny-l2", &l2)], &input, format, "GRAY8");
             let differing = out.iter().zip(&expected).filter(|(a, b)| a != b).count();
             assert_eq!(differing, 0, "{format:?} {suffix}: {differing} pixels differ from OpenCV");
         }
@@ -134,13 +134,13 @@ fn properties() {
     let element = gst::ElementFactory::make("sdcanny").build().unwrap();
     assert_eq!(element.property::<f64>("canny-low"), 50.0);
     assert_eq!(element.property::<f64>("canny-high"), 100.0);
-    assert!(!element.property::<bool>("l2"));
+    assert!(!element.property::<bool>("canny-l2"));
     assert_eq!(element.property::<u32>("width"), 0);
     let low = element.find_property("canny-low").unwrap();
     let low = low.downcast_ref::<gst::glib::ParamSpecDouble>().unwrap();
     assert_eq!((low.minimum(), low.maximum()), (0.0, 65535.0));
     assert!(low.flags().contains(gst::PARAM_FLAG_MUTABLE_PLAYING));
-    for name in ["canny-low", "canny-high", "l2", "width", "height"] {
+    for name in ["canny-low", "canny-high", "canny-l2", "width", "height"] {
         assert!(!element.find_property(name).unwrap().blurb().unwrap_or_default().is_empty(), "{name} has no blurb");
     }
 }

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use sdcrossframe::frame::RgbFrame;
-use sdcrossframe::pipeline::{FrameSettings, ModelSpec, Stylizer};
+use sdcrossframe::pipeline::{FrameSettings, ModelSpec, SizeRequest, Stylizer};
 
 /// Per-pixel tolerance of full img2img parity (pixels in [0, 1]).
 pub const IMAGE_TOLERANCE: f32 = 1e-3;
@@ -36,6 +36,11 @@ pub fn tiny_stylizer() -> Stylizer {
 
 pub fn base_settings() -> FrameSettings {
     FrameSettings { prompt: BASE_PROMPT.into(), negative_prompt: BASE_NEGATIVE.into(), ..FrameSettings::default() }
+}
+
+/// The fixture frames' own size (96x64): sessions of the tests process them unscaled.
+pub fn fixture_size() -> SizeRequest {
+    SizeRequest::exact(96, 64)
 }
 
 pub fn frame(k: usize) -> RgbFrame {

@@ -13,6 +13,7 @@ use gst_base::subclass::prelude::*;
 use gst_video::prelude::*;
 use gst_video::subclass::prelude::*;
 use sdcrossframe::canny::{self, CannyParams, ImageView};
+use sdcrossframe::pipeline::SizeRequest;
 
 use crate::video::{self, PixelLayout};
 
@@ -74,7 +75,7 @@ impl ObjectImpl for SdCanny {
                     .default_value(d.high)
                     .mutable_playing()
                     .build(),
-                glib::ParamSpecBoolean::builder("l2")
+                glib::ParamSpecBoolean::builder("canny-l2")
                     .nick("L2 gradient")
                     .blurb("Use the L2 gradient magnitude (cv2.Canny's L2gradient) instead of L1")
                     .default_value(d.l2)
@@ -104,7 +105,7 @@ impl ObjectImpl for SdCanny {
         match pspec.name() {
             "canny-low" => settings.low = value.get().expect("type checked upstream"),
             "canny-high" => settings.high = value.get().expect("type checked upstream"),
-            "l2" => settings.l2 = value.get().expect("type checked upstream"),
+            "canny-l2" => settings.l2 = value.get().expect("type checked upstream"),
             "width" => settings.width = value.get().expect("type checked upstream"),
             "height" => settings.height = value.get().expect("type checked upstream"),
             name => unimplemented!("property {name}"),
@@ -117,7 +118,7 @@ impl ObjectImpl for SdCanny {
         match pspec.name() {
             "canny-low" => settings.low.to_value(),
             "canny-high" => settings.high.to_value(),
-            "l2" => settings.l2.to_value(),
+            "canny-l2" => settings.l2.to_value(),
             "width" => settings.width.to_value(),
             "height" => settings.height.to_value(),
             name => unimplemented!("property {name}"),
@@ -211,8 +212,8 @@ impl VideoFilterImpl for SdCanny {
         let layout = PixelLayout::of(inframe.format()).ok_or(gst::FlowError::NotNegotiated)?;
         let edges = (|| {
             let rgb = video::to_rgb(inframe.plane_data(0)?, width, height, inframe.plane_stride()[0] as usize, layout)?;
-            let (pw, ph) =
-                video::processing_size(width, height, (settings.width as usize, settings.height as usize), SIZE_FACTOR);
+            let request = SizeRequest { width: settings.width as usize, height: settings.height as usize };
+            let (pw, ph) = request.resolve(width, height, SIZE_FACTOR)?;
             let rgb = rgb.resized(pw, ph)?;
             let edges = canny::canny(&ImageView::packed(&rgb.data, pw, ph, 3)?, &params)?;
             anyhow::Ok(video::resize_nearest(&edges.data, pw, ph, width, height))

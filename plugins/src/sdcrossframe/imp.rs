@@ -25,8 +25,9 @@ use gst_base::subclass::prelude::*;
 use gst_video::prelude::*;
 use gst_video::subclass::prelude::*;
 use sdcrossframe::canny::CannyParams;
+use sdcrossframe::pipeline::{CancelHandle, Cancelled, SizeRequest};
 use sdcrossframe::pipeline::{FrameSettings, ModelSpec, Stylizer};
-use sdcrossframe::session::{CancelHandle, Cancelled, SessionConfig, VideoSession};
+use sdcrossframe::session::{SessionConfig, VideoSession};
 
 use super::{Attention, AttentionScope, DType, Noise};
 use crate::video::{self, PixelLayout};
@@ -130,7 +131,7 @@ impl Settings {
         }
     }
 
-    fn session_config(&self, size: Option<(usize, usize)>) -> SessionConfig {
+    fn session_config(&self) -> SessionConfig {
         SessionConfig {
             attention: self.attention.into(),
             scope: self.attention_scope.into(),
@@ -139,7 +140,7 @@ impl Settings {
             noise: self.noise.into(),
             seed: self.seed,
             canny: CannyParams { low: self.canny_low, high: self.canny_high, l2_gradient: self.canny_l2 },
-            size,
+            size: SizeRequest { width: self.width as usize, height: self.height as usize },
         }
     }
 
@@ -339,8 +340,8 @@ impl SdCrossFrame {
 
     /// Applies changed properties at this frame; a rejected change is a warning and the
     /// previous values stay.
-    fn apply_settings(&self, state: &mut State, settings: &Settings, size: (usize, usize)) {
-        let requested = (settings.frame_settings(), settings.session_config(Some(size)));
+    fn apply_settings(&self, state: &mut State, settings: &Settings) {
+        let requested = (settings.frame_settings(), settings.session_config());
         if state.requested.as_ref() == Some(&requested) {
             return;
         }
@@ -686,7 +687,7 @@ impl BaseTransformImpl for SdCrossFrame {
             spec: settings.model_spec(),
             device: settings.device.clone(),
             dtype: settings.dtype,
-            config: settings.session_config(None),
+            config: settings.session_config(),
             frame_settings: settings.frame_settings(),
         };
         let rx = self
@@ -769,15 +770,25 @@ impl VideoFilterImpl for SdCrossFrame {
         let settings = self.settings.lock().unwrap().clone();
         let mut state = self.state.lock().unwrap();
         let state = state.as_mut().ok_or(gst::FlowError::Flushing)?;
-        let factor = self.wait_for_model(state)?.stylizer().vae_scale_factor();
+        self.wait_for_model(state)?;
+        self.apply_settings(state, &settings);
+        let Model::Ready(session) = &mut state.model else {
+            unreachable!("the model is ready");
+        };
 
         let (width, height) = (frame.width() as usize, frame.height() as usize);
         let layout = PixelLayout::of(frame.format()).ok_or(gst::FlowError::NotNegotiated)?;
         let stride = frame.plane_stride()[0] as usize;
-        let size = video::processing_size(width, height, (settings.width as usize, settings.height as usize), factor);
-        self.apply_settings(state, &settings, size);
-        let Model::Ready(session) = &mut state.model else {
-            unreachable!("the model is ready");
+        let size = match session.processing_size(width, height) {
+            Ok(size) => size,
+            Err(e) => {
+                gst::element_imp_error!(
+                    self,
+                    gst::StreamError::Format,
+                    ("No processing size for a {width}x{height} frame: {e:#}")
+                );
+                return Err(gst::FlowError::Error);
+            }
         };
 
         let read_started = Instant::now();
@@ -859,6 +870,6 @@ mod tests {
     fn defaults_match_the_engine() {
         let d = Settings::default();
         assert_eq!(d.frame_settings(), FrameSettings::default());
-        assert_eq!(d.session_config(None), SessionConfig::default());
+        assert_eq!(d.session_config(), SessionConfig::default());
     }
 }

@@ -1,9 +1,7 @@
 //! `sdcrossframe`: the command-line tool. `stylize` runs the engine over image files,
 //! `canny` previews the ControlNet's edge map, `run` runs a GStreamer pipeline file.
 
-#[cfg(feature = "runner")]
 mod launch_file;
-#[cfg(feature = "runner")]
 mod run;
 
 use std::path::{Path, PathBuf};
@@ -16,7 +14,7 @@ use sdcrossframe::canny::{self, CannyParams, ImageView};
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
 use sdcrossframe::device::{parse_device, parse_dtype};
 use sdcrossframe::frame::RgbFrame;
-use sdcrossframe::pipeline::{self, FrameSettings, ModelSpec, Stylizer};
+use sdcrossframe::pipeline::{FrameSettings, ModelSpec, SizeRequest, Stylizer, load_noise_file};
 use sdcrossframe::session::{NoiseMode, SessionConfig, VideoSession};
 
 #[derive(Parser)]
@@ -39,7 +37,6 @@ enum Command {
     Canny(CannyArgs),
     /// Run a GStreamer pipeline file (pipelines/*.pipeline) with its variables filled in:
     /// progress for files, latency for live sources, Ctrl-C finishes the output.
-    #[cfg(feature = "runner")]
     Run(run::RunArgs),
 }
 
@@ -95,6 +92,9 @@ struct StylizeArgs {
     canny_low: f64,
     #[arg(long, default_value_t = 100.0)]
     canny_high: f64,
+    /// Use the L2 gradient magnitude instead of OpenCV's default L1.
+    #[arg(long)]
+    canny_l2: bool,
     /// Cross-frame attention: off, first, prev or first+prev.
     #[arg(long, default_value = "first+prev")]
     attention: AttentionMode,
@@ -111,12 +111,13 @@ struct StylizeArgs {
     /// Initial noise: fixed (the same for every frame) or per-frame.
     #[arg(long, default_value = "fixed")]
     noise: NoiseMode,
-    /// Processing width (default: the image's, rounded down to a multiple of 8).
-    #[arg(long)]
-    width: Option<usize>,
-    /// Processing height (default: the image's, rounded down to a multiple of 8).
-    #[arg(long)]
-    height: Option<usize>,
+    /// Processing width, rounded to a multiple of 8 (0: from --height and the aspect ratio,
+    /// or, when both are 0, a short side of 512 keeping the aspect ratio; as the element does).
+    #[arg(long, default_value_t = 0)]
+    width: usize,
+    /// Processing height (0: see --width).
+    #[arg(long, default_value_t = 0)]
+    height: usize,
 }
 
 #[derive(Args)]
@@ -145,7 +146,6 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Stylize(args) => stylize(*args).map(|()| ExitCode::SUCCESS),
         Command::Canny(args) => canny_command(args).map(|()| ExitCode::SUCCESS),
-        #[cfg(feature = "runner")]
         Command::Run(args) => run::run(args),
     };
     match result {
@@ -166,10 +166,10 @@ fn stylize(args: StylizeArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&args.strength) {
         bail!("--strength {} is outside 0..1", args.strength);
     }
-    let inputs = pipeline::collect_images(&args.images)?;
+    let inputs = collect_images(&args.images)?;
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
-    let canny_params = CannyParams { low: args.canny_low, high: args.canny_high, l2_gradient: false };
+    let canny_params = CannyParams { low: args.canny_low, high: args.canny_high, l2_gradient: args.canny_l2 };
     canny_params.validate()?;
     let settings = FrameSettings {
         prompt: args.prompt.clone(),
@@ -182,19 +182,14 @@ fn stylize(args: StylizeArgs) -> Result<()> {
     // Fail on bad settings and unreadable inputs before the (slow) model load.
     let first = RgbFrame::load(&inputs[0])?;
     let explicit_control = args.control.as_deref().map(RgbFrame::load).transpose()?;
-    let noise_from_file = args.noise_file.as_deref().map(|p| pipeline::load_noise_file(p, &device)).transpose()?;
+    let noise_from_file = args.noise_file.as_deref().map(|p| load_noise_file(p, &device)).transpose()?;
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create output directory {}", args.output.display()))?;
 
     let spec =
         ModelSpec { model: args.model.clone(), controlnet: args.controlnet.clone(), variant: args.variant.clone() };
     let stylizer = Stylizer::load(&spec, &device, dtype)?;
-    stylizer.timesteps(&settings)?;
-    let size = match (args.width, args.height) {
-        (Some(w), Some(h)) => Some(pipeline::processing_size(w, h, stylizer.vae_scale_factor())?),
-        (None, None) => None,
-        _ => bail!("give both --width and --height, or neither"),
-    };
+    stylizer.img2img().timesteps(&settings)?;
     let config = SessionConfig {
         attention: args.attention,
         scope: args.attention_scope,
@@ -203,7 +198,7 @@ fn stylize(args: StylizeArgs) -> Result<()> {
         noise: args.noise,
         seed: args.seed,
         canny: canny_params,
-        size,
+        size: SizeRequest { width: args.width, height: args.height },
     };
     let mut session = VideoSession::new(stylizer, config, settings)?;
     session.set_noise(noise_from_file);
@@ -242,4 +237,33 @@ fn canny_command(args: CannyArgs) -> Result<()> {
     let edges = edges_of(&frame, &params)?;
     image::save_buffer(&args.output, &edges.data, edges.width as u32, edges.height as u32, image::ExtendedColorType::L8)
         .with_context(|| format!("cannot write {}", args.output.display()))
+}
+
+/// Collects a sequence of image paths: files as given, directories expanded to their
+/// PNG/JPEG files in name order.
+fn collect_images(inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(input)
+                .with_context(|| format!("cannot list {}", input.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.extension()
+                        .and_then(|e| e.to_str())
+                        .is_some_and(|e| matches!(e.to_ascii_lowercase().as_str(), "png" | "jpg" | "jpeg"))
+                })
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                bail!("directory {} holds no PNG or JPEG images", input.display());
+            }
+            out.extend(files);
+        } else if input.is_file() {
+            out.push(input.clone());
+        } else {
+            bail!("input image {} does not exist", input.display());
+        }
+    }
+    Ok(out)
 }

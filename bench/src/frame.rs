@@ -1,0 +1,245 @@
+//! Whole img2img frames through the pipeline's own `Img2Img::run` (what the element runs after
+//! its cached text embeddings), with the time of each stage, cross-frame first+prev and off.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+use candle_core::{DType, Device, Tensor};
+use clap::Args;
+use sdcrossframe::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
+use sdcrossframe::pipeline::{
+    CancelHandle, FrameHook, FrameInputs, FrameSettings, Img2Img, ModelSpec, Stage, StageObserver, Stylizer,
+};
+
+use crate::Cli;
+use crate::gpu_memory::Probe;
+use crate::random::sd15_parts;
+use crate::timing::{elapsed_ms, gib, is_finite, median};
+
+#[derive(Args, Debug)]
+pub struct FrameArgs {
+    /// A Stable Diffusion model (diffusers directory or repo id, loaded as the element loads
+    /// it); without it, random weights at SD1.5 shapes.
+    #[arg(long, requires = "controlnet")]
+    model: Option<String>,
+    /// A ControlNet model (with --model).
+    #[arg(long, requires = "model")]
+    controlnet: Option<String>,
+    /// The CLIP tokenizer folder random weights use (the tiny test model's is the real one).
+    #[arg(long, default_value = "tests/fixtures/tiny-sd/tokenizer")]
+    tokenizer: PathBuf,
+    #[arg(long, default_value_t = 512)]
+    width: usize,
+    #[arg(long, default_value_t = 512)]
+    height: usize,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 0.9)]
+    strength: f64,
+    #[arg(long, default_value_t = 7.5)]
+    guidance_scale: f64,
+    #[arg(long, default_value_t = 0.7)]
+    controlnet_scale: f64,
+}
+
+/// Per-stage times of one frame, in milliseconds.
+#[derive(Debug, Default, Clone)]
+struct FrameTimes {
+    /// VAE encode, noising, and the ControlNet's control-image embedding (once per frame).
+    vae_encode: f64,
+    steps: Vec<f64>,
+    vae_decode: f64,
+    total: f64,
+}
+
+/// Records each stage's time, synchronizing the device at every stage end.
+struct StageClock<'a> {
+    device: &'a Device,
+    last: Instant,
+    times: FrameTimes,
+}
+
+impl StageObserver for StageClock<'_> {
+    fn stage_done(&mut self, stage: Stage) -> Result<()> {
+        let ms = elapsed_ms(self.device, self.last)?;
+        self.last = Instant::now();
+        match stage {
+            Stage::Encoded => self.times.vae_encode = ms,
+            Stage::Step(_) => self.times.steps.push(ms),
+            Stage::Decoded => self.times.vae_decode = ms,
+        }
+        Ok(())
+    }
+}
+
+/// One frame through the pipeline's `Img2Img::run` (what `Stylizer::stylize` runs after the
+/// cached text embeddings), with a sync and a clock reading at the end of every stage.
+fn staged_frame(
+    img2img: &Img2Img,
+    device: &Device,
+    inputs: &FrameInputs,
+    settings: &FrameSettings,
+    hook: &mut dyn FrameHook,
+) -> Result<(Tensor, FrameTimes)> {
+    device.synchronize()?;
+    let start = Instant::now();
+    let mut clock = StageClock { device, last: start, times: FrameTimes::default() };
+    let image = img2img.run(inputs, settings, hook, &mut clock, &CancelHandle::default())?;
+    let mut times = clock.times;
+    times.total = elapsed_ms(device, start)?;
+    Ok((image, times))
+}
+
+pub fn run(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Option<&Probe>) -> Result<()> {
+    let t = Instant::now();
+    let stylizer = match (&args.model, &args.controlnet) {
+        (Some(model), Some(controlnet)) => {
+            let spec = ModelSpec { model: model.clone(), controlnet: controlnet.clone(), variant: None };
+            Stylizer::load(&spec, device, dtype)?
+        }
+        _ => Stylizer::build(sd15_parts(dtype, device, &args.tokenizer)?, device, dtype)?,
+    };
+    let load_ms = elapsed_ms(device, t)?;
+    let img2img = stylizer.img2img();
+    let f = img2img.vae_scale_factor();
+    if args.width == 0 || args.height == 0 || !args.width.is_multiple_of(f) || !args.height.is_multiple_of(f) {
+        bail!("--width/--height must be non-zero multiples of {f} (got {}x{})", args.width, args.height);
+    }
+    let settings = FrameSettings {
+        prompt: "a watercolor painting of a woman, soft light".into(),
+        negative_prompt: String::new(),
+        steps: args.steps,
+        strength: args.strength,
+        guidance_scale: args.guidance_scale,
+        controlnet_scale: args.controlnet_scale,
+    };
+    let timesteps = img2img.timesteps(&settings)?;
+    let source = match &args.model {
+        Some(m) => format!("{m} + {}", args.controlnet.as_deref().unwrap_or("")),
+        None => "random weights at SD1.5 shapes".into(),
+    };
+    println!(
+        "frame: {source} (loaded in {:.1} s), {}x{}, {} steps x strength {} = {} denoising steps, guidance {}, controlnet scale {}",
+        load_ms / 1e3,
+        args.width,
+        args.height,
+        settings.steps,
+        settings.strength,
+        timesteps.len(),
+        settings.guidance_scale,
+        settings.controlnet_scale
+    );
+
+    // Text encoder: once per prompt pair (the pipeline caches the embeddings).
+    let mut text_ms = Vec::new();
+    let mut embeddings = None;
+    for run in 0..cli.warmup + cli.runs {
+        let t = Instant::now();
+        let emb = stylizer.encode_prompts(&settings)?;
+        let ms = elapsed_ms(device, t)?;
+        if run >= cli.warmup {
+            text_ms.push(ms);
+        }
+        embeddings = Some(emb);
+    }
+    let embeddings = embeddings.expect("at least one run");
+
+    let (h, w) = (args.height, args.width);
+    let frame = Tensor::rand(0f32, 1f32, (1, 3, h, w), device)?;
+    let control = Tensor::rand(0f32, 1f32, (1, img2img.control_channels(), h, w), device)?;
+    let noise = Tensor::randn(0f32, 1f32, img2img.noise_shape(w, h), device)?;
+    let inputs = FrameInputs { frame: &frame, control: &control, embeddings: &embeddings, noise: &noise };
+
+    struct Row {
+        label: String,
+        times: Vec<FrameTimes>,
+        /// Whole frames without the per-stage synchronisation (what the element sees).
+        unstaged: Vec<f64>,
+        peak: Option<u64>,
+        finite: bool,
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    for mode in [AttentionMode::FirstPrev, AttentionMode::Off] {
+        let mut hook = CrossFrameAttention::new(mode, AttentionScope::Up);
+        if let Some(p) = probe {
+            p.reset_peak()?;
+        }
+        let (graphs_before, _) = img2img.graph_stats();
+        // Frame 0 is the anchor (plain attention, fills the store); the timed frames follow it.
+        let (_, anchor) = staged_frame(img2img, device, &inputs, &settings, &mut hook)?;
+        let mut times = Vec::new();
+        let mut finite = true;
+        for run in 0..cli.warmup.saturating_sub(1) + cli.runs {
+            let (out, ft) = staged_frame(img2img, device, &inputs, &settings, &mut hook)?;
+            if run >= cli.warmup.saturating_sub(1) {
+                times.push(ft);
+            }
+            finite = is_finite(&out)?;
+        }
+        let mut unstaged = Vec::new();
+        for _ in 0..cli.runs {
+            device.synchronize()?;
+            let t = Instant::now();
+            let out = img2img.run(&inputs, &settings, &mut hook, &mut (), &CancelHandle::default())?;
+            unstaged.push(elapsed_ms(device, t)?);
+            finite &= is_finite(&out)?;
+        }
+        if mode != AttentionMode::Off && hook.current_frame_is_anchor() {
+            bail!("cross-frame attention did not run as a follower frame");
+        }
+        let peak = match probe {
+            Some(p) => Some(p.peak()?),
+            None => None,
+        };
+        let (graphs, capture_error) = img2img.graph_stats();
+        if let Some(e) = capture_error {
+            println!("CUDA graph capture failed ({} steps): {e}", graphs.failed);
+        }
+        rows.push(Row {
+            label: format!(
+                "attention {mode} (anchor frame {:.0} ms; steps eager/captured/replayed {}/{}/{})",
+                anchor.total,
+                graphs.eager - graphs_before.eager,
+                graphs.captured - graphs_before.captured,
+                graphs.replayed - graphs_before.replayed
+            ),
+            times,
+            unstaged,
+            peak,
+            finite,
+        });
+    }
+
+    println!();
+    println!("text encoder (2 prompts, once per prompt change): {:.1} ms", median(&text_ms));
+    println!();
+    println!(
+        "| variant | frame ms (median) | fps | frame ms, no stage syncs | VAE encode + control embedding ms | step ms (median) | steps total ms | VAE decode ms | peak alloc GiB | output finite |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
+    for row in &rows {
+        let col = |f: &dyn Fn(&FrameTimes) -> f64| median(&row.times.iter().map(f).collect::<Vec<_>>());
+        let total = col(&|t| t.total);
+        let step = median(&row.times.iter().flat_map(|t| t.steps.iter().copied()).collect::<Vec<_>>());
+        println!(
+            "| {} | {:.1} | {:.2} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
+            row.label,
+            total,
+            1e3 / total,
+            median(&row.unstaged),
+            col(&|t| t.vae_encode),
+            step,
+            col(&|t| t.steps.iter().sum()),
+            col(&|t| t.vae_decode),
+            row.peak.map(|p| format!("{:.2}", gib(p))).unwrap_or_else(|| "-".into()),
+            if row.finite { "yes" } else { "NO" }
+        );
+    }
+
+    if let Some(p) = probe {
+        let (used, total) = p.device_used()?;
+        println!("device memory used now (all processes, contexts included): {:.2} / {:.1} GiB", gib(used), gib(total));
+    }
+    Ok(())
+}

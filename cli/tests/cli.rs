@@ -1,0 +1,93 @@
+//! The `sdcrossframe` command on the tiny model: it reproduces diffusers' image from the same
+//! noise file, and bad input gets an error naming the file and the problem, never a panic.
+
+use std::path::{Path, PathBuf};
+
+const BASE_PROMPT: &str = "a beautiful woman with red hair";
+const BASE_NEGATIVE: &str = "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, worst quality, low quality";
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn img2img_dir() -> PathBuf {
+    fixtures().join("reference/img2img")
+}
+
+fn cli(args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdcrossframe")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn tiny_args() -> Vec<String> {
+    vec![
+        "--model".into(),
+        fixtures().join("tiny-sd").display().to_string(),
+        "--controlnet".into(),
+        fixtures().join("tiny-controlnet").display().to_string(),
+    ]
+}
+
+#[test]
+fn cli_stylize_reproduces_the_diffusers_image_from_the_same_noise_file() {
+    let out = std::env::temp_dir().join(format!("sdcrossframe-cli-{}", std::process::id()));
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_sdcrossframe"))
+        .args(["stylize"])
+        .arg(img2img_dir().join("frame_0.png"))
+        .arg("--output")
+        .arg(&out)
+        .arg("--model")
+        .arg(fixtures().join("tiny-sd"))
+        .arg("--controlnet")
+        .arg(fixtures().join("tiny-controlnet"))
+        .args(["--prompt", BASE_PROMPT, "--negative-prompt", BASE_NEGATIVE])
+        .args(["--steps", "20", "--strength", "0.9", "--guidance-scale", "7.5", "--controlnet-scale", "0.7"])
+        .args(["--width", "96", "--height", "64"])
+        .arg("--control")
+        .arg(img2img_dir().join("control_0.png"))
+        .arg("--noise-file")
+        .arg(img2img_dir().join("noise.safetensors"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let ours = image::open(out.join("frame_0.png")).unwrap().to_rgb8();
+    let theirs = image::open(img2img_dir().join("base.png")).unwrap().to_rgb8();
+    assert_eq!(ours.dimensions(), theirs.dimensions());
+    let worst = ours.as_raw().iter().zip(theirs.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    // Both are rounded from floats that agree within 1e-3, so at most one level apart.
+    assert!(worst <= 1, "CLI output differs from diffusers' PNG by {worst} levels");
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn unreadable_image_is_named() {
+    let bad = fixtures().join("tiny-sd/model_index.json");
+    let out = std::env::temp_dir().join(format!("sdcrossframe-badimg-{}", std::process::id()));
+    let mut args = vec!["stylize".to_string(), bad.display().to_string(), "--output".into(), out.display().to_string()];
+    args.extend(tiny_args());
+    let (ok, stderr) = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok);
+    assert!(stderr.contains("model_index.json") && stderr.contains("image"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn zero_denoising_steps_is_an_error_that_says_so() {
+    let out = std::env::temp_dir().join(format!("sdcrossframe-zerosteps-{}", std::process::id()));
+    let frame = img2img_dir().join("frame_0.png");
+    let mut args = vec![
+        "stylize".to_string(),
+        frame.display().to_string(),
+        "--output".into(),
+        out.display().to_string(),
+        "--steps".into(),
+        "3".into(),
+        "--strength".into(),
+        "0.2".into(),
+    ];
+    args.extend(tiny_args());
+    let (ok, stderr) = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(!ok);
+    assert!(stderr.contains("0 denoising steps"), "{stderr}");
+    std::fs::remove_dir_all(&out).ok();
+}
