@@ -158,7 +158,9 @@ if [ "$FRAME" = 1 ]; then
     # Warm-up 3: the anchor, then two follower frames (run eagerly, then captured as CUDA graphs).
     "$BIN" --device cuda:0 --dtype f16 --warmup 3 --runs 5 frame 2>&1 | tee "$RESULTS/candle-frame.txt" || status=1
     echo "== diffusers: tests/reference/bench_diffusers_frame.py, StableDiffusionControlNetImg2ImgPipeline, fp16"
-    PYTHONUNBUFFERED=1 python3 tests/reference/bench_diffusers_frame.py --dtype fp16 --frames 6 --warmup 2 2>&1 \
+    # --both: at its fastest ordinary use (prompt embeddings once, device tensors in and out: the
+    # baseline to compare with), then the earlier way (prompt strings, PIL in, NumPy out).
+    PYTHONUNBUFFERED=1 python3 tests/reference/bench_diffusers_frame.py --dtype fp16 --frames 6 --warmup 2 --both 2>&1 \
         | grep -v "should be kept in float32" | tee "$RESULTS/diffusers-frame.txt" || status=1
     echo "== candle: sdcrossframe-bench frame, tiny fixture model, f32, 96x64"
     "$BIN" --device cuda:0 --dtype f32 --warmup 3 --runs 5 frame --model tests/fixtures/tiny-sd \

@@ -13,7 +13,19 @@ DDIM with SD1.5's scheduler config. Settings: the original's (512x512, 20 steps,
 Each variant runs --frames frames as one video (frame 0 is the anchor) after --warmup frames;
 the median over the follower frames is reported, and peak CUDA memory.
 
+Inputs and outputs (how each frame is handed to the pipeline):
+  tensors (default)  diffusers at its fastest ordinary use: the prompt embeddings are computed once
+                     (pipe.encode_prompt) and passed as prompt_embeds / negative_prompt_embeds; the
+                     frame and the control image are torch tensors already on the device, (1, 3, H, W)
+                     in [0, 1]; output_type="pt" keeps the result on the device. No PIL, no NumPy
+                     and no text encoder per frame.
+  pil (--pil)        the earlier way: prompt strings (the text encoder runs every frame), PIL images
+                     in, output_type="np" (the result copied to the host).
+--both runs both and prints a table for each.
+
 Usage: python3 tests/reference/bench_diffusers_frame.py [--dtype fp16] [--frames 6] [--warmup 2]
+         [--pil | --both] [--steps 20] [--strength 0.9] [--guidance-scale 7.5] [--controlnet-scale 0.7]
+         [--variants plain,sdpa,original]
 """
 
 import argparse
@@ -76,13 +88,21 @@ def random_images(count, size):
     return frames, edges
 
 
+def to_tensors(images, device, dtype):
+    """PIL images as (1, 3, H, W) tensors in [0, 1] on the device, made before any timing."""
+    return [torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).unsqueeze(0)
+            .to(device, dtype).contiguous() for image in images]
+
+
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
-def run_video(pipe, frames, edges, processor, args):
-    """Seconds per frame of one video; `processor` None = plain, else a processor class."""
+def run_video(pipe, frames, edges, processor, args, embeds=None):
+    """Seconds per frame of one video; `processor` None = plain, else a processor class. `embeds`:
+    (prompt_embeds, negative_prompt_embeds) computed once, with tensor frames; None: prompt strings
+    and PIL frames."""
     unet = pipe.unet
     original = dict(unet.attn_processors)
     state, hooks = None, []
@@ -101,9 +121,13 @@ def run_video(pipe, frames, edges, processor, args):
                 state.begin_frame(anchor=(i == 0))
             sync(args.device)
             t = time.perf_counter()
-            pipe(PROMPT, negative_prompt=NEGATIVE, image=frame, control_image=edge, num_inference_steps=args.steps,
-                 strength=0.9, guidance_scale=7.5, controlnet_conditioning_scale=0.7, generator=generator,
-                 output_type="np")
+            settings = dict(image=frame, control_image=edge, num_inference_steps=args.steps, strength=args.strength,
+                            guidance_scale=args.guidance_scale,
+                            controlnet_conditioning_scale=args.controlnet_scale, generator=generator)
+            if embeds is None:
+                pipe(PROMPT, negative_prompt=NEGATIVE, output_type="np", **settings)
+            else:
+                pipe(prompt_embeds=embeds[0], negative_prompt_embeds=embeds[1], output_type="pt", **settings)
             sync(args.device)
             times.append(time.perf_counter() - t)
             if state is not None:
@@ -115,6 +139,10 @@ def run_video(pipe, frames, edges, processor, args):
     return times
 
 
+VARIANTS = {"plain": ("plain, SDPA", None), "sdpa": ("first+prev up, SDPA", CrossFrameAttnProcessor),
+            "original": ("first+prev up, original processor", ClassicCrossFrameAttnProcessor)}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cuda")
@@ -122,29 +150,61 @@ def main():
     parser.add_argument("--frames", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--strength", type=float, default=0.9)
+    parser.add_argument("--guidance-scale", type=float, default=7.5)
+    parser.add_argument("--controlnet-scale", type=float, default=0.7)
     parser.add_argument("--size", type=int, default=512, help="frame side (smaller only to smoke-test on a CPU)")
+    inputs = parser.add_mutually_exclusive_group()
+    inputs.add_argument("--pil", action="store_true",
+                        help="the earlier way: prompt strings, PIL images in, NumPy out (default: embeddings once, "
+                             "tensors in and out)")
+    inputs.add_argument("--both", action="store_true", help="tensors in and out, then the --pil way")
+    parser.add_argument("--variants", default="plain,sdpa,original",
+                        help="comma-separated: plain (SDPA, no cross-frame), sdpa (first+prev up, SDPA), "
+                             "original (first+prev up, the original's processor)")
     args = parser.parse_args()
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}: choose from {list(VARIANTS)}")
+    modes = ["tensors", "pil"] if args.both else ["pil"] if args.pil else ["tensors"]
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     import diffusers
 
     pipe = build_pipeline(args.device, dtype)
-    frames, edges = random_images(max(args.frames, 2), args.size)
+    frames, edges = random_images(max(args.frames, args.warmup, 2), args.size)
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
+    denoising = min(int(args.steps * args.strength), args.steps)
     print(f"bench_diffusers_frame: torch {torch.__version__}, diffusers {diffusers.__version__}, "
-          f"{gpu}, {args.dtype}, {args.size}x{args.size}, {args.steps} steps x strength 0.9, guidance 7.5, "
-          f"controlnet scale 0.7; median of frames 1..{args.frames - 1} of a {args.frames}-frame video")
-    run_video(pipe, frames[: args.warmup], edges[: args.warmup], None, args)
-    print("| variant | frame ms (median) | fps | anchor frame ms | peak alloc GiB |")
-    print("|---|---:|---:|---:|---:|")
-    for label, processor in [("plain, SDPA", None), ("first+prev up, SDPA", CrossFrameAttnProcessor),
-                             ("first+prev up, original processor", ClassicCrossFrameAttnProcessor)]:
-        if args.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        times = run_video(pipe, frames[: args.frames], edges[: args.frames], processor, args)
-        median = statistics.median(times[1:]) * 1e3
-        peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
-        print(f"| {label} | {median:.1f} | {1e3 / median:.2f} | {times[0] * 1e3:.1f} | {peak:.2f} |")
-
+          f"{gpu}, {args.dtype}, {args.size}x{args.size}, {args.steps} steps x strength {args.strength} "
+          f"= {denoising} denoising steps, guidance {args.guidance_scale}, "
+          f"controlnet scale {args.controlnet_scale}; median of frames 1..{args.frames - 1} of a "
+          f"{args.frames}-frame video")
+    for mode in modes:
+        if mode == "tensors":
+            # Once per prompt, as a video application does; CFG's negative embeddings only with guidance.
+            with torch.no_grad():
+                embeds = pipe.encode_prompt(PROMPT, torch.device(args.device), 1, args.guidance_scale > 1,
+                                            negative_prompt=NEGATIVE)
+            video = (to_tensors(frames, args.device, dtype), to_tensors(edges, args.device, dtype))
+            print()
+            print("inputs: prompt embeddings computed once, frames and control images as device tensors, "
+                  "output_type=\"pt\" (no PIL or NumPy per frame)")
+        else:
+            embeds, video = None, (frames, edges)
+            print()
+            print("inputs: prompt strings (text encoder every frame), PIL images in, output_type=\"np\"")
+        run_video(pipe, video[0][: args.warmup], video[1][: args.warmup], None, args, embeds)
+        print("| variant | frame ms (median) | fps | anchor frame ms | peak alloc GiB |")
+        print("|---|---:|---:|---:|---:|")
+        for key in variants:
+            label, processor = VARIANTS[key]
+            if args.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            times = run_video(pipe, video[0][: args.frames], video[1][: args.frames], processor, args, embeds)
+            median = statistics.median(times[1:]) * 1e3
+            peak = torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else float("nan")
+            print(f"| {label}, {mode} | {median:.1f} | {1e3 / median:.2f} | {times[0] * 1e3:.1f} | {peak:.2f} |")
 
 if __name__ == "__main__":
     main()
