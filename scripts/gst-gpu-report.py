@@ -112,7 +112,7 @@ def main():
     labels = sys.argv[2:]
     rows = [analyse(results, label) for label in labels if (results / f"{label}.times").exists()]
     bench = bench_rows(results)
-    gpu = (results / "gpu.txt").read_text().strip() if (results / "gpu.txt").exists() else "?"
+    gpu = ((results / "gpu.txt").read_text().strip() if (results / "gpu.txt").exists() else "") or "GPU ?"
     print(f"## sdcrossframe through GStreamer ({gpu})")
     print()
     print("| run | input | frames written | wall s | model load s | launch to first output s | first frame s "

@@ -24,7 +24,7 @@
 #           caps="image/jpeg,framerate=25/1" ! jpegdec ! videoconvert ! sdcrossframe model=... \
 #           controlnet=... device=cuda:0 dtype=f16 width=512 height=512 SETTINGS ! videoconvert \
 #           ! jpegenc ! multifilesink location=/tmp/gst-gpu-frames/LABEL/o%03d.jpg
-#       with GST_DEBUG=sdcrossframe:7 into a log, then `sdcrossframe-bench frame` with the same
+#       with GST_DEBUG="*:2,sdcrossframe:7" into a log, then `sdcrossframe-bench frame` with the same
 #       settings, and prints a markdown table (scripts/gst-gpu-report.py).
 #       Configurations:
 #         original  steps=20 strength=0.9 guidance-scale=7.5 controlnet-scale=0.7 (18 denoising steps)
@@ -378,7 +378,7 @@ PY
             echo "pipeline $shown"
         } >"$results/$label.times"
         local start=$EPOCHREALTIME rc
-        env "${gst_env[@]}" GST_DEBUG="sdcrossframe:7" GST_DEBUG_NO_COLOR=1 GST_DEBUG_FILE="$results/$label.log" \
+        env "${gst_env[@]}" GST_DEBUG="*:2,sdcrossframe:7" GST_DEBUG_NO_COLOR=1 GST_DEBUG_FILE="$results/$label.log" \
             timeout "$timeout_s" gst-launch-1.0 -e "${pipeline[@]}" 2>&1 \
             | while IFS= read -r line; do printf '%s %s\n' "$EPOCHREALTIME" "$line"; done >"$results/$label.stdout"
         rc=${PIPESTATUS[0]}
