@@ -432,7 +432,7 @@ PY
     # The benchmark, same settings (random weights at SD1.5 shapes unless GST_GPU_BENCH_ARGS says).
     if [ "$bench" = 1 ]; then
         local warmup=3 bench_runs=5 bench_size=(--width "${size%x*}" --height "${size#*x}")
-        [ "$local_mode" = 1 ] && bench_runs=2 && bench_size+=(--model "$model" --controlnet "$controlnet" --no-pipeline)
+        [ "$local_mode" = 1 ] && bench_runs=2 && bench_size+=(--model "$model" --controlnet "$controlnet")
         for config in ${configs//,/ }; do
             local -a args
             read -r -a args <<<"$(sed -E 's/(^| )([a-z-]+)=/\1--\2 /g' <<<"${settings_of[$config]}")"
