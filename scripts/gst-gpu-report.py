@@ -133,8 +133,9 @@ def main():
               f"| {f'{b[0]:.1f} ({b[1]:.1f})' if b else '-'} |")
     print()
     print("launch to first output: the first output file's mtime minus the launch; first frame: that minus the "
-          "log time of the element's \"Loaded\" line; PLAYING to first output is about 0 by construction (a file "
-          "pipeline prerolls on the first frame, so PLAYING follows the anchor frame). Steady ms/frame: the "
+          "log time of the element's \"Loaded\" line; PLAYING to first output is about 0 (even slightly negative) by "
+          "construction: a file pipeline only reaches PAUSED once the first frame has gone through the element "
+          "to the sink, so it measures nothing about start-up. Steady ms/frame: the "
           "interval between output files after the skipped frames; element ms/frame: the element's own per-frame "
           "trace (read + prepare + diffuse + write) over the same frames.")
     print()

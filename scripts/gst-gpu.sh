@@ -64,13 +64,16 @@
 #   model load         the element's own "Loaded ... in X s" line (loading starts at READY->PAUSED).
 #   launch->first out  the first output file's mtime minus the launch time. In a file pipeline the
 #                      sink prerolls on the first frame, so PLAYING is only reached after the anchor
-#                      frame has gone through the element: "PLAYING to first output" is ~0 by
-#                      construction, and this is the start-up figure that means something.
+#                      frame has gone through the element: "PLAYING to first output" (the file's
+#                      mtime minus the wall-clock time of gst-launch's "Setting pipeline to PLAYING"
+#                      line) is ~0 by construction (measured: -4 to -6 ms), and this is the start-up
+#                      figure that means something.
 #   first frame        the first output file's mtime minus the log time of the "Loaded" line (the
 #                      anchor frame, including the convolution tuning when there is no plan cache).
 #   steady ms/frame    (mtime of output K+M-1 - mtime of output K) / (M-1) over frames K..N-1: the
 #                      pipeline's frame interval, JPEG decoding and encoding included unless
-#                      --queues puts them on other threads.
+#                      --queues puts them on other threads. File mtimes come from the kernel's
+#                      coarse clock (a few ms granularity), hence an average over many frames.
 #   element ms/frame   median over the same frames of the element's per-frame trace line (level 7,
 #                      "frame at WxH: read .., prepare .., diffuse .., write ..") summed, and each
 #                      stage's median; the element's stop summary (level 4, averages over all frames,
