@@ -6,7 +6,7 @@
 #
 #   scripts/gst-gpu.sh pack DIR [--bin-from DIR] [--clip FILE] [--frames N]
 #       Here (Debian 12 with network and GStreamer tools). Writes into DIR (e.g. .device/gst,
-#       ignored by git; carry `.device`):
+#       ignored by git; carry `.device/gst`, under 64 MiB with the binaries):
 #         DIR/debs/*.deb          apt-get download of the GStreamer runtime (about 8 MB)
 #         DIR/wheels/*.whl        diffusers (no deps; the GPU machine has torch and transformers)
 #                                 and the wheels named in GST_GPU_EXTRA_WHEELS (pip download --no-deps)
@@ -56,7 +56,7 @@
 #       Results: $OUT (when set, as on the device machine) or /tmp/gst-gpu-out: per run LABEL.log
 #       (GStreamer debug log), LABEL.stdout (gst-launch's output, each line prefixed with the wall
 #       clock), LABEL.times (launch start, end, exit code, output files' mtimes), the first and last
-#       output frame, bench-CONFIG.txt, report.md.
+#       output frame, bench-CONFIG.txt, diffusers-CONFIG.txt, report.md.
 #
 # How the numbers are taken (scripts/gst-gpu-report.py):
 #   wall               launch of gst-launch-1.0 to its exit (process start, plugin scan, model load,
@@ -66,7 +66,7 @@
 #                      sink prerolls on the first frame, so PLAYING is only reached after the anchor
 #                      frame has gone through the element: "PLAYING to first output" (the file's
 #                      mtime minus the wall-clock time of gst-launch's "Setting pipeline to PLAYING"
-#                      line) is ~0 by construction (measured: -4 to -6 ms), and this is the start-up
+#                      line) is ~0 by construction (-4 to -6 ms in local runs), and this is the start-up
 #                      figure that means something.
 #   first frame        the first output file's mtime minus the log time of the "Loaded" line (the
 #                      anchor frame, including the convolution tuning when there is no plan cache).
