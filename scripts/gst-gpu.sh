@@ -42,6 +42,7 @@
 #         --diffusers      also tests/reference/bench_diffusers_frame.py (tensors in and out, prompt
 #                          embeddings once; cross-frame with SDPA and with the original processor)
 #                          at each configuration's settings, 512x512 (about a minute more)
+#         --no-gst         no GStreamer runs (only the bench and/or --diffusers)
 #         --no-restart     skip the second start of the first run (start-up with whatever the first
 #                          start left behind, e.g. a convolution-plan cache)
 #         --local          smoke test without a GPU: the system's GStreamer, no dpkg -x, no random
@@ -206,7 +207,7 @@ ensure_diffusers() {
 
 run() {
     local bin=${GST_GPU_BIN:-} frames=40 skip=5 configs=original,fast inputs="" queues=0 bench=1 restart=1 local_mode=0
-    local diffusers=0
+    local diffusers=0 gst=1
     while [ $# -gt 0 ]; do
         case "$1" in
             --bin) bin=$2; shift 2 ;;
@@ -217,6 +218,7 @@ run() {
             --queues) queues=1; shift ;;
             --no-bench) bench=0; shift ;;
             --diffusers) diffusers=1; shift ;;
+            --no-gst) gst=0; shift ;;
             --no-restart) restart=0; shift ;;
             --local) local_mode=1; shift ;;
             *) die "run: unknown option $1" ;;
@@ -418,6 +420,7 @@ PY
     local -a first_settings=()
     for config in ${configs//,/ }; do
         [ -n "${settings_of[$config]:-}" ] || die "unknown configuration $config (original, fast)"
+        [ "$gst" = 1 ] || continue
         local -a settings
         read -r -a settings <<<"${settings_of[$config]}"
         [ -n "$steps_override" ] && settings[0]=steps=$steps_override
