@@ -221,35 +221,21 @@ fn resolve_repo(repo_id: &str, needed: &[&[&str]]) -> Result<PathBuf> {
     let cache = hf_hub::Cache::from_env();
     let cached = cache.repo(hf_hub::Repo::model(repo_id.to_string()));
     let offline = std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v != "0" && !v.is_empty());
-    let mut api = None;
+    let mut downloader = Downloader::new(&cache, repo_id);
     let mut snapshot: Option<PathBuf> = None;
     for alternatives in needed {
         let mut found = alternatives.iter().find_map(|file| cached.get(file).map(|p| (*file, p)));
         let mut last_error = None;
         if found.is_none() && !offline {
-            if api.is_none() {
-                api = Some(
-                    hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
-                        .build()
-                        .context("cannot start the Hugging Face downloader")?,
-                );
-            }
-            let repo = api.as_ref().expect("set above").model(repo_id.to_string());
-            for file in *alternatives {
-                tracing::info!(repo_id, file, "downloading");
-                match repo.get(file) {
-                    Ok(p) => {
-                        found = Some((*file, p));
-                        break;
-                    }
-                    Err(e) => last_error = Some(e.to_string()),
-                }
+            match downloader.get_any(alternatives) {
+                Ok(hit) => found = Some(hit),
+                Err(e) => last_error = Some(format!("{e:#}")),
             }
         }
         let Some((file, path)) = found else {
             let why = match (offline, last_error) {
                 (true, _) => "HF_HUB_OFFLINE is set".to_string(),
-                (false, Some(e)) => format!("downloading failed: {e}"),
+                (false, Some(e)) => e,
                 (false, None) => "downloading failed".to_string(),
             };
             bail!(
@@ -265,4 +251,58 @@ fn resolve_repo(repo_id: &str, needed: &[&[&str]]) -> Result<PathBuf> {
         }
     }
     snapshot.with_context(|| format!("{repo_id}: nothing to resolve"))
+}
+
+/// Fetches missing files of a repo into the cache (the `download` feature: hf-hub's
+/// downloader, which brings an HTTP client and progress bars).
+#[cfg(feature = "download")]
+struct Downloader<'a> {
+    cache: &'a hf_hub::Cache,
+    repo_id: &'a str,
+    api: Option<hf_hub::api::sync::Api>,
+}
+
+#[cfg(feature = "download")]
+impl<'a> Downloader<'a> {
+    fn new(cache: &'a hf_hub::Cache, repo_id: &'a str) -> Self {
+        Self { cache, repo_id, api: None }
+    }
+
+    /// The first of `alternatives` the repo provides, downloaded into the cache.
+    fn get_any<'f>(&mut self, alternatives: &[&'f str]) -> Result<(&'f str, PathBuf)> {
+        if self.api.is_none() {
+            let api = hf_hub::api::sync::ApiBuilder::from_cache(self.cache.clone())
+                .build()
+                .context("cannot start the Hugging Face downloader")?;
+            self.api = Some(api);
+        }
+        let repo = self.api.as_ref().expect("set above").model(self.repo_id.to_string());
+        let mut last_error = None;
+        for file in alternatives {
+            tracing::info!(repo_id = self.repo_id, file, "downloading");
+            match repo.get(file) {
+                Ok(path) => return Ok((file, path)),
+                Err(e) => last_error = Some(e),
+            }
+        }
+        match last_error {
+            Some(e) => bail!("downloading failed: {e}"),
+            None => bail!("downloading failed: no file to fetch"),
+        }
+    }
+}
+
+/// Without the `download` feature only the cache is read.
+#[cfg(not(feature = "download"))]
+struct Downloader;
+
+#[cfg(not(feature = "download"))]
+impl Downloader {
+    fn new(_cache: &hf_hub::Cache, _repo_id: &str) -> Self {
+        Self
+    }
+
+    fn get_any<'f>(&mut self, _alternatives: &[&'f str]) -> Result<(&'f str, PathBuf)> {
+        bail!("this build cannot download (built without the engine's `download` feature)")
+    }
 }
