@@ -13,8 +13,8 @@ use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::controlnet::{ControlCondition, ControlNetConfig, ControlNetModel};
 use crate::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::ops::step_graphs::{GraphStats, StepGraphs, StepKey};
 use crate::scheduler::{DdimScheduler, DdimSchedulerConfig};
-use crate::step_graphs::{GraphStats, StepGraphs, StepKey};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{self, ComponentFiles};
 

@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use common::max_abs_diff;
-use sdcrossframe::models::conv::Conv2d;
+use sdcrossframe::ops::Conv2d;
 
 #[test]
 fn convolutions_match_candle_in_f32() {

@@ -23,13 +23,13 @@ use clap::{Args, Parser, Subcommand};
 
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
 use sdcrossframe::device::{default_dtype, parse_device, parse_dtype};
-use sdcrossframe::models::attention::unfused_attention;
 use sdcrossframe::models::attention::{NoHook, SelfAttentionHook};
 use sdcrossframe::models::clip::{ClipTextConfig, ClipTextModel};
 use sdcrossframe::models::controlnet::{ControlNetConfig, ControlNetModel};
-use sdcrossframe::models::flash_attention::fused_attention;
 use sdcrossframe::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
 use sdcrossframe::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use sdcrossframe::ops::flash_attention::fused_attention;
+use sdcrossframe::ops::unfused_attention;
 use sdcrossframe::pipeline::{FrameHook, FrameSettings, Img2Img, ModelSpec, Stage, StageObserver, Stylizer};
 use sdcrossframe::scheduler::{DdimScheduler, DdimSchedulerConfig};
 use sdcrossframe::tokenizer::ClipTokenizer;
@@ -731,7 +731,7 @@ fn graph_replay(cli: &Cli, device: &Device, step: impl Fn() -> candle_core::Resu
     }
 
     let mut captured = None;
-    let graph = sdcrossframe::step_graphs::CapturedGraph::capture(device, || {
+    let graph = sdcrossframe::ops::step_graphs::CapturedGraph::capture(device, || {
         captured = Some(step()?);
         Ok(())
     })?;
@@ -1118,8 +1118,7 @@ fn ops(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
     println!("|---|---|---:|");
     for (channels, side) in [(320usize, 64usize), (640, 32), (1280, 16)] {
         let x = randn(&[2, channels, side, side])?;
-        let norm =
-            sdcrossframe::models::group_norm::GroupNorm::new(vb.pp(format!("gn{channels}")), 32, channels, 1e-5)?;
+        let norm = sdcrossframe::ops::GroupNorm::new(vb.pp(format!("gn{channels}")), 32, channels, 1e-5)?;
         let ms = time_op(cli, device, || norm.forward_reference(&x))?;
         println!("| group_norm(32), candle-nn | 2x{channels}x{side}x{side} | {ms:.3} |");
         let ms = time_op(cli, device, || candle_core::Module::forward(&norm, &x))?;
@@ -1127,8 +1126,7 @@ fn ops(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
         println!("| group_norm(32), models::group_norm (max diff {diff:.1e}) | 2x{channels}x{side}x{side} | {ms:.3} |");
         let ms = time_op(cli, device, || candle_nn::ops::silu(&x))?;
         println!("| silu | 2x{channels}x{side}x{side} | {ms:.3} |");
-        let conv =
-            sdcrossframe::models::conv::Conv2d::same(vb.pp(format!("conv{channels}")), channels, channels, 3, 1)?;
+        let conv = sdcrossframe::ops::Conv2d::same(vb.pp(format!("conv{channels}")), channels, channels, 3, 1)?;
         // candle's own convolution (im2col + GEMM on CUDA) with the same weights.
         let candle_conv = || x.conv2d(conv.weight(), 1, 1, 1, 1)?.broadcast_add(&conv.bias().reshape(((), 1, 1))?);
         let ms = time_op(cli, device, candle_conv)?;
@@ -1155,7 +1153,7 @@ fn ops(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
             let k = randn(&[2, 8, kv_tokens, head_dim])?;
             let v = randn(&[2, 8, kv_tokens, head_dim])?;
             let scale = (head_dim as f64).powf(-0.5);
-            let ms = time_op(cli, device, || sdcrossframe::models::attention::unfused_attention(&q, &k, &v, scale))?;
+            let ms = time_op(cli, device, || sdcrossframe::ops::unfused_attention(&q, &k, &v, scale))?;
             println!("| attention, f32 scores | 2x8x{tokens}x{kv_tokens}x{head_dim} | {ms:.3} |");
             let half = |q: &Tensor, k: &Tensor, v: &Tensor| -> candle_core::Result<Tensor> {
                 let scores = (q * scale)?.matmul(&k.t()?)?;

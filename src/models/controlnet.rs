@@ -7,7 +7,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::conv::Conv2d;
+use crate::ops::Conv2d;
 use serde::Deserialize;
 
 use super::attention::NoHook;

@@ -8,8 +8,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::conv::Conv2d;
-use super::group_norm::GroupNorm;
+use crate::ops::{Conv2d, GroupNorm};
 
 #[derive(Debug, Clone, Copy)]
 pub struct ResnetBlock2DConfig {

@@ -9,8 +9,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::conv::Conv2d;
-use super::group_norm::GroupNorm;
+use crate::ops::{Conv2d, GroupNorm};
 use serde::Deserialize;
 
 use super::attention::SelfAttentionHook;

@@ -13,7 +13,7 @@ use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::conv::Conv2d;
+use crate::ops::Conv2d;
 
 use super::attention::{SelfAttentionHook, Transformer2DConfig, Transformer2DModel};
 

@@ -7,11 +7,11 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::conv::Conv2d;
+use crate::ops::Conv2d;
 use serde::Deserialize;
 
-use super::group_norm::GroupNorm;
 use super::vae_blocks::{DownEncoderBlock, UpDecoderBlock, VaeBlockConfig, VaeMidBlock};
+use crate::ops::GroupNorm;
 
 /// `vae/config.json` as diffusers writes it.
 #[derive(Debug, Clone, Deserialize)]

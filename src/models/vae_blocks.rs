@@ -9,9 +9,9 @@
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::group_norm::GroupNorm;
 use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 use super::unet_blocks::{Downsample2D, Upsample2D};
+use crate::ops::GroupNorm;
 
 /// Settings every VAE block shares (from `vae/config.json`).
 #[derive(Debug, Clone, Copy)]

@@ -12,7 +12,7 @@
 //! projections as (batch, tokens, heads x head_dim) and returns that layout, without the head
 //! split and merge copies (four per attention layer before).
 
-use super::op_storage::{cpu_from_f32, cpu_to_f32};
+use super::storage::{cpu_from_f32, cpu_to_f32};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -328,8 +328,8 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::attention::unfused_attention;
-    use crate::models::max_abs_diff;
+    use crate::ops::max_abs_diff;
+    use crate::ops::unfused_attention;
     use candle_core::Device;
 
     #[test]

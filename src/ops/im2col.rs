@@ -13,7 +13,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-use super::op_storage::{cpu_from_f32, cpu_to_f32};
+use super::storage::{cpu_from_f32, cpu_to_f32};
 
 /// The column tensor of `xs` for a `kernel` (height, width) convolution.
 #[derive(Debug, Clone, Copy)]
@@ -123,7 +123,7 @@ impl CustomOp1 for Columns {
 #[cfg(all(feature = "cuda", sdcrossframe_im2col_ptx))]
 mod cuda {
     use super::{Columns, Geometry};
-    use crate::models::op_storage::cuda_view;
+    use crate::ops::storage::cuda_view;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
@@ -173,7 +173,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::max_abs_diff;
+    use crate::ops::max_abs_diff;
     use candle_core::Device;
 
     #[test]

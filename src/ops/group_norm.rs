@@ -8,7 +8,7 @@
 //! candle-nn's `GroupNorm` (and candle's SiLU), unchanged, so the CPU parity tests keep their
 //! exact numbers; [`group_norm`] runs the kernel's algorithm on the CPU for tests.
 
-use super::op_storage::{cpu_from_f32, cpu_to_f32};
+use super::storage::{cpu_from_f32, cpu_to_f32};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
@@ -173,7 +173,7 @@ impl CustomOp3 for GroupNormOp {
 #[cfg(all(feature = "cuda", sdcrossframe_group_norm_ptx))]
 mod cuda {
     use super::{Geometry, GroupNormOp};
-    use crate::models::op_storage::cuda_view;
+    use crate::ops::storage::cuda_view;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
@@ -231,7 +231,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::max_abs_diff as max_diff;
+    use crate::ops::max_abs_diff as max_diff;
     use candle_core::{DType, Device};
 
     #[test]

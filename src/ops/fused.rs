@@ -9,7 +9,7 @@
 //! models used before, op for op, so the CPU parity tests keep their exact numbers.
 //! `SDCROSSFRAME_FUSED=off` keeps the candle ops on CUDA too (A/B measurements).
 
-use super::op_storage::{cpu_from_f32, cpu_to_f32};
+use super::storage::{cpu_from_f32, cpu_to_f32};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, D, DType, Layout, Result, Shape, Tensor};
 use candle_nn::{Linear, Module};
@@ -433,7 +433,7 @@ mod cuda {
     mod kernels {
         use super::super::{BiasAdd, Geglu, LayerNormRows};
         use super::Input;
-        use crate::models::op_storage::cuda_view;
+        use crate::ops::storage::cuda_view;
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::{CudaDType, WrapErr};
@@ -570,7 +570,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::max_abs_diff;
+    use crate::ops::max_abs_diff;
     use candle_core::Device;
 
     fn randn(shape: &[usize]) -> Tensor {

@@ -265,8 +265,8 @@ mod cudnn {
 
     fn run_method(xs: &Tensor, weight: &Tensor, key: &Key, method: Method) -> Result<Tensor> {
         match method {
-            Method::Im2col if crate::models::im2col::applies(xs) => {
-                crate::models::im2col::conv2d_columns(xs, weight, key.padding, key.stride)
+            Method::Im2col if crate::ops::im2col::applies(xs) => {
+                crate::ops::im2col::conv2d_columns(xs, weight, key.padding, key.stride)
             }
             Method::Im2col => xs.conv2d(weight, key.padding, key.stride, 1, 1),
             Method::Cudnn(algo) => xs.apply_op2_no_bwd(weight, &CudnnConv { key: *key, algo }),
@@ -282,7 +282,8 @@ mod cudnn {
             run_method(xs, weight, key, method)?;
             // GPU time as a replayed graph runs it (host timing favoured methods with fewer
             // launches); host timing if the method cannot be captured.
-            let in_graph = crate::step_graphs::graph_time(device, 5, || run_method(xs, weight, key, method).map(drop));
+            let in_graph =
+                crate::ops::step_graphs::graph_time(device, 5, || run_method(xs, weight, key, method).map(drop));
             match in_graph {
                 Ok(t) => return Ok(t),
                 Err(e) => tracing::debug!(?method, "timing without a graph: {e:#}"),
@@ -333,7 +334,7 @@ mod cudnn {
         use std::io::Write;
         use std::sync::{Mutex, OnceLock};
 
-        const PLANS_ENV: &str = crate::models::conv::CONV_PLANS_ENV;
+        const PLANS_ENV: &str = crate::ops::conv::CONV_PLANS_ENV;
 
         fn shape_line(key: &Key) -> String {
             let dims = |d: [usize; 4]| d.map(|v| v.to_string()).join("x");
