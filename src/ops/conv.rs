@@ -20,10 +20,6 @@ use candle_nn::VarBuilder;
 
 use super::fused;
 
-pub const CONV_ENV: &str = "SDCROSSFRAME_CONV";
-/// A file that keeps the tuned choice per shape across processes (cuDNN builds).
-pub const CONV_PLANS_ENV: &str = "SDCROSSFRAME_CONV_PLANS";
-
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
@@ -168,6 +164,8 @@ mod cudnn {
     use candle_core::cuda_backend::{CudaDType, DeviceId};
     use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
+    use crate::ops::switches::{ConvChoice, switches};
+
     use sys::cudnnConvolutionFwdAlgo_t as Algo;
 
     /// The cuDNN algorithms tried per shape.
@@ -184,24 +182,7 @@ mod cudnn {
     const MAX_WORKSPACE: usize = 512 << 20;
 
     pub(super) fn applies(xs: &Tensor) -> bool {
-        xs.device().is_cuda() && matches!(xs.dtype(), DType::F16 | DType::BF16) && mode() != Mode::Im2col
-    }
-
-    #[derive(Clone, Copy, PartialEq, Eq)]
-    enum Mode {
-        Tuned,
-        Im2col,
-        CudnnOnly,
-    }
-
-    /// From `SDCROSSFRAME_CONV`, read once per process.
-    fn mode() -> Mode {
-        static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
-        *MODE.get_or_init(|| match std::env::var(super::CONV_ENV).as_deref() {
-            Ok("im2col") => Mode::Im2col,
-            Ok("cudnn") => Mode::CudnnOnly,
-            _ => Mode::Tuned,
-        })
+        xs.device().is_cuda() && matches!(xs.dtype(), DType::F16 | DType::BF16) && switches().conv != ConvChoice::Im2col
     }
 
     /// How one shape runs.
@@ -297,7 +278,7 @@ mod cudnn {
             Ok(start.elapsed().as_secs_f64() / 3.0)
         };
         let mut candidates: Vec<Method> = ALGOS.iter().map(|&a| Method::Cudnn(a)).collect();
-        if mode() != Mode::CudnnOnly {
+        if switches().conv != ConvChoice::Cudnn {
             candidates.insert(0, Method::Im2col);
         }
         let mut best: Option<(f64, Method)> = None;
@@ -329,12 +310,10 @@ mod cudnn {
     /// reuses them instead of timing again. The file is only valid for the GPU and cuDNN it
     /// was made with.
     mod saved_plans {
-        use super::{ALGOS, Key, Method};
+        use super::{ALGOS, Key, Method, switches};
         use std::collections::HashMap;
         use std::io::Write;
         use std::sync::{Mutex, OnceLock};
-
-        const PLANS_ENV: &str = crate::ops::conv::CONV_PLANS_ENV;
 
         fn shape_line(key: &Key) -> String {
             let dims = |d: [usize; 4]| d.map(|v| v.to_string()).join("x");
@@ -359,8 +338,8 @@ mod cudnn {
             static PLANS: OnceLock<Option<Mutex<HashMap<String, Method>>>> = OnceLock::new();
             PLANS
                 .get_or_init(|| {
-                    let path = std::env::var_os(PLANS_ENV)?;
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let path = switches().conv_plans.as_ref()?;
+                    let text = std::fs::read_to_string(path).unwrap_or_default();
                     let map = text
                         .lines()
                         .filter_map(|line| {
@@ -382,14 +361,14 @@ mod cudnn {
             let Ok(mut plans) = plans.lock() else { return };
             let line = shape_line(key);
             plans.insert(line.clone(), method);
-            let Some(path) = std::env::var_os(PLANS_ENV) else { return };
+            let Some(path) = &switches().conv_plans else { return };
             let appended = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(&path)
+                .open(path)
                 .and_then(|mut f| writeln!(f, "{line} {}", method_name(method)));
             if let Err(e) = appended {
-                tracing::warn!("cannot record a convolution plan in {}: {e}", path.to_string_lossy());
+                tracing::warn!("cannot record a convolution plan in {}: {e}", path.display());
             }
         }
     }

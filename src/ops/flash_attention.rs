@@ -19,9 +19,6 @@ use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 /// Widest head the CUDA kernel is built for (SD1.5 uses 40, 80 and 160).
 pub const MAX_HEAD_DIM: usize = 160;
 
-/// Set to `unfused` to keep candle's unfused attention on CUDA too (A/B measurements).
-pub const ATTENTION_ENV: &str = "SDCROSSFRAME_ATTENTION";
-
 /// Validated sizes of one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Dims {
@@ -141,12 +138,7 @@ pub fn use_fused(q: &Tensor, head_dim: usize) -> bool {
         && q.device().is_cuda()
         && matches!(q.dtype(), DType::F16 | DType::BF16)
         && head_dim <= MAX_HEAD_DIM
-        && !fused_disabled()
-}
-
-fn fused_disabled() -> bool {
-    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *DISABLED.get_or_init(|| std::env::var(ATTENTION_ENV).is_ok_and(|v| v.trim().eq_ignore_ascii_case("unfused")))
+        && super::switches::switches().fused_attention
 }
 
 impl CustomOp3 for FlashAttention {
@@ -246,16 +238,9 @@ mod cuda {
     /// from L2 half as often; below it, 4-warp blocks (64 rows) fill the GPU better.
     const WIDE_BLOCKS_FROM: usize = 2048;
 
-    /// Warps per block: `SDCROSSFRAME_FLASH_WARPS=4|8` forces one size (A/B measurements).
+    /// Warps per block for `n` queries, unless `SDCROSSFRAME_FLASH_WARPS` forces one size.
     fn warps(n: usize) -> usize {
-        static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-        let forced = *FORCED.get_or_init(|| {
-            std::env::var("SDCROSSFRAME_FLASH_WARPS")
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .filter(|w| [4, 8].contains(w))
-        });
-        forced.unwrap_or(if n >= WIDE_BLOCKS_FROM { 8 } else { 4 })
+        crate::ops::switches::switches().flash_warps.unwrap_or(if n >= WIDE_BLOCKS_FROM { 8 } else { 4 })
     }
 
     /// A view from the layout's start to the end of the storage, and the layout's batch, head

@@ -14,16 +14,13 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, D, DType, Layout, Result, Shape, Tensor};
 use candle_nn::{Linear, Module};
 
-pub const FUSED_ENV: &str = "SDCROSSFRAME_FUSED";
-
 /// Whether `xs` goes through the fused kernels: a CUDA tensor of a float type, a build with the
-/// kernels, not switched off.
+/// kernels, not switched off (`SDCROSSFRAME_FUSED`).
 pub fn applies(xs: &Tensor) -> bool {
-    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     cfg!(sdcrossframe_elementwise_ptx)
         && xs.device().is_cuda()
         && matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16)
-        && !*DISABLED.get_or_init(|| std::env::var(FUSED_ENV).is_ok_and(|v| v.trim().eq_ignore_ascii_case("off")))
+        && super::switches::switches().fused_epilogues
 }
 
 /// `xs` (batch, channels, spatial...) plus `bias` over the channels, then plus `residual` (xs's

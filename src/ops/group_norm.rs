@@ -13,9 +13,6 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-/// Set to `unfused` to keep candle-nn's GroupNorm on CUDA too (A/B measurements).
-pub const GROUP_NORM_ENV: &str = "SDCROSSFRAME_GROUP_NORM";
-
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
@@ -61,9 +58,9 @@ impl Module for GroupNorm {
     }
 }
 
+/// Whether `xs` takes the kernel: a CUDA tensor, not switched off (`SDCROSSFRAME_GROUP_NORM`).
 fn fused(xs: &Tensor) -> bool {
-    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    xs.device().is_cuda() && !*DISABLED.get_or_init(|| std::env::var(GROUP_NORM_ENV).is_ok_and(|v| v == "unfused"))
+    xs.device().is_cuda() && super::switches::switches().fused_group_norm
 }
 
 /// GroupNorm of a `(batch, channels, ...)` tensor with per-channel `weight` and `bias`, then SiLU

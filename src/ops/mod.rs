@@ -14,6 +14,7 @@ pub mod group_norm;
 pub mod im2col;
 pub mod step_graphs;
 mod storage;
+pub mod switches;
 
 pub use attention::{attention, unfused_attention};
 pub use conv::Conv2d;

@@ -21,8 +21,6 @@ use std::collections::HashMap;
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
-pub const CUDA_GRAPHS_ENV: &str = "SDCROSSFRAME_CUDA_GRAPHS";
-
 /// Captured steps kept at most (a frame plan needs two per denoising step: anchor, follower).
 const MAX_ENTRIES: usize = 128;
 
@@ -86,11 +84,7 @@ impl StepGraphs {
 
     /// Whether steps on `device` go through graphs: CUDA builds, CUDA devices, not switched off.
     pub fn enabled_for(device: &Device) -> bool {
-        static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        cfg!(feature = "cuda")
-            && device.is_cuda()
-            && !*DISABLED
-                .get_or_init(|| std::env::var(CUDA_GRAPHS_ENV).is_ok_and(|v| v.trim().eq_ignore_ascii_case("off")))
+        cfg!(feature = "cuda") && device.is_cuda() && super::switches::switches().cuda_graphs
     }
 
     /// Runs `step` on `inputs`, eagerly or through a graph as `key` allows. `step` gets the
