@@ -10,5 +10,6 @@ pub mod embeddings;
 pub mod resnet;
 pub mod unet;
 pub mod unet_blocks;
+pub mod unet_config;
 pub mod vae;
 pub mod vae_blocks;

@@ -17,6 +17,15 @@ use crate::ops::Conv2d;
 
 use super::attention::{SelfAttentionHook, Transformer2DConfig, Transformer2DModel};
 
+/// ControlNet outputs, already multiplied by the conditioning scale: one residual per UNet
+/// skip connection (12 for SD1.5) and one for the mid block; the UNet adds them to its skip
+/// connections and its mid block's output.
+#[derive(Debug, Clone)]
+pub struct ControlNetResiduals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
+
 /// Attention settings of a block that holds transformers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CrossAttnSettings {
