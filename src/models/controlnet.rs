@@ -382,37 +382,9 @@ impl ControlNetModel {
 mod tests {
     use super::*;
 
-    /// lllyasviel/sd-controlnet-canny config.json.
-    const SD15_CANNY: &str = r#"{
-      "_class_name": "ControlNetModel",
-      "_diffusers_version": "0.14.0.dev0",
-      "act_fn": "silu",
-      "attention_head_dim": 8,
-      "block_out_channels": [320, 640, 1280, 1280],
-      "class_embed_type": null,
-      "conditioning_embedding_out_channels": [16, 32, 96, 256],
-      "controlnet_conditioning_channel_order": "rgb",
-      "cross_attention_dim": 768,
-      "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-      "downsample_padding": 1,
-      "flip_sin_to_cos": true,
-      "freq_shift": 0,
-      "in_channels": 4,
-      "layers_per_block": 2,
-      "mid_block_scale_factor": 1,
-      "norm_eps": 1e-05,
-      "norm_num_groups": 32,
-      "num_class_embeds": null,
-      "only_cross_attention": false,
-      "projection_class_embeddings_input_dim": null,
-      "resnet_time_scale_shift": "default",
-      "upcast_attention": false,
-      "use_linear_projection": false
-    }"#;
-
     #[test]
     fn sd15_canny_config_derives_diffusers_blocks() -> Result<()> {
-        let c: ControlNetConfig = serde_json::from_str(SD15_CANNY).unwrap();
+        let c = crate::models::sd15::controlnet_config()?;
         assert_eq!(c.time_embed_dim(), 1280);
         assert_eq!(c.conditioning_channels, 3);
         assert!(!c.global_pool_conditions);

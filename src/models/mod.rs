@@ -8,6 +8,7 @@ pub mod clip;
 pub mod controlnet;
 pub mod embeddings;
 pub mod resnet;
+pub mod sd15;
 pub mod unet;
 pub mod unet_blocks;
 pub mod unet_config;

@@ -476,32 +476,9 @@ impl UNet2DConditionModel {
 mod tests {
     use super::*;
 
-    /// runwayml/stable-diffusion-v1-5 unet/config.json.
-    pub(crate) const SD15_UNET: &str = r#"{
-      "_class_name": "UNet2DConditionModel",
-      "_diffusers_version": "0.6.0",
-      "act_fn": "silu",
-      "attention_head_dim": 8,
-      "block_out_channels": [320, 640, 1280, 1280],
-      "center_input_sample": false,
-      "cross_attention_dim": 768,
-      "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-      "downsample_padding": 1,
-      "flip_sin_to_cos": true,
-      "freq_shift": 0,
-      "in_channels": 4,
-      "layers_per_block": 2,
-      "mid_block_scale_factor": 1,
-      "norm_eps": 1e-05,
-      "norm_num_groups": 32,
-      "out_channels": 4,
-      "sample_size": 64,
-      "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-    }"#;
-
     #[test]
     fn sd15_config_derives_diffusers_blocks() -> Result<()> {
-        let c: UNet2DConditionConfig = serde_json::from_str(SD15_UNET).unwrap();
+        let c = crate::models::sd15::unet_config()?;
         assert_eq!(c.time_embed_dim(), 1280);
         let r = c.resnet_settings()?;
         assert_eq!((r.groups, r.eps, r.temb_channels), (32, 1e-5, 1280));
