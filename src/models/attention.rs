@@ -120,7 +120,7 @@ impl Attention {
     }
 
     /// Queries from `xs`, the given projected keys/values; returns `to_out(attention)` (+
-    /// `residual`, fused into to_out's bias add on CUDA).
+    /// `residual`).
     fn attend(&self, xs: &Tensor, k: &Tensor, v: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
         let (b, _, _) = xs.dims3()?;
         let inner = self.heads * self.dim_head;

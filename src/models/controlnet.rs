@@ -154,7 +154,7 @@ impl ControlNetConfig {
     }
 }
 
-/// A control image after `controlnet_cond_embedding`: (n, block_out_channels[0], h, w) at the
+/// A control image after `controlnet_cond_embedding`: `(n, block_out_channels[0], h, w)` at the
 /// latent size. Made by [`ControlNetModel::embed_condition`].
 #[derive(Debug, Clone)]
 pub struct ControlCondition {
@@ -162,7 +162,7 @@ pub struct ControlCondition {
 }
 
 impl ControlCondition {
-    /// The embedding, (n, block_out_channels[0], h, w).
+    /// The embedding, `(n, block_out_channels[0], h, w)`.
     pub fn tensor(&self) -> &Tensor {
         &self.embedding
     }

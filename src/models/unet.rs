@@ -8,7 +8,6 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
-
 use serde::Deserialize;
 
 use super::attention::SelfAttentionHook;

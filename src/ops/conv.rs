@@ -1,19 +1,16 @@
 //! 2-D convolution with bias (`weight`, `bias`), as every model here uses it.
 //!
-//! Without the `cudnn` feature this is candle's convolution (im2col + GEMM on CUDA). With it,
-//! f16/bf16 convolutions on CUDA may go to cuDNN (the `cudnn` module below). candle's own cuDNN
-//! path (candle-core's `cudnn` feature) was far slower on an H100 (5.5 ms for a 320-channel 3x3
-//! at 2x64x64, against 0.7 ms with im2col and 0.08 ms in PyTorch): it builds every descriptor and
+//! On the CPU this is candle's convolution. On CUDA, 1x1 convolutions are GEMMs (cuBLAS), and
+//! f16/bf16 convolutions run our im2col + GEMM ([`super::im2col`], whose columns let the GEMM
+//! write NCHW directly). With the `cudnn` feature they may go to cuDNN instead (the `cudnn`
+//! module below). Not through candle-core's own `cudnn` feature: it builds every descriptor and
 //! asks cuDNN's heuristics for an algorithm on every call, and leaves the math type at its
 //! default. Ours keeps the descriptors per shape, allows tensor-core math, accumulates in f32
 //! (as PyTorch does), and times the candidates once per shape, like PyTorch's
-//! `cudnn.benchmark`: every cuDNN algorithm and an im2col + GEMM ([`super::im2col`], whose
-//! columns let the GEMM write NCHW directly), keeping the fastest. cuDNN's heuristic pick alone
-//! was 3x faster than im2col at 64x64 but 3x slower at 16x16.
-//! `SDCROSSFRAME_CONV=im2col` (im2col only) or `cudnn` (cuDNN only) narrows the choice for A/B
-//! measurements. `SDCROSSFRAME_CONV_PLANS=FILE` keeps the choices in FILE: later processes skip
-//! the timing (seconds on the first frame) and a profiler run gets the choices of a normal run.
-//! On CUDA, 1x1 convolutions are GEMMs (cuBLAS) and never reach the tuning.
+//! `cudnn.benchmark`: every cuDNN algorithm and the im2col + GEMM, keeping the fastest (neither
+//! cuDNN's heuristic pick nor im2col is fastest at every size). `SDCROSSFRAME_CONV` narrows the
+//! choice and `SDCROSSFRAME_CONV_PLANS` keeps the choices in a file, so that later processes
+//! skip the timing and a profiler run gets the choices of a normal run ([`super::switches`]).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -71,8 +68,8 @@ impl Conv2d {
 
     /// The convolution without the bias.
     fn convolve(&self, xs: &Tensor) -> Result<Tensor> {
-        // On CUDA a 1x1 convolution is one batched GEMM (cuBLAS, tensor cores); cuDNN ran the
-        // UNet's NCHW 1x1 convolutions without tensor cores (an H100 profile: 80-440 us each).
+        // On CUDA a 1x1 convolution is one batched GEMM (cuBLAS, tensor cores); cuDNN runs NCHW
+        // 1x1 convolutions without tensor cores.
         if self.is_pointwise() && fused::applies(xs) {
             let (n, c, h, w) = xs.dims4()?;
             let out = self.pointwise_matrix()?.broadcast_left(n)?.matmul(&xs.reshape((n, c, h * w))?)?;

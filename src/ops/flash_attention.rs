@@ -3,14 +3,13 @@
 //! On CUDA this runs `kernels/flash_attention.cu` (compiled to PTX by build.rs when the `cuda`
 //! feature is on): one pass over the keys with an online softmax, the scores never stored, f32
 //! accumulation, tensor cores for both products. On the CPU the op is a plain f32 reference,
-//! there for tests; the model keeps its unfused candle path on the CPU (see
-//! `Attention::attend`).
+//! there for tests; [`super::attention`] keeps candle's unfused attention on the CPU.
 //!
 //! Shapes: `q` (batch, heads, n, head_dim), `k` and `v` (batch, heads, m, head_dim); `m` may
 //! differ from `n` (cross-frame attention doubles it, cross-attention to text has 77 keys).
 //! The kernel reads each input through its own strides, so [`fused_attention_tokens`] takes the
-//! projections as (batch, tokens, heads x head_dim) and returns that layout, without the head
-//! split and merge copies (four per attention layer before).
+//! projections as (batch, tokens, heads x head_dim) and returns that layout, without copies to
+//! split and merge the heads.
 
 use super::storage::{cpu_from_f32, cpu_to_f32};
 use candle_core::backend::BackendStorage;
@@ -130,9 +129,9 @@ fn kernel_input(t: &Tensor) -> Result<Tensor> {
     if t.device().is_cuda() && t.stride().last() == Some(&1) { Ok(t.clone()) } else { t.contiguous() }
 }
 
-/// Whether `Attention::attend` should use the fused op for queries `q` with heads of
-/// `head_dim`: a CUDA tensor in f16/bf16, a head dim the kernel covers, a build that has the
-/// kernel, and not switched off with `SDCROSSFRAME_ATTENTION=unfused`.
+/// Whether [`super::attention`] uses the fused op for queries `q` with heads of `head_dim`: a
+/// CUDA tensor in f16/bf16, a head dim the kernel covers, a build that has the kernel, and not
+/// switched off with `SDCROSSFRAME_ATTENTION=unfused`.
 pub fn use_fused(q: &Tensor, head_dim: usize) -> bool {
     cfg!(sdcrossframe_flash_ptx)
         && q.device().is_cuda()

@@ -2,9 +2,9 @@
 //! on CUDA.
 //!
 //! candle-nn's `GroupNorm` computes the statistics with about ten separate kernels and two f32
-//! copies of the activations; on an H100 that made a 2x320x64x64 f16 GroupNorm 11x slower
-//! than PyTorch's. On CUDA this module runs `kernels/group_norm.cu`: one launch for the
-//! statistics (f32) and one for normalisation, affine and the optional SiLU. On the CPU it is
+//! copies of the activations. On CUDA this module runs `kernels/group_norm.cu` instead: one
+//! launch for the statistics (f32) and one for normalisation, affine and the optional SiLU
+//! (`SDCROSSFRAME_GROUP_NORM=unfused` keeps candle-nn's, [`super::switches`]). On the CPU it is
 //! candle-nn's `GroupNorm` (and candle's SiLU), unchanged, so the CPU parity tests keep their
 //! exact numbers; [`group_norm`] runs the kernel's algorithm on the CPU for tests.
 

@@ -1,9 +1,6 @@
 //! CUDA graphs for the denoising step (ControlNet + UNet): after warm-up, a step is one graph
-//! launch instead of ~1400 kernel launches issued one by one from the host.
-//!
-//! Measured on an H100 (f16, SD1.5 shapes, `sdcrossframe-bench unet-step --cuda-graph`): a
-//! plain ControlNet + UNet step took 23.4 ms run op by op and 16.1 ms replayed from a graph;
-//! the GPU waited on the host for about a third of the step.
+//! launch instead of every kernel launched one by one from the host, which leaves the GPU
+//! waiting on the host between small kernels.
 //!
 //! A graph replays fixed device addresses, so a step is captured on static buffers: the model
 //! input, the text embeddings and the control embedding are copied into buffers owned here
@@ -14,7 +11,7 @@
 //! [`crate::pipeline::FrameHook::graph_key`]). A key is run eagerly the first time (this tunes
 //! the convolutions and fills candle's upload cache), captured and launched the second time,
 //! and replayed after that. A step that cannot be captured runs eagerly from then on.
-//! `SDCROSSFRAME_CUDA_GRAPHS=off` runs every step eagerly.
+//! `SDCROSSFRAME_CUDA_GRAPHS=off` runs every step eagerly ([`super::switches`]).
 
 use std::collections::HashMap;
 
