@@ -12,10 +12,7 @@
 //! The store holds the attention inputs (the output of `norm1`), and a later frame projects
 //! the anchor's and the previous frame's inputs with the layer's `to_k`/`to_v`. Storing the
 //! projected keys and values instead gives identical results (`to_k`/`to_v` have no bias) but
-//! holds twice the memory; measured on an H100 at SD1.5 shapes (f16, 512x512, CFG,
-//! `sdcrossframe-bench unet-step`), both cost the same per step within noise (148.7 vs
-//! 149.4 ms median: the extra projection is about 1% of a step's FLOPs) while the store is
-//! 52.5 vs 105 MiB per denoising step (0.92 vs 1.85 GiB over the original's 18 steps).
+//! holds twice the memory, to save a projection that is a small part of a step's work.
 //!
 //! Entries are buffers written in place: the anchor copies its inputs into them, a later frame
 //! overwrites "previous" after reading it. Buffers keep their device addresses while the frame

@@ -10,9 +10,9 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
+use sdcrossframe::ops::step_graphs::StepGraphs;
 use sdcrossframe::pipeline::Stylizer;
 use sdcrossframe::session::{SessionConfig, VideoSession};
-use sdcrossframe::step_graphs::StepGraphs;
 
 const FRAMES: usize = 4;
 

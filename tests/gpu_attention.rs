@@ -11,8 +11,8 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::max_abs_diff;
-use sdcrossframe::models::attention::unfused_attention;
-use sdcrossframe::models::flash_attention::{fused_attention, fused_attention_tokens, use_fused};
+use sdcrossframe::ops::flash_attention::{fused_attention, fused_attention_tokens, use_fused};
+use sdcrossframe::ops::unfused_attention;
 
 /// `sharpness` scales the queries: 1 gives scores of unit spread, 4 a peaked softmax.
 fn check(dev: &Device, dtype: DType, (b, h, n, m, d): (usize, usize, usize, usize, usize), sharpness: f64) -> f32 {

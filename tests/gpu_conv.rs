@@ -1,4 +1,4 @@
-//! models::conv on CUDA (cuDNN or im2col, chosen per shape with the `cudnn` feature) against
+//! ops::Conv2d on CUDA (cuDNN or im2col, chosen per shape with the `cudnn` feature) against
 //! candle's own convolution in f32 on the same GPU.
 //!
 //! Needs a GPU and a build with the `cuda` feature (CI has neither, so without the feature
@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use common::max_abs_diff;
-use sdcrossframe::models::conv::Conv2d;
+use sdcrossframe::ops::Conv2d;
 
 #[test]
 fn convolutions_match_candle_in_f32() {

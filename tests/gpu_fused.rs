@@ -12,8 +12,8 @@ mod common;
 
 use candle_core::{D, DType, Device, Module, Tensor};
 use candle_nn::{Linear, VarBuilder};
-use sdcrossframe::models::conv::Conv2d;
-use sdcrossframe::models::fused;
+use sdcrossframe::ops::Conv2d;
+use sdcrossframe::ops::fused;
 
 const CASES: [(DType, f32); 3] = [(DType::F32, 1e-4), (DType::F16, 2e-2), (DType::BF16, 1.5e-1)];
 

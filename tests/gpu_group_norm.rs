@@ -11,7 +11,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::max_abs_diff;
-use sdcrossframe::models::group_norm::group_norm;
+use sdcrossframe::ops::group_norm::group_norm;
 
 #[test]
 fn kernel_matches_candle_nn_on_the_cpu() {

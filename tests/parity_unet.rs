@@ -286,7 +286,7 @@ fn wrong_channel_count_names_tensor_and_shapes() {
     assert!(err.contains("[32, 5, 3, 3]") && err.contains("[32, 4, 3, 3]"), "{err}");
 
     let mut config = unet_config();
-    config.cross_attention_dim = sdcrossframe::models::unet::OneOrMany::One(48);
+    config.cross_attention_dim = sdcrossframe::models::unet_config::OneOrMany::One(48);
     let vb = var_builder(fixtures().join("tiny-sd/unet/diffusion_pytorch_model.safetensors"));
     let err = UNet2DConditionModel::new(vb, &config).unwrap_err().to_string();
     assert!(err.contains("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"), "{err}");

@@ -2,8 +2,8 @@
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
-use sdcrossframe::models::attention::unfused_attention;
-use sdcrossframe::models::flash_attention::fused_attention;
+use sdcrossframe::ops::flash_attention::fused_attention;
+use sdcrossframe::ops::unfused_attention;
 
 use crate::Cli;
 use crate::random::random_vb;
@@ -20,17 +20,15 @@ pub fn ops(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
     println!("|---|---|---:|");
     for (channels, side) in [(320usize, 64usize), (640, 32), (1280, 16)] {
         let x = randn(&[2, channels, side, side])?;
-        let norm =
-            sdcrossframe::models::group_norm::GroupNorm::new(vb.pp(format!("gn{channels}")), 32, channels, 1e-5)?;
+        let norm = sdcrossframe::ops::GroupNorm::new(vb.pp(format!("gn{channels}")), 32, channels, 1e-5)?;
         let ms = time_op(cli, device, || norm.forward_reference(&x))?;
         println!("| group_norm(32), candle-nn | 2x{channels}x{side}x{side} | {ms:.3} |");
         let ms = time_op(cli, device, || candle_core::Module::forward(&norm, &x))?;
         let diff = max_abs_diff(&candle_core::Module::forward(&norm, &x)?, &norm.forward_reference(&x)?)?;
-        println!("| group_norm(32), models::group_norm (max diff {diff:.1e}) | 2x{channels}x{side}x{side} | {ms:.3} |");
+        println!("| group_norm(32), ops::GroupNorm (max diff {diff:.1e}) | 2x{channels}x{side}x{side} | {ms:.3} |");
         let ms = time_op(cli, device, || candle_nn::ops::silu(&x))?;
         println!("| silu | 2x{channels}x{side}x{side} | {ms:.3} |");
-        let conv =
-            sdcrossframe::models::conv::Conv2d::same(vb.pp(format!("conv{channels}")), channels, channels, 3, 1)?;
+        let conv = sdcrossframe::ops::Conv2d::same(vb.pp(format!("conv{channels}")), channels, channels, 3, 1)?;
         // candle's own convolution (im2col + GEMM on CUDA) with the same weights.
         let candle_conv = || x.conv2d(conv.weight(), 1, 1, 1, 1)?.broadcast_add(&conv.bias().reshape(((), 1, 1))?);
         let ms = time_op(cli, device, candle_conv)?;
@@ -38,10 +36,10 @@ pub fn ops(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
         let ms = time_op(cli, device, || candle_core::Module::forward(&conv, &x))?;
         let diff = max_abs_diff(&candle_core::Module::forward(&conv, &x)?, &candle_conv()?)?;
         println!(
-            "| conv3x3, models::conv (cuDNN or im2col, timed per shape, with the `cudnn` feature; max diff {diff:.1e}) | 2x{channels}x{side}x{side} | {ms:.3} |"
+            "| conv3x3, ops::Conv2d (cuDNN or im2col, timed per shape, with the `cudnn` feature; max diff {diff:.1e}) | 2x{channels}x{side}x{side} | {ms:.3} |"
         );
         let ms = time_op(cli, device, || norm.forward_silu(&x))?;
-        println!("| group_norm(32) + silu, models::group_norm | 2x{channels}x{side}x{side} | {ms:.3} |");
+        println!("| group_norm(32) + silu, ops::GroupNorm | 2x{channels}x{side}x{side} | {ms:.3} |");
         let tokens = side * side;
         let h = randn(&[2, tokens, channels])?;
         let linear = candle_nn::linear(channels, channels, vb.pp(format!("lin{channels}")))?;
@@ -57,7 +55,7 @@ pub fn ops(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
             let k = randn(&[2, 8, kv_tokens, head_dim])?;
             let v = randn(&[2, 8, kv_tokens, head_dim])?;
             let scale = (head_dim as f64).powf(-0.5);
-            let ms = time_op(cli, device, || sdcrossframe::models::attention::unfused_attention(&q, &k, &v, scale))?;
+            let ms = time_op(cli, device, || sdcrossframe::ops::unfused_attention(&q, &k, &v, scale))?;
             println!("| attention, f32 scores | 2x8x{tokens}x{kv_tokens}x{head_dim} | {ms:.3} |");
             let half = |q: &Tensor, k: &Tensor, v: &Tensor| -> candle_core::Result<Tensor> {
                 let scores = (q * scale)?.matmul(&k.t()?)?;

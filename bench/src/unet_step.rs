@@ -9,13 +9,14 @@ use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
 use sdcrossframe::models::attention::NoHook;
-use sdcrossframe::models::controlnet::{ControlNetConfig, ControlNetModel};
-use sdcrossframe::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+use sdcrossframe::models::controlnet::ControlNetModel;
+use sdcrossframe::models::sd15;
+use sdcrossframe::models::unet::UNet2DConditionModel;
 use sdcrossframe::pipeline::{FrameHook, FramePlan, PlainFrame};
 
 use crate::Cli;
 use crate::gpu_memory::Probe;
-use crate::random::{SD15_CONTROLNET_CONFIG, SD15_UNET_CONFIG, parse_config, random_vb};
+use crate::random::random_vb;
 use crate::timing::{elapsed_ms, gib, is_finite, median, min, time_op};
 
 /// The timestep every call runs at (its value does not change the cost).
@@ -50,8 +51,8 @@ pub fn run(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, probe:
         bail!("--width/--height must be non-zero multiples of 8 (got {}x{})", args.width, args.height);
     }
     let t = Instant::now();
-    let unet_config: UNet2DConditionConfig = parse_config(SD15_UNET_CONFIG, "SD1.5 UNet")?;
-    let cn_config: ControlNetConfig = parse_config(SD15_CONTROLNET_CONFIG, "SD1.5 ControlNet")?;
+    let unet_config = sd15::unet_config()?;
+    let cn_config = sd15::controlnet_config()?;
     let text_width = unet_config.cross_attention_dim.per_block(1, "cross_attention_dim")?[0];
     let unet = UNet2DConditionModel::new(random_vb(dtype, device).pp("unet"), &unet_config)
         .context("cannot build the SD1.5-shaped UNet")?;
@@ -196,7 +197,7 @@ fn graph_replay(cli: &Cli, device: &Device, step: impl Fn() -> candle_core::Resu
     }
 
     let mut captured = None;
-    let graph = sdcrossframe::step_graphs::CapturedGraph::capture(device, || {
+    let graph = sdcrossframe::ops::step_graphs::CapturedGraph::capture(device, || {
         captured = Some(step()?);
         Ok(())
     })?;

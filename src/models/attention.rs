@@ -6,14 +6,10 @@
 //! Every attention layer knows its own diffusers module path (e.g.
 //! `up_blocks.1.attentions.0.transformer_blocks.0.attn1`) so a hook can tell layers apart.
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
-use super::conv::Conv2d;
-use super::group_norm::GroupNorm;
-
-use super::flash_attention;
-use super::fused;
+use crate::ops::{self, Conv2d, GroupNorm, fused};
 
 /// Called at every self-attention (`attn1`) of the UNet.
 ///
@@ -124,9 +120,9 @@ impl Attention {
     }
 
     /// Queries from `xs`, the given projected keys/values; returns `to_out(attention)` (+
-    /// `residual`, fused into to_out's bias add on CUDA).
+    /// `residual`).
     fn attend(&self, xs: &Tensor, k: &Tensor, v: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
-        let (b, n, _) = xs.dims3()?;
+        let (b, _, _) = xs.dims3()?;
         let inner = self.heads * self.dim_head;
         let (kb, m, kc) = k.dims3()?;
         let (vb_, vm, vc) = v.dims3()?;
@@ -139,33 +135,9 @@ impl Attention {
             );
         }
         let q = self.to_q.forward(xs)?;
-        // Half types on CUDA: the fused kernel (never stores the n x m scores), reading the heads
-        // straight from the projections. Everything else keeps the unfused path, which the CPU
-        // parity tests against diffusers rely on.
-        let out = if flash_attention::use_fused(&q, self.dim_head) {
-            flash_attention::fused_attention_tokens(&q, k, v, self.heads, self.scale)?
-        } else {
-            let split = |t: &Tensor, len: usize| -> Result<Tensor> {
-                t.reshape((b, len, self.heads, self.dim_head))?.transpose(1, 2)?.contiguous()
-            };
-            let out = unfused_attention(&split(&q, n)?, &split(k, m)?, &split(v, m)?, self.scale)?;
-            out.transpose(1, 2)?.reshape((b, n, inner))?
-        };
+        let out = ops::attention(&q, k, v, self.heads, self.scale)?;
         fused::linear(&self.to_out, &out, residual)
     }
-}
-
-/// Unfused `softmax(scale * q k^T) v` for q (batch, heads, n, d) and k, v (batch, heads, m, d):
-/// two matmuls and a softmax, scores and softmax in f32 for half types (diffusers' upcast).
-pub fn unfused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let dtype = q.dtype();
-    let (qf, kf) = match dtype {
-        DType::F16 | DType::BF16 => (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?),
-        _ => (q.clone(), k.clone()),
-    };
-    let scores = (qf.matmul(&kf.t()?)? * scale)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-    probs.matmul(&v.contiguous()?)
 }
 
 /// GEGLU feed-forward (`ff.net.0.proj`, `ff.net.2`), inner width 4x.

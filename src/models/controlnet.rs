@@ -7,121 +7,59 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::conv::Conv2d;
 use serde::Deserialize;
 
 use super::attention::NoHook;
 use super::embeddings::{Activation, TimestepEmbedding, Timesteps};
-use super::unet::{EncoderParams, LayersOfBlock, OneOrMany, check_common, down_block_settings, mid_block_settings};
+pub use super::unet_blocks::ControlNetResiduals;
 use super::unet_blocks::{DownBlock, DownBlockSettings, MidBlock, MidBlockSettings, ResnetSettings};
-
-/// ControlNet outputs, already multiplied by the conditioning scale: one residual per UNet
-/// skip connection (12 for SD1.5) and one for the mid block.
-#[derive(Debug, Clone)]
-pub struct ControlNetResiduals {
-    pub down: Vec<Tensor>,
-    pub mid: Tensor,
-}
-
-fn d_3() -> usize {
-    3
-}
-fn d_4() -> usize {
-    4
-}
-fn d_true() -> bool {
-    true
-}
-fn d_one() -> usize {
-    1
-}
-fn d_one_f() -> f64 {
-    1.0
-}
-fn d_down_types() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec()
-}
-fn d_mid_type() -> Option<String> {
-    Some("UNetMidBlock2DCrossAttn".into())
-}
-fn d_false_all() -> OneOrMany<bool> {
-    OneOrMany::One(false)
-}
-fn d_block_out() -> Vec<usize> {
-    vec![320, 640, 1280, 1280]
-}
-fn d_layers() -> usize {
-    2
-}
-fn d_silu() -> String {
-    "silu".into()
-}
-fn d_groups() -> Option<usize> {
-    Some(32)
-}
-fn d_eps() -> f64 {
-    1e-5
-}
-fn d_cross_dim() -> OneOrMany<usize> {
-    OneOrMany::One(1280)
-}
-fn d_tlayers() -> OneOrMany<LayersOfBlock> {
-    OneOrMany::One(LayersOfBlock::All(1))
-}
-fn d_head_dim() -> OneOrMany<usize> {
-    OneOrMany::One(8)
-}
-fn d_default() -> String {
-    "default".into()
-}
-fn d_rgb() -> String {
-    "rgb".into()
-}
-fn d_cond_channels() -> Vec<usize> {
-    vec![16, 32, 96, 256]
-}
+use super::unet_config::{
+    EncoderParams, LayersOfBlock, OneOrMany, check_common, defaults, down_block_settings, heads_per_block,
+    mid_block_settings, resnet_settings,
+};
+use crate::ops::Conv2d;
 
 /// `config.json` of a diffusers `ControlNetModel`. Missing keys take diffusers' defaults.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ControlNetConfig {
-    #[serde(default = "d_4")]
+    #[serde(default = "defaults::four")]
     pub in_channels: usize,
-    #[serde(default = "d_3")]
+    #[serde(default = "defaults::three")]
     pub conditioning_channels: usize,
-    #[serde(default = "d_true")]
+    #[serde(default = "defaults::yes")]
     pub flip_sin_to_cos: bool,
     #[serde(default)]
     pub freq_shift: f64,
-    #[serde(default = "d_down_types")]
+    #[serde(default = "defaults::down_block_types")]
     pub down_block_types: Vec<String>,
-    #[serde(default = "d_mid_type")]
+    #[serde(default = "defaults::mid_block_type")]
     pub mid_block_type: Option<String>,
-    #[serde(default = "d_false_all")]
+    #[serde(default = "defaults::no_block")]
     pub only_cross_attention: OneOrMany<bool>,
-    #[serde(default = "d_block_out")]
+    #[serde(default = "defaults::block_out_channels")]
     pub block_out_channels: Vec<usize>,
-    #[serde(default = "d_layers")]
+    #[serde(default = "defaults::two")]
     pub layers_per_block: usize,
-    #[serde(default = "d_one")]
+    #[serde(default = "defaults::one")]
     pub downsample_padding: usize,
-    #[serde(default = "d_one_f")]
+    #[serde(default = "defaults::one_f64")]
     pub mid_block_scale_factor: f64,
-    #[serde(default = "d_silu")]
+    #[serde(default = "defaults::silu")]
     pub act_fn: String,
-    #[serde(default = "d_groups")]
+    #[serde(default = "defaults::norm_num_groups")]
     pub norm_num_groups: Option<usize>,
-    #[serde(default = "d_eps")]
+    #[serde(default = "defaults::norm_eps")]
     pub norm_eps: f64,
-    #[serde(default = "d_cross_dim")]
+    #[serde(default = "defaults::cross_attention_dim")]
     pub cross_attention_dim: OneOrMany<usize>,
-    #[serde(default = "d_tlayers")]
+    #[serde(default = "defaults::transformer_layers_per_block")]
     pub transformer_layers_per_block: OneOrMany<LayersOfBlock>,
     #[serde(default)]
     pub encoder_hid_dim: Option<usize>,
     #[serde(default)]
     pub encoder_hid_dim_type: Option<String>,
     /// The number of heads unless `num_attention_heads` is set (diffusers' naming).
-    #[serde(default = "d_head_dim")]
+    #[serde(default = "defaults::attention_head_dim")]
     pub attention_head_dim: OneOrMany<usize>,
     #[serde(default)]
     pub num_attention_heads: Option<OneOrMany<usize>>,
@@ -135,12 +73,12 @@ pub struct ControlNetConfig {
     pub num_class_embeds: Option<usize>,
     #[serde(default)]
     pub upcast_attention: bool,
-    #[serde(default = "d_default")]
+    #[serde(default = "defaults::default")]
     pub resnet_time_scale_shift: String,
     /// `"rgb"` or `"bgr"` (the control image's channels are reversed for bgr).
-    #[serde(default = "d_rgb")]
+    #[serde(default = "defaults::rgb")]
     pub controlnet_conditioning_channel_order: String,
-    #[serde(default = "d_cond_channels")]
+    #[serde(default = "defaults::conditioning_embedding_out_channels")]
     pub conditioning_embedding_out_channels: Vec<usize>,
     /// Average the residuals over space (diffusers' shuffle ControlNets).
     #[serde(default)]
@@ -171,10 +109,7 @@ impl ControlNetConfig {
         if self.conditioning_embedding_out_channels.is_empty() {
             candle_core::bail!("config: conditioning_embedding_out_channels is empty");
         }
-        let heads = match &self.num_attention_heads {
-            Some(h) => h.per_block(n, "num_attention_heads")?,
-            None => self.attention_head_dim.per_block(n, "attention_head_dim")?,
-        };
+        let heads = heads_per_block(&self.num_attention_heads, &self.attention_head_dim, n)?;
         Ok(EncoderParams {
             down_block_types: &self.down_block_types,
             block_out_channels: &self.block_out_channels,
@@ -196,13 +131,7 @@ impl ControlNetConfig {
     }
 
     pub fn resnet_settings(&self) -> Result<ResnetSettings> {
-        Ok(ResnetSettings {
-            groups: self
-                .norm_num_groups
-                .ok_or_else(|| candle_core::Error::Msg("config: norm_num_groups is null".into()))?,
-            eps: self.norm_eps,
-            temb_channels: self.time_embed_dim(),
-        })
+        resnet_settings(self.norm_num_groups, self.norm_eps, self.time_embed_dim())
     }
 
     pub fn down_blocks(&self) -> Result<Vec<DownBlockSettings>> {
@@ -225,7 +154,7 @@ impl ControlNetConfig {
     }
 }
 
-/// A control image after `controlnet_cond_embedding`: (n, block_out_channels[0], h, w) at the
+/// A control image after `controlnet_cond_embedding`: `(n, block_out_channels[0], h, w)` at the
 /// latent size. Made by [`ControlNetModel::embed_condition`].
 #[derive(Debug, Clone)]
 pub struct ControlCondition {
@@ -233,7 +162,7 @@ pub struct ControlCondition {
 }
 
 impl ControlCondition {
-    /// The embedding, (n, block_out_channels[0], h, w).
+    /// The embedding, `(n, block_out_channels[0], h, w)`.
     pub fn tensor(&self) -> &Tensor {
         &self.embedding
     }
@@ -453,37 +382,9 @@ impl ControlNetModel {
 mod tests {
     use super::*;
 
-    /// lllyasviel/sd-controlnet-canny config.json.
-    const SD15_CANNY: &str = r#"{
-      "_class_name": "ControlNetModel",
-      "_diffusers_version": "0.14.0.dev0",
-      "act_fn": "silu",
-      "attention_head_dim": 8,
-      "block_out_channels": [320, 640, 1280, 1280],
-      "class_embed_type": null,
-      "conditioning_embedding_out_channels": [16, 32, 96, 256],
-      "controlnet_conditioning_channel_order": "rgb",
-      "cross_attention_dim": 768,
-      "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-      "downsample_padding": 1,
-      "flip_sin_to_cos": true,
-      "freq_shift": 0,
-      "in_channels": 4,
-      "layers_per_block": 2,
-      "mid_block_scale_factor": 1,
-      "norm_eps": 1e-05,
-      "norm_num_groups": 32,
-      "num_class_embeds": null,
-      "only_cross_attention": false,
-      "projection_class_embeddings_input_dim": null,
-      "resnet_time_scale_shift": "default",
-      "upcast_attention": false,
-      "use_linear_projection": false
-    }"#;
-
     #[test]
     fn sd15_canny_config_derives_diffusers_blocks() -> Result<()> {
-        let c: ControlNetConfig = serde_json::from_str(SD15_CANNY).unwrap();
+        let c = crate::models::sd15::controlnet_config()?;
         assert_eq!(c.time_embed_dim(), 1280);
         assert_eq!(c.conditioning_channels, 3);
         assert!(!c.global_pool_conditions);

@@ -1,15 +1,14 @@
 //! diffusers' default `ResnetBlock2D` (pre-norm, SiLU, additive time embedding), with weight
 //! names `norm1`, `conv1`, `time_emb_proj`, `norm2`, `conv2`, `conv_shortcut`.
 //!
-//! The same computation, in the same order, as candle-transformers' block, which the UNet used
-//! before; it exists so the block's GroupNorms are [`super::group_norm::GroupNorm`] (fast on
-//! CUDA, unchanged on the CPU).
+//! The same computation, in the same order, as candle-transformers' block; ours so that its
+//! norms and convolutions are the backend's ([`crate::ops`]), shared by the UNet, the
+//! ControlNet and the VAE.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::conv::Conv2d;
-use super::group_norm::GroupNorm;
+use crate::ops::{Conv2d, GroupNorm};
 
 #[derive(Debug, Clone, Copy)]
 pub struct ResnetBlock2DConfig {

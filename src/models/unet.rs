@@ -8,160 +8,59 @@
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
-
-use super::conv::Conv2d;
-use super::group_norm::GroupNorm;
 use serde::Deserialize;
 
 use super::attention::SelfAttentionHook;
-use super::controlnet::ControlNetResiduals;
 use super::embeddings::{Activation, TimestepEmbedding, Timesteps};
 use super::unet_blocks::{
-    CrossAttnSettings, DownBlock, DownBlockSettings, MidBlock, MidBlockSettings, ResnetSettings, UpBlock,
-    UpBlockSettings,
+    ControlNetResiduals, CrossAttnSettings, DownBlock, DownBlockSettings, MidBlock, MidBlockSettings, ResnetSettings,
+    UpBlock, UpBlockSettings,
 };
-
-/// A config value given either once for all blocks or as a per-block list.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
-pub enum OneOrMany<T> {
-    Many(Vec<T>),
-    One(T),
-}
-
-impl<T: Clone + std::fmt::Debug> OneOrMany<T> {
-    /// One value per block; `key` names the config key in the error.
-    pub fn per_block(&self, blocks: usize, key: &str) -> Result<Vec<T>> {
-        match self {
-            Self::One(v) => Ok(vec![v.clone(); blocks]),
-            Self::Many(v) if v.len() == blocks => Ok(v.clone()),
-            Self::Many(v) => Err(candle_core::Error::Msg(format!(
-                "config key {key} has {} entries ({v:?}) but the model has {blocks} down blocks",
-                v.len()
-            ))),
-        }
-    }
-}
-
-/// `transformer_layers_per_block` entry of one block: one count for every layer of the
-/// block, or a count per layer.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(untagged)]
-pub enum LayersOfBlock {
-    PerLayer(Vec<usize>),
-    All(usize),
-}
-
-impl LayersOfBlock {
-    fn per_layer(&self, layers: usize, key: &str) -> Result<Vec<usize>> {
-        match self {
-            Self::All(n) => Ok(vec![*n; layers]),
-            Self::PerLayer(v) if v.len() >= layers => Ok(v[..layers].to_vec()),
-            Self::PerLayer(v) => Err(candle_core::Error::Msg(format!(
-                "config key {key}: a block with {layers} layers got only {} transformer layer counts ({v:?})",
-                v.len()
-            ))),
-        }
-    }
-}
-
-fn d_4() -> usize {
-    4
-}
-fn d_true() -> bool {
-    true
-}
-fn d_one() -> usize {
-    1
-}
-fn d_one_f() -> f64 {
-    1.0
-}
-fn d_three() -> usize {
-    3
-}
-fn d_down_types() -> Vec<String> {
-    ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"].map(String::from).to_vec()
-}
-fn d_up_types() -> Vec<String> {
-    ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"].map(String::from).to_vec()
-}
-fn d_mid_type() -> Option<String> {
-    Some("UNetMidBlock2DCrossAttn".into())
-}
-fn d_false_all() -> OneOrMany<bool> {
-    OneOrMany::One(false)
-}
-fn d_block_out() -> Vec<usize> {
-    vec![320, 640, 1280, 1280]
-}
-fn d_layers() -> OneOrMany<usize> {
-    OneOrMany::One(2)
-}
-fn d_silu() -> String {
-    "silu".into()
-}
-fn d_groups() -> Option<usize> {
-    Some(32)
-}
-fn d_eps() -> f64 {
-    1e-5
-}
-fn d_cross_dim() -> OneOrMany<usize> {
-    OneOrMany::One(1280)
-}
-fn d_tlayers() -> OneOrMany<LayersOfBlock> {
-    OneOrMany::One(LayersOfBlock::All(1))
-}
-fn d_head_dim() -> OneOrMany<usize> {
-    OneOrMany::One(8)
-}
-fn d_default() -> String {
-    "default".into()
-}
-fn d_positional() -> String {
-    "positional".into()
-}
+use super::unet_config::{
+    EncoderParams, LayersOfBlock, OneOrMany, check_common, cross_attn_settings, defaults, down_block_settings,
+    heads_per_block, mid_block_settings, resnet_settings,
+};
+use crate::ops::{Conv2d, GroupNorm};
 
 /// `unet/config.json` of a diffusers `UNet2DConditionModel`. Missing keys take diffusers'
 /// defaults; unknown keys are ignored.
 #[derive(Debug, Clone, Deserialize)]
 pub struct UNet2DConditionConfig {
-    #[serde(default = "d_4")]
+    #[serde(default = "defaults::four")]
     pub in_channels: usize,
-    #[serde(default = "d_4")]
+    #[serde(default = "defaults::four")]
     pub out_channels: usize,
     #[serde(default)]
     pub center_input_sample: bool,
-    #[serde(default = "d_true")]
+    #[serde(default = "defaults::yes")]
     pub flip_sin_to_cos: bool,
     #[serde(default)]
     pub freq_shift: f64,
-    #[serde(default = "d_down_types")]
+    #[serde(default = "defaults::down_block_types")]
     pub down_block_types: Vec<String>,
-    #[serde(default = "d_mid_type")]
+    #[serde(default = "defaults::mid_block_type")]
     pub mid_block_type: Option<String>,
-    #[serde(default = "d_up_types")]
+    #[serde(default = "defaults::up_block_types")]
     pub up_block_types: Vec<String>,
-    #[serde(default = "d_false_all")]
+    #[serde(default = "defaults::no_block")]
     pub only_cross_attention: OneOrMany<bool>,
-    #[serde(default = "d_block_out")]
+    #[serde(default = "defaults::block_out_channels")]
     pub block_out_channels: Vec<usize>,
-    #[serde(default = "d_layers")]
+    #[serde(default = "defaults::layers_per_block")]
     pub layers_per_block: OneOrMany<usize>,
-    #[serde(default = "d_one")]
+    #[serde(default = "defaults::one")]
     pub downsample_padding: usize,
-    #[serde(default = "d_one_f")]
+    #[serde(default = "defaults::one_f64")]
     pub mid_block_scale_factor: f64,
-    #[serde(default = "d_silu")]
+    #[serde(default = "defaults::silu")]
     pub act_fn: String,
-    #[serde(default = "d_groups")]
+    #[serde(default = "defaults::norm_num_groups")]
     pub norm_num_groups: Option<usize>,
-    #[serde(default = "d_eps")]
+    #[serde(default = "defaults::norm_eps")]
     pub norm_eps: f64,
-    #[serde(default = "d_cross_dim")]
+    #[serde(default = "defaults::cross_attention_dim")]
     pub cross_attention_dim: OneOrMany<usize>,
-    #[serde(default = "d_tlayers")]
+    #[serde(default = "defaults::transformer_layers_per_block")]
     pub transformer_layers_per_block: OneOrMany<LayersOfBlock>,
     #[serde(default)]
     pub reverse_transformer_layers_per_block: Option<Vec<LayersOfBlock>>,
@@ -171,7 +70,7 @@ pub struct UNet2DConditionConfig {
     pub encoder_hid_dim_type: Option<String>,
     /// Despite the name, diffusers uses this as the number of heads (unless
     /// `num_attention_heads` is set); the head width is `channels / heads`.
-    #[serde(default = "d_head_dim")]
+    #[serde(default = "defaults::attention_head_dim")]
     pub attention_head_dim: OneOrMany<usize>,
     #[serde(default)]
     pub num_attention_heads: Option<OneOrMany<usize>>,
@@ -188,9 +87,9 @@ pub struct UNet2DConditionConfig {
     /// Accepted; attention scores are always computed in f32 for f16/bf16 inputs.
     #[serde(default)]
     pub upcast_attention: bool,
-    #[serde(default = "d_default")]
+    #[serde(default = "defaults::default")]
     pub resnet_time_scale_shift: String,
-    #[serde(default = "d_positional")]
+    #[serde(default = "defaults::positional")]
     pub time_embedding_type: String,
     #[serde(default)]
     pub time_embedding_dim: Option<usize>,
@@ -200,178 +99,21 @@ pub struct UNet2DConditionConfig {
     pub timestep_post_act: Option<String>,
     #[serde(default)]
     pub time_cond_proj_dim: Option<usize>,
-    #[serde(default = "d_three")]
+    #[serde(default = "defaults::three")]
     pub conv_in_kernel: usize,
-    #[serde(default = "d_three")]
+    #[serde(default = "defaults::three")]
     pub conv_out_kernel: usize,
-    #[serde(default = "d_default")]
+    #[serde(default = "defaults::default")]
     pub attention_type: String,
     #[serde(default)]
     pub cross_attention_norm: Option<String>,
-}
-
-/// The encoder half (down blocks + mid block) settings that UNet and ControlNet share.
-pub(crate) struct EncoderParams<'a> {
-    pub down_block_types: &'a [String],
-    pub block_out_channels: &'a [usize],
-    pub layers_per_block: Vec<usize>,
-    pub heads: Vec<usize>,
-    pub cross_attention_dim: Vec<usize>,
-    pub transformer_layers: Vec<LayersOfBlock>,
-    pub only_cross_attention: Vec<bool>,
-    pub use_linear_projection: bool,
-    pub downsample_padding: usize,
-    pub mid_block_type: Option<&'a str>,
-    pub mid_block_scale_factor: f64,
-}
-
-/// Checks shared by UNet and ControlNet configs; `what` names the model in errors.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn check_common(
-    act_fn: &str,
-    resnet_time_scale_shift: &str,
-    class_embed_type: &Option<String>,
-    num_class_embeds: Option<usize>,
-    addition_embed_type: &Option<String>,
-    encoder_hid_dim: Option<usize>,
-    encoder_hid_dim_type: &Option<String>,
-    norm_num_groups: Option<usize>,
-    block_out_channels: &[usize],
-    down_block_types: &[String],
-) -> Result<()> {
-    let unsupported = |key: &str, value: &dyn std::fmt::Debug, why: &str| {
-        Err(candle_core::Error::Msg(format!("unsupported config: {key} = {value:?} ({why})")))
-    };
-    if !matches!(act_fn, "silu" | "swish") {
-        return unsupported("act_fn", &act_fn, "only silu is supported");
-    }
-    if resnet_time_scale_shift != "default" {
-        return unsupported("resnet_time_scale_shift", &resnet_time_scale_shift, "only \"default\" is supported");
-    }
-    if class_embed_type.is_some() || num_class_embeds.is_some() {
-        return unsupported(
-            "class_embed_type / num_class_embeds",
-            &(class_embed_type, num_class_embeds),
-            "class embeddings must be null",
-        );
-    }
-    if addition_embed_type.is_some() {
-        return unsupported("addition_embed_type", addition_embed_type, "must be null");
-    }
-    if encoder_hid_dim.is_some() || encoder_hid_dim_type.is_some() {
-        return unsupported(
-            "encoder_hid_dim / encoder_hid_dim_type",
-            &(encoder_hid_dim, encoder_hid_dim_type),
-            "must be null",
-        );
-    }
-    if norm_num_groups.is_none() {
-        return unsupported("norm_num_groups", &norm_num_groups, "null is not supported");
-    }
-    if block_out_channels.is_empty() || block_out_channels.len() != down_block_types.len() {
-        return Err(candle_core::Error::Msg(format!(
-            "config: block_out_channels {block_out_channels:?} must have one entry per down block ({down_block_types:?})"
-        )));
-    }
-    Ok(())
-}
-
-fn cross_attn_settings(
-    p: &EncoderParams,
-    heads: usize,
-    channels: usize,
-    cross_dim: usize,
-    layers: Vec<usize>,
-    only_cross: bool,
-    block: &str,
-) -> Result<CrossAttnSettings> {
-    if heads == 0 || heads > channels {
-        candle_core::bail!("{block}: {heads} attention heads do not fit {channels} channels");
-    }
-    Ok(CrossAttnSettings {
-        num_attention_heads: heads,
-        attention_head_dim: channels / heads,
-        cross_attention_dim: cross_dim,
-        transformer_layers: layers,
-        use_linear_projection: p.use_linear_projection,
-        only_cross_attention: only_cross,
-    })
-}
-
-pub(crate) fn down_block_settings(p: &EncoderParams) -> Result<Vec<DownBlockSettings>> {
-    let n = p.down_block_types.len();
-    let mut out = Vec::with_capacity(n);
-    let mut output_channel = p.block_out_channels[0];
-    for (i, ty) in p.down_block_types.iter().enumerate() {
-        let in_channels = output_channel;
-        output_channel = p.block_out_channels[i];
-        let layers = p.layers_per_block[i];
-        let attention = match ty.as_str() {
-            "CrossAttnDownBlock2D" => Some(cross_attn_settings(
-                p,
-                p.heads[i],
-                output_channel,
-                p.cross_attention_dim[i],
-                p.transformer_layers[i].per_layer(layers, "transformer_layers_per_block")?,
-                p.only_cross_attention[i],
-                &format!("down_blocks.{i}"),
-            )?),
-            "DownBlock2D" => None,
-            other => candle_core::bail!(
-                "unsupported config: down_block_types[{i}] = {other:?} (supported: CrossAttnDownBlock2D, DownBlock2D)"
-            ),
-        };
-        out.push(DownBlockSettings {
-            block_type: ty.clone(),
-            in_channels,
-            out_channels: output_channel,
-            num_layers: layers,
-            add_downsample: i + 1 != n,
-            downsample_padding: p.downsample_padding,
-            attention,
-        });
-    }
-    Ok(out)
-}
-
-pub(crate) fn mid_block_settings(p: &EncoderParams) -> Result<Option<MidBlockSettings>> {
-    let channels = *p.block_out_channels.last().expect("checked non-empty");
-    let ty = match p.mid_block_type {
-        None => return Ok(None),
-        Some(t) => t,
-    };
-    let attention = match ty {
-        "UNetMidBlock2DCrossAttn" => Some(cross_attn_settings(
-            p,
-            *p.heads.last().expect("one per block"),
-            channels,
-            *p.cross_attention_dim.last().expect("one per block"),
-            p.transformer_layers.last().expect("one per block").per_layer(1, "transformer_layers_per_block")?,
-            false,
-            "mid_block",
-        )?),
-        "UNetMidBlock2D" => None,
-        other => candle_core::bail!(
-            "unsupported config: mid_block_type = {other:?} (supported: UNetMidBlock2DCrossAttn, UNetMidBlock2D, null)"
-        ),
-    };
-    Ok(Some(MidBlockSettings {
-        block_type: ty.to_string(),
-        channels,
-        output_scale_factor: p.mid_block_scale_factor,
-        attention,
-    }))
 }
 
 impl UNet2DConditionConfig {
     /// Per-block heads: `num_attention_heads` when set, else `attention_head_dim` (diffusers'
     /// historical naming).
     fn heads(&self) -> Result<Vec<usize>> {
-        let n = self.down_block_types.len();
-        match &self.num_attention_heads {
-            Some(h) => h.per_block(n, "num_attention_heads"),
-            None => self.attention_head_dim.per_block(n, "attention_head_dim"),
-        }
+        heads_per_block(&self.num_attention_heads, &self.attention_head_dim, self.down_block_types.len())
     }
 
     fn encoder_params(&self) -> Result<EncoderParams<'_>> {
@@ -442,13 +184,7 @@ impl UNet2DConditionConfig {
 
     /// Resnet settings shared by every block.
     pub fn resnet_settings(&self) -> Result<ResnetSettings> {
-        Ok(ResnetSettings {
-            groups: self
-                .norm_num_groups
-                .ok_or_else(|| candle_core::Error::Msg("config: norm_num_groups is null".into()))?,
-            eps: self.norm_eps,
-            temb_channels: self.time_embed_dim(),
-        })
+        resnet_settings(self.norm_num_groups, self.norm_eps, self.time_embed_dim())
     }
 
     /// Settings of each down block, as diffusers derives them.
@@ -739,32 +475,9 @@ impl UNet2DConditionModel {
 mod tests {
     use super::*;
 
-    /// runwayml/stable-diffusion-v1-5 unet/config.json.
-    pub(crate) const SD15_UNET: &str = r#"{
-      "_class_name": "UNet2DConditionModel",
-      "_diffusers_version": "0.6.0",
-      "act_fn": "silu",
-      "attention_head_dim": 8,
-      "block_out_channels": [320, 640, 1280, 1280],
-      "center_input_sample": false,
-      "cross_attention_dim": 768,
-      "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-      "downsample_padding": 1,
-      "flip_sin_to_cos": true,
-      "freq_shift": 0,
-      "in_channels": 4,
-      "layers_per_block": 2,
-      "mid_block_scale_factor": 1,
-      "norm_eps": 1e-05,
-      "norm_num_groups": 32,
-      "out_channels": 4,
-      "sample_size": 64,
-      "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-    }"#;
-
     #[test]
     fn sd15_config_derives_diffusers_blocks() -> Result<()> {
-        let c: UNet2DConditionConfig = serde_json::from_str(SD15_UNET).unwrap();
+        let c = crate::models::sd15::unet_config()?;
         assert_eq!(c.time_embed_dim(), 1280);
         let r = c.resnet_settings()?;
         assert_eq!((r.groups, r.eps, r.temb_channels), (32, 1e-5, 1280));

@@ -1,5 +1,5 @@
 //! Down, mid and up blocks of the diffusers UNet (shared by `UNet2DConditionModel` and
-//! `ControlNetModel`).
+//! `ControlNetModel`), and the residuals the ControlNet hands to the UNet's skip connections.
 //!
 //! Supported block types: `DownBlock2D`, `CrossAttnDownBlock2D`, `UNetMidBlock2DCrossAttn`,
 //! `UNetMidBlock2D` (without attention, as ControlNet uses it), `UpBlock2D`,
@@ -9,13 +9,21 @@
 //! Each block gets its per-block settings already derived from the model config
 //! (see `UNet2DConditionConfig::down_blocks` etc.).
 
-use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 use candle_core::{D, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::conv::Conv2d;
-
 use super::attention::{SelfAttentionHook, Transformer2DConfig, Transformer2DModel};
+use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+use crate::ops::Conv2d;
+
+/// ControlNet outputs, already multiplied by the conditioning scale: one residual per UNet
+/// skip connection (12 for SD1.5) and one for the mid block; the UNet adds them to its skip
+/// connections and its mid block's output.
+#[derive(Debug, Clone)]
+pub struct ControlNetResiduals {
+    pub down: Vec<Tensor>,
+    pub mid: Tensor,
+}
 
 /// Attention settings of a block that holds transformers.
 #[derive(Debug, Clone, PartialEq)]

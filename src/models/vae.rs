@@ -1,17 +1,15 @@
 //! AutoencoderKL (the SD VAE) from a diffusers `vae/` directory.
 //!
 //! Ours rather than candle-transformers' `AutoEncoderKL`: that one hides the posterior mean
-//! (img2img here encodes deterministically at the mean), and its blocks use candle-nn's
-//! GroupNorm, slow on CUDA (see [`super::vae_blocks`]).
+//! (img2img here encodes deterministically at the mean), and its blocks do not run the
+//! backend's operations (see [`super::vae_blocks`]).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
-
-use super::conv::Conv2d;
 use serde::Deserialize;
 
-use super::group_norm::GroupNorm;
 use super::vae_blocks::{DownEncoderBlock, UpDecoderBlock, VaeBlockConfig, VaeMidBlock};
+use crate::ops::{Conv2d, GroupNorm};
 
 /// `vae/config.json` as diffusers writes it.
 #[derive(Debug, Clone, Deserialize)]

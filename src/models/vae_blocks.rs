@@ -1,17 +1,17 @@
 //! The VAE's encoder and decoder blocks (diffusers' `DownEncoderBlock2D`, `UNetMidBlock2D`
 //! with its single-head attention, `UpDecoderBlock2D`), with diffusers' weight names.
 //!
-//! The same computation as candle-transformers' blocks, which the VAE used before; ours exist
-//! so the VAE's GroupNorms are [`super::group_norm::GroupNorm`] (one kernel per norm on CUDA
-//! instead of about ten; at 512x512 the decoder runs 30 of them on up to 128x512x512 values)
-//! and its resnets share [`super::resnet::ResnetBlock2D`] with the UNet.
+//! The same computation as candle-transformers' blocks; ours so that the VAE's norms and
+//! convolutions are the backend's ([`crate::ops`]; the decoder's GroupNorms at 512x512 run on
+//! up to 128x512x512 values) and its resnets are [`super::resnet::ResnetBlock2D`], as the
+//! UNet's.
 
 use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
-use super::group_norm::GroupNorm;
 use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 use super::unet_blocks::{Downsample2D, Upsample2D};
+use crate::ops::GroupNorm;
 
 /// Settings every VAE block shares (from `vae/config.json`).
 #[derive(Debug, Clone, Copy)]

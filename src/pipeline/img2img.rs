@@ -13,8 +13,8 @@ use super::settings::{FramePlan, FrameSettings};
 use crate::models::controlnet::{ControlCondition, ControlNetModel};
 use crate::models::unet::UNet2DConditionModel;
 use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+use crate::ops::step_graphs::{GraphStats, StepGraphs, StepKey};
 use crate::scheduler::DdimScheduler;
-use crate::step_graphs::{GraphStats, StepGraphs, StepKey};
 
 /// What one frame is made from, at the processing size.
 pub struct FrameInputs<'a> {

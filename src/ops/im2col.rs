@@ -2,18 +2,17 @@
 //! the NCHW output directly (`kernels/im2col.cu`).
 //!
 //! candle's CUDA im2col writes one (pixel, kernel tap) row per output pixel with scattered
-//! reads, multiplies, then copies the (pixel, channel) result into NCHW. In an H100 profile of
-//! a UNet + ControlNet step its im2col kernel alone took 2.4 of 18.7 ms of kernel time (the
-//! low-resolution, wide convolutions where it beats cuDNN's NCHW algorithms). Here the columns
-//! are (batch, channel x tap, pixel): threads copy consecutive pixels of one input row, and
-//! `out[n] = W (out, in x taps) @ cols[n]` is the output as it is.
+//! reads, multiplies, then copies the (pixel, channel) result into NCHW. Here the columns are
+//! (batch, channel x tap, pixel): threads copy consecutive pixels of one input row, and
+//! `out[n] = W (out, in x taps) @ cols[n]` is the output as it is. It matters for the
+//! low-resolution, wide convolutions, where im2col beats cuDNN's NCHW algorithms.
 //!
 //! The CUDA kernel copies 16-bit values (f16, bf16); the CPU op is a reference for tests.
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-use super::op_storage::{cpu_from_f32, cpu_to_f32};
+use super::storage::{cpu_from_f32, cpu_to_f32};
 
 /// The column tensor of `xs` for a `kernel` (height, width) convolution.
 #[derive(Debug, Clone, Copy)]
@@ -123,7 +122,7 @@ impl CustomOp1 for Columns {
 #[cfg(all(feature = "cuda", sdcrossframe_im2col_ptx))]
 mod cuda {
     use super::{Columns, Geometry};
-    use crate::models::op_storage::cuda_view;
+    use crate::ops::storage::cuda_view;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
@@ -173,7 +172,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::max_abs_diff;
+    use crate::ops::max_abs_diff;
     use candle_core::Device;
 
     #[test]

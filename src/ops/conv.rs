@@ -1,28 +1,21 @@
 //! 2-D convolution with bias (`weight`, `bias`), as every model here uses it.
 //!
-//! Without the `cudnn` feature this is candle's convolution (im2col + GEMM on CUDA). With it,
-//! f16/bf16 convolutions on CUDA may go to cuDNN (the `cudnn` module below). candle's own cuDNN
-//! path (candle-core's `cudnn` feature) was far slower on an H100 (5.5 ms for a 320-channel 3x3
-//! at 2x64x64, against 0.7 ms with im2col and 0.08 ms in PyTorch): it builds every descriptor and
+//! On the CPU this is candle's convolution. On CUDA, 1x1 convolutions are GEMMs (cuBLAS), and
+//! f16/bf16 convolutions run our im2col + GEMM ([`super::im2col`], whose columns let the GEMM
+//! write NCHW directly). With the `cudnn` feature they may go to cuDNN instead (the `cudnn`
+//! module below). Not through candle-core's own `cudnn` feature: it builds every descriptor and
 //! asks cuDNN's heuristics for an algorithm on every call, and leaves the math type at its
 //! default. Ours keeps the descriptors per shape, allows tensor-core math, accumulates in f32
 //! (as PyTorch does), and times the candidates once per shape, like PyTorch's
-//! `cudnn.benchmark`: every cuDNN algorithm and an im2col + GEMM ([`super::im2col`], whose
-//! columns let the GEMM write NCHW directly), keeping the fastest. cuDNN's heuristic pick alone
-//! was 3x faster than im2col at 64x64 but 3x slower at 16x16.
-//! `SDCROSSFRAME_CONV=im2col` (im2col only) or `cudnn` (cuDNN only) narrows the choice for A/B
-//! measurements. `SDCROSSFRAME_CONV_PLANS=FILE` keeps the choices in FILE: later processes skip
-//! the timing (seconds on the first frame) and a profiler run gets the choices of a normal run.
-//! On CUDA, 1x1 convolutions are GEMMs (cuBLAS) and never reach the tuning.
+//! `cudnn.benchmark`: every cuDNN algorithm and the im2col + GEMM, keeping the fastest (neither
+//! cuDNN's heuristic pick nor im2col is fastest at every size). `SDCROSSFRAME_CONV` narrows the
+//! choice and `SDCROSSFRAME_CONV_PLANS` keeps the choices in a file, so that later processes
+//! skip the timing and a profiler run gets the choices of a normal run ([`super::switches`]).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::fused;
-
-pub const CONV_ENV: &str = "SDCROSSFRAME_CONV";
-/// A file that keeps the tuned choice per shape across processes (cuDNN builds).
-pub const CONV_PLANS_ENV: &str = "SDCROSSFRAME_CONV_PLANS";
 
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -75,8 +68,8 @@ impl Conv2d {
 
     /// The convolution without the bias.
     fn convolve(&self, xs: &Tensor) -> Result<Tensor> {
-        // On CUDA a 1x1 convolution is one batched GEMM (cuBLAS, tensor cores); cuDNN ran the
-        // UNet's NCHW 1x1 convolutions without tensor cores (an H100 profile: 80-440 us each).
+        // On CUDA a 1x1 convolution is one batched GEMM (cuBLAS, tensor cores); cuDNN runs NCHW
+        // 1x1 convolutions without tensor cores.
         if self.is_pointwise() && fused::applies(xs) {
             let (n, c, h, w) = xs.dims4()?;
             let out = self.pointwise_matrix()?.broadcast_left(n)?.matmul(&xs.reshape((n, c, h * w))?)?;
@@ -168,6 +161,8 @@ mod cudnn {
     use candle_core::cuda_backend::{CudaDType, DeviceId};
     use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
+    use crate::ops::switches::{ConvChoice, switches};
+
     use sys::cudnnConvolutionFwdAlgo_t as Algo;
 
     /// The cuDNN algorithms tried per shape.
@@ -184,24 +179,7 @@ mod cudnn {
     const MAX_WORKSPACE: usize = 512 << 20;
 
     pub(super) fn applies(xs: &Tensor) -> bool {
-        xs.device().is_cuda() && matches!(xs.dtype(), DType::F16 | DType::BF16) && mode() != Mode::Im2col
-    }
-
-    #[derive(Clone, Copy, PartialEq, Eq)]
-    enum Mode {
-        Tuned,
-        Im2col,
-        CudnnOnly,
-    }
-
-    /// From `SDCROSSFRAME_CONV`, read once per process.
-    fn mode() -> Mode {
-        static MODE: std::sync::OnceLock<Mode> = std::sync::OnceLock::new();
-        *MODE.get_or_init(|| match std::env::var(super::CONV_ENV).as_deref() {
-            Ok("im2col") => Mode::Im2col,
-            Ok("cudnn") => Mode::CudnnOnly,
-            _ => Mode::Tuned,
-        })
+        xs.device().is_cuda() && matches!(xs.dtype(), DType::F16 | DType::BF16) && switches().conv != ConvChoice::Im2col
     }
 
     /// How one shape runs.
@@ -265,8 +243,8 @@ mod cudnn {
 
     fn run_method(xs: &Tensor, weight: &Tensor, key: &Key, method: Method) -> Result<Tensor> {
         match method {
-            Method::Im2col if crate::models::im2col::applies(xs) => {
-                crate::models::im2col::conv2d_columns(xs, weight, key.padding, key.stride)
+            Method::Im2col if crate::ops::im2col::applies(xs) => {
+                crate::ops::im2col::conv2d_columns(xs, weight, key.padding, key.stride)
             }
             Method::Im2col => xs.conv2d(weight, key.padding, key.stride, 1, 1),
             Method::Cudnn(algo) => xs.apply_op2_no_bwd(weight, &CudnnConv { key: *key, algo }),
@@ -282,7 +260,8 @@ mod cudnn {
             run_method(xs, weight, key, method)?;
             // GPU time as a replayed graph runs it (host timing favoured methods with fewer
             // launches); host timing if the method cannot be captured.
-            let in_graph = crate::step_graphs::graph_time(device, 5, || run_method(xs, weight, key, method).map(drop));
+            let in_graph =
+                crate::ops::step_graphs::graph_time(device, 5, || run_method(xs, weight, key, method).map(drop));
             match in_graph {
                 Ok(t) => return Ok(t),
                 Err(e) => tracing::debug!(?method, "timing without a graph: {e:#}"),
@@ -296,7 +275,7 @@ mod cudnn {
             Ok(start.elapsed().as_secs_f64() / 3.0)
         };
         let mut candidates: Vec<Method> = ALGOS.iter().map(|&a| Method::Cudnn(a)).collect();
-        if mode() != Mode::CudnnOnly {
+        if switches().conv != ConvChoice::Cudnn {
             candidates.insert(0, Method::Im2col);
         }
         let mut best: Option<(f64, Method)> = None;
@@ -328,12 +307,10 @@ mod cudnn {
     /// reuses them instead of timing again. The file is only valid for the GPU and cuDNN it
     /// was made with.
     mod saved_plans {
-        use super::{ALGOS, Key, Method};
+        use super::{ALGOS, Key, Method, switches};
         use std::collections::HashMap;
         use std::io::Write;
         use std::sync::{Mutex, OnceLock};
-
-        const PLANS_ENV: &str = crate::models::conv::CONV_PLANS_ENV;
 
         fn shape_line(key: &Key) -> String {
             let dims = |d: [usize; 4]| d.map(|v| v.to_string()).join("x");
@@ -358,8 +335,8 @@ mod cudnn {
             static PLANS: OnceLock<Option<Mutex<HashMap<String, Method>>>> = OnceLock::new();
             PLANS
                 .get_or_init(|| {
-                    let path = std::env::var_os(PLANS_ENV)?;
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
+                    let path = switches().conv_plans.as_ref()?;
+                    let text = std::fs::read_to_string(path).unwrap_or_default();
                     let map = text
                         .lines()
                         .filter_map(|line| {
@@ -381,14 +358,14 @@ mod cudnn {
             let Ok(mut plans) = plans.lock() else { return };
             let line = shape_line(key);
             plans.insert(line.clone(), method);
-            let Some(path) = std::env::var_os(PLANS_ENV) else { return };
+            let Some(path) = &switches().conv_plans else { return };
             let appended = std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(&path)
+                .open(path)
                 .and_then(|mut f| writeln!(f, "{line} {}", method_name(method)));
             if let Err(e) = appended {
-                tracing::warn!("cannot record a convolution plan in {}: {e}", path.to_string_lossy());
+                tracing::warn!("cannot record a convolution plan in {}: {e}", path.display());
             }
         }
     }

@@ -1,29 +1,24 @@
 //! Fused epilogues on CUDA: bias adds (per channel, per sample and channel, per column), with an
 //! optional residual, and GEGLU, each one pass over the activations (`kernels/elementwise.cu`).
 //!
-//! An H100 profile of one UNet + ControlNet step (Nsight Compute, 2026-11-27) found candle's
-//! broadcast add at 457 launches and a quarter of all kernel time: a convolution's bias add took
-//! longer than the cuDNN convolution itself, because candle's broadcast kernel recomputes a
-//! strided index per element; GEGLU's strided halves made its gelu and product the slowest
-//! element-wise kernels of the step. Off CUDA every function here is the candle computation the
-//! models used before, op for op, so the CPU parity tests keep their exact numbers.
-//! `SDCROSSFRAME_FUSED=off` keeps the candle ops on CUDA too (A/B measurements).
+//! candle's broadcast add recomputes a strided index per element, so a convolution's bias add
+//! can take longer than the convolution, and GEGLU's strided halves make its gelu and product
+//! slow. Off CUDA every function here is candle's computation, op for op, so the CPU parity
+//! tests keep their exact numbers. `SDCROSSFRAME_FUSED=off` keeps the candle ops on CUDA too
+//! ([`super::switches`]).
 
-use super::op_storage::{cpu_from_f32, cpu_to_f32};
+use super::storage::{cpu_from_f32, cpu_to_f32};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, D, DType, Layout, Result, Shape, Tensor};
 use candle_nn::{Linear, Module};
 
-pub const FUSED_ENV: &str = "SDCROSSFRAME_FUSED";
-
 /// Whether `xs` goes through the fused kernels: a CUDA tensor of a float type, a build with the
-/// kernels, not switched off.
+/// kernels, not switched off (`SDCROSSFRAME_FUSED`).
 pub fn applies(xs: &Tensor) -> bool {
-    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     cfg!(sdcrossframe_elementwise_ptx)
         && xs.device().is_cuda()
         && matches!(xs.dtype(), DType::F32 | DType::F16 | DType::BF16)
-        && !*DISABLED.get_or_init(|| std::env::var(FUSED_ENV).is_ok_and(|v| v.trim().eq_ignore_ascii_case("off")))
+        && super::switches::switches().fused_epilogues
 }
 
 /// `xs` (batch, channels, spatial...) plus `bias` over the channels, then plus `residual` (xs's
@@ -47,7 +42,7 @@ pub fn add_channel_bias(xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -
         let op = BiasAdd { per_column: false, rows: batch * channels, cols: spatial, groups: bias.elem_count() };
         return op.run(xs, bias, residual);
     }
-    // candle: the bias broadcast over the trailing dims, as the models always did.
+    // candle: the bias broadcast over the trailing dims.
     let mut shape = vec![1; dims.len()];
     shape[1] = channels;
     if per_sample {
@@ -142,8 +137,7 @@ pub fn geglu(proj: &Linear, xs: &Tensor) -> Result<Tensor> {
 }
 
 /// candle-nn's `LayerNorm` (with bias) over the last dim. On CUDA in f16/bf16, for widths up to
-/// 2048 that are multiples of 8, one warp per row reads the row once (candle's kernel took
-/// 10.7 us per call on average in an H100 profile, 69 calls per UNet + ControlNet step).
+/// 2048 that are multiples of 8, one warp per row reads the row once.
 pub fn layer_norm(norm: &candle_nn::LayerNorm, xs: &Tensor) -> Result<Tensor> {
     let features = xs.dim(D::Minus1)?;
     let vec_width = 16 / xs.dtype().size_in_bytes();
@@ -433,7 +427,7 @@ mod cuda {
     mod kernels {
         use super::super::{BiasAdd, Geglu, LayerNormRows};
         use super::Input;
-        use crate::models::op_storage::cuda_view;
+        use crate::ops::storage::cuda_view;
         use candle_core::backend::BackendStorage;
         use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
         use candle_core::cuda_backend::{CudaDType, WrapErr};
@@ -570,7 +564,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::max_abs_diff;
+    use crate::ops::max_abs_diff;
     use candle_core::Device;
 
     fn randn(shape: &[usize]) -> Tensor {

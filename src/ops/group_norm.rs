@@ -2,19 +2,16 @@
 //! on CUDA.
 //!
 //! candle-nn's `GroupNorm` computes the statistics with about ten separate kernels and two f32
-//! copies of the activations; on an H100 that made a 2x320x64x64 f16 GroupNorm 11x slower
-//! than PyTorch's. On CUDA this module runs `kernels/group_norm.cu`: one launch for the
-//! statistics (f32) and one for normalisation, affine and the optional SiLU. On the CPU it is
+//! copies of the activations. On CUDA this module runs `kernels/group_norm.cu` instead: one
+//! launch for the statistics (f32) and one for normalisation, affine and the optional SiLU
+//! (`SDCROSSFRAME_GROUP_NORM=unfused` keeps candle-nn's, [`super::switches`]). On the CPU it is
 //! candle-nn's `GroupNorm` (and candle's SiLU), unchanged, so the CPU parity tests keep their
 //! exact numbers; [`group_norm`] runs the kernel's algorithm on the CPU for tests.
 
-use super::op_storage::{cpu_from_f32, cpu_to_f32};
+use super::storage::{cpu_from_f32, cpu_to_f32};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
-
-/// Set to `unfused` to keep candle-nn's GroupNorm on CUDA too (A/B measurements).
-pub const GROUP_NORM_ENV: &str = "SDCROSSFRAME_GROUP_NORM";
 
 #[derive(Debug, Clone)]
 pub struct GroupNorm {
@@ -61,9 +58,9 @@ impl Module for GroupNorm {
     }
 }
 
+/// Whether `xs` takes the kernel: a CUDA tensor, not switched off (`SDCROSSFRAME_GROUP_NORM`).
 fn fused(xs: &Tensor) -> bool {
-    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    xs.device().is_cuda() && !*DISABLED.get_or_init(|| std::env::var(GROUP_NORM_ENV).is_ok_and(|v| v == "unfused"))
+    xs.device().is_cuda() && super::switches::switches().fused_group_norm
 }
 
 /// GroupNorm of a `(batch, channels, ...)` tensor with per-channel `weight` and `bias`, then SiLU
@@ -173,7 +170,7 @@ impl CustomOp3 for GroupNormOp {
 #[cfg(all(feature = "cuda", sdcrossframe_group_norm_ptx))]
 mod cuda {
     use super::{Geometry, GroupNormOp};
-    use crate::models::op_storage::cuda_view;
+    use crate::ops::storage::cuda_view;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, WrapErr};
@@ -231,7 +228,7 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::max_abs_diff as max_diff;
+    use crate::ops::max_abs_diff as max_diff;
     use candle_core::{DType, Device};
 
     #[test]

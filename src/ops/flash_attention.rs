@@ -3,24 +3,20 @@
 //! On CUDA this runs `kernels/flash_attention.cu` (compiled to PTX by build.rs when the `cuda`
 //! feature is on): one pass over the keys with an online softmax, the scores never stored, f32
 //! accumulation, tensor cores for both products. On the CPU the op is a plain f32 reference,
-//! there for tests; the model keeps its unfused candle path on the CPU (see
-//! `Attention::attend`).
+//! there for tests; [`super::attention`] keeps candle's unfused attention on the CPU.
 //!
 //! Shapes: `q` (batch, heads, n, head_dim), `k` and `v` (batch, heads, m, head_dim); `m` may
 //! differ from `n` (cross-frame attention doubles it, cross-attention to text has 77 keys).
 //! The kernel reads each input through its own strides, so [`fused_attention_tokens`] takes the
-//! projections as (batch, tokens, heads x head_dim) and returns that layout, without the head
-//! split and merge copies (four per attention layer before).
+//! projections as (batch, tokens, heads x head_dim) and returns that layout, without copies to
+//! split and merge the heads.
 
-use super::op_storage::{cpu_from_f32, cpu_to_f32};
+use super::storage::{cpu_from_f32, cpu_to_f32};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
 /// Widest head the CUDA kernel is built for (SD1.5 uses 40, 80 and 160).
 pub const MAX_HEAD_DIM: usize = 160;
-
-/// Set to `unfused` to keep candle's unfused attention on CUDA too (A/B measurements).
-pub const ATTENTION_ENV: &str = "SDCROSSFRAME_ATTENTION";
 
 /// Validated sizes of one call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,20 +129,15 @@ fn kernel_input(t: &Tensor) -> Result<Tensor> {
     if t.device().is_cuda() && t.stride().last() == Some(&1) { Ok(t.clone()) } else { t.contiguous() }
 }
 
-/// Whether `Attention::attend` should use the fused op for queries `q` with heads of
-/// `head_dim`: a CUDA tensor in f16/bf16, a head dim the kernel covers, a build that has the
-/// kernel, and not switched off with `SDCROSSFRAME_ATTENTION=unfused`.
+/// Whether [`super::attention`] uses the fused op for queries `q` with heads of `head_dim`: a
+/// CUDA tensor in f16/bf16, a head dim the kernel covers, a build that has the kernel, and not
+/// switched off with `SDCROSSFRAME_ATTENTION=unfused`.
 pub fn use_fused(q: &Tensor, head_dim: usize) -> bool {
     cfg!(sdcrossframe_flash_ptx)
         && q.device().is_cuda()
         && matches!(q.dtype(), DType::F16 | DType::BF16)
         && head_dim <= MAX_HEAD_DIM
-        && !fused_disabled()
-}
-
-fn fused_disabled() -> bool {
-    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *DISABLED.get_or_init(|| std::env::var(ATTENTION_ENV).is_ok_and(|v| v.trim().eq_ignore_ascii_case("unfused")))
+        && super::switches::switches().fused_attention
 }
 
 impl CustomOp3 for FlashAttention {
@@ -246,16 +237,9 @@ mod cuda {
     /// from L2 half as often; below it, 4-warp blocks (64 rows) fill the GPU better.
     const WIDE_BLOCKS_FROM: usize = 2048;
 
-    /// Warps per block: `SDCROSSFRAME_FLASH_WARPS=4|8` forces one size (A/B measurements).
+    /// Warps per block for `n` queries, unless `SDCROSSFRAME_FLASH_WARPS` forces one size.
     fn warps(n: usize) -> usize {
-        static FORCED: std::sync::OnceLock<Option<usize>> = std::sync::OnceLock::new();
-        let forced = *FORCED.get_or_init(|| {
-            std::env::var("SDCROSSFRAME_FLASH_WARPS")
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .filter(|w| [4, 8].contains(w))
-        });
-        forced.unwrap_or(if n >= WIDE_BLOCKS_FROM { 8 } else { 4 })
+        crate::ops::switches::switches().flash_warps.unwrap_or(if n >= WIDE_BLOCKS_FROM { 8 } else { 4 })
     }
 
     /// A view from the layout's start to the end of the storage, and the layout's batch, head
@@ -328,8 +312,8 @@ mod cuda {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::models::attention::unfused_attention;
-    use crate::models::max_abs_diff;
+    use crate::ops::max_abs_diff;
+    use crate::ops::unfused_attention;
     use candle_core::Device;
 
     #[test]

@@ -1,9 +1,6 @@
 //! CUDA graphs for the denoising step (ControlNet + UNet): after warm-up, a step is one graph
-//! launch instead of ~1400 kernel launches issued one by one from the host.
-//!
-//! Measured on an H100 (f16, SD1.5 shapes, `sdcrossframe-bench unet-step --cuda-graph`): a
-//! plain ControlNet + UNet step took 23.4 ms run op by op and 16.1 ms replayed from a graph;
-//! the GPU waited on the host for about a third of the step.
+//! launch instead of every kernel launched one by one from the host, which leaves the GPU
+//! waiting on the host between small kernels.
 //!
 //! A graph replays fixed device addresses, so a step is captured on static buffers: the model
 //! input, the text embeddings and the control embedding are copied into buffers owned here
@@ -14,14 +11,12 @@
 //! [`crate::pipeline::FrameHook::graph_key`]). A key is run eagerly the first time (this tunes
 //! the convolutions and fills candle's upload cache), captured and launched the second time,
 //! and replayed after that. A step that cannot be captured runs eagerly from then on.
-//! `SDCROSSFRAME_CUDA_GRAPHS=off` runs every step eagerly.
+//! `SDCROSSFRAME_CUDA_GRAPHS=off` runs every step eagerly ([`super::switches`]).
 
 use std::collections::HashMap;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
-
-pub const CUDA_GRAPHS_ENV: &str = "SDCROSSFRAME_CUDA_GRAPHS";
 
 /// Captured steps kept at most (a frame plan needs two per denoising step: anchor, follower).
 const MAX_ENTRIES: usize = 128;
@@ -86,11 +81,7 @@ impl StepGraphs {
 
     /// Whether steps on `device` go through graphs: CUDA builds, CUDA devices, not switched off.
     pub fn enabled_for(device: &Device) -> bool {
-        static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        cfg!(feature = "cuda")
-            && device.is_cuda()
-            && !*DISABLED
-                .get_or_init(|| std::env::var(CUDA_GRAPHS_ENV).is_ok_and(|v| v.trim().eq_ignore_ascii_case("off")))
+        cfg!(feature = "cuda") && device.is_cuda() && super::switches::switches().cuda_graphs
     }
 
     /// Runs `step` on `inputs`, eagerly or through a graph as `key` allows. `step` gets the

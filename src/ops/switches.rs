@@ -1,0 +1,163 @@
+//! The `SDCROSSFRAME_*` environment switches of the GPU backend, read once per process and
+//! parsed one way: values are trimmed and compared without case; an unknown value is logged
+//! (variable, value, accepted values) and the default is used. DEVELOPERS.md ("GPU backend
+//! switches") lists them. They only change how CUDA runs; the CPU always takes the reference
+//! paths.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+pub const ATTENTION: &str = "SDCROSSFRAME_ATTENTION";
+pub const GROUP_NORM: &str = "SDCROSSFRAME_GROUP_NORM";
+pub const FUSED: &str = "SDCROSSFRAME_FUSED";
+pub const CONV: &str = "SDCROSSFRAME_CONV";
+pub const CUDA_GRAPHS: &str = "SDCROSSFRAME_CUDA_GRAPHS";
+pub const FLASH_WARPS: &str = "SDCROSSFRAME_FLASH_WARPS";
+pub const CONV_PLANS: &str = "SDCROSSFRAME_CONV_PLANS";
+
+/// Which convolutions the cuDNN build considers for f16/bf16 on CUDA (`SDCROSSFRAME_CONV`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConvChoice {
+    /// Every cuDNN algorithm and im2col + GEMM, timed once per shape; the fastest wins.
+    Auto,
+    /// im2col + GEMM only.
+    Im2col,
+    /// cuDNN algorithms only (still timed per shape).
+    Cudnn,
+}
+
+/// The switches' values; [`Switches::default`] is what an unset environment gives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Switches {
+    /// `SDCROSSFRAME_ATTENTION=fused|unfused`: the fused attention kernel.
+    pub fused_attention: bool,
+    /// `SDCROSSFRAME_GROUP_NORM=fused|unfused`: the GroupNorm (+ SiLU) kernel.
+    pub fused_group_norm: bool,
+    /// `SDCROSSFRAME_FUSED=on|off`: the fused bias/residual, GEGLU and LayerNorm kernels and
+    /// 1x1 convolutions as GEMMs.
+    pub fused_epilogues: bool,
+    /// `SDCROSSFRAME_CONV=auto|im2col|cudnn`.
+    pub conv: ConvChoice,
+    /// `SDCROSSFRAME_CUDA_GRAPHS=on|off`: denoising steps captured and replayed as CUDA graphs.
+    pub cuda_graphs: bool,
+    /// `SDCROSSFRAME_FLASH_WARPS=auto|4|8`: warps per block of the attention kernel; `None`
+    /// chooses by the number of queries.
+    pub flash_warps: Option<usize>,
+    /// `SDCROSSFRAME_CONV_PLANS=FILE`: where the convolution tuner keeps its choices.
+    pub conv_plans: Option<PathBuf>,
+}
+
+impl Default for Switches {
+    fn default() -> Self {
+        Self::from_lookup(|_| None)
+    }
+}
+
+impl Switches {
+    /// The switches as `lookup` (a variable name to its value) gives them.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<OsString>) -> Self {
+        let on_off = [("on", true), ("off", false)];
+        let fused_unfused = [("fused", true), ("unfused", false)];
+        Self {
+            fused_attention: parse(&lookup, ATTENTION, &fused_unfused, true),
+            fused_group_norm: parse(&lookup, GROUP_NORM, &fused_unfused, true),
+            fused_epilogues: parse(&lookup, FUSED, &on_off, true),
+            conv: parse(
+                &lookup,
+                CONV,
+                &[("auto", ConvChoice::Auto), ("im2col", ConvChoice::Im2col), ("cudnn", ConvChoice::Cudnn)],
+                ConvChoice::Auto,
+            ),
+            cuda_graphs: parse(&lookup, CUDA_GRAPHS, &on_off, true),
+            flash_warps: parse(&lookup, FLASH_WARPS, &[("auto", None), ("4", Some(4)), ("8", Some(8))], None),
+            conv_plans: lookup(CONV_PLANS).filter(|p| !p.is_empty()).map(PathBuf::from),
+        }
+    }
+}
+
+/// The process's switches, read from the environment on first use.
+pub fn switches() -> &'static Switches {
+    static SWITCHES: OnceLock<Switches> = OnceLock::new();
+    SWITCHES.get_or_init(|| Switches::from_lookup(|name| std::env::var_os(name)))
+}
+
+/// `var`'s value among `accepted` (names in lower case), or `default` when unset or unknown.
+fn parse<T: Copy + PartialEq>(
+    lookup: &impl Fn(&str) -> Option<OsString>,
+    var: &str,
+    accepted: &[(&str, T)],
+    default: T,
+) -> T {
+    let Some(raw) = lookup(var) else { return default };
+    let value = raw.to_string_lossy();
+    let wanted = value.trim().to_ascii_lowercase();
+    if let Some(&(_, v)) = accepted.iter().find(|(name, _)| *name == wanted) {
+        return v;
+    }
+    let names: Vec<&str> = accepted.iter().map(|(name, _)| *name).collect();
+    let default_name = accepted.iter().find(|(_, v)| *v == default).map_or("?", |(name, _)| name);
+    tracing::warn!("{var}={value:?} is not one of {}: using {default_name}", names.join(", "));
+    default
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from(vars: &[(&str, &str)]) -> Switches {
+        Switches::from_lookup(|name| vars.iter().find(|(n, _)| *n == name).map(|(_, v)| OsString::from(v)))
+    }
+
+    #[test]
+    fn unset_means_everything_on() {
+        let s = from(&[]);
+        assert_eq!(
+            s,
+            Switches {
+                fused_attention: true,
+                fused_group_norm: true,
+                fused_epilogues: true,
+                conv: ConvChoice::Auto,
+                cuda_graphs: true,
+                flash_warps: None,
+                conv_plans: None,
+            }
+        );
+        assert_eq!(s, Switches::default());
+    }
+
+    #[test]
+    fn values_are_trimmed_and_case_insensitive() {
+        let s = from(&[
+            (ATTENTION, " Unfused "),
+            (GROUP_NORM, "UNFUSED"),
+            (FUSED, "Off\n"),
+            (CONV, "cuDNN"),
+            (CUDA_GRAPHS, " OFF"),
+            (FLASH_WARPS, " 8 "),
+            (CONV_PLANS, "/tmp/plans.txt"),
+        ]);
+        assert!(!s.fused_attention && !s.fused_group_norm && !s.fused_epilogues && !s.cuda_graphs);
+        assert_eq!((s.conv, s.flash_warps), (ConvChoice::Cudnn, Some(8)));
+        assert_eq!(s.conv_plans, Some(PathBuf::from("/tmp/plans.txt")));
+        let s = from(&[(ATTENTION, "fused"), (FUSED, "on"), (CONV, "im2col"), (FLASH_WARPS, "4"), (CUDA_GRAPHS, "on")]);
+        assert!(s.fused_attention && s.fused_epilogues && s.cuda_graphs);
+        assert_eq!((s.conv, s.flash_warps), (ConvChoice::Im2col, Some(4)));
+        assert_eq!(from(&[(FLASH_WARPS, "AUTO"), (CONV, "Auto")]), Switches::default());
+    }
+
+    #[test]
+    fn unknown_values_keep_the_defaults() {
+        let s = from(&[
+            (ATTENTION, "no"),
+            (GROUP_NORM, "0"),
+            (FUSED, "false"),
+            (CONV, "winograd"),
+            (CUDA_GRAPHS, ""),
+            (FLASH_WARPS, "16"),
+            (CONV_PLANS, ""),
+        ]);
+        assert_eq!(s, Switches::default());
+    }
+}
