@@ -9,8 +9,10 @@
 //! (as PyTorch does), and times the candidates once per shape, like PyTorch's
 //! `cudnn.benchmark`: every cuDNN algorithm and the im2col + GEMM, keeping the fastest (neither
 //! cuDNN's heuristic pick nor im2col is fastest at every size). `SDCROSSFRAME_CONV` narrows the
-//! choice and `SDCROSSFRAME_CONV_PLANS` keeps the choices in a file, so that later processes
-//! skip the timing and a profiler run gets the choices of a normal run ([`super::switches`]).
+//! choice. The choices are kept in a file, by default one per GPU model, driver and cuDNN in the
+//! per-user cache directory (`ops::conv_plans`; `SDCROSSFRAME_CONV_PLANS` names another or
+//! `off`), so that later processes skip the timing and a profiler run gets the choices of a
+//! normal run ([`super::switches`]).
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -226,11 +228,11 @@ mod cudnn {
         let method = match known {
             Some(method) => method,
             None => {
-                let method = match saved_plans::lookup(&key) {
+                let method = match saved_plans::lookup(dev, &key) {
                     Some(method) => method,
                     None => {
                         let method = tune(&xs, &weight, &key)?;
-                        saved_plans::record(&key, method);
+                        saved_plans::record(dev, &key, method);
                         method
                     }
                 };
@@ -302,19 +304,26 @@ mod cudnn {
         Ok(method)
     }
 
-    /// Tuning results kept in a file named by `SDCROSSFRAME_CONV_PLANS`, one line per shape:
-    /// a later process (or a profiler run, whose launch overhead would skew host-timed tuning)
-    /// reuses them instead of timing again. The file is only valid for the GPU and cuDNN it
-    /// was made with.
+    /// Tuning results kept in a file, one line per shape, so that a later process (or a profiler
+    /// run, whose launch overhead would skew host-timed tuning) reuses them instead of timing
+    /// again: by default one per GPU model, driver and cuDNN version in the per-user cache
+    /// directory, else the file `SDCROSSFRAME_CONV_PLANS` names (`off`: none); names, location
+    /// and parsing in `ops::conv_plans`. Reading, writing or naming failures are logged
+    /// and only cost the timing.
     mod saved_plans {
-        use super::{ALGOS, Key, Method, switches};
+        use super::{ALGOS, ConvChoice, Key, Method, switches};
+        use crate::ops::conv_plans;
+        use crate::ops::switches::ConvPlans;
+        use candle_core::CudaDevice;
+        use candle_core::cuda_backend::DeviceId;
+        use candle_core::cuda_backend::cudarc::driver::sys as driver;
         use std::collections::HashMap;
         use std::io::Write;
-        use std::sync::{Mutex, OnceLock};
+        use std::path::{Path, PathBuf};
+        use std::sync::{Mutex, OnceLock, PoisonError};
 
         fn shape_line(key: &Key) -> String {
-            let dims = |d: [usize; 4]| d.map(|v| v.to_string()).join("x");
-            format!("{:?} {} {} p{} s{}", key.dtype, dims(key.input), dims(key.filter), key.padding, key.stride)
+            conv_plans::shape_line(&format!("{:?}", key.dtype), key.input, key.filter, key.padding, key.stride)
         }
 
         fn method_name(method: Method) -> String {
@@ -331,42 +340,118 @@ mod cudnn {
             ALGOS.iter().find(|a| format!("{a:?}") == name).map(|&a| Method::Cudnn(a))
         }
 
-        fn plans() -> Option<&'static Mutex<HashMap<String, Method>>> {
-            static PLANS: OnceLock<Option<Mutex<HashMap<String, Method>>>> = OnceLock::new();
-            PLANS
-                .get_or_init(|| {
-                    let path = switches().conv_plans.as_ref()?;
-                    let text = std::fs::read_to_string(path).unwrap_or_default();
-                    let map = text
-                        .lines()
-                        .filter_map(|line| {
-                            let (shape, method) = line.rsplit_once(' ')?;
-                            Some((shape.to_string(), parse_method(method)?))
-                        })
-                        .collect();
-                    Some(Mutex::new(map))
-                })
-                .as_ref()
+        /// One file's plans as read at first use, plus those recorded since.
+        struct PlanFile {
+            plans: HashMap<String, Method>,
+            /// A write failed and was logged; later failures are not.
+            write_warned: bool,
         }
 
-        pub(super) fn lookup(key: &Key) -> Option<Method> {
-            plans()?.lock().ok()?.get(&shape_line(key)).copied()
+        #[derive(Default)]
+        struct Files {
+            /// Each device's file (`None`: no file for it).
+            paths: HashMap<DeviceId, Option<PathBuf>>,
+            files: HashMap<PathBuf, PlanFile>,
         }
 
-        pub(super) fn record(key: &Key, method: Method) {
-            let Some(plans) = plans() else { return };
-            let Ok(mut plans) = plans.lock() else { return };
-            let line = shape_line(key);
-            plans.insert(line.clone(), method);
-            let Some(path) = &switches().conv_plans else { return };
-            let appended = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .and_then(|mut f| writeln!(f, "{line} {}", method_name(method)));
-            if let Err(e) = appended {
-                tracing::warn!("cannot record a convolution plan in {}: {e}", path.display());
+        fn files() -> &'static Mutex<Files> {
+            static FILES: OnceLock<Mutex<Files>> = OnceLock::new();
+            FILES.get_or_init(Mutex::default)
+        }
+
+        /// `dev`'s plan file, or `None` when there is none.
+        fn path_for(dev: &CudaDevice) -> Option<PathBuf> {
+            match &switches().conv_plans {
+                ConvPlans::Off => None,
+                ConvPlans::File(path) => Some(path.clone()),
+                ConvPlans::CacheDir => {
+                    let Some(dir) = conv_plans::cache_dir(|name| std::env::var_os(name)) else {
+                        tracing::debug!(
+                            "no convolution plan cache: neither XDG_CACHE_HOME nor HOME is set; every process tunes"
+                        );
+                        return None;
+                    };
+                    match device_file_name(dev) {
+                        Ok(name) => Some(dir.join(name)),
+                        Err(e) => {
+                            tracing::warn!("no convolution plan cache: {e}; every process tunes");
+                            None
+                        }
+                    }
+                }
             }
+        }
+
+        /// The cache file's name for `dev`: its model, the driver's and cuDNN's versions.
+        fn device_file_name(dev: &CudaDevice) -> Result<String, String> {
+            let stream = dev.cuda_stream();
+            let name = stream.context().name().map_err(|e| format!("cannot read the device name: {e:?}"))?;
+            let mut driver_version = 0;
+            // SAFETY: writes one int; needs no context.
+            let status = unsafe { driver::cuDriverGetVersion(&mut driver_version) };
+            if status != driver::CUresult::CUDA_SUCCESS {
+                return Err(format!("cannot read the driver version: {status:?}"));
+            }
+            let cudnn_version = candle_core::cuda_backend::cudarc::cudnn::result::get_version();
+            let cudnn_only = switches().conv == ConvChoice::Cudnn;
+            Ok(conv_plans::file_name(&name, driver_version, cudnn_version, cudnn_only))
+        }
+
+        fn load(path: &Path) -> PlanFile {
+            let plans = match std::fs::read(path) {
+                Ok(bytes) => {
+                    let plans = conv_plans::parse(&bytes, path, parse_method);
+                    tracing::info!("convolution plans: {} shapes from {}", plans.len(), path.display());
+                    plans
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    tracing::debug!("convolution plans: {} does not exist yet", path.display());
+                    HashMap::new()
+                }
+                Err(e) => {
+                    tracing::warn!("cannot read convolution plans from {}: {e}; tuning instead", path.display());
+                    HashMap::new()
+                }
+            };
+            PlanFile { plans, write_warned: false }
+        }
+
+        /// `f` on `dev`'s plan file (read on first use), or `None` without one.
+        fn with_file<T>(dev: &CudaDevice, f: impl FnOnce(&Path, &mut PlanFile) -> T) -> Option<T> {
+            let mut files = files().lock().unwrap_or_else(PoisonError::into_inner);
+            let files = &mut *files;
+            let path = files.paths.entry(dev.id()).or_insert_with(|| path_for(dev)).as_ref()?;
+            let file = files.files.entry(path.clone()).or_insert_with(|| load(path));
+            Some(f(path, file))
+        }
+
+        pub(super) fn lookup(dev: &CudaDevice, key: &Key) -> Option<Method> {
+            with_file(dev, |_, file| file.plans.get(&shape_line(key)).copied()).flatten()
+        }
+
+        pub(super) fn record(dev: &CudaDevice, key: &Key, method: Method) {
+            with_file(dev, |path, file| {
+                let shape = shape_line(key);
+                let line = conv_plans::plan_line(&shape, &method_name(method));
+                file.plans.insert(shape, method);
+                if let Err(e) = append(path, &line)
+                    && !std::mem::replace(&mut file.write_warned, true)
+                {
+                    tracing::warn!(
+                        "cannot record convolution plans in {}: {e}; later processes will tune again",
+                        path.display()
+                    );
+                }
+            });
+        }
+
+        /// Appends one whole line with a single write (the folder is made when missing), so
+        /// that processes appending to the same file at once keep their lines whole.
+        fn append(path: &Path, line: &str) -> std::io::Result<()> {
+            if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::OpenOptions::new().create(true).append(true).open(path)?.write_all(line.as_bytes())
         }
     }
 

@@ -8,6 +8,8 @@
 
 mod attention;
 pub mod conv;
+#[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+mod conv_plans;
 pub mod flash_attention;
 pub mod fused;
 pub mod group_norm;

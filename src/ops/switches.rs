@@ -27,6 +27,18 @@ pub enum ConvChoice {
     Cudnn,
 }
 
+/// Where the convolution tuner keeps its choices (`SDCROSSFRAME_CONV_PLANS`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConvPlans {
+    /// Unset: a file per GPU model, driver and cuDNN version in the per-user cache directory
+    /// (`$XDG_CACHE_HOME/sdcrossframe/` or `$HOME/.cache/sdcrossframe/`).
+    CacheDir,
+    /// `off` or empty: no file; every process tunes again.
+    Off,
+    /// Any other value: this file, whatever the GPU.
+    File(PathBuf),
+}
+
 /// The switches' values; [`Switches::default`] is what an unset environment gives.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Switches {
@@ -44,8 +56,8 @@ pub struct Switches {
     /// `SDCROSSFRAME_FLASH_WARPS=auto|4|8`: warps per block of the attention kernel; `None`
     /// chooses by the number of queries.
     pub flash_warps: Option<usize>,
-    /// `SDCROSSFRAME_CONV_PLANS=FILE`: where the convolution tuner keeps its choices.
-    pub conv_plans: Option<PathBuf>,
+    /// `SDCROSSFRAME_CONV_PLANS=FILE|off`: where the convolution tuner keeps its choices.
+    pub conv_plans: ConvPlans,
 }
 
 impl Default for Switches {
@@ -71,7 +83,7 @@ impl Switches {
             ),
             cuda_graphs: parse(&lookup, CUDA_GRAPHS, &on_off, true),
             flash_warps: parse(&lookup, FLASH_WARPS, &[("auto", None), ("4", Some(4)), ("8", Some(8))], None),
-            conv_plans: lookup(CONV_PLANS).filter(|p| !p.is_empty()).map(PathBuf::from),
+            conv_plans: parse_conv_plans(lookup(CONV_PLANS)),
         }
     }
 }
@@ -80,6 +92,22 @@ impl Switches {
 pub fn switches() -> &'static Switches {
     static SWITCHES: OnceLock<Switches> = OnceLock::new();
     SWITCHES.get_or_init(|| Switches::from_lookup(|name| std::env::var_os(name)))
+}
+
+/// `SDCROSSFRAME_CONV_PLANS`: unset is the cache directory; trimmed, `off` (any case) or
+/// empty is no file; anything else is a path (trimmed; `./off` names a file called `off`).
+fn parse_conv_plans(raw: Option<OsString>) -> ConvPlans {
+    let Some(raw) = raw else { return ConvPlans::CacheDir };
+    let value = raw.to_string_lossy();
+    let value = value.trim();
+    if value.is_empty() || value.eq_ignore_ascii_case("off") {
+        return ConvPlans::Off;
+    }
+    // A path that is not UTF-8 is kept as given, untrimmed.
+    match raw.to_str() {
+        Some(path) => ConvPlans::File(PathBuf::from(path.trim())),
+        None => ConvPlans::File(PathBuf::from(raw)),
+    }
 }
 
 /// `var`'s value among `accepted` (names in lower case), or `default` when unset or unknown.
@@ -121,7 +149,7 @@ mod tests {
                 conv: ConvChoice::Auto,
                 cuda_graphs: true,
                 flash_warps: None,
-                conv_plans: None,
+                conv_plans: ConvPlans::CacheDir,
             }
         );
         assert_eq!(s, Switches::default());
@@ -136,11 +164,11 @@ mod tests {
             (CONV, "cuDNN"),
             (CUDA_GRAPHS, " OFF"),
             (FLASH_WARPS, " 8 "),
-            (CONV_PLANS, "/tmp/plans.txt"),
+            (CONV_PLANS, " /tmp/plans.txt\n"),
         ]);
         assert!(!s.fused_attention && !s.fused_group_norm && !s.fused_epilogues && !s.cuda_graphs);
         assert_eq!((s.conv, s.flash_warps), (ConvChoice::Cudnn, Some(8)));
-        assert_eq!(s.conv_plans, Some(PathBuf::from("/tmp/plans.txt")));
+        assert_eq!(s.conv_plans, ConvPlans::File(PathBuf::from("/tmp/plans.txt")));
         let s = from(&[(ATTENTION, "fused"), (FUSED, "on"), (CONV, "im2col"), (FLASH_WARPS, "4"), (CUDA_GRAPHS, "on")]);
         assert!(s.fused_attention && s.fused_epilogues && s.cuda_graphs);
         assert_eq!((s.conv, s.flash_warps), (ConvChoice::Im2col, Some(4)));
@@ -156,8 +184,17 @@ mod tests {
             (CONV, "winograd"),
             (CUDA_GRAPHS, ""),
             (FLASH_WARPS, "16"),
-            (CONV_PLANS, ""),
         ]);
         assert_eq!(s, Switches::default());
+    }
+
+    #[test]
+    fn conv_plans_off_empty_or_a_path() {
+        for off in ["off", " OFF ", "Off\n", "", "  "] {
+            assert_eq!(from(&[(CONV_PLANS, off)]).conv_plans, ConvPlans::Off, "{off:?}");
+        }
+        assert_eq!(from(&[(CONV_PLANS, "./off")]).conv_plans, ConvPlans::File(PathBuf::from("./off")));
+        assert_eq!(from(&[(CONV_PLANS, "plans.txt")]).conv_plans, ConvPlans::File(PathBuf::from("plans.txt")));
+        assert_eq!(from(&[]).conv_plans, ConvPlans::CacheDir);
     }
 }
