@@ -846,9 +846,10 @@ impl BaseTransformImpl for SdCrossFrame {
 
     /// With overlap on, takes the buffer from BaseTransform (after its QoS check) and pushes
     /// the previous frame's buffer itself; otherwise BaseTransform calls `transform_frame_ip`.
+    /// Pulled from downstream (pull mode), the element cannot push: frames go synchronously.
     fn generate_output(&self) -> Result<gst_base::subclass::base_transform::GenerateOutputSuccess, gst::FlowError> {
         use gst_base::subclass::base_transform::GenerateOutputSuccess;
-        if !self.overlapping() {
+        if !self.overlapping() || self.obj().src_pad().mode() != gst::PadMode::Push {
             return self.parent_generate_output();
         }
         let Some(buffer) = self.take_queued_buffer() else {
