@@ -1,9 +1,25 @@
 //! A video session: frames pushed in order, stylized frames out, with the cross-frame
 //! attention state, re-anchoring (interval, scene cuts, size or schedule changes) and the
 //! initial-noise policy. Frame-in / frame-out; no GStreamer types.
+//!
+//! A frame goes through three stages, which [`VideoSession::push`] runs back to back:
+//! - [`VideoSession::prepare`] – the CPU work: scaling to the processing size, the scene-cut
+//!   thumbnail, Canny, the initial noise, the upload.
+//! - [`VideoSession::launch`] – the diffusion ([`crate::pipeline::Img2Img::run`]). On CUDA
+//!   this only queues the device work and returns while the GPU runs; on the CPU it computes
+//!   the frame. The cross-frame state sees frames here, strictly in order.
+//! - [`VideoSession::finish`] – the download of the result, as 8-bit RGB; on CUDA it waits
+//!   for the device, and that wait is where the frame's diffusion time ends.
+//!
+//! A caller that overlaps CPU and GPU work (the element) prepares frame N+1 while N runs,
+//! finishes N, launches N+1, and then does its own work on N's pixels while N+1 runs. The
+//! only rule: frame N+1 is prepared after frame N was launched (`launch` refuses a frame
+//! prepared out of turn); finishing may lag behind launching. The results are the same as
+//! `push`'s, bit for bit.
 
 use std::fmt;
 use std::str::FromStr;
+use std::time::{Duration, Instant};
 
 use anyhow::{Result, bail};
 use candle_core::Tensor;
@@ -79,20 +95,110 @@ impl Default for SessionConfig {
 pub struct StylizedFrame {
     /// `[1, 3, H, W]` f32 in [0, 1] at the processing size.
     pub image: Tensor,
+    /// The frame's index in the session (frames stylized before it).
+    pub index: u64,
     /// Whether this frame became the cross-frame anchor.
     pub anchor: bool,
     /// Why it became the anchor, when it did.
     pub anchor_reason: Option<&'static str>,
     /// Time spent scaling the frame, its scene-cut measure, Canny and the upload.
-    pub prepare_time: std::time::Duration,
-    /// Time spent in the diffusion itself (VAE encode, denoising, VAE decode).
-    pub diffuse_time: std::time::Duration,
+    pub prepare_time: Duration,
+    /// Time spent in the diffusion (VAE encode, denoising, VAE decode). From
+    /// [`VideoSession::finish`]: from the launch until the result was downloaded (see
+    /// [`FinishedFrame`]). From [`VideoSession::push`]: the launch alone, which on CUDA is
+    /// the time to queue the work, not to run it.
+    pub diffuse_time: Duration,
 }
 
 impl StylizedFrame {
     pub fn to_rgb(&self) -> Result<RgbFrame> {
         RgbFrame::from_tensor(&self.image)
     }
+}
+
+/// A frame scaled, measured and uploaded by [`VideoSession::prepare`], for
+/// [`VideoSession::launch`].
+pub struct PreparedFrame {
+    index: u64,
+    input: Tensor,
+    control: Tensor,
+    noise: Tensor,
+    /// The luma change from the previous prepared frame is over the scene-cut threshold.
+    scene_cut: bool,
+    prepare_time: Duration,
+}
+
+impl PreparedFrame {
+    /// The index the frame gets when it is launched next.
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// `(width, height)` of the processing size.
+    pub fn size(&self) -> (usize, usize) {
+        let (_, _, height, width) = self.input.dims4().unwrap_or_default();
+        (width, height)
+    }
+}
+
+/// A launched frame whose result may still be computed on the device
+/// ([`VideoSession::launch`]); [`VideoSession::finish`] downloads it. Dropping it drops the
+/// result (the device work already queued still runs).
+pub struct InFlightFrame {
+    image: Tensor,
+    index: u64,
+    anchor: bool,
+    anchor_reason: Option<&'static str>,
+    prepare_time: Duration,
+    launched: Instant,
+    launch_time: Duration,
+}
+
+impl InFlightFrame {
+    pub fn index(&self) -> u64 {
+        self.index
+    }
+
+    /// Whether this frame became the cross-frame anchor.
+    pub fn anchor(&self) -> bool {
+        self.anchor
+    }
+
+    /// Why it became the anchor, when it did.
+    pub fn anchor_reason(&self) -> Option<&'static str> {
+        self.anchor_reason
+    }
+
+    /// Whether the diffusion may still run on the device after `launch` returned (CUDA);
+    /// false on the CPU, where `launch` computed the frame.
+    pub fn is_asynchronous(&self) -> bool {
+        !self.image.device().is_cpu()
+    }
+
+    /// The frame as `push` returns it, without waiting for the device.
+    fn into_stylized(self) -> StylizedFrame {
+        StylizedFrame {
+            image: self.image,
+            index: self.index,
+            anchor: self.anchor,
+            anchor_reason: self.anchor_reason,
+            prepare_time: self.prepare_time,
+            diffuse_time: self.launch_time,
+        }
+    }
+}
+
+/// A frame downloaded by [`VideoSession::finish`].
+pub struct FinishedFrame {
+    /// Its `diffuse_time` runs from the start of the launch to the end of the download: the
+    /// download waits for the device, so on CUDA this is when the result was ready, or an upper
+    /// bound on it when `finish` came later than that (then `wait_time` is about the copy
+    /// alone). On the CPU it is the launch (which computed the frame) plus the download.
+    pub stylized: StylizedFrame,
+    /// The image as 8-bit RGB at the processing size (what `StylizedFrame::to_rgb` gives).
+    pub rgb: RgbFrame,
+    /// Time `finish` spent: waiting for the device and copying the result.
+    pub wait_time: Duration,
 }
 
 /// Side of the square thumbnail the scene-cut measure compares.
@@ -163,8 +269,9 @@ impl VideoSession {
         self.explicit_noise = noise;
     }
 
-    /// A handle that cancels the frame in flight; the cancelled `push` returns an error
-    /// that downcasts to [`crate::pipeline::Cancelled`], and the next frame becomes a new anchor.
+    /// A handle that cancels the frame in flight; the cancelled `push` (or `launch`) returns an
+    /// error that downcasts to [`crate::pipeline::Cancelled`], and the next frame becomes a new
+    /// anchor. A launched frame's device work cannot be cancelled: drop the [`InFlightFrame`].
     pub fn cancel_handle(&self) -> CancelHandle {
         self.cancel.clone()
     }
@@ -185,20 +292,26 @@ impl VideoSession {
     }
 
     /// Stylizes the next frame. `control` replaces the frame's Canny edges when given.
+    /// [`Self::prepare`] + [`Self::launch`]; the image stays on the device.
     pub fn push(&mut self, frame: &RgbFrame, control: Option<&RgbFrame>) -> Result<StylizedFrame> {
+        let prepared = self.prepare(frame, control)?;
+        Ok(self.launch(prepared)?.into_stylized())
+    }
+
+    /// The CPU work of the next frame: scaling to the processing size, the scene-cut measure
+    /// against the previous prepared frame, Canny (unless `control` is given), the initial
+    /// noise, the upload. Call it after the previous frame was launched. A cancel requested
+    /// before this call is forgotten (it was for the frame in flight then); one requested
+    /// from here on cancels this frame's launch.
+    pub fn prepare(&mut self, frame: &RgbFrame, control: Option<&RgbFrame>) -> Result<PreparedFrame> {
         let index = self.frames_pushed;
-        let _span = tracing::info_span!("session_frame", index).entered();
-        let started = std::time::Instant::now();
+        let _span = tracing::info_span!("session_prepare", index).entered();
+        let started = Instant::now();
+        self.cancel.clear();
         let (width, height) = self.processing_size(frame.width, frame.height)?;
         let frame = frame.resized(width, height)?;
         let device = self.stylizer.device().clone();
-
-        let anchor_reason = self.anchor_reason(&frame);
-        if let Some(reason) = anchor_reason {
-            tracing::info!(index, reason, "re-anchoring cross-frame attention");
-            self.attention.request_anchor();
-        }
-
+        let scene_cut = self.scene_cut(&frame);
         let control = match control {
             Some(c) => c.resized(width, height)?.to_tensor(&device)?,
             None => {
@@ -207,10 +320,29 @@ impl VideoSession {
             }
         };
         let noise = self.noise_for(index, width, height)?;
-        // A cancel requested between frames is for the frame that was in flight then.
-        self.cancel.clear();
         let input = frame.to_tensor(&device)?;
-        let prepare_time = started.elapsed();
+        Ok(PreparedFrame { index, input, control, noise, scene_cut, prepare_time: started.elapsed() })
+    }
+
+    /// Runs the diffusion of a prepared frame through the cross-frame state: decides whether
+    /// it re-anchors, then queues the device work (CUDA) or computes the frame (CPU). A
+    /// failed or cancelled frame (an error that downcasts to [`crate::pipeline::Cancelled`])
+    /// leaves no partial cross-frame state: the next frame becomes an anchor.
+    pub fn launch(&mut self, prepared: PreparedFrame) -> Result<InFlightFrame> {
+        let PreparedFrame { index, input, control, noise, scene_cut, prepare_time } = prepared;
+        if index != self.frames_pushed {
+            bail!(
+                "frame {index} was prepared out of turn (frame {} is next): prepare each frame after launching the previous one",
+                self.frames_pushed
+            );
+        }
+        let _span = tracing::info_span!("session_frame", index).entered();
+        let anchor_reason = self.anchor_reason(scene_cut);
+        if let Some(reason) = anchor_reason {
+            tracing::info!(index, reason, "re-anchoring cross-frame attention");
+            self.attention.request_anchor();
+        }
+        let launched = Instant::now();
         let result = self.stylizer.stylize_cancellable(
             &input,
             &control,
@@ -219,7 +351,7 @@ impl VideoSession {
             &mut self.attention,
             &self.cancel,
         );
-        let diffuse_time = started.elapsed() - prepare_time;
+        let launch_time = launched.elapsed();
         let image = match result {
             Ok(image) => image,
             Err(e) => {
@@ -235,19 +367,55 @@ impl VideoSession {
             (true, None) => Some("frame size or schedule changed"),
             (_, reason) => reason,
         };
-        Ok(StylizedFrame {
+        Ok(InFlightFrame {
             image,
+            index,
             anchor,
             anchor_reason: if anchor { anchor_reason } else { None },
             prepare_time,
-            diffuse_time,
+            launched,
+            launch_time,
         })
     }
 
-    /// Why the next frame must become an anchor, if it must (interval or scene cut).
-    fn anchor_reason(&mut self, frame: &RgbFrame) -> Option<&'static str> {
+    /// Downloads a launched frame as 8-bit RGB, waiting for the device. Frames may be finished
+    /// after later frames were launched. A failed download (the device work failed) resets
+    /// the cross-frame state, so the next frame launched becomes an anchor.
+    pub fn finish(&mut self, frame: InFlightFrame) -> Result<FinishedFrame> {
+        let _span = tracing::info_span!("session_finish", index = frame.index).entered();
+        let started = Instant::now();
+        let rgb = match RgbFrame::from_tensor(&frame.image) {
+            Ok(rgb) => rgb,
+            Err(e) => {
+                self.attention.reset();
+                return Err(e.context(format!("frame {}: cannot download the result", frame.index)));
+            }
+        };
+        let wait_time = started.elapsed();
+        let diffuse_time =
+            if frame.is_asynchronous() { frame.launched.elapsed() } else { frame.launch_time + wait_time };
+        let mut stylized = frame.into_stylized();
+        stylized.diffuse_time = diffuse_time;
+        Ok(FinishedFrame { stylized, rgb, wait_time })
+    }
+
+    /// Compares the frame's luma thumbnail with the previous prepared frame's and keeps it:
+    /// whether the change is a scene cut.
+    fn scene_cut(&mut self, frame: &RgbFrame) -> bool {
         let thumbnail = luma_thumbnail(frame);
         let previous = self.previous_thumbnail.replace(thumbnail);
+        let threshold = self.config.scene_cut_threshold;
+        if threshold > 0.0
+            && let Some(previous) = previous
+            && let Some(current) = &self.previous_thumbnail
+        {
+            return scene_change(&previous, current) > threshold;
+        }
+        false
+    }
+
+    /// Why the frame being launched must become an anchor, if it must (interval or scene cut).
+    fn anchor_reason(&self, scene_cut: bool) -> Option<&'static str> {
         if self.config.attention == AttentionMode::Off {
             return None;
         }
@@ -255,15 +423,7 @@ impl VideoSession {
         if interval > 0 && self.attention.stored_entries() > 0 && self.attention.frames_since_anchor() + 1 >= interval {
             return Some("anchor interval");
         }
-        let threshold = self.config.scene_cut_threshold;
-        if threshold > 0.0
-            && let Some(previous) = previous
-            && let Some(current) = &self.previous_thumbnail
-            && scene_change(&previous, current) > threshold
-        {
-            return Some("scene cut");
-        }
-        None
+        scene_cut.then_some("scene cut")
     }
 
     fn noise_for(&mut self, index: u64, width: usize, height: usize) -> Result<Tensor> {

@@ -53,13 +53,33 @@ impl Tiny {
         self.h.element().unwrap()
     }
 
-    /// Pushes one frame and returns the output's RGB, checking size and alpha.
+    /// Sends a DRAIN query: with overlap on, the frame in flight goes out.
+    fn drain(&self) {
+        let sink = self.element().static_pad("sink").unwrap();
+        assert!(sink.query(&mut gst::query::Drain::new()), "drain query");
+    }
+
+    /// Every output buffer so far: (PTS ms, duration ms, flags, plane 0 without padding).
+    fn outputs(&mut self, info: &gst_video::VideoInfo) -> Vec<(u64, u64, gst::BufferFlags, Vec<u8>)> {
+        std::iter::from_fn(|| self.h.try_pull())
+            .map(|b| {
+                let pts = b.pts().unwrap().mseconds();
+                let duration = b.duration().unwrap().mseconds();
+                (pts, duration, b.flags(), common::read_plane(&b, info))
+            })
+            .collect()
+    }
+
+    /// Pushes one frame and returns the output's RGB, checking size and alpha. With overlap
+    /// on, a DRAIN query gets the frame out.
     fn process(&mut self, input: &RgbFrame, format: gst_video::VideoFormat, pts_ms: u64) -> RgbFrame {
         let (buf, info) = buffer(input, format, pts_ms);
         if self.h.srcpad().unwrap().current_caps().as_ref() != Some(&info.to_caps().unwrap()) {
             self.h.set_src_caps(info.to_caps().unwrap());
         }
-        let out = self.h.push_and_pull(buf).expect("an output frame");
+        assert_eq!(self.h.push(buf), Ok(gst::FlowSuccess::Ok));
+        self.drain();
+        let out = self.h.pull().expect("an output frame");
         assert_eq!(out.pts(), Some(gst::ClockTime::from_mseconds(pts_ms)));
         let caps = self.h.sinkpad().unwrap().current_caps().unwrap();
         let out_info = gst_video::VideoInfo::from_caps(&caps).unwrap();
@@ -127,6 +147,7 @@ fn properties_defaults_ranges_and_flags() {
     assert_eq!(element.property::<String>("prompt"), "");
     assert_eq!(element.property::<Option<String>>("variant"), None);
     assert!(element.property::<bool>("qos"), "QoS is on by default");
+    assert!(element.property::<bool>("overlap"), "overlap is on by default");
 
     let nick = |name: &str| element.property_value(name).serialize().unwrap().to_string();
     assert_eq!(nick("dtype"), "f32");
@@ -149,7 +170,7 @@ fn properties_defaults_ranges_and_flags() {
     for name in ["prompt", "negative-prompt", "strength", "guidance-scale", "controlnet-scale", "latency"] {
         assert!(element.find_property(name).unwrap().flags().contains(gst::PARAM_FLAG_MUTABLE_PLAYING), "{name}");
     }
-    for name in ["model", "controlnet", "device", "dtype", "variant"] {
+    for name in ["model", "controlnet", "device", "dtype", "variant", "overlap"] {
         let flags = element.find_property(name).unwrap().flags();
         assert!(
             flags.contains(gst::PARAM_FLAG_MUTABLE_READY) && !flags.contains(gst::PARAM_FLAG_MUTABLE_PLAYING),
@@ -283,11 +304,26 @@ fn bad_device_and_bad_settings_are_error_messages() {
 
 #[test]
 fn latency_is_added_when_upstream_is_live() {
-    let mut t = Tiny::new(&[("latency", "250")]);
+    let mut t = Tiny::new(&[("latency", "250"), ("overlap", "false")]);
     t.h.set_upstream_latency(gst::ClockTime::from_mseconds(10));
     assert_eq!(t.h.query_latency(), Some(gst::ClockTime::from_mseconds(260)));
     t.element().set_property("latency", 500u32);
     assert_eq!(t.h.query_latency(), Some(gst::ClockTime::from_mseconds(510)));
+}
+
+/// With overlap a frame goes out when the next one comes in: one frame duration more (from
+/// the framerate, or the `latency` property again while no framerate is known).
+#[test]
+fn overlap_adds_one_frame_of_latency() {
+    let mut t = Tiny::new(&[("latency", "250")]);
+    t.h.set_upstream_latency(gst::ClockTime::from_mseconds(10));
+    assert_eq!(t.h.query_latency(), Some(gst::ClockTime::from_mseconds(10 + 250 + 250)), "no caps yet");
+    // 25 fps: 40 ms a frame.
+    t.h.set_src_caps(common::video_info(gst_video::VideoFormat::Rgb, 96, 64).to_caps().unwrap());
+    assert_eq!(t.h.query_latency(), Some(gst::ClockTime::from_mseconds(10 + 250 + 40)));
+    let caps = gst::Caps::from_str("video/x-raw,format=RGB,width=96,height=64,framerate=10/1").unwrap();
+    t.h.set_src_caps(caps);
+    assert_eq!(t.h.query_latency(), Some(gst::ClockTime::from_mseconds(10 + 250 + 100)));
 }
 
 #[test]
@@ -313,22 +349,30 @@ fn no_latency_added_when_upstream_is_not_live() {
     assert_eq!((live, min, max), upstream.result(), "latency added in a non-live pipeline");
 }
 
+/// In both modes; the frame after the dropped one goes out marked DISCONT, as BaseTransform
+/// marks it.
 #[test]
 fn late_frames_are_dropped_under_qos() {
-    let mut t = Tiny::new(&[]);
-    let input = frame(1);
-    let (early, info) = buffer(&input, gst_video::VideoFormat::Rgb, 500);
-    t.h.set_src_caps(info.to_caps().unwrap());
-    // Downstream says: 1 s late at running time 1 s, so nothing before 2 s is worth doing.
-    let qos = gst::event::Qos::new(gst::QOSType::Underflow, 1.0, 1_000_000_000, gst::ClockTime::from_seconds(1));
-    assert!(t.h.push_upstream_event(qos));
-    assert_eq!(t.h.push(early), Ok(gst::FlowSuccess::Ok));
-    assert_eq!(t.h.buffers_in_queue(), 0, "a late frame was processed");
-    let qos_messages = std::iter::from_fn(|| t.bus.pop_filtered(&[gst::MessageType::Qos])).count();
-    assert_eq!(qos_messages, 1);
-    let (on_time, _) = buffer(&input, gst_video::VideoFormat::Rgb, 5000);
-    let out = t.h.push_and_pull(on_time).unwrap();
-    assert_eq!(out.pts(), Some(gst::ClockTime::from_seconds(5)));
+    for overlap in ["false", "true"] {
+        let mut t = Tiny::new(&[("overlap", overlap)]);
+        let input = frame(1);
+        let (early, info) = buffer(&input, gst_video::VideoFormat::Rgb, 500);
+        t.h.set_src_caps(info.to_caps().unwrap());
+        // Downstream says: 1 s late at running time 1 s, so nothing before 2 s is worth doing.
+        let qos = gst::event::Qos::new(gst::QOSType::Underflow, 1.0, 1_000_000_000, gst::ClockTime::from_seconds(1));
+        assert!(t.h.push_upstream_event(qos));
+        assert_eq!(t.h.push(early), Ok(gst::FlowSuccess::Ok));
+        t.drain();
+        assert_eq!(t.h.buffers_in_queue(), 0, "overlap={overlap}: a late frame was processed");
+        let qos_messages = std::iter::from_fn(|| t.bus.pop_filtered(&[gst::MessageType::Qos])).count();
+        assert_eq!(qos_messages, 1, "overlap={overlap}");
+        let (on_time, _) = buffer(&input, gst_video::VideoFormat::Rgb, 5000);
+        assert_eq!(t.h.push(on_time), Ok(gst::FlowSuccess::Ok));
+        t.drain();
+        let out = t.h.pull().unwrap();
+        assert_eq!(out.pts(), Some(gst::ClockTime::from_seconds(5)), "overlap={overlap}");
+        assert!(out.flags().contains(gst::BufferFlags::DISCONT), "overlap={overlap}: {:?}", out.flags());
+    }
 }
 
 /// After a flush the next frame is a new anchor, computed exactly as a first frame.
@@ -396,4 +440,132 @@ fn property_changes_while_playing() {
         }
     }
     assert!(t.anchors().is_empty(), "attention off posts no anchors");
+}
+
+/// Five frames with overlap on: nothing comes out until the second frame, then one frame per
+/// input, in order, each with its input's PTS, duration and flags; EOS brings the last one
+/// before the EOS event. The pixels, flags and anchors are those of overlap off.
+#[test]
+fn overlap_streams_every_frame_in_order_and_eos_drains() {
+    init();
+    let format = gst_video::VideoFormat::Bgrx;
+    let inputs: Vec<_> = (0..5)
+        .map(|k| {
+            let (mut buf, info) = buffer(&frame(k), format, 1000 + 40 * k as u64);
+            if k % 2 == 1 {
+                buf.make_mut().set_flags(gst::BufferFlags::DELTA_UNIT);
+            }
+            (buf, info)
+        })
+        .collect();
+    let info = inputs[0].1.clone();
+
+    let run = |overlap: &str| {
+        let mut t = Tiny::new(&[("overlap", overlap)]);
+        t.h.set_src_caps(info.to_caps().unwrap());
+        for (k, (buf, _)) in inputs.iter().enumerate() {
+            assert_eq!(t.h.push(buf.clone()), Ok(gst::FlowSuccess::Ok));
+            let expected = if overlap == "true" { k } else { k + 1 };
+            assert_eq!(t.h.buffers_in_queue() as usize, expected, "overlap={overlap}, after input {k}");
+        }
+        assert!(t.h.push_event(gst::event::Eos::new()));
+        assert_eq!(t.h.buffers_in_queue(), 5, "overlap={overlap}: EOS must push the held frame");
+        let outputs = t.outputs(&info);
+        // The EOS event comes after every buffer.
+        loop {
+            let event = t.h.try_pull_event().expect("an EOS event");
+            if event.type_() == gst::EventType::Eos {
+                break;
+            }
+        }
+        let anchors = t.anchors();
+        (outputs, anchors)
+    };
+    let (overlapped, anchors) = run("true");
+    let (synchronous, sync_anchors) = run("false");
+    for (k, ((pts, duration, flags, pixels), (input, _))) in overlapped.iter().zip(&inputs).enumerate() {
+        assert_eq!(*pts, input.pts().unwrap().mseconds(), "frame {k}");
+        assert_eq!(*duration, 40, "frame {k}");
+        // TAG_MEMORY marks a buffer whose memory was replaced: writing into a buffer that
+        // upstream still holds (the test keeps its inputs) writes into a copy.
+        let tag = gst::BufferFlags::TAG_MEMORY;
+        assert_eq!(*flags - tag, input.flags() - tag, "frame {k}");
+        assert_ne!(pixels, &common::read_plane(input, &info), "frame {k} was not stylized");
+    }
+    assert_eq!(overlapped, synchronous, "overlap changes the output");
+    assert_eq!(anchors, sync_anchors);
+    assert_eq!(anchors, [(0, "first frame".to_string())]);
+}
+
+/// A flush drops the frame in flight; the frames after it come out, the first as a new anchor.
+#[test]
+fn overlap_flush_drops_the_held_frame() {
+    let format = gst_video::VideoFormat::Rgb;
+    let mut t = Tiny::new(&[("scene-cut-threshold", "0")]);
+    let (a, info) = buffer(&frame(0), format, 0);
+    t.h.set_src_caps(info.to_caps().unwrap());
+    let (b, _) = buffer(&frame(1), format, 40);
+    assert_eq!(t.h.push(a), Ok(gst::FlowSuccess::Ok));
+    assert_eq!(t.h.push(b), Ok(gst::FlowSuccess::Ok));
+    assert_eq!(t.h.pull().unwrap().pts(), Some(gst::ClockTime::ZERO));
+
+    assert!(t.h.push_event(gst::event::FlushStart::new()));
+    assert!(t.h.push_event(gst::event::FlushStop::new(true)));
+    assert!(t.h.push_event(gst::event::Segment::new(&gst::FormattedSegment::<gst::ClockTime>::new())));
+    assert_eq!(t.h.buffers_in_queue(), 0, "the held frame must not come out after a flush");
+    let (c, _) = buffer(&frame(2), format, 2000);
+    let (d, _) = buffer(&frame(3), format, 2040);
+    assert_eq!(t.h.push(c), Ok(gst::FlowSuccess::Ok));
+    assert_eq!(t.h.push(d), Ok(gst::FlowSuccess::Ok));
+    assert!(t.h.push_event(gst::event::Eos::new()));
+    let pts: Vec<_> = t.outputs(&info).iter().map(|o| o.0).collect();
+    assert_eq!(pts, [2000, 2040]);
+    assert_eq!(t.anchors().iter().map(|a| a.0).collect::<Vec<_>>(), [0, 2]);
+
+    // The frame after the flush is computed like a first frame.
+    let mut fresh = Tiny::new(&[("scene-cut-threshold", "0")]);
+    let want = fresh.process(&frame(2), format, 0);
+    let mut t2 = Tiny::new(&[("scene-cut-threshold", "0")]);
+    t2.process(&frame(0), format, 0);
+    assert!(t2.h.push_event(gst::event::FlushStart::new()));
+    assert!(t2.h.push_event(gst::event::FlushStop::new(true)));
+    assert!(t2.h.push_event(gst::event::Segment::new(&gst::FormattedSegment::<gst::ClockTime>::new())));
+    assert_eq!(t2.process(&frame(2), format, 80), want);
+}
+
+/// A caps change pushes the held frame before the new caps go downstream.
+#[test]
+fn overlap_drains_before_a_caps_change() {
+    let mut t = Tiny::new(&[]);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let record = seen.clone();
+    t.h.sinkpad().unwrap().add_probe(
+        gst::PadProbeType::BUFFER | gst::PadProbeType::EVENT_DOWNSTREAM,
+        move |_, info| {
+            match &info.data {
+                Some(gst::PadProbeData::Buffer(b)) => {
+                    record.lock().unwrap().push(format!("buffer {}", b.pts().unwrap().mseconds()))
+                }
+                Some(gst::PadProbeData::Event(e)) if e.type_() == gst::EventType::Caps => {
+                    let gst::EventView::Caps(c) = e.view() else { unreachable!() };
+                    let info = gst_video::VideoInfo::from_caps(c.caps()).unwrap();
+                    record.lock().unwrap().push(format!("caps {:?}", info.format()));
+                }
+                _ => {}
+            }
+            gst::PadProbeReturn::Ok
+        },
+    );
+    let (a, rgb) = buffer(&frame(0), gst_video::VideoFormat::Rgb, 0);
+    t.h.set_src_caps(rgb.to_caps().unwrap());
+    assert_eq!(t.h.push(a), Ok(gst::FlowSuccess::Ok));
+    let (b, bgrx) = buffer(&frame(0), gst_video::VideoFormat::Bgrx, 40);
+    t.h.set_src_caps(bgrx.to_caps().unwrap());
+    assert_eq!(t.h.push(b), Ok(gst::FlowSuccess::Ok));
+    assert!(t.h.push_event(gst::event::Eos::new()));
+    assert_eq!(*seen.lock().unwrap(), ["caps Rgb", "buffer 0", "caps Bgrx", "buffer 40"]);
+    // Each frame in its own layout (a caps change re-anchors: the same picture twice).
+    let first = t.h.pull().unwrap();
+    let second = t.h.pull().unwrap();
+    assert_eq!(common::read_rgb(&first, &rgb).0, common::read_rgb(&second, &bgrx).0);
 }

@@ -11,6 +11,20 @@
 //! - `unblock` and `cancel` live outside `state` so a flush or PAUSED->READY, which come from
 //!   another thread, can stop a frame that waits for the model or is being denoised (the
 //!   engine checks the cancel handle before every denoising step).
+//! - `frame_duration` (from the negotiated framerate) lives outside `state` too, so the
+//!   latency query never waits for a frame.
+//!
+//! Overlap (the `overlap` property, on by default): the element keeps one frame in flight so
+//! the CPU work around the diffusion runs while the GPU diffuses. It takes the input buffers
+//! itself (`generate_output` takes the buffer BaseTransform's `submit_input_buffer` queued,
+//! after its QoS check) and, for buffer N+1: reads and prepares N+1 while the GPU still runs
+//! N, downloads N (waiting for the GPU), launches N+1 (queued on the GPU), scales N back and
+//! writes it into N's own buffer while the GPU runs N+1, and pushes N. Buffers go out in order
+//! with their own timestamps, flags and metas (written in place, or in a copy when upstream
+//! still holds a reference). The held frame goes out before any serialized event (EOS, caps,
+//! segment, gap, ...) and on a DRAIN query; a flush or `stop` drops it. The element pushes
+//! these buffers itself, so a frame after a QoS drop is marked DISCONT here (BaseTransform
+//! would mark the held, earlier one). The latency query adds one frame duration.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -25,9 +39,10 @@ use gst_base::subclass::prelude::*;
 use gst_video::prelude::*;
 use gst_video::subclass::prelude::*;
 use sdcrossframe::canny::CannyParams;
+use sdcrossframe::frame::RgbFrame;
 use sdcrossframe::pipeline::{CancelHandle, Cancelled, SizeRequest};
 use sdcrossframe::pipeline::{FrameSettings, ModelSpec, Stylizer};
-use sdcrossframe::session::{SessionConfig, VideoSession};
+use sdcrossframe::session::{FinishedFrame, InFlightFrame, PreparedFrame, SessionConfig, VideoSession};
 
 use super::{Attention, AttentionScope, DType, Noise};
 use crate::video::{self, PixelLayout};
@@ -76,6 +91,7 @@ struct Settings {
     width: u32,
     height: u32,
     latency_ms: u32,
+    overlap: bool,
 }
 
 impl Default for Settings {
@@ -107,6 +123,7 @@ impl Default for Settings {
             width: 0,
             height: 0,
             latency_ms: DEFAULT_LATENCY_MS,
+            overlap: true,
         }
     }
 }
@@ -186,8 +203,36 @@ enum Model {
     Failed,
 }
 
+/// A launched frame whose buffer waits for the next frame's launch (overlap on).
+struct Held {
+    /// The input buffer, written with the stylized frame when it goes out.
+    buffer: gst::Buffer,
+    /// Its caps (a caps change drains first, so this is the buffer's own).
+    info: gst_video::VideoInfo,
+    frame: InFlightFrame,
+    /// A frame before it was dropped (QoS): it goes out marked DISCONT.
+    discont: bool,
+    /// Time spent reading the buffer's pixels (for the frame's trace line).
+    read_time: Duration,
+}
+
+/// A held frame, downloaded, to write into its buffer.
+struct Finished {
+    buffer: gst::Buffer,
+    info: gst_video::VideoInfo,
+    frame: FinishedFrame,
+    discont: bool,
+    read_time: Duration,
+}
+
 struct State {
     model: Model,
+    /// The `overlap` property at start.
+    overlap: bool,
+    /// The frame in flight (overlap on).
+    held: Option<Held>,
+    /// QoS dropped a frame since the last one launched (overlap on).
+    discont: bool,
     /// What the properties asked for at the last frame, applied or rejected: a change is
     /// tried (and a rejection warned about) once.
     requested: Option<(FrameSettings, SessionConfig)>,
@@ -197,18 +242,29 @@ struct State {
 }
 
 /// Where a frame's time goes, summed over the stream and logged at stop: the element's
-/// own work (reading, preparing, writing) against the diffusion.
+/// own work (reading, preparing, writing) against the diffusion, and how much of the former
+/// ran while the device diffused.
 #[derive(Default)]
 struct FrameTimings {
+    /// Frames downloaded.
     frames: u32,
     /// Packed RGB from the buffer's layout and stride.
     read: Duration,
     /// Scaling to the processing size, scene-cut measure, Canny, upload.
     prepare: Duration,
-    /// VAE encode, denoising steps, VAE decode.
+    /// VAE encode, denoising steps, VAE decode: from the launch to the end of the download,
+    /// which waits for the device (the engine's `FinishedFrame`). Exact while the element
+    /// waits there for the GPU (`wait` above the copy time); when the element's own work takes
+    /// longer than the GPU, an upper bound that also holds what ran between launch and download.
     diffuse: Duration,
-    /// Back to 8-bit, scaling to the frame size, into the buffer's layout.
+    /// The part of `diffuse` spent in the download: waiting for the device, copying.
+    wait: Duration,
+    /// Down to 8-bit at the processing size is in `diffuse`; here: scaling to the frame size,
+    /// into the buffer's layout.
     write: Duration,
+    /// The part of read + prepare + write done while a frame was diffusing on the device
+    /// (overlap on, CUDA; zero on the CPU, where the launch computes the frame).
+    overlapped: Duration,
 }
 
 impl FrameTimings {
@@ -217,16 +273,20 @@ impl FrameTimings {
             return None;
         }
         let ms = |d: Duration| d.as_secs_f64() * 1e3 / self.frames as f64;
-        let total = ms(self.read) + ms(self.prepare) + ms(self.diffuse) + ms(self.write);
-        let overhead = total - ms(self.diffuse);
+        let own = ms(self.read) + ms(self.prepare) + ms(self.write);
+        let overhead = (own - ms(self.overlapped)).max(0.0);
+        let total = overhead + ms(self.diffuse);
         Some(format!(
-            "{} frames, per frame: read {:.2} ms, prepare {:.2} ms, diffuse {:.1} ms, write {:.2} ms; \
+            "{} frames, per frame: read {:.2} ms, prepare {:.2} ms, diffuse {:.1} ms (download {:.2} ms), \
+             write {:.2} ms, overlapped with the diffusion {:.2} ms; \
              element overhead {overhead:.2} ms = {:.2}% of {total:.1} ms",
             self.frames,
             ms(self.read),
             ms(self.prepare),
             ms(self.diffuse),
+            ms(self.wait),
             ms(self.write),
+            ms(self.overlapped),
             100.0 * overhead / total.max(1e-9)
         ))
     }
@@ -238,6 +298,8 @@ pub struct SdCrossFrame {
     state: Mutex<Option<State>>,
     unblock: AtomicBool,
     cancel: Mutex<Option<CancelHandle>>,
+    /// One frame at the negotiated framerate; `None` while unknown.
+    frame_duration: Mutex<Option<gst::ClockTime>>,
 }
 
 impl SdCrossFrame {
@@ -551,6 +613,12 @@ impl ObjectImpl for SdCrossFrame {
                     .default_value(d.latency_ms)
                     .mutable_playing()
                     .build(),
+                glib::ParamSpecBoolean::builder("overlap")
+                    .nick("Overlap CPU and GPU work")
+                    .blurb("Keep one frame in flight so that reading, scaling and writing frames runs while the GPU diffuses the previous one: each frame goes out when the next one comes in (or at EOS), which adds one frame of latency; off: each frame is done before the next one is taken")
+                    .default_value(d.overlap)
+                    .mutable_ready()
+                    .build(),
             ]
         });
         PROPERTIES.as_ref()
@@ -559,7 +627,7 @@ impl ObjectImpl for SdCrossFrame {
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
         let name = pspec.name();
         let started = self.state.lock().unwrap().is_some();
-        if started && matches!(name, "model" | "controlnet" | "variant" | "device" | "dtype") {
+        if started && matches!(name, "model" | "controlnet" | "variant" | "device" | "dtype" | "overlap") {
             gst::warning!(CAT, imp = self, "{name} changed while running: takes effect when the element restarts");
         }
         let mut latency_changed = false;
@@ -594,6 +662,7 @@ impl ObjectImpl for SdCrossFrame {
                     latency_changed = ms != s.latency_ms;
                     s.latency_ms = ms;
                 }
+                "overlap" => s.overlap = value.get().expect("type checked upstream"),
                 other => unimplemented!("property {other}"),
             }
         }
@@ -629,6 +698,7 @@ impl ObjectImpl for SdCrossFrame {
             "width" => s.width.to_value(),
             "height" => s.height.to_value(),
             "latency" => s.latency_ms.to_value(),
+            "overlap" => s.overlap.to_value(),
             other => unimplemented!("property {other}"),
         }
     }
@@ -693,17 +763,31 @@ impl BaseTransformImpl for SdCrossFrame {
         let rx = self
             .spawn_loader(request)
             .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ["Cannot start the model loading thread: {e}"]))?;
-        *self.state.lock().unwrap() =
-            Some(State { model: Model::Loading(rx), requested: None, info: None, timings: FrameTimings::default() });
+        *self.state.lock().unwrap() = Some(State {
+            model: Model::Loading(rx),
+            overlap: settings.overlap,
+            held: None,
+            discont: false,
+            requested: None,
+            info: None,
+            timings: FrameTimings::default(),
+        });
         Ok(())
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
-        // A load still in progress finishes on its thread and is dropped there.
-        if let Some(summary) = self.state.lock().unwrap().take().and_then(|state| state.timings.summary()) {
-            gst::info!(CAT, imp = self, "{summary}");
+        // A load still in progress finishes on its thread and is dropped there; a frame in
+        // flight is dropped here (its device work, already queued, cannot be called back).
+        if let Some(state) = self.state.lock().unwrap().take() {
+            if let Some(held) = &state.held {
+                gst::debug!(CAT, imp = self, "stopping: dropping frame {} in flight", held.frame.index());
+            }
+            if let Some(summary) = state.timings.summary() {
+                gst::info!(CAT, imp = self, "{summary}");
+            }
         }
         *self.cancel.lock().unwrap() = None;
+        *self.frame_duration.lock().unwrap() = None;
         Ok(())
     }
 
@@ -712,10 +796,22 @@ impl BaseTransformImpl for SdCrossFrame {
             gst::EventView::FlushStart(_) => self.unblock(),
             gst::EventView::FlushStop(_) => {
                 self.unblock.store(false, Ordering::SeqCst);
-                // Serialized: no frame is in flight.
-                if let Some(State { model: Model::Ready(session), .. }) = self.state.lock().unwrap().as_mut() {
-                    gst::debug!(CAT, imp = self, "flush: the next frame is a new anchor");
-                    session.reset();
+                // Serialized: the streaming thread is not in a frame.
+                if let Some(state) = self.state.lock().unwrap().as_mut() {
+                    if let Some(held) = state.held.take() {
+                        gst::debug!(CAT, imp = self, "flush: dropping frame {} in flight", held.frame.index());
+                    }
+                    state.discont = false;
+                    if let Model::Ready(session) = &mut state.model {
+                        gst::debug!(CAT, imp = self, "flush: the next frame is a new anchor");
+                        session.reset();
+                    }
+                }
+            }
+            // Anything serialized (EOS, caps, segment, gap, ...) comes after the held frame.
+            _ if event.is_serialized() && self.overlapping() => {
+                if let Err(flow) = self.drain() {
+                    gst::debug!(CAT, imp = self, "draining before {:?}: {flow:?}", event.type_());
                 }
             }
             _ => {}
@@ -724,6 +820,13 @@ impl BaseTransformImpl for SdCrossFrame {
     }
 
     fn query(&self, direction: gst::PadDirection, query: &mut gst::QueryRef) -> bool {
+        if direction == gst::PadDirection::Sink
+            && matches!(query.view(), gst::QueryView::Drain(_))
+            && self.overlapping()
+            && let Err(flow) = self.drain()
+        {
+            gst::debug!(CAT, imp = self, "draining for a drain query: {flow:?}");
+        }
         if direction != gst::PadDirection::Src || !matches!(query.view(), gst::QueryView::Latency(_)) {
             return BaseTransformImplExt::parent_query(self, direction, query);
         }
@@ -733,12 +836,41 @@ impl BaseTransformImpl for SdCrossFrame {
         if let gst::QueryViewMut::Latency(q) = query.view_mut() {
             let (live, min, max) = q.result();
             if live {
-                let ours = self.settings.lock().unwrap().latency();
+                let ours = self.added_latency();
                 gst::debug!(CAT, imp = self, "upstream latency {min} / {max:?}, adding {ours}");
                 q.set(live, min + ours, max.map(|max| max + ours));
             }
         }
         true
+    }
+
+    /// With overlap on, takes the buffer from BaseTransform (after its QoS check) and pushes
+    /// the previous frame's buffer itself; otherwise BaseTransform calls `transform_frame_ip`.
+    /// Pulled from downstream (pull mode), the element cannot push: frames go synchronously.
+    fn generate_output(&self) -> Result<gst_base::subclass::base_transform::GenerateOutputSuccess, gst::FlowError> {
+        use gst_base::subclass::base_transform::GenerateOutputSuccess;
+        if !self.overlapping() || self.obj().src_pad().mode() != gst::PadMode::Push {
+            return self.parent_generate_output();
+        }
+        let Some(buffer) = self.take_queued_buffer() else {
+            return Ok(GenerateOutputSuccess::NoOutput);
+        };
+        if let Some(previous) = self.process_overlapped(buffer)? {
+            self.obj().src_pad().push(previous)?;
+        }
+        Ok(GenerateOutputSuccess::NoOutput)
+    }
+
+    fn submit_input_buffer(&self, is_discont: bool, inbuf: gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let result = self.parent_submit_input_buffer(is_discont, inbuf);
+        if result == Ok(gst_base::BASE_TRANSFORM_FLOW_DROPPED)
+            && let Some(state) = self.state.lock().unwrap().as_mut()
+            && state.overlap
+        {
+            // Dropped by QoS: the next frame out follows a gap.
+            state.discont = true;
+        }
+        result
     }
 }
 
@@ -750,6 +882,15 @@ impl VideoFilterImpl for SdCrossFrame {
         _outcaps: &gst::Caps,
         _out_info: &gst_video::VideoInfo,
     ) -> Result<(), gst::LoggableError> {
+        let fps = in_info.fps();
+        let duration = (fps.numer() > 0 && fps.denom() > 0)
+            .then(|| gst::ClockTime::SECOND.mul_div_floor(fps.denom() as u64, fps.numer() as u64))
+            .flatten();
+        let previous = std::mem::replace(&mut *self.frame_duration.lock().unwrap(), duration);
+        if previous.is_some() && previous != duration && self.settings.lock().unwrap().overlap {
+            // The frame held back is now longer or shorter.
+            let _ = self.obj().post_message(gst::message::Latency::builder().src(&*self.obj()).build());
+        }
         let mut state = self.state.lock().unwrap();
         if let Some(state) = state.as_mut() {
             if state.info.as_ref().is_some_and(|info| info != in_info)
@@ -763,6 +904,8 @@ impl VideoFilterImpl for SdCrossFrame {
         Ok(())
     }
 
+    /// The synchronous path (overlap off): each frame is prepared, diffused, downloaded and
+    /// written before the buffer goes on.
     fn transform_frame_ip(
         &self,
         frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
@@ -770,12 +913,37 @@ impl VideoFilterImpl for SdCrossFrame {
         let settings = self.settings.lock().unwrap().clone();
         let mut state = self.state.lock().unwrap();
         let state = state.as_mut().ok_or(gst::FlowError::Flushing)?;
-        self.wait_for_model(state)?;
-        self.apply_settings(state, &settings);
+        let (prepared, read_time) = self.read_and_prepare(state, &settings, frame)?;
         let Model::Ready(session) = &mut state.model else {
             unreachable!("the model is ready");
         };
+        let in_flight = self.launch(session, prepared, frame.buffer().pts())?;
+        let finished = self.finish(session, &mut state.timings, in_flight)?;
+        let write_started = Instant::now();
+        self.write_rgb(frame, &finished.rgb)?;
+        let write_time = write_started.elapsed();
+        state.timings.write += write_time;
+        self.trace_frame(&finished, read_time, write_time);
+        Ok(gst::FlowSuccess::Ok)
+    }
+}
 
+impl SdCrossFrame {
+    /// Waits for the model, applies changed properties, reads the frame and prepares it
+    /// (the CPU work before the diffusion); also returns the time the reading took. Errors are
+    /// on the bus.
+    fn read_and_prepare<T>(
+        &self,
+        state: &mut State,
+        settings: &Settings,
+        frame: &gst_video::VideoFrameRef<T>,
+    ) -> Result<(PreparedFrame, Duration), gst::FlowError> {
+        let overlapped = state.held.as_ref().is_some_and(|held| held.frame.is_asynchronous());
+        self.wait_for_model(state)?;
+        self.apply_settings(state, settings);
+        let Model::Ready(session) = &mut state.model else {
+            unreachable!("the model is ready");
+        };
         let (width, height) = (frame.width() as usize, frame.height() as usize);
         let layout = PixelLayout::of(frame.format()).ok_or(gst::FlowError::NotNegotiated)?;
         let stride = frame.plane_stride()[0] as usize;
@@ -808,8 +976,39 @@ impl VideoFilterImpl for SdCrossFrame {
             }
         };
         let read_time = read_started.elapsed();
-        let stylized = match session.push(&input, None) {
-            Ok(stylized) => stylized,
+        let prepare_started = Instant::now();
+        let prepared = match session.prepare(&input, None) {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                gst::element_imp_error!(
+                    self,
+                    gst::StreamError::Failed,
+                    ("Preparing a {width}x{height} frame for {}x{} failed: {e:#}", size.0, size.1)
+                );
+                return Err(gst::FlowError::Error);
+            }
+        };
+        let prepare_time = prepare_started.elapsed();
+        let timings = &mut state.timings;
+        timings.read += read_time;
+        timings.prepare += prepare_time;
+        if overlapped {
+            timings.overlapped += read_time + prepare_time;
+        }
+        Ok((prepared, read_time))
+    }
+
+    /// Launches the diffusion of a prepared frame (queued on a GPU, computed on the CPU) and
+    /// posts the anchor message when it re-anchors.
+    fn launch(
+        &self,
+        session: &mut VideoSession,
+        prepared: PreparedFrame,
+        pts: Option<gst::ClockTime>,
+    ) -> Result<InFlightFrame, gst::FlowError> {
+        let (width, height) = prepared.size();
+        let in_flight = match session.launch(prepared) {
+            Ok(in_flight) => in_flight,
             Err(e) if e.chain().any(|c| c.is::<Cancelled>()) => {
                 gst::debug!(CAT, imp = self, "frame cancelled (flush or state change)");
                 return Err(gst::FlowError::Flushing);
@@ -818,19 +1017,65 @@ impl VideoFilterImpl for SdCrossFrame {
                 gst::element_imp_error!(
                     self,
                     gst::StreamError::Failed,
-                    ("Stylizing a {width}x{height} frame at {}x{} failed: {e:#}", size.0, size.1)
+                    ("Stylizing a frame at {width}x{height} failed: {e:#}")
                 );
                 return Err(gst::FlowError::Error);
             }
         };
-        let write_started = Instant::now();
-        if stylized.anchor {
-            let index = session.frames_pushed().saturating_sub(1);
-            self.post_anchor(stylized.anchor_reason.unwrap_or("anchor"), index, frame.buffer().pts());
+        if in_flight.anchor() {
+            self.post_anchor(in_flight.anchor_reason().unwrap_or("anchor"), in_flight.index(), pts);
         }
+        Ok(in_flight)
+    }
 
-        let output = stylized.to_rgb().and_then(|rgb| rgb.resized(width, height));
-        let written = output.and_then(|rgb| {
+    /// Downloads a launched frame (waits for the device) and counts its diffusion time.
+    fn finish(
+        &self,
+        session: &mut VideoSession,
+        timings: &mut FrameTimings,
+        in_flight: InFlightFrame,
+    ) -> Result<FinishedFrame, gst::FlowError> {
+        let index = in_flight.index();
+        let finished = match session.finish(in_flight) {
+            Ok(finished) => finished,
+            Err(e) => {
+                gst::element_imp_error!(self, gst::StreamError::Failed, ("Stylizing frame {index} failed: {e:#}"));
+                return Err(gst::FlowError::Error);
+            }
+        };
+        timings.frames += 1;
+        timings.diffuse += finished.stylized.diffuse_time;
+        timings.wait += finished.wait_time;
+        Ok(finished)
+    }
+
+    /// One trace line per frame, its stages as `name duration` pairs after "frame at WxH:"
+    /// (scripts/gst-gpu-report.py reads them), then the frame's index and download time.
+    fn trace_frame(&self, finished: &FinishedFrame, read_time: Duration, write_time: Duration) {
+        let stylized = &finished.stylized;
+        gst::trace!(
+            CAT,
+            imp = self,
+            "frame at {}x{}: read {read_time:?}, prepare {:?}, diffuse {:?}, write {write_time:?}",
+            finished.rgb.width,
+            finished.rgb.height,
+            stylized.prepare_time,
+            stylized.diffuse_time
+        );
+        gst::trace!(CAT, imp = self, "frame {} downloaded in {:?}", stylized.index, finished.wait_time);
+    }
+
+    /// Scales the stylized frame to the buffer's size and writes it in the buffer's layout,
+    /// alpha untouched.
+    fn write_rgb(
+        &self,
+        frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
+        rgb: &RgbFrame,
+    ) -> Result<(), gst::FlowError> {
+        let (width, height) = (frame.width() as usize, frame.height() as usize);
+        let layout = PixelLayout::of(frame.format()).ok_or(gst::FlowError::NotNegotiated)?;
+        let stride = frame.plane_stride()[0] as usize;
+        let written = rgb.resized(width, height).and_then(|rgb| {
             let data = frame.plane_data_mut(0)?;
             video::write_rgb(&rgb, data, stride, layout)
         });
@@ -842,23 +1087,115 @@ impl VideoFilterImpl for SdCrossFrame {
             );
             return Err(gst::FlowError::Error);
         }
+        Ok(())
+    }
+
+    /// One input buffer with overlap on: prepares it while the held frame still diffuses,
+    /// downloads the held frame, launches this one, writes the held frame into its buffer
+    /// while this one diffuses. Returns the held frame's buffer, to push.
+    fn process_overlapped(&self, buffer: gst::Buffer) -> Result<Option<gst::Buffer>, gst::FlowError> {
+        let settings = self.settings.lock().unwrap().clone();
+        let mut state = self.state.lock().unwrap();
+        let state = state.as_mut().ok_or(gst::FlowError::Flushing)?;
+        let info = state.info.clone().ok_or(gst::FlowError::NotNegotiated)?;
+        let prepared = {
+            let frame = gst_video::VideoFrameRef::from_buffer_ref_readable(buffer.as_ref(), &info).map_err(|e| {
+                gst::element_imp_error!(self, gst::StreamError::Format, ("Cannot map a frame for reading: {e}"));
+                gst::FlowError::Error
+            })?;
+            self.read_and_prepare(state, &settings, &frame)?
+        };
+        let (prepared, read_time) = prepared;
+        let Model::Ready(session) = &mut state.model else {
+            unreachable!("the model is ready");
+        };
+        let finished = match state.held.take() {
+            Some(Held { buffer, info, frame, discont, read_time }) => {
+                let frame = self.finish(session, &mut state.timings, frame)?;
+                Some(Finished { buffer, info, frame, discont, read_time })
+            }
+            None => None,
+        };
+        let pts = buffer.pts();
+        let in_flight = self.launch(session, prepared, pts)?;
+        let asynchronous = in_flight.is_asynchronous();
+        let discont = std::mem::take(&mut state.discont);
+        state.held = Some(Held { buffer, info, frame: in_flight, discont, read_time });
+        let Some(finished) = finished else {
+            gst::trace!(CAT, imp = self, "first frame in flight, nothing to push yet");
+            return Ok(None);
+        };
+        let (buffer, write_time) = self.write_finished(&mut state.timings, finished)?;
+        if asynchronous {
+            state.timings.overlapped += write_time;
+        }
+        Ok(Some(buffer))
+    }
+
+    /// Writes a downloaded frame into its buffer (made writable: a copy with the same
+    /// timestamps, flags and metas when upstream still holds it); also returns the time it took.
+    fn write_finished(
+        &self,
+        timings: &mut FrameTimings,
+        finished: Finished,
+    ) -> Result<(gst::Buffer, Duration), gst::FlowError> {
+        let write_started = Instant::now();
+        let Finished { mut buffer, info, frame: finished, discont, read_time } = finished;
+        {
+            let buffer = buffer.make_mut();
+            if discont {
+                buffer.set_flags(gst::BufferFlags::DISCONT);
+            }
+            let mut frame = gst_video::VideoFrameRef::from_buffer_ref_writable(buffer, &info).map_err(|e| {
+                gst::element_imp_error!(self, gst::StreamError::Format, ("Cannot map a frame for writing: {e}"));
+                gst::FlowError::Error
+            })?;
+            self.write_rgb(&mut frame, &finished.rgb)?;
+        }
         let write_time = write_started.elapsed();
-        gst::trace!(
-            CAT,
-            imp = self,
-            "frame at {}x{}: read {read_time:?}, prepare {:?}, diffuse {:?}, write {write_time:?}",
-            size.0,
-            size.1,
-            stylized.prepare_time,
-            stylized.diffuse_time
-        );
-        let timings = &mut state.timings;
-        timings.frames += 1;
-        timings.read += read_time;
-        timings.prepare += stylized.prepare_time;
-        timings.diffuse += stylized.diffuse_time;
         timings.write += write_time;
-        Ok(gst::FlowSuccess::Ok)
+        self.trace_frame(&finished, read_time, write_time);
+        Ok((buffer, write_time))
+    }
+
+    /// Pushes the held frame, if there is one (overlap on): before a serialized event, on a
+    /// DRAIN query.
+    fn drain(&self) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let buffer = {
+            let mut state = self.state.lock().unwrap();
+            let Some(state) = state.as_mut() else {
+                return Ok(gst::FlowSuccess::Ok);
+            };
+            let Some(Held { buffer, info, frame, discont, read_time }) = state.held.take() else {
+                return Ok(gst::FlowSuccess::Ok);
+            };
+            let Model::Ready(session) = &mut state.model else {
+                return Ok(gst::FlowSuccess::Ok);
+            };
+            gst::debug!(CAT, imp = self, "draining frame {}", frame.index());
+            let frame = self.finish(session, &mut state.timings, frame)?;
+            self.write_finished(&mut state.timings, Finished { buffer, info, frame, discont, read_time })?.0
+        };
+        self.obj().src_pad().push(buffer)
+    }
+
+    /// What the element adds to a live pipeline's latency: the `latency` property, and with
+    /// overlap on one frame more (a frame goes out when the next one comes in): one frame
+    /// duration at the negotiated framerate, or the `latency` property again while the
+    /// framerate is unknown or variable.
+    fn added_latency(&self) -> gst::ClockTime {
+        let (latency, overlap) = {
+            let settings = self.settings.lock().unwrap();
+            (settings.latency(), settings.overlap)
+        };
+        if !overlap {
+            return latency;
+        }
+        latency + self.frame_duration.lock().unwrap().unwrap_or(latency)
+    }
+
+    fn overlapping(&self) -> bool {
+        self.state.lock().unwrap().as_ref().is_some_and(|state| state.overlap)
     }
 }
 
