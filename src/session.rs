@@ -12,6 +12,7 @@ use crate::canny::{self, CannyParams, ImageView};
 use crate::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
 use crate::frame::RgbFrame;
 use crate::pipeline::{CancelHandle, FrameSettings, SizeRequest, Stylizer};
+use crate::resample;
 
 /// Where each frame's initial noise comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -90,8 +91,15 @@ pub struct StylizedFrame {
 }
 
 impl StylizedFrame {
+    /// The image as a packed frame at the processing size.
     pub fn to_rgb(&self) -> Result<RgbFrame> {
         RgbFrame::from_tensor(&self.image)
+    }
+
+    /// The image as a packed frame of `width` x `height` (the input's size), scaled on the
+    /// image's device.
+    pub fn to_rgb_scaled(&self, width: usize, height: usize) -> Result<RgbFrame> {
+        resample::scaler().output(&self.image, width, height)
     }
 }
 
@@ -190,8 +198,9 @@ impl VideoSession {
         let _span = tracing::info_span!("session_frame", index).entered();
         let started = std::time::Instant::now();
         let (width, height) = self.processing_size(frame.width, frame.height)?;
-        let frame = frame.resized(width, height)?;
         let device = self.stylizer.device().clone();
+        // Scaled on the GPU when the model is there; `frame` is what the model sees, as bytes.
+        let (input, frame) = resample::scaler().model_input(frame, width, height, &device)?;
 
         let anchor_reason = self.anchor_reason(&frame);
         if let Some(reason) = anchor_reason {
@@ -200,7 +209,7 @@ impl VideoSession {
         }
 
         let control = match control {
-            Some(c) => c.resized(width, height)?.to_tensor(&device)?,
+            Some(c) => resample::scaler().model_input(c, width, height, &device)?.0,
             None => {
                 let view = ImageView::new(&frame.data, width, height, 3, width * 3)?;
                 canny::control_image(&canny::canny(&view, &self.config.canny)?, &device)?
@@ -209,7 +218,6 @@ impl VideoSession {
         let noise = self.noise_for(index, width, height)?;
         // A cancel requested between frames is for the frame that was in flight then.
         self.cancel.clear();
-        let input = frame.to_tensor(&device)?;
         let prepare_time = started.elapsed();
         let result = self.stylizer.stylize_cancellable(
             &input,

@@ -829,7 +829,7 @@ impl VideoFilterImpl for SdCrossFrame {
             self.post_anchor(stylized.anchor_reason.unwrap_or("anchor"), index, frame.buffer().pts());
         }
 
-        let output = stylized.to_rgb().and_then(|rgb| rgb.resized(width, height));
+        let output = stylized.to_rgb_scaled(width, height);
         let written = output.and_then(|rgb| {
             let data = frame.plane_data_mut(0)?;
             video::write_rgb(&rgb, data, stride, layout)
