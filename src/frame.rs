@@ -58,16 +58,29 @@ impl RgbFrame {
             .with_context(|| format!("cannot write {}", path.display()))
     }
 
-    /// Resizes with a Lanczos filter (as diffusers' image processor does); a no-op at the same size.
+    /// Resizes with a SIMD convolution (fast_image_resize) by PIL's bilinear filter: a triangle
+    /// widened by the scale when shrinking, so every source pixel counts (antialiased). The
+    /// device path (`resample`) uses the same weights. A copy at the same size.
     pub fn resized(&self, width: usize, height: usize) -> Result<Self> {
+        use fast_image_resize::images::{Image, ImageRef};
+        use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
         if (width, height) == (self.width, self.height) {
             return Ok(self.clone());
         }
-        let buffer = image::RgbImage::from_raw(self.width as u32, self.height as u32, self.data.clone())
+        if width == 0 || height == 0 {
+            bail!("cannot resize a {}x{} frame to {width}x{height}", self.width, self.height);
+        }
+        let source = ImageRef::new(self.width as u32, self.height as u32, &self.data, PixelType::U8x3)
             .context("frame buffer size mismatch")?;
-        let resized =
-            image::imageops::resize(&buffer, width as u32, height as u32, image::imageops::FilterType::Lanczos3);
-        Self::new(width, height, resized.into_raw())
+        let mut target = Image::new(width as u32, height as u32, PixelType::U8x3);
+        Resizer::new()
+            .resize(
+                &source,
+                &mut target,
+                &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)),
+            )
+            .with_context(|| format!("cannot resize a {}x{} frame to {width}x{height}", self.width, self.height))?;
+        Self::new(width, height, target.into_vec())
     }
 
     /// `[1, 3, H, W]` f32 tensor with values in [0, 1].

@@ -10,6 +10,7 @@ pub mod frame;
 pub mod models;
 pub mod ops;
 pub mod pipeline;
+pub mod resample;
 pub mod scheduler;
 pub mod session;
 pub mod tokenizer;

@@ -28,6 +28,7 @@ use crate::canny::{self, CannyParams, ImageView};
 use crate::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
 use crate::frame::RgbFrame;
 use crate::pipeline::{CancelHandle, FrameSettings, SizeRequest, Stylizer};
+use crate::resample;
 
 /// Where each frame's initial noise comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -111,8 +112,15 @@ pub struct StylizedFrame {
 }
 
 impl StylizedFrame {
+    /// The image as a packed frame at the processing size.
     pub fn to_rgb(&self) -> Result<RgbFrame> {
         RgbFrame::from_tensor(&self.image)
+    }
+
+    /// The image as a packed frame of `width` x `height` (the input's size), scaled on the
+    /// image's device.
+    pub fn to_rgb_scaled(&self, width: usize, height: usize) -> Result<RgbFrame> {
+        resample::scaler().output(&self.image, width, height)
     }
 }
 
@@ -195,10 +203,14 @@ pub struct FinishedFrame {
     /// bound on it when `finish` came later than that (then `wait_time` is about the copy
     /// alone). On the CPU it is the launch (which computed the frame) plus the download.
     pub stylized: StylizedFrame,
-    /// The image as 8-bit RGB at the processing size (what `StylizedFrame::to_rgb` gives).
+    /// The image as 8-bit RGB, at the processing size from `finish`, at the size asked for
+    /// from `finish_at`.
     pub rgb: RgbFrame,
-    /// Time `finish` spent: waiting for the device and copying the result.
+    /// Time `finish` spent waiting for the device and copying the result (with the scaling
+    /// when it ran on the device).
     pub wait_time: Duration,
+    /// Time spent scaling the result on the CPU (zero when the device scaled it).
+    pub scale_time: Duration,
 }
 
 /// Side of the square thumbnail the scene-cut measure compares.
@@ -309,18 +321,18 @@ impl VideoSession {
         let started = Instant::now();
         self.cancel.clear();
         let (width, height) = self.processing_size(frame.width, frame.height)?;
-        let frame = frame.resized(width, height)?;
         let device = self.stylizer.device().clone();
+        // Scaled on the GPU when the model is there; `frame` is what the model sees, as bytes.
+        let (input, frame) = resample::scaler().model_input(frame, width, height, &device)?;
         let scene_cut = self.scene_cut(&frame);
         let control = match control {
-            Some(c) => c.resized(width, height)?.to_tensor(&device)?,
+            Some(c) => resample::scaler().model_input(c, width, height, &device)?.0,
             None => {
                 let view = ImageView::new(&frame.data, width, height, 3, width * 3)?;
                 canny::control_image(&canny::canny(&view, &self.config.canny)?, &device)?
             }
         };
         let noise = self.noise_for(index, width, height)?;
-        let input = frame.to_tensor(&device)?;
         Ok(PreparedFrame { index, input, control, noise, scene_cut, prepare_time: started.elapsed() })
     }
 
@@ -382,21 +394,39 @@ impl VideoSession {
     /// after later frames were launched. A failed download (the device work failed) resets
     /// the cross-frame state, so the next frame launched becomes an anchor.
     pub fn finish(&mut self, frame: InFlightFrame) -> Result<FinishedFrame> {
+        let (_, _, height, width) = frame.image.dims4()?;
+        self.finish_at(frame, width, height)
+    }
+
+    /// [`Self::finish`], with the image scaled to `width` x `height` (the input's size) first,
+    /// on the image's device.
+    pub fn finish_at(&mut self, frame: InFlightFrame, width: usize, height: usize) -> Result<FinishedFrame> {
         let _span = tracing::info_span!("session_finish", index = frame.index).entered();
         let started = Instant::now();
-        let rgb = match RgbFrame::from_tensor(&frame.image) {
-            Ok(rgb) => rgb,
+        // On a GPU the image is scaled there before the download; on the CPU the scaling is CPU
+        // work after the download and is counted apart (`scale_time`), not as diffusion.
+        let result = if frame.is_asynchronous() {
+            resample::scaler().output(&frame.image, width, height).map(|rgb| (rgb, Duration::ZERO))
+        } else {
+            RgbFrame::from_tensor(&frame.image).and_then(|rgb| {
+                let scaling = Instant::now();
+                let rgb = rgb.resized(width, height)?;
+                Ok((rgb, scaling.elapsed()))
+            })
+        };
+        let (rgb, scale_time) = match result {
+            Ok(done) => done,
             Err(e) => {
                 self.attention.reset();
                 return Err(e.context(format!("frame {}: cannot download the result", frame.index)));
             }
         };
-        let wait_time = started.elapsed();
+        let wait_time = started.elapsed() - scale_time;
         let diffuse_time =
             if frame.is_asynchronous() { frame.launched.elapsed() } else { frame.launch_time + wait_time };
         let mut stylized = frame.into_stylized();
         stylized.diffuse_time = diffuse_time;
-        Ok(FinishedFrame { stylized, rgb, wait_time })
+        Ok(FinishedFrame { stylized, rgb, wait_time, scale_time })
     }
 
     /// Compares the frame's luma thumbnail with the previous prepared frame's and keeps it:

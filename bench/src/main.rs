@@ -5,6 +5,7 @@
 //! - `frame`: whole img2img frames through the pipeline's own `Img2Img::run`, with the time of
 //!   each stage (text encoder, VAE encode, denoising steps, VAE decode).
 //! - `ops`, `attention`: single operations at SD1.5 shapes.
+//! - `session`: the element's per-frame path (scaling, Canny, upload, diffusion, download).
 //!
 //! On CUDA the peak of the memory allocated on the device (candle's stream-ordered pool,
 //! weights included) is reported per measurement.
@@ -13,6 +14,7 @@ mod frame;
 mod gpu_memory;
 mod ops;
 mod random;
+mod session;
 mod timing;
 mod unet_step;
 
@@ -59,6 +61,9 @@ enum Mode {
     Ops,
     /// Attention alone: the fused kernel against candle's unfused matmul-softmax-matmul.
     Attention,
+    /// The element's whole per-frame path: a packed RGB frame of the input size through
+    /// `VideoSession::push` and back to the input size, with the time of each part.
+    Session(session::SessionArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -101,5 +106,6 @@ fn run() -> Result<()> {
         Mode::Frame(args) => frame::run(&cli, args, &device, dtype, probe.as_ref()),
         Mode::Ops => ops::ops(&cli, &device, dtype),
         Mode::Attention => ops::attention(&cli, &device, dtype),
+        Mode::Session(args) => session::run(&cli, args, &device, dtype),
     }
 }

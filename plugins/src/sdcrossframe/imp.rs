@@ -918,10 +918,11 @@ impl VideoFilterImpl for SdCrossFrame {
             unreachable!("the model is ready");
         };
         let in_flight = self.launch(session, prepared, frame.buffer().pts())?;
-        let finished = self.finish(session, &mut state.timings, in_flight)?;
+        let size = (frame.width() as usize, frame.height() as usize);
+        let finished = self.finish(session, &mut state.timings, in_flight, size)?;
         let write_started = Instant::now();
         self.write_rgb(frame, &finished.rgb)?;
-        let write_time = write_started.elapsed();
+        let write_time = write_started.elapsed() + finished.scale_time;
         state.timings.write += write_time;
         self.trace_frame(&finished, read_time, write_time);
         Ok(gst::FlowSuccess::Ok)
@@ -1028,15 +1029,17 @@ impl SdCrossFrame {
         Ok(in_flight)
     }
 
-    /// Downloads a launched frame (waits for the device) and counts its diffusion time.
+    /// Downloads a launched frame at the buffer's size (waits for the device; scales on the
+    /// device when the model is there) and counts its diffusion time.
     fn finish(
         &self,
         session: &mut VideoSession,
         timings: &mut FrameTimings,
         in_flight: InFlightFrame,
+        (width, height): (usize, usize),
     ) -> Result<FinishedFrame, gst::FlowError> {
         let index = in_flight.index();
-        let finished = match session.finish(in_flight) {
+        let finished = match session.finish_at(in_flight, width, height) {
             Ok(finished) => finished,
             Err(e) => {
                 gst::element_imp_error!(self, gst::StreamError::Failed, ("Stylizing frame {index} failed: {e:#}"));
@@ -1057,16 +1060,16 @@ impl SdCrossFrame {
             CAT,
             imp = self,
             "frame at {}x{}: read {read_time:?}, prepare {:?}, diffuse {:?}, write {write_time:?}",
-            finished.rgb.width,
-            finished.rgb.height,
+            stylized.image.dim(3).unwrap_or(0),
+            stylized.image.dim(2).unwrap_or(0),
             stylized.prepare_time,
             stylized.diffuse_time
         );
         gst::trace!(CAT, imp = self, "frame {} downloaded in {:?}", stylized.index, finished.wait_time);
     }
 
-    /// Scales the stylized frame to the buffer's size and writes it in the buffer's layout,
-    /// alpha untouched.
+    /// Writes the stylized frame (already at the buffer's size) in the buffer's layout, alpha
+    /// untouched.
     fn write_rgb(
         &self,
         frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
@@ -1075,10 +1078,18 @@ impl SdCrossFrame {
         let (width, height) = (frame.width() as usize, frame.height() as usize);
         let layout = PixelLayout::of(frame.format()).ok_or(gst::FlowError::NotNegotiated)?;
         let stride = frame.plane_stride()[0] as usize;
-        let written = rgb.resized(width, height).and_then(|rgb| {
-            let data = frame.plane_data_mut(0)?;
-            video::write_rgb(&rgb, data, stride, layout)
-        });
+        if (rgb.width, rgb.height) != (width, height) {
+            gst::element_imp_error!(
+                self,
+                gst::StreamError::Failed,
+                ("The stylized frame is {}x{}, the buffer {width}x{height}", rgb.width, rgb.height)
+            );
+            return Err(gst::FlowError::Error);
+        }
+        let written = frame
+            .plane_data_mut(0)
+            .map_err(anyhow::Error::from)
+            .and_then(|data| video::write_rgb(rgb, data, stride, layout));
         if let Err(e) = written {
             gst::element_imp_error!(
                 self,
@@ -1111,7 +1122,8 @@ impl SdCrossFrame {
         };
         let finished = match state.held.take() {
             Some(Held { buffer, info, frame, discont, read_time }) => {
-                let frame = self.finish(session, &mut state.timings, frame)?;
+                let size = (info.width() as usize, info.height() as usize);
+                let frame = self.finish(session, &mut state.timings, frame, size)?;
                 Some(Finished { buffer, info, frame, discont, read_time })
             }
             None => None,
@@ -1152,7 +1164,8 @@ impl SdCrossFrame {
             })?;
             self.write_rgb(&mut frame, &finished.rgb)?;
         }
-        let write_time = write_started.elapsed();
+        // CPU scaling of the result (when the device did not scale it) is part of writing.
+        let write_time = write_started.elapsed() + finished.scale_time;
         timings.write += write_time;
         self.trace_frame(&finished, read_time, write_time);
         Ok((buffer, write_time))
@@ -1173,7 +1186,8 @@ impl SdCrossFrame {
                 return Ok(gst::FlowSuccess::Ok);
             };
             gst::debug!(CAT, imp = self, "draining frame {}", frame.index());
-            let frame = self.finish(session, &mut state.timings, frame)?;
+            let size = (info.width() as usize, info.height() as usize);
+            let frame = self.finish(session, &mut state.timings, frame, size)?;
             self.write_finished(&mut state.timings, Finished { buffer, info, frame, discont, read_time })?.0
         };
         self.obj().src_pad().push(buffer)
