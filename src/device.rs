@@ -55,6 +55,79 @@ pub unsafe fn pin_cpu_thread_count() {
     }
 }
 
+/// Times work queued on a device. On CUDA the device runs it after the call that queued it
+/// returned, so the span is measured with events recorded on the device's stream before and
+/// after it; on the CPU the work is done when queued, so it is wall time.
+pub struct DeviceSpan {
+    started: std::time::Instant,
+    wall: Option<std::time::Duration>,
+    #[cfg(feature = "cuda")]
+    events: Option<(cuda_events::Event, Option<cuda_events::Event>)>,
+}
+
+impl DeviceSpan {
+    /// Starts the span at the point the device's queued work has reached.
+    pub fn start(device: &Device) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        let events = cuda_events::record(device)?.map(|start| (start, None));
+        #[cfg(not(feature = "cuda"))]
+        let _ = device;
+        Ok(Self {
+            started: std::time::Instant::now(),
+            wall: None,
+            #[cfg(feature = "cuda")]
+            events,
+        })
+    }
+
+    /// Ends the span after the work queued since `start`.
+    pub fn end(&mut self, device: &Device) -> Result<()> {
+        self.wall = Some(self.started.elapsed());
+        #[cfg(feature = "cuda")]
+        if let Some((_, end)) = &mut self.events {
+            *end = cuda_events::record(device)?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = device;
+        Ok(())
+    }
+
+    /// The span's length; on CUDA this waits until the device has run the work.
+    pub fn elapsed(&self) -> Result<std::time::Duration> {
+        #[cfg(feature = "cuda")]
+        if let Some((start, Some(end))) = &self.events {
+            return cuda_events::between(start, end);
+        }
+        Ok(self.wall.unwrap_or_else(|| self.started.elapsed()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_events {
+    use anyhow::{Context, Result};
+    use candle_core::Device;
+    use candle_core::cuda_backend::cudarc::driver::{CudaEvent, sys};
+
+    pub type Event = CudaEvent;
+
+    /// An event recorded on the device's stream (None on other devices).
+    pub fn record(device: &Device) -> Result<Option<Event>> {
+        let Device::Cuda(cuda) = device else { return Ok(None) };
+        let event = cuda
+            .cuda_stream()
+            .record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| anyhow::anyhow!("{e:?}"))
+            .context("cannot record a CUDA event")?;
+        Ok(Some(event))
+    }
+
+    /// Device time between two events (waits for the second).
+    pub fn between(start: &Event, end: &Event) -> Result<std::time::Duration> {
+        let ms = start.elapsed_ms(end).map_err(|e| anyhow::anyhow!("{e:?}")).context("cannot time CUDA events")?;
+        Ok(std::time::Duration::from_secs_f64(f64::from(ms.max(0.0)) / 1e3))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,10 +1,10 @@
-//! Scaling frames between their own size and the processing size.
+//! Scaling the stylized image back to the input's size on the device that made it.
 //!
-//! On the CPU, packed 8-bit frames are scaled with SIMD convolution filters
-//! ([`RgbFrame::resized`]). On a GPU the frame goes up as 8-bit at its own size and is scaled
-//! there: a separable resize is two matrix products, `rows · image · columnsᵀ`, with the same
-//! antialiased bilinear (triangle) weights, so the CPU only converts, runs Canny on the small
-//! frame and copies bytes.
+//! Frames go to the processing size on the CPU, as bytes ([`RgbFrame::resized`]: SIMD, and it
+//! overlaps the device's previous frame; Canny needs those bytes anyway), and go up as 8-bit.
+//! The stylized image comes back at the input's size: on a GPU it is scaled there before the
+//! 8-bit download, by two matrix products (`rows · image · columnsᵀ`) with the same
+//! antialiased bilinear (triangle) weights the CPU scaling uses.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -83,32 +83,6 @@ impl DeviceScaler {
         Ok(scaled.unsqueeze(0)?)
     }
 
-    /// The model input for `frame` at `width` x `height`: `[1, 3, h, w]` f32 in [0, 1] on
-    /// `device`, and the same pixels as a packed frame for the CPU's Canny and scene-cut measure.
-    /// On the CPU the frame is scaled as bytes; elsewhere it goes up at its own size and is
-    /// scaled on the device.
-    pub fn model_input(
-        &self,
-        frame: &RgbFrame,
-        width: usize,
-        height: usize,
-        device: &Device,
-    ) -> Result<(Tensor, RgbFrame)> {
-        if device.is_cpu() || (frame.width, frame.height) == (width, height) {
-            let scaled = if (frame.width, frame.height) == (width, height) {
-                frame.clone()
-            } else {
-                frame.resized(width, height)?
-            };
-            return Ok((scaled.to_tensor(device)?, scaled));
-        }
-        let full = frame.to_tensor(device)?;
-        // Round to 8 bits on the device so the model and Canny see the same pixels.
-        let scaled = quantize(&self.resize(&full, width, height)?)?;
-        let packed = RgbFrame::from_tensor(&scaled)?;
-        Ok((scaled, packed))
-    }
-
     /// The stylized `image` (`[1, 3, h, w]` in [0, 1]) as a packed frame of `width` x `height`,
     /// scaled on the image's device (on the CPU, as bytes after the download).
     pub fn output(&self, image: &Tensor, width: usize, height: usize) -> Result<RgbFrame> {
@@ -118,11 +92,6 @@ impl DeviceScaler {
         }
         RgbFrame::from_tensor(&self.resize(&image.clamp(0f32, 1f32)?, width, height)?)
     }
-}
-
-/// Rounds values in [0, 1] to multiples of 1/255, as converting to 8 bits and back would.
-fn quantize(image: &Tensor) -> Result<Tensor> {
-    Ok(((image.clamp(0f32, 1f32)? * 255.0)?.round()? / 255.0)?)
 }
 
 #[cfg(test)]

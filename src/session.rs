@@ -26,6 +26,7 @@ use candle_core::Tensor;
 
 use crate::canny::{self, CannyParams, ImageView};
 use crate::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
+use crate::device::DeviceSpan;
 use crate::frame::RgbFrame;
 use crate::pipeline::{CancelHandle, FrameSettings, SizeRequest, Stylizer};
 use crate::resample;
@@ -118,10 +119,16 @@ impl StylizedFrame {
     }
 
     /// The image as a packed frame of `width` x `height` (the input's size), scaled on the
-    /// image's device.
+    /// image's device (see [`crate::resample`]).
     pub fn to_rgb_scaled(&self, width: usize, height: usize) -> Result<RgbFrame> {
         resample::scaler().output(&self.image, width, height)
     }
+}
+
+/// Where a prepared frame's control image comes from.
+enum ControlSource<'a> {
+    Image(&'a RgbFrame),
+    Edges(canny::EdgeMap),
 }
 
 /// A frame scaled, measured and uploaded by [`VideoSession::prepare`], for
@@ -134,12 +141,19 @@ pub struct PreparedFrame {
     /// The luma change from the previous prepared frame is over the scene-cut threshold.
     scene_cut: bool,
     prepare_time: Duration,
+    device_wait: Duration,
 }
 
 impl PreparedFrame {
     /// The index the frame gets when it is launched next.
     pub fn index(&self) -> u64 {
         self.index
+    }
+
+    /// Time `prepare` waited for the device to finish its queued work (the previous frame)
+    /// before uploading; not part of `prepare_time`.
+    pub fn device_wait(&self) -> Duration {
+        self.device_wait
     }
 
     /// `(width, height)` of the processing size.
@@ -158,8 +172,9 @@ pub struct InFlightFrame {
     anchor: bool,
     anchor_reason: Option<&'static str>,
     prepare_time: Duration,
-    launched: Instant,
     launch_time: Duration,
+    /// The diffusion's device time (CUDA events), or wall time on the CPU.
+    span: DeviceSpan,
 }
 
 impl InFlightFrame {
@@ -322,18 +337,44 @@ impl VideoSession {
         self.cancel.clear();
         let (width, height) = self.processing_size(frame.width, frame.height)?;
         let device = self.stylizer.device().clone();
-        // Scaled on the GPU when the model is there; `frame` is what the model sees, as bytes.
-        let (input, frame) = resample::scaler().model_input(frame, width, height, &device)?;
-        let scene_cut = self.scene_cut(&frame);
+        // CPU work first, so that it overlaps the device's previous frame: scaling, the
+        // scene-cut measure, Canny.
+        let scaled;
+        let frame = if (frame.width, frame.height) == (width, height) {
+            frame
+        } else {
+            scaled = frame.resized(width, height)?;
+            &scaled
+        };
+        let scene_cut = self.scene_cut(frame);
+        let control_scaled;
         let control = match control {
-            Some(c) => resample::scaler().model_input(c, width, height, &device)?.0,
+            Some(c) if (c.width, c.height) == (width, height) => ControlSource::Image(c),
+            Some(c) => {
+                control_scaled = c.resized(width, height)?;
+                ControlSource::Image(&control_scaled)
+            }
             None => {
                 let view = ImageView::new(&frame.data, width, height, 3, width * 3)?;
-                canny::control_image(&canny::canny(&view, &self.config.canny)?, &device)?
+                ControlSource::Edges(canny::canny(&view, &self.config.canny)?)
             }
         };
+        let cpu_time = started.elapsed();
+        // The uploads are ordered after the device's queued work (a copy from pageable memory
+        // waits for it): wait here explicitly, so that this time is counted as waiting for the
+        // device and not as preparing.
+        let waited = Instant::now();
+        device.synchronize()?;
+        let device_wait = waited.elapsed();
+        let uploading = Instant::now();
+        let input = frame.to_tensor(&device)?;
+        let control = match control {
+            ControlSource::Image(c) => c.to_tensor(&device)?,
+            ControlSource::Edges(edges) => canny::control_image(&edges, &device)?,
+        };
         let noise = self.noise_for(index, width, height)?;
-        Ok(PreparedFrame { index, input, control, noise, scene_cut, prepare_time: started.elapsed() })
+        let prepare_time = cpu_time + uploading.elapsed();
+        Ok(PreparedFrame { index, input, control, noise, scene_cut, prepare_time, device_wait })
     }
 
     /// Runs the diffusion of a prepared frame through the cross-frame state: decides whether
@@ -341,7 +382,7 @@ impl VideoSession {
     /// failed or cancelled frame (an error that downcasts to [`crate::pipeline::Cancelled`])
     /// leaves no partial cross-frame state: the next frame becomes an anchor.
     pub fn launch(&mut self, prepared: PreparedFrame) -> Result<InFlightFrame> {
-        let PreparedFrame { index, input, control, noise, scene_cut, prepare_time } = prepared;
+        let PreparedFrame { index, input, control, noise, scene_cut, prepare_time, .. } = prepared;
         if index != self.frames_pushed {
             bail!(
                 "frame {index} was prepared out of turn (frame {} is next): prepare each frame after launching the previous one",
@@ -355,6 +396,8 @@ impl VideoSession {
             self.attention.request_anchor();
         }
         let launched = Instant::now();
+        let device = self.stylizer.device().clone();
+        let mut span = DeviceSpan::start(&device)?;
         let result = self.stylizer.stylize_cancellable(
             &input,
             &control,
@@ -364,7 +407,7 @@ impl VideoSession {
             &self.cancel,
         );
         let launch_time = launched.elapsed();
-        let image = match result {
+        let image = match result.and_then(|image| span.end(&device).map(|()| image)) {
             Ok(image) => image,
             Err(e) => {
                 // A frame that failed half-way may have left a partial store behind.
@@ -385,8 +428,8 @@ impl VideoSession {
             anchor,
             anchor_reason: if anchor { anchor_reason } else { None },
             prepare_time,
-            launched,
             launch_time,
+            span,
         })
     }
 
@@ -422,8 +465,7 @@ impl VideoSession {
             }
         };
         let wait_time = started.elapsed() - scale_time;
-        let diffuse_time =
-            if frame.is_asynchronous() { frame.launched.elapsed() } else { frame.launch_time + wait_time };
+        let diffuse_time = frame.span.elapsed()?;
         let mut stylized = frame.into_stylized();
         stylized.diffuse_time = diffuse_time;
         Ok(FinishedFrame { stylized, rgb, wait_time, scale_time })

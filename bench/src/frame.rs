@@ -1,46 +1,25 @@
 //! Whole img2img frames through the pipeline's own `Img2Img::run` (what the element runs after
 //! its cached text embeddings), with the time of each stage, cross-frame first+prev and off.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Result, bail};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
-use sdcrossframe::pipeline::{
-    CancelHandle, FrameHook, FrameInputs, FrameSettings, Img2Img, ModelSpec, Stage, StageObserver, Stylizer,
-};
+use sdcrossframe::pipeline::{CancelHandle, FrameHook, FrameInputs, FrameSettings, Img2Img, Stage, StageObserver};
 
 use crate::Cli;
+use crate::args::{GenerationArgs, ModelArgs};
 use crate::gpu_memory::Probe;
-use crate::random::sd15_parts;
 use crate::timing::{elapsed_ms, gib, is_finite, median};
 
 #[derive(Args, Debug)]
 pub struct FrameArgs {
-    /// A Stable Diffusion model (diffusers directory or repo id, loaded as the element loads
-    /// it); without it, random weights at SD1.5 shapes.
-    #[arg(long, requires = "controlnet")]
-    model: Option<String>,
-    /// A ControlNet model (with --model).
-    #[arg(long, requires = "model")]
-    controlnet: Option<String>,
-    /// The CLIP tokenizer folder random weights use (the tiny test model's is the real one).
-    #[arg(long, default_value = "tests/fixtures/tiny-sd/tokenizer")]
-    tokenizer: PathBuf,
-    #[arg(long, default_value_t = 512)]
-    width: usize,
-    #[arg(long, default_value_t = 512)]
-    height: usize,
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    #[arg(long, default_value_t = 0.9)]
-    strength: f64,
-    #[arg(long, default_value_t = 7.5)]
-    guidance_scale: f64,
-    #[arg(long, default_value_t = 0.7)]
-    controlnet_scale: f64,
+    #[command(flatten)]
+    models: ModelArgs,
+    #[command(flatten)]
+    generation: GenerationArgs,
 }
 
 /// Per-stage times of one frame, in milliseconds.
@@ -93,37 +72,21 @@ fn staged_frame(
 
 pub fn run(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Option<&Probe>) -> Result<()> {
     let t = Instant::now();
-    let stylizer = match (&args.model, &args.controlnet) {
-        (Some(model), Some(controlnet)) => {
-            let spec = ModelSpec { model: model.clone(), controlnet: controlnet.clone(), variant: None };
-            Stylizer::load(&spec, device, dtype)?
-        }
-        _ => Stylizer::build(sd15_parts(dtype, device, &args.tokenizer)?, device, dtype)?,
-    };
+    let (stylizer, source) = args.models.load(device, dtype)?;
     let load_ms = elapsed_ms(device, t)?;
     let img2img = stylizer.img2img();
     let f = img2img.vae_scale_factor();
-    if args.width == 0 || args.height == 0 || !args.width.is_multiple_of(f) || !args.height.is_multiple_of(f) {
-        bail!("--width/--height must be non-zero multiples of {f} (got {}x{})", args.width, args.height);
+    let (width, height) = (args.generation.width, args.generation.height);
+    if width == 0 || height == 0 || !width.is_multiple_of(f) || !height.is_multiple_of(f) {
+        bail!("--width/--height must be non-zero multiples of {f} (got {width}x{height})");
     }
-    let settings = FrameSettings {
-        prompt: "a watercolor painting of a woman, soft light".into(),
-        negative_prompt: String::new(),
-        steps: args.steps,
-        strength: args.strength,
-        guidance_scale: args.guidance_scale,
-        controlnet_scale: args.controlnet_scale,
-    };
+    let settings = args.generation.settings();
     let timesteps = img2img.timesteps(&settings)?;
-    let source = match &args.model {
-        Some(m) => format!("{m} + {}", args.controlnet.as_deref().unwrap_or("")),
-        None => "random weights at SD1.5 shapes".into(),
-    };
     println!(
         "frame: {source} (loaded in {:.1} s), {}x{}, {} steps x strength {} = {} denoising steps, guidance {}, controlnet scale {}",
         load_ms / 1e3,
-        args.width,
-        args.height,
+        width,
+        height,
         settings.steps,
         settings.strength,
         timesteps.len(),
@@ -145,7 +108,7 @@ pub fn run(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Op
     }
     let embeddings = embeddings.expect("at least one run");
 
-    let (h, w) = (args.height, args.width);
+    let (h, w) = (height, width);
     let frame = Tensor::rand(0f32, 1f32, (1, 3, h, w), device)?;
     let control = Tensor::rand(0f32, 1f32, (1, img2img.control_channels(), h, w), device)?;
     let noise = Tensor::randn(0f32, 1f32, img2img.noise_shape(w, h), device)?;

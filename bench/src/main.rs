@@ -10,6 +10,7 @@
 //! On CUDA the peak of the memory allocated on the device (candle's stream-ordered pool,
 //! weights included) is reported per measurement.
 
+mod args;
 mod frame;
 mod gpu_memory;
 mod ops;

@@ -5,49 +5,30 @@
 //! (scaling back to the input size, download). What the element adds on top is its buffer
 //! conversions (plugins/src/video.rs).
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::Args;
 use sdcrossframe::frame::RgbFrame;
-use sdcrossframe::pipeline::{FrameSettings, ModelSpec, SizeRequest, Stylizer};
+use sdcrossframe::pipeline::SizeRequest;
 use sdcrossframe::session::{FinishedFrame, SessionConfig, VideoSession};
 
 use crate::Cli;
-use crate::random::sd15_parts;
+use crate::args::{GenerationArgs, ModelArgs};
 use crate::timing::median;
 
 #[derive(Args, Debug)]
 pub struct SessionArgs {
-    /// A Stable Diffusion model; without it, random weights at SD1.5 shapes.
-    #[arg(long, requires = "controlnet")]
-    model: Option<String>,
-    /// A ControlNet model (with --model).
-    #[arg(long, requires = "model")]
-    controlnet: Option<String>,
-    /// The CLIP tokenizer folder random weights use.
-    #[arg(long, default_value = "tests/fixtures/tiny-sd/tokenizer")]
-    tokenizer: PathBuf,
+    #[command(flatten)]
+    models: ModelArgs,
+    #[command(flatten)]
+    generation: GenerationArgs,
     /// Size of the frames pushed in.
     #[arg(long, default_value_t = 1280)]
     input_width: usize,
     #[arg(long, default_value_t = 720)]
     input_height: usize,
-    /// Processing size.
-    #[arg(long, default_value_t = 512)]
-    width: usize,
-    #[arg(long, default_value_t = 512)]
-    height: usize,
-    #[arg(long, default_value_t = 20)]
-    steps: usize,
-    #[arg(long, default_value_t = 0.9)]
-    strength: f64,
-    #[arg(long, default_value_t = 7.5)]
-    guidance_scale: f64,
-    #[arg(long, default_value_t = 0.7)]
-    controlnet_scale: f64,
 }
 
 /// Per-frame stage times in ms.
@@ -90,32 +71,17 @@ fn synthetic_frame(width: usize, height: usize, index: usize) -> Result<RgbFrame
 }
 
 pub fn run(cli: &Cli, args: &SessionArgs, device: &Device, dtype: DType) -> Result<()> {
-    let stylizer = match (&args.model, &args.controlnet) {
-        (Some(model), Some(controlnet)) => {
-            let spec = ModelSpec { model: model.clone(), controlnet: controlnet.clone(), variant: None };
-            Stylizer::load(&spec, device, dtype)?
-        }
-        _ => Stylizer::build(sd15_parts(dtype, device, &args.tokenizer)?, device, dtype)?,
-    };
-    let settings = FrameSettings {
-        prompt: "a watercolor painting of a woman, soft light".into(),
-        negative_prompt: String::new(),
-        steps: args.steps,
-        strength: args.strength,
-        guidance_scale: args.guidance_scale,
-        controlnet_scale: args.controlnet_scale,
-    };
-    let config = SessionConfig {
-        size: SizeRequest::exact(args.width, args.height),
-        scene_cut_threshold: 0.0,
-        ..SessionConfig::default()
-    };
-    let mut session = VideoSession::new(stylizer, config, settings)?;
+    let (stylizer, _) = args.models.load(device, dtype)?;
+    let settings = args.generation.settings();
+    let (width, height) = (args.generation.width, args.generation.height);
+    let config =
+        SessionConfig { size: SizeRequest::exact(width, height), scene_cut_threshold: 0.0, ..SessionConfig::default() };
+    let mut session = VideoSession::new(stylizer, config, settings.clone())?;
     let (input_w, input_h) = (args.input_width, args.input_height);
     let frames: Vec<RgbFrame> = (0..4).map(|i| synthetic_frame(input_w, input_h, i)).collect::<Result<_>>()?;
     println!(
-        "session: {input_w}x{input_h} frames processed at {}x{}, {} steps x strength {}, guidance {}",
-        args.width, args.height, args.steps, args.strength, args.guidance_scale
+        "session: {input_w}x{input_h} frames processed at {width}x{height}, {} steps x strength {}, guidance {}",
+        settings.steps, settings.strength, settings.guidance_scale
     );
     // Each frame as the element runs it: synchronously (prepare, launch, finish), then
     // overlapped (prepare N+1 while the device runs N, finish N, launch N+1). The anchor and the

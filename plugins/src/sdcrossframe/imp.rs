@@ -250,17 +250,16 @@ struct FrameTimings {
     frames: u32,
     /// Packed RGB from the buffer's layout and stride.
     read: Duration,
-    /// Scaling to the processing size, scene-cut measure, Canny, upload.
+    /// Scaling to the processing size, scene-cut measure, Canny, upload (without waiting).
     prepare: Duration,
-    /// VAE encode, denoising steps, VAE decode: from the launch to the end of the download,
-    /// which waits for the device (the engine's `FinishedFrame`). Exact while the element
-    /// waits there for the GPU (`wait` above the copy time); when the element's own work takes
-    /// longer than the GPU, an upper bound that also holds what ran between launch and download.
+    /// VAE encode, denoising steps, VAE decode: the device's time for them, measured with
+    /// CUDA events around the frame's queued work (wall time on the CPU, where the launch
+    /// computes the frame).
     diffuse: Duration,
-    /// The part of `diffuse` spent in the download: waiting for the device, copying.
+    /// Time the element waited for the device: before uploading the next frame (the engine
+    /// synchronizes there) and in downloads (scaling back on the GPU and copying included).
     wait: Duration,
-    /// Down to 8-bit at the processing size is in `diffuse`; here: scaling to the frame size,
-    /// into the buffer's layout.
+    /// Into the buffer's layout (and, on the CPU, scaling back to the frame size).
     write: Duration,
     /// The part of read + prepare + write done while a frame was diffusing on the device
     /// (overlap on, CUDA; zero on the CPU, where the launch computes the frame).
@@ -277,7 +276,7 @@ impl FrameTimings {
         let overhead = (own - ms(self.overlapped)).max(0.0);
         let total = overhead + ms(self.diffuse);
         Some(format!(
-            "{} frames, per frame: read {:.2} ms, prepare {:.2} ms, diffuse {:.1} ms (download {:.2} ms), \
+            "{} frames, per frame: read {:.2} ms, prepare {:.2} ms, diffuse {:.1} ms (device time), waited for the device {:.2} ms, \
              write {:.2} ms, overlapped with the diffusion {:.2} ms; \
              element overhead {overhead:.2} ms = {:.2}% of {total:.1} ms",
             self.frames,
@@ -989,10 +988,13 @@ impl SdCrossFrame {
                 return Err(gst::FlowError::Error);
             }
         };
-        let prepare_time = prepare_started.elapsed();
+        // The engine waits for the device before uploading (the previous frame): that is
+        // waiting, not preparing.
+        let prepare_time = prepare_started.elapsed().saturating_sub(prepared.device_wait());
         let timings = &mut state.timings;
         timings.read += read_time;
         timings.prepare += prepare_time;
+        timings.wait += prepared.device_wait();
         if overlapped {
             timings.overlapped += read_time + prepare_time;
         }

@@ -1,0 +1,71 @@
+//! Arguments the whole-frame benchmarks share: which models, and what a frame runs.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+use clap::Args;
+use sdcrossframe::pipeline::{FrameSettings, ModelSpec, Stylizer};
+
+use crate::random::sd15_parts;
+
+#[derive(Args, Debug)]
+pub struct ModelArgs {
+    /// A Stable Diffusion model (diffusers directory or repo id, loaded as the element loads
+    /// it); without it, random weights at SD1.5 shapes.
+    #[arg(long, requires = "controlnet")]
+    model: Option<String>,
+    /// A ControlNet model (with --model).
+    #[arg(long, requires = "model")]
+    controlnet: Option<String>,
+    /// The CLIP tokenizer folder random weights use (the tiny test model's is the real one).
+    #[arg(long, default_value = "tests/fixtures/tiny-sd/tokenizer")]
+    tokenizer: PathBuf,
+}
+
+impl ModelArgs {
+    /// The models, loaded with the engine's loader, and what they are.
+    pub fn load(&self, device: &Device, dtype: DType) -> Result<(Stylizer, String)> {
+        Ok(match (&self.model, &self.controlnet) {
+            (Some(model), Some(controlnet)) => {
+                let spec = ModelSpec { model: model.clone(), controlnet: controlnet.clone(), variant: None };
+                (Stylizer::load(&spec, device, dtype)?, format!("{model} + {controlnet}"))
+            }
+            _ => (
+                Stylizer::build(sd15_parts(dtype, device, &self.tokenizer)?, device, dtype)?,
+                "random weights at SD1.5 shapes".into(),
+            ),
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct GenerationArgs {
+    /// Processing width.
+    #[arg(long, default_value_t = 512)]
+    pub width: usize,
+    /// Processing height.
+    #[arg(long, default_value_t = 512)]
+    pub height: usize,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    #[arg(long, default_value_t = 0.9)]
+    strength: f64,
+    #[arg(long, default_value_t = 7.5)]
+    guidance_scale: f64,
+    #[arg(long, default_value_t = 0.7)]
+    controlnet_scale: f64,
+}
+
+impl GenerationArgs {
+    pub fn settings(&self) -> FrameSettings {
+        FrameSettings {
+            prompt: "a watercolor painting of a woman, soft light".into(),
+            negative_prompt: String::new(),
+            steps: self.steps,
+            strength: self.strength,
+            guidance_scale: self.guidance_scale,
+            controlnet_scale: self.controlnet_scale,
+        }
+    }
+}
