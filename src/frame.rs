@@ -60,32 +60,18 @@ impl RgbFrame {
 
     /// Resizes with a SIMD convolution (fast_image_resize) by PIL's bilinear filter: a triangle
     /// widened by the scale when shrinking, so every source pixel counts (antialiased). The
-    /// device path (`resample`) uses the same weights. A copy at the same size.
+    /// GPU path (`resample`) uses the same weights. A copy at the same size.
     pub fn resized(&self, width: usize, height: usize) -> Result<Self> {
-        use fast_image_resize::images::{Image, ImageRef};
-        use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
         if (width, height) == (self.width, self.height) {
             return Ok(self.clone());
         }
-        if width == 0 || height == 0 {
-            bail!("cannot resize a {}x{} frame to {width}x{height}", self.width, self.height);
-        }
-        let source = ImageRef::new(self.width as u32, self.height as u32, &self.data, PixelType::U8x3)
-            .context("frame buffer size mismatch")?;
-        let mut target = Image::new(width as u32, height as u32, PixelType::U8x3);
-        Resizer::new()
-            .resize(
-                &source,
-                &mut target,
-                &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)),
-            )
-            .with_context(|| format!("cannot resize a {}x{} frame to {width}x{height}", self.width, self.height))?;
-        Self::new(width, height, target.into_vec())
+        Self::new(width, height, scale_packed(&self.data, self.width, self.height, 3, width, height)?)
     }
 
-    /// `[1, 3, H, W]` f32 tensor with values in [0, 1].
+    /// `[1, 3, H, W]` f32 tensor with values in [0, 1]; the bytes go to the device as they are
+    /// and are converted there.
     pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
-        let pixels = Tensor::from_vec(self.data.clone(), (self.height, self.width, 3), device)?;
+        let pixels = Tensor::from_slice(&self.data, (self.height, self.width, 3), device)?;
         Ok((pixels.permute((2, 0, 1))?.to_dtype(DType::F32)? / 255.0)?.unsqueeze(0)?)
     }
 
@@ -104,4 +90,40 @@ impl RgbFrame {
             .to_vec1::<u8>()?;
         Self::new(width, height, data)
     }
+}
+
+/// Scales a tightly packed 8-bit image of `bytes` (3 or 4) bytes per pixel to `out_width` x
+/// `out_height` with the same filter as [`RgbFrame::resized`], keeping its byte layout (so a
+/// 4-byte BGRx frame can be scaled before its channels are picked, at the small size).
+pub fn scale_packed(
+    data: &[u8],
+    width: usize,
+    height: usize,
+    bytes: usize,
+    out_width: usize,
+    out_height: usize,
+) -> Result<Vec<u8>> {
+    use fast_image_resize::images::{Image, ImageRef};
+    use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+    let pixel = match bytes {
+        3 => PixelType::U8x3,
+        4 => PixelType::U8x4,
+        other => bail!("cannot scale images of {other} bytes per pixel"),
+    };
+    if out_width == 0 || out_height == 0 {
+        bail!("cannot resize a {width}x{height} frame to {out_width}x{out_height}");
+    }
+    let source = ImageRef::new(width as u32, height as u32, data, pixel).with_context(|| {
+        format!(
+            "a {width}x{height} frame of {bytes} bytes per pixel needs {} bytes, got {}",
+            width * height * bytes,
+            data.len()
+        )
+    })?;
+    let mut target = Image::new(out_width as u32, out_height as u32, pixel);
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
+    Resizer::new()
+        .resize(&source, &mut target, &options)
+        .with_context(|| format!("cannot resize a {width}x{height} frame to {out_width}x{out_height}"))?;
+    Ok(target.into_vec())
 }

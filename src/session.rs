@@ -521,19 +521,28 @@ impl VideoSession {
 /// Area-averaged luma (0..1) on a small square grid: cheap, and blind to noise and small motion.
 pub fn luma_thumbnail(frame: &RgbFrame) -> Vec<f32> {
     let side = THUMBNAIL_SIDE;
-    let mut sums = vec![0f32; side * side];
-    let mut counts = vec![0u32; side * side];
-    for y in 0..frame.height {
-        let ty = y * side / frame.height;
-        let row = &frame.data[y * frame.width * 3..(y + 1) * frame.width * 3];
-        for (x, px) in row.chunks_exact(3).enumerate() {
-            let tx = x * side / frame.width;
-            let luma = 0.299 * px[0] as f32 + 0.587 * px[1] as f32 + 0.114 * px[2] as f32;
-            sums[ty * side + tx] += luma / 255.0;
-            counts[ty * side + tx] += 1;
+    // Integer luma (Rec. 601 weights in 16-bit fixed point) summed per cell: exact sums, no
+    // division per pixel.
+    let column_cell: Vec<usize> = (0..frame.width).map(|x| x * side / frame.width).collect();
+    let mut sums = vec![0u64; side * side];
+    let mut counts = vec![0u64; side * side];
+    let mut row_sums = vec![0u64; side];
+    let mut row_counts = vec![0u64; side];
+    for (y, row) in frame.data.chunks_exact(frame.width * 3).enumerate() {
+        row_sums.iter_mut().for_each(|v| *v = 0);
+        row_counts.iter_mut().for_each(|v| *v = 0);
+        for (px, &cell) in row.chunks_exact(3).zip(&column_cell) {
+            row_sums[cell] += 19595 * px[0] as u64 + 38470 * px[1] as u64 + 7471 * px[2] as u64;
+            row_counts[cell] += 1;
+        }
+        let base = y * side / frame.height * side;
+        for cell in 0..side {
+            sums[base + cell] += row_sums[cell];
+            counts[base + cell] += row_counts[cell];
         }
     }
-    sums.iter().zip(&counts).map(|(s, &c)| if c == 0 { 0.0 } else { s / c as f32 }).collect()
+    let scale = 255.0 * 65536.0;
+    sums.iter().zip(&counts).map(|(&s, &c)| if c == 0 { 0.0 } else { (s as f64 / c as f64 / scale) as f32 }).collect()
 }
 
 /// Mean absolute difference of two thumbnails (0..1).

@@ -67,14 +67,41 @@ pub fn to_rgb(data: &[u8], width: usize, height: usize, stride: usize, layout: P
         return RgbFrame::from_strided(width, height, stride, data);
     }
     check_plane(data.len(), width, height, stride, layout.bytes)?;
-    let mut rgb = Vec::with_capacity(width * height * 3);
-    for y in 0..height {
+    let mut rgb = vec![0u8; width * height * 3];
+    for (y, out) in rgb.chunks_exact_mut(width * 3).enumerate() {
         let row = &data[y * stride..y * stride + width * layout.bytes];
-        for px in row.chunks_exact(layout.bytes) {
-            rgb.extend_from_slice(&[px[layout.r], px[layout.g], px[layout.b]]);
+        for (px, o) in row.chunks_exact(layout.bytes).zip(out.chunks_exact_mut(3)) {
+            o[0] = px[layout.r];
+            o[1] = px[layout.g];
+            o[2] = px[layout.b];
         }
     }
     RgbFrame::new(width, height, rgb)
+}
+
+/// Tightly packed RGB at `out_width` x `out_height` from a (possibly row-padded) packed frame:
+/// scaled first, in the frame's own byte layout, then its channels picked, so the per-pixel
+/// work is done at the small size.
+pub fn to_rgb_scaled(
+    data: &[u8],
+    width: usize,
+    height: usize,
+    stride: usize,
+    layout: PixelLayout,
+    (out_width, out_height): (usize, usize),
+) -> Result<RgbFrame> {
+    if (out_width, out_height) == (width, height) {
+        return to_rgb(data, width, height, stride, layout);
+    }
+    check_plane(data.len(), width, height, stride, layout.bytes)?;
+    let row = width * layout.bytes;
+    let tight: std::borrow::Cow<[u8]> = if stride == row {
+        std::borrow::Cow::Borrowed(&data[..row * height])
+    } else {
+        std::borrow::Cow::Owned((0..height).flat_map(|y| &data[y * stride..y * stride + row]).copied().collect())
+    };
+    let scaled = sdcrossframe::frame::scale_packed(&tight, width, height, layout.bytes, out_width, out_height)?;
+    to_rgb(&scaled, out_width, out_height, out_width * layout.bytes, layout)
 }
 
 /// Writes packed RGB into a (possibly row-padded) frame of the same size; alpha and padding

@@ -211,10 +211,10 @@ impl VideoFilterImpl for SdCanny {
         let (width, height) = (inframe.width() as usize, inframe.height() as usize);
         let layout = PixelLayout::of(inframe.format()).ok_or(gst::FlowError::NotNegotiated)?;
         let edges = (|| {
-            let rgb = video::to_rgb(inframe.plane_data(0)?, width, height, inframe.plane_stride()[0] as usize, layout)?;
             let request = SizeRequest { width: settings.width as usize, height: settings.height as usize };
             let (pw, ph) = request.resolve(width, height, SIZE_FACTOR)?;
-            let rgb = rgb.resized(pw, ph)?;
+            let stride = inframe.plane_stride()[0] as usize;
+            let rgb = video::to_rgb_scaled(inframe.plane_data(0)?, width, height, stride, layout, (pw, ph))?;
             let edges = canny::canny(&ImageView::packed(&rgb.data, pw, ph, 3)?, &params)?;
             anyhow::Ok(video::resize_nearest(&edges.data, pw, ph, width, height))
         })();

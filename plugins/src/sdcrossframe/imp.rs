@@ -248,9 +248,10 @@ struct State {
 struct FrameTimings {
     /// Frames downloaded.
     frames: u32,
-    /// Packed RGB from the buffer's layout and stride.
+    /// Packed RGB at the processing size from the buffer (scaled in the buffer's own layout,
+    /// then its channels picked).
     read: Duration,
-    /// Scaling to the processing size, scene-cut measure, Canny, upload (without waiting).
+    /// Scene-cut measure, Canny, upload (without waiting; the frame is already scaled).
     prepare: Duration,
     /// VAE encode, denoising steps, VAE decode: the device's time for them, measured with
     /// CUDA events around the frame's queued work (wall time on the CPU, where the launch
@@ -963,7 +964,7 @@ impl SdCrossFrame {
         let input = frame
             .plane_data(0)
             .map_err(anyhow::Error::from)
-            .and_then(|data| video::to_rgb(data, width, height, stride, layout));
+            .and_then(|data| video::to_rgb_scaled(data, width, height, stride, layout, size));
         let input = match input {
             Ok(input) => input,
             Err(e) => {
