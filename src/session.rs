@@ -331,11 +331,27 @@ impl VideoSession {
     /// before this call is forgotten (it was for the frame in flight then); one requested
     /// from here on cancels this frame's launch.
     pub fn prepare(&mut self, frame: &RgbFrame, control: Option<&RgbFrame>) -> Result<PreparedFrame> {
+        let size = self.processing_size(frame.width, frame.height)?;
+        self.prepare_at(frame, control, size)
+    }
+
+    /// [`Self::prepare`] at a processing size the caller already worked out with
+    /// [`Self::processing_size`] for the frame's original size (the element scales frames
+    /// itself, in the buffer's layout; the rule is not applied a second time to the scaled frame).
+    pub fn prepare_at(
+        &mut self,
+        frame: &RgbFrame,
+        control: Option<&RgbFrame>,
+        (width, height): (usize, usize),
+    ) -> Result<PreparedFrame> {
         let index = self.frames_pushed;
         let _span = tracing::info_span!("session_prepare", index).entered();
         let started = Instant::now();
         self.cancel.clear();
-        let (width, height) = self.processing_size(frame.width, frame.height)?;
+        let factor = self.stylizer.img2img().vae_scale_factor();
+        if width == 0 || height == 0 || width % factor != 0 || height % factor != 0 {
+            bail!("processing size {width}x{height} is not a non-zero multiple of {factor}");
+        }
         let device = self.stylizer.device().clone();
         // CPU work first, so that it overlaps the device's previous frame: scaling, the
         // scene-cut measure, Canny.

@@ -126,3 +126,21 @@ fn cancel_and_reset_between_stages() {
     let next = s.launch(prepared).unwrap();
     assert_eq!((next.index(), next.anchor()), (1, true));
 }
+
+/// `prepare_at` takes the processing size the caller worked out (the element scales frames
+/// itself): the same frame as `prepare` at that size, and a size the model cannot run is an
+/// error that names it.
+#[test]
+fn prepare_at_a_given_size() {
+    let (mut a, mut b) = (session(), session());
+    let frame = frame(0);
+    let size = a.processing_size(frame.width, frame.height).unwrap();
+    let prepared_a = a.prepare(&frame, None).unwrap();
+    let launched_a = a.launch(prepared_a).unwrap();
+    let prepared_b = b.prepare_at(&frame, None, size).unwrap();
+    let launched_b = b.launch(prepared_b).unwrap();
+    let (ra, rb) = (a.finish(launched_a).unwrap(), b.finish(launched_b).unwrap());
+    assert_eq!(ra.rgb, rb.rgb);
+    let err = format!("{:#}", b.prepare_at(&frame, None, (100, 60)).err().expect("100x60 is refused"));
+    assert!(err.contains("100x60") && err.contains("multiple of 8"), "{err}");
+}

@@ -978,7 +978,7 @@ impl SdCrossFrame {
         };
         let read_time = read_started.elapsed();
         let prepare_started = Instant::now();
-        let prepared = match session.prepare(&input, None) {
+        let prepared = match session.prepare_at(&input, None, size) {
             Ok(prepared) => prepared,
             Err(e) => {
                 gst::element_imp_error!(
