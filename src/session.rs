@@ -117,12 +117,6 @@ impl StylizedFrame {
     pub fn to_rgb(&self) -> Result<RgbFrame> {
         RgbFrame::from_tensor(&self.image)
     }
-
-    /// The image as a packed frame of `width` x `height` (the input's size), scaled on the
-    /// image's device (see [`crate::resample`]).
-    pub fn to_rgb_scaled(&self, width: usize, height: usize) -> Result<RgbFrame> {
-        resample::scaler().output(&self.image, width, height)
-    }
 }
 
 /// Where a prepared frame's control image comes from.
