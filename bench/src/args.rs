@@ -18,6 +18,14 @@ pub struct ModelArgs {
     /// A ControlNet model (with --model).
     #[arg(long, requires = "model")]
     controlnet: Option<String>,
+    /// A VAE replacing the model's (with --model): a diffusers AutoencoderTiny or
+    /// AutoencoderKL directory or repo id, e.g. madebyollin/taesd.
+    #[arg(long, requires = "model", value_name = "DIR")]
+    vae: Option<String>,
+    /// Random weights with a TAESD-shaped tiny VAE (madebyollin/taesd's config) instead of
+    /// SD1.5's VAE.
+    #[arg(long, conflicts_with = "model")]
+    tiny_vae: bool,
     /// The CLIP tokenizer folder random weights use (the tiny test model's is the real one).
     #[arg(long, default_value = "tests/fixtures/tiny-sd/tokenizer")]
     tokenizer: PathBuf,
@@ -28,12 +36,22 @@ impl ModelArgs {
     pub fn load(&self, device: &Device, dtype: DType) -> Result<(Stylizer, String)> {
         Ok(match (&self.model, &self.controlnet) {
             (Some(model), Some(controlnet)) => {
-                let spec = ModelSpec { model: model.clone(), controlnet: controlnet.clone(), variant: None };
-                (Stylizer::load(&spec, device, dtype)?, format!("{model} + {controlnet}"))
+                let spec = ModelSpec {
+                    model: model.clone(),
+                    controlnet: controlnet.clone(),
+                    variant: None,
+                    vae: self.vae.clone(),
+                };
+                let vae = self.vae.as_deref().map(|v| format!(" + VAE {v}")).unwrap_or_default();
+                (Stylizer::load(&spec, device, dtype)?, format!("{model} + {controlnet}{vae}"))
             }
             _ => (
-                Stylizer::build(sd15_parts(dtype, device, &self.tokenizer)?, device, dtype)?,
-                "random weights at SD1.5 shapes".into(),
+                Stylizer::build(sd15_parts(dtype, device, &self.tokenizer, self.tiny_vae)?, device, dtype)?,
+                if self.tiny_vae {
+                    "random weights at SD1.5 shapes, TAESD-shaped tiny VAE".into()
+                } else {
+                    "random weights at SD1.5 shapes".into()
+                },
             ),
         })
     }

@@ -1,6 +1,6 @@
 //! Single operations at SD1.5 shapes: where a step's time goes.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 use sdcrossframe::ops::flash_attention::fused_attention;
 use sdcrossframe::ops::unfused_attention;
@@ -29,8 +29,9 @@ pub fn ops(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
         let ms = time_op(cli, device, || candle_nn::ops::silu(&x))?;
         println!("| silu | 2x{channels}x{side}x{side} | {ms:.3} |");
         let conv = sdcrossframe::ops::Conv2d::same(vb.pp(format!("conv{channels}")), channels, channels, 3, 1)?;
+        let bias = conv.bias().context("Conv2d::same has a bias")?.reshape(((), 1, 1))?;
         // candle's own convolution (im2col + GEMM on CUDA) with the same weights.
-        let candle_conv = || x.conv2d(conv.weight(), 1, 1, 1, 1)?.broadcast_add(&conv.bias().reshape(((), 1, 1))?);
+        let candle_conv = || x.conv2d(conv.weight(), 1, 1, 1, 1)?.broadcast_add(&bias);
         let ms = time_op(cli, device, candle_conv)?;
         println!("| conv3x3 | 2x{channels}x{side}x{side} | {ms:.3} |");
         let ms = time_op(cli, device, || candle_core::Module::forward(&conv, &x))?;

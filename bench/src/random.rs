@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use sdcrossframe::models::sd15;
-use sdcrossframe::pipeline::{Component, ModelParts};
+use sdcrossframe::pipeline::{Component, ModelParts, VaeConfig};
 use sdcrossframe::tokenizer::ClipTokenizer;
 
 /// A VarBuilder backend that makes a random tensor of whatever shape a layer asks for:
@@ -50,8 +50,9 @@ pub fn random_vb(dtype: DType, device: &Device) -> VarBuilder<'static> {
 }
 
 /// Every part of an SD1.5 + Canny ControlNet pipeline with random weights; the tokenizer is
-/// read from `tokenizer_dir` (a CLIP tokenizer folder: vocab.json + merges.txt).
-pub fn sd15_parts(dtype: DType, device: &Device, tokenizer_dir: &Path) -> Result<ModelParts<'static>> {
+/// read from `tokenizer_dir` (a CLIP tokenizer folder: vocab.json + merges.txt). With
+/// `tiny_vae` the VAE is TAESD-shaped (madebyollin/taesd's config) instead of SD1.5's.
+pub fn sd15_parts(dtype: DType, device: &Device, tokenizer_dir: &Path, tiny_vae: bool) -> Result<ModelParts<'static>> {
     let random = |what: &str| (random_vb(dtype, device), format!("random SD1.5 {what}"));
     let tokenizer = ClipTokenizer::from_dir(tokenizer_dir).with_context(|| {
         format!("random weights still need a CLIP tokenizer (--tokenizer {})", tokenizer_dir.display())
@@ -61,7 +62,11 @@ pub fn sd15_parts(dtype: DType, device: &Device, tokenizer_dir: &Path) -> Result
         text_encoder: component(sd15::text_encoder_config()?, random("text encoder")),
         unet: component(sd15::unet_config()?, random("UNet")),
         controlnet: component(sd15::controlnet_config()?, random("ControlNet")),
-        vae: component(sd15::vae_config()?, random("VAE")),
+        vae: if tiny_vae {
+            component(VaeConfig::Tiny(sd15::taesd_config()?), random("TAESD"))
+        } else {
+            component(VaeConfig::Kl(sd15::vae_config()?), random("VAE"))
+        },
         scheduler: sd15::scheduler_config()?,
     })
 }

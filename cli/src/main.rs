@@ -57,6 +57,10 @@ struct StylizeArgs {
     /// Weight file variant to load, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors).
     #[arg(long)]
     variant: Option<String>,
+    /// A VAE replacing the model's: a diffusers directory or repo id whose config.json names
+    /// AutoencoderTiny (e.g. madebyollin/taesd, the tiny TAESD) or AutoencoderKL.
+    #[arg(long, value_name = "DIR")]
+    vae: Option<String>,
     /// Compute device: cpu, or cuda:N when built with the cuda feature.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -186,8 +190,12 @@ fn stylize(args: StylizeArgs) -> Result<()> {
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create output directory {}", args.output.display()))?;
 
-    let spec =
-        ModelSpec { model: args.model.clone(), controlnet: args.controlnet.clone(), variant: args.variant.clone() };
+    let spec = ModelSpec {
+        model: args.model.clone(),
+        controlnet: args.controlnet.clone(),
+        variant: args.variant.clone(),
+        vae: args.vae.clone(),
+    };
     let stylizer = Stylizer::load(&spec, &device, dtype)?;
     stylizer.img2img().timesteps(&settings)?;
     let config = SessionConfig {

@@ -14,3 +14,4 @@ pub mod unet_blocks;
 pub mod unet_config;
 pub mod vae;
 pub mod vae_blocks;
+pub mod vae_tiny;

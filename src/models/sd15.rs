@@ -1,6 +1,7 @@
 //! The real Stable Diffusion 1.5 configs, embedded: runwayml/stable-diffusion-v1-5's `unet/`,
-//! `vae/`, `text_encoder/` and `scheduler/` configs and lllyasviel/sd-controlnet-canny's
-//! `config.json` (the JSON files in `src/models/sd15/`, unchanged). For building SD1.5-shaped
+//! `vae/`, `text_encoder/` and `scheduler/` configs, lllyasviel/sd-controlnet-canny's
+//! `config.json` and madebyollin/taesd's `config.json` (the tiny VAE; the JSON files in
+//! `src/models/sd15/`, unchanged). For building SD1.5-shaped
 //! models without a checkpoint (benchmarks) and for tests of the config derivations.
 
 use candle_core::Result;
@@ -10,11 +11,13 @@ use super::clip::ClipTextConfig;
 use super::controlnet::ControlNetConfig;
 use super::unet::UNet2DConditionConfig;
 use super::vae::AutoencoderKLConfig;
+use super::vae_tiny::AutoencoderTinyConfig;
 use crate::scheduler::DdimSchedulerConfig;
 
 const UNET: &str = include_str!("sd15/unet.json");
 const CONTROLNET: &str = include_str!("sd15/controlnet.json");
 const VAE: &str = include_str!("sd15/vae.json");
+const TAESD: &str = include_str!("sd15/taesd.json");
 const TEXT_ENCODER: &str = include_str!("sd15/text_encoder.json");
 const SCHEDULER: &str = include_str!("sd15/scheduler.json");
 
@@ -38,6 +41,11 @@ pub fn vae_config() -> Result<AutoencoderKLConfig> {
     parse(VAE, "VAE")
 }
 
+/// madebyollin/taesd `config.json`: the tiny VAE (AutoencoderTiny) for SD1.5's latents.
+pub fn taesd_config() -> Result<AutoencoderTinyConfig> {
+    parse(TAESD, "TAESD")
+}
+
 /// runwayml/stable-diffusion-v1-5 `text_encoder/config.json` (openai/clip-vit-large-patch14's
 /// text model).
 pub fn text_encoder_config() -> Result<ClipTextConfig> {
@@ -59,6 +67,9 @@ mod tests {
         assert_eq!(unet_config()?.block_out_channels, [320, 640, 1280, 1280]);
         assert_eq!(controlnet_config()?.conditioning_embedding_out_channels, [16, 32, 96, 256]);
         assert_eq!(vae_config()?.block_out_channels, [128, 256, 512, 512]);
+        let taesd = taesd_config()?;
+        assert_eq!((taesd.latent_channels, taesd.downscale_factor(), taesd.scaling_factor), (4, 8, 1.0));
+        assert_eq!(taesd.num_encoder_blocks, [1, 3, 3, 3]);
         let text = text_encoder_config()?;
         assert_eq!((text.hidden_size, text.num_hidden_layers, text.vocab_size), (768, 12, 49408));
         assert_eq!(scheduler_config()?.num_train_timesteps, 1000);

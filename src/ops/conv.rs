@@ -1,4 +1,5 @@
-//! 2-D convolution with bias (`weight`, `bias`), as every model here uses it.
+//! 2-D convolution (`weight`, and `bias` except where a model's convolution has none, as
+//! some of the tiny VAE's do).
 //!
 //! On the CPU this is candle's convolution. On CUDA, 1x1 convolutions are GEMMs (cuBLAS), and
 //! f16/bf16 convolutions run our im2col + GEMM ([`super::im2col`], whose columns let the GEMM
@@ -22,7 +23,7 @@ use super::fused;
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
-    bias: Tensor,
+    bias: Option<Tensor>,
     padding: usize,
     stride: usize,
 }
@@ -38,8 +39,21 @@ impl Conv2d {
         stride: usize,
     ) -> Result<Self> {
         let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
-        let bias = vb.get(out_channels, "bias")?;
+        let bias = Some(vb.get(out_channels, "bias")?);
         Ok(Self { weight, bias, padding, stride })
+    }
+
+    /// [`Self::new`] without a bias (PyTorch's `bias=False`): only `weight` is read.
+    pub fn without_bias(
+        vb: VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        kernel: usize,
+        padding: usize,
+        stride: usize,
+    ) -> Result<Self> {
+        let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
+        Ok(Self { weight, bias: None, padding, stride })
     }
 
     /// Padding `(kernel - 1) / 2`: odd kernels keep the size (at stride 1).
@@ -51,9 +65,9 @@ impl Conv2d {
         &self.weight
     }
 
-    /// `(out_channels)`.
-    pub fn bias(&self) -> &Tensor {
-        &self.bias
+    /// `(out_channels)`; `None` for a convolution without a bias.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
     }
 
     /// A 1x1 convolution at stride 1 without padding: a matrix product per sample.
@@ -92,13 +106,21 @@ impl Conv2d {
     /// that order; on CUDA the three additions are one kernel.
     pub fn forward_add(&self, xs: &Tensor, sample_bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
         let ys = self.convolve(xs)?;
+        let Some(bias) = &self.bias else {
+            // No bias of its own: the per-sample bias, if any, takes its place.
+            return match (sample_bias, residual) {
+                (Some(extra), residual) => fused::add_channel_bias(&ys, extra, residual),
+                (None, Some(r)) => r + ys,
+                (None, None) => Ok(ys),
+            };
+        };
         if fused::applies(&ys) {
             return match sample_bias {
-                Some(extra) => fused::add_channel_bias(&ys, &extra.broadcast_add(&self.bias.unsqueeze(0)?)?, residual),
-                None => fused::add_channel_bias(&ys, &self.bias, residual),
+                Some(extra) => fused::add_channel_bias(&ys, &extra.broadcast_add(&bias.unsqueeze(0)?)?, residual),
+                None => fused::add_channel_bias(&ys, bias, residual),
             };
         }
-        let ys = fused::add_channel_bias(&ys, &self.bias, None)?;
+        let ys = fused::add_channel_bias(&ys, bias, None)?;
         let ys = match sample_bias {
             Some(extra) => extra.unsqueeze(2)?.unsqueeze(3)?.broadcast_add(&ys)?,
             None => ys,
@@ -121,7 +143,10 @@ impl Conv2d {
         }
         let tokens_in = xs.reshape((n, c, h * w))?.transpose(1, 2)?;
         let ys = tokens_in.matmul(&self.pointwise_matrix()?.t()?.broadcast_left(n)?)?;
-        fused::add_feature_bias(&ys, &self.bias, None)
+        match &self.bias {
+            Some(bias) => fused::add_feature_bias(&ys, bias, None),
+            None => Ok(ys),
+        }
     }
 
     /// A pointwise convolution of tokens (batch, height x width, in_channels) back to a feature
@@ -137,7 +162,10 @@ impl Conv2d {
         }
         let ys = self.pointwise_matrix()?.broadcast_left(n)?.matmul(&tokens.transpose(1, 2)?)?;
         let ys = ys.reshape((n, (), h, w))?;
-        fused::add_channel_bias(&ys, &self.bias, Some(residual))
+        match &self.bias {
+            Some(bias) => fused::add_channel_bias(&ys, bias, Some(residual)),
+            None => residual + ys,
+        }
     }
 }
 

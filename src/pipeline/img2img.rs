@@ -1,6 +1,7 @@
 //! One frame of ControlNet img2img, computed as diffusers'
 //! `StableDiffusionControlNetImg2ImgPipeline` does with DDIM, except that the VAE posterior
-//! is taken at its mean (deterministic: no per-frame sampling noise, no flicker from it).
+//! is taken at its mean (deterministic: no per-frame sampling noise, no flicker from it). The
+//! VAE is either kind ([`super::vae::Vae`]: the full AutoencoderKL or the tiny TAESD).
 
 use std::sync::Mutex;
 
@@ -10,9 +11,9 @@ use candle_core::{DType, Tensor};
 use super::cancel::CancelHandle;
 use super::hooks::{FrameHook, Stage, StageObserver};
 use super::settings::{FramePlan, FrameSettings};
+use super::vae::{Vae, VaeConfig};
 use crate::models::controlnet::{ControlCondition, ControlNetModel};
 use crate::models::unet::UNet2DConditionModel;
-use crate::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use crate::ops::step_graphs::{GraphStats, StepGraphs, StepKey};
 use crate::scheduler::DdimScheduler;
 
@@ -33,7 +34,7 @@ pub struct FrameInputs<'a> {
 pub struct Img2Img {
     unet: UNet2DConditionModel,
     controlnet: ControlNetModel,
-    vae: AutoencoderKL,
+    vae: Vae,
     scheduler: DdimScheduler,
     latent_channels: usize,
     vae_scale_factor: usize,
@@ -47,8 +48,8 @@ impl Img2Img {
     pub fn new(
         unet: UNet2DConditionModel,
         controlnet: ControlNetModel,
-        vae: AutoencoderKL,
-        vae_config: &AutoencoderKLConfig,
+        vae: Vae,
+        vae_config: &VaeConfig,
         scheduler: DdimScheduler,
         dtype: DType,
     ) -> Self {
@@ -57,8 +58,8 @@ impl Img2Img {
             controlnet,
             vae,
             scheduler,
-            latent_channels: vae_config.latent_channels,
-            vae_scale_factor: 1 << vae_config.block_out_channels.len().saturating_sub(1),
+            latent_channels: vae_config.latent_channels(),
+            vae_scale_factor: vae_config.scale_factor(),
             dtype,
             step_graphs: Mutex::new(StepGraphs::default()),
         }
@@ -124,7 +125,7 @@ impl Img2Img {
         let latents = {
             let _span = tracing::info_span!("vae_encode").entered();
             let image = ((frame.to_dtype(self.dtype)? * 2.0)? - 1.0)?;
-            (self.vae.encode_mean(&image)? * self.vae.scaling_factor())?
+            self.vae.encode_scaled(&image)?
         };
         let noise = noise.to_dtype(self.dtype)?;
         let mut latents = self.scheduler.add_noise(&latents, &noise, timesteps[0])?;
@@ -181,7 +182,7 @@ impl Img2Img {
         hook.end_frame()?;
 
         let _span = tracing::info_span!("vae_decode").entered();
-        let image = self.vae.decode(&(latents / self.vae.scaling_factor())?)?;
+        let image = self.vae.decode_scaled(&latents)?;
         let image = ((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         observer.stage_done(Stage::Decoded)?;
         Ok(image)

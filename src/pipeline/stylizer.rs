@@ -1,7 +1,7 @@
 //! The loaded models: the text encoder (embeddings cached while the prompts stay) and the
 //! per-frame [`Img2Img`].
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
 use super::cancel::CancelHandle;
@@ -10,10 +10,10 @@ use super::img2img::{FrameInputs, Img2Img};
 use super::loader::{ModelParts, ModelSpec};
 use super::noise;
 use super::settings::FrameSettings;
+use super::vae::Vae;
 use crate::models::clip::ClipTextModel;
 use crate::models::controlnet::ControlNetModel;
 use crate::models::unet::UNet2DConditionModel;
-use crate::models::vae::AutoencoderKL;
 use crate::scheduler::DdimScheduler;
 use crate::tokenizer::ClipTokenizer;
 
@@ -37,19 +37,31 @@ pub struct Stylizer {
 impl Stylizer {
     /// Loads every model `spec` names. `dtype` is the compute and weight dtype (f32 on the CPU).
     pub fn load(spec: &ModelSpec, device: &Device, dtype: DType) -> Result<Self> {
-        let _span = tracing::info_span!("load_models", model = %spec.model, controlnet = %spec.controlnet).entered();
+        let vae = spec.vae.as_deref().unwrap_or("the model's");
+        let _span =
+            tracing::info_span!("load_models", model = %spec.model, controlnet = %spec.controlnet, vae).entered();
         Self::build(ModelParts::from_spec(spec, device, dtype)?, device, dtype)
     }
 
     /// Builds the models from their configs and weights.
     pub fn build(parts: ModelParts<'_>, device: &Device, dtype: DType) -> Result<Self> {
         let ModelParts { tokenizer, text_encoder, unet, controlnet, vae, scheduler } = parts;
+        if vae.config.latent_channels() != unet.config.in_channels {
+            bail!(
+                "the VAE from {} ({}) has {} latent channels but the UNet from {} takes {}: they are not models of one family",
+                vae.origin,
+                vae.config.class_name(),
+                vae.config.latent_channels(),
+                unet.origin,
+                unet.config.in_channels
+            );
+        }
         let text_encoder = ClipTextModel::new(text_encoder.weights, &text_encoder.config)
             .with_context(|| format!("cannot build the text encoder from {}", text_encoder.origin))?;
         let unet_model = UNet2DConditionModel::new(unet.weights, &unet.config)
             .with_context(|| format!("cannot build the UNet from {}", unet.origin))?;
-        let vae_model = AutoencoderKL::new(vae.weights, &vae.config)
-            .with_context(|| format!("cannot build the VAE from {}", vae.origin))?;
+        let vae_model = Vae::new(vae.weights, &vae.config)
+            .with_context(|| format!("cannot build the VAE ({}) from {}", vae.config.class_name(), vae.origin))?;
         let controlnet_model = ControlNetModel::new(controlnet.weights, &controlnet.config)
             .with_context(|| format!("cannot build the ControlNet from {}", controlnet.origin))?;
         let scheduler = DdimScheduler::new(&scheduler)?;

@@ -71,6 +71,7 @@ struct Settings {
     model: String,
     controlnet: String,
     variant: Option<String>,
+    vae: Option<String>,
     device: String,
     dtype: DType,
     prompt: String,
@@ -103,6 +104,7 @@ impl Default for Settings {
             model: DEFAULT_MODEL.into(),
             controlnet: DEFAULT_CONTROLNET.into(),
             variant: None,
+            vae: None,
             device: DEFAULT_DEVICE.into(),
             dtype: DType::F32,
             prompt: frame.prompt,
@@ -134,6 +136,7 @@ impl Settings {
             model: self.model.clone(),
             controlnet: self.controlnet.clone(),
             variant: self.variant.clone().filter(|v| !v.is_empty()),
+            vae: self.vae.clone().filter(|v| !v.is_empty()),
         }
     }
 
@@ -177,8 +180,12 @@ struct LoadRequest {
 
 impl LoadRequest {
     fn describe(&self) -> String {
+        let vae = match &self.spec.vae {
+            Some(vae) => format!(" and VAE '{vae}'"),
+            None => String::new(),
+        };
         format!(
-            "Stable Diffusion model '{}' with ControlNet '{}' on {} ({})",
+            "Stable Diffusion model '{}' with ControlNet '{}'{vae} on {} ({})",
             self.spec.model,
             self.spec.controlnet,
             self.device,
@@ -480,6 +487,12 @@ impl ObjectImpl for SdCrossFrame {
                     .default_value(None)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecString::builder("vae")
+                    .nick("VAE")
+                    .blurb("A VAE replacing the model's: a diffusers-format directory or Hugging Face repo id whose config.json names AutoencoderTiny (e.g. madebyollin/taesd, the tiny TAESD: much faster encode and decode) or AutoencoderKL; empty for the model's own; read when the element starts")
+                    .default_value(None)
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecString::builder("device")
                     .nick("Device")
                     .blurb("Compute device: cpu, or cuda:N when built with the cuda feature")
@@ -627,7 +640,7 @@ impl ObjectImpl for SdCrossFrame {
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
         let name = pspec.name();
         let started = self.state.lock().unwrap().is_some();
-        if started && matches!(name, "model" | "controlnet" | "variant" | "device" | "dtype" | "overlap") {
+        if started && matches!(name, "model" | "controlnet" | "variant" | "vae" | "device" | "dtype" | "overlap") {
             gst::warning!(CAT, imp = self, "{name} changed while running: takes effect when the element restarts");
         }
         let mut latency_changed = false;
@@ -638,6 +651,7 @@ impl ObjectImpl for SdCrossFrame {
                 "model" => s.model = string(),
                 "controlnet" => s.controlnet = string(),
                 "variant" => s.variant = value.get().expect("type checked upstream"),
+                "vae" => s.vae = value.get().expect("type checked upstream"),
                 "device" => s.device = string(),
                 "dtype" => s.dtype = value.get().expect("type checked upstream"),
                 "prompt" => s.prompt = string(),
@@ -678,6 +692,7 @@ impl ObjectImpl for SdCrossFrame {
             "model" => s.model.to_value(),
             "controlnet" => s.controlnet.to_value(),
             "variant" => s.variant.to_value(),
+            "vae" => s.vae.to_value(),
             "device" => s.device.to_value(),
             "dtype" => s.dtype.to_value(),
             "prompt" => s.prompt.to_value(),
