@@ -129,3 +129,86 @@ fn config_that_does_not_match_the_weights_names_tensor_and_shapes() {
     assert!(err.contains("conv_in.weight"), "{err}");
     assert!(err.contains("[32, 5, 3, 3]") && err.contains("[32, 4, 3, 3]"), "{err}");
 }
+
+fn vae_load_error(vae: &Path) -> String {
+    let spec = ModelSpec { vae: Some(vae.display().to_string()), ..tiny_spec() };
+    match Stylizer::load(&spec, &Device::Cpu, DType::F32) {
+        Ok(_) => panic!("loading with vae {} succeeded", vae.display()),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// A copy of the tiny TAESD whose config.json is edited by `edit`.
+struct ScratchVae {
+    dir: PathBuf,
+}
+
+impl ScratchVae {
+    fn new(tag: &str, edit: impl FnOnce(&mut serde_json::Value)) -> Self {
+        let dir = std::env::temp_dir().join(format!("sdcrossframe-vae-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let source = fixtures().join("tiny-taesd");
+        std::fs::copy(
+            source.join("diffusion_pytorch_model.safetensors"),
+            dir.join("diffusion_pytorch_model.safetensors"),
+        )
+        .unwrap();
+        let mut config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap()).unwrap();
+        edit(&mut config);
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+        Self { dir }
+    }
+}
+
+impl Drop for ScratchVae {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn tiny_vae_directory_given_as_model_says_to_pass_it_as_vae() {
+    let err = load_error(&fixtures().join("tiny-taesd"), &fixtures().join("tiny-controlnet"));
+    assert!(err.contains("tiny-taesd") && err.contains("VAE directory (AutoencoderTiny)"), "{err}");
+    assert!(err.contains("--vae") && err.contains("not a Stable Diffusion pipeline"), "{err}");
+}
+
+#[test]
+fn missing_vae_directory_is_named() {
+    let missing = fixtures().join("no-such-vae");
+    let err = vae_load_error(&missing);
+    assert!(
+        err.contains("cannot load the VAE") && err.contains("no-such-vae") && err.contains("does not exist"),
+        "{err}"
+    );
+}
+
+#[test]
+fn vae_directory_with_another_class_names_it() {
+    let scratch = ScratchVae::new("class", |c| c["_class_name"] = "UNet2DConditionModel".into());
+    let err = vae_load_error(&scratch.dir);
+    assert!(err.contains("\"UNet2DConditionModel\"") && err.contains("not a VAE"), "{err}");
+    assert!(err.contains("AutoencoderKL or AutoencoderTiny") && err.contains("config.json"), "{err}");
+    // A model directory that is not a VAE at all (the ControlNet).
+    let err = vae_load_error(&fixtures().join("tiny-controlnet"));
+    assert!(err.contains("\"ControlNetModel\"") && err.contains("not a VAE"), "{err}");
+}
+
+#[test]
+fn vae_directory_without_class_name_is_an_error() {
+    let scratch = ScratchVae::new("noclass", |c| {
+        c.as_object_mut().unwrap().remove("_class_name");
+    });
+    let err = vae_load_error(&scratch.dir);
+    assert!(err.contains("has no _class_name") && err.contains("config.json"), "{err}");
+}
+
+#[test]
+fn vae_latent_channels_must_match_the_unet() {
+    let scratch = ScratchVae::new("channels", |c| c["latent_channels"] = 8.into());
+    let err = vae_load_error(&scratch.dir);
+    assert!(err.contains("has 8 latent channels") && err.contains("takes 4"), "{err}");
+    assert!(err.contains("AutoencoderTiny") && err.contains("unet"), "{err}");
+}

@@ -146,6 +146,7 @@ fn properties_defaults_ranges_and_flags() {
     assert_eq!(element.property::<String>("device"), "cpu");
     assert_eq!(element.property::<String>("prompt"), "");
     assert_eq!(element.property::<Option<String>>("variant"), None);
+    assert_eq!(element.property::<Option<String>>("vae"), None);
     assert!(element.property::<bool>("qos"), "QoS is on by default");
     assert!(element.property::<bool>("overlap"), "overlap is on by default");
 
@@ -170,7 +171,7 @@ fn properties_defaults_ranges_and_flags() {
     for name in ["prompt", "negative-prompt", "strength", "guidance-scale", "controlnet-scale", "latency"] {
         assert!(element.find_property(name).unwrap().flags().contains(gst::PARAM_FLAG_MUTABLE_PLAYING), "{name}");
     }
-    for name in ["model", "controlnet", "device", "dtype", "variant", "overlap"] {
+    for name in ["model", "controlnet", "device", "dtype", "variant", "vae", "overlap"] {
         let flags = element.find_property(name).unwrap().flags();
         assert!(
             flags.contains(gst::PARAM_FLAG_MUTABLE_READY) && !flags.contains(gst::PARAM_FLAG_MUTABLE_PLAYING),
@@ -280,6 +281,55 @@ fn bad_model_path_is_an_error_message_naming_it() {
     let types: Vec<_> = progress.iter().map(|p| p.0).collect();
     assert_eq!(types, [gst::ProgressType::Start, gst::ProgressType::Error], "{progress:?}");
     assert!(progress[0].1.contains("/nonexistent/sd-model"), "{progress:?}");
+}
+
+#[test]
+fn bad_vae_path_is_an_error_message_naming_it() {
+    init();
+    let pipeline = gst::parse::launch(&format!(
+        "videotestsrc num-buffers=3 ! video/x-raw,width=96,height=64 ! sdcrossframe model={} controlnet={} vae=/nonexistent/taesd ! fakesink",
+        fixture("tiny-sd").display(),
+        fixture("tiny-controlnet").display()
+    ))
+    .unwrap();
+    let bus = pipeline.bus().unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let (message, debug, progress) = wait_for_error(&bus);
+    pipeline.set_state(gst::State::Null).unwrap();
+    assert!(message.contains("cannot load the VAE /nonexistent/taesd"), "{message}");
+    assert!(message.contains("does not exist"), "{message}");
+    assert!(debug.contains("/nonexistent/taesd"), "{debug}");
+    assert!(progress[0].1.contains("VAE '/nonexistent/taesd'"), "{progress:?}");
+}
+
+#[test]
+fn tiny_vae_directory_given_as_model_is_an_error_message() {
+    init();
+    let pipeline = gst::parse::launch(&format!(
+        "videotestsrc num-buffers=3 ! video/x-raw,width=96,height=64 ! sdcrossframe model={} controlnet={} ! fakesink",
+        fixture("tiny-taesd").display(),
+        fixture("tiny-controlnet").display()
+    ))
+    .unwrap();
+    let bus = pipeline.bus().unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let (message, _, _) = wait_for_error(&bus);
+    pipeline.set_state(gst::State::Null).unwrap();
+    assert!(message.contains("VAE directory (AutoencoderTiny)") && message.contains("vae"), "{message}");
+}
+
+/// The `vae` property swaps the VAE: the tiny one stylizes frames, differently from the
+/// model's own.
+#[test]
+fn frames_through_the_tiny_vae() {
+    let taesd = fixture("tiny-taesd");
+    let mut with_taesd = Tiny::new(&[("vae", taesd.to_str().unwrap())]);
+    let mut plain = Tiny::new(&[]);
+    let input = frame(0);
+    let a = with_taesd.process(&input, gst_video::VideoFormat::Rgb, 0);
+    let b = plain.process(&input, gst_video::VideoFormat::Rgb, 0);
+    let diff = mean_abs_diff(&a, &b);
+    assert!(diff > 10.0, "the tiny VAE changed the frame by only {diff} (8-bit mean)");
 }
 
 #[test]

@@ -46,6 +46,11 @@ impl Stylizer {
     /// Builds the models from their configs and weights.
     pub fn build(parts: ModelParts<'_>, device: &Device, dtype: DType) -> Result<Self> {
         let ModelParts { tokenizer, text_encoder, unet, controlnet, vae, scheduler } = parts;
+        let text_encoder = ClipTextModel::new(text_encoder.weights, &text_encoder.config)
+            .with_context(|| format!("cannot build the text encoder from {}", text_encoder.origin))?;
+        let unet_model = UNet2DConditionModel::new(unet.weights, &unet.config)
+            .with_context(|| format!("cannot build the UNet from {}", unet.origin))?;
+        // After the UNet: a config that does not fit its own weights is reported as such first.
         if vae.config.latent_channels() != unet.config.in_channels {
             bail!(
                 "the VAE from {} ({}) has {} latent channels but the UNet from {} takes {}: they are not models of one family",
@@ -56,10 +61,6 @@ impl Stylizer {
                 unet.config.in_channels
             );
         }
-        let text_encoder = ClipTextModel::new(text_encoder.weights, &text_encoder.config)
-            .with_context(|| format!("cannot build the text encoder from {}", text_encoder.origin))?;
-        let unet_model = UNet2DConditionModel::new(unet.weights, &unet.config)
-            .with_context(|| format!("cannot build the UNet from {}", unet.origin))?;
         let vae_model = Vae::new(vae.weights, &vae.config)
             .with_context(|| format!("cannot build the VAE ({}) from {}", vae.config.class_name(), vae.origin))?;
         let controlnet_model = ControlNetModel::new(controlnet.weights, &controlnet.config)
