@@ -1,6 +1,6 @@
 //! The per-frame pipeline: ControlNet img2img as diffusers computes it ([`Img2Img`]), the
-//! loaded models around it ([`Stylizer`]), the VAE of either kind ([`Vae`]), and what a frame is computed with: its settings,
-//! hooks, noise, processing size and cancellation.
+//! loaded models around it ([`Stylizer`]), the VAE of either kind ([`Vae`]), and what a frame
+//! is computed with: its settings, hooks, noise, processing size and cancellation.
 
 mod cancel;
 mod hooks;
