@@ -28,10 +28,12 @@ fn tiny_args() -> Vec<String> {
     ]
 }
 
-#[test]
-fn cli_stylize_reproduces_the_diffusers_image_from_the_same_noise_file() {
-    let out = std::env::temp_dir().join(format!("sdcrossframe-cli-{}", std::process::id()));
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_sdcrossframe"))
+/// The fixtures' `base` img2img case through `sdcrossframe stylize` (with `--vae` when
+/// given); returns the output PNG's pixels, or the error text.
+fn stylize_base_case(tag: &str, vae: Option<&Path>) -> Result<image::RgbImage, String> {
+    let out = std::env::temp_dir().join(format!("sdcrossframe-cli-{tag}-{}", std::process::id()));
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sdcrossframe"));
+    command
         .args(["stylize"])
         .arg(img2img_dir().join("frame_0.png"))
         .arg("--output")
@@ -46,17 +48,43 @@ fn cli_stylize_reproduces_the_diffusers_image_from_the_same_noise_file() {
         .arg("--control")
         .arg(img2img_dir().join("control_0.png"))
         .arg("--noise-file")
-        .arg(img2img_dir().join("noise.safetensors"))
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let ours = image::open(out.join("frame_0.png")).unwrap().to_rgb8();
-    let theirs = image::open(img2img_dir().join("base.png")).unwrap().to_rgb8();
+        .arg(img2img_dir().join("noise.safetensors"));
+    if let Some(vae) = vae {
+        command.arg("--vae").arg(vae);
+    }
+    let output = command.output().unwrap();
+    let result = if output.status.success() {
+        Ok(image::open(out.join("frame_0.png")).unwrap().to_rgb8())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    std::fs::remove_dir_all(&out).ok();
+    result
+}
+
+/// Largest difference in 8-bit levels between our PNG and diffusers'.
+fn worst_level_difference(ours: &image::RgbImage, reference: &Path) -> u8 {
+    let theirs = image::open(reference).unwrap().to_rgb8();
     assert_eq!(ours.dimensions(), theirs.dimensions());
-    let worst = ours.as_raw().iter().zip(theirs.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    ours.as_raw().iter().zip(theirs.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap()
+}
+
+#[test]
+fn cli_stylize_reproduces_the_diffusers_image_from_the_same_noise_file() {
+    let ours = stylize_base_case("base", None).unwrap();
+    let worst = worst_level_difference(&ours, &img2img_dir().join("base.png"));
     // Both are rounded from floats that agree within 1e-3, so at most one level apart.
     assert!(worst <= 1, "CLI output differs from diffusers' PNG by {worst} levels");
-    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn cli_vae_option_reproduces_the_diffusers_image_with_the_tiny_vae() {
+    let ours = stylize_base_case("taesd", Some(&fixtures().join("tiny-taesd"))).unwrap();
+    let worst = worst_level_difference(&ours, &fixtures().join("reference/taesd/base.png"));
+    assert!(worst <= 1, "CLI output with --vae differs from diffusers' PNG by {worst} levels");
+    let err = stylize_base_case("badvae", Some(Path::new("/nonexistent/taesd"))).unwrap_err();
+    assert!(err.contains("cannot load the VAE /nonexistent/taesd") && err.contains("does not exist"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]

@@ -25,7 +25,9 @@ Inputs and outputs (how each frame is handed to the pipeline):
 
 Usage: python3 tests/reference/bench_diffusers_frame.py [--dtype fp16] [--frames 6] [--warmup 2]
          [--pil | --both] [--steps 20] [--strength 0.9] [--guidance-scale 7.5] [--controlnet-scale 0.7]
-         [--variants plain,sdpa,original]
+         [--variants plain,sdpa,original] [--tiny-vae]
+--tiny-vae: a TAESD-shaped AutoencoderTiny (madebyollin/taesd's config, random weights) instead
+of the AutoencoderKL, as `sdcrossframe-bench frame --tiny-vae`.
 """
 
 import argparse
@@ -53,9 +55,9 @@ NEGATIVE = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra di
             "worst quality, low quality")
 
 
-def build_pipeline(device, dtype):
-    from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionControlNetImg2ImgPipeline,
-                           UNet2DConditionModel)
+def build_pipeline(device, dtype, tiny_vae=False):
+    from diffusers import (AutoencoderKL, AutoencoderTiny, ControlNetModel, DDIMScheduler,
+                           StableDiffusionControlNetImg2ImgPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
@@ -65,6 +67,9 @@ def build_pipeline(device, dtype):
                         block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
                         up_block_types=["UpDecoderBlock2D"] * 4, act_fn="silu", norm_num_groups=32,
                         scaling_factor=0.18215)
+    if tiny_vae:
+        # madebyollin/taesd's config (src/models/sd15/taesd.json): diffusers' defaults.
+        vae = AutoencoderTiny()
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
                                                 num_hidden_layers=12, num_attention_heads=12,
                                                 max_position_embeddings=77, hidden_act="quick_gelu",
@@ -154,6 +159,8 @@ def main():
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--controlnet-scale", type=float, default=0.7)
     parser.add_argument("--size", type=int, default=512, help="frame side (smaller only to smoke-test on a CPU)")
+    parser.add_argument("--tiny-vae", action="store_true",
+                        help="a TAESD-shaped AutoencoderTiny (random weights) instead of SD1.5's VAE")
     inputs = parser.add_mutually_exclusive_group()
     inputs.add_argument("--pil", action="store_true",
                         help="the earlier way: prompt strings, PIL images in, NumPy out (default: embeddings once, "
@@ -171,14 +178,15 @@ def main():
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     import diffusers
 
-    pipe = build_pipeline(args.device, dtype)
+    pipe = build_pipeline(args.device, dtype, args.tiny_vae)
     frames, edges = random_images(max(args.frames, args.warmup, 2), args.size)
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     denoising = min(int(args.steps * args.strength), args.steps)
     print(f"bench_diffusers_frame: torch {torch.__version__}, diffusers {diffusers.__version__}, "
           f"{gpu}, {args.dtype}, {args.size}x{args.size}, {args.steps} steps x strength {args.strength} "
           f"= {denoising} denoising steps, guidance {args.guidance_scale}, "
-          f"controlnet scale {args.controlnet_scale}; median of frames 1..{args.frames - 1} of a "
+          f"controlnet scale {args.controlnet_scale}, {'TAESD-shaped tiny VAE' if args.tiny_vae else 'SD1.5 VAE'}; "
+          f"median of frames 1..{args.frames - 1} of a "
           f"{args.frames}-frame video")
     for mode in modes:
         if mode == "tensors":
