@@ -1,14 +1,17 @@
 //! The tiny VAE (AutoencoderTiny, TAESD) against diffusers: encode and decode on the tiny
-//! fixture model, a whole ControlNet img2img frame with it as the pipeline's VAE, and proof
-//! that it changes the output far beyond the tolerances (TAESD vs the full VAE).
+//! fixture model, a whole ControlNet img2img frame and a cross-frame video with it as the
+//! pipeline's VAE, and proof that it changes the output far beyond the tolerances (TAESD vs
+//! the full VAE).
 
 mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
+use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
 use sdcrossframe::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use sdcrossframe::models::vae_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
 use sdcrossframe::pipeline::{FrameSettings, ModelSpec, PlainFrame, Stylizer};
+use sdcrossframe::session::{SessionConfig, VideoSession};
 use sdcrossframe::weights::ComponentFiles;
 
 /// Encode / decode tolerance: max abs error relative to the reference's max abs value.
@@ -141,6 +144,30 @@ fn img2img_frame_with_taesd_matches_diffusers() {
     let diff = max_abs_diff(&want, &full);
     println!("TAESD frame vs full-VAE frame: max {diff:.3}, mean {:.3}", mean_abs_diff(&want, &full));
     assert!(diff > 100.0 * IMAGE_TOLERANCE, "TAESD changes the frame by only {diff}");
+}
+
+/// Cross-frame attention is unchanged by the VAE: a 3-frame video session (first+prev, up
+/// blocks) with the tiny VAE against the original technique on diffusers with it.
+#[test]
+fn cross_frame_video_with_taesd_matches_diffusers() {
+    let spec = ModelSpec { vae: Some(taesd_dir().display().to_string()), ..tiny_spec() };
+    let stylizer = Stylizer::load(&spec, &Device::Cpu, DType::F32).unwrap();
+    let config = SessionConfig {
+        attention: AttentionMode::FirstPrev,
+        scope: AttentionScope::Up,
+        scene_cut_threshold: 0.0,
+        size: fixture_size(),
+        ..SessionConfig::default()
+    };
+    let mut session = VideoSession::new(stylizer, config, base_settings()).unwrap();
+    session.set_noise(Some(fixture_noise()));
+    let want = load_tensors(&fixtures().join("reference/taesd/cross_frame_first_prev_up.safetensors"));
+    for k in 0..3 {
+        let got = session.push(&frame(k), Some(&control(k))).unwrap().image;
+        let err = max_abs_diff(&got, &want[&format!("frame_{k}")]);
+        println!("TAESD cross-frame first+prev frame {k}: max abs error {err:.2e}");
+        assert!(err <= IMAGE_TOLERANCE, "frame {k}: {err:.2e}");
+    }
 }
 
 /// An AutoencoderKL directory given as `vae` works through the same setting: the pipeline's

@@ -34,9 +34,15 @@ References, tests/fixtures/reference/taesd/:
                         tiny encoder's latents (no posterior), times scaling_factor; decoding
                         divides by it.
   base.png              the same image, 8-bit.
+  cross_frame_first_prev_up.safetensors  frame_0..frame_2 [1,3,64,96] in [0,1]: frames 0..2
+                        (control_K with frame_K, the base settings, the same fixed noise for
+                        every frame) as one video with cross-frame attention first+prev in the
+                        up blocks (make_fixtures.py's reference processor), the tiny VAE as the
+                        pipeline's VAE.
 
 Checks (exits non-zero when one fails): the float64 rerun of the frame matches within
-F64_MAX_DIFF; the frame differs from img2img/base (the same case with the full VAE) by max abs
+F64_MAX_DIFF; the cross-frame video's frame 0 equals the base frame and frames 1, 2 differ
+from plain img2img of the same frame by max >= 0.02; the frame differs from img2img/base (the same case with the full VAE) by max abs
 >= 0.05; decoded output is not degenerate; every file is f16 / small.
 """
 
@@ -137,6 +143,34 @@ def load_pipeline(vae):
     return pipe
 
 
+CROSS_FRAME_FRAMES = (0, 1, 2)
+
+
+def run_cross_frame_video(pipe, run_case, case):
+    """Frames CROSS_FRAME_FRAMES as one video, cross-frame first+prev in the up blocks, as
+    make_fixtures.run_video does; returns [1,3,H,W] f32 images."""
+    unet = pipe.unet
+    state = base.CrossFrameState("first+prev")
+    layers = set(base.cross_frame_layers(unet, "up"))
+    orig = dict(unet.attn_processors)
+    unet.set_attn_processor({n: (base.CrossFrameAttnProcessor(state, n[: -len(".processor")])
+                                 if n[: -len(".processor")] in layers else p) for n, p in orig.items()})
+    hooks = [unet.register_forward_pre_hook(state.unet_pre_hook, with_kwargs=True),
+             unet.register_forward_hook(state.unet_post_hook, with_kwargs=True)]
+    images = []
+    try:
+        for i, k in enumerate(CROSS_FRAME_FRAMES):
+            state.begin_frame(anchor=(i == 0))
+            out = run_case(dict(case, frame=k, control=k))
+            state.end_frame()
+            images.append(base.to_nchw(out).to(torch.float32))
+    finally:
+        for h in hooks:
+            h.remove()
+        unet.set_attn_processor(orig)
+    return images
+
+
 def main():
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -162,8 +196,22 @@ def main():
         pipe.to(torch.float64)
         out64 = base.to_nchw(run_case(case)).to(torch.float64)
         pipe.to(torch.float32)
+        video = run_cross_frame_video(pipe, run_case, case)
+        plain = [base.to_nchw(run_case(dict(case, frame=k, control=k))).to(torch.float32)
+                 for k in CROSS_FRAME_FRAMES]
     (OUT_DIR / "cases.json").write_text(json.dumps([case], indent=1) + "\n")
 
+    save_file({f"frame_{k}": v.contiguous() for k, v in zip(CROSS_FRAME_FRAMES, video)},
+              OUT_DIR / "cross_frame_first_prev_up.safetensors")
+    if float((video[0] - img).abs().max()) != 0.0:
+        print("FAIL: cross-frame frame 0 differs from the plain frame")
+        ok = False
+    for k, (v, p) in enumerate(zip(video, plain)):
+        d = float((v - p).abs().max())
+        print(f"taesd cross-frame first+prev frame {k} vs plain: max {d:.4f}")
+        if k > 0 and d < 0.02:
+            print("FAIL: cross-frame attention hardly changes the frame")
+            ok = False
     d64 = float((out64 - img.to(torch.float64)).abs().max())
     print(f"taesd img2img base f32 vs f64: max {d64:.2e}")
     if d64 > base.F64_MAX_DIFF:
