@@ -627,3 +627,37 @@ mod cudnn {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::max_abs_diff;
+    use candle_core::{DType, Device};
+    use std::collections::HashMap;
+
+    /// A convolution without bias is the convolution alone: residuals and per-sample biases
+    /// still add, nothing else does.
+    #[test]
+    fn convolution_without_bias_adds_only_what_it_is_given() {
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 4, &dev).unwrap();
+        let tensors = HashMap::from([("weight".to_string(), weight.clone()), ("bias".to_string(), bias.clone())]);
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &dev);
+        let with_bias = Conv2d::new(vb.clone(), 3, 4, 3, 1, 2).unwrap();
+        let without = Conv2d::without_bias(vb, 3, 4, 3, 1, 2).unwrap();
+        assert!(without.bias().is_none() && with_bias.bias().is_some());
+        let xs = Tensor::randn(0f32, 1.0, (2, 3, 9, 7), &dev).unwrap();
+        let plain = xs.conv2d(&weight, 1, 2, 1, 1).unwrap();
+        assert!(max_abs_diff(&without.forward(&xs).unwrap(), &plain) < 1e-6);
+        let residual = Tensor::randn(0f32, 1.0, plain.dims(), &dev).unwrap();
+        let got = without.forward_add(&xs, None, Some(&residual)).unwrap();
+        assert!(max_abs_diff(&got, &(&plain + &residual).unwrap()) < 1e-6);
+        let per_sample = Tensor::randn(0f32, 1.0, (2, 4), &dev).unwrap();
+        let got = without.forward_add(&xs, Some(&per_sample), None).unwrap();
+        let want = plain.broadcast_add(&per_sample.reshape((2, 4, 1, 1)).unwrap()).unwrap();
+        assert!(max_abs_diff(&got, &want) < 1e-6);
+        let biased = plain.broadcast_add(&bias.reshape((1, 4, 1, 1)).unwrap()).unwrap();
+        assert!(max_abs_diff(&with_bias.forward(&xs).unwrap(), &biased) < 1e-6);
+    }
+}
