@@ -29,6 +29,7 @@ fn repo_ids_resolve_through_the_local_cache_offline() {
     let _ = std::fs::remove_dir_all(&home);
     cache_repo(&home.join("hub"), "tiny-org/tiny-sd", &fixtures().join("tiny-sd"));
     cache_repo(&home.join("hub"), "tiny-org/tiny-controlnet", &fixtures().join("tiny-controlnet"));
+    cache_repo(&home.join("hub"), "tiny-org/tiny-taesd", &fixtures().join("tiny-taesd"));
     // SAFETY: this binary's only test; nothing else reads the environment concurrently.
     unsafe {
         std::env::set_var("HF_HOME", &home);
@@ -42,6 +43,13 @@ fn repo_ids_resolve_through_the_local_cache_offline() {
     };
     let stylizer = Stylizer::load(&spec, &Device::Cpu, DType::F32);
     assert!(stylizer.is_ok(), "{:#}", stylizer.err().unwrap());
+    // A `vae` repo id resolves like the model's.
+    let with_vae = ModelSpec { vae: Some("tiny-org/tiny-taesd".into()), ..spec.clone() };
+    let stylizer = Stylizer::load(&with_vae, &Device::Cpu, DType::F32);
+    assert!(stylizer.is_ok(), "{:#}", stylizer.err().unwrap());
+    let absent_vae = ModelSpec { vae: Some("tiny-org/absent-vae".into()), ..spec.clone() };
+    let err = format!("{:#}", Stylizer::load(&absent_vae, &Device::Cpu, DType::F32).err().unwrap());
+    assert!(err.contains("cannot load the VAE tiny-org/absent-vae") && err.contains("config.json"), "{err}");
 
     // A repo that is not cached names the repo, the file and why nothing was downloaded.
     let missing = ModelSpec { model: "tiny-org/absent".into(), ..spec };
