@@ -3,7 +3,7 @@
 //! scene-cut thumbnail, Canny, and writing the stylized frame back into a buffer of the input's
 //! size. The GPU path scales the result back on the device, so "write" is the byte copy only.
 //!
-//! `cargo bench -p gst-plugin-sdcrossframe --bench element_cpu` (release profile). Each line is
+//! `cargo bench -p gst-plugin-sdcrossframe --bench element_cpu [-- FRAME.png]` (release profile). Each line is
 //! the median over 30 rounds of the mean of 10 frames. `SDCROSSFRAME_THREADS=1` runs everything
 //! on one thread.
 
@@ -39,8 +39,11 @@ fn packed(rgb: &RgbFrame, layout: PixelLayout) -> Vec<u8> {
 }
 
 fn main() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/canny/frames/portrait-f088-orig.png");
-    let source = RgbFrame::load(&root).expect("tests/fixtures/canny/frames/portrait-f088-orig.png");
+    // A frame of a real clip; another PNG may be given (a copied binary runs from elsewhere).
+    let path = std::env::args().skip(1).find(|a| !a.starts_with("--")).map(std::path::PathBuf::from).unwrap_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/canny/frames/portrait-f088-orig.png"),
+    );
+    let source = RgbFrame::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
     let processing = (512, 512);
     let params = CannyParams::default();
     println!("threads: {}", sdcrossframe::parallel::threads());
