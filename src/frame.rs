@@ -114,8 +114,8 @@ pub fn scale_packed(
 /// vertical first into an 8-bit temporary image, then horizontal; this runs the same two
 /// passes itself, each in bands where the pass is exact on its own: the vertical pass in bands
 /// of whole columns (no horizontal filtering, so integer column crops change nothing), the
-/// horizontal pass in bands of whole rows, written straight into the output. The result is
-/// byte for byte the one-call result (the tests check many sizes and band counts).
+/// horizontal pass in bands of whole rows (each row alone), written straight into the output.
+/// The result is byte for byte the one-call result (the tests check many sizes and band counts).
 pub fn scale_packed_in_bands(
     data: &[u8],
     width: usize,
@@ -151,13 +151,12 @@ pub fn scale_packed_in_bands(
         return Ok(out);
     }
 
-    // Vertical pass: width x height -> width x out_height, bands of columns.
-    let temp_row = width * bytes;
-    let temp: std::borrow::Cow<[u8]> = if out_height == height {
-        std::borrow::Cow::Borrowed(data)
+    // Vertical pass: width x height -> width x out_height, in bands of columns.
+    let columns = crate::parallel::split_rows(width, bands);
+    let pieces: Vec<Vec<u8>> = if out_height == height {
+        Vec::new()
     } else {
-        let columns = crate::parallel::split_rows(width, bands);
-        let pieces = columns
+        columns
             .par_iter()
             .map(|band| -> Result<Vec<u8>> {
                 let mut piece = vec![0u8; band.len() * out_height * bytes];
@@ -166,24 +165,12 @@ pub fn scale_packed_in_bands(
                 Resizer::new().resize(&source, &mut target, &crop).with_context(failed)?;
                 Ok(piece)
             })
-            .collect::<Result<Vec<_>>>()?;
-        let mut temp = vec![0u8; temp_row * out_height];
-        temp.par_chunks_mut(temp_row).enumerate().for_each(|(y, row)| {
-            for (band, piece) in columns.iter().zip(&pieces) {
-                let len = band.len() * bytes;
-                row[band.start * bytes..band.start * bytes + len].copy_from_slice(&piece[y * len..(y + 1) * len]);
-            }
-        });
-        std::borrow::Cow::Owned(temp)
+            .collect::<Result<Vec<_>>>()?
     };
-    if out_width == width {
-        let len = out.len();
-        out.copy_from_slice(&temp[..len]);
-        return Ok(out);
-    }
 
-    // Horizontal pass: width x out_height -> out_width x out_height, bands of rows.
-    let temp = ImageRef::new(width as u32, out_height as u32, &temp, pixel)?;
+    // Horizontal pass: width x out_height -> out_width x out_height, in bands of rows, each
+    // gathering its rows of the vertical pass's column pieces first.
+    let temp_row = width * bytes;
     let row_bytes = out_width * bytes;
     let rows = crate::parallel::split_rows(out_height, bands);
     let mut chunks = Vec::with_capacity(rows.len());
@@ -194,9 +181,26 @@ pub fn scale_packed_in_bands(
         rest = tail;
     }
     chunks.into_par_iter().try_for_each(|(band, chunk)| -> Result<()> {
+        let gathered: std::borrow::Cow<[u8]> = if pieces.is_empty() {
+            std::borrow::Cow::Borrowed(&data[band.start * temp_row..band.end * temp_row])
+        } else {
+            let mut rows = vec![0u8; band.len() * temp_row];
+            for (y, row) in band.clone().zip(rows.chunks_exact_mut(temp_row)) {
+                for (columns, piece) in columns.iter().zip(&pieces) {
+                    let len = columns.len() * bytes;
+                    row[columns.start * bytes..columns.start * bytes + len]
+                        .copy_from_slice(&piece[y * len..(y + 1) * len]);
+                }
+            }
+            std::borrow::Cow::Owned(rows)
+        };
+        if out_width == width {
+            chunk.copy_from_slice(&gathered);
+            return Ok(());
+        }
+        let temp = ImageRef::new(width as u32, band.len() as u32, &gathered, pixel)?;
         let mut target = Image::from_slice_u8(out_width as u32, band.len() as u32, chunk, pixel)?;
-        let crop = options.crop(0.0, band.start as f64, width as f64, band.len() as f64);
-        Resizer::new().resize(&temp, &mut target, &crop).with_context(failed)?;
+        Resizer::new().resize(&temp, &mut target, &options).with_context(failed)?;
         Ok(())
     })?;
     Ok(out)

@@ -122,6 +122,7 @@ impl StylizedFrame {
 /// Where a prepared frame's control image comes from.
 enum ControlSource<'a> {
     Image(&'a RgbFrame),
+    Scaled(RgbFrame),
     Edges(canny::EdgeMap),
 }
 
@@ -356,19 +357,23 @@ impl VideoSession {
             scaled = frame.resized(width, height)?;
             &scaled
         };
-        let scene_cut = self.scene_cut(frame);
-        let control_scaled;
-        let control = match control {
-            Some(c) if (c.width, c.height) == (width, height) => ControlSource::Image(c),
-            Some(c) => {
-                control_scaled = c.resized(width, height)?;
-                ControlSource::Image(&control_scaled)
-            }
-            None => {
-                let view = ImageView::new(&frame.data, width, height, 3, width * 3)?;
-                ControlSource::Edges(canny::canny(&view, &self.config.canny)?)
-            }
-        };
+        // The thumbnail and Canny (or the control image's scaling) side by side on the pool.
+        let canny_params = &self.config.canny;
+        let (thumbnail, control) = rayon::join(
+            || luma_thumbnail(frame),
+            || -> Result<ControlSource> {
+                Ok(match control {
+                    Some(c) if (c.width, c.height) == (width, height) => ControlSource::Image(c),
+                    Some(c) => ControlSource::Scaled(c.resized(width, height)?),
+                    None => {
+                        let view = ImageView::new(&frame.data, width, height, 3, width * 3)?;
+                        ControlSource::Edges(canny::canny(&view, canny_params)?)
+                    }
+                })
+            },
+        );
+        let control = control?;
+        let scene_cut = self.scene_cut(thumbnail);
         let cpu_time = started.elapsed();
         // The uploads are ordered after the device's queued work (a copy from pageable memory
         // waits for it): wait here explicitly, so that this time is counted as waiting for the
@@ -380,6 +385,7 @@ impl VideoSession {
         let input = frame.to_tensor(&device)?;
         let control = match control {
             ControlSource::Image(c) => c.to_tensor(&device)?,
+            ControlSource::Scaled(c) => c.to_tensor(&device)?,
             ControlSource::Edges(edges) => canny::control_image(&edges, &device)?,
         };
         let noise = self.noise_for(index, width, height)?;
@@ -481,10 +487,9 @@ impl VideoSession {
         Ok(FinishedFrame { stylized, rgb, wait_time, scale_time })
     }
 
-    /// Compares the frame's luma thumbnail with the previous prepared frame's and keeps it:
+    /// Compares a frame's luma thumbnail with the previous prepared frame's and keeps it:
     /// whether the change is a scene cut.
-    fn scene_cut(&mut self, frame: &RgbFrame) -> bool {
-        let thumbnail = luma_thumbnail(frame);
+    fn scene_cut(&mut self, thumbnail: Vec<f32>) -> bool {
         let previous = self.previous_thumbnail.replace(thumbnail);
         let threshold = self.config.scene_cut_threshold;
         if threshold > 0.0

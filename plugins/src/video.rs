@@ -103,6 +103,9 @@ pub fn to_rgb_scaled(
         std::borrow::Cow::Owned((0..height).flat_map(|y| &data[y * stride..y * stride + row]).copied().collect())
     };
     let scaled = sdcrossframe::frame::scale_packed(&tight, width, height, layout.bytes, out_width, out_height)?;
+    if layout.is_rgb() {
+        return RgbFrame::new(out_width, out_height, scaled);
+    }
     to_rgb(&scaled, out_width, out_height, out_width * layout.bytes, layout)
 }
 
