@@ -34,8 +34,12 @@ fn repo_ids_resolve_through_the_local_cache_offline() {
         std::env::set_var("HF_HOME", &home);
         std::env::set_var("HF_HUB_OFFLINE", "1");
     }
-    let spec =
-        ModelSpec { model: "tiny-org/tiny-sd".into(), controlnet: "tiny-org/tiny-controlnet".into(), variant: None };
+    let spec = ModelSpec {
+        model: "tiny-org/tiny-sd".into(),
+        controlnet: "tiny-org/tiny-controlnet".into(),
+        variant: None,
+        loras: Vec::new(),
+    };
     let stylizer = Stylizer::load(&spec, &Device::Cpu, DType::F32);
     assert!(stylizer.is_ok(), "{:#}", stylizer.err().unwrap());
 
