@@ -37,6 +37,7 @@ The unfused outputs are those two files' `out` and `last_hidden_state`.
 """
 
 import json
+import struct
 import sys
 from pathlib import Path
 
@@ -107,6 +108,18 @@ def make_peft_state_dicts():
     return unet_sd, te_sd
 
 
+def canonical_header(path):
+    """Rewrites a safetensors header with sorted `__metadata__` keys: safetensors writes that
+    map in hash order, which changes from run to run (the tensors stay byte-identical)."""
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + n:])
+
+
 def te_module_path(key):
     """The module path of a text-encoder LoRA key, with the `text_model.` prefix SD1.5's
     checkpoints (transformers 4) have: transformers 5 saves CLIPTextModel without it."""
@@ -125,6 +138,8 @@ def write_files(unet_sd, te_sd):
     StableDiffusionPipeline.save_lora_weights(
         LORA_DIR, unet_lora_layers=unet_sd, text_encoder_lora_layers=te_sd, weight_name="peft_alpha.safetensors",
         unet_lora_adapter_metadata=unet_meta, text_encoder_lora_adapter_metadata=te_meta)
+    for name in ("peft.safetensors", "peft_alpha.safetensors"):
+        canonical_header(LORA_DIR / name)
 
     kohya = {}
     alpha = torch.tensor(KOHYA_ALPHA, dtype=torch.float16)
@@ -135,6 +150,7 @@ def write_files(unet_sd, te_sd):
             kohya[f"{name}.lora_down.weight" if part == "A.weight" else f"{name}.lora_up.weight"] = value
             kohya[f"{name}.alpha"] = alpha.clone()
     save_file(kohya, LORA_DIR / "kohya.safetensors", metadata={"format": "pt"})
+    canonical_header(LORA_DIR / "kohya.safetensors")
 
 
 def fused_outputs(file, scale):
