@@ -338,7 +338,9 @@ fn a_file_without_unet_layers_is_an_error() {
 #[test]
 fn unsupported_layouts_and_incomplete_layers_are_errors() {
     let s = Scratch::new("layouts");
-    let cases: Vec<(&str, Vec<(&str, Tensor)>, &[&str])> = vec![
+    // (file name, its tensors, what the error must say)
+    type Case<'a> = (&'a str, Vec<(&'a str, Tensor)>, &'a [&'a str]);
+    let cases: Vec<Case> = vec![
         (
             "sgm.safetensors",
             vec![("lora_unet_input_blocks_1_1_proj_in.lora_down.weight", zeros(&[4, 32, 1, 1]))],

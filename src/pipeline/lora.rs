@@ -182,7 +182,7 @@ fn lora_file_in_dir(dir: &Path) -> Result<PathBuf> {
 }
 
 /// The components a LoRA can change.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum LoraTarget {
     Unet,
     TextEncoder,
@@ -678,7 +678,7 @@ impl LoraFile {
         // SAFETY: read-only map of a file not modified while it is read.
         let tensors = unsafe { MmapedSafetensors::new(path) }
             .with_context(|| format!("cannot read LoRA file {}", path.display()))?;
-        let mut pending: BTreeMap<(u8, String), (LoraTarget, ModuleName, PendingLayer)> = BTreeMap::new();
+        let mut pending: BTreeMap<(LoraTarget, String), (ModuleName, PendingLayer)> = BTreeMap::new();
         let mut names: Vec<String> = tensors.tensors().into_iter().map(|(name, _)| name).collect();
         names.sort();
         if names.is_empty() {
@@ -690,12 +690,11 @@ impl LoraFile {
             let module_key = match &module {
                 ModuleName::Path(p) | ModuleName::Flattened(p) => p.clone(),
             };
-            let slot =
-                pending.entry((target as u8, module_key)).or_insert_with(|| (target, module, PendingLayer::default()));
+            let slot = pending.entry((target, module_key)).or_insert_with(|| (module, PendingLayer::default()));
             let field = match part {
-                Part::Down => &mut slot.2.down,
-                Part::Up => &mut slot.2.up,
-                Part::Alpha => &mut slot.2.alpha,
+                Part::Down => &mut slot.1.down,
+                Part::Up => &mut slot.1.up,
+                Part::Alpha => &mut slot.1.alpha,
             };
             if let Some(previous) = field.replace(key.clone()) {
                 bail!("LoRA file {}: keys {previous} and {key} are the same tensor of one layer", path.display());
@@ -708,7 +707,7 @@ impl LoraFile {
                 .with_context(|| format!("LoRA file {}: cannot read tensor {key}", path.display()))
         };
         let mut layers = Vec::new();
-        for (_, (target, module, parts)) in pending {
+        for ((target, _), (module, parts)) in pending {
             let (Some(down_key), Some(up_key)) = (&parts.down, &parts.up) else {
                 let present =
                     parts.down.as_ref().or(parts.up.as_ref()).or(parts.alpha.as_ref()).expect("a key made the entry");
@@ -753,11 +752,5 @@ impl LoraFile {
             );
         }
         Ok(Self { path: path.to_path_buf(), scale, layers })
-    }
-
-    /// Number of layers for each component.
-    pub fn layer_counts(&self) -> (usize, usize) {
-        let unet = self.layers.iter().filter(|l| l.target == LoraTarget::Unet).count();
-        (unet, self.layers.len() - unet)
     }
 }
