@@ -33,11 +33,12 @@
 //! so. The ControlNet and the VAE get no LoRA (diffusers' SD LoRA loader does not touch them
 //! either).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Mutex;
 
 use anyhow::{Context, Result, bail};
 use candle_core::safetensors::MmapedSafetensors;
@@ -305,7 +306,8 @@ impl LoraSet {
             }
             tracing::info!(file = %file.path.display(), scale = file.scale, layers = count, "LoRA fused into the {}", target.describe());
         }
-        Ok(VarBuilder::from_backend(Box::new(FusedSafetensors { base, deltas }), dtype, device.clone()))
+        let backend = FusedSafetensors { base, deltas, fused: Mutex::new(HashSet::new()) };
+        Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
     }
 }
 
@@ -327,6 +329,8 @@ struct FusedSafetensors {
     base: MmapedSafetensors,
     /// Keyed by the weight's tensor name (`<module>.weight`).
     deltas: HashMap<String, Vec<Delta>>,
+    /// The changed weights the model asked for (the others are reported when it is dropped).
+    fused: Mutex<HashSet<String>>,
 }
 
 impl FusedSafetensors {
@@ -335,6 +339,7 @@ impl FusedSafetensors {
         let Some(deltas) = self.deltas.get(name) else {
             return base.to_dtype(dtype);
         };
+        self.fused.lock().unwrap_or_else(|e| e.into_inner()).insert(name.to_string());
         let mut weight = base.to_dtype(DType::F32)?;
         for delta in deltas {
             let product = delta.up.to_device(dev)?.matmul(&delta.down.to_device(dev)?)?;
@@ -342,6 +347,21 @@ impl FusedSafetensors {
             weight = (weight + product)?;
         }
         weight.to_dtype(dtype)
+    }
+}
+
+impl Drop for FusedSafetensors {
+    fn drop(&mut self) {
+        let fused = self.fused.get_mut().unwrap_or_else(|e| e.into_inner());
+        let mut unused: Vec<&String> = self.deltas.keys().filter(|name| !fused.contains(*name)).collect();
+        if !unused.is_empty() {
+            unused.sort();
+            tracing::warn!(
+                "the model never loaded {} weight(s) a LoRA changes, so those LoRA layers have no effect: {}",
+                unused.len(),
+                unused.iter().map(|n| n.as_str()).collect::<Vec<_>>().join(", ")
+            );
+        }
     }
 }
 
