@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the tiny diffusers models and reference outputs under tests/fixtures/
-# (tiny-sd/, tiny-controlnet/, reference/). See make_fixtures.py's header for the files.
+# (tiny-sd/, tiny-controlnet/, reference/), then the LoRA fixtures (lora/, reference/lora/).
+# See make_fixtures.py's and make_lora_fixtures.py's headers for the files.
 #
 # Usage: tests/reference/run.sh
 #   REF_VENV=DIR      venv to use/create (default: .venv-ref in the repository root)
@@ -32,4 +33,5 @@ if "$venv/bin/python" -c 'import importlib.util, sys; sys.exit(importlib.util.fi
 fi
 
 cd "$root"
-exec "$venv/bin/python" "$here/make_fixtures.py" "$@"
+"$venv/bin/python" "$here/make_fixtures.py" "$@"
+"$venv/bin/python" "$here/make_lora_fixtures.py"
