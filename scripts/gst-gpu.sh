@@ -29,6 +29,11 @@
 #       Configurations:
 #         original  steps=20 strength=0.9 guidance-scale=7.5 controlnet-scale=0.7 (18 denoising steps)
 #         fast      steps=8 strength=0.5 guidance-scale=1 controlnet-scale=0.7 (4 steps, no guidance)
+#         lcm4      fast's settings with scheduler=lcm guidance=none vae=TAESD (4 LCM steps, tiny VAE)
+#         lcm2      steps=4 strength=0.5, otherwise lcm4 (2 LCM steps)
+#                   (TAESD: random AutoencoderTiny weights next to the random models, or GST_GPU_TAESD;
+#                   the bench gets --scheduler lcm --guidance none --vae DIR, diffusers
+#                   --scheduler lcm --tiny-vae)
 #       Options:
 #         --bin DIR        holds sdcrossframe-bench and libgstsdcrossframe.so, plain or .xz
 #                          (default: $GST_GPU_BIN, else DIR/bin, else target-cuda/release)
@@ -306,14 +311,14 @@ PY
     env "${gst_env[@]}" gst-launch-1.0 --version | head -1
 
     # Models.
-    local model=${GST_GPU_MODEL:-} controlnet=${GST_GPU_CONTROLNET:-}
+    local model=${GST_GPU_MODEL:-} controlnet=${GST_GPU_CONTROLNET:-} taesd=${GST_GPU_TAESD:-}
     if [ "$local_mode" = 1 ]; then
         model=${model:-tests/fixtures/tiny-sd}
         controlnet=${controlnet:-tests/fixtures/tiny-controlnet}
     fi
     if [ -z "$model" ] || [ -z "$controlnet" ]; then
         local models=${GST_GPU_MODELS_DIR:-/tmp/gst-gpu-models}
-        if [ ! -f "$models/.complete" ]; then
+        if [ ! -f "$models/.complete" ] || [ ! -d "$models/taesd" ]; then
             ensure_diffusers || die "cannot write the random models"
             log "writing random SD1.5-shaped models into $models"
             rm -rf "$models"
@@ -325,6 +330,7 @@ PY
             log "reusing the models in $models"
         fi
         model=$models/sd controlnet=$models/cn
+        taesd=${GST_GPU_TAESD:-$models/taesd}
     fi
     model=$(cd "$model" && pwd) controlnet=$(cd "$controlnet" && pwd)
 
@@ -414,12 +420,15 @@ PY
     local -A settings_of=(
         [original]="steps=20 strength=0.9 guidance-scale=7.5 controlnet-scale=0.7"
         [fast]="steps=8 strength=0.5 guidance-scale=1 controlnet-scale=0.7"
+        [lcm4]="steps=8 strength=0.5 guidance-scale=1 controlnet-scale=0.7 scheduler=lcm guidance=none vae=$taesd"
+        [lcm2]="steps=4 strength=0.5 guidance-scale=1 controlnet-scale=0.7 scheduler=lcm guidance=none vae=$taesd"
     )
     local prompt="prompt=a watercolor painting of a woman, soft light"
     local first_label="" first_dir=""
     local -a first_settings=()
     for config in ${configs//,/ }; do
-        [ -n "${settings_of[$config]:-}" ] || die "unknown configuration $config (original, fast)"
+        [ -n "${settings_of[$config]:-}" ] || die "unknown configuration $config (original, fast, lcm4, lcm2)"
+        case "$config" in lcm*) [ -n "$taesd" ] || die "$config needs a TAESD directory (GST_GPU_TAESD)" ;; esac
         [ "$gst" = 1 ] || continue
         local -a settings
         read -r -a settings <<<"${settings_of[$config]}"
@@ -467,6 +476,15 @@ PY
             if [ -n "$steps_override" ]; then
                 for i in "${!args[@]}"; do [ "${args[$i]}" = --steps ] && args[i+1]=$steps_override; done
             fi
+            # The script knows no --guidance / --vae: LCM configurations run LCMScheduler + AutoencoderTiny.
+            local -a dset=()
+            local skip_next=0
+            for a in "${args[@]}"; do
+                if [ "$skip_next" = 1 ]; then skip_next=0; continue; fi
+                case "$a" in --guidance|--vae) skip_next=1 ;; *) dset+=("$a") ;; esac
+            done
+            case "$config" in lcm*) dset+=(--tiny-vae) ;; esac
+            args=("${dset[@]}")
             echo "== diffusers $config: tests/reference/bench_diffusers_frame.py ${dargs[*]} ${args[*]}"
             PYTHONUNBUFFERED=1 timeout "$timeout_s" python3 tests/reference/bench_diffusers_frame.py "${dargs[@]}" "${args[@]}" \
                 2>&1 | grep -v "should be kept in float32" | tee "$results/diffusers-$config.txt" || status=1

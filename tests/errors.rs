@@ -44,6 +44,7 @@ impl ScratchModel {
             model: self.root.display().to_string(),
             controlnet: fixtures().join("tiny-controlnet").display().to_string(),
             variant: None,
+            loras: Vec::new(),
             vae: None,
         };
         match Stylizer::load(&spec, &Device::Cpu, DType::F32) {
@@ -64,6 +65,7 @@ fn load_error(model: &Path, controlnet: &Path) -> String {
         model: model.display().to_string(),
         controlnet: controlnet.display().to_string(),
         variant: None,
+        loras: Vec::new(),
         vae: None,
     };
     match Stylizer::load(&spec, &Device::Cpu, DType::F32) {

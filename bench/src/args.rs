@@ -40,6 +40,7 @@ impl ModelArgs {
                     model: model.clone(),
                     controlnet: controlnet.clone(),
                     variant: None,
+                    loras: Vec::new(),
                     vae: self.vae.clone(),
                 };
                 let vae = self.vae.as_deref().map(|v| format!(" + VAE {v}")).unwrap_or_default();

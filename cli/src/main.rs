@@ -14,7 +14,7 @@ use sdcrossframe::canny::{self, CannyParams, ImageView};
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
 use sdcrossframe::device::{parse_device, parse_dtype};
 use sdcrossframe::frame::RgbFrame;
-use sdcrossframe::pipeline::{FrameSettings, ModelSpec, SizeRequest, Stylizer, load_noise_file};
+use sdcrossframe::pipeline::{FrameSettings, LoraSpec, ModelSpec, SizeRequest, Stylizer, load_noise_file};
 use sdcrossframe::session::{NoiseMode, SessionConfig, VideoSession};
 
 #[derive(Parser)]
@@ -57,6 +57,13 @@ struct StylizeArgs {
     /// Weight file variant to load, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors).
     #[arg(long)]
     variant: Option<String>,
+    /// A LoRA fused into the UNet (and the text encoder when the file has text-encoder
+    /// layers) at load time, FILE[:SCALE] (scale 1 when left out): a .safetensors file in the
+    /// kohya or diffusers/PEFT layout, a directory holding one, or a Hugging Face repo id
+    /// (e.g. latent-consistency/lcm-lora-sdv1-5). Repeatable; the text after the last ':' is
+    /// the scale only when it is a number, otherwise part of the path.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    lora: Vec<LoraSpec>,
     /// A VAE replacing the model's: a diffusers directory or repo id whose config.json names
     /// AutoencoderTiny (e.g. madebyollin/taesd, the tiny TAESD) or AutoencoderKL.
     #[arg(long, value_name = "DIR")]
@@ -194,6 +201,7 @@ fn stylize(args: StylizeArgs) -> Result<()> {
         model: args.model.clone(),
         controlnet: args.controlnet.clone(),
         variant: args.variant.clone(),
+        loras: args.lora.clone(),
         vae: args.vae.clone(),
     };
     let stylizer = Stylizer::load(&spec, &device, dtype)?;

@@ -18,6 +18,8 @@ use crate::scheduler::DdimSchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{self, ComponentFiles};
 
+use super::lora::{LoraSet, LoraSpec, LoraTarget};
+
 /// Where the weights come from: each a diffusers-format directory or a Hugging Face repo id.
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
@@ -27,6 +29,9 @@ pub struct ModelSpec {
     pub controlnet: String,
     /// Weight file variant such as "fp16" (`diffusion_pytorch_model.fp16.safetensors`).
     pub variant: Option<String>,
+    /// LoRAs fused into the UNet (and the text encoder where a file has text-encoder layers)
+    /// at load time, in order; see [`super::lora`].
+    pub loras: Vec<LoraSpec>,
     /// A VAE that replaces the pipeline's (`vae/`): a diffusers directory or repo id whose
     /// `config.json` names `AutoencoderKL` or `AutoencoderTiny` (e.g. madebyollin/taesd).
     /// The variant is used where the directory has it, else its plain weights.
@@ -81,18 +86,25 @@ impl ModelParts<'static> {
         let controlnet_dir = weights::resolve_model(&spec.controlnet, CONTROLNET_FILES)
             .with_context(|| format!("cannot find ControlNet model {}", spec.controlnet))?;
         let variant = spec.variant.as_deref();
+        let loras = LoraSet::load(&spec.loras)?;
         let vae = match spec.vae.as_deref().filter(|v| !v.is_empty()) {
             Some(vae) => {
                 replacement_vae(vae, variant, device, dtype).with_context(|| format!("cannot load the VAE {vae}"))?
             }
-            None => component(&root.join("vae"), variant, device, dtype)?,
+            None => component(&root.join("vae"), variant, device, dtype, None)?,
         };
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(&root.join("tokenizer"))?,
-            text_encoder: component(&root.join("text_encoder"), variant, device, dtype)?,
-            unet: component(&root.join("unet"), variant, device, dtype)?,
+            text_encoder: component(
+                &root.join("text_encoder"),
+                variant,
+                device,
+                dtype,
+                Some((&loras, LoraTarget::TextEncoder)),
+            )?,
+            unet: component(&root.join("unet"), variant, device, dtype, Some((&loras, LoraTarget::Unet)))?,
             vae,
-            controlnet: component(&controlnet_dir, variant, device, dtype)?,
+            controlnet: component(&controlnet_dir, variant, device, dtype, None)?,
             scheduler: weights::read_config(&root.join("scheduler").join("scheduler_config.json"))?,
         })
     }
@@ -160,7 +172,7 @@ fn replacement_vae(
         ),
     }
     // A variant the directory lacks falls back to its plain weights (`ComponentFiles::locate`).
-    component(&dir, variant, device, dtype)
+    component(&dir, variant, device, dtype, None)
 }
 
 fn component<C: serde::de::DeserializeOwned>(
@@ -168,11 +180,12 @@ fn component<C: serde::de::DeserializeOwned>(
     variant: Option<&str>,
     device: &Device,
     dtype: DType,
+    lora: Option<(&LoraSet, LoraTarget)>,
 ) -> Result<Component<'static, C>> {
     let files = ComponentFiles::locate(dir, variant)?;
-    Ok(Component {
-        config: files.read_config()?,
-        weights: files.var_builder(dtype, device)?,
-        origin: files.dir.display().to_string(),
-    })
+    let weights = match lora {
+        Some((loras, target)) => loras.var_builder(target, &files.weights, dtype, device)?,
+        None => files.var_builder(dtype, device)?,
+    };
+    Ok(Component { config: files.read_config()?, weights, origin: files.dir.display().to_string() })
 }

@@ -41,7 +41,7 @@ use gst_video::subclass::prelude::*;
 use sdcrossframe::canny::CannyParams;
 use sdcrossframe::frame::RgbFrame;
 use sdcrossframe::pipeline::{CancelHandle, Cancelled, SizeRequest};
-use sdcrossframe::pipeline::{FrameSettings, ModelSpec, Stylizer};
+use sdcrossframe::pipeline::{FrameSettings, LoraSpec, ModelSpec, Stylizer};
 use sdcrossframe::session::{FinishedFrame, InFlightFrame, PreparedFrame, SessionConfig, VideoSession};
 
 use super::{Attention, AttentionScope, DType, Noise};
@@ -71,6 +71,8 @@ struct Settings {
     model: String,
     controlnet: String,
     variant: Option<String>,
+    /// Comma-separated `path[:scale]` LoRA entries, parsed when the element starts.
+    lora: String,
     vae: Option<String>,
     device: String,
     dtype: DType,
@@ -104,6 +106,7 @@ impl Default for Settings {
             model: DEFAULT_MODEL.into(),
             controlnet: DEFAULT_CONTROLNET.into(),
             variant: None,
+            lora: String::new(),
             vae: None,
             device: DEFAULT_DEVICE.into(),
             dtype: DType::F32,
@@ -131,13 +134,15 @@ impl Default for Settings {
 }
 
 impl Settings {
-    fn model_spec(&self) -> ModelSpec {
-        ModelSpec {
+    /// The models to load; the `lora` list is parsed here (its errors name the bad entry).
+    fn model_spec(&self) -> anyhow::Result<ModelSpec> {
+        Ok(ModelSpec {
             model: self.model.clone(),
             controlnet: self.controlnet.clone(),
             variant: self.variant.clone().filter(|v| !v.is_empty()),
+            loras: LoraSpec::parse_list(&self.lora).context("invalid lora property")?,
             vae: self.vae.clone().filter(|v| !v.is_empty()),
-        }
+        })
     }
 
     fn frame_settings(&self) -> FrameSettings {
@@ -171,7 +176,11 @@ impl Settings {
 
 /// Everything the loader thread needs, copied out of the settings.
 struct LoadRequest {
-    spec: ModelSpec,
+    /// The models, or why the settings do not name them (reported by the loader).
+    spec: anyhow::Result<ModelSpec>,
+    /// The `model` and `controlnet` settings, for messages.
+    model: String,
+    controlnet: String,
     device: String,
     dtype: DType,
     config: SessionConfig,
@@ -180,22 +189,29 @@ struct LoadRequest {
 
 impl LoadRequest {
     fn describe(&self) -> String {
-        let vae = match &self.spec.vae {
-            Some(vae) => format!(" and VAE '{vae}'"),
-            None => String::new(),
+        let loras = match &self.spec {
+            Ok(spec) if !spec.loras.is_empty() => {
+                format!(" and LoRA {}", spec.loras.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "))
+            }
+            _ => String::new(),
+        };
+        let vae = match &self.spec {
+            Ok(ModelSpec { vae: Some(vae), .. }) => format!(" and VAE '{vae}'"),
+            _ => String::new(),
         };
         format!(
-            "Stable Diffusion model '{}' with ControlNet '{}'{vae} on {} ({})",
-            self.spec.model,
-            self.spec.controlnet,
+            "Stable Diffusion model '{}' with ControlNet '{}'{loras}{vae} on {} ({})",
+            self.model,
+            self.controlnet,
             self.device,
             candle_core::DType::from(self.dtype).as_str()
         )
     }
 
     fn load(self) -> anyhow::Result<VideoSession> {
+        let spec = self.spec?;
         let device = sdcrossframe::device::parse_device(&self.device)?;
-        let stylizer = Stylizer::load(&self.spec, &device, self.dtype.into())?;
+        let stylizer = Stylizer::load(&spec, &device, self.dtype.into())?;
         let mut session = VideoSession::new(stylizer, self.config, self.frame_settings.clone())
             .context("invalid element settings")?;
         session.set_settings(self.frame_settings).context("invalid element settings")?;
@@ -322,7 +338,7 @@ impl SdCrossFrame {
             };
             let src = element.upgrade();
             let description = request.describe();
-            let (model, controlnet) = (request.spec.model.clone(), request.spec.controlnet.clone());
+            let (model, controlnet) = (request.model.clone(), request.controlnet.clone());
             gst::info!(CAT, "loading {description}");
             if let Some(src) = &src {
                 post(
@@ -487,6 +503,12 @@ impl ObjectImpl for SdCrossFrame {
                     .default_value(None)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecString::builder("lora")
+                    .nick("LoRA")
+                    .blurb("LoRAs fused into the UNet (and the text encoder when a file has text-encoder layers) when the element starts: comma-separated path[:scale] entries (scale 1 when left out), each a .safetensors file in the kohya or diffusers/PEFT layout, a directory holding one, or a Hugging Face repo id such as latent-consistency/lcm-lora-sdv1-5; the text after the last ':' is the scale only when it is a number; empty for none")
+                    .default_value(Some(""))
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecString::builder("vae")
                     .nick("VAE")
                     .blurb("A VAE replacing the model's: a diffusers-format directory or Hugging Face repo id whose config.json names AutoencoderTiny (e.g. madebyollin/taesd, the tiny TAESD: much faster encode and decode) or AutoencoderKL; empty for the model's own; read when the element starts")
@@ -640,7 +662,9 @@ impl ObjectImpl for SdCrossFrame {
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
         let name = pspec.name();
         let started = self.state.lock().unwrap().is_some();
-        if started && matches!(name, "model" | "controlnet" | "variant" | "vae" | "device" | "dtype" | "overlap") {
+        if started
+            && matches!(name, "model" | "controlnet" | "variant" | "lora" | "vae" | "device" | "dtype" | "overlap")
+        {
             gst::warning!(CAT, imp = self, "{name} changed while running: takes effect when the element restarts");
         }
         let mut latency_changed = false;
@@ -651,6 +675,7 @@ impl ObjectImpl for SdCrossFrame {
                 "model" => s.model = string(),
                 "controlnet" => s.controlnet = string(),
                 "variant" => s.variant = value.get().expect("type checked upstream"),
+                "lora" => s.lora = string(),
                 "vae" => s.vae = value.get().expect("type checked upstream"),
                 "device" => s.device = string(),
                 "dtype" => s.dtype = value.get().expect("type checked upstream"),
@@ -692,6 +717,7 @@ impl ObjectImpl for SdCrossFrame {
             "model" => s.model.to_value(),
             "controlnet" => s.controlnet.to_value(),
             "variant" => s.variant.to_value(),
+            "lora" => s.lora.to_value(),
             "vae" => s.vae.to_value(),
             "device" => s.device.to_value(),
             "dtype" => s.dtype.to_value(),
@@ -770,6 +796,8 @@ impl BaseTransformImpl for SdCrossFrame {
         let settings = self.settings.lock().unwrap().clone();
         let request = LoadRequest {
             spec: settings.model_spec(),
+            model: settings.model.clone(),
+            controlnet: settings.controlnet.clone(),
             device: settings.device.clone(),
             dtype: settings.dtype,
             config: settings.session_config(),
