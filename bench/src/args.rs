@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::Args;
-use sdcrossframe::pipeline::{FrameSettings, ModelSpec, Stylizer};
+use sdcrossframe::pipeline::{FrameSettings, ModelSpec, Stylizer, load_vae};
 
 use crate::random::sd15_parts;
 
@@ -18,13 +18,13 @@ pub struct ModelArgs {
     /// A ControlNet model (with --model).
     #[arg(long, requires = "model")]
     controlnet: Option<String>,
-    /// A VAE replacing the model's (with --model): a diffusers AutoencoderTiny or
-    /// AutoencoderKL directory or repo id, e.g. madebyollin/taesd.
-    #[arg(long, requires = "model", value_name = "DIR")]
+    /// A VAE replacing the model's, or the random weights' SD1.5 VAE: a diffusers
+    /// AutoencoderTiny or AutoencoderKL directory or repo id, e.g. madebyollin/taesd.
+    #[arg(long, value_name = "DIR")]
     vae: Option<String>,
-    /// Random weights with a TAESD-shaped tiny VAE (madebyollin/taesd's config) instead of
-    /// SD1.5's VAE.
-    #[arg(long, conflicts_with = "model")]
+    /// Random weights with a TAESD-shaped tiny VAE (madebyollin/taesd's config, random
+    /// weights) instead of SD1.5's VAE.
+    #[arg(long, conflicts_with_all = ["model", "vae"])]
     tiny_vae: bool,
     /// The CLIP tokenizer folder random weights use (the tiny test model's is the real one).
     #[arg(long, default_value = "tests/fixtures/tiny-sd/tokenizer")]
@@ -46,14 +46,18 @@ impl ModelArgs {
                 let vae = self.vae.as_deref().map(|v| format!(" + VAE {v}")).unwrap_or_default();
                 (Stylizer::load(&spec, device, dtype)?, format!("{model} + {controlnet}{vae}"))
             }
-            _ => (
-                Stylizer::build(sd15_parts(dtype, device, &self.tokenizer, self.tiny_vae)?, device, dtype)?,
-                if self.tiny_vae {
-                    "random weights at SD1.5 shapes, TAESD-shaped tiny VAE".into()
-                } else {
-                    "random weights at SD1.5 shapes".into()
-                },
-            ),
+            _ => {
+                let mut parts = sd15_parts(dtype, device, &self.tokenizer, self.tiny_vae)?;
+                let vae = match (&self.vae, self.tiny_vae) {
+                    (Some(vae), _) => {
+                        parts.vae = load_vae(vae, None, device, dtype)?;
+                        format!(", VAE {vae}")
+                    }
+                    (None, true) => ", TAESD-shaped tiny VAE".into(),
+                    (None, false) => String::new(),
+                };
+                (Stylizer::build(parts, device, dtype)?, format!("random weights at SD1.5 shapes{vae}"))
+            }
         })
     }
 }

@@ -88,9 +88,7 @@ impl ModelParts<'static> {
         let variant = spec.variant.as_deref();
         let loras = LoraSet::load(&spec.loras)?;
         let vae = match spec.vae.as_deref().filter(|v| !v.is_empty()) {
-            Some(vae) => {
-                replacement_vae(vae, variant, device, dtype).with_context(|| format!("cannot load the VAE {vae}"))?
-            }
+            Some(vae) => load_vae(vae, variant, device, dtype)?,
             None => component(&root.join("vae"), variant, device, dtype, None)?,
         };
         Ok(Self {
@@ -144,9 +142,19 @@ fn class_name(config: &Path) -> Option<String> {
     Some(value.get("_class_name")?.as_str()?.to_string())
 }
 
-/// The VAE a `vae` setting names: its directory (or repo id), whose config must say which
-/// kind it is; the variant's weights where it has them, else the plain ones.
-fn replacement_vae(
+/// The VAE a `vae` setting names (the loader's, and the bench's with random weights): its
+/// directory (or repo id), whose config must say which kind it is; the variant's weights where
+/// it has them, else the plain ones. Errors start with "cannot load the VAE <spec>".
+pub fn load_vae(
+    spec: &str,
+    variant: Option<&str>,
+    device: &Device,
+    dtype: DType,
+) -> Result<Component<'static, VaeConfig>> {
+    load_vae_dir(spec, variant, device, dtype).with_context(|| format!("cannot load the VAE {spec}"))
+}
+
+fn load_vae_dir(
     spec: &str,
     variant: Option<&str>,
     device: &Device,

@@ -16,7 +16,7 @@ mod vae;
 pub use cancel::{CancelHandle, Cancelled};
 pub use hooks::{FrameHook, PlainFrame, Stage, StageObserver};
 pub use img2img::{FrameInputs, Img2Img};
-pub use loader::{Component, ModelParts, ModelSpec};
+pub use loader::{Component, ModelParts, ModelSpec, load_vae};
 pub use lora::LoraSpec;
 pub use noise::{load_noise_file, seeded_noise};
 pub use settings::{FramePlan, FrameSettings};
