@@ -104,6 +104,7 @@ fn off_reproduces_single_frame_img2img_exactly() {
                 &control(k).to_tensor(&Device::Cpu).unwrap(),
                 &settings,
                 &fixture_noise(),
+                None,
                 &mut PlainFrame::default(),
             )
             .unwrap();
