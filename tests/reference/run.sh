@@ -32,4 +32,5 @@ if "$venv/bin/python" -c 'import importlib.util, sys; sys.exit(importlib.util.fi
 fi
 
 cd "$root"
-exec "$venv/bin/python" "$here/make_fixtures.py" "$@"
+"$venv/bin/python" "$here/make_fixtures.py" "$@"
+"$venv/bin/python" "$here/make_lcm_fixtures.py"
