@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the tiny diffusers models and reference outputs under tests/fixtures/
-# (tiny-sd/, tiny-controlnet/, reference/). See make_fixtures.py's header for the files.
+# (tiny-sd/, tiny-controlnet/, reference/; reference/lcm/ from make_lcm_fixtures.py). See
+# the scripts' headers for the files.
 #
 # Usage: tests/reference/run.sh
 #   REF_VENV=DIR      venv to use/create (default: .venv-ref in the repository root)
