@@ -191,7 +191,11 @@ pub fn run(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Op
     }
 
     println!();
-    println!("text encoder (2 prompts, once per prompt change): {:.1} ms", median(&text_ms));
+    println!(
+        "text encoder ({} prompts, once per prompt change): {:.1} ms",
+        if settings.uses_guidance() { 2 } else { 1 },
+        median(&text_ms)
+    );
     println!();
     println!(
         "| variant | frame ms (median) | fps | frame ms, no stage syncs | VAE encode + control embedding ms | step ms (median) | steps total ms | VAE decode ms | peak alloc GiB | output finite |"
