@@ -419,42 +419,106 @@ fn suppress_row(
     }
 }
 
-/// Canny edge detection with OpenCV's semantics; see the module docs.
+/// Canny edge detection with OpenCV's semantics; see the module docs. The gradients and the
+/// non-maximum suppression run in row bands on the thread pool (the result does not depend on
+/// the band count: see [`canny_in_bands`]).
 pub fn canny(image: &ImageView, params: &CannyParams) -> Result<EdgeMap> {
+    canny_in_bands(image, params, crate::parallel::band_count(image.height, 32))
+}
+
+/// [`canny`] in `bands` row bands. Each band computes the gradients of its rows and of one
+/// row on each side, so its suppression sees exactly what one pass over the image sees; the
+/// strong pixels of all bands then grow through the whole map, and which candidates they reach
+/// does not depend on the order they are taken in.
+#[doc(hidden)]
+pub fn canny_in_bands(image: &ImageView, params: &CannyParams, bands: usize) -> Result<EdgeMap> {
     params.validate()?;
-    if params.l2_gradient { Ok(dispatch::<true>(image, params)) } else { Ok(dispatch::<false>(image, params)) }
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::arch::is_x86_feature_detected!("avx2");
+    #[cfg(not(target_arch = "x86_64"))]
+    let avx2 = false;
+    if params.l2_gradient {
+        Ok(canny_impl::<true>(image, params, bands, avx2))
+    } else {
+        Ok(canny_impl::<false>(image, params, bands, avx2))
+    }
 }
 
 /// [`canny`] without the AVX2 build, so that tests cover the code path of CPUs without it.
 #[doc(hidden)]
 pub fn canny_baseline(image: &ImageView, params: &CannyParams) -> Result<EdgeMap> {
     params.validate()?;
-    if params.l2_gradient { Ok(canny_impl::<true>(image, params)) } else { Ok(canny_impl::<false>(image, params)) }
+    let bands = crate::parallel::band_count(image.height, 32);
+    if params.l2_gradient {
+        Ok(canny_impl::<true>(image, params, bands, false))
+    } else {
+        Ok(canny_impl::<false>(image, params, bands, false))
+    }
 }
 
-/// Runs the AVX2 build of the whole detector where the CPU has it (the row loops are written
-/// for the compiler's auto-vectorizer), else the baseline build.
-fn dispatch<const L2: bool>(image: &ImageView, params: &CannyParams) -> EdgeMap {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2, checked just above.
-        return unsafe { canny_avx2::<L2>(image, params) };
+fn canny_impl<const L2: bool>(image: &ImageView, params: &CannyParams, bands: usize, avx2: bool) -> EdgeMap {
+    use rayon::prelude::*;
+    let (w, h) = (image.width, image.height);
+    let thresholds = params.integer_thresholds();
+    let mw = w + 2;
+
+    // The map has a 1-pixel border of NOT_EDGE so that hysteresis never leaves the image.
+    let mut map = vec![NOT_EDGE; mw * (h + 2)];
+    let ranges = crate::parallel::split_rows(h, bands);
+    let mut chunks = Vec::with_capacity(ranges.len());
+    let mut rest = &mut map[mw..mw * (h + 1)];
+    for band in &ranges {
+        let (chunk, tail) = rest.split_at_mut(band.len() * mw);
+        chunks.push((band.clone(), chunk));
+        rest = tail;
     }
-    canny_impl::<L2>(image, params)
+    let stacks: Vec<Vec<u32>> = chunks
+        .into_par_iter()
+        .map(|(band, map_rows)| {
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the caller checked that the CPU supports AVX2.
+                return unsafe { suppress_rows_avx2::<L2>(image, thresholds, band, map_rows) };
+            }
+            let _ = avx2;
+            suppress_rows::<L2>(image, thresholds, band, map_rows)
+        })
+        .collect();
+    let mut stack = stacks.concat();
+    hysteresis(&mut map, mw, &mut stack);
+
+    let mut out = vec![0u8; w * h];
+    out.par_chunks_mut(w.max(1)).enumerate().for_each(|(y, row)| {
+        let source = &map[(y + 1) * mw + 1..(y + 1) * mw + 1 + w];
+        for (o, &s) in row.iter_mut().zip(source) {
+            *o = if s == EDGE { 255 } else { 0 };
+        }
+    });
+    EdgeMap { width: w, height: h, data: out }
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn canny_avx2<const L2: bool>(image: &ImageView, params: &CannyParams) -> EdgeMap {
-    canny_impl::<L2>(image, params)
+fn suppress_rows_avx2<const L2: bool>(
+    image: &ImageView,
+    thresholds: (i32, i32),
+    band: std::ops::Range<usize>,
+    map_rows: &mut [u8],
+) -> Vec<u32> {
+    suppress_rows::<L2>(image, thresholds, band, map_rows)
 }
 
+/// Gradients, non-maximum suppression and the double threshold of the rows in `band`, into
+/// `map_rows` (those rows of the bordered map); returns the strong pixels' map indices.
 #[inline(always)]
-fn canny_impl<const L2: bool>(image: &ImageView, params: &CannyParams) -> EdgeMap {
+fn suppress_rows<const L2: bool>(
+    image: &ImageView,
+    (low, high): (i32, i32),
+    band: std::ops::Range<usize>,
+    map_rows: &mut [u8],
+) -> Vec<u32> {
     let (w, h) = (image.width, image.height);
-    let (low, high) = params.integer_thresholds();
     let mw = w + 2;
-
     let mut rows = Rows::new(*image);
     let mut scratch = [PlaneScratch::new(w), PlaneScratch::new(w), PlaneScratch::new(w)];
     // Ring of rows: previous magnitudes, current row, next row. Rows outside the image are 0.
@@ -462,47 +526,41 @@ fn canny_impl<const L2: bool>(image: &ImageView, params: &CannyParams) -> EdgeMa
     let mut cur = GradRow::new(w);
     let mut next = GradRow::new(w);
     let zeros = vec![0i32; mw];
-
-    // The map has a 1-pixel border of NOT_EDGE so that hysteresis never leaves the image.
-    let mut map = vec![NOT_EDGE; mw * (h + 2)];
     let mut stack: Vec<u32> = Vec::with_capacity(1 << 10);
 
-    rows.load(0);
-    gradient_row::<L2>(&mut rows, 0, &mut scratch, &mut cur);
-    for y in 0..h {
+    let first = band.start;
+    if first > 0 {
+        // The row above the band: its magnitudes are the first row's "previous".
+        rows.load(first.saturating_sub(2));
+        rows.load(first - 1);
+        gradient_row::<L2>(&mut rows, first - 1, &mut scratch, &mut cur);
+        std::mem::swap(&mut prev, &mut cur.mag);
+    } else {
+        rows.load(0);
+    }
+    gradient_row::<L2>(&mut rows, first, &mut scratch, &mut cur);
+    for y in band {
         let has_next = y + 1 < h;
         if has_next {
             gradient_row::<L2>(&mut rows, y + 1, &mut scratch, &mut next);
         }
         let next_mag = if has_next { &next.mag[..] } else { &zeros[..] };
-        let row_start = (y + 1) * mw;
+        let local = (y - first) * mw;
         suppress_row(
             &prev,
             &cur,
             next_mag,
             low,
             high,
-            &mut map[row_start..row_start + mw],
-            row_start as u32,
+            &mut map_rows[local..local + mw],
+            ((y + 1) * mw) as u32,
             &mut stack,
         );
         // Scroll: cur's magnitudes become prev, next becomes cur.
         std::mem::swap(&mut prev, &mut cur.mag);
         std::mem::swap(&mut cur, &mut next);
     }
-
-    hysteresis(&mut map, mw, &mut stack);
-
-    // The output reuses the map's memory: row y moves from (y + 1) * mw + 1 to y * w, which is
-    // never past where it came from, so moving rows in order overwrites only rows already done.
-    for y in 0..h {
-        let (done, rest) = map.split_at_mut((y + 1) * mw + 1);
-        for (o, &s) in done[y * w..(y + 1) * w].iter_mut().zip(&rest[..w]) {
-            *o = if s == EDGE { 255 } else { 0 };
-        }
-    }
-    map.truncate(w * h);
-    EdgeMap { width: w, height: h, data: map }
+    stack
 }
 
 /// Grows strong edges into 8-connected candidates. Every index on the stack is inside the

@@ -94,7 +94,10 @@ impl RgbFrame {
 
 /// Scales a tightly packed 8-bit image of `bytes` (3 or 4) bytes per pixel to `out_width` x
 /// `out_height` with the same filter as [`RgbFrame::resized`], keeping its byte layout (so a
-/// 4-byte BGRx frame can be scaled before its channels are picked, at the small size).
+/// 4-byte BGRx frame can be scaled before its channels are picked, at the small size). Every
+/// byte is scaled on its own: a 4th byte is not treated as alpha (GStreamer's padding bytes and
+/// alpha-first layouts would otherwise change the colours). The output rows are computed in
+/// bands on the thread pool.
 pub fn scale_packed(
     data: &[u8],
     width: usize,
@@ -103,15 +106,35 @@ pub fn scale_packed(
     out_width: usize,
     out_height: usize,
 ) -> Result<Vec<u8>> {
+    let bands = crate::parallel::band_count(out_height, 32);
+    scale_packed_in_bands(data, width, height, bytes, (out_width, out_height), bands)
+}
+
+/// [`scale_packed`] in `bands` bands. fast_image_resize scales 8-bit images in two passes,
+/// vertical first into an 8-bit temporary image, then horizontal; this runs the same two
+/// passes itself, each in bands where the pass is exact on its own: the vertical pass in bands
+/// of whole columns (no horizontal filtering, so integer column crops change nothing), the
+/// horizontal pass in bands of whole rows (each row alone), written straight into the output.
+/// The result is byte for byte the one-call result (the tests check many sizes and band counts).
+pub fn scale_packed_in_bands(
+    data: &[u8],
+    width: usize,
+    height: usize,
+    bytes: usize,
+    (out_width, out_height): (usize, usize),
+    bands: usize,
+) -> Result<Vec<u8>> {
     use fast_image_resize::images::{Image, ImageRef};
     use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+    use rayon::prelude::*;
     let pixel = match bytes {
         3 => PixelType::U8x3,
         4 => PixelType::U8x4,
         other => bail!("cannot scale images of {other} bytes per pixel"),
     };
-    if out_width == 0 || out_height == 0 {
-        bail!("cannot resize a {width}x{height} frame to {out_width}x{out_height}");
+    let failed = || format!("cannot resize a {width}x{height} frame to {out_width}x{out_height}");
+    if out_width == 0 || out_height == 0 || width == 0 || height == 0 {
+        bail!("{}", failed());
     }
     let source = ImageRef::new(width as u32, height as u32, data, pixel).with_context(|| {
         format!(
@@ -120,10 +143,119 @@ pub fn scale_packed(
             data.len()
         )
     })?;
-    let mut target = Image::new(out_width as u32, out_height as u32, pixel);
-    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear));
-    Resizer::new()
-        .resize(&source, &mut target, &options)
-        .with_context(|| format!("cannot resize a {width}x{height} frame to {out_width}x{out_height}"))?;
-    Ok(target.into_vec())
+    let options = ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)).use_alpha(false);
+    let mut out = vec![0u8; out_width * out_height * bytes];
+    if bands <= 1 {
+        let mut target = Image::from_slice_u8(out_width as u32, out_height as u32, &mut out, pixel)?;
+        Resizer::new().resize(&source, &mut target, &options).with_context(failed)?;
+        return Ok(out);
+    }
+
+    // Vertical pass: width x height -> width x out_height, in bands of columns.
+    let columns = crate::parallel::split_rows(width, bands);
+    let pieces: Vec<Vec<u8>> = if out_height == height {
+        Vec::new()
+    } else {
+        columns
+            .par_iter()
+            .map(|band| -> Result<Vec<u8>> {
+                let mut piece = vec![0u8; band.len() * out_height * bytes];
+                let mut target = Image::from_slice_u8(band.len() as u32, out_height as u32, &mut piece, pixel)?;
+                let crop = options.crop(band.start as f64, 0.0, band.len() as f64, height as f64);
+                Resizer::new().resize(&source, &mut target, &crop).with_context(failed)?;
+                Ok(piece)
+            })
+            .collect::<Result<Vec<_>>>()?
+    };
+
+    // Horizontal pass: width x out_height -> out_width x out_height, in bands of rows, each
+    // gathering its rows of the vertical pass's column pieces first.
+    let temp_row = width * bytes;
+    let row_bytes = out_width * bytes;
+    let rows = crate::parallel::split_rows(out_height, bands);
+    let mut chunks = Vec::with_capacity(rows.len());
+    let mut rest = &mut out[..];
+    for band in &rows {
+        let (chunk, tail) = rest.split_at_mut(band.len() * row_bytes);
+        chunks.push((band.clone(), chunk));
+        rest = tail;
+    }
+    chunks.into_par_iter().try_for_each(|(band, chunk)| -> Result<()> {
+        let gathered: std::borrow::Cow<[u8]> = if pieces.is_empty() {
+            std::borrow::Cow::Borrowed(&data[band.start * temp_row..band.end * temp_row])
+        } else {
+            let mut rows = vec![0u8; band.len() * temp_row];
+            for (y, row) in band.clone().zip(rows.chunks_exact_mut(temp_row)) {
+                for (columns, piece) in columns.iter().zip(&pieces) {
+                    let len = columns.len() * bytes;
+                    row[columns.start * bytes..columns.start * bytes + len]
+                        .copy_from_slice(&piece[y * len..(y + 1) * len]);
+                }
+            }
+            std::borrow::Cow::Owned(rows)
+        };
+        if out_width == width {
+            chunk.copy_from_slice(&gathered);
+            return Ok(());
+        }
+        let temp = ImageRef::new(width as u32, band.len() as u32, &gathered, pixel)?;
+        let mut target = Image::from_slice_u8(out_width as u32, band.len() as u32, chunk, pixel)?;
+        Resizer::new().resize(&temp, &mut target, &options).with_context(failed)?;
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(width: usize, height: usize, bytes: usize) -> Vec<u8> {
+        (0..width * height * bytes).map(|i| ((i * 7919) ^ (i >> 5)) as u8).collect()
+    }
+
+    #[test]
+    fn bands_give_the_whole_image_result() {
+        let sizes = [
+            ((480, 360), (512, 512)),
+            ((1280, 720), (512, 512)),
+            ((1280, 720), (912, 512)),
+            ((1920, 1080), (512, 288)),
+            ((960, 506), (512, 512)),
+            ((512, 512), (1280, 720)),
+            ((97, 61), (40, 33)),
+            ((33, 17), (96, 64)),
+            ((100, 64), (40, 64)),
+            ((100, 64), (100, 30)),
+        ];
+        for ((w, h), out) in sizes {
+            for bytes in [3, 4] {
+                let data = pattern(w, h, bytes);
+                let whole = scale_packed_in_bands(&data, w, h, bytes, out, 1).unwrap();
+                for bands in [2, 3, 5, 8, 16] {
+                    let banded = scale_packed_in_bands(&data, w, h, bytes, out, bands).unwrap();
+                    let differing = whole.iter().zip(&banded).filter(|(a, b)| a != b).count();
+                    assert_eq!(differing, 0, "{w}x{h} -> {out:?}, {bytes} bytes, {bands} bands");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_fourth_byte_is_not_alpha() {
+        // RGB scaled as 3 bytes and as 4 bytes with a varying 4th byte (padding, or alpha
+        // first in ARGB): the colour bytes must agree.
+        let (w, h) = (64, 48);
+        let rgb = pattern(w, h, 3);
+        let mut rgbx = Vec::with_capacity(w * h * 4);
+        for (i, px) in rgb.chunks_exact(3).enumerate() {
+            rgbx.extend_from_slice(px);
+            rgbx.push((i * 31) as u8);
+        }
+        let scaled3 = scale_packed(&rgb, w, h, 3, 40, 30).unwrap();
+        let scaled4 = scale_packed(&rgbx, w, h, 4, 40, 30).unwrap();
+        for (a, b) in scaled3.chunks_exact(3).zip(scaled4.chunks_exact(4)) {
+            assert_eq!(a, &b[..3]);
+        }
+    }
 }

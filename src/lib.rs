@@ -9,6 +9,7 @@ pub mod device;
 pub mod frame;
 pub mod models;
 pub mod ops;
+pub mod parallel;
 pub mod pipeline;
 pub mod resample;
 pub mod scheduler;

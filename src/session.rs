@@ -124,6 +124,7 @@ impl StylizedFrame {
 /// Where a prepared frame's control image comes from.
 enum ControlSource<'a> {
     Image(&'a RgbFrame),
+    Scaled(RgbFrame),
     Edges(canny::EdgeMap),
 }
 
@@ -370,19 +371,23 @@ impl VideoSession {
             scaled = frame.resized(width, height)?;
             &scaled
         };
-        let scene_cut = self.scene_cut(frame);
-        let control_scaled;
-        let control = match control {
-            Some(c) if (c.width, c.height) == (width, height) => ControlSource::Image(c),
-            Some(c) => {
-                control_scaled = c.resized(width, height)?;
-                ControlSource::Image(&control_scaled)
-            }
-            None => {
-                let view = ImageView::new(&frame.data, width, height, 3, width * 3)?;
-                ControlSource::Edges(canny::canny(&view, &self.config.canny)?)
-            }
-        };
+        // The thumbnail and Canny (or the control image's scaling) side by side on the pool.
+        let canny_params = &self.config.canny;
+        let (thumbnail, control) = rayon::join(
+            || luma_thumbnail(frame),
+            || -> Result<ControlSource> {
+                Ok(match control {
+                    Some(c) if (c.width, c.height) == (width, height) => ControlSource::Image(c),
+                    Some(c) => ControlSource::Scaled(c.resized(width, height)?),
+                    None => {
+                        let view = ImageView::new(&frame.data, width, height, 3, width * 3)?;
+                        ControlSource::Edges(canny::canny(&view, canny_params)?)
+                    }
+                })
+            },
+        );
+        let control = control?;
+        let scene_cut = self.scene_cut(thumbnail);
         let cpu_time = started.elapsed();
         // The uploads are ordered after the device's queued work (a copy from pageable memory
         // waits for it): wait here explicitly, so that this time is counted as waiting for the
@@ -394,6 +399,7 @@ impl VideoSession {
         let input = frame.to_tensor(&device)?;
         let control = match control {
             ControlSource::Image(c) => c.to_tensor(&device)?,
+            ControlSource::Scaled(c) => c.to_tensor(&device)?,
             ControlSource::Edges(edges) => canny::control_image(&edges, &device)?,
         };
         let rows = self.step_noise_rows()?;
@@ -503,10 +509,9 @@ impl VideoSession {
         Ok(FinishedFrame { stylized, rgb, wait_time, scale_time })
     }
 
-    /// Compares the frame's luma thumbnail with the previous prepared frame's and keeps it:
+    /// Compares a frame's luma thumbnail with the previous prepared frame's and keeps it:
     /// whether the change is a scene cut.
-    fn scene_cut(&mut self, frame: &RgbFrame) -> bool {
-        let thumbnail = luma_thumbnail(frame);
+    fn scene_cut(&mut self, thumbnail: Vec<f32>) -> bool {
         let previous = self.previous_thumbnail.replace(thumbnail);
         let threshold = self.config.scene_cut_threshold;
         if threshold > 0.0
@@ -567,27 +572,41 @@ impl VideoSession {
 
 /// Area-averaged luma (0..1) on a small square grid: cheap, and blind to noise and small motion.
 pub fn luma_thumbnail(frame: &RgbFrame) -> Vec<f32> {
+    use rayon::prelude::*;
     let side = THUMBNAIL_SIDE;
     // Integer luma (Rec. 601 weights in 16-bit fixed point) summed per cell: exact sums, no
-    // division per pixel.
+    // division per pixel, so bands of rows can be summed apart and added.
     let column_cell: Vec<usize> = (0..frame.width).map(|x| x * side / frame.width).collect();
-    let mut sums = vec![0u64; side * side];
-    let mut counts = vec![0u64; side * side];
-    let mut row_sums = vec![0u64; side];
-    let mut row_counts = vec![0u64; side];
-    for (y, row) in frame.data.chunks_exact(frame.width * 3).enumerate() {
-        row_sums.iter_mut().for_each(|v| *v = 0);
-        row_counts.iter_mut().for_each(|v| *v = 0);
-        for (px, &cell) in row.chunks_exact(3).zip(&column_cell) {
-            row_sums[cell] += 19595 * px[0] as u64 + 38470 * px[1] as u64 + 7471 * px[2] as u64;
-            row_counts[cell] += 1;
+    let bands = crate::parallel::split_rows(frame.height, crate::parallel::band_count(frame.height, 64));
+    let band_sums = |band: std::ops::Range<usize>| {
+        let mut sums = vec![0u64; side * side];
+        let mut counts = vec![0u64; side * side];
+        let mut row_sums = vec![0u64; side];
+        let mut row_counts = vec![0u64; side];
+        for y in band {
+            let row = &frame.data[y * frame.width * 3..(y + 1) * frame.width * 3];
+            row_sums.iter_mut().for_each(|v| *v = 0);
+            row_counts.iter_mut().for_each(|v| *v = 0);
+            for (px, &cell) in row.chunks_exact(3).zip(&column_cell) {
+                row_sums[cell] += 19595 * px[0] as u64 + 38470 * px[1] as u64 + 7471 * px[2] as u64;
+                row_counts[cell] += 1;
+            }
+            let base = y * side / frame.height * side;
+            for cell in 0..side {
+                sums[base + cell] += row_sums[cell];
+                counts[base + cell] += row_counts[cell];
+            }
         }
-        let base = y * side / frame.height * side;
-        for cell in 0..side {
-            sums[base + cell] += row_sums[cell];
-            counts[base + cell] += row_counts[cell];
-        }
-    }
+        (sums, counts)
+    };
+    let (sums, counts) = bands.into_par_iter().map(band_sums).reduce(
+        || (vec![0u64; side * side], vec![0u64; side * side]),
+        |(mut sums, mut counts), (s, c)| {
+            sums.iter_mut().zip(&s).for_each(|(a, b)| *a += b);
+            counts.iter_mut().zip(&c).for_each(|(a, b)| *a += b);
+            (sums, counts)
+        },
+    );
     let scale = 255.0 * 65536.0;
     sums.iter().zip(&counts).map(|(&s, &c)| if c == 0 { 0.0 } else { (s as f64 / c as f64 / scale) as f32 }).collect()
 }

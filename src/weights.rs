@@ -205,7 +205,8 @@ pub fn resolve_model(spec: &str, needed: &[&[&str]]) -> Result<PathBuf> {
     resolve_repo(spec, needed)
 }
 
-fn looks_like_repo_id(spec: &str) -> bool {
+/// Whether `spec` has the form of a Hugging Face repo id (`owner/name`).
+pub fn looks_like_repo_id(spec: &str) -> bool {
     let mut parts = spec.split('/');
     let (Some(owner), Some(name), None) = (parts.next(), parts.next(), parts.next()) else {
         return false;

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
 use candle_core::Device;
-use sdcrossframe::canny::{CannyParams, EdgeMap, ImageView, canny, canny_baseline, control_image};
+use sdcrossframe::canny::{CannyParams, EdgeMap, ImageView, canny, canny_baseline, canny_in_bands, control_image};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -196,6 +196,11 @@ fn matches_opencv_on_every_pixel() {
         // The build for CPUs without AVX2 (the same source, compiled without it).
         let got = canny_baseline(&view, &params(case)).unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
         failures.extend(compare(case, "baseline build", &input, &got, &expected));
+        // Row bands (the thread pool's split) from one band to more bands than rows.
+        for bands in [1, 2, 3, 7, 16, case.height + 1] {
+            let got = canny_in_bands(&view, &params(case), bands).unwrap_or_else(|e| panic!("{}: {e:#}", case.name));
+            failures.extend(compare(case, &format!("{bands} bands"), &input, &got, &expected));
+        }
     }
     assert!(
         failures.is_empty(),

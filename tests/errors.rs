@@ -44,6 +44,7 @@ impl ScratchModel {
             model: self.root.display().to_string(),
             controlnet: fixtures().join("tiny-controlnet").display().to_string(),
             variant: None,
+            loras: Vec::new(),
         };
         match Stylizer::load(&spec, &Device::Cpu, DType::F32) {
             Ok(_) => panic!("loading a broken model succeeded"),
@@ -59,8 +60,12 @@ impl Drop for ScratchModel {
 }
 
 fn load_error(model: &Path, controlnet: &Path) -> String {
-    let spec =
-        ModelSpec { model: model.display().to_string(), controlnet: controlnet.display().to_string(), variant: None };
+    let spec = ModelSpec {
+        model: model.display().to_string(),
+        controlnet: controlnet.display().to_string(),
+        variant: None,
+        loras: Vec::new(),
+    };
     match Stylizer::load(&spec, &Device::Cpu, DType::F32) {
         Ok(_) => panic!("loading succeeded"),
         Err(e) => format!("{e:#}"),

@@ -7,7 +7,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device};
 use common::*;
-use sdcrossframe::pipeline::{ModelSpec, Stylizer};
+use sdcrossframe::pipeline::{LoraSpec, ModelSpec, Stylizer};
 
 /// Lays out `source` as the snapshot of `repo` in an HF cache rooted at `hub`.
 fn cache_repo(hub: &Path, repo: &str, source: &Path) {
@@ -34,16 +34,41 @@ fn repo_ids_resolve_through_the_local_cache_offline() {
         std::env::set_var("HF_HOME", &home);
         std::env::set_var("HF_HUB_OFFLINE", "1");
     }
-    let spec =
-        ModelSpec { model: "tiny-org/tiny-sd".into(), controlnet: "tiny-org/tiny-controlnet".into(), variant: None };
+    let spec = ModelSpec {
+        model: "tiny-org/tiny-sd".into(),
+        controlnet: "tiny-org/tiny-controlnet".into(),
+        variant: None,
+        loras: Vec::new(),
+    };
     let stylizer = Stylizer::load(&spec, &Device::Cpu, DType::F32);
     assert!(stylizer.is_ok(), "{:#}", stylizer.err().unwrap());
 
     // A repo that is not cached names the repo, the file and why nothing was downloaded.
-    let missing = ModelSpec { model: "tiny-org/absent".into(), ..spec };
+    let missing = ModelSpec { model: "tiny-org/absent".into(), ..spec.clone() };
     let err = format!("{:#}", Stylizer::load(&missing, &Device::Cpu, DType::F32).err().unwrap());
     assert!(
         err.contains("tiny-org/absent") && err.contains("model_index.json") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
+
+    // A LoRA repo id resolves to the repo's pytorch_lora_weights.safetensors.
+    let lora_repo = home.join("lora-repo");
+    std::fs::create_dir_all(&lora_repo).unwrap();
+    std::os::unix::fs::symlink(
+        fixtures().join("lora/kohya.safetensors"),
+        lora_repo.join("pytorch_lora_weights.safetensors"),
+    )
+    .unwrap();
+    cache_repo(&home.join("hub"), "tiny-org/tiny-lora", &lora_repo);
+    let with_lora = ModelSpec { loras: vec![LoraSpec::parse("tiny-org/tiny-lora:0.5").unwrap()], ..spec.clone() };
+    let stylizer = Stylizer::load(&with_lora, &Device::Cpu, DType::F32);
+    assert!(stylizer.is_ok(), "{:#}", stylizer.err().unwrap());
+    let absent = ModelSpec { loras: vec![LoraSpec::parse("tiny-org/no-lora").unwrap()], ..spec.clone() };
+    let err = format!("{:#}", Stylizer::load(&absent, &Device::Cpu, DType::F32).err().unwrap());
+    assert!(
+        err.contains("tiny-org/no-lora")
+            && err.contains("pytorch_lora_weights.safetensors")
+            && err.contains("HF_HUB_OFFLINE"),
         "{err}"
     );
     std::fs::remove_dir_all(&home).ok();

@@ -29,7 +29,12 @@ impl ModelArgs {
     pub fn load(&self, device: &Device, dtype: DType) -> Result<(Stylizer, String)> {
         Ok(match (&self.model, &self.controlnet) {
             (Some(model), Some(controlnet)) => {
-                let spec = ModelSpec { model: model.clone(), controlnet: controlnet.clone(), variant: None };
+                let spec = ModelSpec {
+                    model: model.clone(),
+                    controlnet: controlnet.clone(),
+                    variant: None,
+                    loras: Vec::new(),
+                };
                 (Stylizer::load(&spec, device, dtype)?, format!("{model} + {controlnet}"))
             }
             _ => (

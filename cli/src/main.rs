@@ -14,7 +14,9 @@ use sdcrossframe::canny::{self, CannyParams, ImageView};
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
 use sdcrossframe::device::{parse_device, parse_dtype};
 use sdcrossframe::frame::RgbFrame;
-use sdcrossframe::pipeline::{FrameSettings, GuidanceMode, ModelSpec, SizeRequest, Stylizer, load_frame_noise};
+use sdcrossframe::pipeline::{
+    FrameSettings, GuidanceMode, LoraSpec, ModelSpec, SizeRequest, Stylizer, load_frame_noise,
+};
 use sdcrossframe::scheduler::{SchedulerChoice, TimestepIndices};
 use sdcrossframe::session::{NoiseMode, SessionConfig, VideoSession};
 
@@ -58,6 +60,13 @@ struct StylizeArgs {
     /// Weight file variant to load, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors).
     #[arg(long)]
     variant: Option<String>,
+    /// A LoRA fused into the UNet (and the text encoder when the file has text-encoder
+    /// layers) at load time, FILE[:SCALE] (scale 1 when left out): a .safetensors file in the
+    /// kohya or diffusers/PEFT layout, a directory holding one, or a Hugging Face repo id
+    /// (e.g. latent-consistency/lcm-lora-sdv1-5). Repeatable; the text after the last ':' is
+    /// the scale only when it is a number, otherwise part of the path.
+    #[arg(long, value_name = "FILE[:SCALE]")]
+    lora: Vec<LoraSpec>,
     /// Compute device: cpu, or cuda:N when built with the cuda feature.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -206,8 +215,12 @@ fn stylize(args: StylizeArgs) -> Result<()> {
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create output directory {}", args.output.display()))?;
 
-    let spec =
-        ModelSpec { model: args.model.clone(), controlnet: args.controlnet.clone(), variant: args.variant.clone() };
+    let spec = ModelSpec {
+        model: args.model.clone(),
+        controlnet: args.controlnet.clone(),
+        variant: args.variant.clone(),
+        loras: args.lora.clone(),
+    };
     let stylizer = Stylizer::load(&spec, &device, dtype)?;
     stylizer.img2img().timesteps(&settings)?;
     let config = SessionConfig {

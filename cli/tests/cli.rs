@@ -158,3 +158,50 @@ fn bad_scheduler_timesteps_and_guidance_are_errors_naming_the_value() {
     }
     std::fs::remove_dir_all(&out).ok();
 }
+
+/// `--lora FILE[:SCALE]`: the LoRA changes the picture; a bad entry or file is an error naming it.
+#[test]
+fn lora_option_changes_the_output_and_bad_entries_are_named() {
+    let out = std::env::temp_dir().join(format!("sdcrossframe-cli-lora-{}", std::process::id()));
+    let frame = img2img_dir().join("frame_0.png");
+    let run = |name: &str, extra: &[String]| {
+        let dir = out.join(name);
+        let mut args = vec![
+            "stylize".to_string(),
+            frame.display().to_string(),
+            "--output".into(),
+            dir.display().to_string(),
+            "--prompt".into(),
+            BASE_PROMPT.into(),
+            "--steps".into(),
+            "2".into(),
+            "--strength".into(),
+            "1.0".into(),
+            "--width".into(),
+            "96".into(),
+            "--height".into(),
+            "64".into(),
+        ];
+        args.extend(tiny_args());
+        args.extend(extra.iter().cloned());
+        let (ok, stderr) = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        (ok, stderr, dir.join("frame_0.png"))
+    };
+    let lora = fixtures().join("lora/kohya.safetensors").display().to_string();
+    let (ok, stderr, plain) = run("plain", &[]);
+    assert!(ok, "{stderr}");
+    let (ok, stderr, with_lora) = run("lora", &["--lora".into(), format!("{lora}:0.5")]);
+    assert!(ok, "{stderr}");
+    let a = image::open(plain).unwrap().to_rgb8();
+    let b = image::open(with_lora).unwrap().to_rgb8();
+    let mean = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| x.abs_diff(*y) as f64).sum::<f64>() / a.len() as f64;
+    assert!(mean > 1.0, "the LoRA changed the picture by only {mean} levels on average");
+
+    let (ok, stderr, _) = run("bad-scale", &["--lora".into(), format!("{lora}:")]);
+    assert!(!ok && stderr.contains(&format!("'{lora}:'")) && stderr.contains("no scale"), "{stderr}");
+    let missing = out.join("absent.safetensors").display().to_string();
+    let (ok, stderr, _) = run("missing", &["--lora".into(), lora.clone(), "--lora".into(), missing.clone()]);
+    assert!(!ok && stderr.contains(&missing) && stderr.contains("does not exist"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    std::fs::remove_dir_all(&out).ok();
+}

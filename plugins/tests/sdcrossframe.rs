@@ -146,6 +146,7 @@ fn properties_defaults_ranges_and_flags() {
     assert_eq!(element.property::<String>("device"), "cpu");
     assert_eq!(element.property::<String>("prompt"), "");
     assert_eq!(element.property::<Option<String>>("variant"), None);
+    assert_eq!(element.property::<String>("lora"), "");
     assert!(element.property::<bool>("qos"), "QoS is on by default");
     assert!(element.property::<bool>("overlap"), "overlap is on by default");
 
@@ -189,7 +190,7 @@ fn properties_defaults_ranges_and_flags() {
     ] {
         assert!(element.find_property(name).unwrap().flags().contains(gst::PARAM_FLAG_MUTABLE_PLAYING), "{name}");
     }
-    for name in ["model", "controlnet", "device", "dtype", "variant", "overlap"] {
+    for name in ["model", "controlnet", "device", "dtype", "variant", "lora", "overlap"] {
         let flags = element.find_property(name).unwrap().flags();
         assert!(
             flags.contains(gst::PARAM_FLAG_MUTABLE_READY) && !flags.contains(gst::PARAM_FLAG_MUTABLE_PLAYING),
@@ -304,9 +305,12 @@ fn bad_model_path_is_an_error_message_naming_it() {
 #[test]
 fn bad_device_and_bad_settings_are_error_messages() {
     init();
-    for (props, expected) in
-        [("device=tpu", "unknown device \"tpu\""), ("canny-low=200", "low threshold 200 is above high threshold 100")]
-    {
+    for (props, expected) in [
+        ("device=tpu", "unknown device \"tpu\""),
+        ("canny-low=200", "low threshold 200 is above high threshold 100"),
+        ("lora=/nonexistent/style.safetensors:0.5", "LoRA file /nonexistent/style.safetensors does not exist"),
+        ("lora=/some/style.safetensors:", "LoRA entry '/some/style.safetensors:' ends with ':' but has no scale"),
+    ] {
         let pipeline = gst::parse::launch(&format!(
             "videotestsrc num-buffers=3 ! video/x-raw,width=96,height=64 ! sdcrossframe model={} controlnet={} {props} ! fakesink",
             fixture("tiny-sd").display(),
@@ -470,6 +474,26 @@ fn flush_resets_the_cross_frame_state() {
     let flushed_b = t.process(&b, format, 80);
     assert_eq!(t.anchors().iter().map(|a| a.0).collect::<Vec<_>>(), [2]);
     assert_eq!(flushed_b, fresh_b, "after a flush the frame is not processed like a first frame");
+}
+
+/// The `lora` property (comma-separated path[:scale]) is fused at start: it changes the frames,
+/// and two entries that add up to the same LoRA weights give the same frames.
+#[test]
+fn lora_property_changes_the_frames() {
+    let input = frame(0);
+    let format = gst_video::VideoFormat::Rgb;
+    let plain = Tiny::new(&[]).process(&input, format, 0);
+    let kohya = fixture("lora/kohya.safetensors");
+    let peft = fixture("lora/peft.safetensors");
+    let single = format!("{}:1.0", kohya.display());
+    let with_lora = Tiny::new(&[("lora", single.as_str())]).process(&input, format, 0);
+    let change = mean_abs_diff(&with_lora, &plain);
+    assert!(change > 1.0, "the LoRA changed the frame by only {change}");
+    // kohya at 1.0 is the PEFT file at 0.5 (alpha 2, rank 4): 0.25 + kohya 0.5 is the same.
+    let pair = format!("{}:0.25, {}:0.5", peft.display(), kohya.display());
+    let with_pair = Tiny::new(&[("lora", pair.as_str())]).process(&input, format, 0);
+    let diff = mean_abs_diff(&with_pair, &with_lora);
+    assert!(diff < 0.05, "two entries differ from the equivalent single LoRA by {diff}");
 }
 
 /// Properties changed while playing take effect at the next frame; an invalid change is a

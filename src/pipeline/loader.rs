@@ -17,6 +17,8 @@ use crate::scheduler::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{self, ComponentFiles};
 
+use super::lora::{LoraSet, LoraSpec, LoraTarget};
+
 /// Where the weights come from: each a diffusers-format directory or a Hugging Face repo id.
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
@@ -26,6 +28,9 @@ pub struct ModelSpec {
     pub controlnet: String,
     /// Weight file variant such as "fp16" (`diffusion_pytorch_model.fp16.safetensors`).
     pub variant: Option<String>,
+    /// LoRAs fused into the UNet (and the text encoder where a file has text-encoder layers)
+    /// at load time, in order; see [`super::lora`].
+    pub loras: Vec<LoraSpec>,
 }
 
 /// The files a repo id must provide (for resolving it through the Hugging Face cache).
@@ -81,12 +86,19 @@ impl ModelParts<'static> {
             );
         }
         let variant = spec.variant.as_deref();
+        let loras = LoraSet::load(&spec.loras)?;
         Ok(Self {
             tokenizer: ClipTokenizer::from_dir(&root.join("tokenizer"))?,
-            text_encoder: component(&root.join("text_encoder"), variant, device, dtype)?,
-            unet: component(&root.join("unet"), variant, device, dtype)?,
-            vae: component(&root.join("vae"), variant, device, dtype)?,
-            controlnet: component(&controlnet_dir, variant, device, dtype)?,
+            text_encoder: component(
+                &root.join("text_encoder"),
+                variant,
+                device,
+                dtype,
+                Some((&loras, LoraTarget::TextEncoder)),
+            )?,
+            unet: component(&root.join("unet"), variant, device, dtype, Some((&loras, LoraTarget::Unet)))?,
+            vae: component(&root.join("vae"), variant, device, dtype, None)?,
+            controlnet: component(&controlnet_dir, variant, device, dtype, None)?,
             scheduler: weights::read_config(&root.join("scheduler").join("scheduler_config.json"))?,
         })
     }
@@ -97,11 +109,12 @@ fn component<C: serde::de::DeserializeOwned>(
     variant: Option<&str>,
     device: &Device,
     dtype: DType,
+    lora: Option<(&LoraSet, LoraTarget)>,
 ) -> Result<Component<'static, C>> {
     let files = ComponentFiles::locate(dir, variant)?;
-    Ok(Component {
-        config: files.read_config()?,
-        weights: files.var_builder(dtype, device)?,
-        origin: files.dir.display().to_string(),
-    })
+    let weights = match lora {
+        Some((loras, target)) => loras.var_builder(target, &files.weights, dtype, device)?,
+        None => files.var_builder(dtype, device)?,
+    };
+    Ok(Component { config: files.read_config()?, weights, origin: files.dir.display().to_string() })
 }

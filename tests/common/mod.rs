@@ -27,6 +27,7 @@ pub fn tiny_spec() -> ModelSpec {
         model: fixtures().join("tiny-sd").display().to_string(),
         controlnet: fixtures().join("tiny-controlnet").display().to_string(),
         variant: None,
+        loras: Vec::new(),
     }
 }
 

@@ -25,7 +25,9 @@ Inputs and outputs (how each frame is handed to the pipeline):
 
 Usage: python3 tests/reference/bench_diffusers_frame.py [--dtype fp16] [--frames 6] [--warmup 2]
          [--pil | --both] [--steps 20] [--strength 0.9] [--guidance-scale 7.5] [--controlnet-scale 0.7]
-         [--variants plain,sdpa,original]
+         [--variants plain,sdpa,original] [--scheduler ddim|lcm] [--tiny-vae]
+--scheduler lcm: LCMScheduler.from_config(the DDIM config), as LCM-LoRA users set it up;
+--tiny-vae: AutoencoderTiny with TAESD's config instead of the SD VAE.
 """
 
 import argparse
@@ -53,9 +55,9 @@ NEGATIVE = ("longbody, lowres, bad anatomy, bad hands, missing fingers, extra di
             "worst quality, low quality")
 
 
-def build_pipeline(device, dtype):
-    from diffusers import (AutoencoderKL, ControlNetModel, DDIMScheduler, StableDiffusionControlNetImg2ImgPipeline,
-                           UNet2DConditionModel)
+def build_pipeline(device, dtype, scheduler_name="ddim", tiny_vae=False):
+    from diffusers import (AutoencoderKL, AutoencoderTiny, ControlNetModel, DDIMScheduler, LCMScheduler,
+                           StableDiffusionControlNetImg2ImgPipeline, UNet2DConditionModel)
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
@@ -65,6 +67,9 @@ def build_pipeline(device, dtype):
                         block_out_channels=[128, 256, 512, 512], down_block_types=["DownEncoderBlock2D"] * 4,
                         up_block_types=["UpDecoderBlock2D"] * 4, act_fn="silu", norm_num_groups=32,
                         scaling_factor=0.18215)
+    if tiny_vae:
+        # AutoencoderTiny's defaults are madebyollin/taesd's config (SD1.x latents).
+        vae = AutoencoderTiny()
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
                                                 num_hidden_layers=12, num_attention_heads=12,
                                                 max_position_embeddings=77, hidden_act="quick_gelu",
@@ -72,6 +77,10 @@ def build_pipeline(device, dtype):
     tokenizer = CLIPTokenizer.from_pretrained(HERE.parent / "fixtures/tiny-sd/tokenizer")
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+    if scheduler_name == "lcm":
+        # What LCM-LoRA users do: LCMScheduler.from_config(pipe.scheduler.config) (LCM's own
+        # defaults for original_inference_steps and timestep_scaling).
+        scheduler = LCMScheduler.from_config(scheduler.config)
     pipe = StableDiffusionControlNetImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                                     unet=unet, controlnet=controlnet, scheduler=scheduler,
                                                     safety_checker=None, feature_extractor=None,
@@ -153,6 +162,8 @@ def main():
     parser.add_argument("--strength", type=float, default=0.9)
     parser.add_argument("--guidance-scale", type=float, default=7.5)
     parser.add_argument("--controlnet-scale", type=float, default=0.7)
+    parser.add_argument("--scheduler", default="ddim", choices=["ddim", "lcm"])
+    parser.add_argument("--tiny-vae", action="store_true", help="AutoencoderTiny (TAESD's config) for the VAE")
     parser.add_argument("--size", type=int, default=512, help="frame side (smaller only to smoke-test on a CPU)")
     inputs = parser.add_mutually_exclusive_group()
     inputs.add_argument("--pil", action="store_true",
@@ -171,14 +182,15 @@ def main():
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     import diffusers
 
-    pipe = build_pipeline(args.device, dtype)
+    pipe = build_pipeline(args.device, dtype, args.scheduler, args.tiny_vae)
     frames, edges = random_images(max(args.frames, args.warmup, 2), args.size)
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device
     denoising = min(int(args.steps * args.strength), args.steps)
     print(f"bench_diffusers_frame: torch {torch.__version__}, diffusers {diffusers.__version__}, "
           f"{gpu}, {args.dtype}, {args.size}x{args.size}, {args.steps} steps x strength {args.strength} "
           f"= {denoising} denoising steps, guidance {args.guidance_scale}, "
-          f"controlnet scale {args.controlnet_scale}; median of frames 1..{args.frames - 1} of a "
+          f"controlnet scale {args.controlnet_scale}, scheduler {args.scheduler}, "
+          f"{'AutoencoderTiny' if args.tiny_vae else 'AutoencoderKL'}; median of frames 1..{args.frames - 1} of a "
           f"{args.frames}-frame video")
     for mode in modes:
         if mode == "tensors":

@@ -41,7 +41,7 @@ use gst_video::subclass::prelude::*;
 use sdcrossframe::canny::CannyParams;
 use sdcrossframe::frame::RgbFrame;
 use sdcrossframe::pipeline::{CancelHandle, Cancelled, SizeRequest};
-use sdcrossframe::pipeline::{FrameSettings, ModelSpec, Stylizer};
+use sdcrossframe::pipeline::{FrameSettings, LoraSpec, ModelSpec, Stylizer};
 use sdcrossframe::scheduler::TimestepIndices;
 use sdcrossframe::session::{FinishedFrame, InFlightFrame, PreparedFrame, SessionConfig, VideoSession};
 
@@ -72,6 +72,8 @@ struct Settings {
     model: String,
     controlnet: String,
     variant: Option<String>,
+    /// Comma-separated `path[:scale]` LoRA entries, parsed when the element starts.
+    lora: String,
     device: String,
     dtype: DType,
     prompt: String,
@@ -108,6 +110,7 @@ impl Default for Settings {
             model: DEFAULT_MODEL.into(),
             controlnet: DEFAULT_CONTROLNET.into(),
             variant: None,
+            lora: String::new(),
             device: DEFAULT_DEVICE.into(),
             dtype: DType::F32,
             prompt: frame.prompt,
@@ -137,12 +140,14 @@ impl Default for Settings {
 }
 
 impl Settings {
-    fn model_spec(&self) -> ModelSpec {
-        ModelSpec {
+    /// The models to load; the `lora` list is parsed here (its errors name the bad entry).
+    fn model_spec(&self) -> anyhow::Result<ModelSpec> {
+        Ok(ModelSpec {
             model: self.model.clone(),
             controlnet: self.controlnet.clone(),
             variant: self.variant.clone().filter(|v| !v.is_empty()),
-        }
+            loras: LoraSpec::parse_list(&self.lora).context("invalid lora property")?,
+        })
     }
 
     /// The engine's frame settings; an error naming the value when `timesteps` does not parse.
@@ -180,7 +185,11 @@ impl Settings {
 
 /// Everything the loader thread needs, copied out of the settings.
 struct LoadRequest {
-    spec: ModelSpec,
+    /// The models, or why the settings do not name them (reported by the loader).
+    spec: anyhow::Result<ModelSpec>,
+    /// The `model` and `controlnet` settings, for messages.
+    model: String,
+    controlnet: String,
     device: String,
     dtype: DType,
     config: SessionConfig,
@@ -189,18 +198,25 @@ struct LoadRequest {
 
 impl LoadRequest {
     fn describe(&self) -> String {
+        let loras = match &self.spec {
+            Ok(spec) if !spec.loras.is_empty() => {
+                format!(" and LoRA {}", spec.loras.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "))
+            }
+            _ => String::new(),
+        };
         format!(
-            "Stable Diffusion model '{}' with ControlNet '{}' on {} ({})",
-            self.spec.model,
-            self.spec.controlnet,
+            "Stable Diffusion model '{}' with ControlNet '{}'{loras} on {} ({})",
+            self.model,
+            self.controlnet,
             self.device,
             candle_core::DType::from(self.dtype).as_str()
         )
     }
 
     fn load(self) -> anyhow::Result<VideoSession> {
+        let spec = self.spec?;
         let device = sdcrossframe::device::parse_device(&self.device)?;
-        let stylizer = Stylizer::load(&self.spec, &device, self.dtype.into())?;
+        let stylizer = Stylizer::load(&spec, &device, self.dtype.into())?;
         let mut session = VideoSession::new(stylizer, self.config, self.frame_settings.clone())
             .context("invalid element settings")?;
         session.set_settings(self.frame_settings).context("invalid element settings")?;
@@ -327,7 +343,7 @@ impl SdCrossFrame {
             };
             let src = element.upgrade();
             let description = request.describe();
-            let (model, controlnet) = (request.spec.model.clone(), request.spec.controlnet.clone());
+            let (model, controlnet) = (request.model.clone(), request.controlnet.clone());
             gst::info!(CAT, "loading {description}");
             if let Some(src) = &src {
                 post(
@@ -500,6 +516,12 @@ impl ObjectImpl for SdCrossFrame {
                     .default_value(None)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecString::builder("lora")
+                    .nick("LoRA")
+                    .blurb("LoRAs fused into the UNet (and the text encoder when a file has text-encoder layers) when the element starts: comma-separated path[:scale] entries (scale 1 when left out), each a .safetensors file in the kohya or diffusers/PEFT layout, a directory holding one, or a Hugging Face repo id such as latent-consistency/lcm-lora-sdv1-5; the text after the last ':' is the scale only when it is a number; empty for none")
+                    .default_value(Some(""))
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecString::builder("device")
                     .nick("Device")
                     .blurb("Compute device: cpu, or cuda:N when built with the cuda feature")
@@ -663,7 +685,7 @@ impl ObjectImpl for SdCrossFrame {
     fn set_property(&self, _id: usize, value: &glib::Value, pspec: &glib::ParamSpec) {
         let name = pspec.name();
         let started = self.state.lock().unwrap().is_some();
-        if started && matches!(name, "model" | "controlnet" | "variant" | "device" | "dtype" | "overlap") {
+        if started && matches!(name, "model" | "controlnet" | "variant" | "lora" | "device" | "dtype" | "overlap") {
             gst::warning!(CAT, imp = self, "{name} changed while running: takes effect when the element restarts");
         }
         let mut latency_changed = false;
@@ -674,6 +696,7 @@ impl ObjectImpl for SdCrossFrame {
                 "model" => s.model = string(),
                 "controlnet" => s.controlnet = string(),
                 "variant" => s.variant = value.get().expect("type checked upstream"),
+                "lora" => s.lora = string(),
                 "device" => s.device = string(),
                 "dtype" => s.dtype = value.get().expect("type checked upstream"),
                 "prompt" => s.prompt = string(),
@@ -717,6 +740,7 @@ impl ObjectImpl for SdCrossFrame {
             "model" => s.model.to_value(),
             "controlnet" => s.controlnet.to_value(),
             "variant" => s.variant.to_value(),
+            "lora" => s.lora.to_value(),
             "device" => s.device.to_value(),
             "dtype" => s.dtype.to_value(),
             "prompt" => s.prompt.to_value(),
@@ -800,6 +824,8 @@ impl BaseTransformImpl for SdCrossFrame {
             .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ("Invalid element settings: {e}")))?;
         let request = LoadRequest {
             spec: settings.model_spec(),
+            model: settings.model.clone(),
+            controlnet: settings.controlnet.clone(),
             device: settings.device.clone(),
             dtype: settings.dtype,
             config: settings.session_config(),
