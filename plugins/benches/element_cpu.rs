@@ -40,9 +40,10 @@ fn packed(rgb: &RgbFrame, layout: PixelLayout) -> Vec<u8> {
 
 fn main() {
     // A frame of a real clip; another PNG may be given (a copied binary runs from elsewhere).
-    let path = std::env::args().skip(1).find(|a| !a.starts_with("--")).map(std::path::PathBuf::from).unwrap_or_else(
-        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/canny/frames/portrait-f088-orig.png"),
-    );
+    let path =
+        std::env::args().skip(1).find(|a| !a.starts_with("--")).map(std::path::PathBuf::from).unwrap_or_else(|| {
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/canny/frames/portrait-f088-orig.png")
+        });
     let source = RgbFrame::load(&path).unwrap_or_else(|e| panic!("{}: {e:#}", path.display()));
     let processing = (512, 512);
     let params = CannyParams::default();

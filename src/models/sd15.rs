@@ -10,7 +10,7 @@ use super::clip::ClipTextConfig;
 use super::controlnet::ControlNetConfig;
 use super::unet::UNet2DConditionConfig;
 use super::vae::AutoencoderKLConfig;
-use crate::scheduler::DdimSchedulerConfig;
+use crate::scheduler::SchedulerConfig;
 
 const UNET: &str = include_str!("sd15/unet.json");
 const CONTROLNET: &str = include_str!("sd15/controlnet.json");
@@ -44,9 +44,9 @@ pub fn text_encoder_config() -> Result<ClipTextConfig> {
     parse(TEXT_ENCODER, "text encoder")
 }
 
-/// runwayml/stable-diffusion-v1-5 `scheduler/scheduler_config.json` (a PNDM config; DDIM reads
-/// the same fields).
-pub fn scheduler_config() -> Result<DdimSchedulerConfig> {
+/// runwayml/stable-diffusion-v1-5 `scheduler/scheduler_config.json` (a PNDM config: `auto`
+/// runs DDIM on it; DDIM and LCM read its fields with their own defaults for the rest).
+pub fn scheduler_config() -> Result<SchedulerConfig> {
     parse(SCHEDULER, "scheduler")
 }
 
@@ -61,7 +61,7 @@ mod tests {
         assert_eq!(vae_config()?.block_out_channels, [128, 256, 512, 512]);
         let text = text_encoder_config()?;
         assert_eq!((text.hidden_size, text.num_hidden_layers, text.vocab_size), (768, 12, 49408));
-        assert_eq!(scheduler_config()?.num_train_timesteps, 1000);
+        assert_eq!(scheduler_config()?.ddim().map_err(candle_core::Error::wrap)?.num_train_timesteps, 1000);
         Ok(())
     }
 }

@@ -13,7 +13,7 @@ use crate::models::clip::ClipTextConfig;
 use crate::models::controlnet::ControlNetConfig;
 use crate::models::unet::UNet2DConditionConfig;
 use crate::models::vae::AutoencoderKLConfig;
-use crate::scheduler::DdimSchedulerConfig;
+use crate::scheduler::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{self, ComponentFiles};
 
@@ -65,7 +65,8 @@ pub struct ModelParts<'a> {
     pub unet: Component<'a, UNet2DConditionConfig>,
     pub controlnet: Component<'a, ControlNetConfig>,
     pub vae: Component<'a, AutoencoderKLConfig>,
-    pub scheduler: DdimSchedulerConfig,
+    /// `scheduler/scheduler_config.json` (each scheduler reads its fields from it).
+    pub scheduler: SchedulerConfig,
 }
 
 impl ModelParts<'static> {

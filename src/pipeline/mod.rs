@@ -3,6 +3,7 @@
 //! hooks, noise, processing size and cancellation.
 
 mod cancel;
+mod guidance;
 mod hooks;
 mod img2img;
 mod loader;
@@ -13,11 +14,12 @@ mod size;
 mod stylizer;
 
 pub use cancel::{CancelHandle, Cancelled};
+pub use guidance::{Guidance, RESIDUAL_DELTA};
 pub use hooks::{FrameHook, PlainFrame, Stage, StageObserver};
 pub use img2img::{FrameInputs, Img2Img};
 pub use loader::{Component, ModelParts, ModelSpec};
 pub use lora::LoraSpec;
-pub use noise::{load_noise_file, seeded_noise};
-pub use settings::{FramePlan, FrameSettings};
+pub use noise::{FrameNoise, load_frame_noise, load_noise_file, seeded_noise, seeded_noise_rows};
+pub use settings::{FramePlan, FrameSettings, GuidanceMode};
 pub use size::{DEFAULT_SHORT_SIDE, SizeRequest};
 pub use stylizer::Stylizer;
