@@ -356,7 +356,13 @@ mod tests {
     use candle_core::Device;
 
     fn plan(steps: usize) -> FramePlan {
-        FramePlan { timesteps: (0..steps).map(|i| 900 - 100 * i).collect(), width: 64, height: 64, batch: 2 }
+        FramePlan {
+            scheduler: crate::scheduler::SchedulerKind::Ddim,
+            timesteps: (0..steps).map(|i| 900 - 100 * i).collect(),
+            width: 64,
+            height: 64,
+            batches: vec![2; steps],
+        }
     }
 
     /// Runs one frame through the hook: every step calls the one up-block layer with `value`.

@@ -28,16 +28,18 @@ use crate::canny::{self, CannyParams, ImageView};
 use crate::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
 use crate::device::DeviceSpan;
 use crate::frame::RgbFrame;
-use crate::pipeline::{CancelHandle, FrameSettings, SizeRequest, Stylizer};
+use crate::pipeline::{CancelHandle, FrameNoise, FrameSettings, SizeRequest, Stylizer};
 use crate::resample;
 
-/// Where each frame's initial noise comes from.
+/// Where each frame's noise comes from: the initial noise and, with LCM, the step noise of the
+/// re-noising between steps (one tensor per step slot, drawn from the same seed after the
+/// initial noise, as StreamDiffusion keeps its `init_noise` per step).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum NoiseMode {
     /// The same noise for every frame (what keeps frames coherent).
     #[default]
     Fixed,
-    /// Fresh noise for every frame, as the original pipeline did.
+    /// Fresh noise for every frame (seed + frame index), as the original pipeline did.
     PerFrame,
 }
 
@@ -133,6 +135,8 @@ pub struct PreparedFrame {
     input: Tensor,
     control: Tensor,
     noise: Tensor,
+    /// Step noise for the settings at `prepare` (LCM), `None` when they need none.
+    step_noise: Option<Tensor>,
     /// The luma change from the previous prepared frame is over the scene-cut threshold.
     scene_cut: bool,
     prepare_time: Duration,
@@ -234,8 +238,10 @@ pub struct VideoSession {
     settings: FrameSettings,
     /// Noise given explicitly (e.g. from a file), used for every frame.
     explicit_noise: Option<Tensor>,
-    /// Seeded fixed noise, cached per processing size.
-    fixed_noise: Option<((usize, usize), Tensor)>,
+    /// Step noise given explicitly (a noise file's `step_noise`), used for every frame.
+    explicit_step_noise: Option<Tensor>,
+    /// Seeded fixed noise, cached per processing size and number of step-noise rows.
+    fixed_noise: Option<((usize, usize, usize), FrameNoise)>,
     previous_thumbnail: Option<Vec<f32>>,
     frames_pushed: u64,
 }
@@ -250,6 +256,7 @@ impl VideoSession {
             config,
             settings,
             explicit_noise: None,
+            explicit_step_noise: None,
             fixed_noise: None,
             previous_thumbnail: None,
             frames_pushed: 0,
@@ -268,8 +275,8 @@ impl VideoSession {
         &self.settings
     }
 
-    /// Takes effect at the next frame. A schedule change (steps, strength, guidance on/off)
-    /// re-anchors there.
+    /// Takes effect at the next frame. A schedule change (scheduler, steps, strength,
+    /// timesteps, the guidance batch) re-anchors there.
     pub fn set_settings(&mut self, settings: FrameSettings) -> Result<()> {
         self.stylizer.img2img().timesteps(&settings)?;
         self.settings = settings;
@@ -289,6 +296,13 @@ impl VideoSession {
     /// Uses this noise for every frame (fixed noise given explicitly, e.g. from a file).
     pub fn set_noise(&mut self, noise: Option<Tensor>) {
         self.explicit_noise = noise;
+    }
+
+    /// Uses this step noise (`[rows, C, h, w]`, row k re-noises after LCM step k) for every
+    /// frame, e.g. a noise file's `step_noise`; without it the step noise is seeded (see
+    /// [`NoiseMode`]) even when the initial noise is explicit.
+    pub fn set_step_noise(&mut self, step_noise: Option<Tensor>) {
+        self.explicit_step_noise = step_noise;
     }
 
     /// A handle that cancels the frame in flight; the cancelled `push` (or `launch`) returns an
@@ -388,9 +402,10 @@ impl VideoSession {
             ControlSource::Scaled(c) => c.to_tensor(&device)?,
             ControlSource::Edges(edges) => canny::control_image(&edges, &device)?,
         };
-        let noise = self.noise_for(index, width, height)?;
+        let rows = self.step_noise_rows()?;
+        let FrameNoise { initial: noise, steps: step_noise } = self.noise_for(index, width, height, rows)?;
         let prepare_time = cpu_time + uploading.elapsed();
-        Ok(PreparedFrame { index, input, control, noise, scene_cut, prepare_time, device_wait })
+        Ok(PreparedFrame { index, input, control, noise, step_noise, scene_cut, prepare_time, device_wait })
     }
 
     /// Runs the diffusion of a prepared frame through the cross-frame state: decides whether
@@ -398,7 +413,7 @@ impl VideoSession {
     /// failed or cancelled frame (an error that downcasts to [`crate::pipeline::Cancelled`])
     /// leaves no partial cross-frame state: the next frame becomes an anchor.
     pub fn launch(&mut self, prepared: PreparedFrame) -> Result<InFlightFrame> {
-        let PreparedFrame { index, input, control, noise, scene_cut, prepare_time, .. } = prepared;
+        let PreparedFrame { index, input, control, noise, mut step_noise, scene_cut, prepare_time, .. } = prepared;
         if index != self.frames_pushed {
             bail!(
                 "frame {index} was prepared out of turn (frame {} is next): prepare each frame after launching the previous one",
@@ -412,6 +427,12 @@ impl VideoSession {
             self.attention.request_anchor();
         }
         let launched = Instant::now();
+        // Settings changed since `prepare` may need more rows of step noise.
+        let rows = self.step_noise_rows()?;
+        if rows > step_noise.as_ref().map_or(Ok(0), |s| s.dim(0))? {
+            let (_, _, height, width) = input.dims4()?;
+            step_noise = self.noise_for(index, width, height, rows)?.steps;
+        }
         let device = self.stylizer.device().clone();
         let mut span = DeviceSpan::start(&device)?;
         let result = self.stylizer.stylize_cancellable(
@@ -419,6 +440,7 @@ impl VideoSession {
             &control,
             &self.settings,
             &noise,
+            step_noise.as_ref(),
             &mut self.attention,
             &self.cancel,
         );
@@ -513,23 +535,38 @@ impl VideoSession {
         scene_cut.then_some("scene cut")
     }
 
-    fn noise_for(&mut self, index: u64, width: usize, height: usize) -> Result<Tensor> {
-        if let Some(noise) = &self.explicit_noise {
-            return Ok(noise.clone());
+    /// Rows of step noise the current settings need (LCM: steps - 1).
+    fn step_noise_rows(&self) -> Result<usize> {
+        Ok(self.stylizer.img2img().schedule(&self.settings)?.step_noise_rows())
+    }
+
+    /// The frame's initial noise and `rows` rows of step noise: explicit ones where given,
+    /// else seeded (the seed for `fixed`, seed + index for `per-frame`).
+    fn noise_for(&mut self, index: u64, width: usize, height: usize, rows: usize) -> Result<FrameNoise> {
+        if let (Some(initial), 0) = (&self.explicit_noise, rows) {
+            return Ok(FrameNoise { initial: initial.clone(), steps: None });
         }
-        match self.config.noise {
-            NoiseMode::PerFrame => self.stylizer.seeded_noise(self.config.seed.wrapping_add(index), width, height),
-            NoiseMode::Fixed => {
-                if let Some((size, noise)) = &self.fixed_noise
-                    && *size == (width, height)
-                {
-                    return Ok(noise.clone());
-                }
-                let noise = self.stylizer.seeded_noise(self.config.seed, width, height)?;
-                self.fixed_noise = Some(((width, height), noise.clone()));
-                Ok(noise)
+        let explicit_steps = self.explicit_step_noise.clone().filter(|_| rows > 0);
+        if let (Some(initial), Some(steps)) = (&self.explicit_noise, &explicit_steps) {
+            return Ok(FrameNoise { initial: initial.clone(), steps: Some(steps.clone()) });
+        }
+        let seeded = match self.config.noise {
+            NoiseMode::PerFrame => {
+                self.stylizer.seeded_frame_noise(self.config.seed.wrapping_add(index), width, height, rows)?
             }
-        }
+            NoiseMode::Fixed => match &self.fixed_noise {
+                Some((key, noise)) if *key == (width, height, rows) => noise.clone(),
+                _ => {
+                    let noise = self.stylizer.seeded_frame_noise(self.config.seed, width, height, rows)?;
+                    self.fixed_noise = Some(((width, height, rows), noise.clone()));
+                    noise
+                }
+            },
+        };
+        Ok(FrameNoise {
+            initial: self.explicit_noise.clone().unwrap_or(seeded.initial),
+            steps: explicit_steps.or(seeded.steps),
+        })
     }
 }
 

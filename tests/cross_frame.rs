@@ -7,7 +7,8 @@ mod common;
 use candle_core::{Device, Tensor};
 use common::*;
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
-use sdcrossframe::pipeline::{FrameSettings, PlainFrame, SizeRequest};
+use sdcrossframe::pipeline::{FrameSettings, GuidanceMode, PlainFrame, SizeRequest};
+use sdcrossframe::scheduler::SchedulerChoice;
 use sdcrossframe::session::{SessionConfig, VideoSession};
 
 const FRAMES: usize = 6;
@@ -104,6 +105,7 @@ fn off_reproduces_single_frame_img2img_exactly() {
                 &control(k).to_tensor(&Device::Cpu).unwrap(),
                 &settings,
                 &fixture_noise(),
+                None,
                 &mut PlainFrame::default(),
             )
             .unwrap();
@@ -242,4 +244,118 @@ fn cancel_stops_a_frame_between_steps_and_the_next_frame_reanchors() {
     // The cancelled frame left no partial state: the next frame is a clean anchor.
     session.set_settings(quick_settings()).unwrap();
     assert!(session.push(&frame(2), Some(&control(2))).unwrap().anchor);
+}
+
+// ---------------------------------------------------------------------------------------
+// Under LCM (tests/reference/make_lcm_fixtures.py): 4 steps x strength 0.5 = timesteps 499,
+// 259, guidance 1, the fixture's start noise and step noise for every frame.
+
+const LCM_FRAMES: usize = 3;
+
+fn lcm_settings() -> FrameSettings {
+    FrameSettings {
+        scheduler: SchedulerChoice::Lcm,
+        steps: 4,
+        strength: 0.5,
+        guidance_scale: 1.0,
+        controlnet_scale: 0.7,
+        ..base_settings()
+    }
+}
+
+fn lcm_session(mode: AttentionMode, scope: AttentionScope) -> VideoSession {
+    let config = SessionConfig {
+        attention: mode,
+        scope,
+        scene_cut_threshold: 0.0,
+        size: fixture_size(),
+        ..SessionConfig::default()
+    };
+    let mut session = VideoSession::new(tiny_stylizer(), config, lcm_settings()).unwrap();
+    let noise = load_tensors(&fixtures().join("reference/lcm/noise.safetensors"));
+    session.set_noise(Some(noise["noise"].clone()));
+    session.set_step_noise(Some(noise["step_noise"].clone()));
+    session
+}
+
+fn lcm_reference(name: &str) -> Vec<Tensor> {
+    let tensors = load_tensors(&fixtures().join(format!("reference/lcm/cross_frame_{name}.safetensors")));
+    (0..LCM_FRAMES).map(|k| tensors[&format!("frame_{k}")].clone()).collect()
+}
+
+fn check_lcm_parity(mode: AttentionMode, scope: AttentionScope) {
+    let name = format!("{}_{scope}", mode.to_string().replace('+', "_"));
+    let want = lcm_reference(&name);
+    let got = run(&mut lcm_session(mode, scope), LCM_FRAMES);
+    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+        let err = max_abs_diff(g, w);
+        println!("lcm {mode} {scope} frame {k}: max abs error {err:.2e}");
+        assert!(err <= IMAGE_TOLERANCE, "lcm {mode} {scope} frame {k}: {err:.2e} over {IMAGE_TOLERANCE}");
+    }
+}
+
+#[test]
+fn lcm_off_matches_reference() {
+    check_lcm_parity(AttentionMode::Off, AttentionScope::Up);
+}
+
+#[test]
+fn lcm_first_up_matches_reference() {
+    check_lcm_parity(AttentionMode::First, AttentionScope::Up);
+}
+
+#[test]
+fn lcm_prev_up_matches_reference() {
+    check_lcm_parity(AttentionMode::Prev, AttentionScope::Up);
+}
+
+#[test]
+fn lcm_first_prev_up_matches_reference() {
+    check_lcm_parity(AttentionMode::FirstPrev, AttentionScope::Up);
+}
+
+#[test]
+fn lcm_first_prev_all_matches_reference() {
+    check_lcm_parity(AttentionMode::FirstPrev, AttentionScope::All);
+}
+
+#[test]
+fn lcm_modes_differ_far_beyond_tolerance_in_the_reference() {
+    let names = ["off_up", "first_up", "prev_up", "first_prev_up", "first_prev_all"];
+    let videos: Vec<_> = names.iter().map(|n| lcm_reference(n)).collect();
+    for i in 0..names.len() {
+        for j in i + 1..names.len() {
+            let diff = max_abs_diff(&videos[i][2], &videos[j][2]);
+            println!("lcm frame 2: {} vs {}: {diff:.3}", names[i], names[j]);
+            assert!(diff >= 20.0 * IMAGE_TOLERANCE, "{} and {} differ by only {diff}", names[i], names[j]);
+        }
+    }
+}
+
+/// The cross-frame store is reused only between equal plans: the scheduler and the guidance
+/// batch are part of it. Seeded step noise is fixed per session (same frame, same output).
+#[test]
+fn scheduler_or_guidance_batch_change_reanchors_and_step_noise_is_fixed() {
+    let config = SessionConfig { scene_cut_threshold: 0.0, size: fixture_size(), ..SessionConfig::default() };
+    let mut session = VideoSession::new(tiny_stylizer(), config.clone(), lcm_settings()).unwrap();
+    assert!(session.push(&frame(0), Some(&control(0))).unwrap().anchor);
+    assert!(!session.push(&frame(1), Some(&control(1))).unwrap().anchor);
+    let guided = FrameSettings { guidance_scale: 2.0, guidance: GuidanceMode::SelfNegative, ..lcm_settings() };
+    session.set_settings(guided.clone()).unwrap();
+    assert!(!session.push(&frame(2), Some(&control(2))).unwrap().anchor, "self guidance keeps batch 1");
+    session.set_settings(FrameSettings { guidance: GuidanceMode::Initialize, ..guided }).unwrap();
+    assert!(session.push(&frame(3), Some(&control(3))).unwrap().anchor, "initialize has batch 2 at step 0");
+    session.set_settings(FrameSettings { scheduler: SchedulerChoice::Ddim, ..lcm_settings() }).unwrap();
+    assert!(session.push(&frame(4), Some(&control(4))).unwrap().anchor, "another scheduler re-anchors");
+
+    let off = SessionConfig { attention: AttentionMode::Off, ..config };
+    let mut session = VideoSession::new(tiny_stylizer(), off.clone(), lcm_settings()).unwrap();
+    let a = session.push(&frame(0), Some(&control(0))).unwrap().image;
+    let b = session.push(&frame(0), Some(&control(0))).unwrap().image;
+    assert_eq!(max_abs_diff(&a, &b), 0.0, "fixed noise: the same frame gives the same output");
+    let per_frame = SessionConfig { noise: sdcrossframe::session::NoiseMode::PerFrame, ..off };
+    let mut session = VideoSession::new(tiny_stylizer(), per_frame, lcm_settings()).unwrap();
+    let a = session.push(&frame(0), Some(&control(0))).unwrap().image;
+    let b = session.push(&frame(0), Some(&control(0))).unwrap().image;
+    assert!(max_abs_diff(&a, &b) > 0.05, "per-frame noise: fresh noise every frame");
 }

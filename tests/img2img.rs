@@ -45,6 +45,7 @@ fn img2img_matches_diffusers_for_every_case() {
             strength: case.strength,
             guidance_scale: case.guidance_scale,
             controlnet_scale: case.controlnet_scale,
+            ..FrameSettings::default()
         };
         let image = stylizer
             .stylize(
@@ -52,6 +53,7 @@ fn img2img_matches_diffusers_for_every_case() {
                 &control(case.control).to_tensor(&Device::Cpu).unwrap(),
                 &settings,
                 &noise,
+                None,
                 &mut PlainFrame::default(),
             )
             .unwrap();

@@ -115,6 +115,7 @@ fn run_case(spec: &ModelSpec, case: &Case) -> Tensor {
         strength: case.strength,
         guidance_scale: case.guidance_scale,
         controlnet_scale: case.controlnet_scale,
+        ..FrameSettings::default()
     };
     stylizer
         .stylize(
@@ -122,6 +123,7 @@ fn run_case(spec: &ModelSpec, case: &Case) -> Tensor {
             &control(case.control).to_tensor(&Device::Cpu).unwrap(),
             &settings,
             &fixture_noise(),
+            None,
             &mut PlainFrame::default(),
         )
         .unwrap()

@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use candle_core::{DType, Device};
 use clap::Args;
-use sdcrossframe::pipeline::{FrameSettings, ModelSpec, Stylizer, load_vae};
+use sdcrossframe::pipeline::{FrameSettings, GuidanceMode, ModelSpec, Stylizer, load_vae};
+use sdcrossframe::scheduler::{SchedulerChoice, TimestepIndices};
 
 use crate::random::sd15_parts;
 
@@ -78,6 +79,17 @@ pub struct GenerationArgs {
     guidance_scale: f64,
     #[arg(long, default_value_t = 0.7)]
     controlnet_scale: f64,
+    /// Scheduler: auto (the model's config names it; random weights use SD1.5's PNDM config:
+    /// ddim), ddim or lcm (on SD1.5's config: LCMScheduler's defaults for the rest).
+    #[arg(long, default_value = "auto")]
+    scheduler: SchedulerChoice,
+    /// Explicit LCM timesteps: indices into the 50-step LCM schedule, e.g. 32,45.
+    #[arg(long)]
+    timesteps: Option<TimestepIndices>,
+    /// Guidance: auto (full when --guidance-scale > 1), none, full, self or initialize
+    /// (residual CFG, lcm only).
+    #[arg(long, default_value = "auto")]
+    guidance: GuidanceMode,
 }
 
 impl GenerationArgs {
@@ -89,6 +101,9 @@ impl GenerationArgs {
             strength: self.strength,
             guidance_scale: self.guidance_scale,
             controlnet_scale: self.controlnet_scale,
+            scheduler: self.scheduler,
+            timesteps: self.timesteps.clone(),
+            guidance: self.guidance,
         }
     }
 }

@@ -81,16 +81,21 @@ pub fn run(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Op
         bail!("--width/--height must be non-zero multiples of {f} (got {width}x{height})");
     }
     let settings = args.generation.settings();
-    let timesteps = img2img.timesteps(&settings)?;
+    let schedule = img2img.schedule(&settings)?;
+    let timesteps = &schedule.timesteps;
+    let guidance = settings.effective_guidance();
     println!(
-        "frame: {source} (loaded in {:.1} s), {}x{}, {} steps x strength {} = {} denoising steps, guidance {}, controlnet scale {}",
+        "frame: {source} (loaded in {:.1} s), {}x{}, {} scheduler, {} steps x strength {} = {} denoising steps {:?}, guidance {guidance} (scale {}, UNet batches {:?}), controlnet scale {}",
         load_ms / 1e3,
         width,
         height,
+        schedule.kind,
         settings.steps,
         settings.strength,
         timesteps.len(),
+        timesteps,
         settings.guidance_scale,
+        (0..timesteps.len()).map(|i| guidance.batch(i)).collect::<Vec<_>>(),
         settings.controlnet_scale
     );
 
@@ -112,7 +117,18 @@ pub fn run(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Op
     let frame = Tensor::rand(0f32, 1f32, (1, 3, h, w), device)?;
     let control = Tensor::rand(0f32, 1f32, (1, img2img.control_channels(), h, w), device)?;
     let noise = Tensor::randn(0f32, 1f32, img2img.noise_shape(w, h), device)?;
-    let inputs = FrameInputs { frame: &frame, control: &control, embeddings: &embeddings, noise: &noise };
+    let (_, c, lh, lw) = img2img.noise_shape(w, h);
+    let step_noise = match schedule.step_noise_rows() {
+        0 => None,
+        rows => Some(Tensor::randn(0f32, 1f32, (rows, c, lh, lw), device)?),
+    };
+    let inputs = FrameInputs {
+        frame: &frame,
+        control: &control,
+        embeddings: &embeddings,
+        noise: &noise,
+        step_noise: step_noise.as_ref(),
+    };
 
     struct Row {
         label: String,
@@ -175,7 +191,11 @@ pub fn run(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Op
     }
 
     println!();
-    println!("text encoder (2 prompts, once per prompt change): {:.1} ms", median(&text_ms));
+    println!(
+        "text encoder ({} prompts, once per prompt change): {:.1} ms",
+        if settings.uses_guidance() { 2 } else { 1 },
+        median(&text_ms)
+    );
     println!();
     println!(
         "| variant | frame ms (median) | fps | frame ms, no stage syncs | VAE encode + control embedding ms | step ms (median) | steps total ms | VAE decode ms | peak alloc GiB | output finite |"

@@ -13,6 +13,7 @@ use sdcrossframe::models::controlnet::ControlNetModel;
 use sdcrossframe::models::sd15;
 use sdcrossframe::models::unet::UNet2DConditionModel;
 use sdcrossframe::pipeline::{FrameHook, FramePlan, PlainFrame};
+use sdcrossframe::scheduler::SchedulerKind;
 
 use crate::Cli;
 use crate::gpu_memory::Probe;
@@ -85,7 +86,13 @@ pub fn run(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, probe:
 
     // The engine's own cross-frame attention; each variant's first (warm-up) call is its anchor
     // frame, the timed calls are followers reading the anchor's and the previous call's inputs.
-    let plan = FramePlan { timesteps: vec![TIMESTEP], width: args.width, height: args.height, batch: b };
+    let plan = FramePlan {
+        scheduler: SchedulerKind::Ddim,
+        timesteps: vec![TIMESTEP],
+        width: args.width,
+        height: args.height,
+        batches: vec![b],
+    };
     let mut variants: Vec<(&str, Box<dyn FrameHook>)> = vec![
         ("plain attention", Box::new(PlainFrame::default())),
         ("first+prev, up blocks", Box::new(CrossFrameAttention::new(AttentionMode::FirstPrev, AttentionScope::Up))),

@@ -14,7 +14,10 @@ use sdcrossframe::canny::{self, CannyParams, ImageView};
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
 use sdcrossframe::device::{parse_device, parse_dtype};
 use sdcrossframe::frame::RgbFrame;
-use sdcrossframe::pipeline::{FrameSettings, LoraSpec, ModelSpec, SizeRequest, Stylizer, load_noise_file};
+use sdcrossframe::pipeline::{
+    FrameSettings, GuidanceMode, LoraSpec, ModelSpec, SizeRequest, Stylizer, load_frame_noise,
+};
+use sdcrossframe::scheduler::{SchedulerChoice, TimestepIndices};
 use sdcrossframe::session::{NoiseMode, SessionConfig, VideoSession};
 
 #[derive(Parser)]
@@ -78,22 +81,38 @@ struct StylizeArgs {
     prompt: String,
     #[arg(long, default_value = "")]
     negative_prompt: String,
-    /// Number of DDIM steps for strength 1 (the frame runs steps x strength of them).
+    /// Steps of the scheduler's schedule (the frame runs the last steps x strength of them).
     #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
     steps: u32,
     /// How far the frame is noised before denoising, 0..1 (1 ignores the frame's content).
     #[arg(long, default_value_t = 0.9)]
     strength: f64,
-    /// Classifier-free guidance scale (1 or less disables guidance).
+    /// Classifier-free guidance scale (1 or less disables guidance, whatever --guidance says).
     #[arg(long, default_value_t = 7.5)]
     guidance_scale: f64,
+    /// How the negative prompt guides: auto (full when --guidance-scale > 1, else none), none,
+    /// full (CFG: 2 UNet evaluations per step), self or initialize (StreamDiffusion's residual
+    /// CFG: 1 evaluation per step; lcm only).
+    #[arg(long, default_value = "auto")]
+    guidance: GuidanceMode,
+    /// Denoising scheduler: auto (what the model's scheduler config names: LCMScheduler gives
+    /// lcm, anything else ddim), ddim or lcm.
+    #[arg(long, default_value = "auto")]
+    scheduler: SchedulerChoice,
+    /// Explicit timesteps (lcm only): ascending comma-separated indices into the 50-step LCM
+    /// schedule (StreamDiffusion's t_index_list), e.g. 32,45; they replace --steps and
+    /// --strength.
+    #[arg(long)]
+    timesteps: Option<TimestepIndices>,
     /// How strongly the Canny edges steer the result.
     #[arg(long, default_value_t = 0.7)]
     controlnet_scale: f64,
     /// Seed of the initial noise (ignored with --noise-file).
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// A safetensors file holding the initial noise latents (tensor "noise", [1, 4, H/8, W/8]).
+    /// A safetensors file holding the initial noise latents (tensor "noise", [1, 4, H/8, W/8])
+    /// and, optionally, the LCM step noise (tensor "step_noise", [steps - 1, 4, H/8, W/8], row
+    /// k re-noises after step k; without it the step noise comes from --seed).
     #[arg(long)]
     noise_file: Option<PathBuf>,
     /// Use this control image instead of the frame's Canny edges.
@@ -189,11 +208,14 @@ fn stylize(args: StylizeArgs) -> Result<()> {
         strength: args.strength,
         guidance_scale: args.guidance_scale,
         controlnet_scale: args.controlnet_scale,
+        scheduler: args.scheduler,
+        timesteps: args.timesteps.clone(),
+        guidance: args.guidance,
     };
     // Fail on bad settings and unreadable inputs before the (slow) model load.
     let first = RgbFrame::load(&inputs[0])?;
     let explicit_control = args.control.as_deref().map(RgbFrame::load).transpose()?;
-    let noise_from_file = args.noise_file.as_deref().map(|p| load_noise_file(p, &device)).transpose()?;
+    let noise_from_file = args.noise_file.as_deref().map(|p| load_frame_noise(p, &device)).transpose()?;
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create output directory {}", args.output.display()))?;
 
@@ -217,7 +239,10 @@ fn stylize(args: StylizeArgs) -> Result<()> {
         size: SizeRequest { width: args.width, height: args.height },
     };
     let mut session = VideoSession::new(stylizer, config, settings)?;
-    session.set_noise(noise_from_file);
+    if let Some(noise) = noise_from_file {
+        session.set_noise(Some(noise.initial));
+        session.set_step_noise(noise.steps);
+    }
 
     let progress = indicatif::ProgressBar::new(inputs.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} frames  {elapsed} elapsed, {eta} left  {msg}")

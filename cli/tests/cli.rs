@@ -120,6 +120,73 @@ fn zero_denoising_steps_is_an_error_that_says_so() {
     std::fs::remove_dir_all(&out).ok();
 }
 
+/// `--scheduler lcm` with a noise file holding `noise` and `step_noise` reproduces diffusers'
+/// LCM frame (tests/fixtures/reference/lcm/lcm2: 4 steps x strength 0.5, guidance 1).
+#[test]
+fn cli_lcm_reproduces_the_diffusers_frame_from_the_noise_file_with_step_noise() {
+    let out = std::env::temp_dir().join(format!("sdcrossframe-cli-lcm-{}", std::process::id()));
+    let lcm = fixtures().join("reference/lcm");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_sdcrossframe"))
+        .args(["stylize"])
+        .arg(img2img_dir().join("frame_0.png"))
+        .arg("--output")
+        .arg(&out)
+        .args(tiny_args())
+        .args(["--prompt", BASE_PROMPT, "--negative-prompt", BASE_NEGATIVE])
+        .args(["--scheduler", "lcm", "--steps", "4", "--strength", "0.5", "--guidance-scale", "1"])
+        .args(["--controlnet-scale", "0.7", "--width", "96", "--height", "64"])
+        .arg("--control")
+        .arg(img2img_dir().join("control_0.png"))
+        .arg("--noise-file")
+        .arg(lcm.join("noise.safetensors"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let ours = image::open(out.join("frame_0.png")).unwrap().to_rgb8();
+    let tensors = candle_core::safetensors::load(lcm.join("lcm2.safetensors"), &candle_core::Device::Cpu).unwrap();
+    // [1, 3, H, W] in [0, 1] -> HWC bytes.
+    let theirs: Vec<u8> = (tensors["image"].squeeze(0).unwrap().permute((1, 2, 0)).unwrap() * 255.0)
+        .unwrap()
+        .round()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .into_iter()
+        .map(|v| v as u8)
+        .collect();
+    assert_eq!(ours.as_raw().len(), theirs.len());
+    let worst = ours.as_raw().iter().zip(&theirs).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    assert!(worst <= 1, "CLI LCM output differs from diffusers' frame by {worst} levels");
+    std::fs::remove_dir_all(&out).ok();
+}
+
+#[test]
+fn bad_scheduler_timesteps_and_guidance_are_errors_naming_the_value() {
+    let out = std::env::temp_dir().join(format!("sdcrossframe-badsched-{}", std::process::id()));
+    let frame = img2img_dir().join("frame_0.png");
+    for (extra, needle) in [
+        (&["--scheduler", "euler"][..], "unknown scheduler \"euler\""),
+        (&["--guidance", "half"][..], "unknown guidance mode \"half\""),
+        (&["--scheduler", "lcm", "--timesteps", "45,32"][..], "ascending"),
+        (&["--scheduler", "lcm", "--timesteps", "32,x"][..], "\"x\" is not a timestep index"),
+        (&["--scheduler", "lcm", "--timesteps", "32,50"][..], "index 50 is out of range"),
+        (&["--timesteps", "32,45"][..], "explicit timesteps need the lcm scheduler"),
+        (&["--guidance", "self"][..], "needs the lcm scheduler"),
+    ] {
+        let mut args =
+            vec!["stylize".to_string(), frame.display().to_string(), "--output".into(), out.display().to_string()];
+        args.extend(tiny_args());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let (ok, stderr) = cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+        assert!(!ok, "{extra:?}");
+        assert!(stderr.contains(needle), "{extra:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    std::fs::remove_dir_all(&out).ok();
+}
+
 /// `--lora FILE[:SCALE]`: the LoRA changes the picture; a bad entry or file is an error naming it.
 #[test]
 fn lora_option_changes_the_output_and_bad_entries_are_named() {

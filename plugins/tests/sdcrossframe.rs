@@ -156,7 +156,16 @@ fn properties_defaults_ranges_and_flags() {
     assert_eq!(nick("noise"), "fixed");
     assert_eq!(nick("attention"), "first+prev");
     assert_eq!(nick("attention-scope"), "up");
+    assert_eq!(nick("scheduler"), "auto");
+    assert_eq!(nick("guidance"), "auto");
+    assert_eq!(element.property::<String>("timesteps"), "");
     for (name, value) in [
+        ("scheduler", "lcm"),
+        ("scheduler", "ddim"),
+        ("guidance", "self"),
+        ("guidance", "initialize"),
+        ("guidance", "none"),
+        ("guidance", "full"),
         ("dtype", "bf16"),
         ("noise", "per-frame"),
         ("attention", "off"),
@@ -169,7 +178,17 @@ fn properties_defaults_ranges_and_flags() {
     element.set_property_from_str("attention", "first+prev");
     assert_eq!(nick("attention"), "first+prev");
 
-    for name in ["prompt", "negative-prompt", "strength", "guidance-scale", "controlnet-scale", "latency"] {
+    for name in [
+        "prompt",
+        "negative-prompt",
+        "strength",
+        "guidance-scale",
+        "controlnet-scale",
+        "latency",
+        "scheduler",
+        "timesteps",
+        "guidance",
+    ] {
         assert!(element.find_property(name).unwrap().flags().contains(gst::PARAM_FLAG_MUTABLE_PLAYING), "{name}");
     }
     for name in ["model", "controlnet", "device", "dtype", "variant", "lora", "vae", "overlap"] {
@@ -354,6 +373,61 @@ fn bad_device_and_bad_settings_are_error_messages() {
         pipeline.set_state(gst::State::Null).unwrap();
         assert!(message.contains(expected), "{props}: {message}");
     }
+}
+
+/// Bad scheduler settings at start are error messages naming the value.
+#[test]
+fn bad_scheduler_settings_are_error_messages_naming_the_value() {
+    init();
+    for (props, expected) in [
+        ("scheduler=lcm timesteps=32,50", "index 50 is out of range"),
+        ("scheduler=lcm timesteps=45,32", "45,32"),
+        ("scheduler=lcm timesteps=32,x", "\"x\" is not a timestep index"),
+        ("scheduler=ddim timesteps=32,45", "explicit timesteps need the lcm scheduler"),
+        ("guidance=self guidance-scale=2", "guidance self (residual CFG) needs the lcm scheduler"),
+        ("scheduler=lcm steps=60 strength=1", "fewer than the 60 steps"),
+    ] {
+        let pipeline = gst::parse::launch(&format!(
+            "videotestsrc num-buffers=3 ! video/x-raw,width=96,height=64 ! sdcrossframe model={} controlnet={} {props} ! fakesink",
+            fixture("tiny-sd").display(),
+            fixture("tiny-controlnet").display()
+        ))
+        .unwrap();
+        let bus = pipeline.bus().unwrap();
+        let _ = pipeline.set_state(gst::State::Playing);
+        let (message, _, _) = wait_for_error(&bus);
+        pipeline.set_state(gst::State::Null).unwrap();
+        assert!(message.contains(expected), "{props}: {message}");
+    }
+}
+
+/// LCM frames, guidance modes and explicit timesteps change the output while playing; a bad
+/// timestep list is a warning naming it and the previous settings stay.
+#[test]
+fn lcm_scheduler_and_guidance_modes_while_playing() {
+    let mut t = Tiny::new(&[("attention", "off"), ("scheduler", "lcm"), ("guidance-scale", "1.0")]);
+    let input = frame(2);
+    let format = gst_video::VideoFormat::Rgb;
+    let lcm = t.process(&input, format, 0);
+    let element = t.element();
+    element.set_property_from_str("scheduler", "ddim");
+    let ddim = t.process(&input, format, 40);
+    assert!(mean_abs_diff(&lcm, &ddim) > 0.1, "scheduler change had no effect");
+    element.set_property_from_str("scheduler", "lcm");
+    element.set_property("guidance-scale", 2.0);
+    element.set_property_from_str("guidance", "self");
+    let self_guided = t.process(&input, format, 80);
+    assert!(mean_abs_diff(&self_guided, &lcm) > 0.1, "guidance self had no effect");
+    element.set_property("timesteps", "10,40");
+    let explicit = t.process(&input, format, 120);
+    assert!(mean_abs_diff(&explicit, &self_guided) > 0.1, "timesteps had no effect");
+    assert!(t.warnings().is_empty());
+    element.set_property("timesteps", "40,10");
+    let kept = t.process(&input, format, 160);
+    assert_eq!(kept, explicit, "a rejected change keeps the previous settings");
+    let warnings = t.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("40,10") && warnings[0].contains("ascending"), "{warnings:?}");
 }
 
 #[test]

@@ -12,7 +12,7 @@ use super::controlnet::ControlNetConfig;
 use super::unet::UNet2DConditionConfig;
 use super::vae::AutoencoderKLConfig;
 use super::vae_tiny::AutoencoderTinyConfig;
-use crate::scheduler::DdimSchedulerConfig;
+use crate::scheduler::SchedulerConfig;
 
 const UNET: &str = include_str!("sd15/unet.json");
 const CONTROLNET: &str = include_str!("sd15/controlnet.json");
@@ -52,9 +52,9 @@ pub fn text_encoder_config() -> Result<ClipTextConfig> {
     parse(TEXT_ENCODER, "text encoder")
 }
 
-/// runwayml/stable-diffusion-v1-5 `scheduler/scheduler_config.json` (a PNDM config; DDIM reads
-/// the same fields).
-pub fn scheduler_config() -> Result<DdimSchedulerConfig> {
+/// runwayml/stable-diffusion-v1-5 `scheduler/scheduler_config.json` (a PNDM config: `auto`
+/// runs DDIM on it; DDIM and LCM read its fields with their own defaults for the rest).
+pub fn scheduler_config() -> Result<SchedulerConfig> {
     parse(SCHEDULER, "scheduler")
 }
 
@@ -72,7 +72,7 @@ mod tests {
         assert_eq!(taesd.num_encoder_blocks, [1, 3, 3, 3]);
         let text = text_encoder_config()?;
         assert_eq!((text.hidden_size, text.num_hidden_layers, text.vocab_size), (768, 12, 49408));
-        assert_eq!(scheduler_config()?.num_train_timesteps, 1000);
+        assert_eq!(scheduler_config()?.ddim().map_err(candle_core::Error::wrap)?.num_train_timesteps, 1000);
         Ok(())
     }
 }

@@ -1,7 +1,9 @@
 //! One frame of ControlNet img2img, computed as diffusers'
-//! `StableDiffusionControlNetImg2ImgPipeline` does with DDIM, except that the VAE posterior
-//! is taken at its mean (deterministic: no per-frame sampling noise, no flicker from it). The
-//! VAE is either kind ([`super::vae::Vae`]: the full AutoencoderKL or the tiny TAESD).
+//! `StableDiffusionControlNetImg2ImgPipeline` does with DDIM or `LCMScheduler`, except that the
+//! VAE posterior is taken at its mean (deterministic: no per-frame sampling noise, no flicker
+//! from it) and the LCM re-noising takes its noise from the caller (`step_noise`) instead of a
+//! generator. Guidance: none, full CFG, or StreamDiffusion's residual CFG (see `guidance`).
+//! The VAE is either kind ([`super::vae::Vae`]: the full AutoencoderKL or the tiny TAESD).
 
 use std::sync::Mutex;
 
@@ -9,13 +11,14 @@ use anyhow::{Context, Result, bail};
 use candle_core::{DType, Tensor};
 
 use super::cancel::CancelHandle;
+use super::guidance::Guidance;
 use super::hooks::{FrameHook, Stage, StageObserver};
 use super::settings::{FramePlan, FrameSettings};
 use super::vae::{Vae, VaeConfig};
 use crate::models::controlnet::{ControlCondition, ControlNetModel};
 use crate::models::unet::UNet2DConditionModel;
 use crate::ops::step_graphs::{GraphStats, StepGraphs, StepKey};
-use crate::scheduler::DdimScheduler;
+use crate::scheduler::{Schedule, Scheduler, Schedulers};
 
 /// What one frame is made from, at the processing size.
 pub struct FrameInputs<'a> {
@@ -23,10 +26,15 @@ pub struct FrameInputs<'a> {
     pub frame: &'a Tensor,
     /// `[1, C, H, W]` in [0, 1] (the Canny edges for a Canny ControlNet).
     pub control: &'a Tensor,
-    /// Text embeddings: `[negative; positive]` with guidance, else the positive prompt's.
+    /// Text embeddings: `[negative; positive]` when the guidance uses the negative prompt
+    /// (`full`, `initialize`: [`FrameSettings::uses_guidance`]), else the positive prompt's.
     pub embeddings: &'a Tensor,
     /// Initial noise of [`Img2Img::noise_shape`].
     pub noise: &'a Tensor,
+    /// The noise of the re-noising between steps (LCM): `[rows, C, h, w]` (`noise_shape` with
+    /// `rows` for its batch), row k used after step k; at least
+    /// [`Schedule::step_noise_rows`] rows. Not read by DDIM.
+    pub step_noise: Option<&'a Tensor>,
 }
 
 /// The UNet, ControlNet, VAE and scheduler, and one frame of ControlNet img2img with them
@@ -35,7 +43,7 @@ pub struct Img2Img {
     unet: UNet2DConditionModel,
     controlnet: ControlNetModel,
     vae: Vae,
-    scheduler: DdimScheduler,
+    schedulers: Schedulers,
     latent_channels: usize,
     vae_scale_factor: usize,
     dtype: DType,
@@ -50,14 +58,14 @@ impl Img2Img {
         controlnet: ControlNetModel,
         vae: Vae,
         vae_config: &VaeConfig,
-        scheduler: DdimScheduler,
+        schedulers: Schedulers,
         dtype: DType,
     ) -> Self {
         Self {
             unet,
             controlnet,
             vae,
-            scheduler,
+            schedulers,
             latent_channels: vae_config.latent_channels(),
             vae_scale_factor: vae_config.scale_factor(),
             dtype,
@@ -81,9 +89,24 @@ impl Img2Img {
         self.controlnet.config().conditioning_channels
     }
 
-    /// The timesteps a frame with these settings runs; an error when there are none.
+    /// The scheduler a frame with these settings runs.
+    pub fn scheduler(&self, settings: &FrameSettings) -> Result<Scheduler<'_>> {
+        self.schedulers.get(settings.scheduler)
+    }
+
+    /// What a frame with these settings runs: the scheduler and its timesteps; an error when
+    /// there are none, or when the settings do not go together (explicit timesteps or
+    /// residual guidance without LCM).
+    pub fn schedule(&self, settings: &FrameSettings) -> Result<Schedule> {
+        let scheduler = self.scheduler(settings)?;
+        let schedule = scheduler.schedule(settings.steps, settings.strength, settings.timesteps.as_ref())?;
+        Guidance::check(settings.effective_guidance(), scheduler.as_lcm())?;
+        Ok(schedule)
+    }
+
+    /// The timesteps a frame with these settings runs (see [`Self::schedule`]).
     pub fn timesteps(&self, settings: &FrameSettings) -> Result<Vec<usize>> {
-        self.scheduler.img2img_timesteps(settings.steps, settings.strength)
+        Ok(self.schedule(settings)?.timesteps)
     }
 
     /// Shape of the initial noise for a frame of `width` x `height` pixels.
@@ -102,7 +125,7 @@ impl Img2Img {
         observer: &mut dyn StageObserver,
         cancel: &CancelHandle,
     ) -> Result<Tensor> {
-        let &FrameInputs { frame, control, embeddings, noise } = inputs;
+        let &FrameInputs { frame, control, embeddings, noise, step_noise } = inputs;
         let (_, _, height, width) = frame.dims4().context("frame must be a [1, 3, H, W] tensor")?;
         if height % self.vae_scale_factor != 0 || width % self.vae_scale_factor != 0 {
             bail!("frame size {width}x{height} is not a multiple of {}", self.vae_scale_factor);
@@ -117,10 +140,44 @@ impl Img2Img {
                 noise.dims()
             );
         }
-        let timesteps = self.timesteps(settings)?;
+        let scheduler = self.scheduler(settings)?;
+        let schedule = self.schedule(settings)?;
+        let timesteps = &schedule.timesteps;
+        let rows = schedule.step_noise_rows();
+        let step_noise = match (rows, step_noise) {
+            (0, _) => None,
+            (_, None) => bail!(
+                "the {} scheduler re-noises between steps: {rows} rows of step noise are needed for {} steps",
+                schedule.kind,
+                timesteps.len()
+            ),
+            (_, Some(step_noise)) => {
+                let (have, c, h, w) = step_noise.dims4().context("step noise must be a [rows, C, H, W] tensor")?;
+                let (_, ec, eh, ew) = expected_noise;
+                if have < rows || (c, h, w) != (ec, eh, ew) {
+                    bail!(
+                        "step noise has shape {:?}, expected [{rows} or more, {ec}, {eh}, {ew}] for {} steps of a {width}x{height} frame",
+                        step_noise.dims(),
+                        timesteps.len()
+                    );
+                }
+                Some(step_noise.to_dtype(self.dtype)?)
+            }
+        };
         let _span = tracing::info_span!("stylize_frame", width, height, steps = timesteps.len()).entered();
-        let guidance = settings.uses_guidance();
-        let batch = if guidance { 2 } else { 1 };
+        let guidance_mode = settings.effective_guidance();
+        let batches: Vec<usize> = (0..timesteps.len()).map(|i| guidance_mode.batch(i)).collect();
+        let positive = if guidance_mode.uses_negative_prompt() {
+            if embeddings.dim(0)? != 2 {
+                bail!(
+                    "guidance {guidance_mode} needs [negative; positive] text embeddings, got batch {}",
+                    embeddings.dim(0)?
+                );
+            }
+            embeddings.narrow(0, 1, 1)?
+        } else {
+            embeddings.clone()
+        };
 
         let latents = {
             let _span = tracing::info_span!("vae_encode").entered();
@@ -128,12 +185,20 @@ impl Img2Img {
             self.vae.encode_scaled(&image)?
         };
         let noise = noise.to_dtype(self.dtype)?;
-        let mut latents = self.scheduler.add_noise(&latents, &noise, timesteps[0])?;
+        let mut latents = scheduler.add_noise(&latents, &noise, timesteps[0])?;
+        let mut guidance = Guidance::new(guidance_mode, settings.guidance_scale, scheduler.as_lcm(), &noise)?;
         // Once per frame, for every step and both guidance halves (diffusers redoes it per step).
         let condition = self.controlnet.embed_condition(&control.to_dtype(self.dtype)?)?;
         observer.stage_done(Stage::Encoded)?;
 
-        hook.begin_frame(&FramePlan { timesteps: timesteps.clone(), width, height, batch })?;
+        let plan = FramePlan {
+            scheduler: schedule.kind,
+            timesteps: timesteps.clone(),
+            width,
+            height,
+            batches: batches.clone(),
+        };
+        hook.begin_frame(&plan)?;
         let mut graphs = self.step_graphs.lock().map_err(|_| anyhow::anyhow!("step graphs poisoned by a panic"))?;
         // Small uploads (the timestep embedding, kernel shape arguments) are cached by content
         // so that a later capture of the same step finds them on the device.
@@ -148,14 +213,16 @@ impl Img2Img {
             let _span = tracing::debug_span!("denoise_step", index, timestep).entered();
             cancel.check()?;
             hook.begin_step(index, timestep)?;
+            let batch = batches[index];
             let model_input = latents.repeat((batch, 1, 1, 1))?;
+            let step_embeddings = if batch == 2 { embeddings } else { &positive };
             let key = StepKey {
                 index,
                 timestep,
                 controlnet_scale_bits: settings.controlnet_scale.to_bits(),
                 hook: hook.graph_key(),
             };
-            let inputs = [&model_input, embeddings, condition.tensor()];
+            let inputs = [&model_input, step_embeddings, condition.tensor()];
             let noise_pred = graphs.run(frame.device(), key, &inputs, |inputs| {
                 let [model_input, embeddings, condition] = inputs else {
                     candle_core::bail!("a denoising step takes three inputs")
@@ -169,14 +236,13 @@ impl Img2Img {
                 )?;
                 self.unet.forward(model_input, timestep as f64, embeddings, Some(&residuals), hook.attention_hook())
             })?;
-            let noise_pred = if guidance {
-                let uncond = noise_pred.narrow(0, 0, 1)?;
-                let cond = noise_pred.narrow(0, 1, 1)?;
-                (&uncond + ((cond - &uncond)? * settings.guidance_scale)?)?
-            } else {
-                noise_pred
+            let noise_pred = guidance.combine(index, &noise_pred)?;
+            let renoise = match &step_noise {
+                Some(rows) if index + 1 < timesteps.len() => Some(rows.narrow(0, index, 1)?),
+                _ => None,
             };
-            latents = self.scheduler.step(&noise_pred, timestep, &latents, settings.steps)?;
+            latents = scheduler.step(&noise_pred, &schedule, index, &latents, renoise.as_ref())?;
+            guidance.advance(&schedule, index, &noise_pred, renoise.as_ref())?;
             observer.stage_done(Stage::Step(index))?;
         }
         hook.end_frame()?;

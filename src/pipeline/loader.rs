@@ -14,7 +14,7 @@ use super::vae::{VAE_CLASSES, VaeConfig};
 use crate::models::clip::ClipTextConfig;
 use crate::models::controlnet::ControlNetConfig;
 use crate::models::unet::UNet2DConditionConfig;
-use crate::scheduler::DdimSchedulerConfig;
+use crate::scheduler::SchedulerConfig;
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{self, ComponentFiles};
 
@@ -73,7 +73,8 @@ pub struct ModelParts<'a> {
     pub controlnet: Component<'a, ControlNetConfig>,
     /// The pipeline's VAE or the one [`ModelSpec::vae`] names.
     pub vae: Component<'a, VaeConfig>,
-    pub scheduler: DdimSchedulerConfig,
+    /// `scheduler/scheduler_config.json` (each scheduler reads its fields from it).
+    pub scheduler: SchedulerConfig,
 }
 
 impl ModelParts<'static> {

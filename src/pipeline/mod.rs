@@ -3,6 +3,7 @@
 //! is computed with: its settings, hooks, noise, processing size and cancellation.
 
 mod cancel;
+mod guidance;
 mod hooks;
 mod img2img;
 mod loader;
@@ -14,12 +15,13 @@ mod stylizer;
 mod vae;
 
 pub use cancel::{CancelHandle, Cancelled};
+pub use guidance::{Guidance, RESIDUAL_DELTA};
 pub use hooks::{FrameHook, PlainFrame, Stage, StageObserver};
 pub use img2img::{FrameInputs, Img2Img};
 pub use loader::{Component, ModelParts, ModelSpec, load_vae};
 pub use lora::LoraSpec;
-pub use noise::{load_noise_file, seeded_noise};
-pub use settings::{FramePlan, FrameSettings};
+pub use noise::{FrameNoise, load_frame_noise, load_noise_file, seeded_noise, seeded_noise_rows};
+pub use settings::{FramePlan, FrameSettings, GuidanceMode};
 pub use size::{DEFAULT_SHORT_SIDE, SizeRequest};
 pub use stylizer::Stylizer;
 pub use vae::{VAE_CLASSES, Vae, VaeConfig};

@@ -8,13 +8,13 @@ use super::cancel::CancelHandle;
 use super::hooks::FrameHook;
 use super::img2img::{FrameInputs, Img2Img};
 use super::loader::{ModelParts, ModelSpec};
-use super::noise;
+use super::noise::{self, FrameNoise};
 use super::settings::FrameSettings;
 use super::vae::Vae;
 use crate::models::clip::ClipTextModel;
 use crate::models::controlnet::ControlNetModel;
 use crate::models::unet::UNet2DConditionModel;
-use crate::scheduler::DdimScheduler;
+use crate::scheduler::Schedulers;
 use crate::tokenizer::ClipTokenizer;
 
 /// Prompt embeddings kept while the prompt pair is unchanged.
@@ -65,7 +65,7 @@ impl Stylizer {
             .with_context(|| format!("cannot build the VAE ({}) from {}", vae.config.class_name(), vae.origin))?;
         let controlnet_model = ControlNetModel::new(controlnet.weights, &controlnet.config)
             .with_context(|| format!("cannot build the ControlNet from {}", controlnet.origin))?;
-        let scheduler = DdimScheduler::new(&scheduler)?;
+        let scheduler = Schedulers::new(&scheduler)?;
         Ok(Self {
             tokenizer,
             text_encoder,
@@ -89,7 +89,15 @@ impl Stylizer {
         noise::seeded_noise(seed, self.img2img.noise_shape(width, height), &self.device)
     }
 
-    /// Text embeddings for CFG (`[negative; positive]`) or the positive prompt alone,
+    /// Deterministic initial noise and `step_rows` rows of step noise for a `width` x `height`
+    /// frame, from one seed (see [`noise::seeded_noise_rows`]); the initial noise is
+    /// [`Self::seeded_noise`]'s.
+    pub fn seeded_frame_noise(&self, seed: u64, width: usize, height: usize, step_rows: usize) -> Result<FrameNoise> {
+        noise::seeded_noise_rows(seed, self.img2img.noise_shape(width, height), step_rows, &self.device)
+    }
+
+    /// Text embeddings for guidance with the negative prompt (`[negative; positive]`, see
+    /// [`FrameSettings::uses_guidance`]) or the positive prompt alone,
     /// recomputed only when the prompts change.
     pub fn prompt_embeddings(&mut self, settings: &FrameSettings) -> Result<Tensor> {
         let guidance = settings.uses_guidance();
@@ -129,30 +137,34 @@ impl Stylizer {
 
     /// Stylizes one frame. `frame` and `control` are `[1, 3, H, W]` in [0, 1] at the
     /// processing size (a multiple of the VAE factor); `noise` has the img2img's
-    /// `noise_shape`. Returns `[1, 3, H, W]` f32 in [0, 1].
+    /// `noise_shape`, and `step_noise` is the LCM re-noising's (see [`FrameInputs`]; `None`
+    /// for DDIM). Returns `[1, 3, H, W]` f32 in [0, 1].
     pub fn stylize(
         &mut self,
         frame: &Tensor,
         control: &Tensor,
         settings: &FrameSettings,
         noise: &Tensor,
+        step_noise: Option<&Tensor>,
         hook: &mut dyn FrameHook,
     ) -> Result<Tensor> {
-        self.stylize_cancellable(frame, control, settings, noise, hook, &CancelHandle::default())
+        self.stylize_cancellable(frame, control, settings, noise, step_noise, hook, &CancelHandle::default())
     }
 
     /// [`Self::stylize`], stopping with [`super::Cancelled`] between steps once `cancel` fires.
+    #[allow(clippy::too_many_arguments)]
     pub fn stylize_cancellable(
         &mut self,
         frame: &Tensor,
         control: &Tensor,
         settings: &FrameSettings,
         noise: &Tensor,
+        step_noise: Option<&Tensor>,
         hook: &mut dyn FrameHook,
         cancel: &CancelHandle,
     ) -> Result<Tensor> {
         let embeddings = self.prompt_embeddings(settings)?;
-        let inputs = FrameInputs { frame, control, embeddings: &embeddings, noise };
+        let inputs = FrameInputs { frame, control, embeddings: &embeddings, noise, step_noise };
         self.img2img.run(&inputs, settings, hook, &mut (), cancel)
     }
 }

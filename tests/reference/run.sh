@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the tiny diffusers models and reference outputs under tests/fixtures/
-# (tiny-sd/, tiny-controlnet/, reference/), then the LoRA fixtures (lora/, reference/lora/).
-# See make_fixtures.py's and make_lora_fixtures.py's headers for the files.
+# (tiny-sd/, tiny-controlnet/, reference/), then the LoRA fixtures (lora/, reference/lora/)
+# and the LCM fixtures (reference/lcm/). See the scripts' headers for the files.
 #
 # Usage: tests/reference/run.sh
 #   REF_VENV=DIR      venv to use/create (default: .venv-ref in the repository root)
@@ -35,4 +35,5 @@ fi
 cd "$root"
 "$venv/bin/python" "$here/make_fixtures.py" "$@"
 "$venv/bin/python" "$here/make_lora_fixtures.py"
+"$venv/bin/python" "$here/make_lcm_fixtures.py"
 "$venv/bin/python" "$here/make_taesd_fixtures.py"

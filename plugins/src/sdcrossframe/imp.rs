@@ -42,9 +42,10 @@ use sdcrossframe::canny::CannyParams;
 use sdcrossframe::frame::RgbFrame;
 use sdcrossframe::pipeline::{CancelHandle, Cancelled, SizeRequest};
 use sdcrossframe::pipeline::{FrameSettings, LoraSpec, ModelSpec, Stylizer};
+use sdcrossframe::scheduler::TimestepIndices;
 use sdcrossframe::session::{FinishedFrame, InFlightFrame, PreparedFrame, SessionConfig, VideoSession};
 
-use super::{Attention, AttentionScope, DType, Noise};
+use super::{Attention, AttentionScope, DType, Guidance, Noise, Scheduler};
 use crate::video::{self, PixelLayout};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -82,6 +83,10 @@ struct Settings {
     strength: f64,
     guidance_scale: f64,
     controlnet_scale: f64,
+    scheduler: Scheduler,
+    /// Explicit timestep indices as set (parsed per frame; empty: none).
+    timesteps: String,
+    guidance: Guidance,
     seed: u64,
     noise: Noise,
     canny_low: f64,
@@ -116,6 +121,9 @@ impl Default for Settings {
             strength: frame.strength,
             guidance_scale: frame.guidance_scale,
             controlnet_scale: frame.controlnet_scale,
+            scheduler: Scheduler::Auto,
+            timesteps: String::new(),
+            guidance: Guidance::Auto,
             seed: session.seed,
             noise: Noise::Fixed,
             canny_low: session.canny.low,
@@ -145,15 +153,19 @@ impl Settings {
         })
     }
 
-    fn frame_settings(&self) -> FrameSettings {
-        FrameSettings {
+    /// The engine's frame settings; an error naming the value when `timesteps` does not parse.
+    fn frame_settings(&self) -> Result<FrameSettings, String> {
+        Ok(FrameSettings {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
             steps: self.steps as usize,
             strength: self.strength,
             guidance_scale: self.guidance_scale,
             controlnet_scale: self.controlnet_scale,
-        }
+            scheduler: self.scheduler.into(),
+            timesteps: TimestepIndices::parse_optional(&self.timesteps).map_err(|e| format!("{e:#}"))?,
+            guidance: self.guidance.into(),
+        })
     }
 
     fn session_config(&self) -> SessionConfig {
@@ -258,7 +270,7 @@ struct State {
     discont: bool,
     /// What the properties asked for at the last frame, applied or rejected: a change is
     /// tried (and a rejection warned about) once.
-    requested: Option<(FrameSettings, SessionConfig)>,
+    requested: Option<(Result<FrameSettings, String>, SessionConfig)>,
     /// The negotiated input, to re-anchor on real caps changes only.
     info: Option<gst_video::VideoInfo>,
     timings: FrameTimings,
@@ -433,15 +445,23 @@ impl SdCrossFrame {
         let Model::Ready(session) = &mut state.model else {
             return;
         };
-        if session.settings() != &requested.0 {
-            gst::debug!(CAT, imp = self, "frame settings now {:?}", requested.0);
-            if let Err(e) = session.set_settings(requested.0.clone()) {
-                gst::element_imp_warning!(
-                    self,
-                    gst::LibraryError::Settings,
-                    ("Ignoring the new generation settings, keeping the previous ones: {e:#}")
-                );
+        match &requested.0 {
+            Ok(frame_settings) if session.settings() != frame_settings => {
+                gst::debug!(CAT, imp = self, "frame settings now {frame_settings:?}");
+                if let Err(e) = session.set_settings(frame_settings.clone()) {
+                    gst::element_imp_warning!(
+                        self,
+                        gst::LibraryError::Settings,
+                        ("Ignoring the new generation settings, keeping the previous ones: {e:#}")
+                    );
+                }
             }
+            Ok(_) => {}
+            Err(e) => gst::element_imp_warning!(
+                self,
+                gst::LibraryError::Settings,
+                ("Ignoring the new generation settings, keeping the previous ones: {e}")
+            ),
         }
         gst::debug!(CAT, imp = self, "session config now {:?}", requested.1);
         if let Err(e) = session.set_config(requested.1.clone()) {
@@ -540,7 +560,7 @@ impl ObjectImpl for SdCrossFrame {
                     .build(),
                 glib::ParamSpecUInt::builder("steps")
                     .nick("Steps")
-                    .blurb("DDIM inference steps; a frame runs steps x strength of them (a change re-anchors)")
+                    .blurb("Inference steps of the scheduler's schedule; a frame runs steps x strength of them (a change re-anchors)")
                     .minimum(1)
                     .maximum(1000)
                     .default_value(d.steps)
@@ -556,7 +576,7 @@ impl ObjectImpl for SdCrossFrame {
                     .build(),
                 glib::ParamSpecDouble::builder("guidance-scale")
                     .nick("Guidance scale")
-                    .blurb("Classifier-free guidance scale (1 or less disables guidance); takes effect at the next frame")
+                    .blurb("Classifier-free guidance scale (1 or less disables guidance, whatever the guidance mode); takes effect at the next frame")
                     .minimum(0.0)
                     .maximum(50.0)
                     .default_value(d.guidance_scale)
@@ -568,6 +588,22 @@ impl ObjectImpl for SdCrossFrame {
                     .minimum(0.0)
                     .maximum(5.0)
                     .default_value(d.controlnet_scale)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecEnum::builder_with_default("scheduler", d.scheduler)
+                    .nick("Scheduler")
+                    .blurb("Denoising scheduler: auto (what the model's scheduler config names: LCMScheduler gives lcm, else ddim), ddim or lcm (few steps, e.g. with an LCM-LoRA); takes effect at the next frame (a change re-anchors)")
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecString::builder("timesteps")
+                    .nick("Timesteps")
+                    .blurb("Explicit timesteps for the lcm scheduler: ascending comma-separated indices into the 50-step LCM schedule (StreamDiffusion's t_index_list, e.g. 32,45); they replace steps and strength; empty: none. Takes effect at the next frame (a change re-anchors)")
+                    .default_value(Some(""))
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecEnum::builder_with_default("guidance", d.guidance)
+                    .nick("Guidance")
+                    .blurb("How the negative prompt guides (with guidance-scale > 1): auto (full), none, full (CFG, 2 UNet evaluations per step), self or initialize (StreamDiffusion's residual CFG, 1 evaluation per step; lcm only); takes effect at the next frame")
                     .mutable_playing()
                     .build(),
                 glib::ParamSpecUInt64::builder("seed")
@@ -685,6 +721,9 @@ impl ObjectImpl for SdCrossFrame {
                 "strength" => s.strength = value.get().expect("type checked upstream"),
                 "guidance-scale" => s.guidance_scale = value.get().expect("type checked upstream"),
                 "controlnet-scale" => s.controlnet_scale = value.get().expect("type checked upstream"),
+                "scheduler" => s.scheduler = value.get().expect("type checked upstream"),
+                "timesteps" => s.timesteps = string(),
+                "guidance" => s.guidance = value.get().expect("type checked upstream"),
                 "seed" => s.seed = value.get().expect("type checked upstream"),
                 "noise" => s.noise = value.get().expect("type checked upstream"),
                 "canny-low" => s.canny_low = value.get().expect("type checked upstream"),
@@ -727,6 +766,9 @@ impl ObjectImpl for SdCrossFrame {
             "strength" => s.strength.to_value(),
             "guidance-scale" => s.guidance_scale.to_value(),
             "controlnet-scale" => s.controlnet_scale.to_value(),
+            "scheduler" => s.scheduler.to_value(),
+            "timesteps" => s.timesteps.to_value(),
+            "guidance" => s.guidance.to_value(),
             "seed" => s.seed.to_value(),
             "noise" => s.noise.to_value(),
             "canny-low" => s.canny_low.to_value(),
@@ -794,6 +836,9 @@ impl BaseTransformImpl for SdCrossFrame {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         self.unblock.store(false, Ordering::SeqCst);
         let settings = self.settings.lock().unwrap().clone();
+        let frame_settings = settings
+            .frame_settings()
+            .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ("Invalid element settings: {e}")))?;
         let request = LoadRequest {
             spec: settings.model_spec(),
             model: settings.model.clone(),
@@ -801,7 +846,7 @@ impl BaseTransformImpl for SdCrossFrame {
             device: settings.device.clone(),
             dtype: settings.dtype,
             config: settings.session_config(),
-            frame_settings: settings.frame_settings(),
+            frame_settings,
         };
         let rx = self
             .spawn_loader(request)
@@ -1266,7 +1311,7 @@ mod tests {
     #[test]
     fn defaults_match_the_engine() {
         let d = Settings::default();
-        assert_eq!(d.frame_settings(), FrameSettings::default());
+        assert_eq!(d.frame_settings().unwrap(), FrameSettings::default());
         assert_eq!(d.session_config(), SessionConfig::default());
     }
 }

@@ -106,8 +106,75 @@ impl From<AttentionScope> for sdcrossframe::cross_frame::AttentionScope {
     }
 }
 
+/// The denoising scheduler.
+#[derive(Debug, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, Default, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstSdCrossFrameScheduler")]
+pub enum Scheduler {
+    #[default]
+    #[enum_value(name = "Auto: what the model's scheduler config names (LCMScheduler: lcm, else ddim)", nick = "auto")]
+    Auto = 0,
+    #[enum_value(name = "DDIM (eta 0)", nick = "ddim")]
+    Ddim = 1,
+    #[enum_value(name = "LCM: latent consistency, few steps (with an LCM model or LCM-LoRA)", nick = "lcm")]
+    Lcm = 2,
+}
+
+impl From<Scheduler> for sdcrossframe::scheduler::SchedulerChoice {
+    fn from(s: Scheduler) -> Self {
+        match s {
+            Scheduler::Auto => Self::Auto,
+            Scheduler::Ddim => Self::Ddim,
+            Scheduler::Lcm => Self::Lcm,
+        }
+    }
+}
+
+/// How the negative prompt guides each step.
+#[derive(Debug, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, Default, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstSdCrossFrameGuidance")]
+pub enum Guidance {
+    #[default]
+    #[enum_value(name = "Auto: full when guidance-scale > 1, else none", nick = "auto")]
+    Auto = 0,
+    #[enum_value(name = "None: no guidance, one UNet evaluation per step", nick = "none")]
+    None = 1,
+    #[enum_value(name = "Full: classifier-free guidance, two UNet evaluations per step", nick = "full")]
+    Full = 2,
+    #[enum_value(
+        name = "Self: StreamDiffusion's self-negative residual CFG, one evaluation per step (lcm)",
+        nick = "self"
+    )]
+    SelfNegative = 3,
+    #[enum_value(
+        name = "Initialize: residual CFG started from the negative prompt at the first step (lcm)",
+        nick = "initialize"
+    )]
+    Initialize = 4,
+}
+
+impl From<Guidance> for sdcrossframe::pipeline::GuidanceMode {
+    fn from(g: Guidance) -> Self {
+        match g {
+            Guidance::Auto => Self::Auto,
+            Guidance::None => Self::None,
+            Guidance::Full => Self::Full,
+            Guidance::SelfNegative => Self::SelfNegative,
+            Guidance::Initialize => Self::Initialize,
+        }
+    }
+}
+
 pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
-    for t in [DType::static_type(), Noise::static_type(), Attention::static_type(), AttentionScope::static_type()] {
+    for t in [
+        DType::static_type(),
+        Noise::static_type(),
+        Attention::static_type(),
+        AttentionScope::static_type(),
+        Scheduler::static_type(),
+        Guidance::static_type(),
+    ] {
         t.mark_as_plugin_api(gst::PluginAPIFlags::empty());
     }
     gst::Element::register(Some(plugin), "sdcrossframe", gst::Rank::NONE, SdCrossFrame::static_type())

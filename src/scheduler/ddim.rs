@@ -6,6 +6,8 @@ use anyhow::{Result, bail};
 use candle_core::Tensor;
 use serde::Deserialize;
 
+use super::Prediction;
+
 /// The fields of `scheduler/scheduler_config.json` DDIM uses; other schedulers' configs
 /// (SD1.5 ships a PNDM one) carry the same fields, and unknown ones are ignored. Missing
 /// fields take `DDIMScheduler`'s defaults, as `DDIMScheduler.from_config` does.
@@ -65,13 +67,6 @@ fn default_clip_range() -> f64 {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Prediction {
-    Epsilon,
-    Velocity,
-    Sample,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Spacing {
     Leading,
     Trailing,
@@ -95,44 +90,16 @@ impl DdimScheduler {
         if n == 0 {
             bail!("scheduler config: num_train_timesteps is 0");
         }
-        // diffusers keeps the betas as float32 tensors (the linspace too).
-        let f32s = |values: Vec<f64>| values.into_iter().map(|v| v as f32).collect::<Vec<f32>>();
-        let betas: Vec<f32> = match (&config.trained_betas, config.beta_schedule.as_str()) {
-            (Some(betas), _) => {
-                if betas.len() != n {
-                    bail!("scheduler config: {} trained_betas for {n} train timesteps", betas.len());
-                }
-                f32s(betas.clone())
-            }
-            (None, "linear") => f32s(linspace(config.beta_start, config.beta_end, n)),
-            (None, "scaled_linear") => {
-                f32s(linspace(config.beta_start.sqrt(), config.beta_end.sqrt(), n)).iter().map(|b| b * b).collect()
-            }
-            (None, "squaredcos_cap_v2") => {
-                let alpha_bar = |t: f64| ((t + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2).cos().powi(2);
-                f32s(
-                    (0..n)
-                        .map(|i| {
-                            (1.0 - alpha_bar((i + 1) as f64 / n as f64) / alpha_bar(i as f64 / n as f64)).min(0.999)
-                        })
-                        .collect(),
-                )
-            }
-            (None, other) => bail!("scheduler config: beta_schedule {other:?} is not supported"),
-        };
-        if config.rescale_betas_zero_snr {
-            bail!("scheduler config: rescale_betas_zero_snr is not supported");
-        }
+        let alphas_cumprod = super::alphas_cumprod(&super::BetaSchedule {
+            num_train_timesteps: n,
+            beta_start: config.beta_start,
+            beta_end: config.beta_end,
+            beta_schedule: &config.beta_schedule,
+            trained_betas: config.trained_betas.as_deref(),
+            rescale_betas_zero_snr: config.rescale_betas_zero_snr,
+        })?;
         if config.thresholding {
             bail!("scheduler config: thresholding is not supported");
-        }
-        // alphas = 1 - betas in float32; torch's CPU cumprod accumulates in double and rounds
-        // each partial product to float32.
-        let mut alphas_cumprod = Vec::with_capacity(n);
-        let mut product = 1f64;
-        for beta in &betas {
-            product *= (1.0 - beta) as f64;
-            alphas_cumprod.push(product as f32 as f64);
         }
         let final_alpha_cumprod = if config.set_alpha_to_one { 1.0 } else { alphas_cumprod[0] };
         let spacing = match config.timestep_spacing.as_str() {
@@ -141,12 +108,7 @@ impl DdimScheduler {
             "linspace" => Spacing::Linspace,
             other => bail!("scheduler config: timestep_spacing {other:?} is not supported"),
         };
-        let prediction = match config.prediction_type.as_str() {
-            "epsilon" => Prediction::Epsilon,
-            "v_prediction" => Prediction::Velocity,
-            "sample" => Prediction::Sample,
-            other => bail!("scheduler config: prediction_type {other:?} is not supported"),
-        };
+        let prediction = Prediction::parse(&config.prediction_type)?;
         Ok(Self {
             alphas_cumprod,
             final_alpha_cumprod,
@@ -275,11 +237,4 @@ impl DdimScheduler {
         let direction = (pred_epsilon * (1.0 - alpha_prev).sqrt())?;
         (pred_original * alpha_prev.sqrt())? + direction
     }
-}
-
-fn linspace(start: f64, end: f64, n: usize) -> Vec<f64> {
-    if n == 1 {
-        return vec![start];
-    }
-    (0..n).map(|i| start + (end - start) * i as f64 / (n - 1) as f64).collect()
 }
