@@ -1,7 +1,12 @@
 //! The CLIP BPE tokenizer, built with the `tokenizers` crate from a diffusers `tokenizer/`
-//! directory (`vocab.json` + `merges.txt`, special tokens and `model_max_length` from
-//! `tokenizer_config.json` / `special_tokens_map.json`), padded and truncated to
-//! `model_max_length` like diffusers.
+//! directory (the BPE vocabulary and merges from `tokenizer.json` when it is there, as
+//! transformers 5 saves it, else from `vocab.json` + `merges.txt`; special tokens and
+//! `model_max_length` from `tokenizer_config.json` / `special_tokens_map.json`), padded and
+//! truncated to `model_max_length` like diffusers.
+//!
+//! Either source feeds the same CLIP normalization and pre-tokenization (ours, below), so both
+//! give identical ids; a `tokenizer.json` whose own normalizer or pre-tokenizer differs from
+//! CLIP's is still tokenized by CLIP's rules, with a warning.
 //!
 //! transformers has had two CLIP tokenizers and they disagree on some text (control and
 //! format characters, CJK ideographs, an upper-case final sigma, upper-case special-token
@@ -156,6 +161,125 @@ fn basic_tokenizer_text(text: &str) -> String {
     normalized.get().split_whitespace().map(str::to_lowercase).collect::<Vec<_>>().join(" ")
 }
 
+/// transformers 5's CLIP normalizer: NFC, whitespace runs to one space, lowercase.
+fn clip_normalizer() -> Value {
+    json!({"type": "Sequence", "normalizers": [
+        {"type": "NFC"},
+        {"type": "Replace", "pattern": {"Regex": r"\s+"}, "content": " "},
+        {"type": "Lowercase"}
+    ]})
+}
+
+/// transformers 5's CLIP pre-tokenizer: CLIP's regex, then GPT-2's byte-level mapping.
+fn clip_pre_tokenizer() -> Value {
+    json!({"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": CLIP_SPLIT}, "behavior": "Removed", "invert": true},
+        {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
+    ]})
+}
+
+/// The BPE model of a `tokenizer/` directory, from either file layout.
+struct BpeSource {
+    /// The file the vocabulary came from (for errors).
+    origin: std::path::PathBuf,
+    /// token -> id (a JSON object).
+    vocab: Value,
+    /// "left right" merge rules, in priority order.
+    merges: Vec<String>,
+    /// (content, normalized) of tokenizer.json's added tokens; empty for vocab.json.
+    normalized: Vec<(String, bool)>,
+}
+
+impl BpeSource {
+    fn read(dir: &Path) -> Result<Self> {
+        let json_path = dir.join("tokenizer.json");
+        let vocab_path = dir.join("vocab.json");
+        let merges_path = dir.join("merges.txt");
+        if json_path.is_file() {
+            Self::from_tokenizer_json(&json_path)
+        } else if vocab_path.exists() || merges_path.exists() {
+            Self::from_vocab_merges(&vocab_path, &merges_path)
+        } else {
+            bail!("{} has no tokenizer: it needs tokenizer.json, or vocab.json and merges.txt", dir.display())
+        }
+    }
+
+    fn from_vocab_merges(vocab_path: &Path, merges_path: &Path) -> Result<Self> {
+        let vocab = read_json(vocab_path)?;
+        if !vocab.is_object() {
+            bail!("{} is not a JSON object of token -> id", vocab_path.display());
+        }
+        let merges_text =
+            std::fs::read_to_string(merges_path).with_context(|| format!("cannot read {}", merges_path.display()))?;
+        let merges: Vec<String> = merges_text
+            .lines()
+            .filter(|line| !line.starts_with("#version") && !line.trim().is_empty())
+            .map(str::to_string)
+            .collect();
+        if let Some(bad) = merges.iter().find(|m| m.split(' ').count() != 2) {
+            bail!("{} has a malformed merge line {bad:?}", merges_path.display());
+        }
+        Ok(Self { origin: vocab_path.to_path_buf(), vocab, merges, normalized: Vec::new() })
+    }
+
+    /// The `model` of a tokenizers-crate `tokenizer.json` (a byte-level BPE with CLIP's `</w>`
+    /// suffix) and its added tokens' `normalized` flags.
+    fn from_tokenizer_json(path: &Path) -> Result<Self> {
+        let mut file = read_json(path)?;
+        let shown = path.display();
+        let model = file.get_mut("model").map(Value::take).with_context(|| format!("{shown} has no \"model\""))?;
+        let kind = model.get("type").and_then(Value::as_str).unwrap_or("BPE");
+        if kind != "BPE" {
+            bail!("{shown}: the model is {kind}, not CLIP's BPE");
+        }
+        let suffix = model.get("end_of_word_suffix").and_then(Value::as_str).unwrap_or("");
+        if suffix != "</w>" {
+            bail!("{shown}: the BPE end_of_word_suffix is {suffix:?}, not CLIP's \"</w>\"");
+        }
+        let Some(vocab) = model.get("vocab").filter(|v| v.is_object()).cloned() else {
+            bail!("{shown}: model.vocab is missing or not a JSON object of token -> id");
+        };
+        let Some(Value::Array(rules)) = model.get("merges") else {
+            bail!("{shown}: model.merges is missing or not a list");
+        };
+        // Older tokenizers write "left right"; newer ones ["left", "right"].
+        let merges = rules
+            .iter()
+            .map(|rule| match rule {
+                Value::String(s) if s.split(' ').count() == 2 => Some(s.clone()),
+                Value::Array(pair) => match pair.as_slice() {
+                    [Value::String(a), Value::String(b)] => Some(format!("{a} {b}")),
+                    _ => None,
+                },
+                _ => None,
+            })
+            .enumerate()
+            .map(|(i, m)| {
+                m.with_context(|| format!("{shown}: model.merges[{i}] is not a pair of tokens: {}", rules[i]))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let normalized = file
+            .get("added_tokens")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(|t| {
+                Some((t.get("content")?.as_str()?.to_string(), t.get("normalized").and_then(Value::as_bool)?))
+            })
+            .collect();
+        for (part, clip) in [("normalizer", clip_normalizer()), ("pre_tokenizer", clip_pre_tokenizer())] {
+            let theirs = file.get(part).unwrap_or(&Value::Null);
+            if *theirs != clip {
+                tracing::warn!(
+                    "{shown}: its {part} is not CLIP's; the prompt is tokenized by CLIP's rules (as \
+                     transformers' CLIPTokenizer does), its {part} is ignored: {theirs}"
+                );
+            }
+        }
+        Ok(Self { origin: path.to_path_buf(), vocab, merges, normalized })
+    }
+}
+
 impl ClipTokenizer {
     /// The tokenizer of transformers 4's Python `CLIPTokenizer` ([`TextCleanup::Transformers4`]).
     pub fn from_dir(dir: &Path) -> Result<Self> {
@@ -164,19 +288,10 @@ impl ClipTokenizer {
 
     pub fn from_dir_with(dir: &Path, cleanup: TextCleanup) -> Result<Self> {
         let _span = tracing::info_span!("tokenizer-load", dir = %dir.display(), ?cleanup).entered();
-        let vocab_path = dir.join("vocab.json");
-        let merges_path = dir.join("merges.txt");
-        let vocab = read_json(&vocab_path)?;
-        let Value::Object(vocab_map) = &vocab else {
+        let BpeSource { origin: vocab_path, vocab, mut merges, normalized: file_normalized } = BpeSource::read(dir)?;
+        let Some(vocab_map) = vocab.as_object() else {
             bail!("{} is not a JSON object of token -> id", vocab_path.display());
         };
-        let merges_text =
-            std::fs::read_to_string(&merges_path).with_context(|| format!("cannot read {}", merges_path.display()))?;
-        let mut merges: Vec<&str> =
-            merges_text.lines().filter(|line| !line.starts_with("#version") && !line.trim().is_empty()).collect();
-        if let Some(bad) = merges.iter().find(|m| m.split(' ').count() != 2) {
-            bail!("{} has a malformed merge line {bad:?}", merges_path.display());
-        }
         if cleanup == TextCleanup::Transformers4 {
             merges.truncate(CLIP_MERGES);
         }
@@ -217,7 +332,12 @@ impl ClipTokenizer {
         // becomes the pad id, as in transformers). Later ones win for a shared string.
         let mut specials: Vec<(String, u32, bool)> = Vec::new();
         for (key, text) in [("bos_token", &bos), ("eos_token", &eos), ("unk_token", &unk), ("pad_token", &pad)] {
-            let normalized = token_normalized(config.get(key)).unwrap_or(false);
+            // tokenizer.json's own added token (what transformers 5 loads) wins over the config.
+            let normalized = file_normalized
+                .iter()
+                .find(|(content, _)| content == text)
+                .map(|&(_, normalized)| normalized)
+                .unwrap_or_else(|| token_normalized(config.get(key)).unwrap_or(false));
             let id = id_of(text)?;
             match specials.iter_mut().find(|(s, _, _)| s == text) {
                 Some(entry) => entry.2 = normalized,
@@ -236,15 +356,8 @@ impl ClipTokenizer {
             "truncation": null,
             "padding": null,
             "added_tokens": added_tokens,
-            "normalizer": {"type": "Sequence", "normalizers": [
-                {"type": "NFC"},
-                {"type": "Replace", "pattern": {"Regex": r"\s+"}, "content": " "},
-                {"type": "Lowercase"}
-            ]},
-            "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-                {"type": "Split", "pattern": {"Regex": CLIP_SPLIT}, "behavior": "Removed", "invert": true},
-                {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": true}
-            ]},
+            "normalizer": clip_normalizer(),
+            "pre_tokenizer": clip_pre_tokenizer(),
             "post_processor": null,
             "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
             "model": {"type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": "",

@@ -80,5 +80,18 @@ fn repo_ids_resolve_through_the_local_cache_offline() {
             && err.contains("HF_HUB_OFFLINE"),
         "{err}"
     );
+
+    // A repo whose tokenizer/ has only tokenizer.json (as transformers 5 saves it) resolves.
+    let tokjson = home.join("tokjson-repo");
+    std::fs::create_dir_all(&tokjson).unwrap();
+    for entry in std::fs::read_dir(fixtures().join("tiny-sd")).unwrap() {
+        let entry = entry.unwrap();
+        let target = if entry.file_name() == "tokenizer" { fixtures().join("tokenizer-json") } else { entry.path() };
+        std::os::unix::fs::symlink(target, tokjson.join(entry.file_name())).unwrap();
+    }
+    cache_repo(&home.join("hub"), "tiny-org/tiny-sd-tokjson", &tokjson);
+    let with_json = ModelSpec { model: "tiny-org/tiny-sd-tokjson".into(), ..spec.clone() };
+    let stylizer = Stylizer::load(&with_json, &Device::Cpu, DType::F32);
+    assert!(stylizer.is_ok(), "{:#}", stylizer.err().unwrap());
     std::fs::remove_dir_all(&home).ok();
 }

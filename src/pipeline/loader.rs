@@ -39,13 +39,15 @@ pub struct ModelSpec {
 }
 
 /// The files a repo id must provide (for resolving it through the Hugging Face cache).
+/// The tokenizer is `vocab.json` + `merges.txt` (+ `special_tokens_map.json`) or, as
+/// transformers 5 saves it, `tokenizer.json` alone (see [`ClipTokenizer`]).
 const PIPELINE_FILES: &[&[&str]] = &[
     &["model_index.json"],
     &["scheduler/scheduler_config.json"],
-    &["tokenizer/vocab.json"],
-    &["tokenizer/merges.txt"],
+    &["tokenizer/vocab.json", "tokenizer/tokenizer.json"],
+    &["tokenizer/merges.txt", "tokenizer/tokenizer.json"],
     &["tokenizer/tokenizer_config.json"],
-    &["tokenizer/special_tokens_map.json"],
+    &["tokenizer/special_tokens_map.json", "tokenizer/tokenizer.json"],
     &["text_encoder/config.json"],
     &["text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors"],
     &["unet/config.json"],
