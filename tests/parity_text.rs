@@ -199,7 +199,7 @@ fn missing_or_garbled_tokenizer_files_are_named() {
     let dir = std::env::temp_dir().join(format!("sdcrossframe-tok-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let err = format!("{:#}", ClipTokenizer::from_dir(&dir).err().expect("no vocab must fail"));
-    assert!(err.contains("vocab.json"), "{err}");
+    assert!(err.contains("vocab.json") && err.contains("merges.txt") && err.contains("tokenizer.json"), "{err}");
 
     std::fs::write(dir.join("vocab.json"), "{not json").unwrap();
     std::fs::write(dir.join("merges.txt"), "#version: 0.2\na b\n").unwrap();

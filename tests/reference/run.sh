@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Regenerate the tiny diffusers models and reference outputs under tests/fixtures/
 # (tiny-sd/, tiny-controlnet/, reference/), then the LoRA fixtures (lora/, reference/lora/)
-# and the LCM fixtures (reference/lcm/). See the scripts' headers for the files.
+# the LCM fixtures (reference/lcm/), the TAESD fixtures (tiny-taesd/, reference/taesd/) and the
+# tokenizer.json-only tokenizer (tokenizer-json/). See the scripts' headers for the files.
 #
 # Usage: tests/reference/run.sh
 #   REF_VENV=DIR      venv to use/create (default: .venv-ref in the repository root)
