@@ -17,7 +17,11 @@ use sdcrossframe::session::{SessionConfig, VideoSession};
 const FRAMES: usize = 4;
 
 fn run_session(device: &Device, dtype: DType) -> Vec<Tensor> {
-    let stylizer = Stylizer::load(&tiny_spec(), device, dtype).expect("tiny model loads");
+    run_session_with(&tiny_spec(), device, dtype)
+}
+
+fn run_session_with(spec: &sdcrossframe::pipeline::ModelSpec, device: &Device, dtype: DType) -> Vec<Tensor> {
+    let stylizer = Stylizer::load(spec, device, dtype).expect("tiny model loads");
     let config = SessionConfig {
         attention: AttentionMode::FirstPrev,
         scope: AttentionScope::Up,
@@ -40,6 +44,13 @@ fn run_session(device: &Device, dtype: DType) -> Vec<Tensor> {
         assert!(
             stats.captured > 0 && stats.replayed > 0 && stats.failed == 0,
             "{dtype:?}: steps did not run from CUDA graphs: {stats:?}, capture error: {error:?}"
+        );
+        // The VAE and the control embedding: eager on frame 1, captured on frame 2, replayed after.
+        let stages = session.stylizer().img2img().stage_graph_stats();
+        println!("{dtype:?} encode / control / decode stages: {stages:?}");
+        assert!(
+            stages.captured == 3 && stages.replayed == 3 * (FRAMES - 2) && stages.failed == 0,
+            "{dtype:?}: stages did not run from CUDA graphs: {stages:?}"
         );
     }
     images
@@ -71,4 +82,18 @@ fn gpu_matches_cpu_in_f32_and_stays_close_in_half_precision() {
         }
     }
     assert!(bad.is_empty(), "{bad:?}");
+}
+
+/// The same with the tiny VAE (TAESD) in f32: its graphs replay the same result as the CPU.
+#[test]
+fn gpu_matches_cpu_with_the_tiny_vae() {
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let spec = sdcrossframe::pipeline::ModelSpec {
+        vae: Some(fixtures().join("tiny-taesd").display().to_string()),
+        ..tiny_spec()
+    };
+    let cpu = run_session_with(&spec, &Device::Cpu, DType::F32);
+    let (max, mean) = differences(&run_session_with(&spec, &gpu, DType::F32), &cpu);
+    println!("tiny VAE: cuda f32 vs cpu f32 over {FRAMES} frames: max abs {max:.2e}, mean abs {mean:.2e}");
+    assert!(max < 1e-3, "tiny VAE: cuda f32 differs from the CPU by {max:.2e}");
 }

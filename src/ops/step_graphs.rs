@@ -186,6 +186,105 @@ impl StepGraphs {
     }
 }
 
+/// A CUDA graph for one computation of one input outside the denoising steps (the VAE's
+/// encoding and decoding, the control image's embedding), which otherwise launch their
+/// kernels one by one from the host. Like a step: eager on the first run of an input shape
+/// (that tunes the convolutions), captured on static input and output buffers on the second,
+/// replayed after; a capture that fails leaves it eager. Whatever `f` depends on besides its
+/// input must not change between runs (the models' weights do not).
+#[derive(Default)]
+pub struct StageGraph {
+    /// Shape and dtype of the input the buffers and graph were made for.
+    signature: Option<String>,
+    warmed: bool,
+    failed: bool,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    buffers: Option<(Tensor, Tensor)>,
+    #[cfg(feature = "cuda")]
+    graph: Option<CapturedGraph>,
+    stats: GraphStats,
+}
+
+impl StageGraph {
+    pub fn stats(&self) -> GraphStats {
+        self.stats
+    }
+
+    /// `f(input)`, eagerly or through the graph; see the type's docs.
+    pub fn run(
+        &mut self,
+        device: &Device,
+        input: &Tensor,
+        mut f: impl FnMut(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> Result<Tensor> {
+        if !StepGraphs::enabled_for(device) || self.failed && self.signature_matches(input) {
+            self.stats.eager += 1;
+            return Ok(f(input)?);
+        }
+        if !self.signature_matches(input) {
+            *self = Self { signature: Some(Self::signature(input)), stats: self.stats, ..Self::default() };
+        }
+        #[cfg(feature = "cuda")]
+        {
+            if let (Some(graph), Some((input_buffer, output))) = (&self.graph, &self.buffers) {
+                input_buffer.slice_set(input, 0, 0)?;
+                graph.launch()?;
+                self.stats.replayed += 1;
+                // The buffer is rewritten by the next launch: hand out a copy.
+                return Ok(output.copy()?);
+            }
+            if self.warmed {
+                match self.capture(device, input, &mut f) {
+                    Ok(output) => {
+                        self.stats.captured += 1;
+                        return Ok(output);
+                    }
+                    Err(e) => {
+                        tracing::warn!("CUDA graph capture of a stage failed, running it op by op: {e:#}");
+                        self.stats.failed += 1;
+                        self.failed = true;
+                    }
+                }
+            }
+        }
+        self.warmed = true;
+        self.stats.eager += 1;
+        Ok(f(input)?)
+    }
+
+    fn signature(input: &Tensor) -> String {
+        format!("{:?}{:?}", input.dtype(), input.dims())
+    }
+
+    fn signature_matches(&self, input: &Tensor) -> bool {
+        self.signature.as_deref() == Some(Self::signature(input).as_str())
+    }
+
+    /// Captures `f` on a static input buffer into a static output buffer shaped by an eager
+    /// run's output, launches it once and returns a copy of the output.
+    #[cfg(feature = "cuda")]
+    fn capture(
+        &mut self,
+        device: &Device,
+        input: &Tensor,
+        f: &mut dyn FnMut(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> Result<Tensor> {
+        let input_buffer = input.copy()?;
+        // The output's shape: from an eager run, which also leaves every lazily made resource
+        // (tuned convolution plans, cached uploads) in place before capturing.
+        let output = f(&input_buffer)?.zeros_like()?;
+        let graph = CapturedGraph::capture(device, || {
+            let out = f(&input_buffer)?;
+            output.slice_set(&out, 0, 0)
+        })?;
+        graph.launch()?;
+        let result = output.copy()?;
+        self.buffers = Some((input_buffer, output));
+        self.graph = Some(graph);
+        Ok(result)
+    }
+}
+
 /// GPU time of one call of `f`, measured as a CUDA graph replays it: `reps` calls captured in
 /// one graph, launched once to warm up, then timed over two launches. Unlike timing eager
 /// calls, this leaves out the host's launch overhead, which replayed steps do not pay (the

@@ -17,7 +17,7 @@ use super::settings::{FramePlan, FrameSettings};
 use super::vae::{Vae, VaeConfig};
 use crate::models::controlnet::{ControlCondition, ControlNetModel};
 use crate::models::unet::UNet2DConditionModel;
-use crate::ops::step_graphs::{GraphStats, StepGraphs, StepKey};
+use crate::ops::step_graphs::{GraphStats, StageGraph, StepGraphs, StepKey};
 use crate::scheduler::{Schedule, Scheduler, Schedulers};
 
 /// What one frame is made from, at the processing size.
@@ -37,6 +37,14 @@ pub struct FrameInputs<'a> {
     pub step_noise: Option<&'a Tensor>,
 }
 
+/// The graphs of a frame's stages outside the denoising steps.
+#[derive(Default)]
+struct StageGraphs {
+    encode: StageGraph,
+    control: StageGraph,
+    decode: StageGraph,
+}
+
 /// The UNet, ControlNet, VAE and scheduler, and one frame of ControlNet img2img with them
 /// (the text encoder is separate: its embeddings are an input, cached while the prompt stays).
 pub struct Img2Img {
@@ -49,6 +57,8 @@ pub struct Img2Img {
     dtype: DType,
     /// Captured denoising steps (CUDA); behind a Mutex because `run` takes `&self`.
     step_graphs: Mutex<StepGraphs>,
+    /// Captured VAE encoding, control embedding and VAE decoding (CUDA).
+    stage_graphs: Mutex<StageGraphs>,
 }
 
 impl Img2Img {
@@ -70,7 +80,25 @@ impl Img2Img {
             vae_scale_factor: vae_config.scale_factor(),
             dtype,
             step_graphs: Mutex::new(StepGraphs::default()),
+            stage_graphs: Mutex::new(StageGraphs::default()),
         }
+    }
+
+    /// How the VAE encodings, control embeddings and VAE decodings ran so far (summed).
+    pub fn stage_graph_stats(&self) -> GraphStats {
+        self.stage_graphs
+            .lock()
+            .map(|g| {
+                [g.encode.stats(), g.control.stats(), g.decode.stats()].iter().fold(GraphStats::default(), |a, b| {
+                    GraphStats {
+                        eager: a.eager + b.eager,
+                        captured: a.captured + b.captured,
+                        replayed: a.replayed + b.replayed,
+                        failed: a.failed + b.failed,
+                    }
+                })
+            })
+            .unwrap_or_default()
     }
 
     /// How denoising steps ran so far: eagerly, captured, replayed (see `step_graphs`), and
@@ -179,16 +207,32 @@ impl Img2Img {
             embeddings.clone()
         };
 
+        // Small uploads (the timestep embedding, kernel shape arguments) are cached by content
+        // so that a later capture of the same step or stage finds them on the device.
+        #[cfg(feature = "cuda")]
+        let _upload_cache = match frame.device() {
+            candle_core::Device::Cuda(cuda) if StepGraphs::enabled_for(frame.device()) => {
+                Some(cuda.enable_cuda_graph_htod_cache())
+            }
+            _ => None,
+        };
+        let mut stages = self.stage_graphs.lock().map_err(|_| anyhow::anyhow!("stage graphs poisoned by a panic"))?;
+        let device = frame.device();
         let latents = {
             let _span = tracing::info_span!("vae_encode").entered();
             let image = ((frame.to_dtype(self.dtype)? * 2.0)? - 1.0)?;
-            self.vae.encode_scaled(&image)?
+            stages.encode.run(device, &image, |image| {
+                self.vae.encode_scaled(image).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+            })?
         };
         let noise = noise.to_dtype(self.dtype)?;
         let mut latents = scheduler.add_noise(&latents, &noise, timesteps[0])?;
         let mut guidance = Guidance::new(guidance_mode, settings.guidance_scale, scheduler.as_lcm(), &noise)?;
         // Once per frame, for every step and both guidance halves (diffusers redoes it per step).
-        let condition = self.controlnet.embed_condition(&control.to_dtype(self.dtype)?)?;
+        let condition = stages.control.run(device, &control.to_dtype(self.dtype)?, |control| {
+            Ok(self.controlnet.embed_condition(control)?.tensor().clone())
+        })?;
+        let condition = ControlCondition::from_embedding(condition);
         observer.stage_done(Stage::Encoded)?;
 
         let plan = FramePlan {
@@ -200,15 +244,6 @@ impl Img2Img {
         };
         hook.begin_frame(&plan)?;
         let mut graphs = self.step_graphs.lock().map_err(|_| anyhow::anyhow!("step graphs poisoned by a panic"))?;
-        // Small uploads (the timestep embedding, kernel shape arguments) are cached by content
-        // so that a later capture of the same step finds them on the device.
-        #[cfg(feature = "cuda")]
-        let _upload_cache = match frame.device() {
-            candle_core::Device::Cuda(cuda) if StepGraphs::enabled_for(frame.device()) => {
-                Some(cuda.enable_cuda_graph_htod_cache())
-            }
-            _ => None,
-        };
         for (index, &timestep) in timesteps.iter().enumerate() {
             let _span = tracing::debug_span!("denoise_step", index, timestep).entered();
             cancel.check()?;
@@ -248,7 +283,9 @@ impl Img2Img {
         hook.end_frame()?;
 
         let _span = tracing::info_span!("vae_decode").entered();
-        let image = self.vae.decode_scaled(&latents)?;
+        let image = stages.decode.run(device, &latents, |latents| {
+            self.vae.decode_scaled(latents).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+        })?;
         let image = ((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         observer.stage_done(Stage::Decoded)?;
         Ok(image)
