@@ -209,7 +209,7 @@ fn wrong_input_shapes_and_unsupported_configs_are_errors() {
         config[key] = value;
         let config: AutoencoderTinyConfig = serde_json::from_value(config).unwrap();
         let vb = files.var_builder(DType::F32, &Device::Cpu).unwrap();
-        let err = AutoencoderTiny::new(vb, &config).err().expect("must fail").to_string();
+        let err = AutoencoderTiny::new(vb, &config).expect_err("must fail").to_string();
         assert!(err.contains(needle), "{key}: {err}");
     }
 }

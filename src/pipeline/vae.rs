@@ -69,6 +69,8 @@ impl VaeConfig {
 }
 
 /// A loaded VAE of either kind.
+// One per loaded model: the variants' size difference costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub enum Vae {
     Kl(AutoencoderKL),
     Tiny(AutoencoderTiny),
