@@ -1,0 +1,183 @@
+//! Hostile weight files (issue 16, part 1, bounded for CI): the tiny ControlNet's safetensors
+//! file mutated in seeded, repeatable ways (truncations, header length claims, corrupt header
+//! bytes, tensor entries with out-of-range, reversed or overlapping offsets, wrong or unknown
+//! dtypes, shapes that do not match their bytes or the model, huge shapes), each loaded as a
+//! user's `controlnet` would be. Every case must end in an error that names the file (or the
+//! model built from it) — never a panic — or, for mutations that leave a valid file the
+//! model can use (e.g. a reordered header), load. The test reports how many cases ran and how
+//! many distinct errors they hit.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use candle_core::{DType, Device};
+use common::fixtures;
+use rand::{Rng, SeedableRng};
+use sdcrossframe::models::controlnet::{ControlNetConfig, ControlNetModel};
+use sdcrossframe::weights::ComponentFiles;
+use serde_json::{Map, Value, json};
+
+const CASES: usize = 240;
+
+/// Loads a ControlNet directory as the pipeline does (locate, validate, map, build).
+fn load_controlnet(dir: &Path) -> anyhow::Result<()> {
+    let files = ComponentFiles::locate(dir, None)?;
+    let config: ControlNetConfig = files.read_config()?;
+    let vb = files.var_builder(DType::F32, &Device::Cpu)?;
+    ControlNetModel::new(vb, &config).with_context(|| format!("cannot build the ControlNet from {}", dir.display()))?;
+    Ok(())
+}
+
+fn split(file: &[u8]) -> (Map<String, Value>, Vec<u8>) {
+    let n = u64::from_le_bytes(file[..8].try_into().unwrap()) as usize;
+    let header: Map<String, Value> = serde_json::from_slice(&file[8..8 + n]).unwrap();
+    (header, file[8 + n..].to_vec())
+}
+
+fn join(header: &Map<String, Value>, data: &[u8]) -> Vec<u8> {
+    let text = serde_json::to_vec(header).unwrap();
+    let mut out = (text.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&text);
+    out.extend_from_slice(data);
+    out
+}
+
+/// One mutation of the original file, chosen and parameterised by `rng`; its name for reports.
+fn mutate(original: &[u8], rng: &mut rand_chacha::ChaCha8Rng) -> (String, Vec<u8>) {
+    let (header, data) = split(original);
+    let names: Vec<String> = header.keys().filter(|k| *k != "__metadata__").cloned().collect();
+    let name = names[rng.random_range(0..names.len())].clone();
+    let mut edited = header.clone();
+    let entry = edited.get_mut(&name).unwrap().as_object_mut().unwrap();
+    let offsets: Vec<u64> = entry["data_offsets"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+    match rng.random_range(0..12) {
+        0 => {
+            let cut = rng.random_range(0..original.len());
+            ("truncated file".into(), original[..cut].to_vec())
+        }
+        1 => {
+            let mut out = original.to_vec();
+            let claim: u64 = [u64::MAX, u64::MAX / 2, 1 << 40, original.len() as u64, 0, 1][rng.random_range(0..6)];
+            out[..8].copy_from_slice(&claim.to_le_bytes());
+            ("header length claim".into(), out)
+        }
+        2 => {
+            let mut out = original.to_vec();
+            let n = u64::from_le_bytes(original[..8].try_into().unwrap()) as usize;
+            for _ in 0..rng.random_range(1..8) {
+                let at = 8 + rng.random_range(0..n);
+                out[at] = rng.random();
+            }
+            ("corrupt header bytes".into(), out)
+        }
+        3 => {
+            let end = data.len() as u64 + rng.random_range(1..1u64 << 40);
+            entry.insert("data_offsets".into(), json!([offsets[0], end]));
+            ("offsets past the end".into(), join(&edited, &data))
+        }
+        4 => {
+            entry.insert("data_offsets".into(), json!([offsets[1], offsets[0]]));
+            ("reversed offsets".into(), join(&edited, &data))
+        }
+        5 => {
+            // Overlap the previous tensor's bytes: same length, shifted back.
+            let shift = rng.random_range(1..=offsets[0].max(1));
+            let start = offsets[0].saturating_sub(shift);
+            entry.insert("data_offsets".into(), json!([start, start + offsets[1] - offsets[0]]));
+            ("overlapping offsets".into(), join(&edited, &data))
+        }
+        6 => {
+            let dtype = ["F32", "BF16", "I64", "U8", "BOOL", "F8_E4M3", "Q4", ""][rng.random_range(0..8)];
+            entry.insert("dtype".into(), json!(dtype));
+            (format!("dtype {dtype}"), join(&edited, &data))
+        }
+        7 => {
+            let mut shape: Vec<u64> = entry["shape"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+            let i = rng.random_range(0..shape.len().max(1));
+            if shape.is_empty() {
+                shape.push(2);
+            } else {
+                shape[i] += rng.random_range(1..4);
+            }
+            entry.insert("shape".into(), json!(shape));
+            ("shape not matching its bytes".into(), join(&edited, &data))
+        }
+        8 => {
+            entry.insert("shape".into(), json!([1u64 << 31, 1u64 << 31, 1u64 << 31]));
+            ("huge shape".into(), join(&edited, &data))
+        }
+        9 => {
+            // A consistent file whose tensor has another shape than the model expects.
+            let count = (offsets[1] - offsets[0]) / 2;
+            entry.insert("shape".into(), json!([count]));
+            ("shape not matching the model".into(), join(&edited, &data))
+        }
+        10 => {
+            edited.remove(&name);
+            ("tensor missing".into(), join(&edited, &data))
+        }
+        _ => {
+            let mut out = original.to_vec();
+            let n = u64::from_le_bytes(original[..8].try_into().unwrap()) as usize;
+            out.truncate(8 + n + rng.random_range(0..data.len()));
+            ("tensor data truncated".into(), out)
+        }
+    }
+}
+
+/// The error text with the temp directory's path replaced, so that errors can be told apart.
+fn error_kind(text: &str, dir: &Path) -> String {
+    let text = text.replace(&dir.display().to_string(), "DIR");
+    text.chars().map(|c| if c.is_ascii_digit() { '#' } else { c }).collect()
+}
+
+#[test]
+fn mutated_weight_files_are_clear_errors_never_panics() {
+    let source = fixtures().join("tiny-controlnet");
+    let original = std::fs::read(source.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let config = std::fs::read(source.join("config.json")).unwrap();
+    let root: PathBuf = std::env::temp_dir().join(format!("sdcrossframe-hostile-{}", std::process::id()));
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(16);
+    let mut errors = BTreeSet::new();
+    let mut loaded = 0;
+    let mut loaded_kinds = BTreeSet::new();
+    let mut failures = Vec::new();
+    for case in 0..CASES {
+        let (what, bytes) = mutate(&original, &mut rng);
+        let dir = root.join(format!("case-{case}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), &config).unwrap();
+        std::fs::write(dir.join("diffusion_pytorch_model.safetensors"), &bytes).unwrap();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_controlnet(&dir)));
+        match result {
+            Err(_) => failures.push(format!("case {case} ({what}): panicked")),
+            Ok(Ok(())) => {
+                loaded += 1;
+                loaded_kinds.insert(what);
+            }
+            Ok(Err(e)) => {
+                let text = format!("{e:#}");
+                if !text.contains(&dir.display().to_string()) {
+                    failures.push(format!("case {case} ({what}): the error does not name the file: {text}"));
+                }
+                errors.insert(error_kind(&text, &dir));
+            }
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+    std::fs::remove_dir_all(&root).ok();
+    println!(
+        "{CASES} mutated files: {} errors of {} distinct kinds, {loaded} loaded (still valid: {loaded_kinds:?})",
+        CASES - loaded,
+        errors.len()
+    );
+    for kind in &errors {
+        println!("  {kind}");
+    }
+    assert!(failures.is_empty(), "{} of {CASES} cases failed:\n{}", failures.len(), failures.join("\n"));
+    // The mutations must reach many different checks, or the test proves little.
+    assert!(errors.len() >= 8, "only {} distinct errors: {errors:#?}", errors.len());
+}
