@@ -181,3 +181,70 @@ fn mutated_weight_files_are_clear_errors_never_panics() {
     // The mutations must reach many different checks, or the test proves little.
     assert!(errors.len() >= 8, "only {} distinct errors: {errors:#?}", errors.len());
 }
+
+/// Absurd or broken values in the ControlNet's config.json, with its real weights: each an
+/// error naming the directory (or loads, where the value is harmless), never a panic, and
+/// nothing sized by the config is allocated before the weights are checked against it.
+#[test]
+fn absurd_configs_are_clear_errors_never_panics() {
+    let source = fixtures().join("tiny-controlnet");
+    let weights = std::fs::read(source.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let config: Map<String, Value> =
+        serde_json::from_slice(&std::fs::read(source.join("config.json")).unwrap()).unwrap();
+    let edits: Vec<(&str, Value)> = vec![
+        ("block_out_channels", json!([1_000_000_000u64, 64, 64])),
+        ("block_out_channels", json!([])),
+        ("block_out_channels", json!([0, 0, 0])),
+        ("layers_per_block", json!(1_000_000_000u64)),
+        ("layers_per_block", json!(0)),
+        ("norm_num_groups", json!(0)),
+        ("norm_num_groups", json!(7)),
+        ("attention_head_dim", json!([0, 0, 0])),
+        ("attention_head_dim", json!([3, 4, 4])),
+        ("attention_head_dim", json!([2])),
+        ("cross_attention_dim", json!(0)),
+        ("in_channels", json!(0)),
+        ("conditioning_channels", json!(0)),
+        ("conditioning_embedding_out_channels", json!([])),
+        ("conditioning_embedding_out_channels", json!([1_000_000_000u64, 16, 16, 32])),
+        ("down_block_types", json!(["CrossAttnDownBlock2D"])),
+        ("down_block_types", json!(["NoSuchBlock", "CrossAttnDownBlock2D", "DownBlock2D"])),
+        ("transformer_layers_per_block", json!(1_000_000_000u64)),
+        ("transformer_layers_per_block", json!(0)),
+        ("norm_eps", json!(-1.0)),
+        ("block_out_channels", json!("many")),
+    ];
+    let root: PathBuf = std::env::temp_dir().join(format!("sdcrossframe-hostile-config-{}", std::process::id()));
+    let mut failures = Vec::new();
+    let mut outcomes = Vec::new();
+    for (case, (key, value)) in edits.iter().enumerate() {
+        let mut edited = config.clone();
+        edited.insert(key.to_string(), value.clone());
+        let dir = root.join(format!("case-{case}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("config.json"), serde_json::to_vec(&edited).unwrap()).unwrap();
+        std::fs::write(dir.join("diffusion_pytorch_model.safetensors"), &weights).unwrap();
+        let started = std::time::Instant::now();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load_controlnet(&dir)));
+        println!("{key} = {value}: {:.2} s", started.elapsed().as_secs_f64());
+        match result {
+            Err(_) => failures.push(format!("{key} = {value}: panicked")),
+            Ok(Ok(())) => outcomes.push(format!("{key} = {value}: loads")),
+            Ok(Err(e)) => {
+                let text = format!("{e:#}");
+                if !text.contains(&dir.display().to_string()) {
+                    failures.push(format!("{key} = {value}: the error does not name the directory: {text}"));
+                }
+                outcomes.push(format!(
+                    "{key} = {value}: {}",
+                    text.lines().next().unwrap_or("").replace(&dir.display().to_string(), "DIR")
+                ));
+            }
+        }
+    }
+    std::fs::remove_dir_all(&root).ok();
+    for outcome in &outcomes {
+        println!("{outcome}");
+    }
+    assert!(failures.is_empty(), "{} of {} configs failed:\n{}", failures.len(), edits.len(), failures.join("\n"));
+}

@@ -190,7 +190,7 @@ pub struct DownBlock {
 impl DownBlock {
     /// `path` is the block's diffusers path, e.g. `down_blocks.0`.
     pub fn new(vb: VarBuilder, s: &DownBlockSettings, r: &ResnetSettings, path: &str) -> Result<Self> {
-        let mut resnets = Vec::with_capacity(s.num_layers);
+        let mut resnets = Vec::new();
         let mut attentions = Vec::new();
         for i in 0..s.num_layers {
             let in_ch = if i == 0 { s.in_channels } else { s.out_channels };
@@ -302,7 +302,7 @@ pub struct UpBlock {
 
 impl UpBlock {
     pub fn new(vb: VarBuilder, s: &UpBlockSettings, r: &ResnetSettings, path: &str) -> Result<Self> {
-        let mut resnets = Vec::with_capacity(s.num_layers);
+        let mut resnets = Vec::new();
         let mut attentions = Vec::new();
         for i in 0..s.num_layers {
             let skip = if i + 1 == s.num_layers { s.in_channels } else { s.out_channels };

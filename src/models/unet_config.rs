@@ -241,6 +241,10 @@ pub(crate) fn cross_attn_settings(
     })
 }
 
+/// Layers per block a config may ask for: no released checkpoint comes near (SD uses 2); the
+/// bound keeps a broken config from making us allocate per-layer lists of billions of entries.
+const MAX_LAYERS_PER_BLOCK: usize = 1024;
+
 pub(crate) fn down_block_settings(p: &EncoderParams) -> Result<Vec<DownBlockSettings>> {
     let n = p.down_block_types.len();
     let mut out = Vec::with_capacity(n);
@@ -249,6 +253,11 @@ pub(crate) fn down_block_settings(p: &EncoderParams) -> Result<Vec<DownBlockSett
         let in_channels = output_channel;
         output_channel = p.block_out_channels[i];
         let layers = p.layers_per_block[i];
+        if layers > MAX_LAYERS_PER_BLOCK {
+            candle_core::bail!(
+                "config: layers_per_block {layers} in down block {i} is not a real model's (at most {MAX_LAYERS_PER_BLOCK})"
+            );
+        }
         let attention = match ty.as_str() {
             "CrossAttnDownBlock2D" => Some(cross_attn_settings(
                 p,
