@@ -248,3 +248,135 @@ fn absurd_configs_are_clear_errors_never_panics() {
     }
     assert!(failures.is_empty(), "{} of {} configs failed:\n{}", failures.len(), edits.len(), failures.join("\n"));
 }
+
+/// Builds one component of a diffusers directory (config.json + weights) with `build`.
+fn load_component<C: serde::de::DeserializeOwned>(
+    dir: &Path,
+    build: impl FnOnce(candle_nn::VarBuilder<'static>, &C) -> candle_core::Result<()>,
+) -> anyhow::Result<()> {
+    let files = ComponentFiles::locate(dir, None)?;
+    let config: C = files.read_config()?;
+    let vb = files.var_builder(DType::F32, &Device::Cpu)?;
+    build(vb, &config).with_context(|| format!("cannot build the model in {}", dir.display()))
+}
+
+/// Runs `load` on copies of `source` whose config.json has each edit; returns the failures
+/// (panics, errors that do not name the directory) and prints every outcome.
+fn config_edits(
+    source: &Path,
+    tag: &str,
+    edits: &[(&str, Value)],
+    load: &dyn Fn(&Path) -> anyhow::Result<()>,
+) -> Vec<String> {
+    let config: Map<String, Value> =
+        serde_json::from_slice(&std::fs::read(source.join("config.json")).unwrap()).unwrap();
+    let root: PathBuf = std::env::temp_dir().join(format!("sdcrossframe-hostile-{tag}-{}", std::process::id()));
+    let mut failures = Vec::new();
+    for (case, (key, value)) in edits.iter().enumerate() {
+        let mut edited = config.clone();
+        edited.insert(key.to_string(), value.clone());
+        let dir = root.join(format!("case-{case}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        for entry in std::fs::read_dir(source).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_name() != "config.json" {
+                std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+            }
+        }
+        std::fs::write(dir.join("config.json"), serde_json::to_vec(&edited).unwrap()).unwrap();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| load(&dir)));
+        match result {
+            Err(_) => failures.push(format!("{tag}: {key} = {value}: panicked")),
+            Ok(Ok(())) => println!("{tag}: {key} = {value}: loads"),
+            Ok(Err(e)) => {
+                let text = format!("{e:#}");
+                if !text.contains(&dir.display().to_string()) {
+                    failures.push(format!("{tag}: {key} = {value}: the error does not name the directory: {text}"));
+                }
+                println!(
+                    "{tag}: {key} = {value}: {}",
+                    text.lines().next().unwrap_or("").replace(&dir.display().to_string(), "DIR")
+                );
+            }
+        }
+    }
+    std::fs::remove_dir_all(&root).ok();
+    failures
+}
+
+/// The same for the UNet, the VAE and the text encoder of the tiny pipeline.
+#[test]
+fn absurd_unet_vae_and_text_encoder_configs_are_clear_errors() {
+    use sdcrossframe::models::clip::{ClipTextConfig, ClipTextModel};
+    use sdcrossframe::models::unet::{UNet2DConditionConfig, UNet2DConditionModel};
+    use sdcrossframe::models::vae::{AutoencoderKL, AutoencoderKLConfig};
+    let huge = json!(1_000_000_000u64);
+    let model = fixtures().join("tiny-sd");
+    let mut failures = config_edits(
+        &model.join("unet"),
+        "unet",
+        &[
+            ("block_out_channels", json!([1_000_000_000u64, 64, 64])),
+            ("block_out_channels", json!([])),
+            ("layers_per_block", huge.clone()),
+            ("layers_per_block", json!(0)),
+            ("norm_num_groups", json!(0)),
+            ("attention_head_dim", json!([0, 0, 0])),
+            ("cross_attention_dim", json!(0)),
+            ("up_block_types", json!(["UpBlock2D"])),
+            ("up_block_types", json!([])),
+            ("transformer_layers_per_block", huge.clone()),
+            ("out_channels", json!(0)),
+            ("sample_size", huge.clone()),
+        ],
+        &|dir| load_component(dir, |vb, c: &UNet2DConditionConfig| UNet2DConditionModel::new(vb, c).map(|_| ())),
+    );
+    failures.extend(config_edits(
+        &model.join("vae"),
+        "vae",
+        &[
+            ("block_out_channels", json!([1_000_000_000u64, 32, 32, 32])),
+            ("block_out_channels", json!([])),
+            ("layers_per_block", huge.clone()),
+            ("norm_num_groups", json!(0)),
+            ("latent_channels", json!(0)),
+            ("latent_channels", huge.clone()),
+            ("scaling_factor", json!(0.0)),
+            ("scaling_factor", json!(-1.0)),
+            ("down_block_types", json!([])),
+        ],
+        &|dir| load_component(dir, |vb, c: &AutoencoderKLConfig| AutoencoderKL::new(vb, c).map(|_| ())),
+    ));
+    failures.extend(config_edits(
+        &model.join("text_encoder"),
+        "text_encoder",
+        &[
+            ("hidden_size", huge.clone()),
+            ("hidden_size", json!(0)),
+            ("num_hidden_layers", huge.clone()),
+            ("num_attention_heads", json!(0)),
+            ("num_attention_heads", json!(3)),
+            ("intermediate_size", huge.clone()),
+            ("max_position_embeddings", huge.clone()),
+            ("max_position_embeddings", json!(0)),
+            ("vocab_size", json!(0)),
+            ("hidden_act", json!("no_such_act")),
+        ],
+        &|dir| load_component(dir, |vb, c: &ClipTextConfig| ClipTextModel::new(vb, c).map(|_| ())),
+    ));
+    assert!(failures.is_empty(), "{} configs failed:\n{}", failures.len(), failures.join("\n"));
+    // A VAE that would decode every frame to NaN is refused, not loaded.
+    let vae = model.join("vae");
+    let dir = std::env::temp_dir().join(format!("sdcrossframe-hostile-scaling-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut config: Map<String, Value> =
+        serde_json::from_slice(&std::fs::read(vae.join("config.json")).unwrap()).unwrap();
+    config.insert("scaling_factor".into(), json!(0.0));
+    std::fs::write(dir.join("config.json"), serde_json::to_vec(&config).unwrap()).unwrap();
+    std::fs::copy(vae.join("diffusion_pytorch_model.safetensors"), dir.join("diffusion_pytorch_model.safetensors"))
+        .unwrap();
+    let err = load_component(&dir, |vb, c: &AutoencoderKLConfig| AutoencoderKL::new(vb, c).map(|_| ()))
+        .expect_err("a zero scaling_factor must be refused");
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(format!("{err:#}").contains("scaling_factor 0 must be a positive number"), "{err:#}");
+}

@@ -317,18 +317,22 @@ impl UNet2DConditionModel {
             .enumerate()
             .map(|(i, s)| {
                 let path = format!("down_blocks.{i}");
+                // Names after the block is built: its weights bound the layer counts a config
+                // may claim (a broken one could ask for billions).
+                let block = DownBlock::new(vb.pp("down_blocks").pp(i.to_string()), s, &resnet, &path)?;
                 if let Some(a) = &s.attention {
                     attn1_names(&path, a, &mut names);
                 }
-                DownBlock::new(vb.pp("down_blocks").pp(i.to_string()), s, &resnet, &path)
+                Ok(block)
             })
             .collect::<Result<Vec<_>>>()?;
         let mid_block = match &mid {
             Some(s) => {
+                let block = MidBlock::new(vb.pp("mid_block"), s, &resnet, "mid_block")?;
                 if let Some(a) = &s.attention {
                     attn1_names("mid_block", a, &mut names);
                 }
-                Some(MidBlock::new(vb.pp("mid_block"), s, &resnet, "mid_block")?)
+                Some(block)
             }
             None => None,
         };
@@ -337,10 +341,11 @@ impl UNet2DConditionModel {
             .enumerate()
             .map(|(i, s)| {
                 let path = format!("up_blocks.{i}");
+                let block = UpBlock::new(vb.pp("up_blocks").pp(i.to_string()), s, &resnet, &path)?;
                 if let Some(a) = &s.attention {
                     attn1_names(&path, a, &mut names);
                 }
-                UpBlock::new(vb.pp("up_blocks").pp(i.to_string()), s, &resnet, &path)
+                Ok(block)
             })
             .collect::<Result<Vec<_>>>()?;
         let conv_norm_out = GroupNorm::new(vb.pp("conv_norm_out"), resnet.groups, c0, config.norm_eps)?;

@@ -73,6 +73,10 @@ impl AutoencoderKLConfig {
         if self.block_out_channels.is_empty() {
             candle_core::bail!("vae config: block_out_channels is empty");
         }
+        // Decoding divides by it: 0 would turn every frame into NaN.
+        if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
+            candle_core::bail!("vae config: scaling_factor {} must be a positive number", self.scaling_factor);
+        }
         if !self.mid_block_add_attention {
             candle_core::bail!("vae config: mid_block_add_attention = false is not supported");
         }

@@ -126,6 +126,9 @@ impl AutoencoderTinyConfig {
             }
         }
         Activation::parse(&self.act_fn)?;
+        if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
+            candle_core::bail!("tiny vae config: scaling_factor {} must be a positive number", self.scaling_factor);
+        }
         if self.upsample_fn != "nearest" {
             candle_core::bail!("tiny vae config: upsample_fn {:?} is not supported (only nearest)", self.upsample_fn);
         }
