@@ -39,11 +39,16 @@ fn reference(mode: &str, scope: &str) -> Vec<Tensor> {
 fn check_parity(mode: AttentionMode, scope: AttentionScope) {
     let name = mode.to_string().replace('+', "_");
     let want = reference(&name, &scope.to_string());
-    let got = run(&mut session(mode, scope), FRAMES);
-    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
+    assert_frames_match(&format!("{mode} {scope}"), &run(&mut session(mode, scope), FRAMES), &want);
+}
+
+/// Every frame within the parity tolerance of its reference; `label` names the run.
+fn assert_frames_match(label: &str, got: &[Tensor], want: &[Tensor]) {
+    assert_eq!(got.len(), want.len(), "{label}: frame count");
+    for (k, (g, w)) in got.iter().zip(want).enumerate() {
         let err = max_abs_diff(g, w);
-        println!("{mode} {scope} frame {k}: max abs error {err:.2e}");
-        assert!(err <= IMAGE_TOLERANCE, "{mode} {scope} frame {k}: {err:.2e} over {IMAGE_TOLERANCE}");
+        println!("{label} frame {k}: max abs error {err:.2e}");
+        assert!(err <= IMAGE_TOLERANCE, "{label} frame {k}: {err:.2e} over {IMAGE_TOLERANCE}");
     }
 }
 
@@ -286,12 +291,7 @@ fn lcm_reference(name: &str) -> Vec<Tensor> {
 fn check_lcm_parity(mode: AttentionMode, scope: AttentionScope) {
     let name = format!("{}_{scope}", mode.to_string().replace('+', "_"));
     let want = lcm_reference(&name);
-    let got = run(&mut lcm_session(mode, scope), LCM_FRAMES);
-    for (k, (g, w)) in got.iter().zip(&want).enumerate() {
-        let err = max_abs_diff(g, w);
-        println!("lcm {mode} {scope} frame {k}: max abs error {err:.2e}");
-        assert!(err <= IMAGE_TOLERANCE, "lcm {mode} {scope} frame {k}: {err:.2e} over {IMAGE_TOLERANCE}");
-    }
+    assert_frames_match(&format!("lcm {mode} {scope}"), &run(&mut lcm_session(mode, scope), LCM_FRAMES), &want);
 }
 
 #[test]

@@ -4,30 +4,13 @@
 
 mod common;
 
-use candle_core::Device;
 use common::*;
-use sdcrossframe::pipeline::{FrameSettings, PlainFrame};
 
-#[derive(serde::Deserialize)]
-struct Case {
-    name: String,
-    frame: usize,
-    control: usize,
-    prompt: String,
-    negative_prompt: String,
-    steps: usize,
-    strength: f64,
-    guidance_scale: f64,
-    controlnet_scale: f64,
-    output: String,
+fn cases() -> Vec<Img2ImgCase> {
+    Img2ImgCase::load_all(&img2img_dir())
 }
 
-fn cases() -> Vec<Case> {
-    let text = std::fs::read_to_string(img2img_dir().join("cases.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn reference_image(case: &Case) -> candle_core::Tensor {
+fn reference_image(case: &Img2ImgCase) -> candle_core::Tensor {
     load_tensors(&img2img_dir().join(&case.output))["image"].clone()
 }
 
@@ -35,28 +18,9 @@ fn reference_image(case: &Case) -> candle_core::Tensor {
 #[test]
 fn img2img_matches_diffusers_for_every_case() {
     let mut stylizer = tiny_stylizer();
-    let noise = fixture_noise();
     let mut failures = Vec::new();
     for case in cases() {
-        let settings = FrameSettings {
-            prompt: case.prompt.clone(),
-            negative_prompt: case.negative_prompt.clone(),
-            steps: case.steps,
-            strength: case.strength,
-            guidance_scale: case.guidance_scale,
-            controlnet_scale: case.controlnet_scale,
-            ..FrameSettings::default()
-        };
-        let image = stylizer
-            .stylize(
-                &frame(case.frame).to_tensor(&Device::Cpu).unwrap(),
-                &control(case.control).to_tensor(&Device::Cpu).unwrap(),
-                &settings,
-                &noise,
-                None,
-                &mut PlainFrame::default(),
-            )
-            .unwrap();
+        let image = case.stylize(&mut stylizer);
         let err = max_abs_diff(&image, &reference_image(&case));
         println!("{:<20} max abs error {err:.2e}", case.name);
         if err > IMAGE_TOLERANCE {

@@ -10,7 +10,7 @@ use common::*;
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
 use sdcrossframe::models::vae::{AutoencoderKL, AutoencoderKLConfig};
 use sdcrossframe::models::vae_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
-use sdcrossframe::pipeline::{FrameSettings, ModelSpec, PlainFrame, Stylizer};
+use sdcrossframe::pipeline::{ModelSpec, Stylizer};
 use sdcrossframe::session::{SessionConfig, VideoSession};
 use sdcrossframe::weights::ComponentFiles;
 
@@ -86,47 +86,13 @@ fn taesd_and_the_full_vae_differ_far_beyond_tolerance() {
     assert!(decoded_diff > 0.1, "decoded images differ by only {decoded_diff}");
 }
 
-#[derive(serde::Deserialize)]
-struct Case {
-    name: String,
-    frame: usize,
-    control: usize,
-    prompt: String,
-    negative_prompt: String,
-    steps: usize,
-    strength: f64,
-    guidance_scale: f64,
-    controlnet_scale: f64,
-    output: String,
-}
-
-fn taesd_case() -> Case {
-    let path = fixtures().join("reference/taesd/cases.json");
-    let cases: Vec<Case> = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+fn taesd_case() -> Img2ImgCase {
+    let cases = Img2ImgCase::load_all(&fixtures().join("reference/taesd"));
     cases.into_iter().find(|c| c.name == "base").expect("the base case")
 }
 
-fn run_case(spec: &ModelSpec, case: &Case) -> Tensor {
-    let mut stylizer = Stylizer::load(spec, &Device::Cpu, DType::F32).expect("loads");
-    let settings = FrameSettings {
-        prompt: case.prompt.clone(),
-        negative_prompt: case.negative_prompt.clone(),
-        steps: case.steps,
-        strength: case.strength,
-        guidance_scale: case.guidance_scale,
-        controlnet_scale: case.controlnet_scale,
-        ..FrameSettings::default()
-    };
-    stylizer
-        .stylize(
-            &frame(case.frame).to_tensor(&Device::Cpu).unwrap(),
-            &control(case.control).to_tensor(&Device::Cpu).unwrap(),
-            &settings,
-            &fixture_noise(),
-            None,
-            &mut PlainFrame::default(),
-        )
-        .unwrap()
+fn run_case(spec: &ModelSpec, case: &Img2ImgCase) -> Tensor {
+    case.stylize(&mut Stylizer::load(spec, &Device::Cpu, DType::F32).expect("loads"))
 }
 
 /// A whole frame with `vae` = the tiny VAE against diffusers' pipeline with

@@ -265,6 +265,17 @@ fn eos_on_an_empty_stream() {
     assert_eq!(t.h.buffers_received(), 0);
 }
 
+/// Runs `description` until its first error message: (error text, debug text, progress).
+fn error_of(description: &str) -> (String, String, Vec<(gst::ProgressType, String)>) {
+    let pipeline = gst::parse::launch(description).unwrap();
+    let bus = pipeline.bus().unwrap();
+    // A start that fails at once still posts its error message.
+    let _ = pipeline.set_state(gst::State::Playing);
+    let result = wait_for_error(&bus);
+    pipeline.set_state(gst::State::Null).unwrap();
+    result
+}
+
 fn wait_for_error(bus: &gst::Bus) -> (String, String, Vec<(gst::ProgressType, String)>) {
     let mut progress = Vec::new();
     loop {
@@ -286,15 +297,10 @@ fn wait_for_error(bus: &gst::Bus) -> (String, String, Vec<(gst::ProgressType, St
 #[test]
 fn bad_model_path_is_an_error_message_naming_it() {
     init();
-    let pipeline = gst::parse::launch(&format!(
+    let (message, debug, progress) = error_of(&format!(
         "videotestsrc num-buffers=3 ! video/x-raw,width=96,height=64 ! sdcrossframe name=sd model=/nonexistent/sd-model controlnet={} ! fakesink",
         fixture("tiny-controlnet").display()
-    ))
-    .unwrap();
-    let bus = pipeline.bus().unwrap();
-    pipeline.set_state(gst::State::Playing).unwrap();
-    let (message, debug, progress) = wait_for_error(&bus);
-    pipeline.set_state(gst::State::Null).unwrap();
+    ));
     assert!(message.contains("/nonexistent/sd-model"), "{message}");
     assert!(message.contains("does not exist"), "{message}");
     assert!(debug.contains("/nonexistent/sd-model"), "{debug}");
@@ -306,16 +312,11 @@ fn bad_model_path_is_an_error_message_naming_it() {
 #[test]
 fn bad_vae_path_is_an_error_message_naming_it() {
     init();
-    let pipeline = gst::parse::launch(&format!(
+    let (message, debug, progress) = error_of(&format!(
         "videotestsrc num-buffers=3 ! video/x-raw,width=96,height=64 ! sdcrossframe model={} controlnet={} vae=/nonexistent/taesd ! fakesink",
         fixture("tiny-sd").display(),
         fixture("tiny-controlnet").display()
-    ))
-    .unwrap();
-    let bus = pipeline.bus().unwrap();
-    pipeline.set_state(gst::State::Playing).unwrap();
-    let (message, debug, progress) = wait_for_error(&bus);
-    pipeline.set_state(gst::State::Null).unwrap();
+    ));
     assert!(message.contains("cannot load the VAE /nonexistent/taesd"), "{message}");
     assert!(message.contains("does not exist"), "{message}");
     assert!(debug.contains("/nonexistent/taesd"), "{debug}");
@@ -325,16 +326,11 @@ fn bad_vae_path_is_an_error_message_naming_it() {
 #[test]
 fn tiny_vae_directory_given_as_model_is_an_error_message() {
     init();
-    let pipeline = gst::parse::launch(&format!(
+    let (message, _, _) = error_of(&format!(
         "videotestsrc num-buffers=3 ! video/x-raw,width=96,height=64 ! sdcrossframe model={} controlnet={} ! fakesink",
         fixture("tiny-taesd").display(),
         fixture("tiny-controlnet").display()
-    ))
-    .unwrap();
-    let bus = pipeline.bus().unwrap();
-    pipeline.set_state(gst::State::Playing).unwrap();
-    let (message, _, _) = wait_for_error(&bus);
-    pipeline.set_state(gst::State::Null).unwrap();
+    ));
     assert!(message.contains("VAE directory (AutoencoderTiny)") && message.contains("vae"), "{message}");
 }
 
@@ -361,16 +357,11 @@ fn bad_device_and_bad_settings_are_error_messages() {
         ("lora=/nonexistent/style.safetensors:0.5", "LoRA file /nonexistent/style.safetensors does not exist"),
         ("lora=/some/style.safetensors:", "LoRA entry '/some/style.safetensors:' ends with ':' but has no scale"),
     ] {
-        let pipeline = gst::parse::launch(&format!(
+        let (message, _, _) = error_of(&format!(
             "videotestsrc num-buffers=3 ! video/x-raw,width=96,height=64 ! sdcrossframe model={} controlnet={} {props} ! fakesink",
             fixture("tiny-sd").display(),
             fixture("tiny-controlnet").display()
-        ))
-        .unwrap();
-        let bus = pipeline.bus().unwrap();
-        pipeline.set_state(gst::State::Playing).unwrap();
-        let (message, _, _) = wait_for_error(&bus);
-        pipeline.set_state(gst::State::Null).unwrap();
+        ));
         assert!(message.contains(expected), "{props}: {message}");
     }
 }
@@ -387,16 +378,11 @@ fn bad_scheduler_settings_are_error_messages_naming_the_value() {
         ("guidance=self guidance-scale=2", "guidance self (residual CFG) needs the lcm scheduler"),
         ("scheduler=lcm steps=60 strength=1", "fewer than the 60 steps"),
     ] {
-        let pipeline = gst::parse::launch(&format!(
+        let (message, _, _) = error_of(&format!(
             "videotestsrc num-buffers=3 ! video/x-raw,width=96,height=64 ! sdcrossframe model={} controlnet={} {props} ! fakesink",
             fixture("tiny-sd").display(),
             fixture("tiny-controlnet").display()
-        ))
-        .unwrap();
-        let bus = pipeline.bus().unwrap();
-        let _ = pipeline.set_state(gst::State::Playing);
-        let (message, _, _) = wait_for_error(&bus);
-        pipeline.set_state(gst::State::Null).unwrap();
+        ));
         assert!(message.contains(expected), "{props}: {message}");
     }
 }

@@ -38,9 +38,8 @@ impl Conv2d {
         padding: usize,
         stride: usize,
     ) -> Result<Self> {
-        let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
-        let bias = Some(vb.get(out_channels, "bias")?);
-        Ok(Self { weight, bias, padding, stride })
+        let bias = vb.get(out_channels, "bias")?;
+        Ok(Self { bias: Some(bias), ..Self::without_bias(vb, in_channels, out_channels, kernel, padding, stride)? })
     }
 
     /// [`Self::new`] without a bias (PyTorch's `bias=False`): only `weight` is read.

@@ -173,15 +173,7 @@ impl DdimScheduler {
     /// The timesteps an img2img frame runs: the last `min(int(steps * strength), steps)` of the
     /// schedule. An error when that is none at all.
     pub fn img2img_timesteps(&self, steps: usize, strength: f64) -> Result<Vec<usize>> {
-        if !(0.0..=1.0).contains(&strength) {
-            bail!("strength {strength} is outside 0..1");
-        }
-        let all = self.timesteps(steps)?;
-        let init = ((steps as f64 * strength) as usize).min(steps);
-        if init == 0 {
-            bail!("steps {steps} x strength {strength} gives 0 denoising steps; raise steps or strength");
-        }
-        Ok(all[steps - init..].to_vec())
+        super::img2img_tail(steps, strength, || self.timesteps(steps))
     }
 
     fn alpha_cumprod(&self, timestep: i64) -> f64 {

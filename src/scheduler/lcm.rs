@@ -222,15 +222,7 @@ impl LcmScheduler {
     /// `set_timesteps(steps)` (strength 1 there), then the last `min(int(steps * strength),
     /// steps)` of them (the pipeline's `get_timesteps`). An error when that is none at all.
     pub fn img2img_timesteps(&self, steps: usize, strength: f64) -> Result<Vec<usize>> {
-        if !(0.0..=1.0).contains(&strength) {
-            bail!("strength {strength} is outside 0..1");
-        }
-        let all = self.set_timesteps(Some(steps), None, None, 1.0)?;
-        let init = ((steps as f64 * strength) as usize).min(steps);
-        if init == 0 {
-            bail!("steps {steps} x strength {strength} gives 0 denoising steps; raise steps or strength");
-        }
-        Ok(all[steps - init..].to_vec())
+        super::img2img_tail(steps, strength, || self.set_timesteps(Some(steps), None, None, 1.0))
     }
 
     /// `get_scalings_for_boundary_condition_discrete`: `(c_skip, c_out)` at `timestep`.

@@ -371,6 +371,25 @@ pub(crate) struct BetaSchedule<'a> {
     pub rescale_betas_zero_snr: bool,
 }
 
+/// The img2img pipeline's `get_timesteps`, whatever the scheduler: of the `steps`-step
+/// schedule `all` makes, the last `min(int(steps * strength), steps)`. An error when that is
+/// none at all; `strength` is checked before the schedule is made.
+pub(crate) fn img2img_tail(
+    steps: usize,
+    strength: f64,
+    all: impl FnOnce() -> Result<Vec<usize>>,
+) -> Result<Vec<usize>> {
+    if !(0.0..=1.0).contains(&strength) {
+        bail!("strength {strength} is outside 0..1");
+    }
+    let all = all()?;
+    let init = ((steps as f64 * strength) as usize).min(steps);
+    if init == 0 {
+        bail!("steps {steps} x strength {strength} gives 0 denoising steps; raise steps or strength");
+    }
+    Ok(all[steps - init..].to_vec())
+}
+
 /// `alphas_cumprod` as diffusers computes it: betas as float32 tensors (the linspace too),
 /// alphas = 1 - betas in float32, and torch's CPU cumprod, which accumulates in double and
 /// rounds each partial product to float32.

@@ -78,3 +78,53 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 pub fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     (a - b).unwrap().abs().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap()
 }
+
+/// One case of a whole-frame reference (`cases.json` beside the reference images), as
+/// tests/reference/make_fixtures.py writes it.
+#[derive(serde::Deserialize)]
+pub struct Img2ImgCase {
+    pub name: String,
+    pub frame: usize,
+    pub control: usize,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub strength: f64,
+    pub guidance_scale: f64,
+    pub controlnet_scale: f64,
+    pub output: String,
+}
+
+impl Img2ImgCase {
+    /// Every case of `dir/cases.json`.
+    pub fn load_all(dir: &Path) -> Vec<Self> {
+        let text = std::fs::read_to_string(dir.join("cases.json")).unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    pub fn settings(&self) -> FrameSettings {
+        FrameSettings {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            steps: self.steps,
+            strength: self.strength,
+            guidance_scale: self.guidance_scale,
+            controlnet_scale: self.controlnet_scale,
+            ..FrameSettings::default()
+        }
+    }
+
+    /// The case's frame through `stylizer` with the fixture noise (no cross-frame attention).
+    pub fn stylize(&self, stylizer: &mut Stylizer) -> Tensor {
+        stylizer
+            .stylize(
+                &frame(self.frame).to_tensor(&Device::Cpu).unwrap(),
+                &control(self.control).to_tensor(&Device::Cpu).unwrap(),
+                &self.settings(),
+                &fixture_noise(),
+                None,
+                &mut sdcrossframe::pipeline::PlainFrame::default(),
+            )
+            .unwrap()
+    }
+}
