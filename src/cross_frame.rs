@@ -28,7 +28,7 @@ use anyhow::{Result, bail};
 use candle_core::Tensor;
 
 use crate::models::attention::SelfAttentionHook;
-use crate::pipeline::{FrameHook, FramePlan};
+use crate::pipeline::{FrameHook, FramePlan, StepRow};
 
 /// Which frames' keys and values a frame attends to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -143,6 +143,9 @@ pub struct CrossFrameAttention {
     store: Vec<HashMap<String, Entry>>,
     role: Role,
     step: Option<usize>,
+    /// The frames of the stream-batched UNet call in progress, in batch order (see
+    /// [`FrameHook::begin_rows`]); empty outside one.
+    rows: Vec<StepRow>,
     anchor_requested: bool,
     frames_since_anchor: usize,
     /// Names the store's current buffers; a fresh number (unique in the process) whenever they
@@ -159,6 +162,7 @@ impl CrossFrameAttention {
             store: Vec::new(),
             role: Role::Anchor,
             step: None,
+            rows: Vec::new(),
             anchor_requested: false,
             frames_since_anchor: 0,
             generation: next_generation(),
@@ -272,6 +276,9 @@ impl FrameHook for CrossFrameAttention {
     /// buffers (copies in, reads), the same on every frame of a role: replayable. An anchor
     /// that still has to allocate its entries is not.
     fn graph_key(&self) -> Option<u64> {
+        if !self.rows.is_empty() {
+            return self.rows_graph_key();
+        }
         let role = match (self.mode, self.role) {
             (AttentionMode::Off, _) => return Some(0),
             (_, Role::Follower) => 1,
@@ -292,6 +299,152 @@ impl FrameHook for CrossFrameAttention {
         self.step = None;
         Ok(())
     }
+
+    /// Each frame of a stream batch reads and writes the entries of its own step, and no two
+    /// frames of a call are at the same step: step k's entries see the frames in their order
+    /// (frame f at call f + k), as in the sequential session.
+    fn begin_rows(&mut self, rows: &[StepRow]) -> Result<()> {
+        if self.mode != AttentionMode::Off {
+            let plan = self.anchored_plan.as_ref().expect("begin_frame stores the plan");
+            for (i, row) in rows.iter().enumerate() {
+                match plan.timesteps.get(row.step) {
+                    Some(&t) if t == row.timestep => {}
+                    other => bail!(
+                        "cross-frame attention: a frame at step {} runs timestep {} but the stored schedule has {other:?}",
+                        row.step,
+                        row.timestep
+                    ),
+                }
+                if rows[..i].iter().any(|r| r.step == row.step) {
+                    bail!("cross-frame attention: two frames of one stream batch are at step {}", row.step);
+                }
+                if plan.batches.get(row.step) != Some(&row.batch) {
+                    bail!(
+                        "cross-frame attention: a frame at step {} has batch {}, its plan {:?}",
+                        row.step,
+                        row.batch,
+                        plan.batches
+                    );
+                }
+            }
+        }
+        self.rows = rows.to_vec();
+        self.step = None;
+        Ok(())
+    }
+
+    fn end_rows(&mut self) -> Result<()> {
+        self.rows.clear();
+        Ok(())
+    }
+}
+
+impl CrossFrameAttention {
+    /// A stream batch's call is replayable once every anchor in it has its entries (all the
+    /// hook does then is device work on the entries' buffers); its key names the frames'
+    /// steps and roles.
+    fn rows_graph_key(&self) -> Option<u64> {
+        if self.mode == AttentionMode::Off {
+            return Some(0);
+        }
+        let mut roles = 0u64;
+        for (i, row) in self.rows.iter().enumerate() {
+            if row.anchor {
+                if self.store.get(row.step).is_none_or(HashMap::is_empty) {
+                    return None;
+                }
+                roles |= 1 << i;
+            }
+        }
+        let mode = self.mode as u64;
+        let scope = self.scope as u64;
+        Some((self.generation << 24) | (roles << 8) | (mode << 4) | (scope << 2) | 3)
+    }
+
+    /// Self-attention of a stream-batched call: each frame's rows attend to the entries of its
+    /// own step, as the frame alone would (an anchor records them and attends to itself).
+    fn rows_self_attention(
+        &mut self,
+        layer: &str,
+        hidden: &Tensor,
+        project: &dyn Fn(&Tensor) -> candle_core::Result<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        if self.rows.iter().all(|r| r.anchor) {
+            // Plain attention for every frame; record the anchors' inputs.
+            let mut offset = 0;
+            for row in &self.rows {
+                let part = hidden.narrow(0, offset, row.batch)?;
+                offset += row.batch;
+                record_anchor(&mut self.store[row.step], layer, &part)?;
+            }
+            return Ok(None);
+        }
+        let mut contexts = Vec::with_capacity(self.rows.len());
+        let mut offset = 0;
+        for row in &self.rows {
+            let part = hidden.narrow(0, offset, row.batch)?;
+            offset += row.batch;
+            let layers = &mut self.store[row.step];
+            let context = if row.anchor {
+                record_anchor(layers, layer, &part)?;
+                // The anchor's own inputs: as first and as prev they are one set of keys twice,
+                // which attention weighs exactly as the set once.
+                match self.mode {
+                    AttentionMode::FirstPrev => Tensor::cat(&[&part, &part], 1)?,
+                    _ => part,
+                }
+            } else {
+                let Some(entry) = layers.get(layer) else {
+                    candle_core::bail!("cross-frame attention: no stored entry for {layer} at step {}", row.step);
+                };
+                if entry.first.dims() != part.dims() {
+                    candle_core::bail!(
+                        "cross-frame attention: {layer} step {} has shape {:?}, the stored entry {:?}",
+                        row.step,
+                        part.dims(),
+                        entry.first.dims()
+                    );
+                }
+                match self.mode {
+                    AttentionMode::First => entry.first.clone(),
+                    AttentionMode::Prev => entry.prev.clone(),
+                    AttentionMode::FirstPrev => Tensor::cat(&[&entry.first, &entry.prev], 1)?,
+                    AttentionMode::Off => unreachable!("checked by the caller"),
+                }
+            };
+            contexts.push(context);
+        }
+        // After the projection in stream order, so each follower's "previous" is read before
+        // it is overwritten.
+        let (keys, values) = project(&Tensor::cat(&contexts, 0)?)?;
+        let mut offset = 0;
+        for row in &self.rows {
+            let part = hidden.narrow(0, offset, row.batch)?;
+            offset += row.batch;
+            if !row.anchor
+                && let Some(entry) = self.store[row.step].get(layer)
+            {
+                entry.prev.slice_set(&part.contiguous()?, 0, 0)?;
+            }
+        }
+        Ok(Some((keys, values)))
+    }
+}
+
+/// An anchor's attention input becomes both the first and the previous frame's entry.
+fn record_anchor(layers: &mut HashMap<String, Entry>, layer: &str, hidden: &Tensor) -> candle_core::Result<()> {
+    match layers.get(layer) {
+        Some(entry) if entry.first.dims() == hidden.dims() && entry.first.dtype() == hidden.dtype() => {
+            let hidden = hidden.contiguous()?;
+            entry.first.slice_set(&hidden, 0, 0)?;
+            entry.prev.slice_set(&hidden, 0, 0)?;
+        }
+        _ => {
+            let entry = Entry { first: hidden.copy()?, prev: hidden.copy()? };
+            layers.insert(layer.to_string(), entry);
+        }
+    }
+    Ok(())
 }
 
 impl SelfAttentionHook for CrossFrameAttention {
@@ -304,23 +457,16 @@ impl SelfAttentionHook for CrossFrameAttention {
         if self.mode == AttentionMode::Off || !self.scope.covers(layer) {
             return Ok(None);
         }
+        if !self.rows.is_empty() {
+            return self.rows_self_attention(layer, hidden, project);
+        }
         let Some(step) = self.step else {
             candle_core::bail!("cross-frame attention called outside a denoising step (layer {layer})");
         };
         let layers = &mut self.store[step];
         match self.role {
             Role::Anchor => {
-                match layers.get(layer) {
-                    Some(entry) if entry.first.dims() == hidden.dims() && entry.first.dtype() == hidden.dtype() => {
-                        let hidden = hidden.contiguous()?;
-                        entry.first.slice_set(&hidden, 0, 0)?;
-                        entry.prev.slice_set(&hidden, 0, 0)?;
-                    }
-                    _ => {
-                        let entry = Entry { first: hidden.copy()?, prev: hidden.copy()? };
-                        layers.insert(layer.to_string(), entry);
-                    }
-                }
+                record_anchor(layers, layer, hidden)?;
                 Ok(None)
             }
             Role::Follower => {

@@ -21,14 +21,18 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use std::collections::VecDeque;
+
+use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
 
 use crate::canny::{self, CannyParams, ImageView};
 use crate::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
 use crate::device::DeviceSpan;
 use crate::frame::RgbFrame;
-use crate::pipeline::{CancelHandle, FrameNoise, FrameSettings, SizeRequest, Stylizer};
+use crate::pipeline::{
+    CancelHandle, DenoisingFrame, FrameHook, FrameInputs, FrameNoise, FrameSettings, SizeRequest, Stylizer,
+};
 use crate::resample;
 
 /// Where each frame's noise comes from: the initial noise and, with LCM, the step noise of the
@@ -78,6 +82,18 @@ pub struct SessionConfig {
     pub canny: CannyParams,
     /// Processing size requested (see [`SizeRequest`]; default: short side 512).
     pub size: SizeRequest,
+    /// Denoise the frames in flight together, each at its own step (StreamDiffusion's stream
+    /// batch): one UNet call per frame, a frame comes out `steps - 1` frames after it went in
+    /// (see [`VideoSession::submit`]).
+    pub stream_batch: bool,
+    /// Similarity skipping: an input frame whose downscaled image is this similar (cosine
+    /// similarity, -1..1) to the last diffused one is skipped (the last output is re-emitted)
+    /// with a probability that grows from 0 at this value to 1 for an identical frame
+    /// (StreamDiffusion's similar-image filter), drawn from the seed and the frame index so
+    /// that runs repeat. 0 (or less) disables skipping.
+    pub skip_similarity: f64,
+    /// At most this many frames in a row are skipped.
+    pub max_skip: usize,
 }
 
 impl Default for SessionConfig {
@@ -91,6 +107,9 @@ impl Default for SessionConfig {
             seed: 0,
             canny: CannyParams::default(),
             size: SizeRequest::default(),
+            stream_batch: false,
+            skip_similarity: 0.0,
+            max_skip: 10,
         }
     }
 }
@@ -105,6 +124,8 @@ pub struct StylizedFrame {
     pub anchor: bool,
     /// Why it became the anchor, when it did.
     pub anchor_reason: Option<&'static str>,
+    /// Skipped by similarity: the image is the last diffused frame's.
+    pub skipped: bool,
     /// Time spent scaling the frame, its scene-cut measure, Canny and the upload.
     pub prepare_time: Duration,
     /// Time spent in the diffusion (VAE encode, denoising, VAE decode). From
@@ -132,15 +153,24 @@ enum ControlSource<'a> {
 /// [`VideoSession::launch`].
 pub struct PreparedFrame {
     index: u64,
+    /// `None` for a frame skipped by similarity.
+    work: Option<FrameWork>,
+    size: (usize, usize),
+    /// The frame's luma thumbnail (the last diffused frame's, for similarity skipping).
+    thumbnail: Vec<f32>,
+    /// The luma change from the previous prepared frame is over the scene-cut threshold.
+    scene_cut: bool,
+    prepare_time: Duration,
+    device_wait: Duration,
+}
+
+/// What a frame to diffuse was prepared into (on the device).
+struct FrameWork {
     input: Tensor,
     control: Tensor,
     noise: Tensor,
     /// Step noise for the settings at `prepare` (LCM), `None` when they need none.
     step_noise: Option<Tensor>,
-    /// The luma change from the previous prepared frame is over the scene-cut threshold.
-    scene_cut: bool,
-    prepare_time: Duration,
-    device_wait: Duration,
 }
 
 impl PreparedFrame {
@@ -157,8 +187,12 @@ impl PreparedFrame {
 
     /// `(width, height)` of the processing size.
     pub fn size(&self) -> (usize, usize) {
-        let (_, _, height, width) = self.input.dims4().unwrap_or_default();
-        (width, height)
+        self.size
+    }
+
+    /// Whether similarity skipping skips the frame (it re-emits the last output).
+    pub fn skipped(&self) -> bool {
+        self.work.is_none()
     }
 }
 
@@ -168,6 +202,7 @@ impl PreparedFrame {
 pub struct InFlightFrame {
     image: Tensor,
     index: u64,
+    skipped: bool,
     anchor: bool,
     anchor_reason: Option<&'static str>,
     prepare_time: Duration,
@@ -184,6 +219,11 @@ impl InFlightFrame {
     /// Whether this frame became the cross-frame anchor.
     pub fn anchor(&self) -> bool {
         self.anchor
+    }
+
+    /// Skipped by similarity: the image is the last diffused frame's.
+    pub fn skipped(&self) -> bool {
+        self.skipped
     }
 
     /// Why it became the anchor, when it did.
@@ -204,6 +244,7 @@ impl InFlightFrame {
             index: self.index,
             anchor: self.anchor,
             anchor_reason: self.anchor_reason,
+            skipped: self.skipped,
             prepare_time: self.prepare_time,
             diffuse_time: self.launch_time,
         }
@@ -244,6 +285,51 @@ pub struct VideoSession {
     fixed_noise: Option<((usize, usize, usize), FrameNoise)>,
     previous_thumbnail: Option<Vec<f32>>,
     frames_pushed: u64,
+    /// Frames in the stream batch, oldest (furthest along) first, with the frames skipped
+    /// between them.
+    stream: VecDeque<Slot>,
+    /// The last diffused frame's image and thumbnail (similarity skipping re-emits the one,
+    /// compares with the other).
+    last_output: Option<Tensor>,
+    last_diffused_thumbnail: Option<Vec<f32>>,
+    /// Frames skipped in a row, and in all.
+    skips_in_a_row: usize,
+    frames_skipped: u64,
+    /// The settings the frames in the stream batch run with.
+    stream_settings: Option<FrameSettings>,
+    /// A config set while frames were in the stream batch: applied after they drain.
+    pending_config: Option<SessionConfig>,
+    /// `reset` was called since the last frame started (names the next anchor's reason).
+    reset_since_frame: bool,
+}
+
+/// A place in the stream batch's output order.
+enum Slot {
+    Diffusing(StreamEntry),
+    /// A frame skipped by similarity: it goes out with the image of the diffused frame before it.
+    Skipped {
+        index: u64,
+        prepare_time: Duration,
+    },
+}
+
+impl Slot {
+    fn diffusing(&self) -> Option<&StreamEntry> {
+        match self {
+            Self::Diffusing(entry) => Some(entry),
+            Self::Skipped { .. } => None,
+        }
+    }
+}
+
+/// A frame in the stream batch.
+struct StreamEntry {
+    frame: DenoisingFrame,
+    index: u64,
+    anchor_reason: Option<&'static str>,
+    prepare_time: Duration,
+    launch_time: Duration,
+    span: DeviceSpan,
 }
 
 impl VideoSession {
@@ -260,6 +346,14 @@ impl VideoSession {
             fixed_noise: None,
             previous_thumbnail: None,
             frames_pushed: 0,
+            stream: VecDeque::new(),
+            last_output: None,
+            last_diffused_thumbnail: None,
+            skips_in_a_row: 0,
+            frames_skipped: 0,
+            stream_settings: None,
+            pending_config: None,
+            reset_since_frame: false,
         })
     }
 
@@ -283,14 +377,28 @@ impl VideoSession {
         Ok(())
     }
 
+    /// Takes effect at the next frame; with frames in the stream batch, once they have
+    /// drained (the next [`Self::submit`] drains them first).
     pub fn set_config(&mut self, config: SessionConfig) -> Result<()> {
         config.canny.validate()?;
+        if !self.stream.is_empty() && config != self.config {
+            self.pending_config = Some(config);
+            return Ok(());
+        }
+        self.apply_config(config);
+        Ok(())
+    }
+
+    pub fn config(&self) -> &SessionConfig {
+        self.pending_config.as_ref().unwrap_or(&self.config)
+    }
+
+    fn apply_config(&mut self, config: SessionConfig) {
         self.attention.configure(config.attention, config.scope);
         if config.seed != self.config.seed || config.size != self.config.size {
             self.fixed_noise = None;
         }
         self.config = config;
-        Ok(())
     }
 
     /// Uses this noise for every frame (fixed noise given explicitly, e.g. from a file).
@@ -312,10 +420,42 @@ impl VideoSession {
         self.cancel.clone()
     }
 
-    /// Forgets every previous frame: the next frame is a new anchor.
+    /// Forgets every previous frame: the next frame is a new anchor. Frames in the stream
+    /// batch are dropped (a flush); [`Self::drain`] first to keep them.
     pub fn reset(&mut self) {
+        if !self.stream.is_empty() {
+            tracing::debug!(frames = self.stream.len(), "reset: dropping the frames in the stream batch");
+        }
+        self.stream.clear();
+        self.stream_settings = None;
+        if let Some(config) = self.pending_config.take() {
+            self.apply_config(config);
+        }
         self.attention.reset();
         self.previous_thumbnail = None;
+        self.last_output = None;
+        self.last_diffused_thumbnail = None;
+        self.skips_in_a_row = 0;
+        self.reset_since_frame = true;
+    }
+
+    /// Frames skipped by similarity so far.
+    pub fn frames_skipped(&self) -> u64 {
+        self.frames_skipped
+    }
+
+    /// Frames submitted and not yet returned (stream batch; 0 otherwise).
+    pub fn frames_in_flight(&self) -> usize {
+        self.stream.len()
+    }
+
+    /// How many frames after its input a frame comes out with the current settings: the
+    /// number of denoising steps minus one with stream batch on, else 0.
+    pub fn output_delay(&self) -> Result<usize> {
+        if !self.config().stream_batch {
+            return Ok(0);
+        }
+        Ok(self.stylizer.img2img().timesteps(&self.settings)?.len().saturating_sub(1))
     }
 
     pub fn frames_pushed(&self) -> u64 {
@@ -329,6 +469,7 @@ impl VideoSession {
 
     /// Stylizes the next frame. `control` replaces the frame's Canny edges when given.
     /// [`Self::prepare`] + [`Self::launch`]; the image stays on the device.
+    /// One frame at a time: with stream batch on it is an error (use [`Self::push_stream`]).
     pub fn push(&mut self, frame: &RgbFrame, control: Option<&RgbFrame>) -> Result<StylizedFrame> {
         let prepared = self.prepare(frame, control)?;
         Ok(self.launch(prepared)?.into_stylized())
@@ -371,23 +512,42 @@ impl VideoSession {
             scaled = frame.resized(width, height)?;
             &scaled
         };
-        // The thumbnail and Canny (or the control image's scaling) side by side on the pool.
-        let canny_params = &self.config.canny;
-        let (thumbnail, control) = rayon::join(
-            || luma_thumbnail(frame),
-            || -> Result<ControlSource> {
-                Ok(match control {
-                    Some(c) if (c.width, c.height) == (width, height) => ControlSource::Image(c),
-                    Some(c) => ControlSource::Scaled(c.resized(width, height)?),
-                    None => {
-                        let view = ImageView::new(&frame.data, width, height, 3, width * 3)?;
-                        ControlSource::Edges(canny::canny(&view, canny_params)?)
-                    }
-                })
-            },
-        );
+        let canny_params = self.config.canny.clone();
+        let control_source = || -> Result<ControlSource> {
+            Ok(match control {
+                Some(c) if (c.width, c.height) == (width, height) => ControlSource::Image(c),
+                Some(c) => ControlSource::Scaled(c.resized(width, height)?),
+                None => {
+                    let view = ImageView::new(&frame.data, width, height, 3, width * 3)?;
+                    ControlSource::Edges(canny::canny(&view, &canny_params)?)
+                }
+            })
+        };
+        let (thumbnail, control) = if self.config.skip_similarity > 0.0 {
+            // The thumbnail first: a skipped frame needs nothing else.
+            let thumbnail = luma_thumbnail(frame);
+            if let Some(similarity) = self.skips(&thumbnail, index) {
+                tracing::debug!(index, similarity, "similar to the last diffused frame: skipped");
+                let scene_cut = self.scene_cut(thumbnail.clone());
+                let prepare_time = started.elapsed();
+                let size = (width, height);
+                return Ok(PreparedFrame {
+                    index,
+                    work: None,
+                    size,
+                    thumbnail,
+                    scene_cut,
+                    prepare_time,
+                    device_wait: Duration::ZERO,
+                });
+            }
+            (thumbnail, control_source())
+        } else {
+            // The thumbnail and Canny (or the control image's scaling) side by side on the pool.
+            rayon::join(|| luma_thumbnail(frame), control_source)
+        };
         let control = control?;
-        let scene_cut = self.scene_cut(thumbnail);
+        let scene_cut = self.scene_cut(thumbnail.clone());
         let cpu_time = started.elapsed();
         // The uploads are ordered after the device's queued work (a copy from pageable memory
         // waits for it): wait here explicitly, so that this time is counted as waiting for the
@@ -405,21 +565,283 @@ impl VideoSession {
         let rows = self.step_noise_rows()?;
         let FrameNoise { initial: noise, steps: step_noise } = self.noise_for(index, width, height, rows)?;
         let prepare_time = cpu_time + uploading.elapsed();
-        Ok(PreparedFrame { index, input, control, noise, step_noise, scene_cut, prepare_time, device_wait })
+        let work = Some(FrameWork { input, control, noise, step_noise });
+        Ok(PreparedFrame { index, work, size: (width, height), thumbnail, scene_cut, prepare_time, device_wait })
     }
 
     /// Runs the diffusion of a prepared frame through the cross-frame state: decides whether
     /// it re-anchors, then queues the device work (CUDA) or computes the frame (CPU). A
     /// failed or cancelled frame (an error that downcasts to [`crate::pipeline::Cancelled`])
     /// leaves no partial cross-frame state: the next frame becomes an anchor.
+    ///
+    /// Runs one frame at a time: with stream batch on it is an error (use [`Self::submit`]).
     pub fn launch(&mut self, prepared: PreparedFrame) -> Result<InFlightFrame> {
-        let PreparedFrame { index, input, control, noise, mut step_noise, scene_cut, prepare_time, .. } = prepared;
-        if index != self.frames_pushed {
+        if self.config().stream_batch {
             bail!(
-                "frame {index} was prepared out of turn (frame {} is next): prepare each frame after launching the previous one",
+                "stream batch is on: a frame comes out steps - 1 frames after it went in; submit frames with submit and drain at the end"
+            );
+        }
+        self.check_turn(&prepared)?;
+        if prepared.skipped() {
+            return self.skip(prepared);
+        }
+        self.launch_one(prepared)
+    }
+
+    /// Runs a prepared frame and returns the frames that came out: with stream batch off the
+    /// frame itself; with it on, the frame enters the stream batch and one UNet call advances
+    /// every frame in it by one step, so once the batch is full (after `steps - 1` frames) the
+    /// oldest frame comes out. A frame whose size or settings differ from the batch's first
+    /// drains the batch (those frames come out before it enters), as does a config change.
+    /// The frames and the cross-frame state are those of running the frames one at a time,
+    /// within rounding. A failed frame drops every frame in flight and resets the
+    /// cross-frame state.
+    pub fn submit(&mut self, prepared: PreparedFrame) -> Result<Vec<InFlightFrame>> {
+        self.check_turn(&prepared)?;
+        let size = prepared.size();
+        let needs_drain = self.pending_config.is_some()
+            || (!prepared.skipped()
+                && self.stream.iter().find_map(Slot::diffusing).is_some_and(|first| {
+                    self.stream_settings.as_ref() != Some(&self.settings)
+                        || (first.frame.plan().width, first.frame.plan().height) != size
+                }));
+        let mut out = if needs_drain { self.drain()? } else { Vec::new() };
+        if let Some(config) = self.pending_config.take() {
+            self.apply_config(config);
+        }
+        if !self.config.stream_batch {
+            out.push(if prepared.skipped() { self.skip(prepared)? } else { self.launch_one(prepared)? });
+            return Ok(out);
+        }
+        let result = if prepared.skipped() {
+            // The frames in flight still advance a step, so frames keep coming out at the
+            // input's rate.
+            self.frames_pushed += 1;
+            self.frames_skipped += 1;
+            self.skips_in_a_row += 1;
+            self.stream.push_back(Slot::Skipped { index: prepared.index, prepare_time: prepared.prepare_time });
+            self.stream_call()
+        } else {
+            self.enter_stream(prepared).and_then(|()| self.stream_call())
+        };
+        match result {
+            Ok(done) => out.extend(done),
+            Err(e) => {
+                self.drop_stream();
+                return Err(e);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs the frames in the stream batch to their end and returns them, oldest first. The
+    /// cross-frame state stays (the next frame follows them).
+    pub fn drain(&mut self) -> Result<Vec<InFlightFrame>> {
+        let mut out = Vec::new();
+        while !self.stream.is_empty() {
+            match self.stream_call() {
+                Ok(done) => out.extend(done),
+                Err(e) => {
+                    self.drop_stream();
+                    return Err(e);
+                }
+            }
+        }
+        self.stream_settings = None;
+        Ok(out)
+    }
+
+    /// Prepares and submits a frame ([`Self::prepare`] + [`Self::submit`]); the frames that came out.
+    pub fn push_stream(&mut self, frame: &RgbFrame, control: Option<&RgbFrame>) -> Result<Vec<StylizedFrame>> {
+        let prepared = self.prepare(frame, control)?;
+        Ok(self.submit(prepared)?.into_iter().map(InFlightFrame::into_stylized).collect())
+    }
+
+    /// [`Self::drain`], as [`StylizedFrame`]s.
+    pub fn drain_stylized(&mut self) -> Result<Vec<StylizedFrame>> {
+        Ok(self.drain()?.into_iter().map(InFlightFrame::into_stylized).collect())
+    }
+
+    fn check_turn(&self, prepared: &PreparedFrame) -> Result<()> {
+        if prepared.index != self.frames_pushed {
+            bail!(
+                "frame {} was prepared out of turn (frame {} is next): prepare each frame after launching the previous one",
+                prepared.index,
                 self.frames_pushed
             );
         }
+        Ok(())
+    }
+
+    /// A skipped frame, one at a time: the last output again.
+    fn skip(&mut self, prepared: PreparedFrame) -> Result<InFlightFrame> {
+        let Some(image) = self.last_output.clone() else {
+            bail!("frame {} was skipped with no diffused frame before it", prepared.index)
+        };
+        self.frames_pushed += 1;
+        self.frames_skipped += 1;
+        self.skips_in_a_row += 1;
+        self.skipped_frame(image, prepared.index, prepared.prepare_time)
+    }
+
+    fn skipped_frame(&self, image: Tensor, index: u64, prepare_time: Duration) -> Result<InFlightFrame> {
+        let device = self.stylizer.device();
+        let mut span = DeviceSpan::start(device)?;
+        span.end(device)?;
+        Ok(InFlightFrame {
+            image,
+            index,
+            skipped: true,
+            anchor: false,
+            anchor_reason: None,
+            prepare_time,
+            launch_time: Duration::ZERO,
+            span,
+        })
+    }
+
+    /// Whether similarity skipping skips a frame with this thumbnail; its similarity to the
+    /// last diffused frame when it does.
+    fn skips(&self, thumbnail: &[f32], index: u64) -> Option<f64> {
+        let threshold = self.config.skip_similarity;
+        if threshold <= 0.0 || self.skips_in_a_row >= self.config.max_skip {
+            return None;
+        }
+        let last = self.last_diffused_thumbnail.as_ref()?;
+        let similarity = thumbnail_similarity(last, thumbnail);
+        // StreamDiffusion's rule: skip with probability 1 - (1 - similarity) / (1 - threshold).
+        let probability = if threshold >= 1.0 {
+            f64::from(u8::from(similarity >= 1.0))
+        } else {
+            (1.0 - (1.0 - similarity) / (1.0 - threshold)).clamp(0.0, 1.0)
+        };
+        let draw = crate::pipeline::uniform_draw(self.config.seed, index);
+        (draw < probability).then_some(similarity)
+    }
+
+    /// A frame is being diffused: it is what later frames are compared with.
+    fn diffusing(&mut self, thumbnail: Vec<f32>) {
+        self.last_diffused_thumbnail = Some(thumbnail);
+        self.skips_in_a_row = 0;
+    }
+
+    /// A failed stream call: its frames are lost, and so is the cross-frame state they wrote.
+    fn drop_stream(&mut self) {
+        self.stream.clear();
+        self.stream_settings = None;
+        self.attention.reset();
+    }
+
+    /// Starts a frame (encoding, noising, control embedding) and puts it in the stream batch.
+    fn enter_stream(&mut self, prepared: PreparedFrame) -> Result<()> {
+        let PreparedFrame { index, work, thumbnail, scene_cut, prepare_time, .. } = prepared;
+        let Some(FrameWork { input, control, noise, step_noise }) = work else {
+            bail!("frame {index} was skipped: it has nothing to diffuse")
+        };
+        self.diffusing(thumbnail);
+        let _span = tracing::info_span!("session_frame", index, stream = true).entered();
+        let entered = Instant::now();
+        let anchor_reason = self.anchor_reason(scene_cut);
+        if let Some(reason) = anchor_reason {
+            tracing::info!(index, reason, "re-anchoring cross-frame attention");
+            self.attention.request_anchor();
+        }
+        let step_noise = self.fresh_step_noise(index, &input, step_noise)?;
+        let device = self.stylizer.device().clone();
+        let span = DeviceSpan::start(&device)?;
+        let embeddings = self.stylizer.prompt_embeddings(&self.settings)?;
+        let inputs = FrameInputs {
+            frame: &input,
+            control: &control,
+            embeddings: &embeddings,
+            noise: &noise,
+            step_noise: step_noise.as_ref(),
+        };
+        let mut frame =
+            self.stylizer.img2img().start_frame(&inputs, &self.settings).with_context(|| format!("frame {index}"))?;
+        self.attention.begin_frame(frame.plan())?;
+        let anchor = self.config.attention != AttentionMode::Off && self.attention.current_frame_is_anchor();
+        frame.set_anchor(anchor);
+        let anchor_reason = self.anchor_reason_given(anchor, anchor_reason, index);
+        self.frames_pushed += 1;
+        self.stream_settings = Some(self.settings.clone());
+        let entry = StreamEntry { frame, index, anchor_reason, prepare_time, launch_time: entered.elapsed(), span };
+        self.stream.push_back(Slot::Diffusing(entry));
+        Ok(())
+    }
+
+    /// One UNet call over the stream batch; decodes and returns the frames it finished.
+    fn stream_call(&mut self) -> Result<Vec<InFlightFrame>> {
+        self.cancel.check()?;
+        let first = self.stream.iter().find_map(Slot::diffusing).map(|e| e.index);
+        if let Some(first) = first {
+            let mut frames: Vec<&mut DenoisingFrame> = self
+                .stream
+                .iter_mut()
+                .filter_map(|slot| match slot {
+                    Slot::Diffusing(entry) => Some(&mut entry.frame),
+                    Slot::Skipped { .. } => None,
+                })
+                .collect();
+            let count = frames.len();
+            let _span = tracing::info_span!("stream_call", frames = count, first).entered();
+            self.stylizer
+                .img2img()
+                .denoise_batch(&mut frames, &mut self.attention)
+                .with_context(|| format!("stream batch of {count} frames from frame {first}"))?;
+        }
+        let mut out = Vec::new();
+        loop {
+            match self.stream.front() {
+                Some(Slot::Diffusing(entry)) if entry.frame.is_done() => {}
+                Some(Slot::Skipped { .. }) => {}
+                _ => break,
+            }
+            match self.stream.pop_front().expect("checked") {
+                Slot::Diffusing(StreamEntry { frame, index, anchor_reason, prepare_time, launch_time, mut span }) => {
+                    let anchor = frame.anchor();
+                    let device = self.stylizer.device().clone();
+                    let image = self.stylizer.img2img().decode(frame).with_context(|| format!("frame {index}"))?;
+                    span.end(&device)?;
+                    self.last_output = Some(image.clone());
+                    out.push(InFlightFrame {
+                        image,
+                        index,
+                        skipped: false,
+                        anchor,
+                        anchor_reason,
+                        prepare_time,
+                        launch_time,
+                        span,
+                    });
+                }
+                Slot::Skipped { index, prepare_time } => {
+                    let Some(image) = self.last_output.clone() else {
+                        bail!("frame {index} was skipped with no diffused frame before it")
+                    };
+                    out.push(self.skipped_frame(image, index, prepare_time)?);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Settings changed since `prepare` may need more rows of step noise.
+    fn fresh_step_noise(&mut self, index: u64, input: &Tensor, step_noise: Option<Tensor>) -> Result<Option<Tensor>> {
+        let rows = self.step_noise_rows()?;
+        if rows > step_noise.as_ref().map_or(Ok(0), |s| s.dim(0))? {
+            let (_, _, height, width) = input.dims4()?;
+            return Ok(self.noise_for(index, width, height, rows)?.steps);
+        }
+        Ok(step_noise)
+    }
+
+    fn launch_one(&mut self, prepared: PreparedFrame) -> Result<InFlightFrame> {
+        let PreparedFrame { index, work, thumbnail, scene_cut, prepare_time, .. } = prepared;
+        let Some(FrameWork { input, control, noise, step_noise }) = work else {
+            bail!("frame {index} was skipped: it has nothing to diffuse")
+        };
+        self.diffusing(thumbnail);
         let _span = tracing::info_span!("session_frame", index).entered();
         let anchor_reason = self.anchor_reason(scene_cut);
         if let Some(reason) = anchor_reason {
@@ -427,12 +849,7 @@ impl VideoSession {
             self.attention.request_anchor();
         }
         let launched = Instant::now();
-        // Settings changed since `prepare` may need more rows of step noise.
-        let rows = self.step_noise_rows()?;
-        if rows > step_noise.as_ref().map_or(Ok(0), |s| s.dim(0))? {
-            let (_, _, height, width) = input.dims4()?;
-            step_noise = self.noise_for(index, width, height, rows)?.steps;
-        }
+        let step_noise = self.fresh_step_noise(index, &input, step_noise)?;
         let device = self.stylizer.device().clone();
         let mut span = DeviceSpan::start(&device)?;
         let result = self.stylizer.stylize_cancellable(
@@ -455,20 +872,9 @@ impl VideoSession {
         };
         self.frames_pushed += 1;
         let anchor = self.config.attention != AttentionMode::Off && self.attention.current_frame_is_anchor();
-        let anchor_reason = match (anchor, anchor_reason) {
-            (true, None) if index == 0 => Some("first frame"),
-            (true, None) => Some("frame size or schedule changed"),
-            (_, reason) => reason,
-        };
-        Ok(InFlightFrame {
-            image,
-            index,
-            anchor,
-            anchor_reason: if anchor { anchor_reason } else { None },
-            prepare_time,
-            launch_time,
-            span,
-        })
+        let anchor_reason = self.anchor_reason_given(anchor, anchor_reason, index);
+        self.last_output = Some(image.clone());
+        Ok(InFlightFrame { image, index, skipped: false, anchor, anchor_reason, prepare_time, launch_time, span })
     }
 
     /// Downloads a launched frame as 8-bit RGB, waiting for the device. Frames may be finished
@@ -533,6 +939,22 @@ impl VideoSession {
             return Some("anchor interval");
         }
         scene_cut.then_some("scene cut")
+    }
+
+    /// Why a frame that ran as `anchor` is one: the reason asked for before it ran, else what
+    /// made the cross-frame state start over (the first frame, a reset, a new plan).
+    fn anchor_reason_given(&mut self, anchor: bool, asked: Option<&'static str>, index: u64) -> Option<&'static str> {
+        let was_reset = std::mem::take(&mut self.reset_since_frame);
+        if !anchor {
+            return None;
+        }
+        Some(asked.unwrap_or(if index == 0 {
+            "first frame"
+        } else if was_reset {
+            "reset"
+        } else {
+            "frame size or schedule changed"
+        }))
     }
 
     /// Rows of step noise the current settings need (LCM: steps - 1).
@@ -609,6 +1031,22 @@ pub fn luma_thumbnail(frame: &RgbFrame) -> Vec<f32> {
     );
     let scale = 255.0 * 65536.0;
     sums.iter().zip(&counts).map(|(&s, &c)| if c == 0 { 0.0 } else { (s as f64 / c as f64 / scale) as f32 }).collect()
+}
+
+/// Cosine similarity (-1..1) of two luma thumbnails centred on mid-grey (values -1..1, as
+/// StreamDiffusion compares images normalised to -1..1); 1 when both are flat mid-grey.
+pub fn thumbnail_similarity(a: &[f32], b: &[f32]) -> f64 {
+    let (mut dot, mut aa, mut bb) = (0f64, 0f64, 0f64);
+    for (&x, &y) in a.iter().zip(b) {
+        let (x, y) = (2.0 * x as f64 - 1.0, 2.0 * y as f64 - 1.0);
+        dot += x * y;
+        aa += x * x;
+        bb += y * y;
+    }
+    if aa == 0.0 || bb == 0.0 {
+        return if aa == bb { 1.0 } else { 0.0 };
+    }
+    (dot / (aa.sqrt() * bb.sqrt())).clamp(-1.0, 1.0)
 }
 
 /// Mean absolute difference of two thumbnails (0..1).

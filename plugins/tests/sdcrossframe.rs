@@ -703,3 +703,78 @@ fn overlap_drains_before_a_caps_change() {
     let second = t.h.pull().unwrap();
     assert_eq!(common::read_rgb(&first, &rgb).0, common::read_rgb(&second, &bgrx).0);
 }
+
+/// Stream batch: frames come out `steps - 1` frames late (plus the held one), every buffer
+/// once, in order, with its own timestamps; EOS drains the batch; the pixels and anchors are
+/// those of one frame at a time (within one level of rounding); the latency query counts the
+/// frames in the batch.
+#[test]
+fn stream_batch_streams_every_frame_in_order_and_eos_drains() {
+    init();
+    let format = gst_video::VideoFormat::Rgbx;
+    let inputs: Vec<_> = (0..6).map(|k| buffer(&frame(k % 8), format, 1000 + 40 * k as u64)).collect();
+    let info = inputs[0].1.clone();
+    let run = |stream_batch: &str| {
+        let mut t = Tiny::new(&[("steps", "4"), ("stream-batch", stream_batch), ("latency", "250")]);
+        t.h.set_upstream_latency(gst::ClockTime::from_mseconds(10));
+        t.h.set_src_caps(info.to_caps().unwrap());
+        for (k, (buf, _)) in inputs.iter().enumerate() {
+            assert_eq!(t.h.push(buf.clone()), Ok(gst::FlowSuccess::Ok));
+            // Overlap holds one frame; the stream batch three more (4 steps).
+            let expected = if stream_batch == "true" { k.saturating_sub(3) } else { k };
+            assert_eq!(t.h.buffers_in_queue() as usize, expected, "stream-batch={stream_batch}, after input {k}");
+        }
+        let frames_of_latency = if stream_batch == "true" { 4 } else { 1 };
+        assert_eq!(t.h.query_latency(), Some(gst::ClockTime::from_mseconds(10 + 250 + 40 * frames_of_latency)));
+        assert!(t.h.push_event(gst::event::Eos::new()));
+        assert_eq!(t.h.buffers_in_queue(), 6, "stream-batch={stream_batch}: EOS drains every frame");
+        (t.outputs(&info), t.anchors())
+    };
+    let (streamed, anchors) = run("true");
+    let (sequential, sequential_anchors) = run("false");
+    assert_eq!(anchors, sequential_anchors);
+    for (k, (s, q)) in streamed.iter().zip(&sequential).enumerate() {
+        assert_eq!((s.0, s.1), (q.0, q.1), "frame {k}: timestamps");
+        assert_eq!(s.0, 1000 + 40 * k as u64, "frame {k} in order");
+        let worst = s.3.iter().zip(&q.3).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+        assert!(worst <= 1, "frame {k}: a pixel differs by {worst} levels from one frame at a time");
+        assert_ne!(s.3, common::read_plane(&inputs[k].0, &info), "frame {k} was not stylized");
+    }
+}
+
+/// A flush with frames in the stream batch drops them all; later frames come out.
+#[test]
+fn stream_batch_flush_drops_the_frames_in_flight() {
+    let format = gst_video::VideoFormat::Rgb;
+    let mut t = Tiny::new(&[("steps", "4"), ("stream-batch", "true")]);
+    let (a, info) = buffer(&frame(0), format, 0);
+    t.h.set_src_caps(info.to_caps().unwrap());
+    assert_eq!(t.h.push(a), Ok(gst::FlowSuccess::Ok));
+    for k in 1..3 {
+        assert_eq!(t.h.push(buffer(&frame(k), format, 40 * k as u64).0), Ok(gst::FlowSuccess::Ok));
+    }
+    assert_eq!(t.h.buffers_in_queue(), 0);
+    assert!(t.h.push_event(gst::event::FlushStart::new()));
+    assert!(t.h.push_event(gst::event::FlushStop::new(true)));
+    assert!(t.h.push_event(gst::event::Segment::new(&gst::FormattedSegment::<gst::ClockTime>::new())));
+    for k in 0..2 {
+        assert_eq!(t.h.push(buffer(&frame(k + 3), format, 2000 + 40 * k as u64).0), Ok(gst::FlowSuccess::Ok));
+    }
+    assert!(t.h.push_event(gst::event::Eos::new()));
+    let pts: Vec<_> = t.outputs(&info).iter().map(|o| o.0).collect();
+    assert_eq!(pts, [2000, 2040], "only the frames after the flush come out");
+    // Anchors are posted as frames come out: frame 0 never did.
+    assert_eq!(t.anchors(), [(3, "reset".to_string())]);
+}
+
+/// Similarity skipping: a repeated frame goes out with the last diffused frame's pixels.
+#[test]
+fn similarity_skipping_re_emits_the_last_output() {
+    let format = gst_video::VideoFormat::Rgb;
+    let mut t = Tiny::new(&[("skip-similarity", "0.98"), ("max-skip", "1")]);
+    let outputs: Vec<RgbFrame> = [0, 0, 5].iter().map(|&k| t.process(&frame(k), format, 40 * k as u64)).collect();
+    assert_eq!(outputs[1], outputs[0], "the repeat is skipped: the last output again");
+    assert_ne!(outputs[2], outputs[0], "another frame is diffused");
+    let off = Tiny::new(&[]);
+    assert_eq!(off.element().property::<f64>("skip-similarity"), 0.0, "off by default");
+}

@@ -333,8 +333,24 @@ impl ControlNetModel {
         condition: &ControlCondition,
         conditioning_scale: f64,
     ) -> Result<ControlNetResiduals> {
+        let batch = sample.dims4()?.0;
+        self.forward_embedded_each(sample, &vec![timestep; batch], encoder_hidden_states, condition, conditioning_scale)
+    }
+
+    /// [`Self::forward_embedded`] with a timestep for each row of the batch.
+    pub fn forward_embedded_each(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        encoder_hidden_states: &Tensor,
+        condition: &ControlCondition,
+        conditioning_scale: f64,
+    ) -> Result<ControlNetResiduals> {
         let _enter = self.span.enter();
         let (batch, _, h, w) = sample.dims4()?;
+        if timesteps.len() != batch {
+            candle_core::bail!("controlnet: {} timesteps for a batch of {batch}", timesteps.len());
+        }
         let (cb, _, ch, cw) = condition.embedding.dims4()?;
         if !(cb == batch || cb == 1) || ch != h || cw != w {
             candle_core::bail!(
@@ -350,7 +366,7 @@ impl ControlNetModel {
             candle_core::bail!("controlnet: encoder_hidden_states batch {ebatch} does not match sample batch {batch}");
         }
 
-        let t_emb = self.time_proj.forward(timestep, batch, sample.dtype(), sample.device())?;
+        let t_emb = self.time_proj.forward_each(timesteps, sample.dtype(), sample.device())?;
         let emb = self.time_embedding.forward(&t_emb)?;
 
         let mut xs = self.conv_in.forward(sample)?;

@@ -106,8 +106,12 @@ impl Timesteps {
 
     /// Embeds one timestep for each of `batch` rows, in `dtype` on `device`.
     pub fn forward(&self, timestep: f64, batch: usize, dtype: DType, device: &Device) -> Result<Tensor> {
-        let ts = vec![timestep; batch];
-        timestep_embedding(&ts, self.num_channels, self.flip_sin_to_cos, self.downscale_freq_shift, device)?
+        self.forward_each(&vec![timestep; batch], dtype, device)
+    }
+
+    /// Embeds each row's own timestep, in `dtype` on `device`.
+    pub fn forward_each(&self, timesteps: &[f64], dtype: DType, device: &Device) -> Result<Tensor> {
+        timestep_embedding(timesteps, self.num_channels, self.flip_sin_to_cos, self.downscale_freq_shift, device)?
             .to_dtype(dtype)
     }
 }

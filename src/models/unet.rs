@@ -394,8 +394,25 @@ impl UNet2DConditionModel {
         residuals: Option<&ControlNetResiduals>,
         hook: &mut dyn SelfAttentionHook,
     ) -> Result<Tensor> {
+        let batch = sample.dims4()?.0;
+        self.forward_each(sample, &vec![timestep; batch], encoder_hidden_states, residuals, hook)
+    }
+
+    /// [`Self::forward`] with a timestep for each row of the batch (a stream batch holds
+    /// frames at different denoising steps).
+    pub fn forward_each(
+        &self,
+        sample: &Tensor,
+        timesteps: &[f64],
+        encoder_hidden_states: &Tensor,
+        residuals: Option<&ControlNetResiduals>,
+        hook: &mut dyn SelfAttentionHook,
+    ) -> Result<Tensor> {
         let _enter = self.span.enter();
         let (batch, _, _, _) = sample.dims4()?;
+        if timesteps.len() != batch {
+            candle_core::bail!("unet: {} timesteps for a batch of {batch}", timesteps.len());
+        }
         let (ebatch, _, _) = encoder_hidden_states.dims3()?;
         if ebatch != batch {
             candle_core::bail!(
@@ -406,7 +423,7 @@ impl UNet2DConditionModel {
         }
         let sample = if self.config.center_input_sample { ((sample * 2.0)? - 1.0)? } else { sample.clone() };
 
-        let t_emb = self.time_proj.forward(timestep, batch, sample.dtype(), sample.device())?;
+        let t_emb = self.time_proj.forward_each(timesteps, sample.dtype(), sample.device())?;
         let mut emb = self.time_embedding.forward(&t_emb)?;
         if let Some(act) = &self.time_embed_act {
             emb = act.apply(&emb)?;

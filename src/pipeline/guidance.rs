@@ -46,6 +46,23 @@ impl<'a> Guidance<'a> {
         Ok(Self { mode, scale, lcm, stock })
     }
 
+    /// Continues a frame's guidance with the stock noise [`Self::into_stock`] gave (a frame
+    /// of a stream batch keeps its guidance between UNet calls).
+    pub fn resume(
+        mode: GuidanceMode,
+        scale: f64,
+        lcm: Option<&'a LcmScheduler>,
+        stock: Option<Tensor>,
+    ) -> Result<Self> {
+        let lcm = Self::check(mode, lcm)?;
+        Ok(Self { mode, scale, lcm, stock })
+    }
+
+    /// The stock noise the next step starts from (residual guidance), to [`Self::resume`] with.
+    pub fn into_stock(self) -> Option<Tensor> {
+        self.stock
+    }
+
     /// Whether `mode` can run with this scheduler (RCFG: LCM with epsilon prediction); the
     /// scheduler RCFG uses.
     pub fn check(mode: GuidanceMode, lcm: Option<&'a LcmScheduler>) -> Result<Option<&'a LcmScheduler>> {

@@ -30,6 +30,29 @@ pub trait FrameHook {
     fn end_frame(&mut self) -> Result<()> {
         Ok(())
     }
+    /// Called before a UNet call that denoises several frames at once (a stream batch), in
+    /// place of `begin_step`: the call's batch is the rows' batches one after the other. Each
+    /// frame went through `begin_frame` when it entered, in order. The default refuses: a
+    /// hook with per-frame state must say how it splits a batch.
+    fn begin_rows(&mut self, _rows: &[StepRow]) -> Result<()> {
+        anyhow::bail!("this frame hook cannot denoise several frames in one UNet call")
+    }
+    /// Called after the UNet call `begin_rows` announced.
+    fn end_rows(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// One frame's part of a stream-batched UNet call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StepRow {
+    /// The denoising step the frame is at (its index in the frame plan's timesteps).
+    pub step: usize,
+    pub timestep: usize,
+    /// Rows of the UNet batch the frame takes (2 where the step runs the guidance batch).
+    pub batch: usize,
+    /// Whether the frame is a cross-frame anchor (decided when it entered).
+    pub anchor: bool,
 }
 
 /// Plain per-frame img2img: no cross-frame state.
@@ -39,6 +62,10 @@ pub struct PlainFrame(NoHook);
 impl FrameHook for PlainFrame {
     fn graph_key(&self) -> Option<u64> {
         Some(0)
+    }
+
+    fn begin_rows(&mut self, _rows: &[StepRow]) -> Result<()> {
+        Ok(())
     }
 
     fn attention_hook(&mut self) -> &mut dyn SelfAttentionHook {

@@ -12,7 +12,7 @@ use candle_core::{DType, Tensor};
 
 use super::cancel::CancelHandle;
 use super::guidance::Guidance;
-use super::hooks::{FrameHook, Stage, StageObserver};
+use super::hooks::{FrameHook, Stage, StageObserver, StepRow};
 use super::settings::{FramePlan, FrameSettings};
 use super::vae::{Vae, VaeConfig};
 use crate::models::controlnet::{ControlCondition, ControlNetModel};
@@ -57,6 +57,9 @@ pub struct Img2Img {
     dtype: DType,
     /// Captured denoising steps (CUDA); behind a Mutex because `run` takes `&self`.
     step_graphs: Mutex<StepGraphs>,
+    /// Captured stream-batch calls (CUDA), apart from the sequential steps: their inputs
+    /// have another shape.
+    stream_graphs: Mutex<StepGraphs>,
     /// Captured VAE encoding, control embedding and VAE decoding (CUDA).
     stage_graphs: Mutex<StageGraphs>,
 }
@@ -80,6 +83,7 @@ impl Img2Img {
             vae_scale_factor: vae_config.scale_factor(),
             dtype,
             step_graphs: Mutex::new(StepGraphs::default()),
+            stream_graphs: Mutex::new(StepGraphs::default()),
             stage_graphs: Mutex::new(StageGraphs::default()),
         }
     }
@@ -153,6 +157,32 @@ impl Img2Img {
         observer: &mut dyn StageObserver,
         cancel: &CancelHandle,
     ) -> Result<Tensor> {
+        let mut frame = self.start_frame(inputs, settings)?;
+        observer.stage_done(Stage::Encoded)?;
+        let _span = tracing::info_span!(
+            "stylize_frame",
+            width = frame.plan.width,
+            height = frame.plan.height,
+            steps = frame.plan.timesteps.len()
+        )
+        .entered();
+        hook.begin_frame(&frame.plan)?;
+        while !frame.is_done() {
+            let index = frame.next_step;
+            cancel.check()?;
+            self.denoise(&mut [&mut frame], hook, Call::Sequential)?;
+            observer.stage_done(Stage::Step(index))?;
+        }
+        hook.end_frame()?;
+        let image = self.decode(frame)?;
+        observer.stage_done(Stage::Decoded)?;
+        Ok(image)
+    }
+
+    /// The start of a frame: checks its inputs against its settings, VAE-encodes it, noises
+    /// the latents to the first timestep and embeds the control image. The frame is then
+    /// denoised one step at a time ([`Self::denoise_batch`]) and decoded ([`Self::decode`]).
+    pub fn start_frame(&self, inputs: &FrameInputs, settings: &FrameSettings) -> Result<DenoisingFrame> {
         let &FrameInputs { frame, control, embeddings, noise, step_noise } = inputs;
         let (_, _, height, width) = frame.dims4().context("frame must be a [1, 3, H, W] tensor")?;
         if height % self.vae_scale_factor != 0 || width % self.vae_scale_factor != 0 {
@@ -192,7 +222,6 @@ impl Img2Img {
                 Some(step_noise.to_dtype(self.dtype)?)
             }
         };
-        let _span = tracing::info_span!("stylize_frame", width, height, steps = timesteps.len()).entered();
         let guidance_mode = settings.effective_guidance();
         let batches: Vec<usize> = (0..timesteps.len()).map(|i| guidance_mode.batch(i)).collect();
         let positive = if guidance_mode.uses_negative_prompt() {
@@ -207,15 +236,7 @@ impl Img2Img {
             embeddings.clone()
         };
 
-        // Small uploads (the timestep embedding, kernel shape arguments) are cached by content
-        // so that a later capture of the same step or stage finds them on the device.
-        #[cfg(feature = "cuda")]
-        let _upload_cache = match frame.device() {
-            candle_core::Device::Cuda(cuda) if StepGraphs::enabled_for(frame.device()) => {
-                Some(cuda.enable_cuda_graph_htod_cache())
-            }
-            _ => None,
-        };
+        let _upload_cache = upload_cache(frame.device());
         let mut stages = self.stage_graphs.lock().map_err(|_| anyhow::anyhow!("stage graphs poisoned by a panic"))?;
         let device = frame.device();
         let latents = {
@@ -226,68 +247,245 @@ impl Img2Img {
             })?
         };
         let noise = noise.to_dtype(self.dtype)?;
-        let mut latents = scheduler.add_noise(&latents, &noise, timesteps[0])?;
-        let mut guidance = Guidance::new(guidance_mode, settings.guidance_scale, scheduler.as_lcm(), &noise)?;
+        let latents = scheduler.add_noise(&latents, &noise, timesteps[0])?;
+        let guidance = Guidance::new(guidance_mode, settings.guidance_scale, scheduler.as_lcm(), &noise)?;
         // Once per frame, for every step and both guidance halves (diffusers redoes it per step).
         let condition = stages.control.run(device, &control.to_dtype(self.dtype)?, |control| {
             Ok(self.controlnet.embed_condition(control)?.tensor().clone())
         })?;
-        let condition = ControlCondition::from_embedding(condition);
-        observer.stage_done(Stage::Encoded)?;
+        let plan = FramePlan { scheduler: schedule.kind, timesteps: timesteps.clone(), width, height, batches };
+        Ok(DenoisingFrame {
+            plan,
+            schedule,
+            settings: settings.clone(),
+            latents,
+            next_step: 0,
+            embeddings: embeddings.clone(),
+            positive,
+            condition,
+            step_noise,
+            stock: guidance.into_stock(),
+            anchor: false,
+        })
+    }
 
-        let plan = FramePlan {
-            scheduler: schedule.kind,
-            timesteps: timesteps.clone(),
-            width,
-            height,
-            batches: batches.clone(),
-        };
-        hook.begin_frame(&plan)?;
-        let mut graphs = self.step_graphs.lock().map_err(|_| anyhow::anyhow!("step graphs poisoned by a panic"))?;
-        for (index, &timestep) in timesteps.iter().enumerate() {
-            let _span = tracing::debug_span!("denoise_step", index, timestep).entered();
-            cancel.check()?;
-            hook.begin_step(index, timestep)?;
-            let batch = batches[index];
-            let model_input = latents.repeat((batch, 1, 1, 1))?;
-            let step_embeddings = if batch == 2 { embeddings } else { &positive };
-            let key = StepKey {
-                index,
-                timestep,
-                controlnet_scale_bits: settings.controlnet_scale.to_bits(),
-                hook: hook.graph_key(),
-            };
-            let inputs = [&model_input, step_embeddings, condition.tensor()];
-            let noise_pred = graphs.run(frame.device(), key, &inputs, |inputs| {
-                let [model_input, embeddings, condition] = inputs else {
-                    candle_core::bail!("a denoising step takes three inputs")
-                };
-                let residuals = self.controlnet.forward_embedded(
-                    model_input,
-                    timestep as f64,
-                    embeddings,
-                    &ControlCondition::from_embedding(condition.clone()),
-                    settings.controlnet_scale,
-                )?;
-                self.unet.forward(model_input, timestep as f64, embeddings, Some(&residuals), hook.attention_hook())
-            })?;
-            let noise_pred = guidance.combine(index, &noise_pred)?;
-            let renoise = match &step_noise {
-                Some(rows) if index + 1 < timesteps.len() => Some(rows.narrow(0, index, 1)?),
-                _ => None,
-            };
-            latents = scheduler.step(&noise_pred, &schedule, index, &latents, renoise.as_ref())?;
-            guidance.advance(&schedule, index, &noise_pred, renoise.as_ref())?;
-            observer.stage_done(Stage::Step(index))?;
+    /// One UNet + ControlNet call that advances every frame by one denoising step, each at
+    /// its own step (StreamDiffusion's stream batch): the batch holds each frame's rows (two
+    /// where its step runs the guidance batch), with its own timestep, text embeddings and
+    /// control embedding. The frames must share their plan and ControlNet scale. `hook` sees
+    /// the call through [`FrameHook::begin_rows`], each frame as a [`super::StepRow`] with its
+    /// `anchor` flag. A call holding every step of the plan (the steady state) goes through its
+    /// own captured graphs on CUDA; a partly filled pipeline (start, drain) runs eagerly.
+    pub fn denoise_batch(&self, frames: &mut [&mut DenoisingFrame], hook: &mut dyn FrameHook) -> Result<()> {
+        self.denoise(frames, hook, Call::Batch)
+    }
+
+    /// Decodes a frame whose steps are done: `[1, 3, H, W]` f32 in [0, 1].
+    pub fn decode(&self, frame: DenoisingFrame) -> Result<Tensor> {
+        if !frame.is_done() {
+            bail!("a frame cannot be decoded after {} of its {} steps", frame.next_step, frame.plan.timesteps.len());
         }
-        hook.end_frame()?;
-
         let _span = tracing::info_span!("vae_decode").entered();
-        let image = stages.decode.run(device, &latents, |latents| {
+        let _upload_cache = upload_cache(frame.latents.device());
+        let mut stages = self.stage_graphs.lock().map_err(|_| anyhow::anyhow!("stage graphs poisoned by a panic"))?;
+        let image = stages.decode.run(frame.latents.device(), &frame.latents, |latents| {
             self.vae.decode_scaled(latents).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
         })?;
-        let image = ((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
-        observer.stage_done(Stage::Decoded)?;
-        Ok(image)
+        Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+
+    fn denoise(&self, frames: &mut [&mut DenoisingFrame], hook: &mut dyn FrameHook, call: Call) -> Result<()> {
+        let Some(first) = frames.first() else { return Ok(()) };
+        let plan = first.plan.clone();
+        let controlnet_scale = first.settings.controlnet_scale;
+        let scheduler = self.scheduler(&first.settings)?;
+        let lcm = scheduler.as_lcm();
+        if call == Call::Sequential && frames.len() != 1 {
+            bail!("a sequential denoising step takes one frame, got {}", frames.len());
+        }
+        let mut rows = Vec::with_capacity(frames.len());
+        for frame in frames.iter() {
+            if frame.plan != plan {
+                bail!("frames of one stream batch must share their plan: {:?} and {:?}", plan, frame.plan);
+            }
+            if frame.settings.controlnet_scale != controlnet_scale {
+                bail!("frames of one stream batch must share the ControlNet scale");
+            }
+            let step = frame.next_step;
+            let Some(&timestep) = plan.timesteps.get(step) else {
+                bail!("a frame with all its {} steps done was given another step", plan.timesteps.len());
+            };
+            rows.push(StepRow { step, timestep, batch: plan.batches[step], anchor: frame.anchor });
+        }
+        let steps = rows.iter().map(|r| r.step).collect::<Vec<_>>();
+        let _span = tracing::debug_span!("denoise_step", ?steps).entered();
+        let device = first.latents.device().clone();
+        let _upload_cache = upload_cache(&device);
+
+        let (noise_pred, key) = match call {
+            Call::Sequential => {
+                let frame = &frames[0];
+                let StepRow { step, timestep, batch, .. } = rows[0];
+                hook.begin_step(step, timestep)?;
+                let model_input = frame.latents.repeat((batch, 1, 1, 1))?;
+                let embeddings = if batch == 2 { &frame.embeddings } else { &frame.positive };
+                let key = StepKey {
+                    index: step,
+                    timestep,
+                    controlnet_scale_bits: controlnet_scale.to_bits(),
+                    hook: hook.graph_key(),
+                };
+                let timesteps = vec![timestep as f64; batch];
+                ((model_input, embeddings.clone(), frame.condition.clone(), timesteps), key)
+            }
+            Call::Batch => {
+                hook.begin_rows(&rows)?;
+                let mut inputs = Vec::new();
+                let mut embeddings = Vec::new();
+                let mut conditions = Vec::new();
+                let mut timesteps = Vec::new();
+                for (frame, row) in frames.iter().zip(&rows) {
+                    inputs.push(frame.latents.repeat((row.batch, 1, 1, 1))?);
+                    embeddings.push(if row.batch == 2 { frame.embeddings.clone() } else { frame.positive.clone() });
+                    conditions.push(frame.condition.repeat((row.batch, 1, 1, 1))?);
+                    timesteps.extend(std::iter::repeat_n(row.timestep as f64, row.batch));
+                }
+                // Only a full pipeline (every step of the plan in the call) is captured: its
+                // layout repeats every frame, a filling or draining one does not.
+                let full = rows.len() == plan.timesteps.len();
+                let key = StepKey {
+                    index: rows.iter().fold(0, |acc, r| acc * 64 + r.step + 1),
+                    timestep: timesteps_hash(&timesteps),
+                    controlnet_scale_bits: controlnet_scale.to_bits(),
+                    hook: hook.graph_key().filter(|_| full),
+                };
+                let cat = |ts: &[Tensor]| Tensor::cat(ts, 0);
+                ((cat(&inputs)?, cat(&embeddings)?, cat(&conditions)?, timesteps), key)
+            }
+        };
+        let (model_input, embeddings, condition, timesteps) = noise_pred;
+        let mut graphs = match call {
+            Call::Sequential => self.step_graphs.lock(),
+            Call::Batch => self.stream_graphs.lock(),
+        }
+        .map_err(|_| anyhow::anyhow!("step graphs poisoned by a panic"))?;
+        let graph_inputs = [&model_input, &embeddings, &condition];
+        let noise_pred = graphs.run(&device, key, &graph_inputs, |inputs| {
+            let [model_input, embeddings, condition] = inputs else {
+                candle_core::bail!("a denoising step takes three inputs")
+            };
+            let residuals = self.controlnet.forward_embedded_each(
+                model_input,
+                &timesteps,
+                embeddings,
+                &ControlCondition::from_embedding(condition.clone()),
+                controlnet_scale,
+            )?;
+            self.unet.forward_each(model_input, &timesteps, embeddings, Some(&residuals), hook.attention_hook())
+        })?;
+        drop(graphs);
+        if call == Call::Batch {
+            hook.end_rows()?;
+        }
+
+        let mut offset = 0;
+        for (frame, row) in frames.iter_mut().zip(&rows) {
+            let prediction = noise_pred.narrow(0, offset, row.batch)?;
+            offset += row.batch;
+            let mut guidance = Guidance::resume(
+                frame.settings.effective_guidance(),
+                frame.settings.guidance_scale,
+                lcm,
+                frame.stock.take(),
+            )?;
+            let index = row.step;
+            let eps = guidance.combine(index, &prediction)?;
+            let renoise = match &frame.step_noise {
+                Some(noise_rows) if index + 1 < plan.timesteps.len() => Some(noise_rows.narrow(0, index, 1)?),
+                _ => None,
+            };
+            frame.latents = scheduler.step(&eps, &frame.schedule, index, &frame.latents, renoise.as_ref())?;
+            guidance.advance(&frame.schedule, index, &eps, renoise.as_ref())?;
+            frame.stock = guidance.into_stock();
+            frame.next_step += 1;
+        }
+        Ok(())
+    }
+}
+
+/// How a denoising call is made: one frame as it always was, or a stream batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    Sequential,
+    Batch,
+}
+
+/// Keys a stream batch's graph by its rows' timesteps (baked into a capture).
+fn timesteps_hash(timesteps: &[f64]) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    for t in timesteps {
+        t.to_bits().hash(&mut hasher);
+    }
+    hasher.finish() as usize
+}
+
+/// Small uploads (the timestep embedding, kernel shape arguments) are cached by content so
+/// that a later capture of the same step or stage finds them on the device.
+#[cfg(feature = "cuda")]
+fn upload_cache(device: &candle_core::Device) -> Option<impl Drop> {
+    match device {
+        candle_core::Device::Cuda(cuda) if StepGraphs::enabled_for(device) => Some(cuda.enable_cuda_graph_htod_cache()),
+        _ => None,
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn upload_cache(_device: &candle_core::Device) -> Option<()> {
+    None
+}
+
+/// A frame between its encoding ([`Img2Img::start_frame`]) and its decoding
+/// ([`Img2Img::decode`]): its latents, the step it is at, and what its remaining steps need.
+pub struct DenoisingFrame {
+    plan: FramePlan,
+    schedule: Schedule,
+    settings: FrameSettings,
+    latents: Tensor,
+    /// Steps done.
+    next_step: usize,
+    /// As [`FrameInputs::embeddings`].
+    embeddings: Tensor,
+    /// The positive prompt's embedding (the only one where the step has batch 1).
+    positive: Tensor,
+    /// The control image's embedding, batch 1.
+    condition: Tensor,
+    step_noise: Option<Tensor>,
+    /// Residual guidance's stock noise between steps.
+    stock: Option<Tensor>,
+    anchor: bool,
+}
+
+impl DenoisingFrame {
+    pub fn plan(&self) -> &FramePlan {
+        &self.plan
+    }
+
+    /// Steps done so far.
+    pub fn steps_done(&self) -> usize {
+        self.next_step
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.next_step >= self.plan.timesteps.len()
+    }
+
+    /// Marks the frame as a cross-frame anchor (or not) for the hook's [`super::StepRow`]s.
+    pub fn set_anchor(&mut self, anchor: bool) {
+        self.anchor = anchor;
+    }
+
+    pub fn anchor(&self) -> bool {
+        self.anchor
     }
 }

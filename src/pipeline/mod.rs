@@ -16,11 +16,11 @@ mod vae;
 
 pub use cancel::{CancelHandle, Cancelled};
 pub use guidance::{Guidance, RESIDUAL_DELTA};
-pub use hooks::{FrameHook, PlainFrame, Stage, StageObserver};
-pub use img2img::{FrameInputs, Img2Img};
+pub use hooks::{FrameHook, PlainFrame, Stage, StageObserver, StepRow};
+pub use img2img::{DenoisingFrame, FrameInputs, Img2Img};
 pub use loader::{Component, ModelParts, ModelSpec, load_vae};
 pub use lora::LoraSpec;
-pub use noise::{FrameNoise, load_frame_noise, load_noise_file, seeded_noise, seeded_noise_rows};
+pub use noise::{FrameNoise, load_frame_noise, load_noise_file, seeded_noise, seeded_noise_rows, uniform_draw};
 pub use settings::{FramePlan, FrameSettings, GuidanceMode};
 pub use size::{DEFAULT_SHORT_SIDE, SizeRequest};
 pub use stylizer::Stylizer;

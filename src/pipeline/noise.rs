@@ -91,3 +91,12 @@ pub fn load_frame_noise(path: &Path, device: &Device) -> Result<FrameNoise> {
     }
     Ok(FrameNoise { initial: initial.to_dtype(DType::F32)?, steps: steps.map(|s| s.to_dtype(DType::F32)).transpose()? })
 }
+
+/// A uniform draw in [0, 1) from a seed and an index (e.g. a frame's): the same on every
+/// machine and run, independent between indices.
+pub fn uniform_draw(seed: u64, index: u64) -> f64 {
+    use rand::Rng;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    rng.set_stream(index);
+    rng.random::<f64>()
+}

@@ -25,6 +25,14 @@
 //! segment, gap, ...) and on a DRAIN query; a flush or `stop` drops it. The element pushes
 //! these buffers itself, so a frame after a QoS drop is marked DISCONT here (BaseTransform
 //! would mark the held, earlier one). The latency query adds one frame duration.
+//!
+//! Stream batch (the `stream-batch` property): the engine denoises the frames in flight
+//! together, each at its own step, and a frame comes out `steps - 1` frames after it went in.
+//! The element then holds the buffers of every frame in flight (`waiting`, in order) and pairs
+//! each frame that comes out with the oldest; EOS (any serialized event, a DRAIN query) drains
+//! the engine so every buffer goes out, a flush drops them. It always takes the overlapped
+//! path. The latency query adds the `steps - 1` frames. Similarity skipping (`skip-similarity`,
+//! `max-skip`): a skipped frame's buffer gets the last diffused frame's image.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -100,6 +108,9 @@ struct Settings {
     height: u32,
     latency_ms: u32,
     overlap: bool,
+    stream_batch: bool,
+    skip_similarity: f64,
+    max_skip: u32,
 }
 
 impl Default for Settings {
@@ -137,6 +148,9 @@ impl Default for Settings {
             height: 0,
             latency_ms: DEFAULT_LATENCY_MS,
             overlap: true,
+            stream_batch: session.stream_batch,
+            skip_similarity: session.skip_similarity,
+            max_skip: session.max_skip as u32,
         }
     }
 }
@@ -178,6 +192,9 @@ impl Settings {
             seed: self.seed,
             canny: CannyParams { low: self.canny_low, high: self.canny_high, l2_gradient: self.canny_l2 },
             size: SizeRequest { width: self.width as usize, height: self.height as usize },
+            stream_batch: self.stream_batch,
+            skip_similarity: self.skip_similarity,
+            max_skip: self.max_skip as usize,
         }
     }
 
@@ -238,6 +255,22 @@ enum Model {
     Failed,
 }
 
+/// A buffer whose frame is in the engine (stream batch): it goes out with the frame that
+/// comes out for it.
+struct Waiting {
+    buffer: gst::Buffer,
+    info: gst_video::VideoInfo,
+    discont: bool,
+    read_time: Duration,
+}
+
+impl Waiting {
+    fn with(self, frame: InFlightFrame) -> Held {
+        let Self { buffer, info, discont, read_time } = self;
+        Held { buffer, info, frame, discont, read_time }
+    }
+}
+
 /// A launched frame whose buffer waits for the next frame's launch (overlap on).
 struct Held {
     /// The input buffer, written with the stylized frame when it goes out.
@@ -262,10 +295,12 @@ struct Finished {
 
 struct State {
     model: Model,
-    /// The `overlap` property at start.
+    /// Frames are queued (the `overlap` or `stream-batch` property at start).
     overlap: bool,
-    /// The frame in flight (overlap on).
-    held: Option<Held>,
+    /// The frames out of the engine, waiting to be downloaded (overlap on), oldest first.
+    held: std::collections::VecDeque<Held>,
+    /// The buffers of the frames in the engine (stream batch), oldest first.
+    waiting: std::collections::VecDeque<Waiting>,
     /// QoS dropped a frame since the last one launched (overlap on).
     discont: bool,
     /// What the properties asked for at the last frame, applied or rejected: a change is
@@ -300,6 +335,8 @@ struct FrameTimings {
     /// The part of read + prepare + write done while a frame was diffusing on the device
     /// (overlap on, CUDA; zero on the CPU, where the launch computes the frame).
     overlapped: Duration,
+    /// Frames skipped by similarity (their buffers got the last diffused frame's image).
+    skipped: u32,
 }
 
 impl FrameTimings {
@@ -312,10 +349,11 @@ impl FrameTimings {
         let overhead = (own - ms(self.overlapped)).max(0.0);
         let total = overhead + ms(self.diffuse);
         Some(format!(
-            "{} frames, per frame: read {:.2} ms, prepare {:.2} ms, diffuse {:.1} ms (device time), waited for the device {:.2} ms, \
+            "{} frames ({} skipped by similarity), per frame: read {:.2} ms, prepare {:.2} ms, diffuse {:.1} ms (device time), waited for the device {:.2} ms, \
              write {:.2} ms, overlapped with the diffusion {:.2} ms; \
              element overhead {overhead:.2} ms = {:.2}% of {total:.1} ms",
             self.frames,
+            self.skipped,
             ms(self.read),
             ms(self.prepare),
             ms(self.diffuse),
@@ -335,6 +373,9 @@ pub struct SdCrossFrame {
     cancel: Mutex<Option<CancelHandle>>,
     /// One frame at the negotiated framerate; `None` while unknown.
     frame_duration: Mutex<Option<gst::ClockTime>>,
+    /// Frames a frame comes out after it went in (stream batch: steps - 1), for the latency
+    /// query.
+    stream_delay: std::sync::atomic::AtomicU64,
 }
 
 impl SdCrossFrame {
@@ -690,6 +731,28 @@ impl ObjectImpl for SdCrossFrame {
                     .default_value(d.overlap)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecBoolean::builder("stream-batch")
+                    .nick("Stream batch")
+                    .blurb("Denoise the frames in flight together, each at its own step (one UNet call per frame instead of one per step): a frame comes out steps - 1 frames after it went in, with the same result as one at a time; EOS drains the batch, a flush drops it. Read when the element starts")
+                    .default_value(d.stream_batch)
+                    .mutable_ready()
+                    .build(),
+                glib::ParamSpecDouble::builder("skip-similarity")
+                    .nick("Skip similar frames")
+                    .blurb("Skip a frame whose downscaled image has at least this cosine similarity to the last diffused frame's (e.g. 0.98), re-emitting the last output; frames between this value and identical are skipped with a probability drawn from the seed. 0: off")
+                    .minimum(0.0)
+                    .maximum(1.0)
+                    .default_value(d.skip_similarity)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("max-skip")
+                    .nick("Most frames skipped in a row")
+                    .blurb("With skip-similarity on, at most this many frames in a row are skipped")
+                    .minimum(0)
+                    .maximum(100_000)
+                    .default_value(d.max_skip)
+                    .mutable_playing()
+                    .build(),
             ]
         });
         PROPERTIES.as_ref()
@@ -699,7 +762,10 @@ impl ObjectImpl for SdCrossFrame {
         let name = pspec.name();
         let started = self.state.lock().unwrap().is_some();
         if started
-            && matches!(name, "model" | "controlnet" | "variant" | "lora" | "vae" | "device" | "dtype" | "overlap")
+            && matches!(
+                name,
+                "model" | "controlnet" | "variant" | "lora" | "vae" | "device" | "dtype" | "overlap" | "stream-batch"
+            )
         {
             gst::warning!(CAT, imp = self, "{name} changed while running: takes effect when the element restarts");
         }
@@ -741,6 +807,9 @@ impl ObjectImpl for SdCrossFrame {
                     s.latency_ms = ms;
                 }
                 "overlap" => s.overlap = value.get().expect("type checked upstream"),
+                "stream-batch" => s.stream_batch = value.get().expect("type checked upstream"),
+                "skip-similarity" => s.skip_similarity = value.get().expect("type checked upstream"),
+                "max-skip" => s.max_skip = value.get().expect("type checked upstream"),
                 other => unimplemented!("property {other}"),
             }
         }
@@ -782,6 +851,9 @@ impl ObjectImpl for SdCrossFrame {
             "height" => s.height.to_value(),
             "latency" => s.latency_ms.to_value(),
             "overlap" => s.overlap.to_value(),
+            "stream-batch" => s.stream_batch.to_value(),
+            "skip-similarity" => s.skip_similarity.to_value(),
+            "max-skip" => s.max_skip.to_value(),
             other => unimplemented!("property {other}"),
         }
     }
@@ -835,6 +907,7 @@ impl BaseTransformImpl for SdCrossFrame {
 
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         self.unblock.store(false, Ordering::SeqCst);
+        self.stream_delay.store(0, Ordering::SeqCst);
         let settings = self.settings.lock().unwrap().clone();
         let frame_settings = settings
             .frame_settings()
@@ -853,8 +926,9 @@ impl BaseTransformImpl for SdCrossFrame {
             .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ["Cannot start the model loading thread: {e}"]))?;
         *self.state.lock().unwrap() = Some(State {
             model: Model::Loading(rx),
-            overlap: settings.overlap,
-            held: None,
+            overlap: settings.overlap || settings.stream_batch,
+            held: Default::default(),
+            waiting: Default::default(),
             discont: false,
             requested: None,
             info: None,
@@ -867,8 +941,9 @@ impl BaseTransformImpl for SdCrossFrame {
         // A load still in progress finishes on its thread and is dropped there; a frame in
         // flight is dropped here (its device work, already queued, cannot be called back).
         if let Some(state) = self.state.lock().unwrap().take() {
-            if let Some(held) = &state.held {
-                gst::debug!(CAT, imp = self, "stopping: dropping frame {} in flight", held.frame.index());
+            let in_flight = state.held.len() + state.waiting.len();
+            if in_flight > 0 {
+                gst::debug!(CAT, imp = self, "stopping: dropping {in_flight} frames in flight");
             }
             if let Some(summary) = state.timings.summary() {
                 gst::info!(CAT, imp = self, "{summary}");
@@ -886,9 +961,12 @@ impl BaseTransformImpl for SdCrossFrame {
                 self.unblock.store(false, Ordering::SeqCst);
                 // Serialized: the streaming thread is not in a frame.
                 if let Some(state) = self.state.lock().unwrap().as_mut() {
-                    if let Some(held) = state.held.take() {
-                        gst::debug!(CAT, imp = self, "flush: dropping frame {} in flight", held.frame.index());
+                    let in_flight = state.held.len() + state.waiting.len();
+                    if in_flight > 0 {
+                        gst::debug!(CAT, imp = self, "flush: dropping {in_flight} frames in flight");
                     }
+                    state.held.clear();
+                    state.waiting.clear();
                     state.discont = false;
                     if let Model::Ready(session) = &mut state.model {
                         gst::debug!(CAT, imp = self, "flush: the next frame is a new anchor");
@@ -943,7 +1021,7 @@ impl BaseTransformImpl for SdCrossFrame {
         let Some(buffer) = self.take_queued_buffer() else {
             return Ok(GenerateOutputSuccess::NoOutput);
         };
-        if let Some(previous) = self.process_overlapped(buffer)? {
+        for previous in self.process_overlapped(buffer)? {
             self.obj().src_pad().push(previous)?;
         }
         Ok(GenerateOutputSuccess::NoOutput)
@@ -1027,7 +1105,7 @@ impl SdCrossFrame {
         settings: &Settings,
         frame: &gst_video::VideoFrameRef<T>,
     ) -> Result<(PreparedFrame, Duration), gst::FlowError> {
-        let overlapped = state.held.as_ref().is_some_and(|held| held.frame.is_asynchronous());
+        let overlapped = state.held.iter().any(|held| held.frame.is_asynchronous());
         self.wait_for_model(state)?;
         self.apply_settings(state, settings);
         let Model::Ready(session) = &mut state.model else {
@@ -1098,9 +1176,32 @@ impl SdCrossFrame {
         prepared: PreparedFrame,
         pts: Option<gst::ClockTime>,
     ) -> Result<InFlightFrame, gst::FlowError> {
+        let mut out = self.submit(session, prepared, pts)?;
+        match (out.pop(), out.is_empty()) {
+            (Some(frame), true) => Ok(frame),
+            _ => {
+                gst::element_imp_error!(
+                    self,
+                    gst::StreamError::Failed,
+                    ("The engine did not return exactly one frame for one frame in")
+                );
+                Err(gst::FlowError::Error)
+            }
+        }
+    }
+
+    /// Submits a prepared frame to the engine; returns the frames that came out (the frame
+    /// itself, or with stream batch the oldest in flight once the batch is full) and posts
+    /// the anchor message for a frame that re-anchors.
+    fn submit(
+        &self,
+        session: &mut VideoSession,
+        prepared: PreparedFrame,
+        pts: Option<gst::ClockTime>,
+    ) -> Result<Vec<InFlightFrame>, gst::FlowError> {
         let (width, height) = prepared.size();
-        let in_flight = match session.launch(prepared) {
-            Ok(in_flight) => in_flight,
+        let out = match session.submit(prepared) {
+            Ok(out) => out,
             Err(e) if e.chain().any(|c| c.is::<Cancelled>()) => {
                 gst::debug!(CAT, imp = self, "frame cancelled (flush or state change)");
                 return Err(gst::FlowError::Flushing);
@@ -1114,10 +1215,12 @@ impl SdCrossFrame {
                 return Err(gst::FlowError::Error);
             }
         };
-        if in_flight.anchor() {
-            self.post_anchor(in_flight.anchor_reason().unwrap_or("anchor"), in_flight.index(), pts);
+        if !session.config().stream_batch {
+            for frame in out.iter().filter(|f| f.anchor()) {
+                self.post_anchor(frame.anchor_reason().unwrap_or("anchor"), frame.index(), pts);
+            }
         }
-        Ok(in_flight)
+        Ok(out)
     }
 
     /// Downloads a launched frame at the buffer's size (waits for the device; scales on the
@@ -1192,10 +1295,11 @@ impl SdCrossFrame {
         Ok(())
     }
 
-    /// One input buffer with overlap on: prepares it while the held frame still diffuses,
-    /// downloads the held frame, launches this one, writes the held frame into its buffer
-    /// while this one diffuses. Returns the held frame's buffer, to push.
-    fn process_overlapped(&self, buffer: gst::Buffer) -> Result<Option<gst::Buffer>, gst::FlowError> {
+    /// One input buffer with overlap on: prepares it while the held frames still diffuse,
+    /// downloads them, submits this one (queued on the GPU), and writes the held frames into
+    /// their buffers while it diffuses. Returns the held frames' buffers, to push. With stream
+    /// batch the frame submitted comes out later, paired with its buffer then.
+    fn process_overlapped(&self, buffer: gst::Buffer) -> Result<Vec<gst::Buffer>, gst::FlowError> {
         let settings = self.settings.lock().unwrap().clone();
         let mut state = self.state.lock().unwrap();
         let state = state.as_mut().ok_or(gst::FlowError::Flushing)?;
@@ -1211,28 +1315,71 @@ impl SdCrossFrame {
         let Model::Ready(session) = &mut state.model else {
             unreachable!("the model is ready");
         };
-        let finished = match state.held.take() {
-            Some(Held { buffer, info, frame, discont, read_time }) => {
-                let size = (info.width() as usize, info.height() as usize);
-                let frame = self.finish(session, &mut state.timings, frame, size)?;
-                Some(Finished { buffer, info, frame, discont, read_time })
-            }
-            None => None,
-        };
-        let pts = buffer.pts();
-        let in_flight = self.launch(session, prepared, pts)?;
-        let asynchronous = in_flight.is_asynchronous();
-        let discont = std::mem::take(&mut state.discont);
-        state.held = Some(Held { buffer, info, frame: in_flight, discont, read_time });
-        let Some(finished) = finished else {
-            gst::trace!(CAT, imp = self, "first frame in flight, nothing to push yet");
-            return Ok(None);
-        };
-        let (buffer, write_time) = self.write_finished(&mut state.timings, finished)?;
-        if asynchronous {
-            state.timings.overlapped += write_time;
+        let mut finished = Vec::with_capacity(state.held.len());
+        while let Some(Held { buffer, info, frame, discont, read_time }) = state.held.pop_front() {
+            let size = (info.width() as usize, info.height() as usize);
+            let frame = self.finish(session, &mut state.timings, frame, size)?;
+            finished.push(Finished { buffer, info, frame, discont, read_time });
         }
-        Ok(Some(buffer))
+        let pts = buffer.pts();
+        let discont = std::mem::take(&mut state.discont);
+        state.waiting.push_back(Waiting { buffer, info, discont, read_time });
+        let out = self.submit(session, prepared, pts)?;
+        let asynchronous = out.iter().any(InFlightFrame::is_asynchronous);
+        self.pair_with_buffers(state, out)?;
+        self.update_stream_delay(state);
+        if finished.is_empty() {
+            gst::trace!(
+                CAT,
+                imp = self,
+                "{} frames in flight, nothing to push yet",
+                state.waiting.len() + state.held.len()
+            );
+        }
+        let mut buffers = Vec::with_capacity(finished.len());
+        for finished in finished {
+            let (buffer, write_time) = self.write_finished(&mut state.timings, finished)?;
+            if asynchronous {
+                state.timings.overlapped += write_time;
+            }
+            buffers.push(buffer);
+        }
+        Ok(buffers)
+    }
+
+    /// Frames that came out of the engine take the oldest waiting buffers, in order.
+    fn pair_with_buffers(&self, state: &mut State, frames: Vec<InFlightFrame>) -> Result<(), gst::FlowError> {
+        for frame in frames {
+            let Some(waiting) = state.waiting.pop_front() else {
+                gst::element_imp_error!(
+                    self,
+                    gst::StreamError::Failed,
+                    ("Frame {} came out of the engine with no buffer waiting for it", frame.index())
+                );
+                return Err(gst::FlowError::Error);
+            };
+            if frame.skipped() {
+                state.timings.skipped += 1;
+            }
+            let stream_batch = matches!(&state.model, Model::Ready(session) if session.config().stream_batch);
+            if stream_batch && frame.anchor() {
+                // Posted as the frame comes out of the batch, with its own buffer's timestamp.
+                self.post_anchor(frame.anchor_reason().unwrap_or("anchor"), frame.index(), waiting.buffer.pts());
+            }
+            state.held.push_back(waiting.with(frame));
+        }
+        Ok(())
+    }
+
+    /// Keeps the number of frames a frame comes out after (stream batch) where the latency
+    /// query reads it, and tells the pipeline when it changed.
+    fn update_stream_delay(&self, state: &State) {
+        let Model::Ready(session) = &state.model else { return };
+        let delay = session.output_delay().unwrap_or(0) as u64;
+        if self.stream_delay.swap(delay, Ordering::SeqCst) != delay {
+            gst::debug!(CAT, imp = self, "frames now come out {delay} frames after they went in");
+            let _ = self.obj().post_message(gst::message::Latency::builder().src(&*self.obj()).build());
+        }
     }
 
     /// Writes a downloaded frame into its buffer (made writable: a copy with the same
@@ -1262,41 +1409,65 @@ impl SdCrossFrame {
         Ok((buffer, write_time))
     }
 
-    /// Pushes the held frame, if there is one (overlap on): before a serialized event, on a
-    /// DRAIN query.
+    /// Pushes the held frames and drains the engine's stream batch (overlap or stream batch
+    /// on): before a serialized event, on a DRAIN query.
     fn drain(&self) -> Result<gst::FlowSuccess, gst::FlowError> {
-        let buffer = {
+        let buffers = {
             let mut state = self.state.lock().unwrap();
             let Some(state) = state.as_mut() else {
-                return Ok(gst::FlowSuccess::Ok);
-            };
-            let Some(Held { buffer, info, frame, discont, read_time }) = state.held.take() else {
                 return Ok(gst::FlowSuccess::Ok);
             };
             let Model::Ready(session) = &mut state.model else {
                 return Ok(gst::FlowSuccess::Ok);
             };
-            gst::debug!(CAT, imp = self, "draining frame {}", frame.index());
-            let size = (info.width() as usize, info.height() as usize);
-            let frame = self.finish(session, &mut state.timings, frame, size)?;
-            self.write_finished(&mut state.timings, Finished { buffer, info, frame, discont, read_time })?.0
+            if !state.waiting.is_empty() {
+                gst::debug!(CAT, imp = self, "draining {} frames in the stream batch", state.waiting.len());
+                let out = match session.drain() {
+                    Ok(out) => out,
+                    Err(e) => {
+                        gst::element_imp_error!(
+                            self,
+                            gst::StreamError::Failed,
+                            ("Draining the stream batch failed: {e:#}")
+                        );
+                        return Err(gst::FlowError::Error);
+                    }
+                };
+                self.pair_with_buffers(state, out)?;
+            }
+            let mut buffers = Vec::with_capacity(state.held.len());
+            while let Some(Held { buffer, info, frame, discont, read_time }) = state.held.pop_front() {
+                gst::debug!(CAT, imp = self, "draining frame {}", frame.index());
+                let Model::Ready(session) = &mut state.model else { unreachable!("checked above") };
+                let size = (info.width() as usize, info.height() as usize);
+                let frame = self.finish(session, &mut state.timings, frame, size)?;
+                let finished = Finished { buffer, info, frame, discont, read_time };
+                buffers.push(self.write_finished(&mut state.timings, finished)?.0);
+            }
+            buffers
         };
-        self.obj().src_pad().push(buffer)
+        for buffer in buffers {
+            self.obj().src_pad().push(buffer)?;
+        }
+        Ok(gst::FlowSuccess::Ok)
     }
 
     /// What the element adds to a live pipeline's latency: the `latency` property, and with
     /// overlap on one frame more (a frame goes out when the next one comes in): one frame
     /// duration at the negotiated framerate, or the `latency` property again while the
     /// framerate is unknown or variable.
+    /// With stream batch, `steps - 1` frames more (the frames in the batch ahead of a frame).
     fn added_latency(&self) -> gst::ClockTime {
-        let (latency, overlap) = {
+        let (latency, overlap, stream_batch) = {
             let settings = self.settings.lock().unwrap();
-            (settings.latency(), settings.overlap)
+            (settings.latency(), settings.overlap, settings.stream_batch)
         };
-        if !overlap {
+        if !overlap && !stream_batch {
             return latency;
         }
-        latency + self.frame_duration.lock().unwrap().unwrap_or(latency)
+        let frame = self.frame_duration.lock().unwrap().unwrap_or(latency);
+        let stream_frames = if stream_batch { self.stream_delay.load(Ordering::SeqCst) } else { 0 };
+        latency + frame * (1 + stream_frames)
     }
 
     fn overlapping(&self) -> bool {
