@@ -148,6 +148,17 @@ struct StylizeArgs {
     /// Processing height (0: see --width).
     #[arg(long, default_value_t = 0)]
     height: usize,
+    /// Denoise the frames in flight together, each at its own step (one UNet call per frame);
+    /// same frames as without, within rounding.
+    #[arg(long)]
+    stream_batch: bool,
+    /// Skip a frame this similar (cosine, 0..1) to the last diffused one, writing the last
+    /// output again (0: off; e.g. 0.98).
+    #[arg(long, default_value_t = 0.0)]
+    skip_similarity: f64,
+    /// At most this many frames in a row are skipped.
+    #[arg(long, default_value_t = 10)]
+    max_skip: usize,
 }
 
 #[derive(Args)]
@@ -237,6 +248,9 @@ fn stylize(args: StylizeArgs) -> Result<()> {
         seed: args.seed,
         canny: canny_params,
         size: SizeRequest { width: args.width, height: args.height },
+        stream_batch: args.stream_batch,
+        skip_similarity: args.skip_similarity,
+        max_skip: args.max_skip,
     };
     let mut session = VideoSession::new(stylizer, config, settings)?;
     if let Some(noise) = noise_from_file {
@@ -248,20 +262,28 @@ fn stylize(args: StylizeArgs) -> Result<()> {
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} frames  {elapsed} elapsed, {eta} left  {msg}")
             .expect("valid template"),
     );
-    for (index, path) in inputs.iter().enumerate() {
-        // The first frame was loaded above to fail early on a bad file.
-        let frame = if index == 0 { first.clone() } else { RgbFrame::load(path)? };
-        let output = session
-            .push(&frame, explicit_control.as_ref())
-            .with_context(|| format!("cannot stylize {}", path.display()))?;
-        if let Some(reason) = output.anchor_reason.filter(|_| index > 0) {
+    // With stream batch a frame comes out steps - 1 frames after it went in: outputs are
+    // matched to their input by index.
+    let save = |output: sdcrossframe::session::StylizedFrame| -> Result<()> {
+        let path = &inputs[output.index as usize];
+        if let Some(reason) = output.anchor_reason.filter(|_| output.index > 0) {
             progress.println(format!("{}: new cross-frame anchor ({reason})", path.display()));
         }
         let out_path = output_path(&args.output, path);
         output.to_rgb()?.save_png(&out_path)?;
         progress.set_message(out_path.display().to_string());
         progress.inc(1);
+        Ok(())
+    };
+    for (index, path) in inputs.iter().enumerate() {
+        // The first frame was loaded above to fail early on a bad file.
+        let frame = if index == 0 { first.clone() } else { RgbFrame::load(path)? };
+        let outputs = session
+            .push_stream(&frame, explicit_control.as_ref())
+            .with_context(|| format!("cannot stylize {}", path.display()))?;
+        outputs.into_iter().try_for_each(save)?;
     }
+    session.drain_stylized().context("cannot finish the frames in the stream batch")?.into_iter().try_for_each(save)?;
     progress.finish();
     Ok(())
 }
