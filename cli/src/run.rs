@@ -23,6 +23,8 @@ use crate::live_stats::LiveStats;
 
 /// The element whose frames the progress counts.
 const ELEMENT: &str = "sdcrossframe";
+/// How many times the same warning (same source, same text) is shown.
+const REPEATED_WARNINGS: u32 = 2;
 /// How often progress is printed as a line when stderr is not a terminal.
 const PLAIN_STATUS_EVERY: Duration = Duration::from_secs(10);
 
@@ -288,6 +290,7 @@ async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
     let mut interrupts = 0;
     let mut length_known = false;
+    let mut warnings: BTreeMap<String, u32> = BTreeMap::new();
     let outcome = loop {
         tokio::select! {
             message = messages.next() => {
@@ -297,7 +300,15 @@ async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
                     MessageView::Eos(_) => break Ok(ExitCode::SUCCESS),
                     MessageView::Error(_) => break Err(anyhow!("{}", describe_error(&message))),
                     MessageView::Warning(w) => {
-                        say(&bar, format!("warning from {}: {}", source_name(&message), w.error()));
+                        let text = format!("warning from {}: {}", source_name(&message), w.error());
+                        // A sink that drops frames as late says so again and again.
+                        let seen = warnings.entry(text.clone()).or_insert(0);
+                        *seen += 1;
+                        if *seen <= REPEATED_WARNINGS {
+                            say(&bar, text);
+                        } else if *seen == REPEATED_WARNINGS + 1 {
+                            say(&bar, format!("{text} (again; further repeats not shown)"));
+                        }
                     }
                     MessageView::Progress(p) => {
                         let (_, _, text) = p.get();
