@@ -3,7 +3,7 @@
 //! Plain numbers only (times as offsets from the start of the run, PTS in nanoseconds), so
 //! the arithmetic is tested without GStreamer.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::Duration;
 
 /// The span the rolling frame rate looks back over.
@@ -46,6 +46,9 @@ pub struct LiveStats {
     pub qos_element: u64,
     /// QoS messages posted by sinks (one per frame a sink drops as late).
     pub qos_sinks: u64,
+    /// QoS messages posted by other elements, by element name: filters with QoS on (e.g.
+    /// `videoconvert` before the element) drop late frames before they reach it.
+    pub qos_other: BTreeMap<String, u64>,
     /// Leaky queues before the element that are watched (0: their drops are not counted).
     pub leaky_queues: usize,
     /// Overruns of those queues: each leaks (drops) the oldest queued frame.
@@ -174,6 +177,10 @@ impl LiveStats {
         if self.leaky_queues > 0 {
             drops.push_str(&format!(", {} queue", self.queue_overruns));
         }
+        let other: u64 = self.qos_other.values().sum();
+        if other > 0 {
+            drops.push_str(&format!(", {other} other"));
+        }
         if self.out_of_order > 0 {
             drops.push_str(&format!(", {} out of order", self.out_of_order));
         }
@@ -188,6 +195,9 @@ impl LiveStats {
         text.push_str(&format!(", {} by sinks (QoS)", self.qos_sinks));
         if self.leaky_queues > 0 {
             text.push_str(&format!(", {} by the leaky queue", self.queue_overruns));
+        }
+        for (name, count) in &self.qos_other {
+            text.push_str(&format!(", {count} by {name} (QoS)"));
         }
         if self.out_of_order > 0 {
             text.push_str(&format!(", {} out of order", self.out_of_order));
@@ -211,7 +221,8 @@ impl LiveStats {
             }
             details.push(latency);
         }
-        let anything_dropped = self.dropped_in_element + self.qos_element + self.qos_sinks + self.queue_overruns > 0;
+        let anything_dropped = self.dropped_in_element + self.qos_element + self.qos_sinks + self.queue_overruns > 0
+            || !self.qos_other.is_empty();
         if live || anything_dropped || self.out_of_order > 0 {
             details.push(self.drops());
         }
@@ -359,18 +370,21 @@ mod tests {
         }
         stats.qos_element = 9;
         stats.qos_sinks = 2;
+        stats.qos_other.insert("videoconvert0".into(), 4);
+        stats.qos_other.insert("videoscale0".into(), 1);
         stats.leaky_queues = 1;
         stats.queue_overruns = 17;
         stats.pipeline_latency = Some(at(150));
         // Frame 99 (dropped) is still pending: 9 drops are known.
         assert_eq!(
             stats.status(at(9100)),
-            "22.5 fps  latency 158 ms (mean 109, max 158; pipeline 150)  dropped 9 in element (QoS 9), 2 sinks, 17 queue"
+            "22.5 fps  latency 158 ms (mean 109, max 158; pipeline 150)  dropped 9 in element (QoS 9), 2 sinks, 17 queue, 5 other"
         );
         assert_eq!(
             stats.summary(Duration::from_secs_f64(20.04), true),
             "90 frames in 20.0 s (22.15 fps after the first frame; latency mean 109 ms, max 158 ms \
-             (pipeline 150 ms); dropped 9 in sdcrossframe (QoS 9), 2 by sinks (QoS), 17 by the leaky queue; 1 still in the element)"
+             (pipeline 150 ms); dropped 9 in sdcrossframe (QoS 9), 2 by sinks (QoS), 17 by the leaky queue, \
+             4 by videoconvert0 (QoS), 1 by videoscale0 (QoS); 1 still in the element)"
         );
         // A file: no drops, no pipeline latency; the summary starts as the tests expect.
         let mut file = LiveStats::default();

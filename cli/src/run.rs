@@ -418,8 +418,8 @@ async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
 
 /// A QoS message counts as a drop by the sdcrossframe element that posted it (BaseTransform
 /// posts one per frame it drops as late), or by a sink (one per frame it drops as late;
-/// counted with the first element). Other elements' QoS messages (e.g. videoconvert's) are
-/// not counted.
+/// counted with the first element), or by another element (filters with QoS on, such as
+/// videoconvert, drop late frames too; counted by name with the first element).
 fn count_qos(message: &gst::Message, elements: &[gst::Element], stats: &[Arc<Mutex<LiveStats>>]) {
     let Some(source) = message.src().and_then(|s| s.downcast_ref::<gst::Element>()) else {
         return;
@@ -431,6 +431,8 @@ fn count_qos(message: &gst::Message, elements: &[gst::Element], stats: &[Arc<Mut
         && let Some(first) = stats.first()
     {
         first.lock().unwrap().qos_sinks += 1;
+    } else if let Some(first) = stats.first() {
+        *first.lock().unwrap().qos_other.entry(source.name().to_string()).or_insert(0) += 1;
     }
 }
 
