@@ -2,6 +2,7 @@
 //! `canny` previews the ControlNet's edge map, `run` runs a GStreamer pipeline file.
 
 mod launch_file;
+mod live_stats;
 mod run;
 
 use std::path::{Path, PathBuf};

@@ -1,7 +1,8 @@
 //! `sdcrossframe run FILE.pipeline KEY=value ...`: runs a launch-string file from
 //! `pipelines/` with its variables filled in, shows progress (frames and time left for
-//! files, per-frame latency for live sources), turns Ctrl-C into EOS so files are
-//! finalized, and fails with the bus's error text.
+//! files; for live sources the element's output rate, each frame's latency through it and
+//! the drops, counted by [`LiveStats`]), turns Ctrl-C into EOS so files are finalized, and
+//! fails with the bus's error text.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -18,9 +19,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::launch_file::LaunchFile;
+use crate::live_stats::LiveStats;
 
 /// The element whose frames the progress counts.
 const ELEMENT: &str = "sdcrossframe";
+/// How many times the same warning (same source, same text) is shown.
+const REPEATED_WARNINGS: u32 = 2;
 /// How often progress is printed as a line when stderr is not a terminal.
 const PLAIN_STATUS_EVERY: Duration = Duration::from_secs(10);
 
@@ -104,47 +108,102 @@ fn build_pipeline(line: &str) -> Result<gst::Pipeline> {
     }
 }
 
-/// Frames through the sdcrossframe element(s) and the time each spent in it.
-#[derive(Default)]
-struct FrameStats {
-    frames_in: u64,
-    frames_out: u64,
-    entered: Option<Instant>,
-    last_latency: Option<Duration>,
-    total_latency: Duration,
+/// The time since `clock`, the zero of a run's [`LiveStats`] times.
+fn since(clock: Instant) -> Duration {
+    clock.elapsed()
 }
 
-impl FrameStats {
-    fn mean_latency(&self) -> Option<Duration> {
-        (self.frames_out > 0).then(|| self.total_latency / self.frames_out as u32)
-    }
-}
-
-/// Counts buffers entering and leaving the element. The element works on one buffer at a
-/// time inside its chain function, so the time from the sink probe to the src probe is
-/// the frame's processing time; a frame dropped under QoS never reaches the src pad.
-fn watch_element(element: &gst::Element, stats: &Arc<Mutex<FrameStats>>) {
+/// Counts buffers entering and leaving the element, by PTS: a frame's latency is the time
+/// from its buffer on the sink pad to the buffer with the same PTS on the src pad (the
+/// element may hold frames: one with `overlap`, more with a stream batch); a frame that
+/// never leaves (a QoS drop) is a drop once a later frame has left.
+fn watch_element(element: &gst::Element, stats: &Arc<Mutex<LiveStats>>, clock: Instant) {
     let (Some(sink), Some(src)) = (element.static_pad("sink"), element.static_pad("src")) else {
         return;
     };
+    let probe_types = gst::PadProbeType::BUFFER | gst::PadProbeType::BUFFER_LIST;
     let in_stats = stats.clone();
-    sink.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+    sink.add_probe(probe_types, move |_, info| {
+        let at = since(clock);
         let mut stats = in_stats.lock().unwrap();
-        stats.frames_in += 1;
-        stats.entered = Some(Instant::now());
+        for_each_pts(info, |pts| stats.entered(pts, at));
         gst::PadProbeReturn::Ok
     });
     let out_stats = stats.clone();
-    src.add_probe(gst::PadProbeType::BUFFER, move |_, _| {
+    src.add_probe(probe_types, move |_, info| {
+        let at = since(clock);
         let mut stats = out_stats.lock().unwrap();
-        stats.frames_out += 1;
-        if let Some(entered) = stats.entered.take() {
-            let latency = entered.elapsed();
-            stats.last_latency = Some(latency);
-            stats.total_latency += latency;
-        }
+        for_each_pts(info, |pts| stats.left(pts, at));
         gst::PadProbeReturn::Ok
     });
+}
+
+/// The PTS (nanoseconds) of the probed buffer, or of each buffer of a probed list.
+fn for_each_pts(info: &gst::PadProbeInfo, mut f: impl FnMut(Option<u64>)) {
+    if let Some(buffer) = info.buffer() {
+        f(buffer.pts().map(gst::ClockTime::nseconds));
+    } else if let Some(list) = info.buffer_list() {
+        for buffer in list.iter() {
+            f(buffer.pts().map(gst::ClockTime::nseconds));
+        }
+    }
+}
+
+/// Counts the frames that leaky queues upstream of `element` drop: a `queue` with `leaky`
+/// set emits `overrun` when it is full and then drops its oldest item (a frame, with the
+/// usual `max-size-buffers=1`). Queues with `silent=true` emit nothing and are not counted;
+/// nor are queues inside bins. Returns how many queues are watched.
+fn watch_leaky_queues(element: &gst::Element, stats: &Arc<Mutex<LiveStats>>) -> usize {
+    let mut watched = 0;
+    for queue in upstream_elements(element) {
+        if !queue.factory().is_some_and(|f| f.name() == "queue") || queue.property::<bool>("silent") {
+            continue;
+        }
+        let leaky = queue.property_value("leaky");
+        if gst::glib::EnumValue::from_value(&leaky).is_none_or(|(_, value)| value.nick() == "no") {
+            continue;
+        }
+        let stats = stats.clone();
+        queue.connect("overrun", false, move |_| {
+            stats.lock().unwrap().queue_overruns += 1;
+            None
+        });
+        watched += 1;
+    }
+    watched
+}
+
+/// The elements linked upstream of `element` (through its sink pads' peers), as linked now.
+fn upstream_elements(element: &gst::Element) -> Vec<gst::Element> {
+    let mut found: Vec<gst::Element> = Vec::new();
+    let mut todo = vec![element.clone()];
+    while let Some(current) = todo.pop() {
+        for pad in current.sink_pads() {
+            if let Some(up) = pad.peer().and_then(|peer| peer.parent_element())
+                && up != *element
+                && !found.contains(&up)
+                && found.len() < 256
+            {
+                found.push(up.clone());
+                todo.push(up);
+            }
+        }
+    }
+    found
+}
+
+/// The latency the pipeline runs with: the one set on it, else the latency query's minimum
+/// (what the bin distributes to the sinks); `None` when not live.
+fn pipeline_latency(pipeline: &gst::Pipeline) -> Option<Duration> {
+    if let Some(latency) = pipeline.latency() {
+        return Some(Duration::from_nanos(latency.nseconds()));
+    }
+    let mut query = gst::query::Latency::new();
+    if !pipeline.query(&mut query) {
+        return None;
+    }
+    let (live, min, _) = query.result();
+    live.then(|| Duration::from_nanos(min.nseconds()))
 }
 
 /// The stream's frame count, from the pipeline's duration and the element's frame rate.
@@ -165,15 +224,23 @@ async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
     // (service managers, `kill`) finishes the output the same way.
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
-    let stats = Arc::new(Mutex::new(FrameStats::default()));
+    let clock = Instant::now();
     let elements: Vec<gst::Element> = pipeline
         .iterate_recurse()
         .into_iter()
         .filter_map(|e| e.ok())
         .filter(|e| e.factory().is_some_and(|f| f.name() == ELEMENT))
         .collect();
-    for element in &elements {
-        watch_element(element, &stats);
+    // One count per element; the display shows the first, which also counts the sinks' QoS
+    // drops and the leaky queues before it.
+    let stats: Vec<Arc<Mutex<LiveStats>>> =
+        elements.iter().map(|_| Arc::new(Mutex::new(LiveStats::default()))).collect();
+    for (element, stats) in elements.iter().zip(&stats) {
+        watch_element(element, stats, clock);
+    }
+    if let (Some(first), Some(first_stats)) = (elements.first(), stats.first()) {
+        let queues = watch_leaky_queues(first, first_stats);
+        first_stats.lock().unwrap().leaky_queues = queues;
     }
     let bus = pipeline.bus().context("the pipeline has no bus")?;
     let mut messages = bus.stream();
@@ -223,6 +290,7 @@ async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
     let mut ticker = tokio::time::interval(Duration::from_millis(250));
     let mut interrupts = 0;
     let mut length_known = false;
+    let mut warnings: BTreeMap<String, u32> = BTreeMap::new();
     let outcome = loop {
         tokio::select! {
             message = messages.next() => {
@@ -232,7 +300,15 @@ async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
                     MessageView::Eos(_) => break Ok(ExitCode::SUCCESS),
                     MessageView::Error(_) => break Err(anyhow!("{}", describe_error(&message))),
                     MessageView::Warning(w) => {
-                        say(&bar, format!("warning from {}: {}", source_name(&message), w.error()));
+                        let text = format!("warning from {}: {}", source_name(&message), w.error());
+                        // A sink that drops frames as late says so again and again.
+                        let seen = warnings.entry(text.clone()).or_insert(0);
+                        *seen += 1;
+                        if *seen <= REPEATED_WARNINGS {
+                            say(&bar, text);
+                        } else if *seen == REPEATED_WARNINGS + 1 {
+                            say(&bar, format!("{text} (again; further repeats not shown)"));
+                        }
                     }
                     MessageView::Progress(p) => {
                         let (_, _, text) = p.get();
@@ -247,8 +323,20 @@ async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
                             }
                         }
                     }
+                    MessageView::Qos(_) => count_qos(&message, &elements, &stats),
                     MessageView::Latency(_) => {
                         let _ = pipeline.recalculate_latency();
+                        if live && let Some(first) = stats.first() {
+                            first.lock().unwrap().pipeline_latency = pipeline_latency(pipeline);
+                        }
+                    }
+                    MessageView::StateChanged(s)
+                        if live && s.current() == gst::State::Playing
+                            && message.src() == Some(pipeline.upcast_ref()) =>
+                    {
+                        if let Some(first) = stats.first() {
+                            first.lock().unwrap().pipeline_latency = pipeline_latency(pipeline);
+                        }
                     }
                     MessageView::ClockLost(_) => {
                         let _ = pipeline.set_state(gst::State::Paused);
@@ -278,38 +366,47 @@ async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
                     bar.set_length(total);
                     length_known = true;
                 }
-                let stats = stats.lock().unwrap();
-                bar.set_position(stats.frames_out);
+                let Some(first) = stats.first() else { continue };
+                let first = first.lock().unwrap();
+                let now = since(clock);
+                bar.set_position(first.frames_out);
+                // Live: rate, latency and drops, once frames come out (until then the
+                // message is the model's loading progress). Files keep the bar; the plain
+                // status line adds the rate.
+                let status = if live {
+                    first.status(now)
+                } else {
+                    first.rolling_fps(now).map(|fps| format!("{fps:.1} fps")).unwrap_or_default()
+                };
+                if live && first.frames_out > 0 {
+                    bar.set_message(status.clone());
+                }
                 if plain_status && last_status.elapsed() >= PLAIN_STATUS_EVERY {
                     last_status = Instant::now();
                     let total = if length_known { format!("/{}", bar.length().unwrap_or(0)) } else { String::new() };
-                    eprintln!("{}{total} frames after {:.0} s", stats.frames_out, started.elapsed().as_secs_f64());
-                }
-                if live && let (Some(last), Some(mean)) = (stats.last_latency, stats.mean_latency()) {
-                    let dropped = stats.frames_in - stats.frames_out;
-                    bar.set_message(format!(
-                        "{} ms per frame (mean {} ms), {dropped} dropped",
-                        last.as_millis(),
-                        mean.as_millis()
-                    ));
+                    let status = if status.is_empty() { String::new() } else { format!(": {status}") };
+                    eprintln!(
+                        "{}{total} frames after {:.0} s{status}",
+                        first.frames_out,
+                        started.elapsed().as_secs_f64()
+                    );
                 }
             }
         }
     };
-    let stats = stats.lock().unwrap();
-    bar.set_position(stats.frames_out);
+    let frames_out = stats.first().map(|s| s.lock().unwrap().frames_out).unwrap_or(0);
+    bar.set_position(frames_out);
     bar.finish_and_clear();
-    let elapsed = started.elapsed().as_secs_f64();
-    if !elements.is_empty() && (outcome.is_ok() || stats.frames_out > 0) {
-        let mean =
-            stats.mean_latency().map(|m| format!(", {} ms per frame in {ELEMENT}", m.as_millis())).unwrap_or_default();
-        let dropped = stats.frames_in - stats.frames_out;
-        let dropped = if dropped > 0 { format!(", {dropped} dropped") } else { String::new() };
-        eprintln!(
-            "{} frames in {elapsed:.1} s ({:.2} fps{mean}{dropped})",
-            stats.frames_out,
-            stats.frames_out as f64 / elapsed.max(1e-9)
-        );
+    let elapsed = started.elapsed();
+    if !elements.is_empty() && (outcome.is_ok() || frames_out > 0) {
+        for (element, stats) in elements.iter().zip(&stats) {
+            let summary = stats.lock().unwrap().summary(elapsed, live);
+            if elements.len() > 1 {
+                eprintln!("{}: {summary}", element.name());
+            } else {
+                eprintln!("{summary}");
+            }
+        }
     }
     if live {
         for line in sink_statistics(pipeline) {
@@ -317,6 +414,26 @@ async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
         }
     }
     outcome
+}
+
+/// A QoS message counts as a drop by the sdcrossframe element that posted it (BaseTransform
+/// posts one per frame it drops as late), or by a sink (one per frame it drops as late;
+/// counted with the first element), or by another element (filters with QoS on, such as
+/// videoconvert, drop late frames too; counted by name with the first element).
+fn count_qos(message: &gst::Message, elements: &[gst::Element], stats: &[Arc<Mutex<LiveStats>>]) {
+    let Some(source) = message.src().and_then(|s| s.downcast_ref::<gst::Element>()) else {
+        return;
+    };
+    if let Some(i) = elements.iter().position(|e| e == source) {
+        stats[i].lock().unwrap().qos_element += 1;
+    } else if source.element_flags().contains(gst::ElementFlags::SINK)
+        && !source.is::<gst::Bin>()
+        && let Some(first) = stats.first()
+    {
+        first.lock().unwrap().qos_sinks += 1;
+    } else if let Some(first) = stats.first() {
+        *first.lock().unwrap().qos_other.entry(source.name().to_string()).or_insert(0) += 1;
+    }
 }
 
 /// What each video sink rendered and dropped as late (GstBaseSink's `stats`): in a live

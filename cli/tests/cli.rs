@@ -233,3 +233,89 @@ fn lora_option_changes_the_output_and_bad_entries_are_named() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     std::fs::remove_dir_all(&out).ok();
 }
+
+fn pipeline_files() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pipeline"))
+        .collect();
+    files.sort();
+    files
+}
+
+/// Every file in pipelines/ names each of its `${VAR}`s in the header `--describe` prints
+/// (so a user can learn what to pass). Building each launch line with the real element is
+/// plugins/tests/e2e.rs's `every_pipeline_file_builds`.
+#[test]
+fn every_pipeline_file_describes_each_of_its_variables() {
+    let files = pipeline_files();
+    assert!(files.iter().any(|f| f.ends_with("webcam-live.pipeline")), "{files:?}");
+    for file in files {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdcrossframe"))
+            .arg("run")
+            .arg(&file)
+            .arg("--describe")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}: {}", file.display(), String::from_utf8_lossy(&out.stderr));
+        let header = String::from_utf8(out.stdout).unwrap();
+        let text = std::fs::read_to_string(&file).unwrap();
+        let body: String = text.lines().filter(|l| !l.trim_start().starts_with('#')).collect::<Vec<_>>().join("\n");
+        let names: Vec<&str> = body.split("${").skip(1).map(|rest| rest.split(['}', ':']).next().unwrap()).collect();
+        assert!(!names.is_empty(), "{}", file.display());
+        for name in names {
+            let documented = header.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')).any(|word| word == name);
+            assert!(documented, "{}: variable {name} is not in the header:\n{header}", file.display());
+        }
+    }
+}
+
+/// The live pipeline says what it needs and fills in the live defaults.
+#[test]
+fn webcam_live_pipeline_describes_its_needs_and_fills_in_the_live_defaults() {
+    let file = Path::new(env!("CARGO_MANIFEST_DIR")).join("../pipelines/webcam-live.pipeline");
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdcrossframe"))
+            .arg("run")
+            .arg(&file)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{extra:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let header = run(&["--describe"]);
+    for need in [
+        "GPU",
+        "runwayml/stable-diffusion-v1-5",
+        "lllyasviel/sd-controlnet-canny",
+        "latent-consistency/lcm-lora-sdv1-5",
+        "madebyollin/taesd",
+    ] {
+        assert!(header.contains(need), "the header does not mention {need}:\n{header}");
+    }
+    let line = run(&["--print"]);
+    for setting in [
+        "v4l2src device=/dev/video0",
+        "queue leaky=downstream max-size-buffers=1",
+        "lora=\"latent-consistency/lcm-lora-sdv1-5\"",
+        "vae=\"madebyollin/taesd\"",
+        "device=cuda:0 dtype=f16",
+        "scheduler=lcm steps=8 strength=0.5",
+        "guidance=none",
+        "attention=first+prev",
+        "stream-batch=true",
+        "skip-similarity=0 max-skip=10",
+        "qos=true latency=100",
+        "! queue ! videoconvert ! autovideosink",
+    ] {
+        assert!(line.contains(setting), "{setting:?} is not in {line}");
+    }
+    assert!(!line.contains("${"), "{line}");
+    let line = run(&["--print", "SKIP_SIMILARITY=0.98", "stream_batch=false", "PROMPT=a \"red\" house"]);
+    assert!(line.contains("skip-similarity=0.98 max-skip=10"), "{line}");
+    assert!(line.contains("stream-batch=false"), "{line}");
+    assert!(line.contains(r#"prompt="a \"red\" house""#), "{line}");
+}
