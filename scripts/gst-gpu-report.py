@@ -96,8 +96,12 @@ def bench_rows(results):
     out = {}
     for path in sorted(results.glob("bench-*.txt")):
         config = path.stem[len("bench-"):]
-        for line in path.read_text(errors="replace").splitlines():
-            if line.startswith("| attention first+prev"):
+        lines = path.read_text(errors="replace").splitlines()
+        # A stream-batch run is compared with the bench's stream batch.
+        if any(line.startswith("| stream batch first+prev") for line in lines):
+            lines = [line for line in lines if line.startswith("| stream batch first+prev")]
+        for line in lines:
+            if line.startswith("| attention first+prev") or line.startswith("| stream batch first+prev"):
                 cells = [c.strip() for c in line.strip("|").split("|")]
                 try:
                     out[config] = (float(cells[1]), float(cells[3]))

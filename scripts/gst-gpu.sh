@@ -31,6 +31,8 @@
 #         fast      steps=8 strength=0.5 guidance-scale=1 controlnet-scale=0.7 (4 steps, no guidance)
 #         lcm4      fast's settings with scheduler=lcm guidance=none vae=TAESD (4 LCM steps, tiny VAE)
 #         lcm2      steps=4 strength=0.5, otherwise lcm4 (2 LCM steps)
+#         live4     lcm4 with stream-batch=true (the bench times its stream batch too)
+#         live2     lcm2 with stream-batch=true
 #                   (TAESD: random AutoencoderTiny weights next to the random models, or GST_GPU_TAESD;
 #                   the bench gets --scheduler lcm --guidance none --vae DIR, diffusers
 #                   --scheduler lcm --tiny-vae)
@@ -422,13 +424,15 @@ PY
         [fast]="steps=8 strength=0.5 guidance-scale=1 controlnet-scale=0.7"
         [lcm4]="steps=8 strength=0.5 guidance-scale=1 controlnet-scale=0.7 scheduler=lcm guidance=none vae=$taesd"
         [lcm2]="steps=4 strength=0.5 guidance-scale=1 controlnet-scale=0.7 scheduler=lcm guidance=none vae=$taesd"
+        [live4]="steps=8 strength=0.5 guidance-scale=1 controlnet-scale=0.7 scheduler=lcm guidance=none vae=$taesd stream-batch=true"
+        [live2]="steps=4 strength=0.5 guidance-scale=1 controlnet-scale=0.7 scheduler=lcm guidance=none vae=$taesd stream-batch=true"
     )
     local prompt="prompt=a watercolor painting of a woman, soft light"
     local first_label="" first_dir=""
     local -a first_settings=()
     for config in ${configs//,/ }; do
-        [ -n "${settings_of[$config]:-}" ] || die "unknown configuration $config (original, fast, lcm4, lcm2)"
-        case "$config" in lcm*) [ -n "$taesd" ] || die "$config needs a TAESD directory (GST_GPU_TAESD)" ;; esac
+        [ -n "${settings_of[$config]:-}" ] || die "unknown configuration $config (original, fast, lcm4, lcm2, live4, live2)"
+        case "$config" in lcm*|live*) [ -n "$taesd" ] || die "$config needs a TAESD directory (GST_GPU_TAESD)" ;; esac
         [ "$gst" = 1 ] || continue
         local -a settings
         read -r -a settings <<<"${settings_of[$config]}"
@@ -481,9 +485,9 @@ PY
             local skip_next=0
             for a in "${args[@]}"; do
                 if [ "$skip_next" = 1 ]; then skip_next=0; continue; fi
-                case "$a" in --guidance|--vae) skip_next=1 ;; *) dset+=("$a") ;; esac
+                case "$a" in --guidance|--vae|--stream-batch) skip_next=1 ;; *) dset+=("$a") ;; esac
             done
-            case "$config" in lcm*) dset+=(--tiny-vae) ;; esac
+            case "$config" in lcm*|live*) dset+=(--tiny-vae) ;; esac
             args=("${dset[@]}")
             echo "== diffusers $config: tests/reference/bench_diffusers_frame.py ${dargs[*]} ${args[*]}"
             PYTHONUNBUFFERED=1 timeout "$timeout_s" python3 tests/reference/bench_diffusers_frame.py "${dargs[@]}" "${args[@]}" \

@@ -90,6 +90,10 @@ pub struct GenerationArgs {
     /// (residual CFG, lcm only).
     #[arg(long, default_value = "auto")]
     guidance: GuidanceMode,
+    /// Also time the stream batch (the frames in flight denoised together, each at its own
+    /// step), as the element's `stream-batch` property runs it: `--stream-batch true`.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub stream_batch: bool,
 }
 
 impl GenerationArgs {

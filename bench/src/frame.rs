@@ -190,6 +190,12 @@ pub fn run(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Op
         });
     }
 
+    let stream_row = if args.generation.stream_batch {
+        Some(stream_batch_frames(cli, img2img, device, &inputs, &settings, probe)?)
+    } else {
+        None
+    };
+
     println!();
     println!(
         "text encoder ({} prompts, once per prompt change): {:.1} ms",
@@ -220,9 +226,82 @@ pub fn run(cli: &Cli, args: &FrameArgs, device: &Device, dtype: DType, probe: Op
         );
     }
 
+    if let Some((label, ms, peak, finite)) = stream_row {
+        // Same columns; a frame's stages are spread over several calls, so they are not split.
+        println!(
+            "| {label} | {:.1} | {:.2} | {:.1} | - | - | - | - | {} | {} |",
+            median(&ms),
+            1e3 / median(&ms),
+            median(&ms),
+            peak.map(|p| format!("{:.2}", gib(p))).unwrap_or_else(|| "-".into()),
+            if finite { "yes" } else { "NO" }
+        );
+    }
+
     if let Some(p) = probe {
         let (used, total) = p.device_used()?;
         println!("device memory used now (all processes, contexts included): {:.2} / {:.1} GiB", gib(used), gib(total));
     }
     Ok(())
+}
+
+/// The stream batch in its steady state, first+prev: per incoming frame one encoding, one
+/// UNet + ControlNet call over every frame in flight (each at its own step) and the decoding
+/// of the frame that finished; timed per incoming frame after the batch is full and its graph
+/// captured. Returns the row's label, the frame times, the peak allocation and finiteness.
+fn stream_batch_frames(
+    cli: &Cli,
+    img2img: &Img2Img,
+    device: &Device,
+    inputs: &FrameInputs,
+    settings: &FrameSettings,
+    probe: Option<&Probe>,
+) -> Result<(String, Vec<f64>, Option<u64>, bool)> {
+    use std::collections::VecDeque;
+    let mut hook = CrossFrameAttention::new(AttentionMode::FirstPrev, AttentionScope::Up);
+    if let Some(p) = probe {
+        p.reset_peak()?;
+    }
+    let (before, _) = img2img.stream_graph_stats();
+    let depth = img2img.timesteps(settings)?.len();
+    let mut in_flight: VecDeque<sdcrossframe::pipeline::DenoisingFrame> = VecDeque::new();
+    let mut times = Vec::new();
+    let mut finite = true;
+    // Filling, then warm-up calls (eager, captured), then the timed ones.
+    let untimed = depth + cli.warmup.max(2);
+    for index in 0..untimed + cli.runs * depth.max(1) {
+        device.synchronize()?;
+        let t = Instant::now();
+        let mut frame = img2img.start_frame(inputs, settings)?;
+        hook.begin_frame(frame.plan())?;
+        frame.set_anchor(hook.current_frame_is_anchor());
+        in_flight.push_back(frame);
+        let mut frames: Vec<_> = in_flight.iter_mut().collect();
+        img2img.denoise_batch(&mut frames, &mut hook)?;
+        if in_flight.front().is_some_and(|f| f.is_done()) {
+            let out = img2img.decode(in_flight.pop_front().expect("checked"))?;
+            if index + 1 == untimed + cli.runs * depth.max(1) {
+                finite = is_finite(&out)?;
+            }
+        }
+        let ms = elapsed_ms(device, t)?;
+        if index >= untimed {
+            times.push(ms);
+        }
+    }
+    let peak = match probe {
+        Some(p) => Some(p.peak()?),
+        None => None,
+    };
+    let (after, error) = img2img.stream_graph_stats();
+    if let Some(e) = error {
+        println!("CUDA graph capture of the stream batch failed: {e}");
+    }
+    let label = format!(
+        "stream batch first+prev ({depth} frames in flight; calls eager/captured/replayed {}/{}/{})",
+        after.eager - before.eager,
+        after.captured - before.captured,
+        after.replayed - before.replayed
+    );
+    Ok((label, times, peak, finite))
 }

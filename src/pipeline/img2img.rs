@@ -111,6 +111,11 @@ impl Img2Img {
         self.step_graphs.lock().map(|g| (g.stats(), g.last_error().map(str::to_string))).unwrap_or_default()
     }
 
+    /// How stream-batch calls ran so far (see [`Self::denoise_batch`]).
+    pub fn stream_graph_stats(&self) -> (GraphStats, Option<String>) {
+        self.stream_graphs.lock().map(|g| (g.stats(), g.last_error().map(str::to_string))).unwrap_or_default()
+    }
+
     /// Frame sizes must be multiples of this (8 for SD).
     pub fn vae_scale_factor(&self) -> usize {
         self.vae_scale_factor
