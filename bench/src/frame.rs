@@ -293,6 +293,7 @@ fn stream_batch_frames(
         Some(p) => Some(p.peak()?),
         None => None,
     };
+    stream_batch_parity(img2img, device, inputs, settings, depth)?;
     let (after, error) = img2img.stream_graph_stats();
     if let Some(e) = error {
         println!("CUDA graph capture of the stream batch failed: {e}");
@@ -304,4 +305,57 @@ fn stream_batch_frames(
         after.replayed - before.replayed
     );
     Ok((label, times, peak, finite))
+}
+
+/// Distinct frames through the stream batch (its captured graph included) and one at a time,
+/// first+prev: the largest difference of any frame, printed (f16 on a GPU: rounding, not 0).
+fn stream_batch_parity(
+    img2img: &Img2Img,
+    device: &Device,
+    inputs: &FrameInputs,
+    settings: &FrameSettings,
+    depth: usize,
+) -> Result<()> {
+    use std::collections::VecDeque;
+    let count = 3 * depth + 4;
+    let (_, _, h, w) = inputs.frame.dims4()?;
+    let frames: Vec<(Tensor, Tensor)> = (0..count)
+        .map(|_| -> Result<_> {
+            Ok((
+                Tensor::rand(0f32, 1f32, (1, 3, h, w), device)?,
+                Tensor::rand(0f32, 1f32, (1, img2img.control_channels(), h, w), device)?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let at = |k: usize| FrameInputs { frame: &frames[k].0, control: &frames[k].1, ..*inputs };
+    let mut hook = CrossFrameAttention::new(AttentionMode::FirstPrev, AttentionScope::Up);
+    let sequential: Vec<Tensor> = (0..count)
+        .map(|k| img2img.run(&at(k), settings, &mut hook, &mut (), &CancelHandle::default()))
+        .collect::<Result<_>>()?;
+    let mut hook = CrossFrameAttention::new(AttentionMode::FirstPrev, AttentionScope::Up);
+    let mut in_flight: VecDeque<sdcrossframe::pipeline::DenoisingFrame> = VecDeque::new();
+    let mut streamed = Vec::new();
+    for k in 0..count + depth {
+        if k < count {
+            let mut frame = img2img.start_frame(&at(k), settings)?;
+            hook.begin_frame(frame.plan())?;
+            frame.set_anchor(hook.current_frame_is_anchor());
+            in_flight.push_back(frame);
+        }
+        let mut batch: Vec<_> = in_flight.iter_mut().collect();
+        img2img.denoise_batch(&mut batch, &mut hook)?;
+        while in_flight.front().is_some_and(|f| f.is_done()) {
+            streamed.push(img2img.decode(in_flight.pop_front().expect("checked"))?);
+        }
+    }
+    let mut worst = 0f32;
+    for (a, b) in streamed.iter().zip(&sequential) {
+        let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        worst = worst.max(d);
+    }
+    println!(
+        "stream batch vs one frame at a time, {count} distinct frames, first+prev: {} of {count} frames out, largest pixel difference {worst:.2e}",
+        streamed.len()
+    );
+    Ok(())
 }
