@@ -111,8 +111,18 @@ impl Timesteps {
 
     /// Embeds each row's own timestep, in `dtype` on `device`.
     pub fn forward_each(&self, timesteps: &[f64], dtype: DType, device: &Device) -> Result<Tensor> {
-        timestep_embedding(timesteps, self.num_channels, self.flip_sin_to_cos, self.downscale_freq_shift, device)?
-            .to_dtype(dtype)
+        let embed = |timesteps: &[f64]| {
+            timestep_embedding(timesteps, self.num_channels, self.flip_sin_to_cos, self.downscale_freq_shift, device)?
+                .to_dtype(dtype)
+        };
+        if timesteps.windows(2).all(|pair| pair[0] == pair[1]) {
+            return embed(timesteps);
+        }
+        // Rows at different timesteps (a stream batch) are uploaded one by one: a CUDA graph
+        // capture replays uploads from a cache of small (at most 4 KiB) host buffers, and a
+        // batch of 4 rows of 320 f32 channels is over that.
+        let rows = timesteps.iter().map(|&t| embed(&[t])).collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&rows, 0)
     }
 }
 
