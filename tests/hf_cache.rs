@@ -41,6 +41,7 @@ fn repo_ids_resolve_through_the_local_cache_offline() {
         variant: None,
         loras: Vec::new(),
         vae: None,
+        tokenizer: None,
     };
     let stylizer = Stylizer::load(&spec, &Device::Cpu, DType::F32);
     assert!(stylizer.is_ok(), "{:#}", stylizer.err().unwrap());

@@ -43,6 +43,7 @@ impl ModelArgs {
                     variant: None,
                     loras: Vec::new(),
                     vae: self.vae.clone(),
+                    tokenizer: None,
                 };
                 let vae = self.vae.as_deref().map(|v| format!(" + VAE {v}")).unwrap_or_default();
                 (Stylizer::load(&spec, device, dtype)?, format!("{model} + {controlnet}{vae}"))

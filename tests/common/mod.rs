@@ -29,6 +29,7 @@ pub fn tiny_spec() -> ModelSpec {
         variant: None,
         loras: Vec::new(),
         vae: None,
+        tokenizer: None,
     }
 }
 

@@ -150,6 +150,7 @@ impl Settings {
             variant: self.variant.clone().filter(|v| !v.is_empty()),
             loras: LoraSpec::parse_list(&self.lora).context("invalid lora property")?,
             vae: self.vae.clone().filter(|v| !v.is_empty()),
+            tokenizer: None,
         })
     }
 
