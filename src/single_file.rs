@@ -126,7 +126,8 @@ fn check_file(path: &Path, what: &str) -> Result<()> {
 /// An opened safetensors file: its tensors' names and shapes, its metadata, its memory map.
 struct File {
     path: PathBuf,
-    tensors: MmapedSafetensors,
+    /// None for a file known only by its shapes (the unit tests' SD1.5 layouts).
+    tensors: Option<MmapedSafetensors>,
     shapes: BTreeMap<String, Vec<usize>>,
     metadata: HashMap<String, String>,
 }
@@ -140,7 +141,13 @@ impl File {
             .with_context(|| format!("cannot read safetensors file {}", path.display()))?;
         let shapes = tensors.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect();
         let metadata = weights::safetensors_metadata(path)?;
-        Ok(Arc::new(Self { path: path.to_path_buf(), tensors, shapes, metadata }))
+        Ok(Arc::new(Self { path: path.to_path_buf(), tensors: Some(tensors), shapes, metadata }))
+    }
+
+    /// A file of these tensor shapes and no data.
+    #[cfg(test)]
+    fn from_shapes(path: &str, shapes: BTreeMap<String, Vec<usize>>) -> Arc<Self> {
+        Arc::new(Self { path: path.into(), tensors: None, shapes, metadata: HashMap::new() })
     }
 
     fn has_prefix(&self, prefix: &str) -> bool {
@@ -297,7 +304,10 @@ impl TensorView {
                 self.what
             )));
         };
-        let tensor = self.file.tensors.load(&source.name, device)?;
+        let Some(tensors) = &self.file.tensors else {
+            return Err(candle_core::Error::Msg(format!("{}: no tensor data", self.file.path.display())));
+        };
+        let tensor = tensors.load(&source.name, device)?;
         match source.transform {
             Transform::Same => Ok(tensor),
             Transform::ConvToLinear => tensor.reshape(source.shape.as_slice()),
@@ -377,8 +387,11 @@ pub struct Checkpoint {
 pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
     let _span = tracing::info_span!("single_file_checkpoint", path = %path.display()).entered();
     check_file(path, "model")?;
-    let file = File::open(path)?;
-    let shown = path.display();
+    checkpoint_of(&File::open(path)?)
+}
+
+fn checkpoint_of(file: &Arc<File>) -> Result<Checkpoint> {
+    let shown = file.path.display();
     let not_sd1 = |what: &str| -> Result<Checkpoint> {
         bail!("{shown} is {what}; sdcrossframe runs Stable Diffusion 1.x checkpoints (768-wide CLIP text encoder)")
     };
@@ -483,8 +496,11 @@ fn not_a_checkpoint(file: &File) -> anyhow::Error {
 pub fn read_controlnet(path: &Path) -> Result<Part<ControlNetConfig>> {
     let _span = tracing::info_span!("single_file_controlnet", path = %path.display()).entered();
     check_file(path, "controlnet")?;
-    let file = File::open(path)?;
-    let shown = path.display();
+    controlnet_of(&File::open(path)?)
+}
+
+fn controlnet_of(file: &Arc<File>) -> Result<Part<ControlNetConfig>> {
+    let shown = file.path.display();
     let mut view = TensorView::new(&file, "ControlNet");
     if file.has_prefix(CONTROLNET_PREFIX) {
         map_unet_layout(&mut view, CONTROLNET_PREFIX, true)?;
@@ -541,8 +557,11 @@ pub fn read_controlnet(path: &Path) -> Result<Part<ControlNetConfig>> {
 pub fn read_vae(path: &Path) -> Result<Part<AutoencoderKLConfig>> {
     let _span = tracing::info_span!("single_file_vae", path = %path.display()).entered();
     check_file(path, "vae")?;
-    let file = File::open(path)?;
-    match vae_layout(&file) {
+    vae_of(&File::open(path)?)
+}
+
+fn vae_of(file: &Arc<File>) -> Result<Part<AutoencoderKLConfig>> {
+    match vae_layout(file) {
         Some(VaeLayout::Original(prefix)) => vae_part(&file, prefix),
         Some(VaeLayout::Diffusers) => {
             let mut view = TensorView::new(&file, "VAE");
@@ -558,7 +577,7 @@ pub fn read_vae(path: &Path) -> Result<Part<AutoencoderKLConfig>> {
         None => bail!(
             "{} is not a VAE: looked for encoder.* / decoder.* in the original layout (encoder.down.0.block.0.*, \
              also under first_stage_model. or vae.) and in diffusers' (encoder.down_blocks.0.resnets.0.*); it has {}",
-            path.display(),
+            file.path.display(),
             file.sample_names()
         ),
     }
@@ -999,4 +1018,92 @@ fn finish_config<C: DeserializeOwned>(
     serde_json::from_value(Value::Object(config.clone())).with_context(|| {
         format!("{}: the {what} config built from its shapes does not parse: {}", file.path.display(), Value::Object(config))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::models::sd15;
+
+    /// The names and shapes of real SD1.5 single files (tests/fixtures/single-file/
+    /// sd15_shapes.json, checked with diffusers' converters by make_singlefile_fixtures.py).
+    fn sd15_file(kind: &str, change: impl FnOnce(&mut BTreeMap<String, Vec<usize>>)) -> Arc<File> {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/single-file/sd15_shapes.json");
+        let all: BTreeMap<String, BTreeMap<String, Vec<usize>>> =
+            serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let mut shapes = all[kind].clone();
+        change(&mut shapes);
+        File::from_shapes(&format!("{kind}.safetensors"), shapes)
+    }
+
+    fn debug(v: &dyn std::fmt::Debug) -> String {
+        format!("{v:?}")
+    }
+
+    #[test]
+    fn sd15_files_give_sd15_configs() {
+        let checkpoint = checkpoint_of(&sd15_file("checkpoint", |_| {})).unwrap();
+        assert_eq!(debug(&checkpoint.unet.config), debug(&sd15::unet_config().unwrap()));
+        assert_eq!(debug(&checkpoint.text_encoder.config), debug(&sd15::text_encoder_config().unwrap()));
+        assert_eq!(debug(&checkpoint.vae.unwrap().config), debug(&sd15::vae_config().unwrap()));
+        let vae = vae_of(&sd15_file("vae", |_| {})).unwrap();
+        assert_eq!(debug(&vae.config), debug(&sd15::vae_config().unwrap()));
+        let controlnet = controlnet_of(&sd15_file("controlnet", |_| {})).unwrap();
+        assert_eq!(debug(&controlnet.config), debug(&sd15::controlnet_config().unwrap()));
+        // The same ControlNet without the control_model. prefix (as some re-packaged files).
+        let bare = controlnet_of(&sd15_file("controlnet", |shapes| {
+            *shapes = std::mem::take(shapes)
+                .into_iter()
+                .map(|(k, v)| (k.strip_prefix(CONTROLNET_PREFIX).unwrap().to_string(), v))
+                .collect();
+        }))
+        .unwrap();
+        assert_eq!(debug(&bare.config), debug(&controlnet.config));
+        // The mapping of a few names diffusers' converter maps so too.
+        let unet = &checkpoint.unet.tensors;
+        for (diffusers, original) in [
+            ("down_blocks.1.downsamplers.0.conv.weight", "model.diffusion_model.input_blocks.6.0.op.weight"),
+            ("down_blocks.2.attentions.1.proj_in.weight", "model.diffusion_model.input_blocks.8.1.proj_in.weight"),
+            ("up_blocks.0.upsamplers.0.conv.weight", "model.diffusion_model.output_blocks.2.1.conv.weight"),
+            ("up_blocks.1.upsamplers.0.conv.bias", "model.diffusion_model.output_blocks.5.2.conv.bias"),
+            ("up_blocks.3.resnets.2.conv_shortcut.weight", "model.diffusion_model.output_blocks.11.0.skip_connection.weight"),
+            ("mid_block.resnets.1.time_emb_proj.weight", "model.diffusion_model.middle_block.2.emb_layers.1.weight"),
+        ] {
+            assert_eq!(unet.original_name(diffusers), Some(original), "{diffusers}");
+        }
+        assert_eq!(
+            vae.tensors.original_name("decoder.up_blocks.0.upsamplers.0.conv.weight"),
+            Some("decoder.up.3.upsample.conv.weight")
+        );
+        assert_eq!(vae.tensors.shape("encoder.mid_block.attentions.0.to_q.weight"), Some(&[512, 512][..]));
+    }
+
+    #[test]
+    fn sd2_and_inpainting_shapes_are_refused() {
+        let error = |change: fn(&mut BTreeMap<String, Vec<usize>>)| -> String {
+            match checkpoint_of(&sd15_file("checkpoint", change)) {
+                Ok(_) => panic!("a changed SD1.5 checkpoint was accepted"),
+                Err(e) => format!("{e:#}"),
+            }
+        };
+        let err = error(|s| {
+            s.insert("model.diffusion_model.input_blocks.0.0.weight".into(), vec![320, 9, 3, 3]);
+        });
+        assert!(err.contains("inpainting") && err.contains("9 input channels"), "{err}");
+        let err = error(|s| {
+            for (k, v) in s.iter_mut() {
+                if k.ends_with("attn2.to_k.weight") || k.ends_with("attn2.to_v.weight") {
+                    v[1] = 1024;
+                }
+            }
+        });
+        assert!(err.contains("2.x") && err.contains("1024"), "{err}");
+        let err = error(|s| {
+            s.insert("model.diffusion_model.label_emb.0.0.weight".into(), vec![1280, 2816]);
+        });
+        assert!(err.contains("label_emb"), "{err}");
+        // A UNet with an odd number of resnets in a level.
+        let err = error(|s| s.retain(|k, _| !k.starts_with("model.diffusion_model.input_blocks.2.")));
+        assert!(err.contains("input blocks"), "{err}");
+    }
 }

@@ -32,6 +32,19 @@ encoder's 49408-row token embedding and the UNet), so what is committed is how t
   (SD1.5: 8 heads, 32 groups), sdcrossframe.vae_config {"norm_num_groups": 8},
   sdcrossframe.text_encoder_config {"num_attention_heads": 4} (SD1.5: 64-wide heads).
 
+  tests/fixtures/single-file/sd15_shapes.json
+      {"checkpoint": {original_name: shape}, "controlnet": {...}, "vae": {...}}: the tensor
+      names and shapes of real SD1.5 single files (no data): runwayml/stable-diffusion-v1-5's
+      UNet, VAE and text encoder (the configs in src/models/sd15/) as v1-5-pruned-emaonly
+      lays them out (with its position_ids and a few of the non-model buffers such files
+      carry: alphas_cumprod, model_ema.decay), lllyasviel/sd-controlnet-canny's ControlNet as
+      control_v11p_sd15_canny does (control_model.*), and the VAE as
+      vae-ft-mse-840000-ema-pruned (no prefix). The unit tests of src/single_file.rs build the
+      configs from these shapes and compare them with src/models/sd15/*.json. Checked with
+      diffusers' own converters (convert_ldm_unet_checkpoint, convert_controlnet_checkpoint,
+      convert_ldm_vae_checkpoint + conv_attn_to_linear, convert_ldm_clip_checkpoint) on meta
+      tensors: they give back every tensor of the diffusers models, with their shapes.
+
 The names are this script's own inverse of diffusers' single-file conversion. The check is
 diffusers' own: the files are written to a temporary directory and loaded back with
 StableDiffusionPipeline / ControlNetModel / AutoencoderKL .from_single_file (config= the tiny
@@ -198,6 +211,80 @@ def assert_same(what, loaded, reference):
     print(f"{what}: {len(reference)} tensors equal after diffusers' from_single_file")
 
 
+def sd15_config(name):
+    return json.loads((ROOT / "src" / "models" / "sd15" / f"{name}.json").read_text())
+
+
+def shapes_of(state_dict):
+    return {k: list(v.shape) for k, v in state_dict.items()}
+
+
+def check_converted(what, converted, model_state):
+    converted = {
+        k.removeprefix("text_model."): list(v.shape) for k, v in converted.items() if not k.endswith("position_ids")
+    }
+    expected = {k: v for k, v in shapes_of(model_state).items() if not k.endswith("position_ids")}
+    assert converted == expected, (what, sorted(converted.keys() ^ expected.keys())[:10])
+    print(f"SD1.5 {what}: diffusers' converter gives back all {len(expected)} tensors")
+
+
+def sd15_shapes():
+    """Names and shapes of SD1.5 single files, checked with diffusers' converters."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(sd15_config("unet"))
+        vae = AutoencoderKL.from_config(sd15_config("vae"))
+        controlnet = ControlNetModel.from_config(sd15_config("controlnet"))
+        text = CLIPTextModel(CLIPTextConfig(**sd15_config("text_encoder")))
+
+    def unet_names(model, prefix, controlnet_):
+        state = model.state_dict()
+        layers = model.config.layers_per_block
+        ups = {int(m[1]) for k in state if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+        hint = len({m[1] for k in state if (m := re.match(r"controlnet_cond_embedding\.blocks\.(\d+)\.", k))})
+        return {prefix + unet_original(k, layers, ups, controlnet_, hint): v for k, v in state.items()}
+
+    def vae_names(prefix):
+        levels = len(vae.config.block_out_channels)
+        out = {}
+        for k, v in vae.state_dict().items():
+            name, conv = vae_original(k, levels)
+            out[prefix + name] = v.reshape(list(v.shape) + [1, 1]) if conv else v
+        return out
+
+    unet_ldm = unet_names(unet, "model.diffusion_model.", False)
+    check_converted(
+        "UNet",
+        sfu.convert_ldm_unet_checkpoint(unet_ldm, dict(unet.config)),
+        unet.state_dict(),
+    )
+    cn_ldm = unet_names(controlnet, "control_model.", True)
+    check_converted(
+        "ControlNet",
+        sfu.convert_controlnet_checkpoint(cn_ldm, dict(controlnet.config)),
+        controlnet.state_dict(),
+    )
+    vae_ldm = vae_names("")
+    check_converted("VAE", sfu.convert_ldm_vae_checkpoint(vae_ldm, dict(vae.config)), vae.state_dict())
+    text_ldm = {"cond_stage_model.transformer.text_model." + k: v for k, v in text.state_dict().items()}
+    text_ldm["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.empty(
+        (1, text.config.max_position_embeddings), device="meta"
+    )
+    check_converted("text encoder", sfu.convert_ldm_clip_checkpoint(text_ldm), text.state_dict())
+
+    checkpoint = {**unet_ldm, **vae_names("first_stage_model."), **text_ldm}
+    checkpoint["alphas_cumprod"] = torch.empty((1000,), device="meta")
+    checkpoint["model_ema.decay"] = torch.empty((), device="meta")
+    return {
+        "checkpoint": shapes_of(checkpoint),
+        "controlnet": shapes_of(cn_ldm),
+        "vae": shapes_of(vae_ldm),
+    }
+
+
 def main():
     from diffusers import AutoencoderKL, ControlNetModel, StableDiffusionPipeline
 
@@ -267,6 +354,9 @@ def main():
     text = json.dumps(layout, indent=0, sort_keys=True) + "\n"
     (OUT / "layout.json").write_text(text)
     print(f"wrote {OUT / 'layout.json'} ({len(text)} bytes)")
+    text = json.dumps(sd15_shapes(), indent=0, sort_keys=True) + "\n"
+    (OUT / "sd15_shapes.json").write_text(text)
+    print(f"wrote {OUT / 'sd15_shapes.json'} ({len(text)} bytes)")
 
 
 if __name__ == "__main__":
