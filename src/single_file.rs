@@ -93,7 +93,7 @@ pub fn is_pickle(path: &Path) -> bool {
 /// says how to convert it.
 pub fn pickle_error(path: &Path, what: &str) -> anyhow::Error {
     anyhow::anyhow!(
-        "{} is a PyTorch pickle file ({what}); sdcrossframe reads only safetensors (pickles can run code when \
+        "{} (the {what} setting) is a PyTorch pickle file; sdcrossframe reads only safetensors (pickles can run code when \
          loaded). Convert it once, e.g. `python -c \"import torch, safetensors.torch as st; \
          sd = torch.load('{0}', map_location='cpu', weights_only=True); sd = sd.get('state_dict', sd); \
          st.save_file({{k: v.contiguous() for k, v in sd.items() if isinstance(v, torch.Tensor)}}, '{1}')\"`, \
@@ -118,7 +118,11 @@ fn check_file(path: &Path, what: &str) -> Result<()> {
         return Err(pickle_error(path, what));
     }
     if !path.is_file() {
-        bail!("{what} file {} does not exist", path.display());
+        bail!(
+            "{what} file {} does not exist (single-file checkpoints are read from local files; a Hugging Face repo \
+             is named by its id, owner/name)",
+            path.display()
+        );
     }
     Ok(())
 }
@@ -170,7 +174,11 @@ impl File {
         }
         let shown: Vec<&str> = groups.iter().take(8).map(String::as_str).collect();
         let more = if groups.len() > 8 { format!(" and {} more groups", groups.len() - 8) } else { String::new() };
-        format!("{} tensors, named {}{more}", self.shapes.len(), shown.join(", "))
+        let count = match self.shapes.len() {
+            1 => "1 tensor".to_string(),
+            n => format!("{n} tensors"),
+        };
+        format!("{count}, named {}{more}", shown.join(", "))
     }
 
     /// The JSON object of `sdcrossframe.<key>` in the metadata, if any.
@@ -504,8 +512,7 @@ fn controlnet_of(file: &Arc<File>) -> Result<Part<ControlNetConfig>> {
     let mut view = TensorView::new(&file, "ControlNet");
     if file.has_prefix(CONTROLNET_PREFIX) {
         map_unet_layout(&mut view, CONTROLNET_PREFIX, true)?;
-    } else if file.shapes.contains_key("time_embed.0.weight") && file.shapes.contains_key("input_hint_block.0.weight")
-    {
+    } else if file.shapes.contains_key("time_embed.0.weight") && file.shapes.contains_key("input_hint_block.0.weight") {
         map_unet_layout(&mut view, "", true)?;
     } else if file.shapes.contains_key("controlnet_cond_embedding.conv_in.weight") {
         if file.has_prefix("add_embedding.") {
@@ -598,11 +605,15 @@ fn vae_layout(file: &File) -> Option<VaeLayout> {
     file.shapes.contains_key("encoder.down_blocks.0.resnets.0.conv1.weight").then_some(VaeLayout::Diffusers)
 }
 
+/// Block and layer numbers above this are no model's (and would overflow the arithmetic).
+const MAX_INDEX: usize = 10_000;
+
 /// Parses `prefix` + `n` + `.` at the start of `name`: `(n, rest)`.
 fn numbered<'a>(name: &'a str, prefix: &str) -> Option<(usize, &'a str)> {
     let rest = name.strip_prefix(prefix)?;
     let (number, rest) = rest.split_once('.')?;
-    Some((number.parse().ok()?, rest))
+    let n: usize = number.parse().ok()?;
+    (n <= MAX_INDEX).then_some((n, rest))
 }
 
 /// A resnet's parameter name, original -> diffusers.
@@ -629,7 +640,8 @@ fn map_unet_layout(view: &mut TensorView, prefix: &str, controlnet: bool) -> Res
     let names: Vec<&String> = file.shapes.keys().filter(|k| k.starts_with(prefix)).collect();
     let rest = |name: &str| name[prefix.len()..].to_string();
     // Input blocks: 0 is conv_in; then per level L resnets (with attentions) and a downsampler.
-    let inputs: BTreeSet<usize> = names.iter().filter_map(|n| numbered(&n[prefix.len()..], "input_blocks.")).map(|(i, _)| i).collect();
+    let inputs: BTreeSet<usize> =
+        names.iter().filter_map(|n| numbered(&n[prefix.len()..], "input_blocks.")).map(|(i, _)| i).collect();
     let downsamplers: BTreeSet<usize> = inputs
         .iter()
         .copied()
@@ -637,7 +649,7 @@ fn map_unet_layout(view: &mut TensorView, prefix: &str, controlnet: bool) -> Res
         .collect();
     let last_input = inputs.last().copied().unwrap_or(0);
     let layers = match downsamplers.first() {
-        Some(first) => first - 1,
+        Some(first) => first.saturating_sub(1),
         None => last_input,
     };
     let levels = downsamplers.len() + 1;
@@ -658,7 +670,9 @@ fn map_unet_layout(view: &mut TensorView, prefix: &str, controlnet: bool) -> Res
         .into_iter()
         .collect();
     let middle_is_resnet = |k: usize| {
-        names.iter().any(|n| numbered(&n[prefix.len()..], "middle_block.").is_some_and(|(i, r)| i == k && is_resnet_part(r)))
+        names
+            .iter()
+            .any(|n| numbered(&n[prefix.len()..], "middle_block.").is_some_and(|(i, r)| i == k && is_resnet_part(r)))
     };
     let hint: Vec<usize> = names
         .iter()
@@ -680,7 +694,7 @@ fn map_unet_layout(view: &mut TensorView, prefix: &str, controlnet: bool) -> Res
             if let Some(p) = r.strip_prefix("input_blocks.0.0.") {
                 return same(format!("conv_in.{p}"));
             }
-            if let Some((i, sub)) = numbered(&r, "input_blocks.") {
+            if let Some((i, sub)) = numbered(&r, "input_blocks.").filter(|(i, _)| *i > 0) {
                 let (block, layer) = ((i - 1) / (layers + 1), (i - 1) % (layers + 1));
                 if let Some(p) = sub.strip_prefix("0.op.") {
                     return same(format!("down_blocks.{block}.downsamplers.0.conv.{p}"));
@@ -694,12 +708,14 @@ fn map_unet_layout(view: &mut TensorView, prefix: &str, controlnet: bool) -> Res
                 return None;
             }
             if let Some((k, sub)) = numbered(&r, "middle_block.") {
-                if let Some(p) = resnet_name(sub) {
-                    let ordinal = middle.iter().filter(|&&m| m < k && middle_is_resnet(m)).count();
-                    return same(format!("mid_block.resnets.{ordinal}.{p}"));
-                }
-                let ordinal = middle.iter().filter(|&&m| m < k && !middle_is_resnet(m)).count();
-                return same(format!("mid_block.attentions.{ordinal}.{sub}"));
+                // Each part of the middle block is a resnet or an attention, never a mix.
+                let is_resnet = middle_is_resnet(k);
+                let ordinal = middle.iter().filter(|&&m| m < k && middle_is_resnet(m) == is_resnet).count();
+                return match (resnet_name(sub), is_resnet) {
+                    (Some(p), true) => same(format!("mid_block.resnets.{ordinal}.{p}")),
+                    (None, false) => same(format!("mid_block.attentions.{ordinal}.{sub}")),
+                    _ => None,
+                };
             }
             if controlnet {
                 if let Some((i, sub)) = numbered(&r, "zero_convs.") {
@@ -826,7 +842,9 @@ fn unet_part(file: &Arc<File>) -> Result<Part<UNet2DConditionConfig>> {
     let ups = view.indices("up_blocks.");
     let kinds: Vec<&str> = ups
         .iter()
-        .map(|b| if view.has_prefix(&format!("up_blocks.{b}.attentions.")) { "CrossAttnUpBlock2D" } else { "UpBlock2D" })
+        .map(
+            |b| if view.has_prefix(&format!("up_blocks.{b}.attentions.")) { "CrossAttnUpBlock2D" } else { "UpBlock2D" },
+        )
         .collect();
     config.insert("_class_name".into(), json!("UNet2DConditionModel"));
     config.insert("up_block_types".into(), json!(kinds));
@@ -864,7 +882,7 @@ fn text_encoder_part(file: &Arc<File>) -> Result<Part<ClipTextConfig>> {
     });
     let Value::Object(config) = config else { unreachable!("a JSON object literal") };
     let config: ClipTextConfig = finish_config(config, file.config_hint("text_encoder_config")?, file, "text encoder")?;
-    if config.hidden_size % config.num_attention_heads != 0 {
+    if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
         bail!(
             "{}: the text encoder is {} wide, not a multiple of 64-wide heads; name its heads in the metadata \
              sdcrossframe.text_encoder_config ({{\"num_attention_heads\": N}})",
@@ -977,8 +995,8 @@ fn vae_config(view: &TensorView) -> Result<Map<String, Value>> {
         "latent_channels": view.dim("decoder.conv_in.weight", 1)?,
         "norm_num_groups": 32,
         "scaling_factor": 0.18215,
-        "use_quant_conv": view.map.contains_key("quant_conv.weight"),
-        "use_post_quant_conv": view.map.contains_key("post_quant_conv.weight"),
+        "use_quant_conv": view.has_prefix("quant_conv."),
+        "use_post_quant_conv": view.has_prefix("post_quant_conv."),
         "mid_block_add_attention": view.has_prefix("encoder.mid_block.attentions."),
         "act_fn": "silu",
     });
@@ -1016,7 +1034,11 @@ fn finish_config<C: DeserializeOwned>(
     let built = Value::Object(config.clone());
     tracing::debug!(file = %file.path.display(), what, config = %built, "config built from the shapes");
     serde_json::from_value(Value::Object(config.clone())).with_context(|| {
-        format!("{}: the {what} config built from its shapes does not parse: {}", file.path.display(), Value::Object(config))
+        format!(
+            "{}: the {what} config built from its shapes does not parse: {}",
+            file.path.display(),
+            Value::Object(config)
+        )
     })
 }
 
@@ -1066,7 +1088,10 @@ mod tests {
             ("down_blocks.2.attentions.1.proj_in.weight", "model.diffusion_model.input_blocks.8.1.proj_in.weight"),
             ("up_blocks.0.upsamplers.0.conv.weight", "model.diffusion_model.output_blocks.2.1.conv.weight"),
             ("up_blocks.1.upsamplers.0.conv.bias", "model.diffusion_model.output_blocks.5.2.conv.bias"),
-            ("up_blocks.3.resnets.2.conv_shortcut.weight", "model.diffusion_model.output_blocks.11.0.skip_connection.weight"),
+            (
+                "up_blocks.3.resnets.2.conv_shortcut.weight",
+                "model.diffusion_model.output_blocks.11.0.skip_connection.weight",
+            ),
             ("mid_block.resnets.1.time_emb_proj.weight", "model.diffusion_model.middle_block.2.emb_layers.1.weight"),
         ] {
             assert_eq!(unet.original_name(diffusers), Some(original), "{diffusers}");

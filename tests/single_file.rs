@@ -12,10 +12,11 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use common::single_file::*;
 use common::*;
 use sdcrossframe::pipeline::{FrameSettings, LoraSpec, ModelParts, ModelSpec, PlainFrame, Stylizer};
 use sdcrossframe::single_file;
-use serde_json::{Value, json};
+use serde_json::Value;
 
 /// Frames from the same weights: identical up to summation order (none here: same ops).
 const TOLERANCE: f32 = 1e-6;
@@ -25,104 +26,6 @@ fn scratch(tag: &str) -> PathBuf {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
-}
-
-/// One tensor to write: safetensors dtype name, shape, raw little-endian bytes.
-struct Raw {
-    dtype: String,
-    shape: Vec<usize>,
-    bytes: Vec<u8>,
-}
-
-/// Writes a safetensors file (header padded to 8 bytes, as the format recommends).
-fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Raw>, metadata: &BTreeMap<String, String>) {
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert("__metadata__".into(), json!(metadata));
-    }
-    let mut offset = 0;
-    for (name, t) in tensors {
-        header.insert(
-            name.clone(),
-            json!({"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.bytes.len()]}),
-        );
-        offset += t.bytes.len();
-    }
-    let mut text = serde_json::to_string(&header).unwrap().into_bytes();
-    while text.len() % 8 != 0 {
-        text.push(b' ');
-    }
-    let mut out = (text.len() as u64).to_le_bytes().to_vec();
-    out.extend(text);
-    for t in tensors.values() {
-        out.extend(&t.bytes);
-    }
-    std::fs::write(path, out).unwrap();
-}
-
-fn f32_tensor(shape: &[usize]) -> Raw {
-    let n: usize = shape.iter().product();
-    Raw { dtype: "F32".into(), shape: shape.to_vec(), bytes: vec![0; 4 * n] }
-}
-
-/// Writes a fake file holding zero-filled f32 tensors of these names and shapes.
-fn fake(dir: &Path, name: &str, tensors: &[(&str, &[usize])]) -> PathBuf {
-    let path = dir.join(name);
-    let tensors = tensors.iter().map(|(k, s)| (k.to_string(), f32_tensor(s))).collect();
-    write_safetensors(&path, &tensors, &BTreeMap::new());
-    path
-}
-
-/// What to change when writing a layout.
-#[derive(Default)]
-struct Changes<'a> {
-    /// Original names whose values are negated.
-    negate: &'a [&'a str],
-    /// Metadata keys left out.
-    drop_metadata: &'a [&'a str],
-}
-
-/// Writes `kind` ("checkpoint", "controlnet", "vae") of layout.json as a single file.
-fn write_layout(kind: &str, dir: &Path, changes: &Changes) -> PathBuf {
-    let layout: Value =
-        serde_json::from_str(&std::fs::read_to_string(fixtures().join("single-file/layout.json")).unwrap()).unwrap();
-    let entry = &layout[kind];
-    let mut sources: BTreeMap<String, Vec<u8>> = BTreeMap::new();
-    let mut tensors = BTreeMap::new();
-    for item in entry["tensors"].as_array().unwrap() {
-        let original = item[0].as_str().unwrap();
-        let source = item[1].as_str().unwrap();
-        let name = item[2].as_str().unwrap();
-        let shape: Vec<usize> = item[3].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect();
-        let raw = if source == "arange" {
-            let n: usize = shape.iter().product();
-            Raw { dtype: "I64".into(), shape, bytes: (0..n as i64).flat_map(i64::to_le_bytes).collect() }
-        } else {
-            let bytes = sources.entry(source.to_string()).or_insert_with(|| std::fs::read(fixtures().join(source)).unwrap());
-            let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
-            let view = st.tensor(name).unwrap();
-            assert_eq!(view.shape().iter().product::<usize>(), shape.iter().product::<usize>(), "{original}");
-            let mut data = view.data().to_vec();
-            if changes.negate.contains(&original) {
-                assert_eq!(view.dtype(), safetensors::Dtype::F16);
-                for pair in data.chunks_mut(2) {
-                    pair[1] ^= 0x80;
-                }
-            }
-            Raw { dtype: format!("{:?}", view.dtype()), shape, bytes: data }
-        };
-        tensors.insert(original.to_string(), raw);
-    }
-    let metadata = entry["metadata"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(k, _)| !changes.drop_metadata.contains(&k.as_str()))
-        .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
-        .collect();
-    let path = dir.join(format!("{kind}.safetensors"));
-    write_safetensors(&path, &tensors, &metadata);
-    path
 }
 
 fn tokenizer_dir() -> String {
@@ -174,7 +77,10 @@ fn configs_from_shapes_match_the_directories() {
     let vae: sdcrossframe::models::vae::AutoencoderKLConfig =
         serde_json::from_value(read("tiny-sd/vae/config.json")).unwrap();
     assert_eq!(debug(&checkpoint.vae.as_ref().unwrap().config), debug(&vae));
-    assert_eq!(debug(&single_file::read_vae(&write_layout("vae", &dir, &Changes::default())).unwrap().config), debug(&vae));
+    assert_eq!(
+        debug(&single_file::read_vae(&write_layout("vae", &dir, &Changes::default())).unwrap().config),
+        debug(&vae)
+    );
     let controlnet: sdcrossframe::models::controlnet::ControlNetConfig =
         serde_json::from_value(read("tiny-controlnet/config.json")).unwrap();
     let part = single_file::read_controlnet(&write_layout("controlnet", &dir, &Changes::default())).unwrap();
@@ -182,7 +88,10 @@ fn configs_from_shapes_match_the_directories() {
     // Every diffusers tensor has one original tensor.
     let names: Vec<&str> = part.tensors.names().collect();
     assert_eq!(names.len(), 258);
-    assert_eq!(part.tensors.original_name("controlnet_cond_embedding.conv_out.weight"), Some("control_model.input_hint_block.14.weight"));
+    assert_eq!(
+        part.tensors.original_name("controlnet_cond_embedding.conv_out.weight"),
+        Some("control_model.input_hint_block.14.weight")
+    );
     // Without the hints the SD1.x rules apply: 8 heads per block.
     let bare = single_file::read_checkpoint(&write_layout(
         "checkpoint",
@@ -249,7 +158,8 @@ fn single_files_give_the_directories_frame() {
         &Changes { drop_metadata: &["sdcrossframe.vae_config"], ..Default::default() },
     );
     let err = load_error(&checkpoint_spec(&bare));
-    for part in ["checkpoint.safetensors", "VAE's 16-channel blocks", "32 GroupNorm groups", "sdcrossframe.vae_config"] {
+    for part in ["checkpoint.safetensors", "VAE's 16-channel blocks", "32 GroupNorm groups", "sdcrossframe.vae_config"]
+    {
         assert!(err.contains(part), "{part:?} missing from: {err}");
     }
     let _ = std::fs::remove_dir_all(dir);
@@ -279,13 +189,26 @@ fn loras_fuse_into_a_checkpoint() {
     let dir = scratch("lora");
     let checkpoint = write_layout("checkpoint", &dir, &Changes::default());
     let loras = vec![LoraSpec { source: fixtures().join("lora/kohya.safetensors").display().to_string(), scale: 0.5 }];
-    let from_dir = ModelParts::from_spec(&ModelSpec { loras: loras.clone(), ..tiny_spec() }, &Device::Cpu, DType::F32).unwrap();
+    let from_dir =
+        ModelParts::from_spec(&ModelSpec { loras: loras.clone(), ..tiny_spec() }, &Device::Cpu, DType::F32).unwrap();
     let from_file =
         ModelParts::from_spec(&ModelSpec { loras, ..checkpoint_spec(&checkpoint) }, &Device::Cpu, DType::F32).unwrap();
     let plain = ModelParts::from_spec(&tiny_spec(), &Device::Cpu, DType::F32).unwrap();
     for (what, a, b, base, name) in [
-        ("UNet", &from_dir.unet.weights, &from_file.unet.weights, &plain.unet.weights, "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"),
-        ("text encoder", &from_dir.text_encoder.weights, &from_file.text_encoder.weights, &plain.text_encoder.weights, "encoder.layers.0.self_attn.q_proj.weight"),
+        (
+            "UNet",
+            &from_dir.unet.weights,
+            &from_file.unet.weights,
+            &plain.unet.weights,
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight",
+        ),
+        (
+            "text encoder",
+            &from_dir.text_encoder.weights,
+            &from_file.text_encoder.weights,
+            &plain.text_encoder.weights,
+            "encoder.layers.0.self_attn.q_proj.weight",
+        ),
     ] {
         let file_name = if what == "UNet" { name.to_string() } else { format!("text_model.{name}") };
         let fused = a.get_unchecked(name).unwrap();
@@ -326,7 +249,10 @@ fn other_families_are_refused_with_what_they_are() {
         ),
         (
             "inpainting.safetensors",
-            vec![(conv_in(9).0, conv_in(9).1.to_vec()), ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", vec![10, 8])],
+            vec![
+                (conv_in(9).0, conv_in(9).1.to_vec()),
+                ("cond_stage_model.transformer.text_model.embeddings.token_embedding.weight", vec![10, 8]),
+            ],
             &["inpainting.safetensors", "inpainting", "9 input channels"],
         ),
         (
@@ -357,6 +283,7 @@ fn other_families_are_refused_with_what_they_are() {
         let tensors: Vec<(&str, &[usize])> = tensors.iter().map(|(k, s)| (*k, s.as_slice())).collect();
         let path = fake(&dir, name, &tensors);
         let err = load_error(&checkpoint_spec(&path));
+        println!("{name}: {err}\n");
         for part in *expected {
             assert!(err.contains(part), "{name}: {part:?} missing from: {err}");
         }
@@ -376,6 +303,7 @@ fn other_families_are_refused_with_what_they_are() {
         (&other, &["unknown.safetensors", "not a ControlNet", "control_model.", "foo.bar"][..]),
     ] {
         let err = load_error(&ModelSpec { controlnet: path.display().to_string(), ..tiny_spec() });
+        println!("controlnet: {err}\n");
         for part in expected {
             assert!(err.contains(part), "{part:?} missing from: {err}");
         }
@@ -401,7 +329,9 @@ fn a_checkpoint_without_vae_needs_the_vae_setting() {
         .tensors()
         .into_iter()
         .filter(|(k, _)| !k.starts_with("first_stage_model."))
-        .map(|(k, v)| (k, Raw { dtype: format!("{:?}", v.dtype()), shape: v.shape().to_vec(), bytes: v.data().to_vec() }))
+        .map(|(k, v)| {
+            (k, Raw { dtype: format!("{:?}", v.dtype()), shape: v.shape().to_vec(), bytes: v.data().to_vec() })
+        })
         .collect();
     let metadata: BTreeMap<String, String> = metadata.metadata().clone().unwrap_or_default().into_iter().collect();
     let no_vae = dir.join("no-vae.safetensors");
@@ -432,6 +362,7 @@ fn pickles_are_refused_with_how_to_convert() {
         (ModelSpec { vae: Some(bin.display().to_string()), ..tiny_spec() }, &bin),
     ] {
         let err = load_error(&spec);
+        println!("{err}\n");
         let shown = file.display().to_string();
         for part in [shown.as_str(), "pickle", "safetensors", "torch.load", "st.save_file"] {
             assert!(err.contains(part), "{part:?} missing from: {err}");
@@ -440,5 +371,68 @@ fn pickles_are_refused_with_how_to_convert() {
     // A single file that does not exist says so.
     let err = load_error(&checkpoint_spec(&dir.join("absent.safetensors")));
     assert!(err.contains("absent.safetensors") && err.contains("does not exist"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Damaged single files (a tensor missing, or renamed to another block or layer number) are
+/// errors naming the file, never a panic or a silent load.
+#[test]
+fn damaged_files_are_errors_naming_the_file() {
+    let dir = scratch("damaged");
+    for (kind, step) in [("checkpoint", 37), ("controlnet", 13), ("vae", 9)] {
+        let good = write_layout(kind, &dir, &Changes::default());
+        let bytes = std::fs::read(&good).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let (_, metadata) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        let metadata: BTreeMap<String, String> = metadata.metadata().clone().unwrap_or_default().into_iter().collect();
+        let tensors: BTreeMap<String, Raw> = st
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| {
+                (k, Raw { dtype: format!("{:?}", v.dtype()), shape: v.shape().to_vec(), bytes: v.data().to_vec() })
+            })
+            .collect();
+        let path = dir.join(format!("damaged-{kind}.safetensors"));
+        let spec = match kind {
+            "checkpoint" => checkpoint_spec(&path),
+            "controlnet" => ModelSpec { controlnet: path.display().to_string(), ..tiny_spec() },
+            _ => ModelSpec { vae: Some(path.display().to_string()), ..tiny_spec() },
+        };
+        let (mut errors, mut tries) = (0, 0);
+        for name in tensors.keys().step_by(step) {
+            let renamed = name.replacen(".0.", ".7.", 1).replacen(".1.", ".0.", 1);
+            for change in [None, Some(renamed)] {
+                let mut damaged: BTreeMap<String, Raw> = tensors
+                    .iter()
+                    .map(|(k, v)| {
+                        (k.clone(), Raw { dtype: v.dtype.clone(), shape: v.shape.clone(), bytes: v.bytes.clone() })
+                    })
+                    .collect();
+                let raw = damaged.remove(name).unwrap();
+                if let Some(new) = &change {
+                    if new == name || damaged.contains_key(new) {
+                        continue;
+                    }
+                    damaged.insert(new.clone(), raw);
+                }
+                write_safetensors(&path, &damaged, &metadata);
+                tries += 1;
+                match Stylizer::load(&spec, &Device::Cpu, DType::F32) {
+                    // Only what the models never read may go: the position_ids buffer.
+                    Ok(_) => assert!(name.ends_with("position_ids"), "{kind}: {name} -> {change:?}: loaded"),
+                    Err(e) => {
+                        let err = format!("{e:#}");
+                        assert!(err.contains(&format!("damaged-{kind}.safetensors")), "{name} -> {change:?}: {err}");
+                        if errors % 25 == 0 {
+                            println!("{name} -> {change:?}: {err}");
+                        }
+                        errors += 1;
+                    }
+                }
+            }
+        }
+        println!("{kind}: {errors} errors of {tries} damaged files");
+        assert!(errors >= tries - 1 && tries >= 30, "{kind}: {errors} of {tries}");
+    }
     let _ = std::fs::remove_dir_all(dir);
 }

@@ -113,8 +113,8 @@ impl ModelParts<'static> {
     pub fn from_spec(spec: &ModelSpec, device: &Device, dtype: DType) -> Result<Self> {
         let variant = spec.variant.as_deref();
         let controlnet = if single_file::names_a_file(&spec.controlnet) {
-            let part = single_file::read_controlnet(Path::new(&spec.controlnet))
-                .with_context(|| format!("cannot load ControlNet {}", spec.controlnet))?;
+            let part =
+                single_file::read_controlnet(Path::new(&spec.controlnet)).context("cannot load the controlnet")?;
             part_component(part, device, dtype, None)?
         } else {
             let dir = weights::resolve_model(&spec.controlnet, CONTROLNET_FILES)
@@ -129,8 +129,7 @@ impl ModelParts<'static> {
         let tokenizer_spec = spec.tokenizer.as_deref().filter(|t| !t.is_empty());
         if single_file::names_a_file(&spec.model) {
             let path = Path::new(&spec.model);
-            let checkpoint = single_file::read_checkpoint(path)
-                .with_context(|| format!("cannot load Stable Diffusion checkpoint {}", spec.model))?;
+            let checkpoint = single_file::read_checkpoint(path).context("cannot load the model")?;
             let vae = match (vae, checkpoint.vae) {
                 (Some(vae), _) => vae,
                 (None, Some(part)) => part_component(part.map_config(VaeConfig::Kl), device, dtype, None)?,
@@ -228,7 +227,10 @@ fn checkpoint_tokenizer(checkpoint: &Path) -> Result<ClipTokenizer> {
         Ok(snapshot) => return ClipTokenizer::from_dir(&snapshot.join(folder)),
         Err(e) => format!("{e:#}"),
     };
-    let looked: Vec<String> = CHECKPOINT_TOKENIZERS.iter().map(|(r, f)| format!("{r}{}", if f.is_empty() { String::new() } else { format!(" ({f})") })).collect();
+    let looked: Vec<String> = CHECKPOINT_TOKENIZERS
+        .iter()
+        .map(|(r, f)| format!("{r}{}", if f.is_empty() { String::new() } else { format!(" ({f})") }))
+        .collect();
     bail!(
         "{} is a single-file checkpoint, which holds no tokenizer, and no CLIP tokenizer was found: looked in the \
          Hugging Face cache at {} for {} ({why}). Get SD1.5's tokenizer once with `hf download \
