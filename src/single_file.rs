@@ -412,7 +412,7 @@ fn checkpoint_of(file: &Arc<File>) -> Result<Checkpoint> {
         );
     }
     if !file.has_prefix(UNET_PREFIX) {
-        return Err(not_a_checkpoint(&file));
+        return Err(not_a_checkpoint(file));
     }
     let in_channels = file.shape(&format!("{UNET_PREFIX}input_blocks.0.0.weight")).and_then(|s| s.get(1).copied());
     match in_channels {
@@ -453,13 +453,13 @@ fn checkpoint_of(file: &Arc<File>) -> Result<Checkpoint> {
              not a complete Stable Diffusion 1.x checkpoint"
         );
     }
-    let text_encoder = text_encoder_part(&file)?;
+    let text_encoder = text_encoder_part(file)?;
     if text_encoder.config.hidden_size == 1024 {
         return not_sd1("a Stable Diffusion 2.x checkpoint (its text encoder is 1024 wide)");
     }
-    let unet = unet_part(&file)?;
+    let unet = unet_part(file)?;
     let vae = match VAE_PREFIXES.iter().find(|p| file.has_prefix(p)) {
-        Some(prefix) => Some(vae_part(&file, prefix)?),
+        Some(prefix) => Some(vae_part(file, prefix)?),
         None => None,
     };
     let text_width = text_encoder.config.hidden_size;
@@ -509,7 +509,7 @@ pub fn read_controlnet(path: &Path) -> Result<Part<ControlNetConfig>> {
 
 fn controlnet_of(file: &Arc<File>) -> Result<Part<ControlNetConfig>> {
     let shown = file.path.display();
-    let mut view = TensorView::new(&file, "ControlNet");
+    let mut view = TensorView::new(file, "ControlNet");
     if file.has_prefix(CONTROLNET_PREFIX) {
         map_unet_layout(&mut view, CONTROLNET_PREFIX, true)?;
     } else if file.shapes.contains_key("time_embed.0.weight") && file.shapes.contains_key("input_hint_block.0.weight") {
@@ -543,7 +543,7 @@ fn controlnet_of(file: &Arc<File>) -> Result<Part<ControlNetConfig>> {
     let conv_in = "controlnet_cond_embedding.conv_in.weight";
     let mut embedding = vec![view.dim(conv_in, 0)?];
     let blocks = view.indices("controlnet_cond_embedding.blocks.");
-    if blocks.len() % 2 != 0 || blocks.iter().enumerate().any(|(i, b)| i != *b) {
+    if !blocks.len().is_multiple_of(2) || blocks.iter().enumerate().any(|(i, b)| i != *b) {
         bail!(
             "{shown}: the control image embedding has {} convolutions between its first and last; expected pairs \
              (one per width step)",
@@ -556,7 +556,7 @@ fn controlnet_of(file: &Arc<File>) -> Result<Part<ControlNetConfig>> {
     config.insert("_class_name".into(), json!("ControlNetModel"));
     config.insert("conditioning_channels".into(), json!(view.dim(conv_in, 1)?));
     config.insert("conditioning_embedding_out_channels".into(), json!(embedding));
-    let config = finish_config(config, file.config_hint("controlnet_config")?, &file, "ControlNet")?;
+    let config = finish_config(config, file.config_hint("controlnet_config")?, file, "ControlNet")?;
     Ok(Part { config, tensors: view })
 }
 
@@ -569,16 +569,16 @@ pub fn read_vae(path: &Path) -> Result<Part<AutoencoderKLConfig>> {
 
 fn vae_of(file: &Arc<File>) -> Result<Part<AutoencoderKLConfig>> {
     match vae_layout(file) {
-        Some(VaeLayout::Original(prefix)) => vae_part(&file, prefix),
+        Some(VaeLayout::Original(prefix)) => vae_part(file, prefix),
         Some(VaeLayout::Diffusers) => {
-            let mut view = TensorView::new(&file, "VAE");
+            let mut view = TensorView::new(file, "VAE");
             for name in file.shapes.keys() {
                 if ["encoder.", "decoder.", "quant_conv.", "post_quant_conv."].iter().any(|p| name.starts_with(p)) {
                     view.insert(name.clone(), name, Transform::Same)?;
                 }
             }
             let config = vae_config(&view)?;
-            let config = finish_config(config, file.config_hint("vae_config")?, &file, "VAE")?;
+            let config = finish_config(config, file.config_hint("vae_config")?, file, "VAE")?;
             Ok(Part { config, tensors: view })
         }
         None => bail!(
@@ -882,7 +882,7 @@ fn text_encoder_part(file: &Arc<File>) -> Result<Part<ClipTextConfig>> {
     });
     let Value::Object(config) = config else { unreachable!("a JSON object literal") };
     let config: ClipTextConfig = finish_config(config, file.config_hint("text_encoder_config")?, file, "text encoder")?;
-    if config.num_attention_heads == 0 || config.hidden_size % config.num_attention_heads != 0 {
+    if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
         bail!(
             "{}: the text encoder is {} wide, not a multiple of 64-wide heads; name its heads in the metadata \
              sdcrossframe.text_encoder_config ({{\"num_attention_heads\": N}})",
@@ -932,22 +932,18 @@ fn vae_name(rest: &str, levels: usize) -> Option<(String, Transform)> {
         let transform = if part != "norm" && param == "weight" { Transform::ConvToLinear } else { Transform::Same };
         return Some((format!("{side}.mid_block.attentions.0.{to}.{param}"), transform));
     }
-    let (blocks, level_of): (&str, Box<dyn Fn(usize) -> Option<usize>>) = if side == "encoder" {
-        ("down.", Box::new(Some))
-    } else {
-        ("up.", Box::new(move |i| levels.checked_sub(i + 1)))
-    };
-    let (i, sub) = numbered(rest, blocks)?;
-    let level = level_of(i)?;
-    let kind = if side == "encoder" { "down_blocks" } else { "up_blocks" };
+    let encoder = side == "encoder";
+    let (i, sub) = numbered(rest, if encoder { "down." } else { "up." })?;
+    // The decoder's `up.i` are diffusers' up blocks in reverse order.
+    let level = if encoder { Some(i) } else { levels.checked_sub(i + 1) }?;
+    let kind = if encoder { "down_blocks" } else { "up_blocks" };
     if let Some((j, p)) = numbered(sub, "block.") {
         return same(format!("{side}.{kind}.{level}.resnets.{j}.{}", resnet(p)));
     }
-    if let Some(p) = sub.strip_prefix("downsample.conv.").or_else(|| sub.strip_prefix("upsample.conv.")) {
-        let sampler = if side == "encoder" { "downsamplers" } else { "upsamplers" };
-        return same(format!("{side}.{kind}.{level}.{sampler}.0.conv.{p}"));
-    }
-    None
+    let (sampler, diffusers_sampler) =
+        if encoder { ("downsample.conv.", "downsamplers") } else { ("upsample.conv.", "upsamplers") };
+    let p = sub.strip_prefix(sampler)?;
+    same(format!("{side}.{kind}.{level}.{diffusers_sampler}.0.conv.{p}"))
 }
 
 fn vae_part(file: &Arc<File>, prefix: &str) -> Result<Part<AutoencoderKLConfig>> {

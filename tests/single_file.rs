@@ -223,7 +223,9 @@ fn loras_fuse_into_a_checkpoint() {
 fn other_families_are_refused_with_what_they_are() {
     let dir = scratch("families");
     let conv_in = |channels: usize| ("model.diffusion_model.input_blocks.0.0.weight", [8, channels, 3, 3]);
-    let cases: Vec<(&str, Vec<(&str, Vec<usize>)>, &[&str])> = vec![
+    // (file name, its tensors, what the error must say)
+    type Case<'a> = (&'a str, Vec<(&'a str, Vec<usize>)>, &'a [&'a str]);
+    let cases: Vec<Case> = vec![
         (
             "sdxl.safetensors",
             vec![
