@@ -34,6 +34,10 @@
 //!   convolution weights read as linear weights; `nin_shortcut` -> `conv_shortcut`.
 //! - Text encoder: the prefix removed; the `position_ids` buffer ignored.
 //!
+//! Tensors outside these prefixes are ignored: the EMA copies some checkpoints carry
+//! (`model_ema.*`; the `model.diffusion_model.*` weights are used, as diffusers does by
+//! default), the training buffers (`alphas_cumprod`, ...), a VAE file's `loss.*`.
+//!
 //! Configs: block widths, layers per block, block kinds, channels, cross-attention width,
 //! transformer depth, projection kind (conv or linear), the VAE's widths and latent channels,
 //! the text encoder's width, depth, MLP width, vocabulary and positions all come from the
@@ -108,8 +112,8 @@ pub fn pickle_error(path: &Path, what: &str) -> anyhow::Error {
 pub fn names_a_file(spec: &str) -> bool {
     let path = Path::new(spec);
     path.is_file()
-        || path.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))
-        || (is_pickle(path) && !path.is_dir())
+        || (!path.is_dir()
+            && (is_pickle(path) || path.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors"))))
 }
 
 /// Checks a single-file setting before it is read: it exists, and is no pickle.

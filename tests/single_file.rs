@@ -113,6 +113,25 @@ fn configs_from_shapes_match_the_directories() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A file of diffusers-named tensors (a component's own file) reads too: the ControlNet's,
+/// with SD1.x's heads; the tiny VAE's says its groups need the metadata hint.
+#[test]
+fn diffusers_named_files_read_with_the_sd1_rules() {
+    let controlnet =
+        single_file::read_controlnet(&fixtures().join("tiny-controlnet/diffusion_pytorch_model.safetensors")).unwrap();
+    assert_eq!(controlnet.config.block_out_channels, [32, 64, 64]);
+    assert_eq!(controlnet.config.conditioning_embedding_out_channels, [8, 16, 16, 32]);
+    assert_eq!(format!("{:?}", controlnet.config.attention_head_dim), "One(8)");
+    let err = match single_file::read_vae(&fixtures().join("tiny-sd/vae/diffusion_pytorch_model.safetensors")) {
+        Ok(_) => panic!("the tiny VAE loaded with 32 groups"),
+        Err(e) => format!("{e:#}"),
+    };
+    for part in ["diffusion_pytorch_model.safetensors", "16-channel", "32 GroupNorm groups", "sdcrossframe.vae_config"]
+    {
+        assert!(err.contains(part), "{part:?} missing from: {err}");
+    }
+}
+
 /// The checkpoint gives the directory's frame; so do a ControlNet file and a VAE file; and
 /// each file's tensors reach the frame (one negated tensor moves it far beyond the tolerance).
 #[test]
