@@ -391,18 +391,20 @@ impl<C> Part<C> {
 pub struct Checkpoint {
     pub unet: Part<UNet2DConditionConfig>,
     pub text_encoder: Part<ClipTextConfig>,
-    /// None when the checkpoint has no `first_stage_model.*` (a `vae` setting must give one).
+    /// None when the checkpoint has no `first_stage_model.*` (a `vae` setting must give one)
+    /// or it was not asked for.
     pub vae: Option<Part<AutoencoderKLConfig>>,
 }
 
-/// Reads an SD1.x checkpoint (the `model` setting naming a file).
-pub fn read_checkpoint(path: &Path) -> Result<Checkpoint> {
+/// Reads an SD1.x checkpoint (the `model` setting naming a file); its VAE only with
+/// `with_vae` (a `vae` setting replaces it otherwise, whatever it is).
+pub fn read_checkpoint(path: &Path, with_vae: bool) -> Result<Checkpoint> {
     let _span = tracing::info_span!("single_file_checkpoint", path = %path.display()).entered();
     check_file(path, "model")?;
-    checkpoint_of(&File::open(path)?)
+    checkpoint_of(&File::open(path)?, with_vae)
 }
 
-fn checkpoint_of(file: &Arc<File>) -> Result<Checkpoint> {
+fn checkpoint_of(file: &Arc<File>, with_vae: bool) -> Result<Checkpoint> {
     let shown = file.path.display();
     let not_sd1 = |what: &str| -> Result<Checkpoint> {
         bail!("{shown} is {what}; sdcrossframe runs Stable Diffusion 1.x checkpoints (768-wide CLIP text encoder)")
@@ -463,8 +465,8 @@ fn checkpoint_of(file: &Arc<File>) -> Result<Checkpoint> {
     }
     let unet = unet_part(file)?;
     let vae = match VAE_PREFIXES.iter().find(|p| file.has_prefix(p)) {
-        Some(prefix) => Some(vae_part(file, prefix)?),
-        None => None,
+        Some(prefix) if with_vae => Some(vae_part(file, prefix)?),
+        _ => None,
     };
     let text_width = text_encoder.config.hidden_size;
     if let Some(cross) = cross_dim
@@ -1064,7 +1066,7 @@ mod tests {
 
     #[test]
     fn sd15_files_give_sd15_configs() {
-        let checkpoint = checkpoint_of(&sd15_file("checkpoint", |_| {})).unwrap();
+        let checkpoint = checkpoint_of(&sd15_file("checkpoint", |_| {}), true).unwrap();
         assert_eq!(debug(&checkpoint.unet.config), debug(&sd15::unet_config().unwrap()));
         assert_eq!(debug(&checkpoint.text_encoder.config), debug(&sd15::text_encoder_config().unwrap()));
         assert_eq!(debug(&checkpoint.vae.unwrap().config), debug(&sd15::vae_config().unwrap()));
@@ -1106,7 +1108,7 @@ mod tests {
     #[test]
     fn sd2_and_inpainting_shapes_are_refused() {
         let error = |change: fn(&mut BTreeMap<String, Vec<usize>>)| -> String {
-            match checkpoint_of(&sd15_file("checkpoint", change)) {
+            match checkpoint_of(&sd15_file("checkpoint", change), true) {
                 Ok(_) => panic!("a changed SD1.5 checkpoint was accepted"),
                 Err(e) => format!("{e:#}"),
             }

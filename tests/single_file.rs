@@ -63,7 +63,8 @@ fn checkpoint_spec(path: &Path) -> ModelSpec {
 #[test]
 fn configs_from_shapes_match_the_directories() {
     let dir = scratch("configs");
-    let checkpoint = single_file::read_checkpoint(&write_layout("checkpoint", &dir, &Changes::default())).unwrap();
+    let checkpoint =
+        single_file::read_checkpoint(&write_layout("checkpoint", &dir, &Changes::default()), true).unwrap();
     let read = |path: &str| -> Value {
         serde_json::from_str(&std::fs::read_to_string(fixtures().join(path)).unwrap()).unwrap()
     };
@@ -93,21 +94,28 @@ fn configs_from_shapes_match_the_directories() {
         Some("control_model.input_hint_block.14.weight")
     );
     // Without the hints the SD1.x rules apply: 8 heads per block.
-    let bare = single_file::read_checkpoint(&write_layout(
-        "checkpoint",
-        &dir,
-        &Changes { drop_metadata: &["sdcrossframe.unet_config"], ..Default::default() },
-    ))
+    let bare = single_file::read_checkpoint(
+        &write_layout(
+            "checkpoint",
+            &dir,
+            &Changes { drop_metadata: &["sdcrossframe.unet_config"], ..Default::default() },
+        ),
+        true,
+    )
     .unwrap();
     assert_eq!(debug(&bare.unet.config.attention_head_dim), "One(8)");
     assert_eq!(bare.unet.config.norm_num_groups, Some(32));
     assert_eq!(bare.text_encoder.config.num_attention_heads, 4);
-    let no_text_hint = single_file::read_checkpoint(&write_layout(
-        "checkpoint",
-        &dir,
-        &Changes { drop_metadata: &["sdcrossframe.text_encoder_config"], ..Default::default() },
-    ))
+    let no_text_hint = single_file::read_checkpoint(
+        &write_layout(
+            "checkpoint",
+            &dir,
+            &Changes { drop_metadata: &["sdcrossframe.text_encoder_config"], ..Default::default() },
+        ),
+        false,
+    )
     .unwrap();
+    assert!(no_text_hint.vae.is_none(), "the VAE is read only when asked for");
     // 64-wide heads; at least one.
     assert_eq!(no_text_hint.text_encoder.config.num_attention_heads, 1);
     let _ = std::fs::remove_dir_all(dir);
@@ -362,6 +370,17 @@ fn a_checkpoint_without_vae_needs_the_vae_setting() {
     let vae = write_layout("vae", &dir, &Changes::default());
     let spec = ModelSpec { vae: Some(vae.display().to_string()), ..checkpoint_spec(&no_vae) };
     assert!(Stylizer::load(&spec, &Device::Cpu, DType::F32).is_ok());
+    // A `vae` replaces the checkpoint's own, which is then not read at all (here it could not
+    // be: without its hint, 32 groups do not divide the tiny VAE).
+    let unusable_vae = write_layout(
+        "checkpoint",
+        &dir,
+        &Changes { drop_metadata: &["sdcrossframe.vae_config"], ..Default::default() },
+    );
+    assert!(load_error(&checkpoint_spec(&unusable_vae)).contains("32 GroupNorm groups"));
+    let spec = ModelSpec { vae: Some(vae.display().to_string()), ..checkpoint_spec(&unusable_vae) };
+    let loaded = Stylizer::load(&spec, &Device::Cpu, DType::F32);
+    assert!(loaded.is_ok(), "{:#}", loaded.err().unwrap());
     let _ = std::fs::remove_dir_all(dir);
 }
 

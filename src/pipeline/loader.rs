@@ -112,6 +112,18 @@ impl ModelParts<'static> {
     /// `dtype` on `device`.
     pub fn from_spec(spec: &ModelSpec, device: &Device, dtype: DType) -> Result<Self> {
         let variant = spec.variant.as_deref();
+        let vae_spec = spec.vae.as_deref().filter(|v| !v.is_empty());
+        let model = if single_file::names_a_file(&spec.model) {
+            let path = Path::new(&spec.model);
+            // The checkpoint's own VAE is read only when no `vae` replaces it.
+            let checkpoint = single_file::read_checkpoint(path, vae_spec.is_none()).context("cannot load the model")?;
+            Model::File(path, Box::new(checkpoint))
+        } else {
+            let root = weights::resolve_model(&spec.model, PIPELINE_FILES)
+                .with_context(|| format!("cannot find Stable Diffusion model {}", spec.model))?;
+            check_pipeline_dir(&root)?;
+            Model::Dir(root)
+        };
         let controlnet = if single_file::names_a_file(&spec.controlnet) {
             let part =
                 single_file::read_controlnet(Path::new(&spec.controlnet)).context("cannot load the controlnet")?;
@@ -122,66 +134,68 @@ impl ModelParts<'static> {
             component(&dir, variant, device, dtype, None)?
         };
         let loras = LoraSet::load(&spec.loras)?;
-        let vae = match spec.vae.as_deref().filter(|v| !v.is_empty()) {
-            Some(vae) => Some(load_vae(vae, variant, device, dtype)?),
-            None => None,
-        };
+        let vae = vae_spec.map(|vae| load_vae(vae, variant, device, dtype)).transpose()?;
         let tokenizer_spec = spec.tokenizer.as_deref().filter(|t| !t.is_empty());
-        if single_file::names_a_file(&spec.model) {
-            let path = Path::new(&spec.model);
-            let checkpoint = single_file::read_checkpoint(path).context("cannot load the model")?;
-            let vae = match (vae, checkpoint.vae) {
-                (Some(vae), _) => vae,
-                (None, Some(part)) => part_component(part.map_config(VaeConfig::Kl), device, dtype, None)?,
-                (None, None) => bail!(
-                    "{} has no VAE (no first_stage_model.* tensors): name one with the vae setting (--vae, property vae)",
-                    path.display()
-                ),
-            };
-            let tokenizer = match tokenizer_spec {
-                Some(t) => load_tokenizer(t)?,
-                None => checkpoint_tokenizer(path)?,
-            };
-            return Ok(Self {
-                tokenizer,
-                text_encoder: part_component(
-                    checkpoint.text_encoder,
-                    device,
-                    dtype,
-                    Some((&loras, LoraTarget::TextEncoder)),
-                )?,
-                unet: part_component(checkpoint.unet, device, dtype, Some((&loras, LoraTarget::Unet)))?,
-                vae,
-                controlnet,
-                scheduler: sd15::scheduler_config()?,
-            });
+        let tokenizer = |fallback: &dyn Fn() -> Result<ClipTokenizer>| match tokenizer_spec {
+            Some(t) => load_tokenizer(t),
+            None => fallback(),
+        };
+        match model {
+            Model::File(path, checkpoint) => {
+                let checkpoint = *checkpoint;
+                let vae = match (vae, checkpoint.vae) {
+                    (Some(vae), _) => vae,
+                    (None, Some(part)) => part_component(part.map_config(VaeConfig::Kl), device, dtype, None)?,
+                    (None, None) => bail!(
+                        "{} has no VAE (no first_stage_model.* tensors): name one with the vae setting (--vae, \
+                         property vae)",
+                        path.display()
+                    ),
+                };
+                Ok(Self {
+                    tokenizer: tokenizer(&|| checkpoint_tokenizer(path))?,
+                    text_encoder: part_component(
+                        checkpoint.text_encoder,
+                        device,
+                        dtype,
+                        Some((&loras, LoraTarget::TextEncoder)),
+                    )?,
+                    unet: part_component(checkpoint.unet, device, dtype, Some((&loras, LoraTarget::Unet)))?,
+                    vae,
+                    controlnet,
+                    scheduler: sd15::scheduler_config()?,
+                })
+            }
+            Model::Dir(root) => {
+                let vae = match vae {
+                    Some(vae) => vae,
+                    None => component(&root.join("vae"), variant, device, dtype, None)?,
+                };
+                Ok(Self {
+                    tokenizer: tokenizer(&|| ClipTokenizer::from_dir(&root.join("tokenizer")))?,
+                    text_encoder: component(
+                        &root.join("text_encoder"),
+                        variant,
+                        device,
+                        dtype,
+                        Some((&loras, LoraTarget::TextEncoder)),
+                    )?,
+                    unet: component(&root.join("unet"), variant, device, dtype, Some((&loras, LoraTarget::Unet)))?,
+                    vae,
+                    controlnet,
+                    scheduler: weights::read_config(&root.join("scheduler").join("scheduler_config.json"))?,
+                })
+            }
         }
-        let root = weights::resolve_model(&spec.model, PIPELINE_FILES)
-            .with_context(|| format!("cannot find Stable Diffusion model {}", spec.model))?;
-        check_pipeline_dir(&root)?;
-        let vae = match vae {
-            Some(vae) => vae,
-            None => component(&root.join("vae"), variant, device, dtype, None)?,
-        };
-        let tokenizer = match tokenizer_spec {
-            Some(t) => load_tokenizer(t)?,
-            None => ClipTokenizer::from_dir(&root.join("tokenizer"))?,
-        };
-        Ok(Self {
-            tokenizer,
-            text_encoder: component(
-                &root.join("text_encoder"),
-                variant,
-                device,
-                dtype,
-                Some((&loras, LoraTarget::TextEncoder)),
-            )?,
-            unet: component(&root.join("unet"), variant, device, dtype, Some((&loras, LoraTarget::Unet)))?,
-            vae,
-            controlnet,
-            scheduler: weights::read_config(&root.join("scheduler").join("scheduler_config.json"))?,
-        })
     }
+}
+
+/// Where the pipeline's models come from.
+enum Model<'a> {
+    /// A single-file checkpoint, read.
+    File(&'a Path, Box<single_file::Checkpoint>),
+    /// A diffusers pipeline directory (resolved, checked).
+    Dir(std::path::PathBuf),
 }
 
 /// The tokenizer a `tokenizer` setting names: a directory holding the tokenizer files or a
