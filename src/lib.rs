@@ -14,5 +14,6 @@ pub mod pipeline;
 pub mod resample;
 pub mod scheduler;
 pub mod session;
+pub mod single_file;
 pub mod tokenizer;
 pub mod weights;

@@ -8,9 +8,81 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use candle_core::{DType, Device};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
+
+/// Named tensors a model's weights are read from: safetensors files as stored, or one model
+/// of a single-file checkpoint under its diffusers names ([`crate::single_file::TensorView`]).
+/// The LoRA fusion reads its base weights through it.
+pub trait TensorSource: Send + Sync {
+    /// Every tensor's name and shape.
+    fn shapes(&self) -> Vec<(String, Vec<usize>)>;
+    /// The tensor `name` in its stored dtype.
+    fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor>;
+    fn contains(&self, name: &str) -> bool;
+    /// Where the tensors come from, for messages.
+    fn describe(&self) -> String;
+}
+
+/// Memory-mapped safetensors files with their own names.
+pub struct SafetensorsFiles {
+    pub files: Vec<PathBuf>,
+    pub tensors: MmapedSafetensors,
+}
+
+impl SafetensorsFiles {
+    /// Validates and maps `files`.
+    pub fn open(files: &[PathBuf]) -> Result<Self> {
+        for file in files {
+            validate_safetensors(file)?;
+        }
+        // SAFETY: read-only maps of files nobody modifies while the model loads (as in
+        // `var_builder`).
+        let tensors = unsafe { MmapedSafetensors::multi(files) }
+            .with_context(|| format!("cannot load weights from {}", display_list(files)))?;
+        Ok(Self { files: files.to_vec(), tensors })
+    }
+}
+
+impl TensorSource for SafetensorsFiles {
+    fn shapes(&self) -> Vec<(String, Vec<usize>)> {
+        self.tensors.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect()
+    }
+
+    fn load(&self, name: &str, device: &Device) -> candle_core::Result<Tensor> {
+        self.tensors.load(name, device)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.tensors.get(name).is_ok()
+    }
+
+    fn describe(&self) -> String {
+        display_list(&self.files)
+    }
+}
+
+/// The `__metadata__` strings of a safetensors file's header (empty when it has none).
+pub fn safetensors_metadata(path: &Path) -> Result<std::collections::HashMap<String, String>> {
+    let mut file = File::open(path).with_context(|| format!("cannot open weights file {}", path.display()))?;
+    let mut len_bytes = [0u8; 8];
+    file.read_exact(&mut len_bytes)
+        .with_context(|| format!("weights file {} is truncated or not safetensors", path.display()))?;
+    let header_len = u64::from_le_bytes(len_bytes);
+    if header_len > 100_000_000 {
+        bail!("weights file {} is not safetensors: header of {header_len} bytes announced", path.display());
+    }
+    let mut header = vec![0u8; header_len as usize];
+    file.read_exact(&mut header).with_context(|| format!("cannot read header of {}", path.display()))?;
+    let header: serde_json::Value = serde_json::from_slice(&header)
+        .with_context(|| format!("weights file {} has a corrupt safetensors header", path.display()))?;
+    let Some(metadata) = header.get("__metadata__").and_then(|m| m.as_object()) else {
+        return Ok(Default::default());
+    };
+    Ok(metadata.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+}
 
 /// Weight file names diffusers and transformers write, in order of preference.
 const SAFETENSORS_NAMES: &[&str] = &["diffusion_pytorch_model", "model"];
@@ -186,6 +258,26 @@ pub fn validate_safetensors(path: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The snapshot directory of `repo_id` in the local Hugging Face cache if it holds one of each
+/// of `needed`'s alternatives; never downloads.
+pub fn resolve_cached(repo_id: &str, needed: &[&[&str]]) -> Option<PathBuf> {
+    let cache = hf_hub::Cache::from_env();
+    let cached = cache.repo(hf_hub::Repo::model(repo_id.to_string()));
+    let mut snapshot = None;
+    for alternatives in needed {
+        let (file, path) = alternatives.iter().find_map(|file| cached.get(file).map(|p| (*file, p)))?;
+        if snapshot.is_none() {
+            snapshot = path.ancestors().nth(Path::new(file).components().count()).map(Path::to_path_buf);
+        }
+    }
+    snapshot
+}
+
+/// The local Hugging Face cache's directory (for messages).
+pub fn cache_dir() -> PathBuf {
+    hf_hub::Cache::from_env().path().clone()
 }
 
 /// Where a model comes from: a local directory or a Hugging Face repo id.

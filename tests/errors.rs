@@ -46,6 +46,7 @@ impl ScratchModel {
             variant: None,
             loras: Vec::new(),
             vae: None,
+            tokenizer: None,
         };
         match Stylizer::load(&spec, &Device::Cpu, DType::F32) {
             Ok(_) => panic!("loading a broken model succeeded"),
@@ -67,6 +68,7 @@ fn load_error(model: &Path, controlnet: &Path) -> String {
         variant: None,
         loras: Vec::new(),
         vae: None,
+        tokenizer: None,
     };
     match Stylizer::load(&spec, &Device::Cpu, DType::F32) {
         Ok(_) => panic!("loading succeeded"),

@@ -41,6 +41,7 @@ fn repo_ids_resolve_through_the_local_cache_offline() {
         variant: None,
         loras: Vec::new(),
         vae: None,
+        tokenizer: None,
     };
     let stylizer = Stylizer::load(&spec, &Device::Cpu, DType::F32);
     assert!(stylizer.is_ok(), "{:#}", stylizer.err().unwrap());
@@ -92,6 +93,35 @@ fn repo_ids_resolve_through_the_local_cache_offline() {
     cache_repo(&home.join("hub"), "tiny-org/tiny-sd-tokjson", &tokjson);
     let with_json = ModelSpec { model: "tiny-org/tiny-sd-tokjson".into(), ..spec.clone() };
     let stylizer = Stylizer::load(&with_json, &Device::Cpu, DType::F32);
+    assert!(stylizer.is_ok(), "{:#}", stylizer.err().unwrap());
+
+    // A single-file checkpoint holds no tokenizer: with none cached, the error says where it
+    // looked and how to get one.
+    let checkpoint = single_file::write_layout("checkpoint", &home, &Default::default());
+    let from_file = ModelSpec { model: checkpoint.display().to_string(), ..spec.clone() };
+    let err = format!("{:#}", Stylizer::load(&from_file, &Device::Cpu, DType::F32).err().unwrap());
+    for part in [
+        checkpoint.display().to_string().as_str(),
+        "holds no tokenizer",
+        "openai/clip-vit-large-patch14",
+        "stable-diffusion-v1-5/stable-diffusion-v1-5 (tokenizer/)",
+        home.join("hub").display().to_string().as_str(),
+        "HF_HUB_OFFLINE",
+        "hf download openai/clip-vit-large-patch14 vocab.json merges.txt",
+        "--tokenizer DIR",
+    ] {
+        assert!(err.contains(part), "{part:?} missing from: {err}");
+    }
+    // A `tokenizer` repo id: the files in its tokenizer/ (a pipeline repo) or at its root.
+    let with_repo = ModelSpec { tokenizer: Some("tiny-org/tiny-sd".into()), ..from_file.clone() };
+    let stylizer = Stylizer::load(&with_repo, &Device::Cpu, DType::F32);
+    assert!(stylizer.is_ok(), "{:#}", stylizer.err().unwrap());
+    // An SD1.5 pipeline's tokenizer/ in the cache, then CLIP's own repo.
+    cache_repo(&home.join("hub"), "stable-diffusion-v1-5/stable-diffusion-v1-5", &fixtures().join("tiny-sd"));
+    let stylizer = Stylizer::load(&from_file, &Device::Cpu, DType::F32);
+    assert!(stylizer.is_ok(), "{:#}", stylizer.err().unwrap());
+    cache_repo(&home.join("hub"), "openai/clip-vit-large-patch14", &fixtures().join("tokenizer-json"));
+    let stylizer = Stylizer::load(&from_file, &Device::Cpu, DType::F32);
     assert!(stylizer.is_ok(), "{:#}", stylizer.err().unwrap());
     std::fs::remove_dir_all(&home).ok();
 }

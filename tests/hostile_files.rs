@@ -182,6 +182,55 @@ fn mutated_weight_files_are_clear_errors_never_panics() {
     assert!(errors.len() >= 8, "only {} distinct errors: {errors:#?}", errors.len());
 }
 
+/// The same mutations of the tiny ControlNet as a single file in the original layout
+/// (`control_model.*`, written from tests/fixtures/single-file/layout.json), loaded as a user's
+/// `controlnet` file is: name mapping, config from the shapes, model. Errors name the file.
+#[test]
+fn mutated_single_files_are_clear_errors_never_panics() {
+    let root: PathBuf = std::env::temp_dir().join(format!("sdcrossframe-hostile-single-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    let source = common::single_file::write_layout("controlnet", &root, &Default::default());
+    let original = std::fs::read(&source).unwrap();
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(17);
+    let mut errors = BTreeSet::new();
+    let (mut loaded, mut failures) = (0, Vec::new());
+    for case in 0..CASES {
+        let (what, bytes) = mutate(&original, &mut rng);
+        let path = root.join(format!("case-{case}.safetensors"));
+        std::fs::write(&path, &bytes).unwrap();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| -> anyhow::Result<()> {
+            let part = sdcrossframe::single_file::read_controlnet(&path)?;
+            let vb = part.tensors.var_builder(DType::F32, &Device::Cpu);
+            ControlNetModel::new(vb, &part.config)
+                .with_context(|| format!("cannot build the ControlNet from {}", path.display()))?;
+            Ok(())
+        }));
+        match result {
+            Err(_) => failures.push(format!("case {case} ({what}): panicked")),
+            Ok(Ok(())) => loaded += 1,
+            Ok(Err(e)) => {
+                let text = format!("{e:#}");
+                if !text.contains(&path.display().to_string()) {
+                    failures.push(format!("case {case} ({what}): the error does not name the file: {text}"));
+                }
+                errors.insert(error_kind(&text, &root));
+            }
+        }
+        std::fs::remove_file(&path).ok();
+    }
+    std::fs::remove_dir_all(&root).ok();
+    println!(
+        "{CASES} mutated single files: {} errors of {} distinct kinds, {loaded} loaded",
+        CASES - loaded,
+        errors.len()
+    );
+    for kind in &errors {
+        println!("  {kind}");
+    }
+    assert!(failures.is_empty(), "{} of {CASES} cases failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(errors.len() >= 8, "only {} distinct errors: {errors:#?}", errors.len());
+}
+
 /// Absurd or broken values in the ControlNet's config.json, with its real weights: each an
 /// error naming the directory (or loads, where the value is harmless), never a panic, and
 /// nothing sized by the config is allocated before the weights are checked against it.

@@ -12,22 +12,24 @@ use crate::random::sd15_parts;
 
 #[derive(Args, Debug)]
 pub struct ModelArgs {
-    /// A Stable Diffusion model (diffusers directory or repo id, loaded as the element loads
-    /// it); without it, random weights at SD1.5 shapes.
+    /// A Stable Diffusion model (diffusers directory, repo id or single-file checkpoint, loaded
+    /// as the element loads it); without it, random weights at SD1.5 shapes.
     #[arg(long, requires = "controlnet")]
     model: Option<String>,
-    /// A ControlNet model (with --model).
+    /// A ControlNet model (with --model): a directory, repo id or single .safetensors file.
     #[arg(long, requires = "model")]
     controlnet: Option<String>,
     /// A VAE replacing the model's, or the random weights' SD1.5 VAE: a diffusers
-    /// AutoencoderTiny or AutoencoderKL directory or repo id, e.g. madebyollin/taesd.
-    #[arg(long, value_name = "DIR")]
+    /// AutoencoderTiny or AutoencoderKL directory or repo id, e.g. madebyollin/taesd, or a
+    /// single-file VAE.
+    #[arg(long, value_name = "DIR|FILE")]
     vae: Option<String>,
     /// Random weights with a TAESD-shaped tiny VAE (madebyollin/taesd's config, random
     /// weights) instead of SD1.5's VAE.
     #[arg(long, conflicts_with_all = ["model", "vae"])]
     tiny_vae: bool,
-    /// The CLIP tokenizer folder random weights use (the tiny test model's is the real one).
+    /// The CLIP tokenizer folder random weights and single-file checkpoints (--model FILE)
+    /// use (the tiny test model's is the real one).
     #[arg(long, default_value = "tests/fixtures/tiny-sd/tokenizer")]
     tokenizer: PathBuf,
 }
@@ -43,6 +45,8 @@ impl ModelArgs {
                     variant: None,
                     loras: Vec::new(),
                     vae: self.vae.clone(),
+                    tokenizer: sdcrossframe::single_file::names_a_file(model)
+                        .then(|| self.tokenizer.display().to_string()),
                 };
                 let vae = self.vae.as_deref().map(|v| format!(" + VAE {v}")).unwrap_or_default();
                 (Stylizer::load(&spec, device, dtype)?, format!("{model} + {controlnet}{vae}"))

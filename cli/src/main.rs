@@ -52,10 +52,12 @@ struct StylizeArgs {
     /// Output directory (created if missing); each output is named after its input.
     #[arg(long, short)]
     output: PathBuf,
-    /// Stable Diffusion model: a diffusers-format directory or a Hugging Face repo id.
+    /// Stable Diffusion 1.x model: a diffusers-format directory, a Hugging Face repo id, or a
+    /// single-file checkpoint (.safetensors in the original layout, as community models ship).
     #[arg(long, default_value = "runwayml/stable-diffusion-v1-5")]
     model: String,
-    /// Canny ControlNet: a diffusers-format directory or a Hugging Face repo id.
+    /// Canny ControlNet: a diffusers-format directory, a Hugging Face repo id, or a single
+    /// .safetensors file (e.g. control_v11p_sd15_canny.safetensors).
     #[arg(long, default_value = "lllyasviel/sd-controlnet-canny")]
     controlnet: String,
     /// Weight file variant to load, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors).
@@ -69,9 +71,15 @@ struct StylizeArgs {
     #[arg(long, value_name = "FILE[:SCALE]")]
     lora: Vec<LoraSpec>,
     /// A VAE replacing the model's: a diffusers directory or repo id whose config.json names
-    /// AutoencoderTiny (e.g. madebyollin/taesd, the tiny TAESD) or AutoencoderKL.
-    #[arg(long, value_name = "DIR")]
+    /// AutoencoderTiny (e.g. madebyollin/taesd, the tiny TAESD) or AutoencoderKL, or a
+    /// single-file VAE (e.g. vae-ft-mse-840000-ema-pruned.safetensors).
+    #[arg(long, value_name = "DIR|FILE")]
     vae: Option<String>,
+    /// The CLIP tokenizer: a directory (vocab.json + merges.txt, or tokenizer.json) or repo id,
+    /// replacing the model's. A single-file checkpoint holds none: without this it comes from
+    /// the Hugging Face cache (openai/clip-vit-large-patch14 or an SD1.5 pipeline's tokenizer/).
+    #[arg(long, value_name = "DIR")]
+    tokenizer: Option<String>,
     /// Compute device: cpu, or cuda:N when built with the cuda feature.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -237,6 +245,7 @@ fn stylize(args: StylizeArgs) -> Result<()> {
         variant: args.variant.clone(),
         loras: args.lora.clone(),
         vae: args.vae.clone(),
+        tokenizer: args.tokenizer.clone(),
     };
     let stylizer = Stylizer::load(&spec, &device, dtype)?;
     stylizer.img2img().timesteps(&settings)?;

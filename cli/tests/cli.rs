@@ -3,6 +3,11 @@
 
 use std::path::{Path, PathBuf};
 
+/// Writes the tiny models as single files (shared with the engine's tests).
+#[allow(dead_code)]
+#[path = "../../tests/common/single_file.rs"]
+mod single_file;
+
 const BASE_PROMPT: &str = "a beautiful woman with red hair";
 const BASE_NEGATIVE: &str = "longbody, lowres, bad anatomy, bad hands, missing fingers, extra digit, fewer digits, cropped, worst quality, low quality";
 
@@ -31,6 +36,16 @@ fn tiny_args() -> Vec<String> {
 /// The fixtures' `base` img2img case through `sdcrossframe stylize` (with `--vae` when
 /// given); returns the output PNG's pixels, or the error text.
 fn stylize_base_case(tag: &str, vae: Option<&Path>) -> Result<image::RgbImage, String> {
+    stylize_base_case_with(tag, &fixtures().join("tiny-sd"), vae, &[])
+}
+
+/// [`stylize_base_case`] with another `--model` and more arguments.
+fn stylize_base_case_with(
+    tag: &str,
+    model: &Path,
+    vae: Option<&Path>,
+    extra: &[&std::ffi::OsStr],
+) -> Result<image::RgbImage, String> {
     let out = std::env::temp_dir().join(format!("sdcrossframe-cli-{tag}-{}", std::process::id()));
     let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_sdcrossframe"));
     command
@@ -39,7 +54,8 @@ fn stylize_base_case(tag: &str, vae: Option<&Path>) -> Result<image::RgbImage, S
         .arg("--output")
         .arg(&out)
         .arg("--model")
-        .arg(fixtures().join("tiny-sd"))
+        .arg(model)
+        .args(extra)
         .arg("--controlnet")
         .arg(fixtures().join("tiny-controlnet"))
         .args(["--prompt", BASE_PROMPT, "--negative-prompt", BASE_NEGATIVE])
@@ -85,6 +101,29 @@ fn cli_vae_option_reproduces_the_diffusers_image_with_the_tiny_vae() {
     let err = stylize_base_case("badvae", Some(Path::new("/nonexistent/taesd"))).unwrap_err();
     assert!(err.contains("cannot load the VAE /nonexistent/taesd") && err.contains("does not exist"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+/// `--model` takes a single-file checkpoint (the tiny model in the original layout, written
+/// from tests/fixtures/single-file/layout.json) with `--tokenizer`, and refuses a pickle.
+#[test]
+fn cli_model_takes_a_single_file_checkpoint() {
+    let dir = std::env::temp_dir().join(format!("sdcrossframe-cli-checkpoint-files-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let checkpoint = single_file::write_layout("checkpoint", &dir, &Default::default());
+    let tokenizer = fixtures().join("tiny-sd/tokenizer");
+    let ours =
+        stylize_base_case_with("single", &checkpoint, None, &["--tokenizer".as_ref(), tokenizer.as_os_str()]).unwrap();
+    let worst = worst_level_difference(&ours, &img2img_dir().join("base.png"));
+    assert!(worst <= 1, "CLI output from the single file differs from diffusers' PNG by {worst} levels");
+    let pickle = dir.join("model.ckpt");
+    std::fs::write(&pickle, b"\x80\x02").unwrap();
+    let err = stylize_base_case_with("pickle", &pickle, None, &[]).unwrap_err();
+    assert!(
+        err.contains(&pickle.display().to_string()) && err.contains("pickle") && err.contains("safetensors"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[test]

@@ -3,6 +3,12 @@
 //! weights, read from diffusers-format directories or supplied by the caller (the benchmark's
 //! random weights). A `vae` directory replaces the pipeline's own VAE; its kind (full
 //! AutoencoderKL or tiny AutoencoderTiny) is its config's `_class_name`.
+//!
+//! `model`, `controlnet` and `vae` may also name single `.safetensors` files in the original
+//! layouts (an SD1.x checkpoint, a ControlNet, a VAE; see [`crate::single_file`]). A checkpoint
+//! brings no scheduler config (SD1.5's is used, [`crate::models::sd15::scheduler_config`]) and
+//! no tokenizer (the `tokenizer` setting, else CLIP's from the Hugging Face cache:
+//! [`CHECKPOINT_TOKENIZERS`]).
 
 use std::path::Path;
 
@@ -13,30 +19,52 @@ use candle_nn::VarBuilder;
 use super::vae::{VAE_CLASSES, VaeConfig};
 use crate::models::clip::ClipTextConfig;
 use crate::models::controlnet::ControlNetConfig;
+use crate::models::sd15;
 use crate::models::unet::UNet2DConditionConfig;
 use crate::scheduler::SchedulerConfig;
+use crate::single_file::{self, Part};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::{self, ComponentFiles};
 
 use super::lora::{LoraSet, LoraSpec, LoraTarget};
 
-/// Where the weights come from: each a diffusers-format directory or a Hugging Face repo id.
+/// Where the weights come from: each a diffusers-format directory, a Hugging Face repo id, or
+/// (model, controlnet, vae) a single `.safetensors` file in the original layout.
 #[derive(Debug, Clone)]
 pub struct ModelSpec {
-    /// A Stable Diffusion pipeline (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/).
+    /// A Stable Diffusion pipeline (model_index.json, unet/, vae/, text_encoder/, tokenizer/,
+    /// scheduler/), or an SD1.x single-file checkpoint (`model.diffusion_model.*`,
+    /// `first_stage_model.*`, `cond_stage_model.transformer.*`).
     pub model: String,
-    /// A ControlNet model (config.json + diffusion_pytorch_model.safetensors).
+    /// A ControlNet model (config.json + diffusion_pytorch_model.safetensors), or a single-file
+    /// ControlNet (`control_model.*`, e.g. control_v11p_sd15_canny.safetensors).
     pub controlnet: String,
-    /// Weight file variant such as "fp16" (`diffusion_pytorch_model.fp16.safetensors`).
+    /// Weight file variant such as "fp16" (`diffusion_pytorch_model.fp16.safetensors`) of
+    /// directories; single files are read as they are.
     pub variant: Option<String>,
     /// LoRAs fused into the UNet (and the text encoder where a file has text-encoder layers)
     /// at load time, in order; see [`super::lora`].
     pub loras: Vec<LoraSpec>,
     /// A VAE that replaces the pipeline's (`vae/`): a diffusers directory or repo id whose
     /// `config.json` names `AutoencoderKL` or `AutoencoderTiny` (e.g. madebyollin/taesd).
-    /// The variant is used where the directory has it, else its plain weights.
+    /// The variant is used where the directory has it, else its plain weights. Or a single-file
+    /// VAE (`encoder.*` / `decoder.*`, e.g. vae-ft-mse-840000-ema-pruned.safetensors).
     pub vae: Option<String>,
+    /// A CLIP tokenizer directory (vocab.json + merges.txt, or tokenizer.json; or a folder with
+    /// a `tokenizer/` holding them) or a repo id, replacing the model's. A single-file checkpoint
+    /// holds no tokenizer: without this it is looked up in the Hugging Face cache
+    /// ([`CHECKPOINT_TOKENIZERS`]).
+    pub tokenizer: Option<String>,
 }
+
+/// Where a single-file checkpoint's tokenizer is looked for in the Hugging Face cache, in order:
+/// (repo id, folder in the repo). The first is downloaded when none is cached (with the
+/// `download` feature, unless HF_HUB_OFFLINE is set).
+pub const CHECKPOINT_TOKENIZERS: &[(&str, &str)] = &[
+    ("openai/clip-vit-large-patch14", ""),
+    ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer/"),
+    ("runwayml/stable-diffusion-v1-5", "tokenizer/"),
+];
 
 /// The files a repo id must provide (for resolving it through the Hugging Face cache).
 /// The tokenizer is `vocab.json` + `merges.txt` (+ `special_tokens_map.json`) or, as
@@ -83,32 +111,167 @@ impl ModelParts<'static> {
     /// Locates, validates and memory-maps every component `spec` names; weights are read as
     /// `dtype` on `device`.
     pub fn from_spec(spec: &ModelSpec, device: &Device, dtype: DType) -> Result<Self> {
-        let root = weights::resolve_model(&spec.model, PIPELINE_FILES)
-            .with_context(|| format!("cannot find Stable Diffusion model {}", spec.model))?;
-        check_pipeline_dir(&root)?;
-        let controlnet_dir = weights::resolve_model(&spec.controlnet, CONTROLNET_FILES)
-            .with_context(|| format!("cannot find ControlNet model {}", spec.controlnet))?;
         let variant = spec.variant.as_deref();
-        let loras = LoraSet::load(&spec.loras)?;
-        let vae = match spec.vae.as_deref().filter(|v| !v.is_empty()) {
-            Some(vae) => load_vae(vae, variant, device, dtype)?,
-            None => component(&root.join("vae"), variant, device, dtype, None)?,
+        let vae_spec = spec.vae.as_deref().filter(|v| !v.is_empty());
+        let model = if single_file::names_a_file(&spec.model) {
+            let path = Path::new(&spec.model);
+            // The checkpoint's own VAE is read only when no `vae` replaces it.
+            let checkpoint = single_file::read_checkpoint(path, vae_spec.is_none()).context("cannot load the model")?;
+            Model::File(path, Box::new(checkpoint))
+        } else {
+            let root = weights::resolve_model(&spec.model, PIPELINE_FILES)
+                .with_context(|| format!("cannot find Stable Diffusion model {}", spec.model))?;
+            check_pipeline_dir(&root)?;
+            Model::Dir(root)
         };
-        Ok(Self {
-            tokenizer: ClipTokenizer::from_dir(&root.join("tokenizer"))?,
-            text_encoder: component(
-                &root.join("text_encoder"),
-                variant,
-                device,
-                dtype,
-                Some((&loras, LoraTarget::TextEncoder)),
-            )?,
-            unet: component(&root.join("unet"), variant, device, dtype, Some((&loras, LoraTarget::Unet)))?,
-            vae,
-            controlnet: component(&controlnet_dir, variant, device, dtype, None)?,
-            scheduler: weights::read_config(&root.join("scheduler").join("scheduler_config.json"))?,
-        })
+        let controlnet = if single_file::names_a_file(&spec.controlnet) {
+            let part =
+                single_file::read_controlnet(Path::new(&spec.controlnet)).context("cannot load the controlnet")?;
+            part_component(part, device, dtype, None)?
+        } else {
+            let dir = weights::resolve_model(&spec.controlnet, CONTROLNET_FILES)
+                .with_context(|| format!("cannot find ControlNet model {}", spec.controlnet))?;
+            component(&dir, variant, device, dtype, None)?
+        };
+        let loras = LoraSet::load(&spec.loras)?;
+        let vae = vae_spec.map(|vae| load_vae(vae, variant, device, dtype)).transpose()?;
+        let tokenizer_spec = spec.tokenizer.as_deref().filter(|t| !t.is_empty());
+        let tokenizer = |fallback: &dyn Fn() -> Result<ClipTokenizer>| match tokenizer_spec {
+            Some(t) => load_tokenizer(t),
+            None => fallback(),
+        };
+        match model {
+            Model::File(path, checkpoint) => {
+                let checkpoint = *checkpoint;
+                let vae = match (vae, checkpoint.vae) {
+                    (Some(vae), _) => vae,
+                    (None, Some(part)) => part_component(part.map_config(VaeConfig::Kl), device, dtype, None)?,
+                    (None, None) => bail!(
+                        "{} has no VAE (no first_stage_model.* tensors): name one with the vae setting (--vae, \
+                         property vae)",
+                        path.display()
+                    ),
+                };
+                Ok(Self {
+                    tokenizer: tokenizer(&|| checkpoint_tokenizer(path))?,
+                    text_encoder: part_component(
+                        checkpoint.text_encoder,
+                        device,
+                        dtype,
+                        Some((&loras, LoraTarget::TextEncoder)),
+                    )?,
+                    unet: part_component(checkpoint.unet, device, dtype, Some((&loras, LoraTarget::Unet)))?,
+                    vae,
+                    controlnet,
+                    scheduler: sd15::scheduler_config()?,
+                })
+            }
+            Model::Dir(root) => {
+                let vae = match vae {
+                    Some(vae) => vae,
+                    None => component(&root.join("vae"), variant, device, dtype, None)?,
+                };
+                Ok(Self {
+                    tokenizer: tokenizer(&|| ClipTokenizer::from_dir(&root.join("tokenizer")))?,
+                    text_encoder: component(
+                        &root.join("text_encoder"),
+                        variant,
+                        device,
+                        dtype,
+                        Some((&loras, LoraTarget::TextEncoder)),
+                    )?,
+                    unet: component(&root.join("unet"), variant, device, dtype, Some((&loras, LoraTarget::Unet)))?,
+                    vae,
+                    controlnet,
+                    scheduler: weights::read_config(&root.join("scheduler").join("scheduler_config.json"))?,
+                })
+            }
+        }
     }
+}
+
+/// Where the pipeline's models come from.
+enum Model<'a> {
+    /// A single-file checkpoint, read.
+    File(&'a Path, Box<single_file::Checkpoint>),
+    /// A diffusers pipeline directory (resolved, checked).
+    Dir(std::path::PathBuf),
+}
+
+/// The tokenizer a `tokenizer` setting names: a directory holding the tokenizer files or a
+/// `tokenizer/` with them, or a repo id (the files at its root or in `tokenizer/`).
+pub fn load_tokenizer(spec: &str) -> Result<ClipTokenizer> {
+    let has_files = |dir: &Path| ["tokenizer.json", "vocab.json"].iter().any(|f| dir.join(f).is_file());
+    let dir = weights::resolve_model(
+        spec,
+        &[&["vocab.json", "tokenizer.json", "tokenizer/vocab.json", "tokenizer/tokenizer.json"]],
+    )
+    .with_context(|| format!("cannot find tokenizer {spec}"))?;
+    let dir = if !has_files(&dir) && has_files(&dir.join("tokenizer")) { dir.join("tokenizer") } else { dir };
+    ClipTokenizer::from_dir(&dir).with_context(|| format!("cannot load tokenizer {spec}"))
+}
+
+/// The tokenizer of a single-file checkpoint (which holds none): CLIP's from the Hugging Face
+/// cache ([`CHECKPOINT_TOKENIZERS`]), else downloaded where this build and the environment
+/// allow, else an error saying how to get it.
+fn checkpoint_tokenizer(checkpoint: &Path) -> Result<ClipTokenizer> {
+    let files = |folder: &str| -> Vec<Vec<String>> {
+        [["vocab.json", "tokenizer.json"], ["merges.txt", "tokenizer.json"]]
+            .iter()
+            .map(|alternatives| alternatives.iter().map(|f| format!("{folder}{f}")).collect())
+            .collect()
+    };
+    fn as_refs(files: &[Vec<String>]) -> Vec<Vec<&str>> {
+        files.iter().map(|a| a.iter().map(String::as_str).collect()).collect()
+    }
+    for (repo, folder) in CHECKPOINT_TOKENIZERS {
+        let needed = files(folder);
+        let needed = as_refs(&needed);
+        let needed: Vec<&[&str]> = needed.iter().map(Vec::as_slice).collect();
+        if let Some(snapshot) = weights::resolve_cached(repo, &needed) {
+            tracing::info!(repo, "the single-file checkpoint's tokenizer comes from the Hugging Face cache");
+            return ClipTokenizer::from_dir(&snapshot.join(folder));
+        }
+    }
+    let (repo, folder) = CHECKPOINT_TOKENIZERS[0];
+    let needed = files(folder);
+    let needed = as_refs(&needed);
+    let needed: Vec<&[&str]> = needed.iter().map(Vec::as_slice).collect();
+    let why = match weights::resolve_model(repo, &needed) {
+        Ok(snapshot) => return ClipTokenizer::from_dir(&snapshot.join(folder)),
+        Err(e) => format!("{e:#}"),
+    };
+    let looked: Vec<String> = CHECKPOINT_TOKENIZERS
+        .iter()
+        .map(|(r, f)| format!("{r}{}", if f.is_empty() { String::new() } else { format!(" ({f})") }))
+        .collect();
+    bail!(
+        "{} is a single-file checkpoint, which holds no tokenizer, and no CLIP tokenizer was found: looked in the \
+         Hugging Face cache at {} for {} ({why}). Get SD1.5's tokenizer once with `hf download \
+         openai/clip-vit-large-patch14 vocab.json merges.txt tokenizer_config.json special_tokens_map.json` (or \
+         `huggingface-cli download` with the same arguments), or name a tokenizer directory with the tokenizer \
+         setting (--tokenizer DIR)",
+        checkpoint.display(),
+        weights::cache_dir().display(),
+        looked.join(", ")
+    )
+}
+
+/// A component read from a single file, with the LoRAs for `lora` fused in.
+fn part_component<C>(
+    part: Part<C>,
+    device: &Device,
+    dtype: DType,
+    lora: Option<(&LoraSet, LoraTarget)>,
+) -> Result<Component<'static, C>> {
+    let origin = format!("{} ({})", part.tensors.path().display(), part.tensors.what());
+    let weights = match lora {
+        Some((loras, target)) if loras.touches(target) => {
+            loras.var_builder_over(target, Box::new(part.tensors), dtype, device)?
+        }
+        _ => part.tensors.var_builder(dtype, device),
+    };
+    Ok(Component { config: part.config, weights, origin })
 }
 
 /// A pipeline directory has `model_index.json`; a single model's directory given instead
@@ -147,13 +310,19 @@ fn class_name(config: &Path) -> Option<String> {
 
 /// The VAE a `vae` setting names (the loader's, and the bench's with random weights): its
 /// directory (or repo id), whose config must say which kind it is; the variant's weights where
-/// it has them, else the plain ones. Errors start with "cannot load the VAE <spec>".
+/// it has them, else the plain ones. Or a single-file VAE (an AutoencoderKL; its config from
+/// the shapes). Errors start with "cannot load the VAE <spec>".
 pub fn load_vae(
     spec: &str,
     variant: Option<&str>,
     device: &Device,
     dtype: DType,
 ) -> Result<Component<'static, VaeConfig>> {
+    if single_file::names_a_file(spec) {
+        return single_file::read_vae(Path::new(spec))
+            .and_then(|part| part_component(part.map_config(VaeConfig::Kl), device, dtype, None))
+            .with_context(|| format!("cannot load the VAE {spec}"));
+    }
     load_vae_dir(spec, variant, device, dtype).with_context(|| format!("cannot load the VAE {spec}"))
 }
 

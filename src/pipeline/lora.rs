@@ -46,7 +46,7 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::VarBuilder;
 use candle_nn::var_builder::SimpleBackend;
 
-use crate::weights;
+use crate::weights::{self, TensorSource};
 
 /// One LoRA to fuse: a `.safetensors` file, a directory holding one, or a Hugging Face repo id
 /// (resolved through the local cache like `model`), and its strength.
@@ -252,7 +252,8 @@ impl LoraSet {
         self.files.is_empty()
     }
 
-    fn touches(&self, target: LoraTarget) -> bool {
+    /// Whether any file has layers for `target`.
+    pub fn touches(&self, target: LoraTarget) -> bool {
         self.files.iter().any(|f| f.layers.iter().any(|l| l.target == target))
     }
 
@@ -269,14 +270,20 @@ impl LoraSet {
         if !self.touches(target) {
             return weights::var_builder(files, dtype, device);
         }
+        self.var_builder_over(target, Box::new(weights::SafetensorsFiles::open(files)?), dtype, device)
+    }
+
+    /// As [`Self::var_builder`], over any tensor source (a single-file checkpoint's model under
+    /// its diffusers names).
+    pub fn var_builder_over(
+        &self,
+        target: LoraTarget,
+        base: Box<dyn TensorSource>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>> {
         let _span = tracing::info_span!("fuse_lora", component = target.describe()).entered();
-        for file in files {
-            weights::validate_safetensors(file)?;
-        }
-        // SAFETY: as in `weights::var_builder`: read-only maps of files not modified meanwhile.
-        let base = unsafe { MmapedSafetensors::multi(files) }
-            .with_context(|| format!("cannot load weights from {}", display_list(files)))?;
-        let modules = ModuleIndex::new(&base, target);
+        let modules = ModuleIndex::new(base.as_ref(), target);
         let mut deltas: HashMap<String, Vec<Delta>> = HashMap::new();
         for file in &self.files {
             let mut count = 0;
@@ -311,10 +318,6 @@ impl LoraSet {
     }
 }
 
-fn display_list(files: &[PathBuf]) -> String {
-    files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
-}
-
 /// One low-rank update of a weight: `scale * up @ down`, reshaped to the weight.
 struct Delta {
     /// `[rank, in * kh * kw]`, f32 on the CPU.
@@ -326,7 +329,7 @@ struct Delta {
 
 /// The component's safetensors with LoRA deltas added to the weights they change.
 struct FusedSafetensors {
-    base: MmapedSafetensors,
+    base: Box<dyn TensorSource>,
     /// Keyed by the weight's tensor name (`<module>.weight`).
     deltas: HashMap<String, Vec<Delta>>,
     /// The changed weights the model asked for (the others are reported when it is dropped).
@@ -384,7 +387,7 @@ impl SimpleBackend for FusedSafetensors {
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.base.get(name).is_ok()
+        self.base.contains(name)
     }
 }
 
@@ -398,11 +401,10 @@ struct ModuleIndex {
 }
 
 impl ModuleIndex {
-    fn new(base: &MmapedSafetensors, target: LoraTarget) -> Self {
+    fn new(base: &dyn TensorSource, target: LoraTarget) -> Self {
         let mut paths = HashMap::new();
         let mut flattened: HashMap<String, Vec<String>> = HashMap::new();
-        for (name, view) in base.tensors() {
-            let shape = view.shape().to_vec();
+        for (name, shape) in base.shapes() {
             let Some(module) = name.strip_suffix(".weight") else { continue };
             if shape.len() != 2 && shape.len() != 4 {
                 continue;

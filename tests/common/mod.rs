@@ -1,6 +1,8 @@
 //! Helpers shared by the pipeline-level tests: fixture paths, the tiny model, reference files.
 #![allow(dead_code)]
 
+pub mod single_file;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -29,6 +31,7 @@ pub fn tiny_spec() -> ModelSpec {
         variant: None,
         loras: Vec::new(),
         vae: None,
+        tokenizer: None,
     }
 }
 

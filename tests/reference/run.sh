@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Regenerate the tiny diffusers models and reference outputs under tests/fixtures/
 # (tiny-sd/, tiny-controlnet/, reference/), then the LoRA fixtures (lora/, reference/lora/)
-# the LCM fixtures (reference/lcm/), the TAESD fixtures (tiny-taesd/, reference/taesd/) and the
-# tokenizer.json-only tokenizer (tokenizer-json/). See the scripts' headers for the files.
+# the LCM fixtures (reference/lcm/), the TAESD fixtures (tiny-taesd/, reference/taesd/), the
+# tokenizer.json-only tokenizer (tokenizer-json/) and the single-file layouts (single-file/).
+# See the scripts' headers for the files.
 #
 # Usage: tests/reference/run.sh
 #   REF_VENV=DIR      venv to use/create (default: .venv-ref in the repository root)
@@ -39,3 +40,4 @@ cd "$root"
 "$venv/bin/python" "$here/make_lcm_fixtures.py"
 "$venv/bin/python" "$here/make_taesd_fixtures.py"
 "$venv/bin/python" "$here/make_tokenizer_json_fixture.py"
+"$venv/bin/python" "$here/make_singlefile_fixtures.py"

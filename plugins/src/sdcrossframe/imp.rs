@@ -164,6 +164,7 @@ impl Settings {
             variant: self.variant.clone().filter(|v| !v.is_empty()),
             loras: LoraSpec::parse_list(&self.lora).context("invalid lora property")?,
             vae: self.vae.clone().filter(|v| !v.is_empty()),
+            tokenizer: None,
         })
     }
 
@@ -548,13 +549,13 @@ impl ObjectImpl for SdCrossFrame {
             vec![
                 glib::ParamSpecString::builder("model")
                     .nick("Model")
-                    .blurb("Stable Diffusion 1.5 model: a diffusers-format directory or a Hugging Face repo id (resolved through HF_HOME); read when the element starts")
+                    .blurb("Stable Diffusion 1.x model: a diffusers-format directory, a Hugging Face repo id (resolved through HF_HOME), or a single-file checkpoint (.safetensors in the original layout, as community models ship; its tokenizer comes from the Hugging Face cache: openai/clip-vit-large-patch14 or an SD1.5 pipeline's tokenizer/); read when the element starts")
                     .default_value(Some(DEFAULT_MODEL))
                     .mutable_ready()
                     .build(),
                 glib::ParamSpecString::builder("controlnet")
                     .nick("ControlNet")
-                    .blurb("Canny ControlNet: a diffusers-format directory or a Hugging Face repo id; read when the element starts")
+                    .blurb("Canny ControlNet: a diffusers-format directory, a Hugging Face repo id, or a single .safetensors file (e.g. control_v11p_sd15_canny.safetensors); read when the element starts")
                     .default_value(Some(DEFAULT_CONTROLNET))
                     .mutable_ready()
                     .build(),
@@ -572,7 +573,7 @@ impl ObjectImpl for SdCrossFrame {
                     .build(),
                 glib::ParamSpecString::builder("vae")
                     .nick("VAE")
-                    .blurb("A VAE replacing the model's: a diffusers-format directory or Hugging Face repo id whose config.json names AutoencoderTiny (e.g. madebyollin/taesd, the tiny TAESD: much faster encode and decode) or AutoencoderKL; empty for the model's own; read when the element starts")
+                    .blurb("A VAE replacing the model's: a diffusers-format directory or Hugging Face repo id whose config.json names AutoencoderTiny (e.g. madebyollin/taesd, the tiny TAESD: much faster encode and decode) or AutoencoderKL, or a single-file VAE (.safetensors, e.g. vae-ft-mse-840000-ema-pruned.safetensors); empty for the model's own; read when the element starts")
                     .default_value(None)
                     .mutable_ready()
                     .build(),
