@@ -775,6 +775,13 @@ fn similarity_skipping_re_emits_the_last_output() {
     let outputs: Vec<RgbFrame> = [0, 0, 5].iter().map(|&k| t.process(&frame(k), format, 40 * k as u64)).collect();
     assert_eq!(outputs[1], outputs[0], "the repeat is skipped: the last output again");
     assert_ne!(outputs[2], outputs[0], "another frame is diffused");
+    let stats = t.element().property::<gst::Structure>("stats");
+    let get = |f: &str| stats.get::<u64>(f).unwrap();
+    assert_eq!(
+        (get("frames-in"), get("frames-out"), get("dropped"), get("skipped"), get("in-flight")),
+        (3, 3, 0, 1, 0),
+        "{stats}"
+    );
     let off = Tiny::new(&[]);
     assert_eq!(off.element().property::<f64>("skip-similarity"), 0.0, "off by default");
 }

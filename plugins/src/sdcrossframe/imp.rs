@@ -34,7 +34,7 @@
 //! path. The latency query adds the `steps - 1` frames. Similarity skipping (`skip-similarity`,
 //! `max-skip`): a skipped frame's buffer gets the last diffused frame's image.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{LazyLock, Mutex};
 use std::time::{Duration, Instant};
@@ -377,6 +377,42 @@ pub struct SdCrossFrame {
     /// Frames a frame comes out after it went in (stream batch: steps - 1), for the latency
     /// query.
     stream_delay: std::sync::atomic::AtomicU64,
+    /// Counters for the `stats` property, outside `state` so that reading them never waits
+    /// for a frame.
+    stats: Stats,
+}
+
+/// Frames counted since the element started (the `stats` property).
+#[derive(Default)]
+struct Stats {
+    /// Buffers that reached the element.
+    frames_in: AtomicU64,
+    /// Buffers that left it.
+    frames_out: AtomicU64,
+    /// Buffers dropped by QoS (late) before they were processed.
+    dropped: AtomicU64,
+    /// Buffers that went out with the last diffused frame's image (similarity skipping).
+    skipped: AtomicU64,
+}
+
+impl Stats {
+    fn reset(&self) {
+        for counter in [&self.frames_in, &self.frames_out, &self.dropped, &self.skipped] {
+            counter.store(0, Ordering::SeqCst);
+        }
+    }
+
+    fn structure(&self) -> gst::Structure {
+        let get = |c: &AtomicU64| c.load(Ordering::SeqCst);
+        let (frames_in, frames_out, dropped) = (get(&self.frames_in), get(&self.frames_out), get(&self.dropped));
+        gst::Structure::builder("sdcrossframe-stats")
+            .field("frames-in", frames_in)
+            .field("frames-out", frames_out)
+            .field("dropped", dropped)
+            .field("skipped", get(&self.skipped))
+            .field("in-flight", frames_in.saturating_sub(frames_out + dropped))
+            .build()
+    }
 }
 
 impl SdCrossFrame {
@@ -732,6 +768,11 @@ impl ObjectImpl for SdCrossFrame {
                     .default_value(d.overlap)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
+                    .nick("Statistics")
+                    .blurb("Frames since the element started: frames-in (buffers that reached it), frames-out, dropped (late, by QoS, before processing), skipped (sent with the last output by similarity skipping), in-flight (held: overlap, stream batch)")
+                    .read_only()
+                    .build(),
                 glib::ParamSpecBoolean::builder("stream-batch")
                     .nick("Stream batch")
                     .blurb("Denoise the frames in flight together, each at its own step (one UNet call per frame instead of one per step): a frame comes out steps - 1 frames after it went in, with the same result as one at a time; EOS drains the batch, a flush drops it. Read when the element starts")
@@ -853,6 +894,7 @@ impl ObjectImpl for SdCrossFrame {
             "latency" => s.latency_ms.to_value(),
             "overlap" => s.overlap.to_value(),
             "stream-batch" => s.stream_batch.to_value(),
+            "stats" => self.stats.structure().to_value(),
             "skip-similarity" => s.skip_similarity.to_value(),
             "max-skip" => s.max_skip.to_value(),
             other => unimplemented!("property {other}"),
@@ -909,6 +951,7 @@ impl BaseTransformImpl for SdCrossFrame {
     fn start(&self) -> Result<(), gst::ErrorMessage> {
         self.unblock.store(false, Ordering::SeqCst);
         self.stream_delay.store(0, Ordering::SeqCst);
+        self.stats.reset();
         let settings = self.settings.lock().unwrap().clone();
         let frame_settings = settings
             .frame_settings()
@@ -1023,19 +1066,23 @@ impl BaseTransformImpl for SdCrossFrame {
             return Ok(GenerateOutputSuccess::NoOutput);
         };
         for previous in self.process_overlapped(buffer)? {
+            self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
             self.obj().src_pad().push(previous)?;
         }
         Ok(GenerateOutputSuccess::NoOutput)
     }
 
     fn submit_input_buffer(&self, is_discont: bool, inbuf: gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
+        self.stats.frames_in.fetch_add(1, Ordering::Relaxed);
         let result = self.parent_submit_input_buffer(is_discont, inbuf);
-        if result == Ok(gst_base::BASE_TRANSFORM_FLOW_DROPPED)
-            && let Some(state) = self.state.lock().unwrap().as_mut()
-            && state.overlap
-        {
-            // Dropped by QoS: the next frame out follows a gap.
-            state.discont = true;
+        if result == Ok(gst_base::BASE_TRANSFORM_FLOW_DROPPED) {
+            self.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            if let Some(state) = self.state.lock().unwrap().as_mut()
+                && state.overlap
+            {
+                // Dropped by QoS: the next frame out follows a gap.
+                state.discont = true;
+            }
         }
         result
     }
@@ -1092,6 +1139,8 @@ impl VideoFilterImpl for SdCrossFrame {
         let write_time = write_started.elapsed() + finished.scale_time;
         state.timings.write += write_time;
         self.trace_frame(&finished, read_time, write_time);
+        // BaseTransform pushes the buffer when this returns.
+        self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
         Ok(gst::FlowSuccess::Ok)
     }
 }
@@ -1242,6 +1291,10 @@ impl SdCrossFrame {
             }
         };
         timings.frames += 1;
+        if finished.stylized.skipped {
+            timings.skipped += 1;
+            self.stats.skipped.fetch_add(1, Ordering::Relaxed);
+        }
         timings.diffuse += finished.stylized.diffuse_time;
         timings.wait += finished.wait_time;
         Ok(finished)
@@ -1359,9 +1412,6 @@ impl SdCrossFrame {
                 );
                 return Err(gst::FlowError::Error);
             };
-            if frame.skipped() {
-                state.timings.skipped += 1;
-            }
             let stream_batch = matches!(&state.model, Model::Ready(session) if session.config().stream_batch);
             if stream_batch && frame.anchor() {
                 // Posted as the frame comes out of the batch, with its own buffer's timestamp.
@@ -1448,6 +1498,7 @@ impl SdCrossFrame {
             buffers
         };
         for buffer in buffers {
+            self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
             self.obj().src_pad().push(buffer)?;
         }
         Ok(gst::FlowSuccess::Ok)
