@@ -217,7 +217,10 @@ impl StepGraphs {
 pub struct StageGraph {
     /// Shape and dtype of the input the buffers and graph were made for.
     signature: Option<String>,
-    warmed: bool,
+    /// The threads that ran it eagerly: a capture finds the small uploads it needs in candle's
+    /// upload cache, which is per thread, so a thread captures only after its own eager run
+    /// (users of a shared model run on their own threads).
+    warmed: Vec<std::thread::ThreadId>,
     failed: bool,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     buffers: Option<(Tensor, Tensor)>,
@@ -260,7 +263,7 @@ impl StageGraph {
                 self.fence.record(device)?;
                 return Ok(output);
             }
-            if self.warmed {
+            if self.warmed.contains(&std::thread::current().id()) {
                 match self.capture(device, input, &mut f) {
                     Ok(output) => {
                         self.fence.record(device)?;
@@ -275,7 +278,10 @@ impl StageGraph {
                 }
             }
         }
-        self.warmed = true;
+        let thread = std::thread::current().id();
+        if !self.warmed.contains(&thread) {
+            self.warmed.push(thread);
+        }
         self.stats.eager += 1;
         Ok(f(input)?)
     }
