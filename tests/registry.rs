@@ -113,6 +113,7 @@ fn two_sessions_share_one_load_and_give_their_own_frames() {
     let weak = Arc::downgrade(b.stylizer().shared());
     drop(b);
     assert!(weak.upgrade().is_none(), "the registry must not keep the models alive");
+    assert_eq!(registry::live_copies(), 0);
     let again = shared("");
     assert_eq!(registry::loads() - loads, 2, "a freed copy is loaded again");
     drop(again);
