@@ -3,7 +3,8 @@
 //! with its CUDA graph caches).
 //!
 //! Models are the same when their settings are equal: the [`ModelSpec`] (model, ControlNet,
-//! variant, LoRAs with their scales, VAE; a path that exists compares by its canonical form),
+//! variant, LoRAs with their scales, VAE, tokenizer; a path that exists compares by its
+//! canonical form),
 //! the device (its location: `cpu`, `cuda:N`) and the dtype. A model instance id (DL Streamer's
 //! `model-instance-id`) names a copy: users with the same non-empty id share one copy and must
 //! ask for equal settings (else [`get`] fails naming the id and both settings); distinct ids
@@ -51,8 +52,8 @@ impl Settings {
         let mut spec = spec.clone();
         canonicalize(&mut spec.model);
         canonicalize(&mut spec.controlnet);
-        if let Some(vae) = &mut spec.vae {
-            canonicalize(vae);
+        for path in [&mut spec.vae, &mut spec.tokenizer].into_iter().flatten() {
+            canonicalize(path);
         }
         for lora in &mut spec.loras {
             canonicalize(&mut lora.source);
@@ -154,7 +155,14 @@ mod tests {
     use crate::pipeline::LoraSpec;
 
     fn spec(model: &str) -> ModelSpec {
-        ModelSpec { model: model.into(), controlnet: "c".into(), variant: None, loras: vec![], vae: None }
+        ModelSpec {
+            model: model.into(),
+            controlnet: "c".into(),
+            variant: None,
+            loras: vec![],
+            vae: None,
+            tokenizer: None,
+        }
     }
 
     #[test]
@@ -175,6 +183,9 @@ mod tests {
         let mut variant = spec("m");
         variant.variant = Some("fp16".into());
         assert_ne!(base, Settings::new(&variant, &cpu, DType::F32));
+        let mut tokenizer = spec("m");
+        tokenizer.tokenizer = Some("t".into());
+        assert_ne!(base, Settings::new(&tokenizer, &cpu, DType::F32));
     }
 
     #[test]
