@@ -148,6 +148,7 @@ fn properties_defaults_ranges_and_flags() {
     assert_eq!(element.property::<Option<String>>("variant"), None);
     assert_eq!(element.property::<String>("lora"), "");
     assert_eq!(element.property::<Option<String>>("vae"), None);
+    assert_eq!(element.property::<String>("model-instance-id"), "");
     assert!(element.property::<bool>("qos"), "QoS is on by default");
     assert!(element.property::<bool>("overlap"), "overlap is on by default");
 
@@ -191,7 +192,7 @@ fn properties_defaults_ranges_and_flags() {
     ] {
         assert!(element.find_property(name).unwrap().flags().contains(gst::PARAM_FLAG_MUTABLE_PLAYING), "{name}");
     }
-    for name in ["model", "controlnet", "device", "dtype", "variant", "lora", "vae", "overlap"] {
+    for name in ["model", "controlnet", "device", "dtype", "variant", "lora", "vae", "model-instance-id", "overlap"] {
         let flags = element.find_property(name).unwrap().flags();
         assert!(
             flags.contains(gst::PARAM_FLAG_MUTABLE_READY) && !flags.contains(gst::PARAM_FLAG_MUTABLE_PLAYING),

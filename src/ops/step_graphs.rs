@@ -12,6 +12,18 @@
 //! the convolutions and fills candle's upload cache), captured and launched the second time,
 //! and replayed after that. A step that cannot be captured runs eagerly from then on.
 //! `SDCROSSFRAME_CUDA_GRAPHS=off` runs every step eagerly ([`super::switches`]).
+//!
+//! Sharing (one loaded model used by several sessions on several threads, see
+//! [`crate::pipeline::registry`]): the graphs and their static buffers are used behind a
+//! Mutex (the pipeline's), and everything that touches the buffers (the copies in, the launch,
+//! the copy of the output that [`StepGraphs::run`] and [`StageGraph::run`] hand out) is queued
+//! before the lock is released. candle opens CUDA devices on the per-thread default stream, so
+//! two threads queue on two streams that do not wait for each other: a [`Fence`] makes the
+//! next user's stream wait (on the device, without blocking the host) for the event recorded
+//! after the last user's copy out, before it writes the buffers or drops them. Keys keep
+//! users apart where a graph bakes in a user's state: a step's key includes the frame hook's
+//! key (the cross-frame store's generation, unique per store), so no session replays another
+//! one's captured step; stage graphs depend only on their input's shape and the weights.
 
 use std::collections::HashMap;
 
@@ -53,6 +65,7 @@ pub struct StepGraphs {
     entries: HashMap<StepKey, Entry>,
     stats: GraphStats,
     last_error: Option<String>,
+    fence: Fence,
 }
 
 enum Entry {
@@ -76,7 +89,8 @@ impl StepGraphs {
 
     /// Drops every graph and buffer (the next runs warm up again).
     pub fn clear(&mut self) {
-        *self = Self { stats: self.stats, last_error: self.last_error.take(), ..Self::default() };
+        let fence = std::mem::take(&mut self.fence);
+        *self = Self { stats: self.stats, last_error: self.last_error.take(), fence, ..Self::default() };
     }
 
     /// Whether steps on `device` go through graphs: CUDA builds, CUDA devices, not switched off.
@@ -103,6 +117,8 @@ impl StepGraphs {
             self.stats.eager += 1;
             return eager(&mut step);
         }
+        // Before the buffers are written or dropped (see the module docs).
+        self.fence.wait(device)?;
         let signature = inputs.iter().map(|t| format!("{:?}{:?};", t.dtype(), t.dims())).collect::<String>();
         if self.signature.as_deref() != Some(signature.as_str()) {
             self.clear();
@@ -130,13 +146,16 @@ impl StepGraphs {
                 graph.launch()?;
                 self.stats.replayed += 1;
                 // The buffer is rewritten by the next launch: hand out a copy.
-                Ok(output.copy()?)
+                let output = output.copy()?;
+                self.fence.record(device)?;
+                Ok(output)
             }
             Some(Entry::Warm) => {
                 #[cfg(feature = "cuda")]
                 match self.capture(device, inputs, &mut step) {
                     Ok(graph) => {
                         let output = self.output.as_ref().expect("capture made the output buffer").copy()?;
+                        self.fence.record(device)?;
                         self.entries.insert(key, Entry::Graph(graph));
                         self.stats.captured += 1;
                         return Ok(output);
@@ -147,6 +166,8 @@ impl StepGraphs {
                         }
                         self.stats.failed += 1;
                         self.last_error = Some(format!("{e:#}"));
+                        // The buffers were written before the capture began.
+                        self.fence.record(device)?;
                     }
                 }
                 self.entries.insert(key, Entry::Eager);
@@ -196,13 +217,17 @@ impl StepGraphs {
 pub struct StageGraph {
     /// Shape and dtype of the input the buffers and graph were made for.
     signature: Option<String>,
-    warmed: bool,
+    /// The threads that ran it eagerly: a capture finds the small uploads it needs in candle's
+    /// upload cache, which is per thread, so a thread captures only after its own eager run
+    /// (users of a shared model run on their own threads).
+    warmed: Vec<std::thread::ThreadId>,
     failed: bool,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     buffers: Option<(Tensor, Tensor)>,
     #[cfg(feature = "cuda")]
     graph: Option<CapturedGraph>,
     stats: GraphStats,
+    fence: Fence,
 }
 
 impl StageGraph {
@@ -221,8 +246,11 @@ impl StageGraph {
             self.stats.eager += 1;
             return Ok(f(input)?);
         }
+        // Before the buffers are written or dropped (see the module docs).
+        self.fence.wait(device)?;
         if !self.signature_matches(input) {
-            *self = Self { signature: Some(Self::signature(input)), stats: self.stats, ..Self::default() };
+            let fence = std::mem::take(&mut self.fence);
+            *self = Self { signature: Some(Self::signature(input)), stats: self.stats, fence, ..Self::default() };
         }
         #[cfg(feature = "cuda")]
         {
@@ -231,11 +259,14 @@ impl StageGraph {
                 graph.launch()?;
                 self.stats.replayed += 1;
                 // The buffer is rewritten by the next launch: hand out a copy.
-                return Ok(output.copy()?);
+                let output = output.copy()?;
+                self.fence.record(device)?;
+                return Ok(output);
             }
-            if self.warmed {
+            if self.warmed.contains(&std::thread::current().id()) {
                 match self.capture(device, input, &mut f) {
                     Ok(output) => {
+                        self.fence.record(device)?;
                         self.stats.captured += 1;
                         return Ok(output);
                     }
@@ -247,7 +278,10 @@ impl StageGraph {
                 }
             }
         }
-        self.warmed = true;
+        let thread = std::thread::current().id();
+        if !self.warmed.contains(&thread) {
+            self.warmed.push(thread);
+        }
         self.stats.eager += 1;
         Ok(f(input)?)
     }
@@ -285,6 +319,43 @@ impl StageGraph {
     }
 }
 
+/// Orders the users of a graph's static buffers on different threads' streams: the last
+/// user's event, recorded after its copy out; the next user's stream waits for it (on the
+/// device) before touching the buffers. Nothing on the CPU.
+#[derive(Default)]
+struct Fence {
+    #[cfg(feature = "cuda")]
+    event: Option<candle_core::cuda_backend::cudarc::driver::CudaEvent>,
+}
+
+impl Fence {
+    /// Makes the calling thread's stream wait for the last recorded user.
+    fn wait(&self, device: &Device) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let (Device::Cuda(cuda), Some(event)) = (device, &self.event) {
+            cuda.cuda_stream().wait(event).map_err(|e| anyhow::anyhow!("cuStreamWaitEvent: {e:?}"))?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = device;
+        Ok(())
+    }
+
+    /// Records the work the calling thread has queued so far.
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn record(&mut self, device: &Device) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cuda) = device {
+            let flags = candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;
+            self.event = Some(
+                cuda.cuda_stream().record_event(Some(flags)).map_err(|e| anyhow::anyhow!("cuEventRecord: {e:?}"))?,
+            );
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = device;
+        Ok(())
+    }
+}
+
 /// GPU time of one call of `f`, measured as a CUDA graph replays it: `reps` calls captured in
 /// one graph, launched once to warm up, then timed over two launches. Unlike timing eager
 /// calls, this leaves out the host's launch overhead, which replayed steps do not pay (the
@@ -316,7 +387,7 @@ mod imp {
 
     // SAFETY: a graph exec belongs to a CUDA context, not to a thread; cudarc binds the
     // context to the calling thread before each launch. The pipeline uses it from one thread
-    // at a time (the element's State is behind a Mutex).
+    // at a time (behind its Mutex; threads' streams are ordered by a `Fence`).
     unsafe impl Send for CapturedGraph {}
 
     impl CapturedGraph {

@@ -62,6 +62,13 @@ pub struct Img2Img {
     stream_graphs: Mutex<StepGraphs>,
     /// Captured VAE encoding, control embedding and VAE decoding (CUDA).
     stage_graphs: Mutex<StageGraphs>,
+    // Shared by several sessions on several threads (`super::registry`), this is safe because:
+    // the models are read-only; each graph cache is used under its Mutex, and every use of its
+    // static buffers (copies in, launch, the copy out that `run` returns) is queued before the
+    // guard drops, with a CUDA event ordering the next thread's stream after it
+    // (`ops::step_graphs`); a step graph's key holds the frame hook's key, unique per
+    // cross-frame store, so no session replays another's; per-frame state is in the caller's
+    // `DenoisingFrame`, hook and embeddings, never here.
 }
 
 impl Img2Img {

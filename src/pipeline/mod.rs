@@ -1,5 +1,5 @@
 //! The per-frame pipeline: ControlNet img2img as diffusers computes it ([`Img2Img`]), the
-//! loaded models around it ([`Stylizer`]), the VAE of either kind ([`Vae`]), and what a frame
+//! loaded models around it ([`Stylizer`], shared through the [`registry`]), the VAE of either kind ([`Vae`]), and what a frame
 //! is computed with: its settings, hooks, noise, processing size and cancellation.
 
 mod cancel;
@@ -9,6 +9,7 @@ mod img2img;
 mod loader;
 pub mod lora;
 mod noise;
+pub mod registry;
 mod settings;
 mod size;
 mod stylizer;
@@ -23,5 +24,5 @@ pub use lora::LoraSpec;
 pub use noise::{FrameNoise, load_frame_noise, load_noise_file, seeded_noise, seeded_noise_rows, uniform_draw};
 pub use settings::{FramePlan, FrameSettings, GuidanceMode};
 pub use size::{DEFAULT_SHORT_SIDE, SizeRequest};
-pub use stylizer::Stylizer;
+pub use stylizer::{SharedModels, Stylizer};
 pub use vae::{VAE_CLASSES, Vae, VaeConfig};

@@ -1,5 +1,8 @@
-//! The loaded models: the text encoder (embeddings cached while the prompts stay) and the
-//! per-frame [`Img2Img`].
+//! The loaded models ([`SharedModels`]: the text encoder and the per-frame [`Img2Img`], shared
+//! through the process-wide [`super::registry`]) and a user's handle on them ([`Stylizer`],
+//! with its own prompt-embedding cache).
+
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
@@ -9,6 +12,7 @@ use super::hooks::FrameHook;
 use super::img2img::{FrameInputs, Img2Img};
 use super::loader::{ModelParts, ModelSpec};
 use super::noise::{self, FrameNoise};
+use super::registry;
 use super::settings::FrameSettings;
 use super::vae::Vae;
 use crate::models::clip::ClipTextModel;
@@ -25,17 +29,26 @@ struct PromptCache {
     embeddings: Tensor,
 }
 
-/// The loaded models and the per-frame img2img computation.
-pub struct Stylizer {
+/// The loaded models: the tokenizer and text encoder, and the [`Img2Img`] (UNet, ControlNet,
+/// VAE, schedulers, CUDA graph caches). Read-only after loading except for the graph caches,
+/// which sit behind Mutexes and are keyed so that several users can share them (see
+/// [`Img2Img`]); nothing of one stream is kept here. Shared through [`registry::get`].
+pub struct SharedModels {
     tokenizer: ClipTokenizer,
     text_encoder: ClipTextModel,
     img2img: Img2Img,
     device: Device,
-    prompt_cache: Option<PromptCache>,
 }
 
-impl Stylizer {
-    /// Loads every model `spec` names. `dtype` is the compute and weight dtype (f32 on the CPU).
+impl SharedModels {
+    /// The loaded models for `spec` on `device` in `dtype`, shared with every other user that
+    /// asked for equal settings (see [`registry::get`]; loaded when none holds them).
+    pub fn get(spec: &ModelSpec, device: &Device, dtype: DType) -> Result<Arc<Self>> {
+        registry::get(spec, device, dtype, "")
+    }
+
+    /// Loads every model `spec` names, unshared. `dtype` is the compute and weight dtype (f32
+    /// on the CPU).
     pub fn load(spec: &ModelSpec, device: &Device, dtype: DType) -> Result<Self> {
         let vae = spec.vae.as_deref().unwrap_or("the model's");
         let _span =
@@ -71,29 +84,99 @@ impl Stylizer {
             text_encoder,
             img2img: Img2Img::new(unet_model, controlnet_model, vae_model, &vae.config, scheduler, dtype),
             device: device.clone(),
-            prompt_cache: None,
         })
     }
 
+    /// The device the weights are on; a user's tensors must be made on this one (on CUDA, a
+    /// device opened again by its ordinal is another candle device).
     pub fn device(&self) -> &Device {
         &self.device
     }
 
-    /// The per-frame computation (the benchmark drives it directly to time its stages).
     pub fn img2img(&self) -> &Img2Img {
         &self.img2img
     }
 
+    /// Runs the text encoder on the prompts (no cache).
+    pub fn encode_prompts(&self, settings: &FrameSettings) -> Result<Tensor> {
+        let _span = tracing::info_span!("encode_prompt").entered();
+        let positive = self.encode_text(&settings.prompt)?;
+        if !settings.uses_guidance() {
+            return Ok(positive);
+        }
+        let negative = self.encode_text(&settings.negative_prompt)?;
+        Ok(Tensor::cat(&[negative, positive], 0)?)
+    }
+
+    fn encode_text(&self, text: &str) -> Result<Tensor> {
+        let tokens = self.tokenizer.encode(text)?;
+        let ids = Tensor::new(tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        Ok(self.text_encoder.forward(&ids)?)
+    }
+}
+
+/// One user's handle on [`SharedModels`] (a session's, an element's): the models, shared,
+/// and this user's own prompt-embedding cache.
+pub struct Stylizer {
+    models: Arc<SharedModels>,
+    prompt_cache: Option<PromptCache>,
+}
+
+impl Stylizer {
+    /// Loads every model `spec` names into a copy of its own (not shared: see
+    /// [`Self::load_shared`]). `dtype` is the compute and weight dtype (f32 on the CPU).
+    pub fn load(spec: &ModelSpec, device: &Device, dtype: DType) -> Result<Self> {
+        Ok(Self::from_shared(Arc::new(SharedModels::load(spec, device, dtype)?)))
+    }
+
+    /// The models `spec` names through the process-wide [`registry`]: users with the same
+    /// non-empty `instance_id` share one copy (and must ask for equal settings, else an error
+    /// names the id and both); distinct ids have distinct copies; an empty id shares with every
+    /// user of equal settings. Loaded when no user holds them; freed with the last user. Make
+    /// tensors on [`Self::device`] (on CUDA it may be another user's handle of the same GPU).
+    pub fn load_shared(spec: &ModelSpec, device: &Device, dtype: DType, instance_id: &str) -> Result<Self> {
+        Ok(Self::from_shared(registry::get(spec, device, dtype, instance_id)?))
+    }
+
+    /// Builds unshared models from their configs and weights (the benchmark's random weights).
+    pub fn build(parts: ModelParts<'_>, device: &Device, dtype: DType) -> Result<Self> {
+        Ok(Self::from_shared(Arc::new(SharedModels::build(parts, device, dtype)?)))
+    }
+
+    /// A handle on `models` with an empty prompt cache.
+    pub fn from_shared(models: Arc<SharedModels>) -> Self {
+        Self { models, prompt_cache: None }
+    }
+
+    /// The shared models.
+    pub fn shared(&self) -> &Arc<SharedModels> {
+        &self.models
+    }
+
+    /// Another handle on the same models, with its own (empty) prompt cache.
+    pub fn share(&self) -> Self {
+        Self::from_shared(self.models.clone())
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.models.device
+    }
+
+    /// The per-frame computation (the benchmark drives it directly to time its stages).
+    pub fn img2img(&self) -> &Img2Img {
+        &self.models.img2img
+    }
+
     /// Deterministic initial noise for a `width` x `height` frame (see [`noise::seeded_noise`]).
     pub fn seeded_noise(&self, seed: u64, width: usize, height: usize) -> Result<Tensor> {
-        noise::seeded_noise(seed, self.img2img.noise_shape(width, height), &self.device)
+        noise::seeded_noise(seed, self.models.img2img.noise_shape(width, height), &self.models.device)
     }
 
     /// Deterministic initial noise and `step_rows` rows of step noise for a `width` x `height`
     /// frame, from one seed (see [`noise::seeded_noise_rows`]); the initial noise is
     /// [`Self::seeded_noise`]'s.
     pub fn seeded_frame_noise(&self, seed: u64, width: usize, height: usize, step_rows: usize) -> Result<FrameNoise> {
-        noise::seeded_noise_rows(seed, self.img2img.noise_shape(width, height), step_rows, &self.device)
+        noise::seeded_noise_rows(seed, self.models.img2img.noise_shape(width, height), step_rows, &self.models.device)
     }
 
     /// Text embeddings for guidance with the negative prompt (`[negative; positive]`, see
@@ -120,19 +203,7 @@ impl Stylizer {
 
     /// Runs the text encoder on the prompts (no cache).
     pub fn encode_prompts(&self, settings: &FrameSettings) -> Result<Tensor> {
-        let _span = tracing::info_span!("encode_prompt").entered();
-        let positive = self.encode_text(&settings.prompt)?;
-        if !settings.uses_guidance() {
-            return Ok(positive);
-        }
-        let negative = self.encode_text(&settings.negative_prompt)?;
-        Ok(Tensor::cat(&[negative, positive], 0)?)
-    }
-
-    fn encode_text(&self, text: &str) -> Result<Tensor> {
-        let tokens = self.tokenizer.encode(text)?;
-        let ids = Tensor::new(tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        Ok(self.text_encoder.forward(&ids)?)
+        self.models.encode_prompts(settings)
     }
 
     /// Stylizes one frame. `frame` and `control` are `[1, 3, H, W]` in [0, 1] at the
@@ -165,6 +236,6 @@ impl Stylizer {
     ) -> Result<Tensor> {
         let embeddings = self.prompt_embeddings(settings)?;
         let inputs = FrameInputs { frame, control, embeddings: &embeddings, noise, step_noise };
-        self.img2img.run(&inputs, settings, hook, &mut (), cancel)
+        self.models.img2img.run(&inputs, settings, hook, &mut (), cancel)
     }
 }

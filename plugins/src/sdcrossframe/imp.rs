@@ -83,6 +83,7 @@ struct Settings {
     /// Comma-separated `path[:scale]` LoRA entries, parsed when the element starts.
     lora: String,
     vae: Option<String>,
+    model_instance_id: String,
     device: String,
     dtype: DType,
     prompt: String,
@@ -124,6 +125,7 @@ impl Default for Settings {
             variant: None,
             lora: String::new(),
             vae: None,
+            model_instance_id: String::new(),
             device: DEFAULT_DEVICE.into(),
             dtype: DType::F32,
             prompt: frame.prompt,
@@ -211,6 +213,8 @@ struct LoadRequest {
     /// The `model` and `controlnet` settings, for messages.
     model: String,
     controlnet: String,
+    /// The `model-instance-id` setting (empty: shared by equal settings).
+    instance_id: String,
     device: String,
     dtype: DType,
     config: SessionConfig,
@@ -229,8 +233,12 @@ impl LoadRequest {
             Ok(ModelSpec { vae: Some(vae), .. }) => format!(" and VAE '{vae}'"),
             _ => String::new(),
         };
+        let instance = match self.instance_id.as_str() {
+            "" => String::new(),
+            id => format!(" as model instance '{id}'"),
+        };
         format!(
-            "Stable Diffusion model '{}' with ControlNet '{}'{loras}{vae} on {} ({})",
+            "Stable Diffusion model '{}' with ControlNet '{}'{loras}{vae} on {} ({}){instance}",
             self.model,
             self.controlnet,
             self.device,
@@ -241,7 +249,9 @@ impl LoadRequest {
     fn load(self) -> anyhow::Result<VideoSession> {
         let spec = self.spec?;
         let device = sdcrossframe::device::parse_device(&self.device)?;
-        let stylizer = Stylizer::load(&spec, &device, self.dtype.into())?;
+        // Shared with every element (and session) of the process that asks for the same models
+        // under the same instance id (see sdcrossframe::pipeline::registry).
+        let stylizer = Stylizer::load_shared(&spec, &device, self.dtype.into(), &self.instance_id)?;
         let mut session = VideoSession::new(stylizer, self.config, self.frame_settings.clone())
             .context("invalid element settings")?;
         session.set_settings(self.frame_settings).context("invalid element settings")?;
@@ -613,6 +623,12 @@ impl ObjectImpl for SdCrossFrame {
                     .default_value(None)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecString::builder("model-instance-id")
+                    .nick("Model instance id")
+                    .blurb("Elements of one process with the same non-empty id share one loaded model (weights, text encoder, CUDA graphs) and must ask for the same model settings (model, controlnet, variant, lora, vae, device, dtype), else the element that starts second fails naming both; distinct ids load distinct copies; empty (the default): elements with the same model settings share one copy. Each element keeps its own prompts, cross-frame state, noise and settings; read when the element starts")
+                    .default_value(Some(""))
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecString::builder("device")
                     .nick("Device")
                     .blurb("Compute device: cpu, or cuda:N when built with the cuda feature")
@@ -806,7 +822,16 @@ impl ObjectImpl for SdCrossFrame {
         if started
             && matches!(
                 name,
-                "model" | "controlnet" | "variant" | "lora" | "vae" | "device" | "dtype" | "overlap" | "stream-batch"
+                "model"
+                    | "controlnet"
+                    | "variant"
+                    | "lora"
+                    | "vae"
+                    | "model-instance-id"
+                    | "device"
+                    | "dtype"
+                    | "overlap"
+                    | "stream-batch"
             )
         {
             gst::warning!(CAT, imp = self, "{name} changed while running: takes effect when the element restarts");
@@ -821,6 +846,7 @@ impl ObjectImpl for SdCrossFrame {
                 "variant" => s.variant = value.get().expect("type checked upstream"),
                 "lora" => s.lora = string(),
                 "vae" => s.vae = value.get().expect("type checked upstream"),
+                "model-instance-id" => s.model_instance_id = string(),
                 "device" => s.device = string(),
                 "dtype" => s.dtype = value.get().expect("type checked upstream"),
                 "prompt" => s.prompt = string(),
@@ -869,6 +895,7 @@ impl ObjectImpl for SdCrossFrame {
             "variant" => s.variant.to_value(),
             "lora" => s.lora.to_value(),
             "vae" => s.vae.to_value(),
+            "model-instance-id" => s.model_instance_id.to_value(),
             "device" => s.device.to_value(),
             "dtype" => s.dtype.to_value(),
             "prompt" => s.prompt.to_value(),
@@ -960,6 +987,7 @@ impl BaseTransformImpl for SdCrossFrame {
             spec: settings.model_spec(),
             model: settings.model.clone(),
             controlnet: settings.controlnet.clone(),
+            instance_id: settings.model_instance_id.clone(),
             device: settings.device.clone(),
             dtype: settings.dtype,
             config: settings.session_config(),
