@@ -33,6 +33,8 @@
 #         lcm2      steps=4 strength=0.5, otherwise lcm4 (2 LCM steps)
 #         live4     lcm4 with stream-batch=true (the bench times its stream batch too)
 #         live2     lcm2 with stream-batch=true
+#       GST_GPU_STREAMS=N feeds N elements in one process from a tee (they share one loaded
+#       model); stream 0's output files are the ones timed.
 #                   (TAESD: random AutoencoderTiny weights next to the random models, or GST_GPU_TAESD;
 #                   the bench gets --scheduler lcm --guidance none --vae DIR, diffusers
 #                   --scheduler lcm --tiny-vae)
@@ -371,13 +373,27 @@ PY
         rm -f "$results/$label".*
         local -a extra=()
         read -r -a extra <<<"${GST_GPU_ELEMENT_ARGS:-}"
+        local -a element=(
+            sdcrossframe "model=$model" "controlnet=$controlnet" "device=$device" "dtype=$dtype"
+            "width=${size%x*}" "height=${size#*x}" "$@" "${extra[@]}"
+        )
         local -a pipeline=(
             multifilesrc "location=$frames_dir/f%03d.jpg" start-index=0 "stop-index=$((n - 1))"
             "caps=image/jpeg,framerate=25/1" ! jpegdec ! videoconvert ! "${q[@]}"
-            sdcrossframe "model=$model" "controlnet=$controlnet" "device=$device" "dtype=$dtype"
-            "width=${size%x*}" "height=${size#*x}" "$@" "${extra[@]}" ! "${q[@]}"
-            videoconvert ! jpegenc ! multifilesink "location=$out/o%03d.jpg"
         )
+        local streams=${GST_GPU_STREAMS:-1}
+        if [ "$streams" -gt 1 ]; then
+            # N elements fed by a tee (one process: they share the loaded model); stream 0
+            # writes o%03d.jpg, which the report times, the others sK-o%03d.jpg.
+            pipeline+=(tee name=t)
+            for k in $(seq 0 $((streams - 1))); do
+                local name=o
+                [ "$k" -gt 0 ] && name=s$k-o
+                pipeline+=(t. ! queue ! "${element[@]}" ! queue ! videoconvert ! jpegenc ! multifilesink "location=$out/$name%03d.jpg")
+            done
+        else
+            pipeline+=("${element[@]}" ! "${q[@]}" videoconvert ! jpegenc ! multifilesink "location=$out/o%03d.jpg")
+        fi
         local shown
         shown=$(printf '%q ' gst-launch-1.0 -e "${pipeline[@]}")
         echo "== $label: $shown"
@@ -412,6 +428,9 @@ PY
         fi
         local last
         last=$(find "$out" -name 'o*.jpg' | sort | tail -1)
+        if [ "${GST_GPU_STREAMS:-1}" -gt 1 ]; then
+            echo "   $label: frames written per stream: $(for k in $(seq 0 $((${GST_GPU_STREAMS} - 1))); do [ $k = 0 ] && find "$out" -name 'o*.jpg' | wc -l || find "$out" -name "s$k-o*.jpg" | wc -l; done | tr '\n' ' ')"
+        fi
         [ -f "$out/o000.jpg" ] && cp "$out/o000.jpg" "$results/$label-first.jpg"
         [ -n "$last" ] && cp "$last" "$results/$label-last.jpg"
         grep -h 'frames, per frame:' "$results/$label.log" | sed -E 's/^.*(frames, per frame:)/\1/' \
