@@ -347,7 +347,9 @@ fn output_paths(dir: &Path, inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
             inputs.iter().map(|i| Ok((canonical(i)?, i.as_path()))).collect::<Result<_>>()?;
         let dir_resolved = canonical(dir)?;
         for output in &outputs {
-            let resolved = dir_resolved.join(output.file_name().expect("named above"));
+            // An existing output is resolved too: writing follows a symlink to an input.
+            let resolved =
+                output.canonicalize().unwrap_or_else(|_| dir_resolved.join(output.file_name().expect("named above")));
             if let Some(input) = inputs_resolved.get(&resolved) {
                 bail!(
                     "the output {} would overwrite the input {}: choose another --output directory",

@@ -417,6 +417,10 @@ fn stylize_never_writes_two_inputs_to_one_output_nor_over_an_input() {
         );
         assert!(!stderr.contains("panicked"), "{stderr}");
     }
+    // An output that is a symlink to an input (a previous run's link farm).
+    std::os::unix::fs::symlink(a.join("frame.png"), out.join("frame.png")).unwrap();
+    let (ok, stderr) = stylize_tiny(&[a.as_os_str(), "--output".as_ref(), out.as_os_str()]);
+    assert!(!ok && stderr.contains("would overwrite the input"), "{stderr}");
     assert_eq!(std::fs::read(a.join("frame.png")).unwrap(), original, "an input was overwritten");
     std::fs::remove_dir_all(&dir).ok();
 }

@@ -795,7 +795,7 @@ fn stream_batch_flush_drops_the_frames_in_flight() {
     let pts: Vec<_> = t.outputs(&info).iter().map(|o| o.0).collect();
     assert_eq!(pts, [2000, 2040], "only the frames after the flush come out");
     // Anchors are posted as frames come out: frame 0 never did.
-    assert_eq!(t.anchors(), [(3, "reset".to_string())]);
+    assert_eq!(t.anchors(), [(3, "flush".to_string())]);
 }
 
 /// Similarity skipping: a repeated frame goes out with the last diffused frame's pixels.
