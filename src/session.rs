@@ -32,6 +32,7 @@ use crate::device::DeviceSpan;
 use crate::frame::RgbFrame;
 use crate::pipeline::{
     CancelHandle, DenoisingFrame, FrameHook, FrameInputs, FrameNoise, FrameSettings, SizeRequest, Stylizer,
+    check_finite,
 };
 use crate::resample;
 
@@ -111,6 +112,17 @@ impl Default for SessionConfig {
             skip_similarity: 0.0,
             max_skip: 10,
         }
+    }
+}
+
+impl SessionConfig {
+    /// An error naming the setting and its value when one is NaN, infinite or out of range
+    /// (the Canny thresholds: see [`CannyParams::validate`]).
+    pub fn validate(&self) -> Result<()> {
+        self.canny.validate()?;
+        check_finite("scene-cut threshold", self.scene_cut_threshold)?;
+        check_finite("skip similarity", self.skip_similarity)?;
+        Ok(())
     }
 }
 
@@ -283,7 +295,8 @@ pub struct VideoSession {
     explicit_step_noise: Option<Tensor>,
     /// Seeded fixed noise, cached per processing size and number of step-noise rows.
     fixed_noise: Option<((usize, usize, usize), FrameNoise)>,
-    previous_thumbnail: Option<Vec<f32>>,
+    /// The previous prepared frame's luma thumbnail and processing size (scene cuts).
+    previous_thumbnail: Option<((usize, usize), Vec<f32>)>,
     frames_pushed: u64,
     /// Frames in the stream batch, oldest (furthest along) first, with the frames skipped
     /// between them.
@@ -299,8 +312,9 @@ pub struct VideoSession {
     stream_settings: Option<FrameSettings>,
     /// A config set while frames were in the stream batch: applied after they drain.
     pending_config: Option<SessionConfig>,
-    /// `reset` was called since the last frame started (names the next anchor's reason).
-    reset_since_frame: bool,
+    /// Why the session was reset since the last frame started, if it was (the next anchor's
+    /// reason).
+    reset_reason: Option<&'static str>,
 }
 
 /// A place in the stream batch's output order.
@@ -333,8 +347,11 @@ struct StreamEntry {
 }
 
 impl VideoSession {
+    /// An error naming the setting when `config` or `settings` has a value out of range
+    /// (see [`SessionConfig::validate`], [`FrameSettings::validate`]).
     pub fn new(stylizer: Stylizer, config: SessionConfig, settings: FrameSettings) -> Result<Self> {
-        config.canny.validate()?;
+        config.validate()?;
+        settings.validate()?;
         Ok(Self {
             attention: CrossFrameAttention::new(config.attention, config.scope),
             cancel: CancelHandle::default(),
@@ -353,7 +370,7 @@ impl VideoSession {
             frames_skipped: 0,
             stream_settings: None,
             pending_config: None,
-            reset_since_frame: false,
+            reset_reason: None,
         })
     }
 
@@ -371,7 +388,10 @@ impl VideoSession {
 
     /// Takes effect at the next frame. A schedule change (scheduler, steps, strength,
     /// timesteps, the guidance batch) re-anchors there.
+    /// An error (the settings stay as they were) when a value is out of range or the
+    /// schedule has no step.
     pub fn set_settings(&mut self, settings: FrameSettings) -> Result<()> {
+        settings.validate()?;
         self.stylizer.img2img().timesteps(&settings)?;
         self.settings = settings;
         Ok(())
@@ -379,8 +399,9 @@ impl VideoSession {
 
     /// Takes effect at the next frame; with frames in the stream batch, once they have
     /// drained (the next [`Self::submit`] drains them first).
+    /// An error (the config stays as it was) when a value is out of range.
     pub fn set_config(&mut self, config: SessionConfig) -> Result<()> {
-        config.canny.validate()?;
+        config.validate()?;
         if !self.stream.is_empty() && config != self.config {
             self.pending_config = Some(config);
             return Ok(());
@@ -420,9 +441,14 @@ impl VideoSession {
         self.cancel.clone()
     }
 
-    /// Forgets every previous frame: the next frame is a new anchor. Frames in the stream
-    /// batch are dropped (a flush); [`Self::drain`] first to keep them.
+    /// Forgets every previous frame: the next frame is a new anchor (reason "reset"). Frames
+    /// in the stream batch are dropped (a flush); [`Self::drain`] first to keep them.
     pub fn reset(&mut self) {
+        self.reset_with_reason("reset");
+    }
+
+    /// [`Self::reset`], with the reason the next anchor gives (e.g. "flush", "caps changed").
+    pub fn reset_with_reason(&mut self, reason: &'static str) {
         if !self.stream.is_empty() {
             tracing::debug!(frames = self.stream.len(), "reset: dropping the frames in the stream batch");
         }
@@ -436,7 +462,7 @@ impl VideoSession {
         self.last_output = None;
         self.last_diffused_thumbnail = None;
         self.skips_in_a_row = 0;
-        self.reset_since_frame = true;
+        self.reset_reason = Some(reason);
     }
 
     /// Frames skipped by similarity so far.
@@ -528,7 +554,7 @@ impl VideoSession {
             let thumbnail = luma_thumbnail(frame);
             if let Some(similarity) = self.skips(&thumbnail, index) {
                 tracing::debug!(index, similarity, "similar to the last diffused frame: skipped");
-                let scene_cut = self.scene_cut(thumbnail.clone());
+                let scene_cut = self.scene_cut(thumbnail.clone(), (width, height));
                 let prepare_time = started.elapsed();
                 let size = (width, height);
                 return Ok(PreparedFrame {
@@ -547,7 +573,7 @@ impl VideoSession {
             rayon::join(|| luma_thumbnail(frame), control_source)
         };
         let control = control?;
-        let scene_cut = self.scene_cut(thumbnail.clone());
+        let scene_cut = self.scene_cut(thumbnail.clone(), (width, height));
         let cpu_time = started.elapsed();
         // The uploads are ordered after the device's queued work (a copy from pageable memory
         // waits for it): wait here explicitly, so that this time is counted as waiting for the
@@ -916,13 +942,15 @@ impl VideoSession {
     }
 
     /// Compares a frame's luma thumbnail with the previous prepared frame's and keeps it:
-    /// whether the change is a scene cut.
-    fn scene_cut(&mut self, thumbnail: Vec<f32>) -> bool {
-        let previous = self.previous_thumbnail.replace(thumbnail);
+    /// whether the change is a scene cut. A frame of another processing size is not compared:
+    /// its new plan re-anchors anyway, and the anchor says why (not "scene cut").
+    fn scene_cut(&mut self, thumbnail: Vec<f32>, size: (usize, usize)) -> bool {
+        let previous = self.previous_thumbnail.replace((size, thumbnail));
         let threshold = self.config.scene_cut_threshold;
         if threshold > 0.0
-            && let Some(previous) = previous
-            && let Some(current) = &self.previous_thumbnail
+            && let Some((previous_size, previous)) = previous
+            && previous_size == size
+            && let Some((_, current)) = &self.previous_thumbnail
         {
             return scene_change(&previous, current) > threshold;
         }
@@ -944,14 +972,14 @@ impl VideoSession {
     /// Why a frame that ran as `anchor` is one: the reason asked for before it ran, else what
     /// made the cross-frame state start over (the first frame, a reset, a new plan).
     fn anchor_reason_given(&mut self, anchor: bool, asked: Option<&'static str>, index: u64) -> Option<&'static str> {
-        let was_reset = std::mem::take(&mut self.reset_since_frame);
+        let reset_reason = self.reset_reason.take();
         if !anchor {
             return None;
         }
         Some(asked.unwrap_or(if index == 0 {
             "first frame"
-        } else if was_reset {
-            "reset"
+        } else if let Some(reason) = reset_reason {
+            reason
         } else {
             "frame size or schedule changed"
         }))

@@ -90,6 +90,24 @@ fn directory_without_model_index_is_not_a_pipeline() {
     assert!(err.contains("model_index.json"), "{err}");
 }
 
+/// A model_index.json that is not a JSON object (a list, a string) is refused as a missing
+/// one is, naming the file.
+#[test]
+fn model_index_that_is_not_an_object_is_refused() {
+    let scratch = ScratchModel::new("listindex");
+    let index = scratch.root.join("model_index.json");
+    for (text, kind) in [("[\"StableDiffusionPipeline\"]", "JSON list"), ("\"unet\"", "JSON string")] {
+        std::fs::remove_file(&index).unwrap();
+        std::fs::write(&index, text).unwrap();
+        let err = scratch.load();
+        assert!(err.contains("model_index.json") && err.contains(kind) && err.contains("not an object"), "{err}");
+        assert!(err.contains("not a diffusers-format Stable Diffusion pipeline directory"), "{err}");
+    }
+    std::fs::write(&index, "{ not json").unwrap();
+    let err = scratch.load();
+    assert!(err.contains("model_index.json is not valid JSON"), "{err}");
+}
+
 #[test]
 fn missing_config_file_is_named() {
     let scratch = ScratchModel::new("noconfig");

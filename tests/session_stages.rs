@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use sdcrossframe::frame::RgbFrame;
-use sdcrossframe::pipeline::{Cancelled, FrameSettings};
+use sdcrossframe::pipeline::{Cancelled, FrameSettings, MAX_STEPS};
 use sdcrossframe::session::{NoiseMode, SessionConfig, VideoSession};
 
 fn settings() -> FrameSettings {
@@ -143,4 +143,61 @@ fn prepare_at_a_given_size() {
     assert_eq!(ra.rgb, rb.rgb);
     let err = format!("{:#}", b.prepare_at(&frame, None, (100, 60)).err().expect("100x60 is refused"));
     assert!(err.contains("100x60") && err.contains("multiple of 8"), "{err}");
+}
+
+/// Settings and configs with NaN, an infinity or steps out of range are refused with an error
+/// naming the setting and the value, and the session keeps the previous ones; steps at the
+/// maximum are taken.
+#[test]
+fn nan_infinities_and_steps_out_of_range_are_refused() {
+    let mut s = session();
+    for (bad, needle) in [
+        (FrameSettings { guidance_scale: f64::NAN, ..settings() }, "guidance scale must be a finite number, got NaN"),
+        (
+            FrameSettings { controlnet_scale: f64::INFINITY, ..settings() },
+            "ControlNet scale must be a finite number, got inf",
+        ),
+        (FrameSettings { strength: f64::NAN, ..settings() }, "strength must be a finite number, got NaN"),
+        (FrameSettings { steps: MAX_STEPS + 1, ..settings() }, "steps 501 is outside 1..=500"),
+    ] {
+        let err = format!("{:#}", s.set_settings(bad.clone()).unwrap_err());
+        assert!(err.contains(needle), "{err}");
+        assert_eq!(s.settings(), &settings());
+        let err = VideoSession::new(tiny_stylizer(), SessionConfig::default(), bad).err().expect("refused");
+        assert!(format!("{err:#}").contains(needle), "{err:#}");
+    }
+    let config = s.config().clone();
+    let mut nan_canny = config.clone();
+    nan_canny.canny.low = f64::NAN;
+    for (bad, needle) in [
+        (
+            SessionConfig { scene_cut_threshold: f64::NAN, ..config.clone() },
+            "scene-cut threshold must be a finite number, got NaN",
+        ),
+        (
+            SessionConfig { skip_similarity: f64::NEG_INFINITY, ..config.clone() },
+            "skip similarity must be a finite number, got -inf",
+        ),
+        (nan_canny, "Canny low threshold must be a finite number, got NaN"),
+    ] {
+        let err = format!("{:#}", s.set_config(bad).unwrap_err());
+        assert!(err.contains(needle), "{err}");
+        assert_eq!(s.config(), &config);
+    }
+    // 500 x 0.004: 2 steps of the tiny model's leading schedule (steps_offset 1).
+    s.set_settings(FrameSettings { steps: MAX_STEPS, strength: 0.004, ..settings() }).unwrap();
+    s.push(&frame(0), None).unwrap();
+}
+
+/// The anchor after a reset gives the reason the caller named ("flush" for the element's
+/// flushing seek), or "reset".
+#[test]
+fn a_reset_names_the_next_anchor() {
+    let mut s = session();
+    assert_eq!(s.push(&frame(0), None).unwrap().anchor_reason, Some("first frame"));
+    assert_eq!(s.push(&frame(1), None).unwrap().anchor_reason, None);
+    s.reset_with_reason("flush");
+    assert_eq!(s.push(&frame(2), None).unwrap().anchor_reason, Some("flush"));
+    s.reset();
+    assert_eq!(s.push(&frame(3), None).unwrap().anchor_reason, Some("reset"));
 }

@@ -5,6 +5,8 @@ mod launch_file;
 mod live_stats;
 mod run;
 
+use std::collections::HashMap;
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -16,7 +18,7 @@ use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
 use sdcrossframe::device::{parse_device, parse_dtype};
 use sdcrossframe::frame::RgbFrame;
 use sdcrossframe::pipeline::{
-    FrameSettings, GuidanceMode, LoraSpec, ModelSpec, SizeRequest, Stylizer, load_frame_noise,
+    FrameSettings, GuidanceMode, LoraSpec, MAX_STEPS, ModelSpec, SizeRequest, Stylizer, load_frame_noise,
 };
 use sdcrossframe::scheduler::{SchedulerChoice, TimestepIndices};
 use sdcrossframe::session::{NoiseMode, SessionConfig, VideoSession};
@@ -49,7 +51,9 @@ struct StylizeArgs {
     /// Input images, or directories of images (processed in name order).
     #[arg(required = true)]
     images: Vec<PathBuf>,
-    /// Output directory (created if missing); each output is named after its input.
+    /// Output directory (created if missing); each output is named after its input (NAME.png
+    /// for NAME.jpg or NAME.png). Inputs that would share an output name, or an output that
+    /// would overwrite an input, are refused.
     #[arg(long, short)]
     output: PathBuf,
     /// Stable Diffusion 1.x model: a diffusers-format directory, a Hugging Face repo id, or a
@@ -91,13 +95,13 @@ struct StylizeArgs {
     #[arg(long, default_value = "")]
     negative_prompt: String,
     /// Steps of the scheduler's schedule (the frame runs the last steps x strength of them).
-    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=MAX_STEPS as i64))]
     steps: u32,
     /// How far the frame is noised before denoising, 0..1 (1 ignores the frame's content).
-    #[arg(long, default_value_t = 0.9)]
+    #[arg(long, default_value_t = 0.9, value_parser = finite)]
     strength: f64,
     /// Classifier-free guidance scale (1 or less disables guidance, whatever --guidance says).
-    #[arg(long, default_value_t = 7.5)]
+    #[arg(long, default_value_t = 7.5, value_parser = finite)]
     guidance_scale: f64,
     /// How the negative prompt guides: auto (full when --guidance-scale > 1, else none), none,
     /// full (CFG: 2 UNet evaluations per step), self or initialize (StreamDiffusion's residual
@@ -114,7 +118,7 @@ struct StylizeArgs {
     #[arg(long)]
     timesteps: Option<TimestepIndices>,
     /// How strongly the Canny edges steer the result.
-    #[arg(long, default_value_t = 0.7)]
+    #[arg(long, default_value_t = 0.7, value_parser = finite)]
     controlnet_scale: f64,
     /// Seed of the initial noise (ignored with --noise-file).
     #[arg(long, default_value_t = 0)]
@@ -127,9 +131,9 @@ struct StylizeArgs {
     /// Use this control image instead of the frame's Canny edges.
     #[arg(long)]
     control: Option<PathBuf>,
-    #[arg(long, default_value_t = 50.0)]
+    #[arg(long, default_value_t = 50.0, value_parser = finite)]
     canny_low: f64,
-    #[arg(long, default_value_t = 100.0)]
+    #[arg(long, default_value_t = 100.0, value_parser = finite)]
     canny_high: f64,
     /// Use the L2 gradient magnitude instead of OpenCV's default L1.
     #[arg(long)]
@@ -145,7 +149,7 @@ struct StylizeArgs {
     anchor_interval: usize,
     /// Mean luma change (0..1) between consecutive frames that counts as a scene cut and
     /// re-anchors (0 disables detection).
-    #[arg(long, default_value_t = 0.3)]
+    #[arg(long, default_value_t = 0.3, value_parser = finite)]
     scene_cut_threshold: f64,
     /// Initial noise: fixed (the same for every frame) or per-frame.
     #[arg(long, default_value = "fixed")]
@@ -163,7 +167,7 @@ struct StylizeArgs {
     stream_batch: bool,
     /// Skip a frame this similar (cosine, 0..1) to the last diffused one, writing the last
     /// output again (0: off; e.g. 0.98).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, value_parser = finite)]
     skip_similarity: f64,
     /// At most this many frames in a row are skipped.
     #[arg(long, default_value_t = 10)]
@@ -174,9 +178,9 @@ struct StylizeArgs {
 struct CannyArgs {
     input: PathBuf,
     output: PathBuf,
-    #[arg(long, default_value_t = 50.0)]
+    #[arg(long, default_value_t = 50.0, value_parser = finite)]
     low: f64,
-    #[arg(long, default_value_t = 100.0)]
+    #[arg(long, default_value_t = 100.0, value_parser = finite)]
     high: f64,
     /// Use the L2 gradient magnitude instead of OpenCV's default L1.
     #[arg(long)]
@@ -207,6 +211,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// A float option's value: NaN and the infinities are refused (no range check catches them).
+fn finite(text: &str) -> Result<f64, String> {
+    let value: f64 = text.trim().parse().map_err(|e| format!("{text:?} is not a number: {e}"))?;
+    if !value.is_finite() {
+        return Err(format!("{value} is not a finite number"));
+    }
+    Ok(value)
+}
+
 fn edges_of(frame: &RgbFrame, params: &CannyParams) -> Result<canny::EdgeMap> {
     let view = ImageView::new(&frame.data, frame.width, frame.height, 3, frame.width * 3)?;
     canny::canny(&view, params)
@@ -217,6 +230,7 @@ fn stylize(args: StylizeArgs) -> Result<()> {
         bail!("--strength {} is outside 0..1", args.strength);
     }
     let inputs = collect_images(&args.images)?;
+    let outputs = output_paths(&args.output, &inputs)?;
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
     let canny_params = CannyParams { low: args.canny_low, high: args.canny_high, l2_gradient: args.canny_l2 };
@@ -233,6 +247,7 @@ fn stylize(args: StylizeArgs) -> Result<()> {
         guidance: args.guidance,
     };
     // Fail on bad settings and unreadable inputs before the (slow) model load.
+    settings.validate()?;
     let first = RgbFrame::load(&inputs[0])?;
     let explicit_control = args.control.as_deref().map(RgbFrame::load).transpose()?;
     let noise_from_file = args.noise_file.as_deref().map(|p| load_frame_noise(p, &device)).transpose()?;
@@ -275,12 +290,15 @@ fn stylize(args: StylizeArgs) -> Result<()> {
     // With stream batch a frame comes out steps - 1 frames after it went in: outputs are
     // matched to their input by index.
     let save = |output: sdcrossframe::session::StylizedFrame| -> Result<()> {
-        let path = &inputs[output.index as usize];
+        let index = output.index as usize;
+        let path = &inputs[index];
         if let Some(reason) = output.anchor_reason.filter(|_| output.index > 0) {
-            progress.println(format!("{}: new cross-frame anchor ({reason})", path.display()));
+            let line = format!("{}: new cross-frame anchor ({reason})", path.display());
+            // A hidden bar (stderr not a terminal) prints nothing.
+            if progress.is_hidden() { eprintln!("{line}") } else { progress.println(line) }
         }
-        let out_path = output_path(&args.output, path);
-        output.to_rgb()?.save_png(&out_path)?;
+        let out_path = &outputs[index];
+        output.to_rgb()?.save_png(out_path)?;
         progress.set_message(out_path.display().to_string());
         progress.inc(1);
         Ok(())
@@ -298,9 +316,50 @@ fn stylize(args: StylizeArgs) -> Result<()> {
     Ok(())
 }
 
-fn output_path(dir: &Path, input: &Path) -> PathBuf {
-    let stem = input.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "frame".into());
-    dir.join(format!("{stem}.png"))
+/// Each input's output, `dir/NAME.png` (the file name's bytes kept as they are, UTF-8 or
+/// not). An error naming the files when two inputs would be written to the same output, or an
+/// output would overwrite an input (`dir` is, or holds, an input's folder).
+fn output_paths(dir: &Path, inputs: &[PathBuf]) -> Result<Vec<PathBuf>> {
+    let outputs: Vec<PathBuf> = inputs
+        .iter()
+        .map(|input| {
+            let mut name = input.file_stem().map(OsString::from).unwrap_or_else(|| "frame".into());
+            name.push(".png");
+            dir.join(name)
+        })
+        .collect();
+    let mut seen: HashMap<&Path, &Path> = HashMap::new();
+    for (input, output) in inputs.iter().zip(&outputs) {
+        if let Some(first) = seen.insert(output, input) {
+            bail!(
+                "inputs {} and {} would both be written to {}: give them different file names, or stylize them \
+                 in separate runs with different --output directories",
+                first.display(),
+                input.display(),
+                output.display()
+            );
+        }
+    }
+    // An output directory that does not exist yet holds no input.
+    if dir.exists() {
+        let canonical = |p: &Path| p.canonicalize().with_context(|| format!("cannot resolve {}", p.display()));
+        let inputs_resolved: HashMap<PathBuf, &Path> =
+            inputs.iter().map(|i| Ok((canonical(i)?, i.as_path()))).collect::<Result<_>>()?;
+        let dir_resolved = canonical(dir)?;
+        for output in &outputs {
+            // An existing output is resolved too: writing follows a symlink to an input.
+            let resolved =
+                output.canonicalize().unwrap_or_else(|_| dir_resolved.join(output.file_name().expect("named above")));
+            if let Some(input) = inputs_resolved.get(&resolved) {
+                bail!(
+                    "the output {} would overwrite the input {}: choose another --output directory",
+                    output.display(),
+                    input.display()
+                );
+            }
+        }
+    }
+    Ok(outputs)
 }
 
 fn canny_command(args: CannyArgs) -> Result<()> {

@@ -68,11 +68,42 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     gst::init().context("cannot initialise GStreamer")?;
     find_plugin_beside_executable();
     let pipeline = build_pipeline(&line)?;
+    let new_outputs = new_output_files(&pipeline);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let label = args.file.display().to_string();
     let result = runtime.block_on(drive(&pipeline, &label));
     let _ = pipeline.set_state(gst::State::Null);
+    if result.is_err() {
+        remove_empty_outputs(&new_outputs);
+    }
     result
+}
+
+/// The files the pipeline's file sinks will create (their `location` does not exist yet).
+fn new_output_files(pipeline: &gst::Pipeline) -> Vec<PathBuf> {
+    pipeline
+        .iterate_recurse()
+        .into_iter()
+        .flatten()
+        .filter(|e| e.factory().is_some_and(|f| f.name() == "filesink"))
+        .filter_map(|sink| sink.property::<Option<String>>("location"))
+        .map(PathBuf::from)
+        .filter(|path| !path.exists())
+        .collect()
+}
+
+/// After a failed run: removes the output files this run created and left empty (the file
+/// sink opens its file before the first frame, e.g. when the model then fails to load), and
+/// says so.
+fn remove_empty_outputs(created: &[PathBuf]) {
+    for path in created {
+        if std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+            match std::fs::remove_file(path) {
+                Ok(()) => eprintln!("removed the empty output file {} (nothing was written to it)", path.display()),
+                Err(e) => eprintln!("could not remove the empty output file {}: {e}", path.display()),
+            }
+        }
+    }
 }
 
 /// `cargo build --release --workspace` puts the plugin next to this binary: use it when

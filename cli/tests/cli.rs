@@ -358,3 +358,180 @@ fn webcam_live_pipeline_describes_its_needs_and_fills_in_the_live_defaults() {
     assert!(line.contains("stream-batch=false"), "{line}");
     assert!(line.contains(r#"prompt="a \"red\" house""#), "{line}");
 }
+
+/// A scratch directory for one test, emptied first.
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("sdcrossframe-cli-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `sdcrossframe stylize` with the tiny model at 96 wide, 2 steps, and `args` (inputs,
+/// --output, more options): success and stderr.
+fn stylize_tiny(args: &[&std::ffi::OsStr]) -> (bool, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sdcrossframe"))
+        .arg("stylize")
+        .args(args)
+        .args(tiny_args())
+        .args(["--steps", "2", "--strength", "1.0", "--width", "96"])
+        .output()
+        .unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// Two inputs with the same name from different folders, or an --output that is an input's
+/// folder, are refused before anything is written; the inputs stay as they were.
+#[test]
+fn stylize_never_writes_two_inputs_to_one_output_nor_over_an_input() {
+    let dir = scratch("collide");
+    let frame = img2img_dir().join("frame_0.png");
+    let original = std::fs::read(&frame).unwrap();
+    for sub in ["a", "b"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+        std::fs::copy(&frame, dir.join(sub).join("frame.png")).unwrap();
+    }
+    let (a, b, out) = (dir.join("a"), dir.join("b"), dir.join("out"));
+    let (ok, stderr) = stylize_tiny(&[a.as_os_str(), b.as_os_str(), "--output".as_ref(), out.as_os_str()]);
+    assert!(!ok, "{stderr}");
+    for named in [a.join("frame.png"), b.join("frame.png"), out.join("frame.png")] {
+        assert!(stderr.contains(&named.display().to_string()), "{} is not named: {stderr}", named.display());
+    }
+    assert!(stderr.contains("would both be written"), "{stderr}");
+    assert!(!out.join("frame.png").exists());
+    // The same name with another extension is the same output.
+    std::fs::copy(&frame, a.join("frame.jpg")).unwrap();
+    let (ok, stderr) = stylize_tiny(&[a.as_os_str(), "--output".as_ref(), out.as_os_str()]);
+    assert!(!ok && stderr.contains("would both be written"), "{stderr}");
+    std::fs::remove_file(a.join("frame.jpg")).unwrap();
+
+    // The input folder as --output, directly or by another path to it.
+    let other_path = dir.join("out/../a");
+    std::fs::create_dir_all(&out).unwrap();
+    for output in [&a, &other_path] {
+        let (ok, stderr) = stylize_tiny(&[a.as_os_str(), "--output".as_ref(), output.as_os_str()]);
+        assert!(!ok, "{stderr}");
+        assert!(
+            stderr.contains("would overwrite the input") && stderr.contains(&a.join("frame.png").display().to_string()),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    // An output that is a symlink to an input (a previous run's link farm).
+    std::os::unix::fs::symlink(a.join("frame.png"), out.join("frame.png")).unwrap();
+    let (ok, stderr) = stylize_tiny(&[a.as_os_str(), "--output".as_ref(), out.as_os_str()]);
+    assert!(!ok && stderr.contains("would overwrite the input"), "{stderr}");
+    assert_eq!(std::fs::read(a.join("frame.png")).unwrap(), original, "an input was overwritten");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// File names that are not UTF-8 keep their bytes: two of them that differ only in invalid
+/// bytes give two outputs, not one (a lossy conversion makes both "f\u{FFFD}.png").
+#[cfg(unix)]
+#[test]
+fn stylize_keeps_non_utf8_file_names_apart() {
+    use std::os::unix::ffi::OsStrExt;
+    let dir = scratch("nonutf8");
+    let (input, out) = (dir.join("in"), dir.join("out"));
+    std::fs::create_dir_all(&input).unwrap();
+    let names = [std::ffi::OsStr::from_bytes(b"f\xff.png"), std::ffi::OsStr::from_bytes(b"f\xfe.png")];
+    for name in names {
+        std::fs::copy(img2img_dir().join("frame_0.png"), input.join(name)).unwrap();
+    }
+    let (ok, stderr) = stylize_tiny(&[input.as_os_str(), "--output".as_ref(), out.as_os_str()]);
+    assert!(ok, "{stderr}");
+    let mut written: Vec<_> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name()).collect();
+    written.sort();
+    let mut expected: Vec<std::ffi::OsString> = names.iter().map(|n| n.to_os_string()).collect();
+    expected.sort();
+    assert_eq!(written, expected);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// NaN and the infinities are refused for every float option, naming the option and the value.
+#[test]
+fn float_options_refuse_nan_and_infinities() {
+    let dir = scratch("nan");
+    let frame = img2img_dir().join("frame_0.png");
+    let out = dir.join("out");
+    for option in [
+        "--strength",
+        "--guidance-scale",
+        "--controlnet-scale",
+        "--canny-low",
+        "--canny-high",
+        "--scene-cut-threshold",
+        "--skip-similarity",
+    ] {
+        for value in ["nan", "NaN", "inf", "-inf", "infinity"] {
+            let setting = format!("{option}={value}");
+            let (ok, stderr) =
+                stylize_tiny(&[frame.as_os_str(), "--output".as_ref(), out.as_os_str(), setting.as_ref()]);
+            assert!(!ok, "{setting} was accepted: {stderr}");
+            assert!(stderr.contains(option) && stderr.contains("is not a finite number"), "{setting}: {stderr}");
+        }
+    }
+    let edges = dir.join("edges.png");
+    for option in ["--low=nan", "--high=inf"] {
+        let (ok, stderr) = cli(&["canny", &frame.display().to_string(), &edges.display().to_string(), option]);
+        assert!(!ok && stderr.contains("is not a finite number"), "{option}: {stderr}");
+    }
+    assert!(!out.exists() && !edges.exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// `--steps` takes the engine's maximum (and runs it: 500 steps x strength 0.004 is 2 steps of
+/// SD1.5's schedule, which 1000 steps could not give), and refuses one more.
+#[test]
+fn steps_up_to_the_engine_maximum_run_and_more_are_refused() {
+    let dir = scratch("maxsteps");
+    let frame = img2img_dir().join("frame_0.png");
+    let out = dir.join("out");
+    let run = |steps: &str| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_sdcrossframe"))
+            .arg("stylize")
+            .arg(&frame)
+            .arg("--output")
+            .arg(&out)
+            .args(tiny_args())
+            .args(["--steps", steps, "--strength", "0.004", "--width", "96"])
+            .output()
+            .unwrap();
+        (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let (ok, stderr) = run("500");
+    assert!(ok, "{stderr}");
+    assert!(out.join("frame_0.png").exists());
+    let (ok, stderr) = run("501");
+    assert!(!ok && stderr.contains("501") && stderr.contains("1..=500"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A frame of another size re-anchors because its size changed, and says so (not "scene
+/// cut"); a real cut at the same size is still a scene cut.
+#[test]
+fn a_size_change_is_not_called_a_scene_cut() {
+    let dir = scratch("sizecut");
+    let (input, out) = (dir.join("in"), dir.join("out"));
+    std::fs::create_dir_all(&input).unwrap();
+    std::fs::copy(img2img_dir().join("frame_0.png"), input.join("0.png")).unwrap();
+    // 96x48 (not 96x64): another processing size at --width 96.
+    let other = image::open(img2img_dir().join("frame_4.png")).unwrap().resize_exact(96, 48, image::imageops::Triangle);
+    other.save(input.join("1.png")).unwrap();
+    let mut inverted = other.clone();
+    inverted.invert();
+    inverted.save(input.join("2.png")).unwrap();
+    let (ok, stderr) = stylize_tiny(&[
+        input.as_os_str(),
+        "--output".as_ref(),
+        out.as_os_str(),
+        "--scene-cut-threshold".as_ref(),
+        "0.01".as_ref(),
+    ]);
+    assert!(ok, "{stderr}");
+    let anchors: Vec<&str> = stderr.lines().filter(|l| l.contains("new cross-frame anchor")).collect();
+    assert_eq!(anchors.len(), 2, "{stderr}");
+    assert!(anchors[0].contains("1.png") && anchors[0].contains("(frame size or schedule changed)"), "{stderr}");
+    assert!(anchors[1].contains("2.png") && anchors[1].contains("(scene cut)"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}

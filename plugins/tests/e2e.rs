@@ -149,11 +149,81 @@ fn runner_runs_the_file_pipeline_file() {
     assert!(result.status.success(), "runner failed: {stderr}");
     assert!(stderr.contains(&format!("{CLIP_FRAMES} frames in")), "no summary line: {stderr}");
     assert_restyled(&output);
+    assert_eq!(h264_profile(&output), HIGH, "{} is not H.264 High (4:2:0)", output.display());
+}
+
+/// H.264 profile_idc: High (4:2:0 only), and High 4:4:4 Predictive, which x264enc writes for
+/// RGB or Y444 input and many browsers and hardware decoders cannot play.
+const HIGH: u8 = 100;
+const HIGH_444: u8 = 244;
+
+/// The profile_idc of an MP4's H.264 track: AVCProfileIndication, the byte after
+/// configurationVersion in the avcC box.
+fn h264_profile(path: &Path) -> u8 {
+    let bytes = std::fs::read(path).unwrap();
+    let at =
+        bytes.windows(4).position(|w| w == b"avcC").unwrap_or_else(|| panic!("{} has no avcC box", path.display()));
+    bytes[at + 5]
+}
+
+/// A 3-frame 64x48 H.264 clip (a moving test pattern).
+fn three_frame_clip(path: &Path) {
+    let pipeline = gst::parse::launch(&format!(
+        "videotestsrc num-buffers=3 pattern=ball ! video/x-raw,width=64,height=48,framerate=25/1 ! videoconvert \
+         ! video/x-raw,format=I420 ! x264enc ! mp4mux ! filesink location=\"{}\"",
+        path.display()
+    ))
+    .unwrap();
+    pipeline.set_state(gst::State::Playing).unwrap();
+    let message = pipeline
+        .bus()
+        .unwrap()
+        .timed_pop_filtered(gst::ClockTime::from_seconds(60), &[gst::MessageType::Eos, gst::MessageType::Error])
+        .expect("the clip was written within a minute");
+    pipeline.set_state(gst::State::Null).unwrap();
+    assert!(matches!(message.view(), gst::MessageView::Eos(_)), "writing the clip failed: {message:?}");
+}
+
+/// The MP4 pipelines write H.264 4:2:0 (High, not High 4:4:4) unless ENCODE_FORMAT asks for
+/// another format: side-by-side and file-to-mp4 on a 3-frame clip with the tiny model.
+#[test]
+fn mp4_pipelines_write_h264_420_unless_asked_otherwise() {
+    common::init();
+    let input = output_path("three-frames.mp4");
+    three_frame_clip(&input);
+    let model = [
+        format!("MODEL={}", common::fixture("tiny-sd").display()),
+        format!("CONTROLNET={}", common::fixture("tiny-controlnet").display()),
+        "WIDTH=64".into(),
+        "HEIGHT=48".into(),
+        "STEPS=2".into(),
+    ];
+    let run = |file: &str, output: &Path, extra: &[&str]| {
+        let result = runner()
+            .args(["run", file])
+            .arg(format!("INPUT={}", input.display()))
+            .arg(format!("OUTPUT={}", output.display()))
+            .args(&model)
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(result.status.success(), "{file} {extra:?}: {}", String::from_utf8_lossy(&result.stderr));
+        let frames = decode(output);
+        assert_eq!(frames.frames.len(), 3, "{file} {extra:?}");
+        h264_profile(output)
+    };
+    let panes = ["PANE_WIDTH=64", "PANE_HEIGHT=48", "PANE_X1=64", "PANE_X2=128"];
+    assert_eq!(run("pipelines/side-by-side.pipeline", &output_path("sbs.mp4"), &panes), HIGH);
+    assert_eq!(run("pipelines/file-to-mp4.pipeline", &output_path("three-420.mp4"), &[]), HIGH);
+    // The variable reaches the encoder: Y444 is High 4:4:4, what RGB into x264enc gave.
+    let y444 = run("pipelines/file-to-mp4.pipeline", &output_path("three-444.mp4"), &["ENCODE_FORMAT=Y444"]);
+    assert_eq!(y444, HIGH_444);
 }
 
 #[test]
 fn runner_fails_with_the_bus_error_text() {
     let output = output_path("never.mp4");
+    let _ = std::fs::remove_file(&output);
     let mut arguments = file_pipeline_arguments(&output);
     arguments[4] = "MODEL=/nonexistent/sd15".into();
     let result = runner().args(&arguments).output().unwrap();
@@ -161,6 +231,15 @@ fn runner_fails_with_the_bus_error_text() {
     assert_eq!(result.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("Could not load Stable Diffusion model '/nonexistent/sd15'"), "{stderr}");
     assert!(stderr.contains("does not exist"), "{stderr}");
+    // The file sink created the output before the model failed: removed, and said so.
+    assert!(!output.exists(), "the failed run left {} behind", output.display());
+    assert!(stderr.contains(&format!("removed the empty output file {}", output.display())), "{stderr}");
+    // A file that was there before the run is not the runner's to remove.
+    std::fs::write(&output, b"").unwrap();
+    let result = runner().args(&arguments).output().unwrap();
+    assert_eq!(result.status.code(), Some(1));
+    assert!(output.exists(), "an existing file was removed");
+    std::fs::remove_file(&output).unwrap();
 
     let result = runner().args(["run", "pipelines/file-to-mp4.pipeline", "OUTPUT=x.mp4"]).output().unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);

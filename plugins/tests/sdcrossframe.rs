@@ -135,7 +135,8 @@ fn properties_defaults_ranges_and_flags() {
         let p = p.downcast_ref::<gst::glib::ParamSpecUInt>().unwrap();
         (p.minimum(), p.maximum(), p.default_value())
     };
-    assert_eq!(uint("steps"), (1, 1000, 20));
+    // The engine's limit: every value in the range runs (see steps_at_the_maximum_run).
+    assert_eq!(uint("steps"), (1, sdcrossframe::pipeline::MAX_STEPS as u32, 20));
     assert_eq!(uint("width"), (0, 16384, 0));
     assert_eq!(uint("height"), (0, 16384, 0));
     assert_eq!(uint("anchor-interval"), (0, u32::MAX, 0));
@@ -202,6 +203,35 @@ fn properties_defaults_ranges_and_flags() {
     for p in element.list_properties() {
         if p.owner_type() == element.type_() {
             assert!(p.blurb().is_some_and(|b| b.len() > 10), "{} has no blurb", p.name());
+        }
+    }
+}
+
+/// GLib refuses NaN and the infinities for every float property (its range check: NaN
+/// compares false with both bounds, and g_param_value_validate reports it as changed), so
+/// gst-launch and g_object_set never hand one to the element.
+#[test]
+fn float_properties_refuse_nan_and_infinities() {
+    use gst::glib::translate::{FromGlib, ToGlibPtr, ToGlibPtrMut};
+    init();
+    let element = gst::ElementFactory::make("sdcrossframe").build().unwrap();
+    let doubles: Vec<_> = element
+        .list_properties()
+        .into_iter()
+        .filter(|p| p.owner_type() == element.type_() && p.value_type() == f64::static_type())
+        .collect();
+    assert!(doubles.len() >= 7, "{doubles:?}");
+    for pspec in doubles {
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+            let mut value = bad.to_value();
+            // SAFETY: a valid pspec and a GValue of its type.
+            let changed = unsafe {
+                bool::from_glib(gst::glib::gobject_ffi::g_param_value_validate(
+                    pspec.to_glib_none().0,
+                    value.to_glib_none_mut().0,
+                ))
+            };
+            assert!(changed, "GLib accepts {bad} for {}", pspec.name());
         }
     }
 }
@@ -509,7 +539,7 @@ fn flush_resets_the_cross_frame_state() {
     assert!(t.h.push_event(gst::event::FlushStop::new(true)));
     assert!(t.h.push_event(gst::event::Segment::new(&gst::FormattedSegment::<gst::ClockTime>::new())));
     let flushed_b = t.process(&b, format, 80);
-    assert_eq!(t.anchors().iter().map(|a| a.0).collect::<Vec<_>>(), [2]);
+    assert_eq!(t.anchors(), [(2, "flush".to_string())]);
     assert_eq!(flushed_b, fresh_b, "after a flush the frame is not processed like a first frame");
 }
 
@@ -703,6 +733,7 @@ fn overlap_drains_before_a_caps_change() {
     let first = t.h.pull().unwrap();
     let second = t.h.pull().unwrap();
     assert_eq!(common::read_rgb(&first, &rgb).0, common::read_rgb(&second, &bgrx).0);
+    assert_eq!(t.anchors(), [(0, "first frame".to_string()), (1, "caps changed".to_string())]);
 }
 
 /// Stream batch: frames come out `steps - 1` frames late (plus the held one), every buffer
@@ -765,7 +796,7 @@ fn stream_batch_flush_drops_the_frames_in_flight() {
     let pts: Vec<_> = t.outputs(&info).iter().map(|o| o.0).collect();
     assert_eq!(pts, [2000, 2040], "only the frames after the flush come out");
     // Anchors are posted as frames come out: frame 0 never did.
-    assert_eq!(t.anchors(), [(3, "reset".to_string())]);
+    assert_eq!(t.anchors(), [(3, "flush".to_string())]);
 }
 
 /// Similarity skipping: a repeated frame goes out with the last diffused frame's pixels.
@@ -785,4 +816,15 @@ fn similarity_skipping_re_emits_the_last_output() {
     );
     let off = Tiny::new(&[]);
     assert_eq!(off.element().property::<f64>("skip-similarity"), 0.0, "off by default");
+}
+
+/// `steps` at the top of its range runs (500 x strength 0.004: 2 steps of the tiny model's
+/// "leading" schedule with steps_offset 1, which 1000 steps could not give).
+#[test]
+fn steps_at_the_maximum_run() {
+    let max = sdcrossframe::pipeline::MAX_STEPS.to_string();
+    let mut t = Tiny::new(&[("steps", max.as_str()), ("strength", "0.004")]);
+    let output = t.process(&frame(0), gst_video::VideoFormat::Rgb, 0);
+    assert!(mean_abs_diff(&output, &frame(0)) > 1.0, "the frame was not restyled");
+    assert!(t.warnings().is_empty());
 }

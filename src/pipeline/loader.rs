@@ -279,6 +279,24 @@ fn part_component<C>(
 fn check_pipeline_dir(root: &Path) -> Result<()> {
     let model_index = root.join("model_index.json");
     if model_index.is_file() {
+        // Only its presence and shape are used: each component has its own config.
+        let text =
+            std::fs::read_to_string(&model_index).with_context(|| format!("cannot read {}", model_index.display()))?;
+        let value: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{} is not valid JSON: {} is not a diffusers-format pipeline directory",
+                model_index.display(),
+                root.display()
+            )
+        })?;
+        if !value.is_object() {
+            bail!(
+                "{} is a JSON {}, not an object: {} is not a diffusers-format Stable Diffusion pipeline directory",
+                model_index.display(),
+                json_kind(&value),
+                root.display()
+            );
+        }
         return Ok(());
     }
     let class = class_name(&root.join("config.json"));
@@ -298,6 +316,18 @@ fn check_pipeline_dir(root: &Path) -> Result<()> {
             model_index.display(),
             root.display()
         ),
+    }
+}
+
+/// What kind of JSON value this is, for errors.
+fn json_kind(value: &serde_json::Value) -> &'static str {
+    match value {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "list",
+        serde_json::Value::Object(_) => "object",
     }
 }
 

@@ -22,7 +22,7 @@ pub use img2img::{DenoisingFrame, FrameInputs, Img2Img};
 pub use loader::{Component, ModelParts, ModelSpec, load_vae};
 pub use lora::LoraSpec;
 pub use noise::{FrameNoise, load_frame_noise, load_noise_file, seeded_noise, seeded_noise_rows, uniform_draw};
-pub use settings::{FramePlan, FrameSettings, GuidanceMode};
+pub use settings::{FramePlan, FrameSettings, GuidanceMode, MAX_STEPS, check_finite};
 pub use size::{DEFAULT_SHORT_SIDE, SizeRequest};
 pub use stylizer::{SharedModels, Stylizer};
 pub use vae::{VAE_CLASSES, Vae, VaeConfig};

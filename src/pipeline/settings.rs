@@ -77,6 +77,19 @@ impl GuidanceMode {
     }
 }
 
+/// The most scheduler steps a frame may be given (the element's `steps` range, the CLI's
+/// `--steps`): every SD 1.x schedule (1000 train timesteps, any spacing, `steps_offset` 0 or
+/// 1) can run this many; DDIM's "leading" spacing with `steps_offset` 1 cannot run 1000.
+pub const MAX_STEPS: usize = 500;
+
+/// An error unless `value` is a finite number (NaN and the infinities pass no range check).
+pub fn check_finite(name: &str, value: f64) -> Result<()> {
+    if !value.is_finite() {
+        bail!("{name} must be a finite number, got {value}");
+    }
+    Ok(())
+}
+
 /// Per-frame generation settings; everything here may change between frames.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FrameSettings {
@@ -112,6 +125,23 @@ impl Default for FrameSettings {
 }
 
 impl FrameSettings {
+    /// An error naming the setting and its value when one is out of range: steps outside
+    /// 1..=[`MAX_STEPS`], strength outside 0..1, a scale that is NaN or infinite. (Whether the
+    /// steps and strength leave a denoising step depends on the scheduler: see
+    /// `Img2Img::schedule`.)
+    pub fn validate(&self) -> Result<()> {
+        if !(1..=MAX_STEPS).contains(&self.steps) {
+            bail!("steps {} is outside 1..={MAX_STEPS}", self.steps);
+        }
+        check_finite("strength", self.strength)?;
+        if !(0.0..=1.0).contains(&self.strength) {
+            bail!("strength {} is outside 0..1", self.strength);
+        }
+        check_finite("guidance scale", self.guidance_scale)?;
+        check_finite("ControlNet scale", self.controlnet_scale)?;
+        Ok(())
+    }
+
     /// The guidance a frame runs: `auto` resolved, and `none` whenever `guidance_scale <= 1`.
     pub fn effective_guidance(&self) -> GuidanceMode {
         if self.guidance_scale <= 1.0 {

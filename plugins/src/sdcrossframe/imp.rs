@@ -49,7 +49,7 @@ use gst_video::subclass::prelude::*;
 use sdcrossframe::canny::CannyParams;
 use sdcrossframe::frame::RgbFrame;
 use sdcrossframe::pipeline::{CancelHandle, Cancelled, SizeRequest};
-use sdcrossframe::pipeline::{FrameSettings, LoraSpec, ModelSpec, Stylizer};
+use sdcrossframe::pipeline::{FrameSettings, LoraSpec, MAX_STEPS, ModelSpec, Stylizer};
 use sdcrossframe::scheduler::TimestepIndices;
 use sdcrossframe::session::{FinishedFrame, InFlightFrame, PreparedFrame, SessionConfig, VideoSession};
 
@@ -656,7 +656,7 @@ impl ObjectImpl for SdCrossFrame {
                     .nick("Steps")
                     .blurb("Inference steps of the scheduler's schedule; a frame runs steps x strength of them (a change re-anchors)")
                     .minimum(1)
-                    .maximum(1000)
+                    .maximum(MAX_STEPS as u32)
                     .default_value(d.steps)
                     .mutable_playing()
                     .build(),
@@ -835,6 +835,13 @@ impl ObjectImpl for SdCrossFrame {
             )
         {
             gst::warning!(CAT, imp = self, "{name} changed while running: takes effect when the element restarts");
+        }
+        // GLib's range check lets NaN through (every comparison with it is false).
+        if let Ok(number) = value.get::<f64>()
+            && !number.is_finite()
+        {
+            gst::warning!(CAT, imp = self, "{name} must be a finite number, got {number}: keeping the previous value");
+            return;
         }
         let mut latency_changed = false;
         {
@@ -1042,7 +1049,7 @@ impl BaseTransformImpl for SdCrossFrame {
                     state.discont = false;
                     if let Model::Ready(session) = &mut state.model {
                         gst::debug!(CAT, imp = self, "flush: the next frame is a new anchor");
-                        session.reset();
+                        session.reset_with_reason("flush");
                     }
                 }
             }
@@ -1139,7 +1146,7 @@ impl VideoFilterImpl for SdCrossFrame {
                 && let Model::Ready(session) = &mut state.model
             {
                 gst::debug!(CAT, imp = self, "caps changed: the next frame is a new anchor");
-                session.reset();
+                session.reset_with_reason("caps changed");
             }
             state.info = Some(in_info.clone());
         }
@@ -1558,6 +1565,22 @@ impl SdCrossFrame {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// GLib's range check refuses NaN before `set_property` (tests/sdcrossframe.rs); called
+    /// directly, `set_property` refuses it too and keeps the previous value.
+    #[test]
+    fn set_property_keeps_the_previous_value_for_nan_and_infinities() {
+        gst::init().unwrap();
+        let element = glib::Object::new::<super::super::SdCrossFrame>();
+        for name in ["strength", "guidance-scale", "controlnet-scale", "canny-low", "scene-cut-threshold"] {
+            let pspec = element.find_property(name).unwrap();
+            let before = element.property::<f64>(name);
+            for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY] {
+                element.imp().set_property(0, &bad.to_value(), &pspec);
+                assert_eq!(element.property::<f64>(name), before, "{name} took {bad}");
+            }
+        }
+    }
 
     #[test]
     fn defaults_match_the_engine() {
