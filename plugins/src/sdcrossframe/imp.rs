@@ -83,6 +83,8 @@ struct Settings {
     /// Comma-separated `path[:scale]` LoRA entries, parsed when the element starts.
     lora: String,
     vae: Option<String>,
+    /// Tokenizer for a single-file checkpoint (a directory or repo id); `None`: from the cache.
+    tokenizer: Option<String>,
     model_instance_id: String,
     device: String,
     dtype: DType,
@@ -125,6 +127,7 @@ impl Default for Settings {
             variant: None,
             lora: String::new(),
             vae: None,
+            tokenizer: None,
             model_instance_id: String::new(),
             device: DEFAULT_DEVICE.into(),
             dtype: DType::F32,
@@ -166,7 +169,7 @@ impl Settings {
             variant: self.variant.clone().filter(|v| !v.is_empty()),
             loras: LoraSpec::parse_list(&self.lora).context("invalid lora property")?,
             vae: self.vae.clone().filter(|v| !v.is_empty()),
-            tokenizer: None,
+            tokenizer: self.tokenizer.clone().filter(|t| !t.is_empty()),
         })
     }
 
@@ -623,6 +626,12 @@ impl ObjectImpl for SdCrossFrame {
                     .default_value(None)
                     .mutable_ready()
                     .build(),
+                glib::ParamSpecString::builder("tokenizer")
+                    .nick("Tokenizer")
+                    .blurb("The CLIP tokenizer for a single-file checkpoint `model`: a directory holding tokenizer.json or vocab.json + merges.txt, or a Hugging Face repo id; empty: openai/clip-vit-large-patch14 or an SD1.5 pipeline's tokenizer/ from the Hugging Face cache. Diffusers directories use their own tokenizer/; read when the element starts")
+                    .default_value(None)
+                    .mutable_ready()
+                    .build(),
                 glib::ParamSpecString::builder("model-instance-id")
                     .nick("Model instance id")
                     .blurb("Elements of one process with the same non-empty id share one loaded model (weights, text encoder, CUDA graphs) and must ask for the same model settings (model, controlnet, variant, lora, vae, device, dtype), else the element that starts second fails naming both; distinct ids load distinct copies; empty (the default): elements with the same model settings share one copy. Each element keeps its own prompts, cross-frame state, noise and settings; read when the element starts")
@@ -832,6 +841,7 @@ impl ObjectImpl for SdCrossFrame {
                     | "dtype"
                     | "overlap"
                     | "stream-batch"
+                    | "tokenizer"
             )
         {
             gst::warning!(CAT, imp = self, "{name} changed while running: takes effect when the element restarts");
@@ -853,6 +863,7 @@ impl ObjectImpl for SdCrossFrame {
                 "variant" => s.variant = value.get().expect("type checked upstream"),
                 "lora" => s.lora = string(),
                 "vae" => s.vae = value.get().expect("type checked upstream"),
+                "tokenizer" => s.tokenizer = value.get().expect("type checked upstream"),
                 "model-instance-id" => s.model_instance_id = string(),
                 "device" => s.device = string(),
                 "dtype" => s.dtype = value.get().expect("type checked upstream"),
@@ -902,6 +913,7 @@ impl ObjectImpl for SdCrossFrame {
             "variant" => s.variant.to_value(),
             "lora" => s.lora.to_value(),
             "vae" => s.vae.to_value(),
+            "tokenizer" => s.tokenizer.to_value(),
             "model-instance-id" => s.model_instance_id.to_value(),
             "device" => s.device.to_value(),
             "dtype" => s.dtype.to_value(),
