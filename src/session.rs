@@ -378,6 +378,12 @@ impl VideoSession {
         &self.stylizer
     }
 
+    /// A note for the user from the frames so far (a prompt cut to the text encoder's token
+    /// limit), once; the element posts it as a warning.
+    pub fn take_notice(&mut self) -> Option<String> {
+        self.stylizer.take_notice()
+    }
+
     pub fn attention(&self) -> &CrossFrameAttention {
         &self.attention
     }

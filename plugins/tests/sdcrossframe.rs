@@ -828,3 +828,20 @@ fn steps_at_the_maximum_run() {
     assert!(mean_abs_diff(&output, &frame(0)) > 1.0, "the frame was not restyled");
     assert!(t.warnings().is_empty());
 }
+
+/// A prompt longer than the text encoder's 77 tokens works, with a warning on the bus that
+/// says only its beginning is used (once, not per frame).
+#[test]
+fn a_very_long_prompt_is_truncated_with_a_warning() {
+    let long = "a watercolor painting of a woman with red hair, ".repeat(200);
+    let mut t = Tiny::new(&[("prompt", long.as_str())]);
+    for k in 0..2 {
+        t.process(&frame(k), gst_video::VideoFormat::Rgb, 40 * k as u64);
+    }
+    let warnings = t.warnings();
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(warnings[0].contains("longer than the text encoder's 77 tokens"), "{warnings:?}");
+    let mut short = Tiny::new(&[]);
+    short.process(&frame(0), gst_video::VideoFormat::Rgb, 0);
+    assert!(short.warnings().is_empty());
+}

@@ -108,6 +108,28 @@ impl SharedModels {
         Ok(Tensor::cat(&[negative, positive], 0)?)
     }
 
+    /// What the text encoder drops of the prompts (each longer than its token limit), as a
+    /// sentence for the user; `None` when both fit.
+    pub fn prompt_truncation(&self, settings: &FrameSettings) -> Result<Option<String>> {
+        let mut which = Vec::new();
+        let mut prompts = vec![("prompt", &settings.prompt)];
+        if settings.uses_guidance() {
+            prompts.push(("negative prompt", &settings.negative_prompt));
+        }
+        for (name, text) in prompts {
+            if self.tokenizer.encode(text)?.truncated {
+                which.push(name);
+            }
+        }
+        Ok((!which.is_empty()).then(|| {
+            format!(
+                "The {} is longer than the text encoder's {} tokens: only its beginning is used (as diffusers does)",
+                which.join(" and the "),
+                self.tokenizer.max_length()
+            )
+        }))
+    }
+
     fn encode_text(&self, text: &str) -> Result<Tensor> {
         let tokens = self.tokenizer.encode(text)?;
         let ids = Tensor::new(tokens.ids.as_slice(), &self.device)?.unsqueeze(0)?;
@@ -120,6 +142,8 @@ impl SharedModels {
 pub struct Stylizer {
     models: Arc<SharedModels>,
     prompt_cache: Option<PromptCache>,
+    /// What the last prompt encoding has to tell the user (see [`Self::take_notice`]).
+    notice: Option<String>,
 }
 
 impl Stylizer {
@@ -145,7 +169,7 @@ impl Stylizer {
 
     /// A handle on `models` with an empty prompt cache.
     pub fn from_shared(models: Arc<SharedModels>) -> Self {
-        Self { models, prompt_cache: None }
+        Self { models, prompt_cache: None, notice: None }
     }
 
     /// The shared models.
@@ -192,6 +216,7 @@ impl Stylizer {
             return Ok(cache.embeddings.clone());
         }
         let embeddings = self.encode_prompts(settings)?;
+        self.notice = self.models.prompt_truncation(settings)?;
         self.prompt_cache = Some(PromptCache {
             prompt: settings.prompt.clone(),
             negative_prompt: settings.negative_prompt.clone(),
@@ -204,6 +229,12 @@ impl Stylizer {
     /// Runs the text encoder on the prompts (no cache).
     pub fn encode_prompts(&self, settings: &FrameSettings) -> Result<Tensor> {
         self.models.encode_prompts(settings)
+    }
+
+    /// A note for the user from the last prompt encoding (a prompt cut to the token limit),
+    /// once.
+    pub fn take_notice(&mut self) -> Option<String> {
+        self.notice.take()
     }
 
     /// Stylizes one frame. `frame` and `control` are `[1, 3, H, W]` in [0, 1] at the

@@ -406,11 +406,13 @@ struct Stats {
     dropped: AtomicU64,
     /// Buffers that went out with the last diffused frame's image (similarity skipping).
     skipped: AtomicU64,
+    /// Bytes the cross-frame store holds (after the last frame).
+    store_bytes: AtomicU64,
 }
 
 impl Stats {
     fn reset(&self) {
-        for counter in [&self.frames_in, &self.frames_out, &self.dropped, &self.skipped] {
+        for counter in [&self.frames_in, &self.frames_out, &self.dropped, &self.skipped, &self.store_bytes] {
             counter.store(0, Ordering::SeqCst);
         }
     }
@@ -424,6 +426,7 @@ impl Stats {
             .field("dropped", dropped)
             .field("skipped", get(&self.skipped))
             .field("in-flight", frames_in.saturating_sub(frames_out + dropped))
+            .field("cross-frame-bytes", get(&self.store_bytes))
             .build()
     }
 }
@@ -795,7 +798,7 @@ impl ObjectImpl for SdCrossFrame {
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("Frames since the element started: frames-in (buffers that reached it), frames-out, dropped (late, by QoS, before processing), skipped (sent with the last output by similarity skipping), in-flight (held: overlap, stream batch)")
+                    .blurb("Frames since the element started: frames-in (buffers that reached it), frames-out, dropped (late, by QoS, before processing), skipped (sent with the last output by similarity skipping), in-flight (held: overlap, stream batch); cross-frame-bytes (the cross-frame store's size after the last frame)")
                     .read_only()
                     .build(),
                 glib::ParamSpecBoolean::builder("stream-batch")
@@ -1312,6 +1315,10 @@ impl SdCrossFrame {
                 return Err(gst::FlowError::Error);
             }
         };
+        self.stats.store_bytes.store(session.attention().stored_bytes() as u64, Ordering::Relaxed);
+        if let Some(notice) = session.take_notice() {
+            gst::element_imp_warning!(self, gst::LibraryError::Settings, ("{notice}"));
+        }
         if !session.config().stream_batch {
             for frame in out.iter().filter(|f| f.anchor()) {
                 self.post_anchor(frame.anchor_reason().unwrap_or("anchor"), frame.index(), pts);
