@@ -36,9 +36,9 @@ fn ten_thousand_frames_with_flat_memory() {
     let started = Instant::now();
     {
         let (samples, weak) = (samples.clone(), element.downgrade());
-        let mut out = 0u64;
+        let count = std::sync::atomic::AtomicU64::new(0);
         element.static_pad("src").unwrap().add_probe(gst::PadProbeType::BUFFER, move |_, _| {
-            out += 1;
+            let out = count.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1;
             if out % 500 == 0
                 && let Some(element) = weak.upgrade()
             {
