@@ -44,7 +44,16 @@ fn ten_thousand_frames_with_flat_memory() {
             {
                 let stats = element.property::<gst::Structure>("stats");
                 let store = stats.get::<u64>("cross-frame-bytes").unwrap_or(0);
-                samples.lock().unwrap().push((out, resident_bytes(), store, started.elapsed().as_secs_f64()));
+                let sample = (out, resident_bytes(), store, started.elapsed().as_secs_f64());
+                // Printed as it goes, so a run stopped early still reports.
+                eprintln!(
+                    "long run: {} frames out, {:.1} MB resident, store {} bytes, {:.0} s",
+                    sample.0,
+                    sample.1 as f64 / 1e6,
+                    sample.2,
+                    sample.3
+                );
+                samples.lock().unwrap().push(sample);
             }
             gst::PadProbeReturn::Ok
         });
