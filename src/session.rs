@@ -648,9 +648,7 @@ impl VideoSession {
         let result = if prepared.skipped() {
             // The frames in flight still advance a step, so frames keep coming out at the
             // input's rate.
-            self.frames_pushed += 1;
-            self.frames_skipped += 1;
-            self.skips_in_a_row += 1;
+            self.count_skip();
             self.stream.push_back(Slot::Skipped { index: prepared.index, prepare_time: prepared.prepare_time });
             self.stream_call()
         } else {
@@ -710,10 +708,15 @@ impl VideoSession {
         let Some(image) = self.last_output.clone() else {
             bail!("frame {} was skipped with no diffused frame before it", prepared.index)
         };
+        self.count_skip();
+        self.skipped_frame(image, prepared.index, prepared.prepare_time)
+    }
+
+    /// A frame skipped by similarity took its turn.
+    fn count_skip(&mut self) {
         self.frames_pushed += 1;
         self.frames_skipped += 1;
         self.skips_in_a_row += 1;
-        self.skipped_frame(image, prepared.index, prepared.prepare_time)
     }
 
     fn skipped_frame(&self, image: Tensor, index: u64, prepare_time: Duration) -> Result<InFlightFrame> {

@@ -273,17 +273,9 @@ fn stream_batch_frames(
     for index in 0..untimed + cli.runs * depth.max(1) {
         device.synchronize()?;
         let t = Instant::now();
-        let mut frame = img2img.start_frame(inputs, settings)?;
-        hook.begin_frame(frame.plan())?;
-        frame.set_anchor(hook.current_frame_is_anchor());
-        in_flight.push_back(frame);
-        let mut frames: Vec<_> = in_flight.iter_mut().collect();
-        img2img.denoise_batch(&mut frames, &mut hook)?;
-        if in_flight.front().is_some_and(|f| f.is_done()) {
-            let out = img2img.decode(in_flight.pop_front().expect("checked"))?;
-            if index + 1 == untimed + cli.runs * depth.max(1) {
-                finite = is_finite(&out)?;
-            }
+        let out = stream_call(img2img, &mut hook, &mut in_flight, Some(inputs), settings)?;
+        if let Some(out) = out.filter(|_| index + 1 == untimed + cli.runs * depth.max(1)) {
+            finite = is_finite(&out)?;
         }
         let ms = elapsed_ms(device, t)?;
         if index >= untimed {
@@ -296,15 +288,7 @@ fn stream_batch_frames(
     device.synchronize()?;
     let t = Instant::now();
     for _ in 0..count {
-        let mut frame = img2img.start_frame(inputs, settings)?;
-        hook.begin_frame(frame.plan())?;
-        frame.set_anchor(hook.current_frame_is_anchor());
-        in_flight.push_back(frame);
-        let mut frames: Vec<_> = in_flight.iter_mut().collect();
-        img2img.denoise_batch(&mut frames, &mut hook)?;
-        if in_flight.front().is_some_and(|f| f.is_done()) {
-            img2img.decode(in_flight.pop_front().expect("checked"))?;
-        }
+        stream_call(img2img, &mut hook, &mut in_flight, Some(inputs), settings)?;
     }
     let unsynced = elapsed_ms(device, t)? / count as f64;
     let peak = match probe {
@@ -354,17 +338,8 @@ fn stream_batch_parity(
     let mut in_flight: VecDeque<sdcrossframe::pipeline::DenoisingFrame> = VecDeque::new();
     let mut streamed = Vec::new();
     for k in 0..count + depth {
-        if k < count {
-            let mut frame = img2img.start_frame(&at(k), settings)?;
-            hook.begin_frame(frame.plan())?;
-            frame.set_anchor(hook.current_frame_is_anchor());
-            in_flight.push_back(frame);
-        }
-        let mut batch: Vec<_> = in_flight.iter_mut().collect();
-        img2img.denoise_batch(&mut batch, &mut hook)?;
-        while in_flight.front().is_some_and(|f| f.is_done()) {
-            streamed.push(img2img.decode(in_flight.pop_front().expect("checked"))?);
-        }
+        let frame = (k < count).then(|| at(k));
+        streamed.extend(stream_call(img2img, &mut hook, &mut in_flight, frame.as_ref(), settings)?);
     }
     let mut worst = 0f32;
     for (a, b) in streamed.iter().zip(&sequential) {
@@ -376,4 +351,28 @@ fn stream_batch_parity(
         streamed.len()
     );
     Ok(())
+}
+
+/// One incoming frame of the stream batch, as the session runs it: the frame (if any) enters,
+/// one UNet + ControlNet call advances every frame in flight, and a finished frame is decoded.
+fn stream_call(
+    img2img: &Img2Img,
+    hook: &mut CrossFrameAttention,
+    in_flight: &mut std::collections::VecDeque<sdcrossframe::pipeline::DenoisingFrame>,
+    inputs: Option<&FrameInputs>,
+    settings: &FrameSettings,
+) -> Result<Option<Tensor>> {
+    if let Some(inputs) = inputs {
+        let mut frame = img2img.start_frame(inputs, settings)?;
+        hook.begin_frame(frame.plan())?;
+        frame.set_anchor(hook.current_frame_is_anchor());
+        in_flight.push_back(frame);
+    }
+    let mut frames: Vec<_> = in_flight.iter_mut().collect();
+    img2img.denoise_batch(&mut frames, hook)?;
+    // One frame a call at most: every frame in flight is at a different step.
+    match in_flight.front().is_some_and(|f| f.is_done()) {
+        true => Ok(Some(img2img.decode(in_flight.pop_front().expect("checked"))?)),
+        false => Ok(None),
+    }
 }
