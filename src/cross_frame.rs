@@ -369,6 +369,22 @@ impl CrossFrameAttention {
         hidden: &Tensor,
         project: &dyn Fn(&Tensor) -> candle_core::Result<(Tensor, Tensor)>,
     ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        let RowsContext::Stored(contexts) = self.rows_contexts(layer, hidden)? else {
+            return Ok(None);
+        };
+        let (keys, values) = project(&Tensor::cat(&contexts, 0)?)?;
+        self.rows_written(layer, hidden)?;
+        Ok(Some((keys, values)))
+    }
+
+    /// What the rows of the call in progress attend to at `layer` (`hidden`: their attention
+    /// inputs): their own inputs (plain attention), or per frame the stored inputs to project
+    /// into keys and values (`(rows, tokens, channels)` each; an anchor records its inputs
+    /// first and attends to them). [`Self::rows_written`] must follow once they are projected.
+    fn rows_contexts(&mut self, layer: &str, hidden: &Tensor) -> candle_core::Result<RowsContext> {
+        if self.mode == AttentionMode::Off || !self.scope.covers(layer) {
+            return Ok(RowsContext::Own);
+        }
         if self.rows.iter().all(|r| r.anchor) {
             // Plain attention for every frame; record the anchors' inputs.
             let mut offset = 0;
@@ -377,7 +393,7 @@ impl CrossFrameAttention {
                 offset += row.batch;
                 record_anchor(&mut self.store[row.step], layer, &part)?;
             }
-            return Ok(None);
+            return Ok(RowsContext::Own);
         }
         let mut contexts = Vec::with_capacity(self.rows.len());
         let mut offset = 0;
@@ -409,23 +425,145 @@ impl CrossFrameAttention {
                     AttentionMode::First => entry.first.clone(),
                     AttentionMode::Prev => entry.prev.clone(),
                     AttentionMode::FirstPrev => Tensor::cat(&[&entry.first, &entry.prev], 1)?,
-                    AttentionMode::Off => unreachable!("checked by the caller"),
+                    AttentionMode::Off => unreachable!("checked above"),
                 }
             };
             contexts.push(context);
         }
-        // After the projection in stream order, so each follower's "previous" is read before
-        // it is overwritten.
-        let (keys, values) = project(&Tensor::cat(&contexts, 0)?)?;
+        Ok(RowsContext::Stored(contexts))
+    }
+
+    /// After the contexts of [`Self::rows_contexts`] were projected: each follower's inputs
+    /// become the new "previous" (read before it is overwritten, as in stream order).
+    fn rows_written(&mut self, layer: &str, hidden: &Tensor) -> candle_core::Result<()> {
+        if self.mode == AttentionMode::Off || !self.scope.covers(layer) {
+            return Ok(());
+        }
         let mut offset = 0;
         for row in &self.rows {
             let part = hidden.narrow(0, offset, row.batch)?;
             offset += row.batch;
             if !row.anchor
-                && let Some(entry) = self.store[row.step].get(layer)
+                && let Some(entry) = self.store.get(row.step).and_then(|layers| layers.get(layer))
             {
                 entry.prev.slice_set(&part.contiguous()?, 0, 0)?;
             }
+        }
+        Ok(())
+    }
+}
+
+/// What one stream's rows attend to at a layer of a batched call.
+enum RowsContext {
+    /// Their own inputs (plain attention).
+    Own,
+    /// Per frame, the stored inputs to project into keys and values.
+    Stored(Vec<Tensor>),
+}
+
+/// Several streams' cross-frame states in one UNet call (cross-stream batching): the call's
+/// frames are each stream's frames one after the other, and every stream sees only its own
+/// rows ([`FrameHook::begin_rows`]), reads and writes only its own store, exactly as in a call
+/// of its own. At a layer where some stream attends to stored inputs and another attends to
+/// itself (an anchor, attention off, a layer outside its scope), the latter's rows project
+/// their own inputs; key sets of different lengths (first+prev holds twice the tokens of
+/// first, prev or plain) are brought to one length by repeating the shorter ones, which
+/// attention weighs exactly as the set once.
+pub struct StreamsAttention<'a> {
+    streams: Vec<&'a mut CrossFrameAttention>,
+    /// Frames each stream has in the call, in stream order.
+    frames: Vec<usize>,
+    /// UNet rows each stream has in the call in progress.
+    batches: Vec<usize>,
+}
+
+impl<'a> StreamsAttention<'a> {
+    /// `streams[i]` has `frames[i]` frames in the call, in this order.
+    pub fn new(streams: Vec<&'a mut CrossFrameAttention>, frames: Vec<usize>) -> Result<Self> {
+        if streams.len() != frames.len() {
+            bail!("{} streams with {} frame counts", streams.len(), frames.len());
+        }
+        Ok(Self { streams, frames, batches: Vec::new() })
+    }
+}
+
+impl FrameHook for StreamsAttention<'_> {
+    fn begin_rows(&mut self, rows: &[StepRow]) -> Result<()> {
+        let total: usize = self.frames.iter().sum();
+        if rows.len() != total {
+            bail!("a cross-stream call of {} frames announced for streams holding {total}", rows.len());
+        }
+        self.batches.clear();
+        let mut start = 0;
+        for (stream, &count) in self.streams.iter_mut().zip(&self.frames) {
+            let own = &rows[start..start + count];
+            start += count;
+            stream.begin_rows(own)?;
+            self.batches.push(own.iter().map(|r| r.batch).sum());
+        }
+        Ok(())
+    }
+
+    fn end_rows(&mut self) -> Result<()> {
+        self.batches.clear();
+        self.streams.iter_mut().try_for_each(|stream| stream.end_rows())
+    }
+
+    fn attention_hook(&mut self) -> &mut dyn SelfAttentionHook {
+        self
+    }
+
+    /// Replayable when every stream's part is; the key names every stream's key and its
+    /// share of the call.
+    fn graph_key(&self) -> Option<u64> {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for (stream, &count) in self.streams.iter().zip(&self.frames) {
+            (stream.graph_key()?, count).hash(&mut hasher);
+        }
+        Some(hasher.finish())
+    }
+}
+
+impl SelfAttentionHook for StreamsAttention<'_> {
+    fn self_attention(
+        &mut self,
+        layer: &str,
+        hidden: &Tensor,
+        project: &dyn Fn(&Tensor) -> candle_core::Result<(Tensor, Tensor)>,
+    ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+        let mut parts = Vec::with_capacity(self.streams.len());
+        let mut offset = 0;
+        for (stream, &batch) in self.streams.iter_mut().zip(&self.batches) {
+            let part = hidden.narrow(0, offset, batch)?;
+            offset += batch;
+            let context = stream.rows_contexts(layer, &part)?;
+            parts.push((part, context));
+        }
+        if parts.iter().all(|(_, context)| matches!(context, RowsContext::Own)) {
+            return Ok(None);
+        }
+        let mut contexts = Vec::new();
+        for (part, context) in &parts {
+            match context {
+                RowsContext::Own => contexts.push(part.clone()),
+                RowsContext::Stored(stored) => contexts.extend(stored.iter().cloned()),
+            }
+        }
+        let tokens = contexts.iter().map(|c| c.dim(1)).collect::<candle_core::Result<Vec<_>>>()?;
+        let longest = tokens.iter().copied().max().unwrap_or(0);
+        let mut padded = Vec::with_capacity(contexts.len());
+        for (context, tokens) in contexts.iter().zip(tokens) {
+            if longest % tokens != 0 {
+                candle_core::bail!(
+                    "cross-stream attention at {layer}: key sets of {tokens} and {longest} tokens cannot be lined up"
+                );
+            }
+            padded.push(if tokens == longest { context.clone() } else { context.repeat((1, longest / tokens, 1))? });
+        }
+        let (keys, values) = project(&Tensor::cat(&padded, 0)?)?;
+        for ((part, _), stream) in parts.iter().zip(self.streams.iter_mut()) {
+            stream.rows_written(layer, part)?;
         }
         Ok(Some((keys, values)))
     }

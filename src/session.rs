@@ -31,8 +31,8 @@ use crate::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
 use crate::device::DeviceSpan;
 use crate::frame::RgbFrame;
 use crate::pipeline::{
-    CancelHandle, DenoisingFrame, FrameHook, FrameInputs, FrameNoise, FrameSettings, SizeRequest, Stylizer,
-    check_finite,
+    Call, CancelHandle, DenoisingFrame, FrameHook, FrameInputs, FrameNoise, FrameSettings, Img2Img, Membership,
+    SizeRequest, StepRequest, Stylizer, check_finite,
 };
 use crate::resample;
 
@@ -95,6 +95,11 @@ pub struct SessionConfig {
     pub skip_similarity: f64,
     /// At most this many frames in a row are skipped.
     pub max_skip: usize,
+    /// Cross-stream batching: when set, each denoising call meets the calls of the other
+    /// sessions sharing these models (see [`crate::pipeline::batcher`]), waiting at most
+    /// this long for partners; calls that share a step plan run as one UNet call. `None`:
+    /// the session's calls run on their own.
+    pub batch_timeout: Option<Duration>,
 }
 
 impl Default for SessionConfig {
@@ -111,6 +116,7 @@ impl Default for SessionConfig {
             stream_batch: false,
             skip_similarity: 0.0,
             max_skip: 10,
+            batch_timeout: None,
         }
     }
 }
@@ -280,6 +286,28 @@ pub struct FinishedFrame {
     pub scale_time: Duration,
 }
 
+/// One denoising call over `frames` through the cross-stream batcher: the cross-frame state is
+/// lent to the call and comes back with it. Returns how many streams the UNet call held.
+fn batched_call(
+    img2img: &Img2Img,
+    membership: &Membership,
+    timeout: Duration,
+    attention: &mut CrossFrameAttention,
+    frames: &mut [&mut DenoisingFrame],
+    call: Call,
+) -> Result<usize> {
+    let inputs = {
+        let views: Vec<&DenoisingFrame> = frames.iter().map(|f| &**f).collect();
+        img2img.step_inputs(&views, call)?
+    };
+    // Lent out for the call; an empty state stays behind (the call's error path resets it anyway).
+    let lent = std::mem::replace(attention, CrossFrameAttention::new(attention.mode(), attention.scope()));
+    let reply = membership.run(img2img, StepRequest { inputs, attention: lent }, timeout)?;
+    *attention = reply.attention;
+    img2img.advance(frames, &reply.inputs, &reply.prediction?)?;
+    Ok(reply.streams_in_call)
+}
+
 /// Side of the square thumbnail the scene-cut measure compares.
 const THUMBNAIL_SIDE: usize = 32;
 
@@ -315,6 +343,10 @@ pub struct VideoSession {
     /// Why the session was reset since the last frame started, if it was (the next anchor's
     /// reason).
     reset_reason: Option<&'static str>,
+    /// The session's place among the streams batching their calls (cross-stream batching on).
+    membership: Option<Membership>,
+    /// Denoising calls whose UNet call held other streams' rows too.
+    shared_calls: u64,
 }
 
 /// A place in the stream batch's output order.
@@ -352,6 +384,10 @@ impl VideoSession {
     pub fn new(stylizer: Stylizer, config: SessionConfig, settings: FrameSettings) -> Result<Self> {
         config.validate()?;
         settings.validate()?;
+        let membership = match config.batch_timeout {
+            Some(_) => Some(stylizer.shared().batcher().join()?),
+            None => None,
+        };
         Ok(Self {
             attention: CrossFrameAttention::new(config.attention, config.scope),
             cancel: CancelHandle::default(),
@@ -371,6 +407,8 @@ impl VideoSession {
             stream_settings: None,
             pending_config: None,
             reset_reason: None,
+            membership,
+            shared_calls: 0,
         })
     }
 
@@ -422,6 +460,15 @@ impl VideoSession {
 
     fn apply_config(&mut self, config: SessionConfig) {
         self.attention.configure(config.attention, config.scope);
+        match (&self.membership, config.batch_timeout) {
+            (None, Some(_)) => match self.stylizer.shared().batcher().join() {
+                Ok(membership) => self.membership = Some(membership),
+                // Only a poisoned batcher refuses: the calls run on their own.
+                Err(e) => tracing::warn!("cross-stream batching stays off: {e:#}"),
+            },
+            (Some(_), None) => self.membership = None,
+            _ => {}
+        }
         if config.seed != self.config.seed || config.size != self.config.size {
             self.fixed_noise = None;
         }
@@ -492,6 +539,12 @@ impl VideoSession {
 
     pub fn frames_pushed(&self) -> u64 {
         self.frames_pushed
+    }
+
+    /// Denoising calls so far whose UNet call also held other streams' frames (cross-stream
+    /// batching).
+    pub fn shared_calls(&self) -> u64 {
+        self.shared_calls
     }
 
     /// The size frames of `width` x `height` are processed at.
@@ -820,10 +873,18 @@ impl VideoSession {
                 .collect();
             let count = frames.len();
             let _span = tracing::info_span!("stream_call", frames = count, first).entered();
-            self.stylizer
-                .img2img()
-                .denoise_batch(&mut frames, &mut self.attention)
-                .with_context(|| format!("stream batch of {count} frames from frame {first}"))?;
+            let img2img = self.stylizer.img2img();
+            let result = match (&self.membership, self.config.batch_timeout) {
+                (Some(membership), Some(timeout)) => {
+                    batched_call(img2img, membership, timeout, &mut self.attention, &mut frames, Call::Batch).map(
+                        |streams| {
+                            self.shared_calls += u64::from(streams > 1);
+                        },
+                    )
+                }
+                _ => img2img.denoise_batch(&mut frames, &mut self.attention),
+            };
+            result.with_context(|| format!("stream batch of {count} frames from frame {first}"))?;
         }
         let mut out = Vec::new();
         loop {
@@ -887,15 +948,18 @@ impl VideoSession {
         let step_noise = self.fresh_step_noise(index, &input, step_noise)?;
         let device = self.stylizer.device().clone();
         let mut span = DeviceSpan::start(&device)?;
-        let result = self.stylizer.stylize_cancellable(
-            &input,
-            &control,
-            &self.settings,
-            &noise,
-            step_noise.as_ref(),
-            &mut self.attention,
-            &self.cancel,
-        );
+        let result = match (&self.membership, self.config.batch_timeout) {
+            (Some(_), Some(_)) => self.stylize_batched(&input, &control, &noise, step_noise.as_ref()),
+            _ => self.stylizer.stylize_cancellable(
+                &input,
+                &control,
+                &self.settings,
+                &noise,
+                step_noise.as_ref(),
+                &mut self.attention,
+                &self.cancel,
+            ),
+        };
         let launch_time = launched.elapsed();
         let image = match result.and_then(|image| span.end(&device).map(|()| image)) {
             Ok(image) => image,
@@ -910,6 +974,41 @@ impl VideoSession {
         let anchor_reason = self.anchor_reason_given(anchor, anchor_reason, index);
         self.last_output = Some(image.clone());
         Ok(InFlightFrame { image, index, skipped: false, anchor, anchor_reason, prepare_time, launch_time, span })
+    }
+
+    /// One frame, each denoising step through the cross-stream batcher ([`Img2Img::run`]
+    /// otherwise).
+    fn stylize_batched(
+        &mut self,
+        input: &Tensor,
+        control: &Tensor,
+        noise: &Tensor,
+        step_noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let embeddings = self.stylizer.prompt_embeddings(&self.settings)?;
+        let inputs = FrameInputs { frame: input, control, embeddings: &embeddings, noise, step_noise };
+        let img2img = self.stylizer.img2img();
+        let mut frame = img2img.start_frame(&inputs, &self.settings)?;
+        let _span = tracing::info_span!(
+            "stylize_frame",
+            width = frame.plan().width,
+            height = frame.plan().height,
+            steps = frame.plan().timesteps.len()
+        )
+        .entered();
+        self.attention.begin_frame(frame.plan())?;
+        frame.set_anchor(self.config.attention != AttentionMode::Off && self.attention.current_frame_is_anchor());
+        let (Some(membership), Some(timeout)) = (&self.membership, self.config.batch_timeout) else {
+            bail!("cross-stream batching is off")
+        };
+        while !frame.is_done() {
+            self.cancel.check()?;
+            let streams =
+                batched_call(img2img, membership, timeout, &mut self.attention, &mut [&mut frame], Call::Sequential)?;
+            self.shared_calls += u64::from(streams > 1);
+        }
+        self.attention.end_frame()?;
+        img2img.decode(frame)
     }
 
     /// Downloads a launched frame as 8-bit RGB, waiting for the device. Frames may be finished

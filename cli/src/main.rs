@@ -276,6 +276,8 @@ fn stylize(args: StylizeArgs) -> Result<()> {
         stream_batch: args.stream_batch,
         skip_similarity: args.skip_similarity,
         max_skip: args.max_skip,
+        // One stream: no other stream to batch with.
+        batch_timeout: None,
     };
     let mut session = VideoSession::new(stylizer, config, settings)?;
     if let Some(noise) = noise_from_file {

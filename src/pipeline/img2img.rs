@@ -60,6 +60,8 @@ pub struct Img2Img {
     /// Captured stream-batch calls (CUDA), apart from the sequential steps: their inputs
     /// have another shape.
     stream_graphs: Mutex<StepGraphs>,
+    /// Captured cross-stream calls (CUDA): several streams' rows, another shape again.
+    cross_stream_graphs: Mutex<StepGraphs>,
     /// Captured VAE encoding, control embedding and VAE decoding (CUDA).
     stage_graphs: Mutex<StageGraphs>,
     // Shared by several sessions on several threads (`super::registry`), this is safe because:
@@ -91,6 +93,7 @@ impl Img2Img {
             dtype,
             step_graphs: Mutex::new(StepGraphs::default()),
             stream_graphs: Mutex::new(StepGraphs::default()),
+            cross_stream_graphs: Mutex::new(StepGraphs::default()),
             stage_graphs: Mutex::new(StageGraphs::default()),
         }
     }
@@ -307,16 +310,31 @@ impl Img2Img {
     }
 
     fn denoise(&self, frames: &mut [&mut DenoisingFrame], hook: &mut dyn FrameHook, call: Call) -> Result<()> {
-        let Some(first) = frames.first() else { return Ok(()) };
+        if frames.is_empty() {
+            return Ok(());
+        }
+        let inputs = {
+            let views: Vec<&DenoisingFrame> = frames.iter().map(|f| &**f).collect();
+            self.step_inputs(&views, call)?
+        };
+        let steps: Vec<usize> = inputs.rows.iter().map(|r| r.step).collect();
+        let _span = tracing::debug_span!("denoise_step", ?steps).entered();
+        let noise_pred = self.predict(&inputs, hook)?;
+        self.advance(frames, &inputs, &noise_pred)
+    }
+
+    /// What one denoising call over `frames` takes (see [`StepInputs`]): one frame for
+    /// `call` = sequential, the frames of a stream batch otherwise. The frames must share
+    /// their plan and ControlNet scale, and have a step left.
+    pub fn step_inputs(&self, frames: &[&DenoisingFrame], call: Call) -> Result<StepInputs> {
+        let Some(first) = frames.first() else { bail!("a denoising call needs a frame") };
         let plan = first.plan.clone();
         let controlnet_scale = first.settings.controlnet_scale;
-        let scheduler = self.scheduler(&first.settings)?;
-        let lcm = scheduler.as_lcm();
         if call == Call::Sequential && frames.len() != 1 {
             bail!("a sequential denoising step takes one frame, got {}", frames.len());
         }
         let mut rows = Vec::with_capacity(frames.len());
-        for frame in frames.iter() {
+        for frame in frames {
             if frame.plan != plan {
                 bail!("frames of one stream batch must share their plan: {:?} and {:?}", plan, frame.plan);
             }
@@ -329,79 +347,159 @@ impl Img2Img {
             };
             rows.push(StepRow { step, timestep, batch: plan.batches[step], anchor: frame.anchor });
         }
-        let steps = rows.iter().map(|r| r.step).collect::<Vec<_>>();
-        let _span = tracing::debug_span!("denoise_step", ?steps).entered();
-        let device = first.latents.device().clone();
-        let _upload_cache = upload_cache(&device);
+        let mut model_input = Vec::new();
+        let mut embeddings = Vec::new();
+        let mut conditions = Vec::new();
+        let mut timesteps = Vec::new();
+        for (frame, row) in frames.iter().zip(&rows) {
+            model_input.push(frame.latents.repeat((row.batch, 1, 1, 1))?);
+            embeddings.push(if row.batch == 2 { frame.embeddings.clone() } else { frame.positive.clone() });
+            // A sequential step's ControlNet broadcasts the batch-1 embedding (the shapes its
+            // captured graphs were made with); a batch lines one up with every row.
+            conditions.push(match call {
+                Call::Sequential => frame.condition.clone(),
+                Call::Batch => frame.condition.repeat((row.batch, 1, 1, 1))?,
+            });
+            timesteps.extend(std::iter::repeat_n(row.timestep as f64, row.batch));
+        }
+        Ok(StepInputs {
+            call,
+            plan,
+            controlnet_scale,
+            model_input: cat_rows(&model_input)?,
+            embeddings: cat_rows(&embeddings)?,
+            condition: cat_rows(&conditions)?,
+            timesteps,
+            rows,
+        })
+    }
 
-        let (noise_pred, key) = match call {
+    /// The UNet's noise prediction for one denoising call, with its ControlNet residuals:
+    /// `[batch, C, h, w]`, the rows' batches one after the other. `hook` sees the call
+    /// through [`FrameHook::begin_step`] (sequential) or [`FrameHook::begin_rows`] (a batch).
+    /// A sequential step goes through the step graphs; a stream batch holding every step of
+    /// the plan (the steady state) through its own captured graphs; a partly filled one
+    /// (start, drain) runs eagerly.
+    pub fn predict(&self, inputs: &StepInputs, hook: &mut dyn FrameHook) -> Result<Tensor> {
+        match inputs.call {
             Call::Sequential => {
-                let frame = &frames[0];
-                let StepRow { step, timestep, batch, .. } = rows[0];
-                hook.begin_step(step, timestep)?;
-                let model_input = frame.latents.repeat((batch, 1, 1, 1))?;
-                let embeddings = if batch == 2 { &frame.embeddings } else { &frame.positive };
+                let row = inputs.rows[0];
+                hook.begin_step(row.step, row.timestep)?;
                 let key = StepKey {
-                    index: step,
-                    timestep,
-                    controlnet_scale_bits: controlnet_scale.to_bits(),
+                    index: row.step,
+                    timestep: row.timestep,
+                    controlnet_scale_bits: inputs.controlnet_scale.to_bits(),
                     hook: hook.graph_key(),
                 };
-                let timesteps = vec![timestep as f64; batch];
-                ((model_input, embeddings.clone(), frame.condition.clone(), timesteps), key)
+                self.call_models(&self.step_graphs, key, inputs, hook)
             }
             Call::Batch => {
-                hook.begin_rows(&rows)?;
-                let mut inputs = Vec::new();
-                let mut embeddings = Vec::new();
-                let mut conditions = Vec::new();
-                let mut timesteps = Vec::new();
-                for (frame, row) in frames.iter().zip(&rows) {
-                    inputs.push(frame.latents.repeat((row.batch, 1, 1, 1))?);
-                    embeddings.push(if row.batch == 2 { frame.embeddings.clone() } else { frame.positive.clone() });
-                    conditions.push(frame.condition.repeat((row.batch, 1, 1, 1))?);
-                    timesteps.extend(std::iter::repeat_n(row.timestep as f64, row.batch));
-                }
-                // Only a full pipeline (every step of the plan in the call) is captured: its
-                // layout repeats every frame, a filling or draining one does not.
-                let full = rows.len() == plan.timesteps.len();
-                let key = StepKey {
-                    index: rows.iter().fold(0, |acc, r| acc * 64 + r.step + 1),
-                    timestep: timesteps_hash(&timesteps),
-                    controlnet_scale_bits: controlnet_scale.to_bits(),
-                    hook: hook.graph_key().filter(|_| full),
-                };
-                let cat = |ts: &[Tensor]| Tensor::cat(ts, 0);
-                ((cat(&inputs)?, cat(&embeddings)?, cat(&conditions)?, timesteps), key)
+                hook.begin_rows(&inputs.rows)?;
+                // Only a full pipeline is captured: its layout repeats every frame, a filling
+                // or draining one does not.
+                let full = inputs.rows.len() == inputs.plan.timesteps.len();
+                let key = batch_key(inputs, hook.graph_key().filter(|_| full));
+                let result = self.call_models(&self.stream_graphs, key, inputs, hook);
+                hook.end_rows()?;
+                result
             }
-        };
-        let (model_input, embeddings, condition, timesteps) = noise_pred;
-        let mut graphs = match call {
-            Call::Sequential => self.step_graphs.lock(),
-            Call::Batch => self.stream_graphs.lock(),
         }
-        .map_err(|_| anyhow::anyhow!("step graphs poisoned by a panic"))?;
-        let graph_inputs = [&model_input, &embeddings, &condition];
-        let noise_pred = graphs.run(&device, key, &graph_inputs, |inputs| {
-            let [model_input, embeddings, condition] = inputs else {
+    }
+
+    /// One UNet + ControlNet call over the inputs of several streams (cross-stream batching),
+    /// their rows one after the other: the prediction of each in that order. They must share
+    /// the plan and the ControlNet scale. `hook` sees every row through
+    /// [`FrameHook::begin_rows`] and splits them by stream; its [`FrameHook::graph_key`]
+    /// decides whether the call is captured (CUDA).
+    pub fn predict_streams(&self, parts: &[&StepInputs], hook: &mut dyn FrameHook) -> Result<Tensor> {
+        let Some(&first) = parts.first() else { bail!("a cross-stream call needs a stream") };
+        let mut rows = Vec::new();
+        let mut model_input = Vec::new();
+        let mut embeddings = Vec::new();
+        let mut conditions = Vec::new();
+        let mut timesteps = Vec::new();
+        for part in parts {
+            if part.plan != first.plan || part.controlnet_scale != first.controlnet_scale {
+                bail!(
+                    "streams of one UNet call must share their plan and ControlNet scale: {:?} at {} and {:?} at {}",
+                    first.plan,
+                    first.controlnet_scale,
+                    part.plan,
+                    part.controlnet_scale
+                );
+            }
+            rows.extend_from_slice(&part.rows);
+            model_input.push(part.model_input.clone());
+            embeddings.push(part.embeddings.clone());
+            let batch = part.model_input.dim(0)?;
+            conditions.push(match part.condition.dim(0)? {
+                1 if batch > 1 => part.condition.repeat((batch, 1, 1, 1))?,
+                _ => part.condition.clone(),
+            });
+            timesteps.extend_from_slice(&part.timesteps);
+        }
+        let inputs = StepInputs {
+            call: Call::Batch,
+            plan: first.plan.clone(),
+            controlnet_scale: first.controlnet_scale,
+            model_input: cat_rows(&model_input)?,
+            embeddings: cat_rows(&embeddings)?,
+            condition: cat_rows(&conditions)?,
+            timesteps,
+            rows,
+        };
+        // Captured when the layout repeats: every stream holds one frame (sequential) or a
+        // full stream batch (every step of the plan), not one that fills or drains.
+        let steps = first.plan.timesteps.len();
+        let steady = parts.iter().all(|p| p.rows.len() == 1 || p.rows.len() == steps);
+        hook.begin_rows(&inputs.rows)?;
+        let key = batch_key(&inputs, hook.graph_key().filter(|_| steady));
+        let result = self.call_models(&self.cross_stream_graphs, key, &inputs, hook);
+        hook.end_rows()?;
+        result
+    }
+
+    fn call_models(
+        &self,
+        cache: &Mutex<StepGraphs>,
+        key: StepKey,
+        inputs: &StepInputs,
+        hook: &mut dyn FrameHook,
+    ) -> Result<Tensor> {
+        let device = inputs.model_input.device().clone();
+        let _upload_cache = upload_cache(&device);
+        let mut graphs = cache.lock().map_err(|_| anyhow::anyhow!("step graphs poisoned by a panic"))?;
+        let graph_inputs = [&inputs.model_input, &inputs.embeddings, &inputs.condition];
+        graphs.run(&device, key, &graph_inputs, |tensors| {
+            let [model_input, embeddings, condition] = tensors else {
                 candle_core::bail!("a denoising step takes three inputs")
             };
             let residuals = self.controlnet.forward_embedded_each(
                 model_input,
-                &timesteps,
+                &inputs.timesteps,
                 embeddings,
                 &ControlCondition::from_embedding(condition.clone()),
-                controlnet_scale,
+                inputs.controlnet_scale,
             )?;
-            self.unet.forward_each(model_input, &timesteps, embeddings, Some(&residuals), hook.attention_hook())
-        })?;
-        drop(graphs);
-        if call == Call::Batch {
-            hook.end_rows()?;
-        }
+            self.unet.forward_each(model_input, &inputs.timesteps, embeddings, Some(&residuals), hook.attention_hook())
+        })
+    }
 
+    /// Advances each frame by its step with its rows of `noise_pred` (guidance, scheduler
+    /// step, LCM re-noising); `frames` are the ones `inputs` was made from, in order.
+    pub fn advance(&self, frames: &mut [&mut DenoisingFrame], inputs: &StepInputs, noise_pred: &Tensor) -> Result<()> {
+        if frames.len() != inputs.rows.len() {
+            bail!("{} frames for a denoising call of {} frames", frames.len(), inputs.rows.len());
+        }
+        let Some(first) = frames.first() else { return Ok(()) };
+        let scheduler = self.scheduler(&first.settings)?;
+        let lcm = scheduler.as_lcm();
+        let steps = inputs.plan.timesteps.len();
         let mut offset = 0;
-        for (frame, row) in frames.iter_mut().zip(&rows) {
+        for (frame, row) in frames.iter_mut().zip(&inputs.rows) {
+            if frame.next_step != row.step || frame.plan != inputs.plan {
+                bail!("a frame at step {} was given the prediction for step {}", frame.next_step, row.step);
+            }
             let prediction = noise_pred.narrow(0, offset, row.batch)?;
             offset += row.batch;
             let mut guidance = Guidance::resume(
@@ -413,7 +511,7 @@ impl Img2Img {
             let index = row.step;
             let eps = guidance.combine(index, &prediction)?;
             let renoise = match &frame.step_noise {
-                Some(noise_rows) if index + 1 < plan.timesteps.len() => Some(noise_rows.narrow(0, index, 1)?),
+                Some(noise_rows) if index + 1 < steps => Some(noise_rows.narrow(0, index, 1)?),
                 _ => None,
             };
             frame.latents = scheduler.step(&eps, &frame.schedule, index, &frame.latents, renoise.as_ref())?;
@@ -427,9 +525,48 @@ impl Img2Img {
 
 /// How a denoising call is made: one frame as it always was, or a stream batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Call {
+pub enum Call {
     Sequential,
     Batch,
+}
+
+/// What one denoising call takes ([`Img2Img::step_inputs`]): its frames' rows and the UNet's
+/// inputs, the rows' batches one after the other. Made on the stream's thread; the call
+/// itself may run on another (cross-stream batching).
+pub struct StepInputs {
+    pub call: Call,
+    pub plan: FramePlan,
+    pub controlnet_scale: f64,
+    pub rows: Vec<StepRow>,
+    model_input: Tensor,
+    embeddings: Tensor,
+    condition: Tensor,
+    timesteps: Vec<f64>,
+}
+
+impl StepInputs {
+    /// UNet rows the call takes (the guidance batch counts two).
+    pub fn batch(&self) -> usize {
+        self.rows.iter().map(|r| r.batch).sum()
+    }
+}
+
+fn cat_rows(tensors: &[Tensor]) -> Result<Tensor> {
+    Ok(match tensors {
+        [one] => one.clone(),
+        many => Tensor::cat(many, 0)?,
+    })
+}
+
+/// A stream batch's graph key: the rows' steps, their timesteps (baked into a capture), the
+/// ControlNet scale and the hook's key.
+fn batch_key(inputs: &StepInputs, hook: Option<u64>) -> StepKey {
+    StepKey {
+        index: inputs.rows.iter().fold(0usize, |acc, r| acc.wrapping_mul(64).wrapping_add(r.step + 1)),
+        timestep: timesteps_hash(&inputs.timesteps),
+        controlnet_scale_bits: inputs.controlnet_scale.to_bits(),
+        hook,
+    }
 }
 
 /// Keys a stream batch's graph by its rows' timesteps (baked into a capture).

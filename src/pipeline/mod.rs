@@ -2,6 +2,7 @@
 //! loaded models around it ([`Stylizer`], shared through the [`registry`]), the VAE of either kind ([`Vae`]), and what a frame
 //! is computed with: its settings, hooks, noise, processing size and cancellation.
 
+pub mod batcher;
 mod cancel;
 mod guidance;
 mod hooks;
@@ -15,10 +16,11 @@ mod size;
 mod stylizer;
 mod vae;
 
+pub use batcher::{BatcherStats, Membership, StepReply, StepRequest, StreamBatcher};
 pub use cancel::{CancelHandle, Cancelled};
 pub use guidance::{Guidance, RESIDUAL_DELTA};
 pub use hooks::{FrameHook, PlainFrame, Stage, StageObserver, StepRow};
-pub use img2img::{DenoisingFrame, FrameInputs, Img2Img};
+pub use img2img::{Call, DenoisingFrame, FrameInputs, Img2Img, StepInputs};
 pub use loader::{Component, ModelParts, ModelSpec, load_vae};
 pub use lora::LoraSpec;
 pub use noise::{FrameNoise, load_frame_noise, load_noise_file, seeded_noise, seeded_noise_rows, uniform_draw};

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device, Tensor};
 
+use super::batcher::StreamBatcher;
 use super::cancel::CancelHandle;
 use super::hooks::FrameHook;
 use super::img2img::{FrameInputs, Img2Img};
@@ -38,6 +39,8 @@ pub struct SharedModels {
     text_encoder: ClipTextModel,
     img2img: Img2Img,
     device: Device,
+    /// Where the streams sharing these models meet to batch their denoising calls.
+    batcher: Arc<StreamBatcher>,
 }
 
 impl SharedModels {
@@ -84,6 +87,7 @@ impl SharedModels {
             text_encoder,
             img2img: Img2Img::new(unet_model, controlnet_model, vae_model, &vae.config, scheduler, dtype),
             device: device.clone(),
+            batcher: Arc::default(),
         })
     }
 
@@ -95,6 +99,11 @@ impl SharedModels {
 
     pub fn img2img(&self) -> &Img2Img {
         &self.img2img
+    }
+
+    /// The cross-stream batcher of the streams sharing these models.
+    pub fn batcher(&self) -> &Arc<StreamBatcher> {
+        &self.batcher
     }
 
     /// Runs the text encoder on the prompts (no cache).

@@ -1,0 +1,244 @@
+//! Cross-stream batching: the streams (sessions, elements) that share one loaded model
+//! ([`super::registry`]) meet here before each denoising call, and the calls that are ready at
+//! the same time and share a step plan (size, timesteps, guidance batch, ControlNet scale) run
+//! as one UNet + ControlNet call ([`Img2Img::predict_streams`]), each stream's rows with their
+//! own timesteps, prompt embeddings, control image and cross-frame keys and values
+//! ([`StreamsAttention`]). Calls with other plans run on their own in the same round.
+//!
+//! No thread of its own: the first stream to arrive leads. It waits for partners until every
+//! active member has arrived or its batch timeout has passed, then runs the round's calls and
+//! hands each stream its prediction; the others wait for that. A member is active while it has
+//! joined or asked for a call within the last second, or within the leader's batch timeout when
+//! that is longer (a stream that stops sending frames stops holding the others back after that). A stream alone in its round runs exactly its own call
+//! ([`Img2Img::predict`]).
+
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, anyhow};
+use candle_core::Tensor;
+
+use super::img2img::{Img2Img, StepInputs};
+use crate::cross_frame::{CrossFrameAttention, StreamsAttention};
+
+/// A member that asked for no call for this long (or for the leader's batch timeout, when that
+/// is longer) no longer holds the others back.
+const ACTIVE_WINDOW: Duration = Duration::from_secs(1);
+
+/// One stream's denoising call, with its cross-frame state (lent to the round's leader).
+pub struct StepRequest {
+    pub inputs: StepInputs,
+    pub attention: CrossFrameAttention,
+}
+
+/// What a stream gets back: its cross-frame state, always, and its call's prediction (its
+/// rows of the UNet's output) or why there is none.
+pub struct StepReply {
+    /// The request's inputs, back.
+    pub inputs: StepInputs,
+    pub attention: CrossFrameAttention,
+    pub prediction: Result<Tensor>,
+    /// Streams whose rows shared the UNet call (1: alone).
+    pub streams_in_call: usize,
+}
+
+/// How many calls ran and how many of them held several streams.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatcherStats {
+    pub calls: u64,
+    pub shared_calls: u64,
+}
+
+struct Pending {
+    request: StepRequest,
+    reply: mpsc::Sender<StepReply>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Each member and when it joined or last asked for a call.
+    members: HashMap<u64, Instant>,
+    pending: Vec<Pending>,
+    /// A leader is waiting for partners (later arrivals join its round).
+    collecting: bool,
+    stats: BatcherStats,
+}
+
+impl State {
+    /// Members that joined or asked for a call within `window`.
+    fn active_members(&self, now: Instant, window: Duration) -> usize {
+        self.members.values().filter(|&&seen| now.duration_since(seen) < window).count()
+    }
+}
+
+/// The meeting point of the streams sharing one model (one per [`super::SharedModels`]).
+#[derive(Default)]
+pub struct StreamBatcher {
+    state: Mutex<State>,
+    changed: Condvar,
+    next_member: AtomicU64,
+}
+
+impl StreamBatcher {
+    fn lock(&self) -> Result<MutexGuard<'_, State>> {
+        self.state.lock().map_err(|_| anyhow!("the cross-stream batcher was poisoned by a panic"))
+    }
+
+    /// Registers a stream; it counts as a member (one the leader may wait for) until the
+    /// returned handle is dropped.
+    pub fn join(self: &Arc<Self>) -> Result<Membership> {
+        let id = self.next_member.fetch_add(1, Ordering::Relaxed);
+        // Active from the start: a stream that joined is about to send frames.
+        self.lock()?.members.insert(id, Instant::now());
+        Ok(Membership { batcher: self.clone(), id })
+    }
+
+    /// Calls so far, and how many held several streams.
+    pub fn stats(&self) -> BatcherStats {
+        self.lock().map(|s| s.stats).unwrap_or_default()
+    }
+
+    /// Streams registered now.
+    pub fn members(&self) -> usize {
+        self.lock().map(|s| s.members.len()).unwrap_or(0)
+    }
+
+    fn leave(&self, id: u64) {
+        if let Ok(mut state) = self.state.lock() {
+            state.members.remove(&id);
+        }
+        // A leader waiting for this member stops waiting.
+        self.changed.notify_all();
+    }
+
+    /// Runs `request`'s call, with the calls of other members that share its plan and are
+    /// ready within `timeout` (see the module docs).
+    fn run(&self, member: u64, img2img: &Img2Img, request: StepRequest, timeout: Duration) -> Result<StepReply> {
+        let (reply, answer) = mpsc::channel();
+        let mut state = self.lock()?;
+        let now = Instant::now();
+        state.members.insert(member, now);
+        state.pending.push(Pending { request, reply });
+        if state.collecting {
+            self.changed.notify_all();
+            drop(state);
+            return answer.recv().map_err(|_| anyhow!("the stream leading the cross-stream call stopped"));
+        }
+        state.collecting = true;
+        let deadline = now + timeout;
+        // A patient leader also waits for members that are slower between calls.
+        let window = ACTIVE_WINDOW.max(timeout);
+        loop {
+            let now = Instant::now();
+            if state.pending.len() >= state.active_members(now, window) || now >= deadline {
+                break;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, deadline - now)
+                .map_err(|_| anyhow!("the cross-stream batcher was poisoned by a panic"))?
+                .0;
+        }
+        let round = std::mem::take(&mut state.pending);
+        state.collecting = false;
+        drop(state);
+        let groups = group_by_plan(round);
+        let mut stats = BatcherStats::default();
+        for group in groups {
+            stats.calls += 1;
+            stats.shared_calls += u64::from(group.len() > 1);
+            run_group(img2img, group);
+        }
+        if let Ok(mut state) = self.lock() {
+            state.stats.calls += stats.calls;
+            state.stats.shared_calls += stats.shared_calls;
+        }
+        answer.recv().map_err(|_| anyhow!("the cross-stream call lost this stream's reply"))
+    }
+}
+
+/// The round's requests, grouped by what must be equal in one UNet call.
+fn group_by_plan(round: Vec<Pending>) -> Vec<Vec<Pending>> {
+    let mut groups: Vec<Vec<Pending>> = Vec::new();
+    for pending in round {
+        let fits = |group: &Vec<Pending>| {
+            let first = &group[0].request.inputs;
+            let inputs = &pending.request.inputs;
+            first.plan == inputs.plan && first.controlnet_scale.to_bits() == inputs.controlnet_scale.to_bits()
+        };
+        match groups.iter_mut().find(|group| fits(group)) {
+            Some(group) => group.push(pending),
+            None => groups.push(vec![pending]),
+        }
+    }
+    groups
+}
+
+/// Runs one group's call and answers every request in it (a panic in the models is an error
+/// for each).
+fn run_group(img2img: &Img2Img, mut group: Vec<Pending>) {
+    let streams = group.len();
+    let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Tensor>> {
+        if let [one] = group.as_mut_slice() {
+            let request = &mut one.request;
+            return Ok(vec![img2img.predict(&request.inputs, &mut request.attention)?]);
+        }
+        let batches: Vec<usize> = group.iter().map(|p| p.request.inputs.batch()).collect();
+        let (inputs, attentions): (Vec<&StepInputs>, Vec<&mut CrossFrameAttention>) =
+            group.iter_mut().map(|p| (&p.request.inputs, &mut p.request.attention)).unzip();
+        let frames = inputs.iter().map(|i| i.rows.len()).collect();
+        let mut hook = StreamsAttention::new(attentions, frames)?;
+        let prediction = img2img.predict_streams(&inputs, &mut hook)?;
+        let mut offset = 0;
+        let mut parts = Vec::with_capacity(streams);
+        for batch in batches {
+            parts.push(prediction.narrow(0, offset, batch)?);
+            offset += batch;
+        }
+        Ok(parts)
+    }));
+    let outcome = match outcome {
+        Ok(Ok(parts)) => Ok(parts),
+        Ok(Err(e)) => Err(format!("{e:#}")),
+        Err(_) => Err("the models panicked".to_string()),
+    };
+    for (index, Pending { request, reply }) in group.into_iter().enumerate() {
+        let prediction = match &outcome {
+            Ok(parts) => Ok(parts[index].clone()),
+            Err(message) if streams > 1 => {
+                Err(anyhow!("a UNet call shared by {streams} streams failed: {message}"))
+            }
+            Err(message) => Err(anyhow!("{message}")),
+        };
+        // A stream that stopped waiting has nothing to receive.
+        let StepRequest { inputs, attention } = request;
+        let _ = reply.send(StepReply { inputs, attention, prediction, streams_in_call: streams });
+    }
+}
+
+/// A stream's place in a [`StreamBatcher`]; leaves it when dropped.
+pub struct Membership {
+    batcher: Arc<StreamBatcher>,
+    id: u64,
+}
+
+impl Membership {
+    /// Runs one denoising call through the batcher (see [`StreamBatcher`]).
+    pub fn run(&self, img2img: &Img2Img, request: StepRequest, timeout: Duration) -> Result<StepReply> {
+        self.batcher.run(self.id, img2img, request, timeout)
+    }
+
+    pub fn batcher(&self) -> &Arc<StreamBatcher> {
+        &self.batcher
+    }
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.batcher.leave(self.id);
+    }
+}
