@@ -156,3 +156,53 @@ fn elements_with_one_id_share_and_other_settings_under_it_are_an_error_naming_it
     // The elements holding the id go on.
     first.process(&input(0, 1), 40);
 }
+
+/// The largest difference between two frames, in 8-bit levels.
+fn max_level_diff(a: &RgbFrame, b: &RgbFrame) -> u8 {
+    assert_eq!((a.width, a.height), (b.width, b.height));
+    a.data.iter().zip(&b.data).map(|(x, y)| x.abs_diff(*y)).max().unwrap_or(0)
+}
+
+#[test]
+fn elements_on_their_own_threads_share_unet_calls_and_give_their_own_frames() {
+    let _serial = serial();
+    // Each alone, on a copy of its own.
+    let mut want = Vec::new();
+    for (stream, (settings, id)) in [(stream_a(), "solo-a"), (stream_b(), "solo-b")].into_iter().enumerate() {
+        let mut alone = Element::new(&with(settings, &[("model-instance-id", id)]));
+        want.push((0..FRAMES).map(|k| alone.process(&input(stream, k), 40 * k as u64)).collect::<Vec<_>>());
+    }
+    // Together, each element on a streaming thread of its own, as behind a tee; a patient
+    // batch timeout so that they meet at every step however loaded the machine is.
+    let loads = registry::loads();
+    let start = std::sync::Barrier::new(2);
+    let runs: Vec<(Vec<RgbFrame>, gst::Structure)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = [stream_a(), stream_b()]
+            .into_iter()
+            .enumerate()
+            .map(|(stream, settings)| {
+                let start = &start;
+                scope.spawn(move || {
+                    let mut element = Element::new(&with(settings, &[("batch-timeout", "1000")]));
+                    // Started (the model loaded) before either pushes a frame.
+                    element.h.element().unwrap().set_state(gst::State::Playing).unwrap();
+                    start.wait();
+                    let frames = (0..FRAMES).map(|k| element.process(&input(stream, k), 40 * k as u64)).collect();
+                    let stats = element.h.element().unwrap().property::<gst::Structure>("stats");
+                    (frames, stats)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(registry::loads() - loads, 1, "one copy for both");
+    for (stream, (frames, stats)) in runs.iter().enumerate() {
+        for (k, (got, want)) in frames.iter().zip(&want[stream]).enumerate() {
+            let diff = max_level_diff(got, want);
+            assert!(diff <= 1, "element {stream} frame {k}: {diff} levels from the element alone");
+        }
+        let shared = stats.get::<u64>("shared-calls").unwrap();
+        assert!(shared > 0, "element {stream}: no UNet call was shared ({stats})");
+        println!("element {stream}: {shared} of {} denoising calls shared", 2 * FRAMES);
+    }
+}

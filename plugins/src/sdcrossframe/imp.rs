@@ -114,7 +114,13 @@ struct Settings {
     stream_batch: bool,
     skip_similarity: f64,
     max_skip: u32,
+    /// Cross-stream batching: how long a denoising call waits for the calls of other elements
+    /// sharing the model, in milliseconds.
+    batch_timeout_ms: u32,
 }
+
+/// The `batch-timeout` default: a few ms, well under one UNet call on the GPU.
+const DEFAULT_BATCH_TIMEOUT_MS: u32 = 5;
 
 impl Default for Settings {
     /// The engine's defaults (checked by a test), i.e. the original project's settings.
@@ -156,6 +162,7 @@ impl Default for Settings {
             stream_batch: session.stream_batch,
             skip_similarity: session.skip_similarity,
             max_skip: session.max_skip as u32,
+            batch_timeout_ms: DEFAULT_BATCH_TIMEOUT_MS,
         }
     }
 }
@@ -201,6 +208,7 @@ impl Settings {
             stream_batch: self.stream_batch,
             skip_similarity: self.skip_similarity,
             max_skip: self.max_skip as usize,
+            batch_timeout: Some(std::time::Duration::from_millis(self.batch_timeout_ms.into())),
         }
     }
 
@@ -408,11 +416,13 @@ struct Stats {
     skipped: AtomicU64,
     /// Bytes the cross-frame store holds (after the last frame).
     store_bytes: AtomicU64,
+    /// Denoising calls whose UNet call also held other elements' frames.
+    shared_calls: AtomicU64,
 }
 
 impl Stats {
     fn reset(&self) {
-        for counter in [&self.frames_in, &self.frames_out, &self.dropped, &self.skipped, &self.store_bytes] {
+        for counter in [&self.frames_in, &self.frames_out, &self.dropped, &self.skipped, &self.store_bytes, &self.shared_calls] {
             counter.store(0, Ordering::SeqCst);
         }
     }
@@ -427,6 +437,7 @@ impl Stats {
             .field("skipped", get(&self.skipped))
             .field("in-flight", frames_in.saturating_sub(frames_out + dropped))
             .field("cross-frame-bytes", get(&self.store_bytes))
+            .field("shared-calls", get(&self.shared_calls))
             .build()
     }
 }
@@ -798,7 +809,7 @@ impl ObjectImpl for SdCrossFrame {
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("Frames since the element started: frames-in (buffers that reached it), frames-out, dropped (late, by QoS, before processing), skipped (sent with the last output by similarity skipping), in-flight (held: overlap, stream batch); cross-frame-bytes (the cross-frame store's size after the last frame)")
+                    .blurb("Frames since the element started: frames-in (buffers that reached it), frames-out, dropped (late, by QoS, before processing), skipped (sent with the last output by similarity skipping), in-flight (held: overlap, stream batch); cross-frame-bytes (the cross-frame store's size after the last frame); shared-calls (denoising calls whose UNet call also held other elements' frames: batch-timeout)")
                     .read_only()
                     .build(),
                 glib::ParamSpecBoolean::builder("stream-batch")
@@ -821,6 +832,14 @@ impl ObjectImpl for SdCrossFrame {
                     .minimum(0)
                     .maximum(100_000)
                     .default_value(d.max_skip)
+                    .mutable_playing()
+                    .build(),
+                glib::ParamSpecUInt::builder("batch-timeout")
+                    .nick("Cross-stream batch timeout (ms)")
+                    .blurb("Elements sharing one loaded model (see model-instance-id) run their denoising steps that are ready together and share a step plan (size, steps, strength, scheduler, guidance batch, controlnet-scale) as one UNet call; each waits at most this long for the others. 0: batch only with steps already waiting. Each element's frames are those it gives alone")
+                    .minimum(0)
+                    .maximum(1000)
+                    .default_value(d.batch_timeout_ms)
                     .mutable_playing()
                     .build(),
             ]
@@ -899,6 +918,7 @@ impl ObjectImpl for SdCrossFrame {
                 "stream-batch" => s.stream_batch = value.get().expect("type checked upstream"),
                 "skip-similarity" => s.skip_similarity = value.get().expect("type checked upstream"),
                 "max-skip" => s.max_skip = value.get().expect("type checked upstream"),
+                "batch-timeout" => s.batch_timeout_ms = value.get().expect("type checked upstream"),
                 other => unimplemented!("property {other}"),
             }
         }
@@ -946,6 +966,7 @@ impl ObjectImpl for SdCrossFrame {
             "stats" => self.stats.structure().to_value(),
             "skip-similarity" => s.skip_similarity.to_value(),
             "max-skip" => s.max_skip.to_value(),
+            "batch-timeout" => s.batch_timeout_ms.to_value(),
             other => unimplemented!("property {other}"),
         }
     }
@@ -1316,6 +1337,7 @@ impl SdCrossFrame {
             }
         };
         self.stats.store_bytes.store(session.attention().stored_bytes() as u64, Ordering::Relaxed);
+        self.stats.shared_calls.store(session.shared_calls(), Ordering::Relaxed);
         if let Some(notice) = session.take_notice() {
             gst::element_imp_warning!(self, gst::LibraryError::Settings, ("{notice}"));
         }
