@@ -16,6 +16,7 @@ mod gpu_memory;
 mod ops;
 mod random;
 mod session;
+mod streams;
 mod timing;
 mod unet_step;
 
@@ -65,6 +66,9 @@ enum Mode {
     /// The element's whole per-frame path: a packed RGB frame of the input size through
     /// `VideoSession::push` and back to the input size, with the time of each part.
     Session(session::SessionArgs),
+    /// Several streams at once, each a session on its own thread: one shared model with
+    /// cross-stream batching, without it, or a model copy per stream.
+    Streams(streams::StreamsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -108,5 +112,6 @@ fn run() -> Result<()> {
         Mode::Ops => ops::ops(&cli, &device, dtype),
         Mode::Attention => ops::attention(&cli, &device, dtype),
         Mode::Session(args) => session::run(&cli, args, &device, dtype),
+        Mode::Streams(args) => streams::run(&cli, args, &device, dtype, probe.as_ref()),
     }
 }

@@ -58,7 +58,7 @@ impl Stages {
 }
 
 /// A frame with structure Canny finds (a moving gradient with bars), different every index.
-fn synthetic_frame(width: usize, height: usize, index: usize) -> Result<RgbFrame> {
+pub fn synthetic_frame(width: usize, height: usize, index: usize) -> Result<RgbFrame> {
     let mut data = Vec::with_capacity(width * height * 3);
     for y in 0..height {
         for x in 0..width {

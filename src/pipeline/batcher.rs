@@ -5,9 +5,11 @@
 //! own timesteps, prompt embeddings, control image and cross-frame keys and values
 //! ([`StreamsAttention`]). Calls with other plans run on their own in the same round.
 //!
-//! No thread of its own: the first stream to arrive leads. It waits for partners until every
-//! active member has arrived or its batch timeout has passed, then runs the round's calls and
-//! hands each stream its prediction; the others wait for that. A member is active while it has
+//! No thread of its own: the first stream to arrive leads a round. It waits for partners until
+//! every active member has arrived or its batch timeout has passed, then runs the round's calls
+//! and hands each stream its prediction; the others wait for that. Rounds run one at a time
+//! (the device runs one call at a time anyway): a stream arriving during a round waits for it
+//! and then leads the next, so streams that started out of step meet. A member is active while it has
 //! joined or asked for a call within the last second, or within the leader's batch timeout when
 //! that is longer (a stream that stops sending frames stops holding the others back after that). A stream alone in its round runs exactly its own call
 //! ([`Img2Img::predict`]).
@@ -54,6 +56,7 @@ pub struct BatcherStats {
 }
 
 struct Pending {
+    ticket: u64,
     request: StepRequest,
     reply: mpsc::Sender<StepReply>,
 }
@@ -63,8 +66,9 @@ struct State {
     /// Each member and when it joined or last asked for a call.
     members: HashMap<u64, Instant>,
     pending: Vec<Pending>,
-    /// A leader is waiting for partners (later arrivals join its round).
-    collecting: bool,
+    /// A stream leads a round: it waits for partners (later arrivals join its round) or runs
+    /// the round's calls (later arrivals wait for the next).
+    leading: bool,
     stats: BatcherStats,
 }
 
@@ -81,6 +85,7 @@ pub struct StreamBatcher {
     state: Mutex<State>,
     changed: Condvar,
     next_member: AtomicU64,
+    next_ticket: AtomicU64,
 }
 
 impl StreamBatcher {
@@ -116,20 +121,31 @@ impl StreamBatcher {
     }
 
     /// Runs `request`'s call, with the calls of other members that share its plan and are
-    /// ready within `timeout` (see the module docs).
+    /// ready within `timeout` (see the module docs). One round runs at a time: a stream that
+    /// arrives while one runs waits for it to end and then leads (or joins) the next, so
+    /// streams that start out of step fall into step.
     fn run(&self, member: u64, img2img: &Img2Img, request: StepRequest, timeout: Duration) -> Result<StepReply> {
         let (reply, answer) = mpsc::channel();
+        let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
+        let poisoned = || anyhow!("the cross-stream batcher was poisoned by a panic");
         let mut state = self.lock()?;
-        let now = Instant::now();
-        state.members.insert(member, now);
-        state.pending.push(Pending { request, reply });
-        if state.collecting {
-            self.changed.notify_all();
-            drop(state);
-            return answer.recv().map_err(|_| anyhow!("the stream leading the cross-stream call stopped"));
+        let arrived = Instant::now();
+        state.members.insert(member, arrived);
+        state.pending.push(Pending { ticket, request, reply });
+        self.changed.notify_all();
+        loop {
+            if !state.pending.iter().any(|p| p.ticket == ticket) {
+                // Taken into a round another stream leads.
+                drop(state);
+                return answer.recv().map_err(|_| anyhow!("the stream leading the cross-stream call stopped"));
+            }
+            if !state.leading {
+                break;
+            }
+            state = self.changed.wait(state).map_err(|_| poisoned())?;
         }
-        state.collecting = true;
-        let deadline = now + timeout;
+        state.leading = true;
+        let deadline = Instant::now().max(arrived) + timeout;
         // A patient leader also waits for members that are slower between calls.
         let window = ACTIVE_WINDOW.max(timeout);
         loop {
@@ -137,26 +153,24 @@ impl StreamBatcher {
             if state.pending.len() >= state.active_members(now, window) || now >= deadline {
                 break;
             }
-            state = self
-                .changed
-                .wait_timeout(state, deadline - now)
-                .map_err(|_| anyhow!("the cross-stream batcher was poisoned by a panic"))?
-                .0;
+            state = self.changed.wait_timeout(state, deadline - now).map_err(|_| poisoned())?.0;
         }
         let round = std::mem::take(&mut state.pending);
-        state.collecting = false;
         drop(state);
-        let groups = group_by_plan(round);
+        self.changed.notify_all();
         let mut stats = BatcherStats::default();
-        for group in groups {
+        for group in group_by_plan(round) {
             stats.calls += 1;
             stats.shared_calls += u64::from(group.len() > 1);
             run_group(img2img, group);
         }
-        if let Ok(mut state) = self.lock() {
+        {
+            let mut state = self.lock()?;
+            state.leading = false;
             state.stats.calls += stats.calls;
             state.stats.shared_calls += stats.shared_calls;
         }
+        self.changed.notify_all();
         answer.recv().map_err(|_| anyhow!("the cross-stream call lost this stream's reply"))
     }
 }
@@ -206,7 +220,7 @@ fn run_group(img2img: &Img2Img, mut group: Vec<Pending>) {
         Ok(Err(e)) => Err(format!("{e:#}")),
         Err(_) => Err("the models panicked".to_string()),
     };
-    for (index, Pending { request, reply }) in group.into_iter().enumerate() {
+    for (index, Pending { request, reply, .. }) in group.into_iter().enumerate() {
         let prediction = match &outcome {
             Ok(parts) => Ok(parts[index].clone()),
             Err(message) if streams > 1 => {

@@ -1,0 +1,186 @@
+//! Several streams on one device, each a `VideoSession` on a thread of its own fed as fast as
+//! it takes frames (as elements behind a tee): one shared model with cross-stream batching,
+//! one shared model without it, and a model copy per stream. Aggregate frames per second,
+//! each stream's frame interval, and device memory.
+
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use candle_core::{DType, Device};
+use clap::Args;
+use sdcrossframe::frame::RgbFrame;
+use sdcrossframe::pipeline::{SizeRequest, Stylizer};
+use sdcrossframe::session::{SessionConfig, VideoSession};
+
+use crate::Cli;
+use crate::args::{GenerationArgs, ModelArgs};
+use crate::gpu_memory::Probe;
+use crate::session::synthetic_frame;
+use crate::timing::{gib, median};
+
+#[derive(Args, Debug)]
+pub struct StreamsArgs {
+    #[command(flatten)]
+    models: ModelArgs,
+    #[command(flatten)]
+    generation: GenerationArgs,
+    /// Stream counts to measure, e.g. 1,2,4,8.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    streams: Vec<usize>,
+    /// How each count runs: shared (one model, batched), unbatched (one model, each
+    /// stream's calls on their own), separate (a model copy per stream).
+    #[arg(long, value_delimiter = ',', default_value = "shared,separate")]
+    modes: Vec<String>,
+    /// The cross-stream batch timeout of the shared mode, in ms.
+    #[arg(long, default_value_t = 5)]
+    batch_timeout_ms: u64,
+}
+
+/// What one configuration measured.
+struct Outcome {
+    /// Frames per second, all streams together, over the timed frames.
+    aggregate_fps: f64,
+    /// Each stream's median interval between frames out, ms.
+    intervals: Vec<f64>,
+    shared_calls: u64,
+    /// Device memory in use at the end (all processes), bytes.
+    device_used: u64,
+}
+
+pub fn run(cli: &Cli, args: &StreamsArgs, device: &Device, dtype: DType, probe: Option<&Probe>) -> Result<()> {
+    let (width, height) = (args.generation.width, args.generation.height);
+    let settings = args.generation.settings();
+    println!(
+        "streams: {width}x{height}, {} steps x strength {}, guidance {}, stream batch {}, {} warm-up + {} timed frames per stream",
+        settings.steps, settings.strength, settings.guidance_scale, args.generation.stream_batch, cli.warmup, cli.runs
+    );
+    println!();
+    println!("| streams | mode | aggregate fps | per stream: median frame interval (ms) | shared calls | device memory used (GiB) |");
+    println!("|---:|---|---:|---|---:|---:|");
+    for &count in &args.streams {
+        for mode in &args.modes {
+            let stylizers: Vec<Stylizer> = match mode.as_str() {
+                "shared" | "unbatched" => {
+                    let (first, _) = args.models.load(device, dtype)?;
+                    let mut all = vec![];
+                    for _ in 1..count {
+                        all.push(first.share());
+                    }
+                    all.insert(0, first);
+                    all
+                }
+                "separate" => (0..count).map(|_| args.models.load(device, dtype).map(|(s, _)| s)).collect::<Result<_>>()?,
+                other => bail!("unknown mode {other:?}: expected shared, unbatched or separate"),
+            };
+            let timeout = (mode == "shared").then(|| Duration::from_millis(args.batch_timeout_ms));
+            let outcome = measure(cli, args, stylizers, timeout, probe)?;
+            let intervals = outcome.intervals.iter().map(|ms| format!("{ms:.1}")).collect::<Vec<_>>().join(" / ");
+            println!(
+                "| {count} | {mode} | {:.1} | {intervals} | {} | {:.2} |",
+                outcome.aggregate_fps,
+                outcome.shared_calls,
+                gib(outcome.device_used)
+            );
+            device.synchronize()?;
+        }
+    }
+    Ok(())
+}
+
+fn measure(
+    cli: &Cli,
+    args: &StreamsArgs,
+    stylizers: Vec<Stylizer>,
+    batch_timeout: Option<Duration>,
+    probe: Option<&Probe>,
+) -> Result<Outcome> {
+    let (width, height) = (args.generation.width, args.generation.height);
+    let frames: Vec<RgbFrame> = (0..4).map(|i| synthetic_frame(width, height, i)).collect::<Result<_>>()?;
+    let config = SessionConfig {
+        size: SizeRequest::exact(width, height),
+        scene_cut_threshold: 0.0,
+        stream_batch: args.generation.stream_batch,
+        batch_timeout,
+        ..SessionConfig::default()
+    };
+    let sessions: Vec<VideoSession> = stylizers
+        .into_iter()
+        .enumerate()
+        .map(|(i, stylizer)| {
+            let settings = sdcrossframe::pipeline::FrameSettings {
+                prompt: format!("stream {i}: a watercolor painting, soft light"),
+                ..args.generation.settings()
+            };
+            VideoSession::new(stylizer, config.clone(), settings)
+        })
+        .collect::<Result<_>>()?;
+    let warmup = cli.warmup.max(1);
+    let total = warmup + cli.runs;
+    let warm = Barrier::new(sessions.len());
+    // Per stream: when each timed frame came out, and the shared calls.
+    let results: Vec<Result<(Vec<Instant>, VideoSession)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = sessions
+            .into_iter()
+            .map(|mut session| {
+                let (frames, warm) = (&frames, &warm);
+                scope.spawn(move || -> Result<(Vec<Instant>, VideoSession)> {
+                    let device = session.stylizer().device().clone();
+                    let mut out_times = Vec::new();
+                    for index in 0..total + 1 {
+                        if index == warmup {
+                            // Every stream warm (tuned, captured) before the timed frames.
+                            device.synchronize()?;
+                            warm.wait();
+                        }
+                        if index == total {
+                            break;
+                        }
+                        let frame = &frames[index % frames.len()];
+                        let came_out = if session.config().stream_batch {
+                            session.push_stream(frame, None)?
+                        } else {
+                            vec![session.push(frame, None)?]
+                        };
+                        for stylized in came_out {
+                            // Waits for the device: the frame is done when its pixels are.
+                            stylized.image.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+                            if index >= warmup {
+                                out_times.push(Instant::now());
+                            }
+                        }
+                    }
+                    Ok((out_times, session))
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a stream panicked")))).collect()
+    });
+    let mut intervals = Vec::new();
+    let mut first = None::<Instant>;
+    let mut last = None::<Instant>;
+    let mut frames_out = 0usize;
+    let mut shared_calls = 0;
+    let mut sessions = Vec::new();
+    for result in results {
+        let (times, session) = result?;
+        shared_calls += session.shared_calls();
+        sessions.push(session);
+        let gaps: Vec<f64> = times.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
+        intervals.push(if gaps.is_empty() { f64::NAN } else { median(&gaps) });
+        if let (Some(&a), Some(&b)) = (times.first(), times.last()) {
+            first = Some(first.map_or(a, |f| f.min(a)));
+            last = Some(last.map_or(b, |l| l.max(b)));
+            // Frames after each stream's first timed one (intervals, not endpoints).
+            frames_out += times.len() - 1;
+        }
+    }
+    let span = match (first, last) {
+        (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
+        _ => bail!("too few timed frames: use --runs 3 or more"),
+    };
+    // While every stream still holds its models and graphs.
+    let device_used = probe.map(|p| p.device_used().map(|(used, _)| used)).transpose()?.unwrap_or(0);
+    drop(sessions);
+    Ok(Outcome { aggregate_fps: frames_out as f64 / span, intervals, shared_calls, device_used })
+}
