@@ -189,10 +189,12 @@ pub fn explain(error: anyhow::Error, img2img: &Img2Img, device: &Device, size: (
 /// Whether an error (anywhere in its chain) is the device running out of memory: the driver's
 /// `CUDA_ERROR_OUT_OF_MEMORY`, cuBLAS's or cuDNN's failed allocation.
 pub fn is_out_of_memory(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        let text = format!("{cause} {cause:?}");
-        ["CUDA_ERROR_OUT_OF_MEMORY", "out of memory", "ALLOC_FAILED"].iter().any(|marker| text.contains(marker))
-    })
+    error.chain().any(|cause| names_out_of_memory(&format!("{cause} {cause:?}")))
+}
+
+/// Whether an error's text is an out-of-memory error (see [`is_out_of_memory`]).
+pub fn names_out_of_memory(text: &str) -> bool {
+    ["CUDA_ERROR_OUT_OF_MEMORY", "out of memory", "ALLOC_FAILED"].iter().any(|marker| text.contains(marker))
 }
 
 /// An out-of-memory error of a frame at `width` x `height`, explained: the size, the device's

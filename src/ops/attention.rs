@@ -37,7 +37,10 @@ pub fn unfused_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Resu
     };
     let (kt, v) = (kf.t()?, v.contiguous()?);
     in_query_chunks(q, 2, b * heads * m, |q| {
-        let qf = if q.dtype() == DType::F32 { q.clone() } else { q.to_dtype(DType::F32)? };
+        let qf = match dtype {
+            DType::F16 | DType::BF16 => q.to_dtype(DType::F32)?,
+            _ => q.clone(),
+        };
         let scores = (qf.matmul(&kt)? * scale)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
         probs.matmul(&v)

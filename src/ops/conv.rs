@@ -348,10 +348,9 @@ mod cudnn {
         Ok((method, out_of_memory.is_none()))
     }
 
-    /// The driver's, cuBLAS's or cuDNN's out-of-memory error (see `crate::gpu_memory`).
+    /// The driver's, cuBLAS's or cuDNN's out-of-memory error.
     fn is_out_of_memory(e: &candle_core::Error) -> bool {
-        let text = format!("{e} {e:?}");
-        ["CUDA_ERROR_OUT_OF_MEMORY", "out of memory", "ALLOC_FAILED"].iter().any(|m| text.contains(m))
+        crate::gpu_memory::names_out_of_memory(&format!("{e} {e:?}"))
     }
 
     /// Tuning results kept in a file, one line per shape, so that a later process (or a profiler
