@@ -3,24 +3,71 @@
 use anyhow::{Context, Result, bail};
 use candle_core::{DType, Device};
 
-/// `cpu`, `cuda` (= `cuda:0`) or `cuda:N`; CUDA needs a build with the `cuda` feature.
+/// `cpu`, `cuda` (= `cuda:0`) or `cuda:N`; CUDA needs a build with the `cuda` feature and
+/// device N on the machine (checked against the driver's count before opening it).
 pub fn parse_device(spec: &str) -> Result<Device> {
+    match parse_spec(spec)? {
+        None => Ok(Device::Cpu),
+        Some(ordinal) => {
+            check_ordinal(spec, ordinal, cuda_device_count)?;
+            Device::new_cuda(ordinal).with_context(|| format!("cannot open device {}", spec.trim()))
+        }
+    }
+}
+
+/// Checks a `device` setting without opening the device: its syntax, CUDA support in this
+/// build and, for `cuda:N`, that the machine has device N (the driver's device count). The
+/// element calls it at start, so a wrong device fails there instead of in the loader.
+pub fn check_device(spec: &str) -> Result<()> {
+    match parse_spec(spec)? {
+        None => Ok(()),
+        Some(ordinal) => check_ordinal(spec, ordinal, cuda_device_count),
+    }
+}
+
+/// `None` for the CPU, the ordinal for CUDA.
+fn parse_spec(spec: &str) -> Result<Option<usize>> {
     let s = spec.trim().to_ascii_lowercase();
     if s == "cpu" {
-        return Ok(Device::Cpu);
+        return Ok(None);
     }
     let Some(ordinal) = s.strip_prefix("cuda") else {
         bail!("unknown device {spec:?}: expected cpu or cuda:N");
     };
-    let ordinal = match ordinal.strip_prefix(':') {
+    Ok(Some(match ordinal.strip_prefix(':') {
         Some(n) => n.parse::<usize>().with_context(|| format!("bad device {spec:?}: expected cuda:N"))?,
         None if ordinal.is_empty() => 0,
         None => bail!("bad device {spec:?}: expected cpu or cuda:N"),
-    };
-    if !cfg!(feature = "cuda") {
-        bail!("device {spec}: this build has no CUDA support; rebuild with --features cuda (scripts/build-cuda.sh)");
+    }))
+}
+
+/// The number of CUDA devices the driver sees (`cuDeviceGetCount`); an error in builds
+/// without the `cuda` feature or when the driver cannot be initialised.
+pub fn cuda_device_count() -> Result<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::CudaContext;
+        let count = CudaContext::device_count().map_err(|e| anyhow::anyhow!("cannot count CUDA devices: {e:?}"))?;
+        Ok(count.max(0) as usize)
     }
-    Device::new_cuda(ordinal).with_context(|| format!("cannot open device {spec}"))
+    #[cfg(not(feature = "cuda"))]
+    bail!("this build has no CUDA support; rebuild with --features cuda (scripts/build-cuda.sh)")
+}
+
+/// `cuda:ordinal` exists among the devices `count` reports; the error names the device, the
+/// count and the devices there are.
+fn check_ordinal(spec: &str, ordinal: usize, count: impl FnOnce() -> Result<usize>) -> Result<()> {
+    let spec = spec.trim();
+    let count = count().map_err(|e| anyhow::anyhow!("device {spec}: {e:#}"))?;
+    if ordinal < count {
+        return Ok(());
+    }
+    let there = match count {
+        0 => "this machine has no CUDA device (the driver sees none)".to_string(),
+        1 => "this machine has 1 CUDA device: cuda:0".to_string(),
+        n => format!("this machine has {n} CUDA devices: cuda:0 to cuda:{}", n - 1),
+    };
+    bail!("device {spec} does not exist: {there}")
 }
 
 /// `f32`, `f16` or `bf16` (also `float32`, `float16`, `bfloat16`).
@@ -143,5 +190,39 @@ mod tests {
         assert_eq!(parse_dtype("bf16").unwrap(), DType::BF16);
         assert!(parse_dtype("f64").unwrap_err().to_string().contains("f32, f16 or bf16"));
         assert_eq!(default_dtype(&Device::Cpu), DType::F32);
+    }
+
+    #[test]
+    fn a_device_ordinal_beyond_the_count_names_the_devices_there_are() {
+        let count = |n: usize| move || -> Result<usize> { Ok(n) };
+        check_ordinal("cuda:0", 0, count(1)).unwrap();
+        check_ordinal("cuda:3", 3, count(8)).unwrap();
+        let err = check_ordinal("cuda:7", 7, count(1)).unwrap_err().to_string();
+        assert_eq!(err, "device cuda:7 does not exist: this machine has 1 CUDA device: cuda:0");
+        let err = check_ordinal(" cuda:7 ", 7, count(4)).unwrap_err().to_string();
+        assert_eq!(err, "device cuda:7 does not exist: this machine has 4 CUDA devices: cuda:0 to cuda:3");
+        let err = check_ordinal("cuda", 0, count(0)).unwrap_err().to_string();
+        assert!(err.contains("this machine has no CUDA device"), "{err}");
+        let failing = || -> Result<usize> { bail!("cannot count CUDA devices: CUDA_ERROR_NO_DEVICE") };
+        let err = format!("{:#}", check_ordinal("cuda:1", 1, failing).unwrap_err());
+        assert_eq!(err, "device cuda:1: cannot count CUDA devices: CUDA_ERROR_NO_DEVICE");
+    }
+
+    #[test]
+    fn device_settings_are_checked_without_opening_the_device() {
+        check_device("cpu").unwrap();
+        let err = format!("{:#}", check_device("tpu").unwrap_err());
+        assert!(err.contains("unknown device \"tpu\""), "{err}");
+        let err = format!("{:#}", check_device("cuda:x").unwrap_err());
+        assert!(err.contains("expected cuda:N"), "{err}");
+        if !cfg!(feature = "cuda") {
+            // A CPU build asked for CUDA says so, naming the device and how to get CUDA.
+            for spec in ["cuda", "cuda:7"] {
+                let err = format!("{:#}", check_device(spec).unwrap_err());
+                assert!(err.starts_with(&format!("device {spec}: this build has no CUDA support")), "{err}");
+                assert!(err.contains("--features cuda"), "{err}");
+                assert_eq!(format!("{:#}", parse_device(spec).unwrap_err()), err);
+            }
+        }
     }
 }

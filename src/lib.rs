@@ -7,6 +7,7 @@ pub mod canny;
 pub mod cross_frame;
 pub mod device;
 pub mod frame;
+pub mod gpu_memory;
 pub mod models;
 pub mod ops;
 pub mod parallel;

@@ -17,6 +17,7 @@ use sdcrossframe::canny::{self, CannyParams, ImageView};
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
 use sdcrossframe::device::{parse_device, parse_dtype};
 use sdcrossframe::frame::RgbFrame;
+use sdcrossframe::gpu_memory;
 use sdcrossframe::pipeline::{
     FrameSettings, GuidanceMode, LoraSpec, MAX_STEPS, ModelSpec, SizeRequest, Stylizer, load_frame_noise,
 };
@@ -308,8 +309,14 @@ fn stylize(args: StylizeArgs) -> Result<()> {
     for (index, path) in inputs.iter().enumerate() {
         // The first frame was loaded above to fail early on a bad file.
         let frame = if index == 0 { first.clone() } else { RgbFrame::load(path)? };
+        // A size beyond the GPU's kernels or memory is refused before any work; running out of
+        // memory names the size and the device's memory.
+        let size = session.processing_size(frame.width, frame.height)?;
+        let (img2img, device) = (session.stylizer().img2img(), session.stylizer().device());
+        gpu_memory::check_frame(img2img, device, size).with_context(|| format!("cannot stylize {}", path.display()))?;
         let outputs = session
             .push_stream(&frame, explicit_control.as_ref())
+            .map_err(|e| gpu_memory::explain(e, session.stylizer().img2img(), session.stylizer().device(), size))
             .with_context(|| format!("cannot stylize {}", path.display()))?;
         outputs.into_iter().try_for_each(save)?;
     }

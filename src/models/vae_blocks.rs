@@ -171,8 +171,13 @@ impl VaeAttention {
         let q = (self.to_q.forward(&tokens)?.to_dtype(DType::F32)? * scale)?;
         let k = (self.to_k.forward(&tokens)?.to_dtype(DType::F32)? * scale)?;
         let v = self.to_v.forward(&tokens)?.to_dtype(DType::F32)?;
-        let probs = candle_nn::ops::softmax_last_dim(&q.matmul(&k.t()?)?)?;
-        let attended = probs.matmul(&v)?.to_dtype(dtype)?;
+        let kt = k.t()?;
+        // One head over every pixel: height x width scores per query, in chunks of queries
+        // at large sizes (the scores of a whole 2048x2048 frame would be 2^32 elements).
+        let attended = crate::ops::in_query_chunks(&q, 1, batch * height * width, |q| {
+            candle_nn::ops::softmax_last_dim(&q.matmul(&kt)?)?.matmul(&v)
+        })?
+        .to_dtype(dtype)?;
         let out = self.to_out.forward(&attended)?.transpose(1, 2)?.reshape((batch, channels, height, width))?;
         out + xs
     }

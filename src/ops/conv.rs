@@ -258,8 +258,10 @@ mod cudnn {
                 let method = match saved_plans::lookup(dev, &key) {
                     Some(method) => method,
                     None => {
-                        let method = tune(&xs, &weight, &key)?;
-                        saved_plans::record(dev, &key, method);
+                        let (method, complete) = tune(&xs, &weight, &key)?;
+                        if complete {
+                            saved_plans::record(dev, &key, method);
+                        }
                         method
                     }
                 };
@@ -281,8 +283,9 @@ mod cudnn {
     }
 
     /// Times every candidate on this shape (one warm-up, then five calls replayed from a CUDA
-    /// graph twice) and keeps the fastest.
-    fn tune(xs: &Tensor, weight: &Tensor, key: &Key) -> Result<Method> {
+    /// graph twice) and keeps the fastest; also whether every candidate that failed failed for
+    /// another reason than memory (then the choice is worth saving).
+    fn tune(xs: &Tensor, weight: &Tensor, key: &Key) -> Result<(Method, bool)> {
         let _span = tracing::debug_span!("conv-tune", input = ?key.input, filter = ?key.filter).entered();
         let device = xs.device();
         let time = |method: Method| -> Result<f64> {
@@ -308,6 +311,9 @@ mod cudnn {
             candidates.insert(0, Method::Im2col);
         }
         let mut best: Option<(f64, Method)> = None;
+        // A candidate that ran out of device memory: the choice is not saved (without the
+        // memory pressure it could differ), and if none ran, that is the error.
+        let mut out_of_memory: Option<candle_core::Error> = None;
         for method in candidates {
             match time(method) {
                 Ok(t) => {
@@ -316,11 +322,22 @@ mod cudnn {
                         best = Some((t, method));
                     }
                 }
+                Err(e) if is_out_of_memory(&e) => {
+                    tracing::debug!(?method, "out of device memory: {e}");
+                    out_of_memory = Some(e);
+                }
                 // Unsupported algorithms and oversized workspaces drop out here.
                 Err(e) => tracing::trace!(?method, "not usable: {e}"),
             }
         }
         let Some((t, method)) = best else {
+            if let Some(e) = out_of_memory {
+                candle_core::bail!(
+                    "cuDNN convolution: no algorithm runs input {:?} with filter {:?}, the last failed for lack of device memory: {e}",
+                    key.input,
+                    key.filter
+                );
+            }
             candle_core::bail!(
                 "cuDNN convolution: no algorithm runs input {:?} with filter {:?}",
                 key.input,
@@ -328,7 +345,12 @@ mod cudnn {
             )
         };
         tracing::debug!(?method, ms = t * 1e3, "fastest");
-        Ok(method)
+        Ok((method, out_of_memory.is_none()))
+    }
+
+    /// The driver's, cuBLAS's or cuDNN's out-of-memory error.
+    fn is_out_of_memory(e: &candle_core::Error) -> bool {
+        crate::gpu_memory::names_out_of_memory(&format!("{e} {e:?}"))
     }
 
     /// Tuning results kept in a file, one line per shape, so that a later process (or a profiler

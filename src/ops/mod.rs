@@ -18,7 +18,7 @@ pub mod step_graphs;
 mod storage;
 pub mod switches;
 
-pub use attention::{attention, unfused_attention};
+pub use attention::{CHUNK_SCORES as ATTENTION_CHUNK_SCORES, attention, in_query_chunks, unfused_attention};
 pub use conv::Conv2d;
 pub use group_norm::GroupNorm;
 

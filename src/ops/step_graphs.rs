@@ -10,7 +10,10 @@
 //! and the frame hook's own key (the cross-frame store's role and buffers, see
 //! [`crate::pipeline::FrameHook::graph_key`]). A key is run eagerly the first time (this tunes
 //! the convolutions and fills candle's upload cache), captured and launched the second time,
-//! and replayed after that. A step that cannot be captured runs eagerly from then on.
+//! and replayed after that. A step that cannot be captured runs eagerly from then on, unless the
+//! capture ran out of device memory (then a later run tries again). A failure leaves nothing
+//! else behind: the stream leaves capture mode whatever happened, and the caches are keyed by
+//! the inputs' shapes, so a failed size never affects another.
 //! `SDCROSSFRAME_CUDA_GRAPHS=off` runs every step eagerly ([`super::switches`]).
 //!
 //! Sharing (one loaded model used by several sessions on several threads, see
@@ -168,6 +171,12 @@ impl StepGraphs {
                         self.last_error = Some(format!("{e:#}"));
                         // The buffers were written before the capture began.
                         self.fence.record(device)?;
+                        if crate::gpu_memory::is_out_of_memory(&e) {
+                            // Not this step's fault: it may be captured once memory is free.
+                            self.entries.remove(&key);
+                            self.stats.eager += 1;
+                            return eager(&mut step);
+                        }
                     }
                 }
                 self.entries.insert(key, Entry::Eager);
@@ -273,7 +282,8 @@ impl StageGraph {
                     Err(e) => {
                         tracing::warn!("CUDA graph capture of a stage failed, running it op by op: {e:#}");
                         self.stats.failed += 1;
-                        self.failed = true;
+                        // Out of memory is not the stage's fault: a later run captures again.
+                        self.failed = !crate::gpu_memory::is_out_of_memory(&e);
                     }
                 }
             }

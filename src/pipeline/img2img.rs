@@ -51,6 +51,7 @@ pub struct Img2Img {
     unet: UNet2DConditionModel,
     controlnet: ControlNetModel,
     vae: Vae,
+    vae_config: VaeConfig,
     schedulers: Schedulers,
     latent_channels: usize,
     vae_scale_factor: usize,
@@ -87,6 +88,7 @@ impl Img2Img {
             unet,
             controlnet,
             vae,
+            vae_config: vae_config.clone(),
             schedulers,
             latent_channels: vae_config.latent_channels(),
             vae_scale_factor: vae_config.scale_factor(),
@@ -124,6 +126,16 @@ impl Img2Img {
     /// How stream-batch calls ran so far (see [`Self::denoise_batch`]).
     pub fn stream_graph_stats(&self) -> (GraphStats, Option<String>) {
         self.stream_graphs.lock().map(|g| (g.stats(), g.last_error().map(str::to_string))).unwrap_or_default()
+    }
+
+    /// The VAE's config (what a frame's size asks of the device: `crate::gpu_memory`).
+    pub fn vae_config(&self) -> &VaeConfig {
+        &self.vae_config
+    }
+
+    /// The models' dtype.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Frame sizes must be multiples of this (8 for SD).

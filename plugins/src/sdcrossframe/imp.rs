@@ -1026,6 +1026,10 @@ impl BaseTransformImpl for SdCrossFrame {
         let frame_settings = settings
             .frame_settings()
             .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ("Invalid element settings: {e}")))?;
+        // A device that does not exist (cuda:7 on a one-GPU machine, CUDA in a CPU build) fails
+        // the start, not the load.
+        sdcrossframe::device::check_device(&settings.device)
+            .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ("Invalid element settings: {e:#}")))?;
         let request = LoadRequest {
             spec: settings.model_spec(),
             model: settings.model.clone(),
@@ -1235,7 +1239,12 @@ impl SdCrossFrame {
         let (width, height) = (frame.width() as usize, frame.height() as usize);
         let layout = PixelLayout::of(frame.format()).ok_or(gst::FlowError::NotNegotiated)?;
         let stride = frame.plane_stride()[0] as usize;
-        let size = match session.processing_size(width, height) {
+        let stylizer = session.stylizer();
+        let size = session.processing_size(width, height).and_then(|size| {
+            // A size beyond the device's kernels or memory fails here, before any work is queued.
+            sdcrossframe::gpu_memory::check_frame(stylizer.img2img(), stylizer.device(), size).map(|()| size)
+        });
+        let size = match size {
             Ok(size) => size,
             Err(e) => {
                 gst::element_imp_error!(
@@ -1268,6 +1277,8 @@ impl SdCrossFrame {
         let prepared = match session.prepare_at(&input, None, size) {
             Ok(prepared) => prepared,
             Err(e) => {
+                let (img2img, device) = (session.stylizer().img2img(), session.stylizer().device());
+                let e = sdcrossframe::gpu_memory::explain(e, img2img, device, size);
                 gst::element_imp_error!(
                     self,
                     gst::StreamError::Failed,
@@ -1328,6 +1339,8 @@ impl SdCrossFrame {
                 return Err(gst::FlowError::Flushing);
             }
             Err(e) => {
+                let (img2img, device) = (session.stylizer().img2img(), session.stylizer().device());
+                let e = sdcrossframe::gpu_memory::explain(e, img2img, device, (width, height));
                 gst::element_imp_error!(
                     self,
                     gst::StreamError::Failed,
