@@ -884,3 +884,116 @@ fn a_very_long_prompt_is_truncated_with_a_warning() {
     short.process(&frame(0), gst_video::VideoFormat::Rgb, 0);
     assert!(short.warnings().is_empty());
 }
+
+/// Empty prompts (prompt and negative prompt both "") stylize frames like any other prompt,
+/// with guidance on (the empty negative prompt is what diffusers uses by default).
+#[test]
+fn empty_prompts_give_frames() {
+    let mut empty = Tiny::new(&[("prompt", ""), ("negative-prompt", "")]);
+    let input = frame(0);
+    let output = empty.process(&input, gst_video::VideoFormat::Rgb, 0);
+    assert_eq!((output.width, output.height), (input.width, input.height));
+    assert!(mean_abs_diff(&output, &input) > 1.0, "the frame was not restyled");
+    let mut prompted = Tiny::new(&[]);
+    let other = prompted.process(&input, gst_video::VideoFormat::Rgb, 0);
+    assert!(mean_abs_diff(&output, &other) > 0.5, "the empty prompt made the prompted frame");
+    assert!(empty.warnings().is_empty());
+}
+
+/// Copies a directory tree.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+fn scratch(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sdcrossframe-element-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Models in directories whose names are not ASCII load and give the frames of the
+/// fixtures' own paths, bit for bit.
+#[test]
+fn models_under_unicode_paths_load() {
+    let dir = scratch("unicode");
+    let model = dir.join("模型 ü — ☃/tiny sd ✓");
+    let controlnet = dir.join("контрольная сеть/ControlNet ñ");
+    copy_dir(&fixture("tiny-sd"), &model);
+    copy_dir(&fixture("tiny-controlnet"), &controlnet);
+    let mut unicode = Tiny::new(&[("model", model.to_str().unwrap()), ("controlnet", controlnet.to_str().unwrap())]);
+    let mut plain = Tiny::new(&[]);
+    for k in 0..2 {
+        let a = unicode.process(&frame(k), gst_video::VideoFormat::Rgb, 40 * k as u64);
+        let b = plain.process(&frame(k), gst_video::VideoFormat::Rgb, 40 * k as u64);
+        assert!(a.data == b.data, "frame {k} differs from the fixtures' path's");
+    }
+    drop(unicode);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The model directory is replaced while the element runs (renamed away, a different one put
+/// in its place, the old files emptied): the loaded model keeps working, the frames are those
+/// of an element that never saw the swap, bit for bit, and nothing is read from the files again
+/// (emptied files mapped and read would give other frames or a SIGBUS).
+#[test]
+fn a_model_directory_replaced_while_running_is_not_read_again() {
+    let dir = scratch("replaced");
+    let model = dir.join("model");
+    copy_dir(&fixture("tiny-sd"), &model);
+    let mut swapped = Tiny::new(&[("model", model.to_str().unwrap())]);
+    let mut untouched = Tiny::new(&[]);
+    let mut outputs = Vec::new();
+    for k in 0..4 {
+        if k == 2 {
+            let away = dir.join("model.old");
+            std::fs::rename(&model, &away).unwrap();
+            // A different "model": the pipeline's layout with the VAE's weights as the UNet's.
+            copy_dir(&fixture("tiny-sd"), &model);
+            std::fs::copy(
+                model.join("vae/diffusion_pytorch_model.safetensors"),
+                model.join("unet/diffusion_pytorch_model.safetensors"),
+            )
+            .unwrap();
+            for component in ["unet", "vae", "text_encoder"] {
+                let weights = ["diffusion_pytorch_model.safetensors", "model.safetensors"]
+                    .iter()
+                    .map(|f| away.join(component).join(f))
+                    .find(|p| p.is_file())
+                    .unwrap();
+                std::fs::File::create(&weights).unwrap(); // truncated to 0 bytes
+            }
+        }
+        let a = swapped.process(&frame(k % 2), gst_video::VideoFormat::Rgb, 40 * k as u64);
+        let b = untouched.process(&frame(k % 2), gst_video::VideoFormat::Rgb, 40 * k as u64);
+        assert!(a.data == b.data, "frame {k} differs from the untouched element's");
+        outputs.push(a);
+    }
+    assert!(swapped.warnings().is_empty());
+    // A restart reads the directory again: the different model is refused by name.
+    let element = swapped.element();
+    element.set_state(gst::State::Null).unwrap();
+    element.set_state(gst::State::Playing).unwrap();
+    let (input, _) = common::buffer(&frame(0), gst_video::VideoFormat::Rgb, 1000);
+    let _ = swapped.h.push(input);
+    let error = std::iter::from_fn(|| {
+        swapped.bus.timed_pop_filtered(gst::ClockTime::from_seconds(60), &[gst::MessageType::Error])
+    })
+    .next()
+    .map(|m| match m.view() {
+        gst::MessageView::Error(e) => e.error().to_string(),
+        _ => unreachable!(),
+    })
+    .expect("the restart's load error");
+    assert!(error.contains(&model.join("unet").display().to_string()), "{error}");
+    drop(swapped);
+    std::fs::remove_dir_all(&dir).ok();
+}
