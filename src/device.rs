@@ -80,6 +80,20 @@ pub fn parse_dtype(spec: &str) -> Result<DType> {
     }
 }
 
+/// An error unless `device` can compute in `dtype`: candle's CPU backend has no bf16 matrix
+/// multiplication (a bf16 model on the CPU would fail only at its first frame with
+/// "unsupported dtype BF16 for op matmul"), so bf16 on the CPU is refused here, before any
+/// weight is read. f16 runs on the CPU (slowly); f32 and f16 run everywhere.
+pub fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
+    if device.is_cpu() && dtype == DType::BF16 {
+        bail!(
+            "dtype bf16 is not available on the CPU (candle's CPU backend has no bf16 matrix multiplication): \
+             use f32 on the CPU, or bf16 on a CUDA device"
+        );
+    }
+    Ok(())
+}
+
 /// The dtype to use when none is given: f32 on the CPU (no fast half-precision matmul
 /// there), f16 on a GPU.
 pub fn default_dtype(device: &Device) -> DType {

@@ -13,6 +13,14 @@ pub struct RgbFrame {
     pub data: Vec<u8>,
 }
 
+/// The most pixels per side [`RgbFrame::load`] reads (the element's largest processing size).
+pub const MAX_IMAGE_SIDE: u32 = 16384;
+/// Decoded bytes [`RgbFrame::load`] allows per byte of the file: deflate (PNG) and JPEG
+/// compress a plain image at most about 1000:1, a 1-bit palette PNG expands 24 times more.
+pub const IMAGE_BYTES_PER_FILE_BYTE: u64 = 4096;
+/// The decode budget of small files (64 MiB: a 4096 x 4096 RGB image).
+pub const MIN_IMAGE_DECODE_BUDGET: u64 = 64 << 20;
+
 impl RgbFrame {
     pub fn new(width: usize, height: usize, data: Vec<u8>) -> Result<Self> {
         if width == 0 || height == 0 {
@@ -40,12 +48,47 @@ impl RgbFrame {
         Self::new(width, height, packed)
     }
 
-    /// Loads a PNG or JPEG file as RGB.
+    /// Loads a PNG or JPEG file as RGB. The header's size is checked before any pixel buffer
+    /// is made: at most [`MAX_IMAGE_SIDE`] per side, and no more decoded bytes than a file of
+    /// this size can hold ([`IMAGE_BYTES_PER_FILE_BYTE`] each, at least
+    /// [`MIN_IMAGE_DECODE_BUDGET`]), so a damaged or lying header (a small PNG claiming
+    /// 100000 x 100000 pixels) is an error naming the file, not a huge allocation.
     pub fn load(path: &Path) -> Result<Self> {
-        let image = image::ImageReader::open(path)
-            .with_context(|| format!("cannot open image {}", path.display()))?
-            .with_guessed_format()
-            .with_context(|| format!("cannot read image {}", path.display()))?
+        let open = || -> Result<image::ImageReader<std::io::BufReader<std::fs::File>>> {
+            image::ImageReader::open(path)
+                .with_context(|| format!("cannot open image {}", path.display()))?
+                .with_guessed_format()
+                .with_context(|| format!("cannot read image {}", path.display()))
+        };
+        let file_len = std::fs::metadata(path).with_context(|| format!("cannot open image {}", path.display()))?.len();
+        let (w, h) = open()?
+            .into_dimensions()
+            .with_context(|| format!("cannot decode image {} (PNG or JPEG expected)", path.display()))?;
+        if w > MAX_IMAGE_SIDE || h > MAX_IMAGE_SIDE {
+            bail!(
+                "image {}: its header claims {w}x{h} pixels, more than the {MAX_IMAGE_SIDE} per side sdcrossframe reads \
+                 (a damaged file, or scale it down first)",
+                path.display()
+            );
+        }
+        let budget = (file_len.saturating_mul(IMAGE_BYTES_PER_FILE_BYTE)).max(MIN_IMAGE_DECODE_BUDGET);
+        let rgb_bytes = w as u64 * h as u64 * 3;
+        if rgb_bytes > budget {
+            bail!(
+                "image {}: its header claims {w}x{h} pixels ({} MB decoded) but the file has only {file_len} bytes, \
+                 more than any PNG or JPEG of that size decodes to: the header is damaged",
+                path.display(),
+                rgb_bytes / 1_000_000
+            );
+        }
+        let mut reader = open()?;
+        let mut limits = image::Limits::default();
+        limits.max_image_width = Some(MAX_IMAGE_SIDE);
+        limits.max_image_height = Some(MAX_IMAGE_SIDE);
+        // Room for the decoder's own layout (alpha, 16-bit samples) next to the RGB result.
+        limits.max_alloc = Some(budget.saturating_mul(4));
+        reader.limits(limits);
+        let image = reader
             .decode()
             .with_context(|| format!("cannot decode image {} (PNG or JPEG expected)", path.display()))?
             .to_rgb8();

@@ -328,7 +328,8 @@ impl TensorView {
 
     /// A VarBuilder reading these tensors as `dtype` on `device`.
     pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(self), dtype, device.clone())
+        let origin = crate::weights::TensorSource::describe(&self);
+        crate::weights::FiniteWeights::var_builder(self, origin, dtype, device)
     }
 }
 

@@ -11,6 +11,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use candle_nn::var_builder::SimpleBackend;
 use serde::de::DeserializeOwned;
 
 /// Named tensors a model's weights are read from: safetensors files as stored, or one model
@@ -136,8 +137,79 @@ pub fn var_builder(files: &[PathBuf], dtype: DType, device: &Device) -> Result<V
     }
     // SAFETY: the files are memory-mapped read-only; like every mmap user we rely on them
     // not being truncated while the model is loaded.
-    unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
-        .with_context(|| format!("cannot load weights from {}", display_list(files)))
+    let tensors = unsafe { MmapedSafetensors::multi(files) }
+        .with_context(|| format!("cannot load weights from {}", display_list(files)))?;
+    Ok(FiniteWeights::var_builder(tensors, display_list(files), dtype, device))
+}
+
+/// A VarBuilder backend that refuses weights holding NaN or infinities, naming the tensor and
+/// where it comes from. Such weights load without complaint otherwise and make every frame
+/// black or NaN at the first frame, with nothing to say which file is at fault: a damaged
+/// download, a checkpoint saved from a model that had diverged, or (told apart) f32 values
+/// beyond the range of the dtype they are loaded as (an f32 fine-tune loaded as f16). The check
+/// is one reduction per tensor on the device it was loaded to, after the dtype conversion
+/// (`x * 0` is 0 for every finite x and NaN for NaN and the infinities).
+pub struct FiniteWeights<B> {
+    inner: B,
+    origin: String,
+}
+
+impl<B: SimpleBackend + 'static> FiniteWeights<B> {
+    /// A VarBuilder over `inner` with the check; `origin` names the files for errors.
+    pub fn var_builder(inner: B, origin: String, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_backend(Box::new(Self { inner, origin }), dtype, device.clone())
+    }
+}
+
+impl<B: SimpleBackend> FiniteWeights<B> {
+    fn check(&self, name: &str, tensor: Tensor, dev: &Device) -> candle_core::Result<Tensor> {
+        if !tensor.dtype().is_float() || all_finite(&tensor)? {
+            return Ok(tensor);
+        }
+        let dtype = tensor.dtype();
+        let overflow = dtype != DType::F32
+            && self.inner.get_unchecked(name, DType::F32, dev).and_then(|t| all_finite(&t)).unwrap_or(false);
+        let why = if overflow {
+            format!(
+                "has values beyond the range of {} (they become infinities when loaded so): load the model as f32 \
+                 (or bf16 on a GPU)",
+                dtype.as_str()
+            )
+        } else {
+            "holds NaN or infinite values: the file is damaged, or was saved from a model whose weights diverged"
+                .to_string()
+        };
+        Err(candle_core::Error::Msg(format!("{}: tensor {name} {why}", self.origin)))
+    }
+}
+
+impl<B: SimpleBackend> SimpleBackend for FiniteWeights<B> {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.inner.get(s, name, h, dtype, dev)?;
+        self.check(name, tensor, dev)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self.inner.get_unchecked(name, dtype, dev)?;
+        self.check(name, tensor, dev)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.contains_tensor(name)
+    }
+}
+
+/// Whether every value of a float tensor is finite (one reduction on its device).
+pub fn all_finite(tensor: &Tensor) -> candle_core::Result<bool> {
+    let probe = tensor.affine(0.0, 0.0)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    Ok(probe.is_finite())
 }
 
 fn display_list(files: &[PathBuf]) -> String {

@@ -15,7 +15,7 @@ use clap::{Args, Parser, Subcommand};
 
 use sdcrossframe::canny::{self, CannyParams, ImageView};
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
-use sdcrossframe::device::{parse_device, parse_dtype};
+use sdcrossframe::device::{check_dtype, parse_device, parse_dtype};
 use sdcrossframe::frame::RgbFrame;
 use sdcrossframe::gpu_memory;
 use sdcrossframe::pipeline::{
@@ -234,6 +234,7 @@ fn stylize(args: StylizeArgs) -> Result<()> {
     let outputs = output_paths(&args.output, &inputs)?;
     let device = parse_device(&args.device)?;
     let dtype = parse_dtype(&args.dtype)?;
+    check_dtype(&device, dtype)?;
     let canny_params = CannyParams { low: args.canny_low, high: args.canny_high, l2_gradient: args.canny_l2 };
     canny_params.validate()?;
     let settings = FrameSettings {

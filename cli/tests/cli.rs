@@ -535,3 +535,54 @@ fn a_size_change_is_not_called_a_scene_cut() {
     assert!(anchors[1].contains("2.png") && anchors[1].contains("(scene cut)"), "{stderr}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Paths that are not plain ASCII (issue 16, part 6): a model and ControlNet under unicode
+/// directory names and an input folder whose name is not UTF-8 work; a `--model` that is not
+/// UTF-8 is a clear error (the option is text), never a panic.
+#[cfg(unix)]
+#[test]
+fn unicode_and_non_utf8_paths() {
+    use std::os::unix::ffi::OsStrExt;
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &to.join(entry.file_name()));
+            } else {
+                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+            }
+        }
+    }
+    let dir = scratch("unicode");
+    let model = dir.join("モデル ü ☃");
+    copy_dir(&fixtures().join("tiny-sd"), &model);
+    let input = dir.join(std::ffi::OsStr::from_bytes(b"in\xff\xfe"));
+    std::fs::create_dir_all(&input).unwrap();
+    std::fs::copy(img2img_dir().join("frame_0.png"), input.join("frame.png")).unwrap();
+    let out = dir.join("out ✓");
+    let run = |model: &std::ffi::OsStr| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sdcrossframe"))
+            .arg("stylize")
+            .arg(&input)
+            .arg("--output")
+            .arg(&out)
+            .arg("--model")
+            .arg(model)
+            .arg("--controlnet")
+            .arg(fixtures().join("tiny-controlnet"))
+            .args(["--steps", "2", "--strength", "1.0", "--width", "96"])
+            .output()
+            .unwrap()
+    };
+    let result = run(model.as_os_str());
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    assert!(out.join("frame.png").is_file(), "{stderr}");
+    let result = run(std::ffi::OsStr::from_bytes(b"/tmp/model\xff"));
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("invalid UTF-8"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -229,7 +229,7 @@ fn runner_fails_with_the_bus_error_text() {
     let result = runner().args(&arguments).output().unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert_eq!(result.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("Could not load Stable Diffusion model '/nonexistent/sd15'"), "{stderr}");
+    assert!(stderr.contains("model /nonexistent/sd15 does not exist"), "{stderr}");
     assert!(stderr.contains("does not exist"), "{stderr}");
     // The file sink created the output before the model failed: removed, and said so.
     assert!(!output.exists(), "the failed run left {} behind", output.display());

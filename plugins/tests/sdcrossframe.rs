@@ -325,35 +325,92 @@ fn wait_for_error(bus: &gst::Bus) -> (String, String, Vec<(gst::ProgressType, St
     }
 }
 
-#[test]
-fn bad_model_path_is_an_error_message_naming_it() {
-    init();
-    let (message, debug, progress) = error_of(&format!(
-        "videotestsrc num-buffers=3 ! video/x-raw,width=96,height=64 ! sdcrossframe name=sd model=/nonexistent/sd-model controlnet={} ! fakesink",
-        fixture("tiny-controlnet").display()
-    ));
-    assert!(message.contains("/nonexistent/sd-model"), "{message}");
-    assert!(message.contains("does not exist"), "{message}");
-    assert!(debug.contains("/nonexistent/sd-model"), "{debug}");
-    let types: Vec<_> = progress.iter().map(|p| p.0).collect();
-    assert_eq!(types, [gst::ProgressType::Start, gst::ProgressType::Error], "{progress:?}");
-    assert!(progress[0].1.contains("/nonexistent/sd-model"), "{progress:?}");
+/// Sets `description` to PAUSED, which must fail at once (the element's `start` refuses the
+/// settings): the bus error (its domain checked: a settings problem) and the load progress
+/// messages posted (there must be none: nothing started loading).
+fn start_error_of(description: &str) -> (String, String, usize) {
+    let pipeline = gst::parse::launch(description).unwrap();
+    let bus = pipeline.bus().unwrap();
+    assert!(pipeline.set_state(gst::State::Paused).is_err(), "{description}: the state change succeeded");
+    let mut progress = 0;
+    let error = loop {
+        let msg = bus.timed_pop(gst::ClockTime::from_seconds(60)).expect("an error message within 60 s");
+        match msg.view() {
+            gst::MessageView::Progress(_) => progress += 1,
+            gst::MessageView::Error(e) => {
+                assert!(
+                    e.error().matches(gst::LibraryError::Settings),
+                    "{description}: not a settings error: {:?}",
+                    e.error()
+                );
+                break (e.error().to_string(), e.debug().map(|d| d.to_string()).unwrap_or_default());
+            }
+            _ => {}
+        }
+    };
+    pipeline.set_state(gst::State::Null).unwrap();
+    (error.0, error.1, progress)
 }
 
+/// Settings that are wrong before any weight is read (issue 16, found as a new user, item 4)
+/// fail the element's start with a settings error naming the problem: the state change to
+/// PAUSED fails, no load begins (no progress message), and the text is not a load failure's.
 #[test]
-fn bad_vae_path_is_an_error_message_naming_it() {
+fn settings_known_wrong_before_loading_fail_the_start() {
     init();
-    let (message, debug, progress) = error_of(&format!(
-        "videotestsrc num-buffers=3 ! video/x-raw,width=96,height=64 ! sdcrossframe model={} controlnet={} vae=/nonexistent/taesd ! fakesink",
-        fixture("tiny-sd").display(),
-        fixture("tiny-controlnet").display()
-    ));
-    assert!(message.contains("cannot load the VAE /nonexistent/taesd"), "{message}");
-    assert!(message.contains("does not exist"), "{message}");
-    assert!(debug.contains("/nonexistent/taesd"), "{debug}");
-    assert!(progress[0].1.contains("VAE '/nonexistent/taesd'"), "{progress:?}");
+    for (props, expected) in [
+        ("model=/nonexistent/sd-model", &["model /nonexistent/sd-model does not exist"][..]),
+        ("model=missing-model", &["model missing-model does not exist"]),
+        ("model=/nonexistent/sd15.safetensors", &["model /nonexistent/sd15.safetensors does not exist"]),
+        ("controlnet=/nonexistent/cn", &["ControlNet /nonexistent/cn does not exist"]),
+        ("vae=/nonexistent/taesd", &["VAE /nonexistent/taesd does not exist"]),
+        ("tokenizer=/nonexistent/tokenizer", &["tokenizer /nonexistent/tokenizer does not exist"]),
+        ("lora=/nonexistent/style.safetensors:0.5", &["LoRA file /nonexistent/style.safetensors does not exist"]),
+        ("lora=/some/style.safetensors:", &["LoRA entry '/some/style.safetensors:' ends with ':' but has no scale"]),
+        ("device=tpu", &["unknown device \"tpu\""]),
+        ("device=cuda:7", &["cuda:7"]),
+        ("dtype=bf16", &["bf16", "CPU"]),
+        ("steps=3 strength=0.2", &["steps 3 x strength 0.2 gives 0 denoising steps"]),
+        ("canny-low=200", &["low threshold 200 is above high threshold 100"]),
+    ] {
+        let description = format!(
+            "videotestsrc num-buffers=3 ! video/x-raw,width=96,height=64 ! sdcrossframe model={} controlnet={} {props} ! fakesink",
+            fixture("tiny-sd").display(),
+            fixture("tiny-controlnet").display()
+        );
+        let (message, debug, progress) = start_error_of(&description);
+        for text in expected {
+            assert!(message.contains(text), "{props}: {message}");
+            assert!(debug.contains(text), "{props}: {debug}");
+        }
+        assert!(!message.starts_with("Could not load Stable Diffusion model"), "{props}: {message}");
+        assert_eq!(progress, 0, "{props}: a load started");
+    }
 }
 
+/// bf16 on the CPU is refused at start, naming bf16 and the CPU, rather than failing at the
+/// first frame with candle's "unsupported dtype BF16 for op matmul".
+#[test]
+fn bf16_on_the_cpu_is_refused_at_start() {
+    let element = tiny_element(&[("dtype", "bf16"), ("device", "cpu")]);
+    let bus = gst::Bus::new();
+    element.set_bus(Some(&bus));
+    assert!(element.set_state(gst::State::Paused).is_err(), "bf16 on the CPU started");
+    let error = std::iter::from_fn(|| bus.pop())
+        .find_map(|m| match m.view() {
+            gst::MessageView::Error(e) => Some(e.error().to_string()),
+            _ => None,
+        })
+        .expect("an error message");
+    element.set_state(gst::State::Null).unwrap();
+    assert!(error.contains("dtype bf16 is not available on the CPU"), "{error}");
+    // f32 on the same element starts.
+    element.set_property_from_str("dtype", "f32");
+    assert!(element.set_state(gst::State::Paused).is_ok());
+    element.set_state(gst::State::Null).unwrap();
+}
+
+/// What the loader finds wrong is still a load failure posted from the loader thread.
 #[test]
 fn tiny_vae_directory_given_as_model_is_an_error_message() {
     init();
@@ -377,24 +434,6 @@ fn frames_through_the_tiny_vae() {
     let b = plain.process(&input, gst_video::VideoFormat::Rgb, 0);
     let diff = mean_abs_diff(&a, &b);
     assert!(diff > 10.0, "the tiny VAE changed the frame by only {diff} (8-bit mean)");
-}
-
-#[test]
-fn bad_device_and_bad_settings_are_error_messages() {
-    init();
-    for (props, expected) in [
-        ("device=tpu", "unknown device \"tpu\""),
-        ("canny-low=200", "low threshold 200 is above high threshold 100"),
-        ("lora=/nonexistent/style.safetensors:0.5", "LoRA file /nonexistent/style.safetensors does not exist"),
-        ("lora=/some/style.safetensors:", "LoRA entry '/some/style.safetensors:' ends with ':' but has no scale"),
-    ] {
-        let (message, _, _) = error_of(&format!(
-            "videotestsrc num-buffers=3 ! video/x-raw,width=96,height=64 ! sdcrossframe model={} controlnet={} {props} ! fakesink",
-            fixture("tiny-sd").display(),
-            fixture("tiny-controlnet").display()
-        ));
-        assert!(message.contains(expected), "{props}: {message}");
-    }
 }
 
 /// Bad scheduler settings at start are error messages naming the value.
@@ -844,4 +883,117 @@ fn a_very_long_prompt_is_truncated_with_a_warning() {
     let mut short = Tiny::new(&[]);
     short.process(&frame(0), gst_video::VideoFormat::Rgb, 0);
     assert!(short.warnings().is_empty());
+}
+
+/// Empty prompts (prompt and negative prompt both "") stylize frames like any other prompt,
+/// with guidance on (the empty negative prompt is what diffusers uses by default).
+#[test]
+fn empty_prompts_give_frames() {
+    let mut empty = Tiny::new(&[("prompt", ""), ("negative-prompt", "")]);
+    let input = frame(0);
+    let output = empty.process(&input, gst_video::VideoFormat::Rgb, 0);
+    assert_eq!((output.width, output.height), (input.width, input.height));
+    assert!(mean_abs_diff(&output, &input) > 1.0, "the frame was not restyled");
+    let mut prompted = Tiny::new(&[]);
+    let other = prompted.process(&input, gst_video::VideoFormat::Rgb, 0);
+    assert!(mean_abs_diff(&output, &other) > 0.5, "the empty prompt made the prompted frame");
+    assert!(empty.warnings().is_empty());
+}
+
+/// Copies a directory tree.
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+fn scratch(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("sdcrossframe-element-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Models in directories whose names are not ASCII load and give the frames of the
+/// fixtures' own paths, bit for bit.
+#[test]
+fn models_under_unicode_paths_load() {
+    let dir = scratch("unicode");
+    let model = dir.join("模型 ü — ☃/tiny sd ✓");
+    let controlnet = dir.join("контрольная сеть/ControlNet ñ");
+    copy_dir(&fixture("tiny-sd"), &model);
+    copy_dir(&fixture("tiny-controlnet"), &controlnet);
+    let mut unicode = Tiny::new(&[("model", model.to_str().unwrap()), ("controlnet", controlnet.to_str().unwrap())]);
+    let mut plain = Tiny::new(&[]);
+    for k in 0..2 {
+        let a = unicode.process(&frame(k), gst_video::VideoFormat::Rgb, 40 * k as u64);
+        let b = plain.process(&frame(k), gst_video::VideoFormat::Rgb, 40 * k as u64);
+        assert!(a.data == b.data, "frame {k} differs from the fixtures' path's");
+    }
+    drop(unicode);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// The model directory is replaced while the element runs (renamed away, a different one put
+/// in its place, the old files emptied): the loaded model keeps working, the frames are those
+/// of an element that never saw the swap, bit for bit, and nothing is read from the files again
+/// (emptied files mapped and read would give other frames or a SIGBUS).
+#[test]
+fn a_model_directory_replaced_while_running_is_not_read_again() {
+    let dir = scratch("replaced");
+    let model = dir.join("model");
+    copy_dir(&fixture("tiny-sd"), &model);
+    let mut swapped = Tiny::new(&[("model", model.to_str().unwrap())]);
+    let mut untouched = Tiny::new(&[]);
+    let mut outputs = Vec::new();
+    for k in 0..4 {
+        if k == 2 {
+            let away = dir.join("model.old");
+            std::fs::rename(&model, &away).unwrap();
+            // A different "model": the pipeline's layout with the VAE's weights as the UNet's.
+            copy_dir(&fixture("tiny-sd"), &model);
+            std::fs::copy(
+                model.join("vae/diffusion_pytorch_model.safetensors"),
+                model.join("unet/diffusion_pytorch_model.safetensors"),
+            )
+            .unwrap();
+            for component in ["unet", "vae", "text_encoder"] {
+                let weights = ["diffusion_pytorch_model.safetensors", "model.safetensors"]
+                    .iter()
+                    .map(|f| away.join(component).join(f))
+                    .find(|p| p.is_file())
+                    .unwrap();
+                std::fs::File::create(&weights).unwrap(); // truncated to 0 bytes
+            }
+        }
+        let a = swapped.process(&frame(k % 2), gst_video::VideoFormat::Rgb, 40 * k as u64);
+        let b = untouched.process(&frame(k % 2), gst_video::VideoFormat::Rgb, 40 * k as u64);
+        assert!(a.data == b.data, "frame {k} differs from the untouched element's");
+        outputs.push(a);
+    }
+    assert!(swapped.warnings().is_empty());
+    // A restart reads the directory again: the different model is refused by name.
+    let element = swapped.element();
+    element.set_state(gst::State::Null).unwrap();
+    element.set_state(gst::State::Playing).unwrap();
+    let (input, _) = common::buffer(&frame(0), gst_video::VideoFormat::Rgb, 1000);
+    let _ = swapped.h.push(input);
+    let error = std::iter::from_fn(|| {
+        swapped.bus.timed_pop_filtered(gst::ClockTime::from_seconds(60), &[gst::MessageType::Error])
+    })
+    .next()
+    .map(|m| match m.view() {
+        gst::MessageView::Error(e) => e.error().to_string(),
+        _ => unreachable!(),
+    })
+    .expect("the restart's load error");
+    assert!(error.contains(&model.join("unet").display().to_string()), "{error}");
+    drop(swapped);
+    std::fs::remove_dir_all(&dir).ok();
 }

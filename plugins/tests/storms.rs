@@ -14,38 +14,7 @@ use gst::prelude::*;
 use gst_check::Harness;
 use sdcrossframe::frame::RgbFrame;
 
-use common::{buffer, fixture, init};
-
-/// Aborts the process if the guard lives longer than `limit`: a deadlock fails the run
-/// instead of hanging it.
-struct Watchdog(Arc<AtomicBool>);
-
-impl Watchdog {
-    fn new(name: &'static str, limit: Duration) -> Self {
-        let done = Arc::new(AtomicBool::new(false));
-        let flag = done.clone();
-        std::thread::spawn(move || {
-            let step = Duration::from_millis(100);
-            let mut waited = Duration::ZERO;
-            while waited < limit {
-                if flag.load(Ordering::SeqCst) {
-                    return;
-                }
-                std::thread::sleep(step);
-                waited += step;
-            }
-            eprintln!("watchdog: {name} did not finish within {limit:?} (deadlock?)");
-            std::process::abort();
-        });
-        Self(done)
-    }
-}
-
-impl Drop for Watchdog {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::SeqCst);
-    }
-}
+use common::{Watchdog, buffer, fixture, init};
 
 const FRAME_NS: u64 = 1_000_000_000 / 30;
 

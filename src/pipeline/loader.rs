@@ -57,6 +57,40 @@ pub struct ModelSpec {
     pub tokenizer: Option<String>,
 }
 
+impl ModelSpec {
+    /// Settings that name local files or directories which do not exist: found without
+    /// reading anything, so a caller (the element's `start`) can refuse them before loading.
+    /// A setting that is neither an existing path nor a Hugging Face repo id (`owner/name`),
+    /// or that names a `.safetensors` (or pickle) file, is a local path; repo ids are left to
+    /// the loader (they may be cached or downloadable). The errors say which setting.
+    pub fn check_local_paths(&self) -> Result<()> {
+        let missing = |what: &str, spec: &str, file_kind: bool| -> Result<()> {
+            let path = Path::new(spec);
+            if spec.is_empty() || path.exists() {
+                return Ok(());
+            }
+            let named_file = file_kind && path.extension().is_some();
+            if named_file || !weights::looks_like_repo_id(spec) {
+                bail!("{what} {spec} does not exist (and it is not a Hugging Face repo id like owner/name)");
+            }
+            Ok(())
+        };
+        missing("model", &self.model, single_file::names_a_file(&self.model))?;
+        missing("ControlNet", &self.controlnet, single_file::names_a_file(&self.controlnet))?;
+        if let Some(vae) = &self.vae {
+            missing("VAE", vae, single_file::names_a_file(vae))?;
+        }
+        if let Some(tokenizer) = &self.tokenizer {
+            missing("tokenizer", tokenizer, false)?;
+        }
+        for lora in &self.loras {
+            // As `resolve_lora_file`: a source with an extension is a file.
+            missing("LoRA file", &lora.source, true)?;
+        }
+        Ok(())
+    }
+}
+
 /// Where a single-file checkpoint's tokenizer is looked for in the Hugging Face cache, in order:
 /// (repo id, folder in the repo). The first is downloaded when none is cached (with the
 /// `download` feature, unless HF_HUB_OFFLINE is set).

@@ -313,8 +313,13 @@ impl LoraSet {
             }
             tracing::info!(file = %file.path.display(), scale = file.scale, layers = count, "LoRA fused into the {}", target.describe());
         }
+        let origin = format!(
+            "{} with LoRA {}",
+            base.describe(),
+            self.files.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>().join(", ")
+        );
         let backend = FusedSafetensors { base, deltas, fused: Mutex::new(HashSet::new()) };
-        Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
+        Ok(weights::FiniteWeights::var_builder(backend, origin, dtype, device))
     }
 }
 

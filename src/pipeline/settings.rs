@@ -142,6 +142,15 @@ impl FrameSettings {
         Ok(())
     }
 
+    /// An error when `steps` x `strength` leaves no denoising step (explicit timesteps replace
+    /// both, so they always pass): known from the settings alone, before any model is loaded.
+    pub fn check_has_steps(&self) -> Result<()> {
+        if self.timesteps.is_none() && crate::scheduler::img2img_step_count(self.steps, self.strength) == 0 {
+            bail!("steps {} x strength {} gives 0 denoising steps; raise steps or strength", self.steps, self.strength);
+        }
+        Ok(())
+    }
+
     /// The guidance a frame runs: `auto` resolved, and `none` whenever `guidance_scale <= 1`.
     pub fn effective_guidance(&self) -> GuidanceMode {
         if self.guidance_scale <= 1.0 {

@@ -371,6 +371,13 @@ pub(crate) struct BetaSchedule<'a> {
     pub rescale_betas_zero_snr: bool,
 }
 
+/// How many denoising steps an img2img frame runs for `steps` and `strength` (diffusers'
+/// `min(int(steps * strength), steps)`), whatever the scheduler; 0 means the settings give no
+/// step (an error when a frame is made, and before loading: `FrameSettings::check_has_steps`).
+pub fn img2img_step_count(steps: usize, strength: f64) -> usize {
+    ((steps as f64 * strength) as usize).min(steps)
+}
+
 /// The img2img pipeline's `get_timesteps`, whatever the scheduler: of the `steps`-step
 /// schedule `all` makes, the last `min(int(steps * strength), steps)`. An error when that is
 /// none at all; `strength` is checked before the schedule is made.
@@ -383,7 +390,7 @@ pub(crate) fn img2img_tail(
         bail!("strength {strength} is outside 0..1");
     }
     let all = all()?;
-    let init = ((steps as f64 * strength) as usize).min(steps);
+    let init = img2img_step_count(steps, strength);
     if init == 0 {
         bail!("steps {steps} x strength {strength} gives 0 denoising steps; raise steps or strength");
     }

@@ -36,7 +36,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::{LazyLock, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -217,16 +217,17 @@ impl Settings {
     }
 }
 
-/// Everything the loader thread needs, copied out of the settings.
+/// Everything the loader thread needs, copied out of the settings and checked by `start`.
 struct LoadRequest {
-    /// The models, or why the settings do not name them (reported by the loader).
-    spec: anyhow::Result<ModelSpec>,
+    spec: ModelSpec,
     /// The `model` and `controlnet` settings, for messages.
     model: String,
     controlnet: String,
     /// The `model-instance-id` setting (empty: shared by equal settings).
     instance_id: String,
-    device: String,
+    /// The `device` setting (for messages) and the device it opened.
+    device_name: String,
+    device: candle_core::Device,
     dtype: DType,
     config: SessionConfig,
     frame_settings: FrameSettings,
@@ -234,15 +235,15 @@ struct LoadRequest {
 
 impl LoadRequest {
     fn describe(&self) -> String {
-        let loras = match &self.spec {
-            Ok(spec) if !spec.loras.is_empty() => {
-                format!(" and LoRA {}", spec.loras.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "))
+        let loras = match &self.spec.loras {
+            loras if !loras.is_empty() => {
+                format!(" and LoRA {}", loras.iter().map(|l| l.to_string()).collect::<Vec<_>>().join(", "))
             }
             _ => String::new(),
         };
-        let vae = match &self.spec {
-            Ok(ModelSpec { vae: Some(vae), .. }) => format!(" and VAE '{vae}'"),
-            _ => String::new(),
+        let vae = match &self.spec.vae {
+            Some(vae) => format!(" and VAE '{vae}'"),
+            None => String::new(),
         };
         let instance = match self.instance_id.as_str() {
             "" => String::new(),
@@ -252,17 +253,15 @@ impl LoadRequest {
             "Stable Diffusion model '{}' with ControlNet '{}'{loras}{vae} on {} ({}){instance}",
             self.model,
             self.controlnet,
-            self.device,
+            self.device_name,
             candle_core::DType::from(self.dtype).as_str()
         )
     }
 
     fn load(self) -> anyhow::Result<VideoSession> {
-        let spec = self.spec?;
-        let device = sdcrossframe::device::parse_device(&self.device)?;
         // Shared with every element (and session) of the process that asks for the same models
         // under the same instance id (see sdcrossframe::pipeline::registry).
-        let stylizer = Stylizer::load_shared(&spec, &device, self.dtype.into(), &self.instance_id)?;
+        let stylizer = Stylizer::load_shared(&self.spec, &self.device, self.dtype.into(), &self.instance_id)?;
         let mut session = VideoSession::new(stylizer, self.config, self.frame_settings.clone())
             .context("invalid element settings")?;
         session.set_settings(self.frame_settings).context("invalid element settings")?;
@@ -401,6 +400,39 @@ pub struct SdCrossFrame {
     /// Counters for the `stats` property, outside `state` so that reading them never waits
     /// for a frame.
     stats: Stats,
+    /// The model loading thread of the last start (joined by `stop` and the next start).
+    loader: Mutex<Option<Loader>>,
+    /// Model loads running now, and the most at once since the element was made (`stats`).
+    loads: Arc<LoadCounter>,
+}
+
+/// The loading thread and the flag that makes its result stale.
+struct Loader {
+    handle: std::thread::JoinHandle<()>,
+    stale: Arc<AtomicBool>,
+}
+
+#[derive(Default)]
+struct LoadCounter {
+    running: AtomicU64,
+    most: AtomicU64,
+}
+
+/// One running load, counted from its spawn until its thread ends.
+struct InFlight(Arc<LoadCounter>);
+
+impl InFlight {
+    fn new(counter: &Arc<LoadCounter>) -> Self {
+        let now = counter.running.fetch_add(1, Ordering::SeqCst) + 1;
+        counter.most.fetch_max(now, Ordering::SeqCst);
+        Self(counter.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Frames counted since the element started (the `stats` property).
@@ -443,11 +475,21 @@ impl Stats {
 }
 
 impl SdCrossFrame {
-    /// Starts loading the models on their own thread.
+    /// Starts loading the models on their own thread (named `sdcf-load`), after joining any
+    /// earlier one: an element runs at most one load at a time (`stop` joins it too).
     fn spawn_loader(&self, request: LoadRequest) -> std::io::Result<mpsc::Receiver<Option<VideoSession>>> {
+        self.join_loader();
         let (tx, rx) = mpsc::channel();
         let element = self.obj().downgrade();
-        std::thread::Builder::new().name("sdcrossframe-load".into()).spawn(move || {
+        let stale = Arc::new(AtomicBool::new(false));
+        let in_flight = InFlight::new(&self.loads);
+        let thread_stale = stale.clone();
+        let handle = std::thread::Builder::new().name("sdcf-load".into()).spawn(move || {
+            let _in_flight = in_flight;
+            let stale = thread_stale;
+            if stale.load(Ordering::SeqCst) {
+                return;
+            }
             let post = |message: gst::Message| {
                 if let Some(element) = element.upgrade() {
                     let _ = element.post_message(message);
@@ -473,6 +515,13 @@ impl SdCrossFrame {
             let Some(element) = src else {
                 return;
             };
+            if stale.load(Ordering::SeqCst) {
+                // The element stopped while this load ran (candle cannot stop a load midway):
+                // its result, or its error, is no one's; the session is freed here, before
+                // `stop` returns.
+                gst::debug!(CAT, obj = element, "dropping the result of a load the element no longer waits for");
+                return;
+            }
             match result {
                 Ok(session) => {
                     let text = format!("Loaded {description} in {:.1} s", started.elapsed().as_secs_f64());
@@ -505,7 +554,56 @@ impl SdCrossFrame {
                 }
             }
         })?;
+        *self.loader.lock().unwrap() = Some(Loader { handle, stale });
         Ok(rx)
+    }
+
+    /// What `start` can know is wrong before any weight is read: settings that do not parse
+    /// or do not go together, a device that does not exist, a dtype the device cannot compute
+    /// in, local paths that do not exist, steps x strength without a denoising step. Each is
+    /// an error of `start` (a settings error, not a load failure); the rest is the loader's.
+    fn check_settings(&self, settings: &Settings) -> Result<LoadRequest, gst::ErrorMessage> {
+        let invalid = |e: &dyn std::fmt::Display| {
+            gst::error_msg!(gst::LibraryError::Settings, ("Invalid element settings: {e}"), ["{e}"])
+        };
+        let frame_settings = settings.frame_settings().map_err(|e| invalid(&e))?;
+        let config = settings.session_config();
+        let checked = || -> anyhow::Result<(ModelSpec, candle_core::Device)> {
+            frame_settings.validate()?;
+            frame_settings.check_has_steps()?;
+            config.validate()?;
+            let spec = settings.model_spec()?;
+            spec.check_local_paths()?;
+            let device = sdcrossframe::device::parse_device(&settings.device)?;
+            sdcrossframe::device::check_dtype(&device, settings.dtype.into())?;
+            Ok((spec, device))
+        };
+        let (spec, device) = checked().map_err(|e| invalid(&format_args!("{e:#}")))?;
+        Ok(LoadRequest {
+            spec,
+            model: settings.model.clone(),
+            controlnet: settings.controlnet.clone(),
+            instance_id: settings.model_instance_id.clone(),
+            device_name: settings.device.clone(),
+            device,
+            dtype: settings.dtype,
+            config,
+            frame_settings,
+        })
+    }
+
+    /// Marks the load in flight stale (its result is dropped) and waits for its thread to end.
+    fn join_loader(&self) {
+        let Some(Loader { handle, stale }) = self.loader.lock().unwrap().take() else {
+            return;
+        };
+        stale.store(true, Ordering::SeqCst);
+        if !handle.is_finished() {
+            gst::debug!(CAT, imp = self, "waiting for the model load in flight to end");
+        }
+        if handle.join().is_err() {
+            gst::error!(CAT, imp = self, "the model loading thread panicked");
+        }
     }
 
     /// Waits for the loader; gives up on a flush or a state change.
@@ -809,7 +907,7 @@ impl ObjectImpl for SdCrossFrame {
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("Frames since the element started: frames-in (buffers that reached it), frames-out, dropped (late, by QoS, before processing), skipped (sent with the last output by similarity skipping), in-flight (held: overlap, stream batch); cross-frame-bytes (the cross-frame store's size after the last frame); shared-calls (denoising calls whose UNet call also held other elements' frames: batch-timeout)")
+                    .blurb("Frames since the element started: frames-in (buffers that reached it), frames-out, dropped (late, by QoS, before processing), skipped (sent with the last output by similarity skipping), in-flight (held: overlap, stream batch); cross-frame-bytes (the cross-frame store's size after the last frame); shared-calls (denoising calls whose UNet call also held other elements' frames: batch-timeout); loads-in-flight (model loads running now: 0 or 1) and max-loads-in-flight (the most at once since the element was made)")
                     .read_only()
                     .build(),
                 glib::ParamSpecBoolean::builder("stream-batch")
@@ -963,7 +1061,12 @@ impl ObjectImpl for SdCrossFrame {
             "latency" => s.latency_ms.to_value(),
             "overlap" => s.overlap.to_value(),
             "stream-batch" => s.stream_batch.to_value(),
-            "stats" => self.stats.structure().to_value(),
+            "stats" => {
+                let mut stats = self.stats.structure();
+                stats.set("loads-in-flight", self.loads.running.load(Ordering::SeqCst));
+                stats.set("max-loads-in-flight", self.loads.most.load(Ordering::SeqCst));
+                stats.to_value()
+            }
             "skip-similarity" => s.skip_similarity.to_value(),
             "max-skip" => s.max_skip.to_value(),
             "batch-timeout" => s.batch_timeout_ms.to_value(),
@@ -1023,23 +1126,7 @@ impl BaseTransformImpl for SdCrossFrame {
         self.stream_delay.store(0, Ordering::SeqCst);
         self.stats.reset();
         let settings = self.settings.lock().unwrap().clone();
-        let frame_settings = settings
-            .frame_settings()
-            .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ("Invalid element settings: {e}")))?;
-        // A device that does not exist (cuda:7 on a one-GPU machine, CUDA in a CPU build) fails
-        // the start, not the load.
-        sdcrossframe::device::check_device(&settings.device)
-            .map_err(|e| gst::error_msg!(gst::LibraryError::Settings, ("Invalid element settings: {e:#}")))?;
-        let request = LoadRequest {
-            spec: settings.model_spec(),
-            model: settings.model.clone(),
-            controlnet: settings.controlnet.clone(),
-            instance_id: settings.model_instance_id.clone(),
-            device: settings.device.clone(),
-            dtype: settings.dtype,
-            config: settings.session_config(),
-            frame_settings,
-        };
+        let request = self.check_settings(&settings)?;
         let rx = self
             .spawn_loader(request)
             .map_err(|e| gst::error_msg!(gst::CoreError::Thread, ["Cannot start the model loading thread: {e}"]))?;
@@ -1057,9 +1144,13 @@ impl BaseTransformImpl for SdCrossFrame {
     }
 
     fn stop(&self) -> Result<(), gst::ErrorMessage> {
-        // A load still in progress finishes on its thread and is dropped there; a frame in
-        // flight is dropped here (its device work, already queued, cannot be called back).
-        if let Some(state) = self.state.lock().unwrap().take() {
+        // A frame in flight is dropped here (its device work, already queued, cannot be called
+        // back). A load still in progress cannot be interrupted (candle reads whole tensors):
+        // its result is marked stale and its thread joined, so no load outlives the element's
+        // run and the next start never runs a second one beside it.
+        let state = self.state.lock().unwrap().take();
+        self.join_loader();
+        if let Some(state) = state {
             let in_flight = state.held.len() + state.waiting.len();
             if in_flight > 0 {
                 gst::debug!(CAT, imp = self, "stopping: dropping {in_flight} frames in flight");

@@ -4,7 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use gst_video::prelude::*;
+use std::sync::Arc;
 use std::sync::Once;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use sdcrossframe::frame::RgbFrame;
 
@@ -118,4 +121,35 @@ pub fn read_plane(buffer: &gst::Buffer, info: &gst_video::VideoInfo) -> Vec<u8> 
     let row = info.width() as usize * info.format_info().pixel_stride()[0] as usize;
     let data = frame.plane_data(0).unwrap();
     (0..info.height() as usize).flat_map(|y| data[y * stride..y * stride + row].to_vec()).collect()
+}
+
+/// Aborts the process if the guard lives longer than `limit`: a deadlock fails the run
+/// instead of hanging it.
+pub struct Watchdog(Arc<AtomicBool>);
+
+impl Watchdog {
+    pub fn new(name: &'static str, limit: Duration) -> Self {
+        let done = Arc::new(AtomicBool::new(false));
+        let flag = done.clone();
+        std::thread::spawn(move || {
+            let step = Duration::from_millis(100);
+            let mut waited = Duration::ZERO;
+            while waited < limit {
+                if flag.load(Ordering::SeqCst) {
+                    return;
+                }
+                std::thread::sleep(step);
+                waited += step;
+            }
+            eprintln!("watchdog: {name} did not finish within {limit:?} (deadlock?)");
+            std::process::abort();
+        });
+        Self(done)
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
 }
