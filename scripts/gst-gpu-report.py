@@ -1,5 +1,7 @@
 #!/usr/bin/env python3
 """gst-gpu-report.py RESULTS LABEL...: the markdown report of scripts/gst-gpu.sh run.
+gst-gpu-report.py --streams RESULTS LABEL...: the report of scripts/gst-gpu.sh run --streams (many
+streams in one process: aggregate and per-stream rate, per-stream latency, memory).
 
 Reads, per LABEL, RESULTS/LABEL.times (launch and exit wall-clock times, exit code, output files'
 mtimes), RESULTS/LABEL.stdout (gst-launch's output, each line prefixed with the wall clock) and
@@ -111,7 +113,145 @@ def bench_rows(results):
     return out
 
 
+CHAIN = re.compile(r"<(s|out)(\d+):sink> calling chainfunction .*? pts (\d+):(\d\d):(\d\d\.\d+)")
+
+
+def percentile(values, q):
+    """The q-quantile (0..1) of values, linear between the nearest ranks."""
+    values = sorted(values)
+    if not values:
+        return None
+    at = q * (len(values) - 1)
+    low = int(at)
+    high = min(low + 1, len(values) - 1)
+    return values[low] + (values[high] - values[low]) * (at - low)
+
+
+def analyse_streams(results, label):
+    """One --streams run: per stream the output times and each frame's latency (its buffer into
+    sK's sink pad to the buffer with the same PTS into outK's), from the GST_SCHEDULING lines."""
+    info = {}
+    memory = []
+    for line in (results / f"{label}.times").read_text().splitlines():
+        key, _, rest = line.partition(" ")
+        if key == "memory":
+            memory.append(float(rest))
+        else:
+            info[key] = rest
+    n_streams, skip = int(info["streams"]), int(info["skip"])
+    entered = [dict() for _ in range(n_streams)]
+    left = [[] for _ in range(n_streams)]  # (time, pts)
+    log = results / f"{label}.log"
+    if log.exists():
+        for line in log.read_text(errors="replace").splitlines():
+            m = CHAIN.search(line)
+            t = log_seconds(line)
+            if not m or t is None:
+                continue
+            k = int(m[2])
+            if k >= n_streams:
+                continue
+            pts = int(m[3]) * 3600 + int(m[4]) * 60 + float(m[5])
+            if m[1] == "s":
+                entered[k].setdefault(pts, t)
+            else:
+                left[k].append((t, pts))
+    streams = []
+    for k in range(n_streams):
+        outs = sorted(left[k])
+        steady = outs[skip:]
+        latencies = [(t - entered[k][pts]) * 1e3 for t, pts in steady if pts in entered[k]]
+        fps = (len(steady) - 1) / (steady[-1][0] - steady[0][0]) if len(steady) >= 2 and steady[-1][0] > steady[0][0] else None
+        streams.append({"outs": [t for t, _ in outs], "fps": fps, "p50": percentile(latencies, 0.5),
+                        "max": max(latencies) if latencies else None, "latencies": latencies})
+    # Aggregate: every output while all streams were past their skipped frames and none had finished.
+    aggregate = None
+    if all(len(s["outs"]) > skip for s in streams):
+        t0 = max(s["outs"][skip] for s in streams)
+        t1 = min(s["outs"][-1] for s in streams)
+        if t1 > t0:
+            count = sum(sum(1 for t in s["outs"] if t0 < t <= t1) for s in streams)
+            aggregate = count / (t1 - t0)
+    if aggregate is None and all(s["fps"] for s in streams):
+        aggregate = sum(s["fps"] for s in streams)
+    baseline = float(info["memory_baseline"]) if "memory_baseline" in info else None
+    peak = max(memory) if memory else None
+    if peak is not None and baseline is not None:
+        peak -= baseline
+    all_latencies = [v for s in streams for v in s["latencies"]]
+    return {"label": label, "config": info.get("config", "?"), "input": info.get("input", "?"), "n": n_streams,
+            "mode": info.get("mode", "?"), "frames": int(info["frames"]), "written": info.get("written", "?"),
+            "rc": info.get("rc", "?"), "skip": skip, "streams": streams, "aggregate": aggregate,
+            "p50": percentile(all_latencies, 0.5), "max": max(all_latencies) if all_latencies else None,
+            "worst_p50": max((s["p50"] for s in streams if s["p50"] is not None), default=None),
+            "memory": peak, "memory_kind": info.get("memory_kind", "?"), "baseline": baseline,
+            "settings": info.get("settings", "")}
+
+
+def streams_report(results, labels):
+    rows = [analyse_streams(results, label) for label in labels if (results / f"{label}.times").exists()]
+    gpu = ((results / "gpu.txt").read_text().strip() if (results / "gpu.txt").exists() else "") or "no GPU"
+    kind = rows[0]["memory_kind"] if rows else "gpu"
+    memory_title = ("peak GPU memory MiB (nvidia-smi, above the reading before launch)" if kind == "gpu"
+                    else "peak resident memory MiB (VmHWM)")
+    print(f"## Many streams in one process ({gpu})")
+    print()
+    print(f"| config | input | streams | mode | frames written per stream | aggregate fps | per-stream fps min / mean / max "
+          f"| latency p50 ms (worst stream's p50) | latency max ms | {memory_title} |")
+    print("|---|---|---:|---|---|---:|---|---:|---:|---:|")
+    for r in rows:
+        fps = [s["fps"] for s in r["streams"] if s["fps"] is not None]
+        per = f"{min(fps):.1f} / {statistics.mean(fps):.1f} / {max(fps):.1f}" if fps else "-"
+        written = f"{r['written']} of {r['frames']}" + ("" if r["rc"] == "0" else f" (exit {r['rc']})")
+        print(f"| {r['config']} | {r['input']} | {r['n']} | {r['mode']} | {written} | {fmt(r['aggregate'])} | {per} "
+              f"| {fmt(r['p50'])} ({fmt(r['worst_p50'])}) | {fmt(r['max'])} | {fmt(r['memory'], 0)} |")
+    print()
+    print("Aggregate fps: outputs of all streams from the moment the last stream was past its first "
+          f"{rows[0]['skip'] if rows else '?'} outputs to the moment the first stream wrote its last, over that time. "
+          "Per-stream fps: a stream's outputs after the skipped ones. Latency: per frame, its buffer entering the "
+          "element's sink pad to the buffer with the same PTS leaving it (so it includes the frames the element holds "
+          "and the time a shared model keeps it waiting), over the same frames.")
+    # Shared against separate, and against one stream.
+    single = {(r["config"], r["input"]): r for r in rows if r["n"] == 1}
+    pairs = {}
+    for r in rows:
+        if r["mode"] in ("shared", "separate"):
+            pairs.setdefault((r["config"], r["input"], r["n"]), {})[r["mode"]] = r
+    if pairs:
+        print()
+        print("| config | input | streams | aggregate fps shared / separate | shared over separate | aggregate over one stream, shared / separate "
+              "| memory over one stream's, shared / separate |")
+        print("|---|---|---:|---|---:|---|---|")
+        for (config, input_, n), modes in pairs.items():
+            shared, separate = modes.get("shared"), modes.get("separate")
+            one = single.get((config, input_))
+
+            def ratio(a, b):
+                return f"{a / b:.2f}x" if a is not None and b else "-"
+
+            def value(r, key):
+                return r[key] if r else None
+            print(f"| {config} | {input_} | {n} | {fmt(value(shared, 'aggregate'))} / {fmt(value(separate, 'aggregate'))} "
+                  f"| {ratio(value(shared, 'aggregate'), value(separate, 'aggregate'))} "
+                  f"| {ratio(value(shared, 'aggregate'), value(one, 'aggregate'))} / {ratio(value(separate, 'aggregate'), value(one, 'aggregate'))} "
+                  f"| {ratio(value(shared, 'memory'), value(one, 'memory'))} / {ratio(value(separate, 'memory'), value(one, 'memory'))} |")
+    print()
+    for r in rows:
+        parts = [f"s{k} {fmt(s['fps'])} fps, p50 {fmt(s['p50'])} ms, max {fmt(s['max'])} ms" for k, s in enumerate(r["streams"])]
+        print(f"- {r['label']}: {'; '.join(parts)}")
+    for path in sorted(results.glob("bench-*.txt")):
+        print()
+        print(f"### {path.name}")
+        print()
+        print("```text")
+        print(path.read_text(errors="replace").rstrip())
+        print("```")
+
+
 def main():
+    if sys.argv[1] == "--streams":
+        streams_report(Path(sys.argv[2]), sys.argv[3:])
+        return
     results = Path(sys.argv[1])
     labels = sys.argv[2:]
     rows = [analyse(results, label) for label in labels if (results / f"{label}.times").exists()]

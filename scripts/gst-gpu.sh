@@ -35,6 +35,22 @@
 #         live2     lcm2 with stream-batch=true
 #       GST_GPU_STREAMS=N feeds N elements in one process from a tee (they share one loaded
 #       model); stream 0's output files are the ones timed.
+#       --streams LIST (e.g. 1,2,4,8) measures many streams instead of the runs above: for each
+#       configuration, input and N, one gst-launch with N independent branches
+#         multifilesrc ! jpegdec ! videoconvert ! queue ! sdcrossframe name=sK ... ! queue name=outK
+#           ! videoconvert ! jpegenc ! multifilesink location=.../sK-o%03d.jpg
+#       once "shared" (the default model-instance-id: one loaded model; batch-timeout=MS added
+#       when the element has that property and --batch-timeout is given, else its default)
+#       and once "separate" (model-instance-id=sK: N loaded copies); N=1 runs once ("single").
+#       Each frame's latency is the time from its buffer entering sK's sink pad to the buffer
+#       with the same PTS entering outK's sink pad (GST_SCHEDULING's chain-function lines in
+#       the debug log, ns log clock); the memory is sampled every 0.2 s during the run
+#       (nvidia-smi memory.used of the device's GPU, minus the reading before the launch; with
+#       --local the process's peak resident memory, VmHWM). The table (gst-gpu-report.py
+#       --streams) gives per run the aggregate fps (outputs of all streams while every stream
+#       was past its skipped frames and none had finished), each stream's fps (its outputs after
+#       the skipped ones), latency p50 and max over those frames, and the peak memory; then
+#       shared against separate per N.
 #                   (TAESD: random AutoencoderTiny weights next to the random models, or GST_GPU_TAESD;
 #                   the bench gets --scheduler lcm --guidance none --vae DIR, diffusers
 #                   --scheduler lcm --tiny-vae)
@@ -54,6 +70,9 @@
 #         --no-gst         no GStreamer runs (only the bench and/or --diffusers)
 #         --no-restart     skip the second start of the first run (start-up with whatever the first
 #                          start left behind, e.g. a convolution-plan cache)
+#         --streams LIST   many streams in one process (see above), e.g. 1,2,4,8
+#         --modes LIST     with --streams: shared, separate or both (default shared,separate)
+#         --batch-timeout MS  with --streams: the shared runs' batch-timeout (when the element has it)
 #         --local          smoke test without a GPU: the system's GStreamer, no dpkg -x, no random
 #                          models: tests/fixtures/tiny-sd + tiny-controlnet, device cpu, f32, 64x64,
 #                          steps 2, 4 frames, skip 1, plugin and bench from target/debug
@@ -216,7 +235,7 @@ ensure_diffusers() {
 
 run() {
     local bin=${GST_GPU_BIN:-} frames=40 skip=5 configs=original,fast inputs="" queues=0 bench=1 restart=1 local_mode=0
-    local diffusers=0 gst=1
+    local diffusers=0 gst=1 streams_list="" modes=shared,separate batch_timeout=""
     while [ $# -gt 0 ]; do
         case "$1" in
             --bin) bin=$2; shift 2 ;;
@@ -230,6 +249,9 @@ run() {
             --no-gst) gst=0; shift ;;
             --no-restart) restart=0; shift ;;
             --local) local_mode=1; shift ;;
+            --streams) streams_list=$2; shift 2 ;;
+            --modes) modes=$2; shift 2 ;;
+            --batch-timeout) batch_timeout=$2; shift 2 ;;
             *) die "run: unknown option $1" ;;
         esac
     done
@@ -438,6 +460,118 @@ PY
         runs+=("$label")
     }
 
+    # run_streams LABEL FRAME_DIR N MODE ELEMENT_PROPERTY...: N independent branches in one
+    # gst-launch (see the header), the memory sampled while it runs.
+    run_streams() {
+        local label=$1 frames_dir=$2 n_streams=$3 mode=$4
+        shift 4
+        local available
+        available=$(find "$frames_dir" -name 'f*.jpg' | wc -l)
+        local n=$(( frames < available ? frames : available ))
+        local out=/tmp/gst-gpu-frames/$label
+        rm -rf "$out" && mkdir -p "$out"
+        rm -f "$results/$label".*
+        local -a extra=()
+        read -r -a extra <<<"${GST_GPU_ELEMENT_ARGS:-}"
+        local -a pipeline=()
+        local k
+        for k in $(seq 0 $((n_streams - 1))); do
+            local -a per=()
+            case "$mode" in
+                separate) per=("model-instance-id=s$k") ;;
+                shared) [ -n "$batch_timeout" ] && [ "$has_batch_timeout" = 1 ] && per=("batch-timeout=$batch_timeout") ;;
+            esac
+            pipeline+=(
+                multifilesrc "location=$frames_dir/f%03d.jpg" start-index=0 "stop-index=$((n - 1))"
+                "caps=image/jpeg,framerate=25/1" ! jpegdec ! videoconvert ! queue !
+                sdcrossframe "name=s$k" "model=$model" "controlnet=$controlnet" "device=$device" "dtype=$dtype"
+                "width=${size%x*}" "height=${size#*x}" "$@" "${per[@]}" "${extra[@]}"
+                ! queue "name=out$k" ! videoconvert ! jpegenc ! multifilesink "location=$out/s$k-o%03d.jpg"
+            )
+        done
+        local shown
+        shown=$(printf '%q ' gst-launch-1.0 -e "${pipeline[@]}")
+        echo "== $label: $n_streams stream(s), $mode: $shown"
+        local gpu=""
+        if [ "$local_mode" = 0 ] && command -v nvidia-smi >/dev/null; then
+            case "$device" in cuda:*) gpu=${device#cuda:} ;; cuda) gpu=0 ;; esac
+        fi
+        read_memory() {  # MiB: the GPU's memory in use, or the process's peak resident memory
+            if [ -n "$gpu" ]; then
+                nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -i "$gpu" 2>/dev/null | head -1 | tr -dc '0-9'
+            elif [ -n "${1:-}" ]; then
+                awk '/^VmHWM:/ { printf "%d", $2 / 1024 }' "/proc/$1/status" 2>/dev/null
+            fi
+        }
+        local baseline=""
+        [ -n "$gpu" ] && baseline=$(read_memory)
+        {
+            echo "label $label"
+            echo "input $(basename "$frames_dir" | sed 's/^frames-//')"
+            echo "frames $n"
+            echo "skip $skip"
+            echo "streams $n_streams"
+            echo "mode $mode"
+            echo "config ${label%%-*}"
+            echo "memory_kind $([ -n "$gpu" ] && echo "gpu" || echo "rss")"
+            [ -n "$baseline" ] && echo "memory_baseline $baseline"
+            echo "settings $*"
+            echo "pipeline $shown"
+        } >"$results/$label.times"
+        local start=$EPOCHREALTIME rc pid
+        env "${gst_env[@]}" GST_DEBUG="*:2,sdcrossframe:7,GST_SCHEDULING:5" GST_DEBUG_NO_COLOR=1 \
+            GST_DEBUG_FILE="$results/$label.log" gst-launch-1.0 -e "${pipeline[@]}" >"$results/$label.stdout" 2>&1 &
+        pid=$!
+        local deadline=$(( ${start%.*} + timeout_s )) m
+        while kill -0 "$pid" 2>/dev/null; do
+            m=$(read_memory "$pid")
+            [ -n "$m" ] && echo "memory $m" >>"$results/$label.times"
+            if [ "$(date +%s)" -ge "$deadline" ]; then
+                log "$label: still running after $timeout_s s: stopped"
+                kill -INT "$pid" 2>/dev/null; sleep 5; kill -KILL "$pid" 2>/dev/null
+            fi
+            sleep 0.2
+        done
+        wait "$pid"
+        rc=$?
+        [ "$rc" -gt 128 ] && rc=124
+        local end=$EPOCHREALTIME
+        {
+            echo "start $start"
+            echo "end $end"
+            echo "rc $rc"
+        } >>"$results/$label.times"
+        local written="" short=0
+        for k in $(seq 0 $((n_streams - 1))); do
+            local made
+            made=$(find "$out" -name "s$k-o*.jpg" | wc -l)
+            written+="$made "
+            [ "$made" = "$n" ] || short=1
+        done
+        echo "written ${written% }" >>"$results/$label.times"
+        echo "   $label: frames written per stream: $written(of $n)"
+        if [ "$rc" != 0 ] || [ "$short" = 1 ]; then
+            echo "gst-gpu: $label: gst-launch exit $rc, frames written per stream: $written(of $n)" >&2
+            tail -5 "$results/$label.stdout" >&2
+            grep -E ' (ERROR|WARN) ' "$results/$label.log" | tail -5 >&2
+            status=1
+        fi
+        # The log is large (a line per buffer and pad); keep what the report reads.
+        grep -E '<(s|out)[0-9]+:sink> calling chainfunction|sdcrossframe|Loaded ' "$results/$label.log" >"$results/$label.log.part" \
+            && mv "$results/$label.log.part" "$results/$label.log"
+        stream_runs+=("$label")
+    }
+    local has_batch_timeout=0
+    grep -q 'batch-timeout' "$results/gst-inspect.txt" && has_batch_timeout=1
+    if [ -n "$streams_list" ]; then
+        if [ "$has_batch_timeout" = 1 ]; then
+            log "the element has batch-timeout: shared runs ${batch_timeout:+pass batch-timeout=$batch_timeout}${batch_timeout:-use its default}"
+        else
+            log "the element has no batch-timeout property (no cross-stream batching in this build)"
+        fi
+    fi
+    local -a stream_runs=()
+
     local -A settings_of=(
         [original]="steps=20 strength=0.9 guidance-scale=7.5 controlnet-scale=0.7"
         [fast]="steps=8 strength=0.5 guidance-scale=1 controlnet-scale=0.7"
@@ -456,6 +590,25 @@ PY
         local -a settings
         read -r -a settings <<<"${settings_of[$config]}"
         [ -n "$steps_override" ] && settings[0]=steps=$steps_override
+        if [ -n "$streams_list" ]; then
+            for d in "${frame_dirs[@]}"; do
+                local input n_streams mode
+                input=$(basename "$d" | sed 's/^frames-//')
+                for n_streams in ${streams_list//,/ }; do
+                    [[ "$n_streams" =~ ^[1-9][0-9]*$ ]] || die "--streams: $n_streams is not a stream count"
+                    for mode in ${modes//,/ }; do
+                        case "$mode" in shared|separate) ;; *) die "--modes: unknown mode $mode (shared, separate)" ;; esac
+                        # One stream is the same run either way.
+                        if [ "$n_streams" = 1 ]; then
+                            [ "$mode" = "${modes%%,*}" ] || continue
+                            mode=single
+                        fi
+                        run_streams "$config-$input-n$n_streams-$mode" "$d" "$n_streams" "$mode" "${settings[@]}" "$prompt"
+                    done
+                done
+            done
+            continue
+        fi
         for d in "${frame_dirs[@]}"; do
             local label
             label="$config-$(basename "$d" | sed 's/^frames-//')"
@@ -463,7 +616,7 @@ PY
             if [ -z "$first_label" ]; then first_label=$label first_dir=$d first_settings=("${settings[@]}"); fi
         done
     done
-    if [ "$restart" = 1 ] && [ -n "$first_label" ]; then
+    if [ "$restart" = 1 ] && [ -n "$first_label" ] && [ -z "$streams_list" ]; then
         run_one "$first_label-restart" "$first_dir" "${first_settings[@]}" "$prompt"
     fi
 
@@ -518,7 +671,11 @@ PY
 
     [ "$local_mode" = 0 ] && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$results/gpu.txt" 2>/dev/null
     echo
-    python3 scripts/gst-gpu-report.py "$results" "${runs[@]}" | tee "$results/report.md" || status=1
+    if [ -n "$streams_list" ]; then
+        python3 scripts/gst-gpu-report.py --streams "$results" "${stream_runs[@]}" | tee "$results/report.md" || status=1
+    else
+        python3 scripts/gst-gpu-report.py "$results" "${runs[@]}" | tee "$results/report.md" || status=1
+    fi
     return $status
 }
 

@@ -234,6 +234,105 @@ impl LiveStats {
     }
 }
 
+/// Several elements' counts together (one process running several streams): the outputs
+/// of all of them per second (the sum of each one's rate, so a stream that stalls lowers
+/// it), latency over every frame of every stream, and every drop.
+pub struct Totals<'a> {
+    streams: Vec<&'a LiveStats>,
+}
+
+impl<'a> Totals<'a> {
+    pub fn new(streams: impl IntoIterator<Item = &'a LiveStats>) -> Self {
+        Self { streams: streams.into_iter().collect() }
+    }
+
+    pub fn frames_out(&self) -> u64 {
+        self.streams.iter().map(|s| s.frames_out).sum()
+    }
+
+    /// The sum of the streams' rolling rates; `None` until one of them has a rate.
+    pub fn rolling_fps(&self, now: Duration) -> Option<f64> {
+        sum_some(self.streams.iter().map(|s| s.rolling_fps(now)))
+    }
+
+    /// The sum of the streams' mean rates (each from its first output to its last).
+    pub fn mean_fps(&self) -> Option<f64> {
+        sum_some(self.streams.iter().map(|s| s.mean_fps()))
+    }
+
+    /// Mean over every frame of every stream.
+    pub fn mean_latency(&self) -> Option<Duration> {
+        let count: u32 = self.streams.iter().map(|s| s.latency_count).sum();
+        let total: Duration = self.streams.iter().map(|s| s.total_latency).sum();
+        (count > 0).then(|| total / count)
+    }
+
+    pub fn max_latency(&self) -> Option<Duration> {
+        self.streams.iter().filter_map(|s| s.max_latency()).max()
+    }
+
+    /// Every drop of every stream: in the elements (frames that never left), sinks' and
+    /// other elements' QoS messages, leaky queues' overruns. (An element's QoS messages are
+    /// its frames that never left, already counted.)
+    pub fn dropped(&self) -> u64 {
+        self.streams
+            .iter()
+            .map(|s| s.dropped_in_element + s.qos_sinks + s.queue_overruns + s.qos_other.values().sum::<u64>())
+            .sum()
+    }
+
+    /// The live display's total line: `total 20.0 fps  latency mean 110 ms, max 158 ms  dropped 3`.
+    pub fn status(&self, now: Duration) -> String {
+        let mut parts = vec![match self.rolling_fps(now) {
+            Some(fps) => format!("total {fps:.1} fps"),
+            None => "total -- fps".into(),
+        }];
+        if let (Some(mean), Some(max)) = (self.mean_latency(), self.max_latency()) {
+            parts.push(format!("latency mean {} ms, max {} ms", ms(mean), ms(max)));
+        }
+        parts.push(format!("dropped {}", self.dropped()));
+        parts.join("  ")
+    }
+
+    /// The live display for several streams: the total line, then one line per stream,
+    /// `NAME: ` and its [`LiveStats::status`].
+    pub fn status_lines(names: &[&str], streams: &[&LiveStats], now: Duration) -> Vec<String> {
+        let mut lines = vec![Totals::new(streams.iter().copied()).status(now)];
+        for (name, stats) in names.iter().zip(streams) {
+            lines.push(format!("{name}: {}", stats.status(now)));
+        }
+        lines
+    }
+
+    /// The summary's total line: frames out of every stream in `elapsed`, the summed mean
+    /// rates, latency over all frames, the drops.
+    pub fn summary(&self, elapsed: Duration) -> String {
+        let mut details = Vec::new();
+        if let Some(fps) = self.mean_fps() {
+            details.push(format!("{fps:.2} fps in all after each stream's first frame"));
+        }
+        if let (Some(mean), Some(max)) = (self.mean_latency(), self.max_latency()) {
+            details.push(format!("latency mean {} ms, max {} ms", ms(mean), ms(max)));
+        }
+        details.push(format!("{} dropped", self.dropped()));
+        format!(
+            "total: {} frames of {} streams in {:.1} s ({})",
+            self.frames_out(),
+            self.streams.len(),
+            elapsed.as_secs_f64(),
+            details.join("; ")
+        )
+    }
+}
+
+fn sum_some(values: impl Iterator<Item = Option<f64>>) -> Option<f64> {
+    values.fold(None, |sum, v| match (sum, v) {
+        (None, v) => v,
+        (Some(s), Some(v)) => Some(s + v),
+        (s, None) => s,
+    })
+}
+
 fn ms(d: Duration) -> String {
     format!("{:.0}", d.as_secs_f64() * 1000.0)
 }
@@ -401,5 +500,45 @@ mod tests {
         file.entered(pts(50), at(12_000));
         file.entered(pts(51), at(12_040));
         assert!(file.summary(Duration::from_secs(13), false).ends_with("max 150 ms; 2 still in the element)"));
+    }
+    #[test]
+    fn totals_add_the_streams_up() {
+        // Stream a: 10 fps, 200 ms latency; stream b: 5 fps, 300 ms, two frames dropped.
+        let (mut a, mut b) = (LiveStats::default(), LiveStats::default());
+        for i in 0..40 {
+            a.entered(pts(i), at(1000 + 100 * i));
+            a.left(pts(i), at(1200 + 100 * i));
+        }
+        for i in 0..20 {
+            b.entered(pts(i), at(1000 + 200 * i));
+            if i != 7 && i != 8 {
+                b.left(pts(i), at(1300 + 200 * i));
+            }
+        }
+        b.queue_overruns = 3;
+        b.leaky_queues = 1;
+        let now = at(5100);
+        let total = Totals::new([&a, &b]);
+        assert_eq!(total.frames_out(), 58);
+        assert!((total.rolling_fps(now).unwrap() - 15.0).abs() < 1e-9, "{:?}", total.rolling_fps(now));
+        assert!((total.mean_fps().unwrap() - (39.0 / 3.9 + 17.0 / 3.8)).abs() < 1e-9);
+        assert_eq!(total.mean_latency(), Some((at(200) * 40 + at(300) * 18) / 58));
+        assert_eq!(total.max_latency(), Some(at(300)));
+        assert_eq!(total.dropped(), 5);
+        assert_eq!(total.status(now), "total 15.0 fps  latency mean 231 ms, max 300 ms  dropped 5");
+        let lines = Totals::status_lines(&["left", "right"], &[&a, &b], now);
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0], total.status(now));
+        assert_eq!(lines[1], format!("left: {}", a.status(now)));
+        assert!(lines[2].starts_with("right: 5.0 fps  latency 300 ms (mean 300, max 300)"), "{}", lines[2]);
+        assert!(lines[2].ends_with("dropped 2 in element (QoS 0), 0 sinks, 3 queue"), "{}", lines[2]);
+        assert_eq!(
+            total.summary(Duration::from_secs(6)),
+            "total: 58 frames of 2 streams in 6.0 s (14.47 fps in all after each stream's first frame; \
+             latency mean 231 ms, max 300 ms; 5 dropped)"
+        );
+        // No output yet: no rate, no latency.
+        let empty = LiveStats::default();
+        assert_eq!(Totals::new([&empty, &empty]).status(at(0)), "total -- fps  dropped 0");
     }
 }

@@ -1,8 +1,8 @@
 //! `sdcrossframe run FILE.pipeline KEY=value ...`: runs a launch-string file from
 //! `pipelines/` with its variables filled in, shows progress (frames and time left for
 //! files; for live sources the element's output rate, each frame's latency through it and
-//! the drops, counted by [`LiveStats`]), turns Ctrl-C into EOS so files are finalized, and
-//! fails with the bus's error text.
+//! the drops, counted by [`LiveStats`]; with several elements one line per element and the
+//! total), turns Ctrl-C into EOS so files are finalized, and fails with the bus's error text.
 
 use std::collections::BTreeMap;
 use std::io::IsTerminal;
@@ -19,14 +19,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::launch_file::LaunchFile;
-use crate::live_stats::LiveStats;
+use crate::live_stats::{LiveStats, Totals};
 
 /// The element whose frames the progress counts.
 const ELEMENT: &str = "sdcrossframe";
 /// How many times the same warning (same source, same text) is shown.
 const REPEATED_WARNINGS: u32 = 2;
-/// How often progress is printed as a line when stderr is not a terminal.
-const PLAIN_STATUS_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -42,6 +40,17 @@ pub struct RunArgs {
     /// Describe the file (its header comment) and exit.
     #[arg(long)]
     describe: bool,
+    /// Seconds between the status lines printed when stderr is not a terminal (a log, a
+    /// service); on a terminal the display updates in place.
+    #[arg(long, value_name = "SECONDS", default_value_t = 10.0, value_parser = positive_seconds)]
+    status_interval: f64,
+}
+
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("{text:?} is not a positive number of seconds")),
+    }
 }
 
 pub fn run(args: RunArgs) -> Result<ExitCode> {
@@ -71,7 +80,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     let new_outputs = new_output_files(&pipeline);
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     let label = args.file.display().to_string();
-    let result = runtime.block_on(drive(&pipeline, &label));
+    let status_every = Duration::from_secs_f64(args.status_interval);
+    let result = runtime.block_on(drive(&pipeline, &label, status_every));
     let _ = pipeline.set_state(gst::State::Null);
     if result.is_err() {
         remove_empty_outputs(&new_outputs);
@@ -183,13 +193,18 @@ fn for_each_pts(info: &gst::PadProbeInfo, mut f: impl FnMut(Option<u64>)) {
 /// Counts the frames that leaky queues upstream of `element` drop: a `queue` with `leaky`
 /// set emits `overrun` when it is full and then drops its oldest item (a frame, with the
 /// usual `max-size-buffers=1`). Queues with `silent=true` emit nothing and are not counted;
-/// nor are queues inside bins. Returns how many queues are watched.
-fn watch_leaky_queues(element: &gst::Element, stats: &Arc<Mutex<LiveStats>>) -> usize {
+/// nor are queues inside bins, nor those in `seen` (a queue before a tee feeding several
+/// elements counts for the first). Returns how many queues are watched.
+fn watch_leaky_queues(element: &gst::Element, stats: &Arc<Mutex<LiveStats>>, seen: &mut Vec<gst::Element>) -> usize {
     let mut watched = 0;
     for queue in upstream_elements(element) {
         if !queue.factory().is_some_and(|f| f.name() == "queue") || queue.property::<bool>("silent") {
             continue;
         }
+        if seen.contains(&queue) {
+            continue;
+        }
+        seen.push(queue.clone());
         let leaky = queue.property_value("leaky");
         if gst::glib::EnumValue::from_value(&leaky).is_none_or(|(_, value)| value.nick() == "no") {
             continue;
@@ -206,10 +221,17 @@ fn watch_leaky_queues(element: &gst::Element, stats: &Arc<Mutex<LiveStats>>) -> 
 
 /// The elements linked upstream of `element` (through its sink pads' peers), as linked now.
 fn upstream_elements(element: &gst::Element) -> Vec<gst::Element> {
+    linked_elements(element, gst::PadDirection::Sink)
+}
+
+/// The elements linked to `element` through its pads of `direction`'s peers, and theirs, as
+/// linked now (upstream for sink pads, downstream for src pads).
+fn linked_elements(element: &gst::Element, direction: gst::PadDirection) -> Vec<gst::Element> {
     let mut found: Vec<gst::Element> = Vec::new();
     let mut todo = vec![element.clone()];
     while let Some(current) = todo.pop() {
-        for pad in current.sink_pads() {
+        let pads = if direction == gst::PadDirection::Sink { current.sink_pads() } else { current.src_pads() };
+        for pad in pads {
             if let Some(up) = pad.peer().and_then(|peer| peer.parent_element())
                 && up != *element
                 && !found.contains(&up)
@@ -221,6 +243,19 @@ fn upstream_elements(element: &gst::Element) -> Vec<gst::Element> {
         }
     }
     found
+}
+
+/// Which of `elements` another element's drops belong to: the one element linked upstream or
+/// downstream of it (a sink after it, a converter before it); the first when it is linked
+/// to several (a source feeding all of them) or to none.
+fn owner(source: &gst::Element, elements: &[gst::Element]) -> usize {
+    let mut linked = linked_elements(source, gst::PadDirection::Sink);
+    linked.extend(linked_elements(source, gst::PadDirection::Src));
+    let mut owners = elements.iter().enumerate().filter(|(_, e)| linked.contains(e)).map(|(i, _)| i);
+    match (owners.next(), owners.next()) {
+        (Some(only), None) => only,
+        _ => 0,
+    }
 }
 
 /// The latency the pipeline runs with: the one set on it, else the latency query's minimum
@@ -237,10 +272,13 @@ fn pipeline_latency(pipeline: &gst::Pipeline) -> Option<Duration> {
     live.then(|| Duration::from_nanos(min.nseconds()))
 }
 
-/// The stream's frame count, from the pipeline's duration and the element's frame rate.
+/// The element's frame count: the duration of what feeds it (asked upstream of it, else the
+/// pipeline's: with several inputs the longest) times its frame rate.
 fn expected_frames(pipeline: &gst::Pipeline, element: Option<&gst::Element>) -> Option<u64> {
-    let duration = pipeline.query_duration::<gst::ClockTime>()?;
-    let caps = element?.static_pad("sink")?.current_caps()?;
+    let sink = element?.static_pad("sink")?;
+    let duration =
+        sink.peer_query_duration::<gst::ClockTime>().or_else(|| pipeline.query_duration::<gst::ClockTime>())?;
+    let caps = sink.current_caps()?;
     let s = caps.structure(0)?;
     let rate = s.get::<gst::Fraction>("framerate").ok()?;
     if rate.numer() <= 0 || rate.denom() <= 0 {
@@ -250,28 +288,31 @@ fn expected_frames(pipeline: &gst::Pipeline, element: Option<&gst::Element>) -> 
     Some(frames as u64)
 }
 
-async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
+async fn drive(pipeline: &gst::Pipeline, label: &str, status_every: Duration) -> Result<ExitCode> {
     // Armed before the pipeline starts, so an early Ctrl-C also ends it cleanly. SIGTERM
     // (service managers, `kill`) finishes the output the same way.
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut terminate = signal(SignalKind::terminate())?;
     let clock = Instant::now();
-    let elements: Vec<gst::Element> = pipeline
+    let mut elements: Vec<gst::Element> = pipeline
         .iterate_recurse()
         .into_iter()
         .filter_map(|e| e.ok())
         .filter(|e| e.factory().is_some_and(|f| f.name() == ELEMENT))
         .collect();
-    // One count per element; the display shows the first, which also counts the sinks' QoS
-    // drops and the leaky queues before it.
+    // A bin lists its newest child first: this is the launch line's order.
+    elements.reverse();
+    // One count per element, with the leaky queues before it and (see count_qos) the drops
+    // of the sinks after it; with several elements the display shows each by name and the
+    // total.
+    let names: Vec<String> = elements.iter().map(|e| e.name().to_string()).collect();
     let stats: Vec<Arc<Mutex<LiveStats>>> =
         elements.iter().map(|_| Arc::new(Mutex::new(LiveStats::default()))).collect();
+    let mut watched_queues = Vec::new();
     for (element, stats) in elements.iter().zip(&stats) {
         watch_element(element, stats, clock);
-    }
-    if let (Some(first), Some(first_stats)) = (elements.first(), stats.first()) {
-        let queues = watch_leaky_queues(first, first_stats);
-        first_stats.lock().unwrap().leaky_queues = queues;
+        let queues = watch_leaky_queues(element, stats, &mut watched_queues);
+        stats.lock().unwrap().leaky_queues = queues;
     }
     let bus = pipeline.bus().context("the pipeline has no bus")?;
     let mut messages = bus.stream();
@@ -357,17 +398,15 @@ async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
                     MessageView::Qos(_) => count_qos(&message, &elements, &stats),
                     MessageView::Latency(_) => {
                         let _ = pipeline.recalculate_latency();
-                        if live && let Some(first) = stats.first() {
-                            first.lock().unwrap().pipeline_latency = pipeline_latency(pipeline);
+                        if live {
+                            set_pipeline_latency(&stats, pipeline_latency(pipeline));
                         }
                     }
                     MessageView::StateChanged(s)
                         if live && s.current() == gst::State::Playing
                             && message.src() == Some(pipeline.upcast_ref()) =>
                     {
-                        if let Some(first) = stats.first() {
-                            first.lock().unwrap().pipeline_latency = pipeline_latency(pipeline);
-                        }
+                        set_pipeline_latency(&stats, pipeline_latency(pipeline));
                     }
                     MessageView::ClockLost(_) => {
                         let _ = pipeline.set_state(gst::State::Paused);
@@ -390,42 +429,63 @@ async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
                 pipeline.send_event(gst::event::Eos::new());
             }
             _ = ticker.tick() => {
-                if !live
-                    && !length_known
-                    && let Some(total) = expected_frames(pipeline, elements.first())
-                {
-                    bar.set_length(total);
-                    length_known = true;
+                if !live && !length_known && !elements.is_empty() {
+                    // Every element's frame count, once each is known.
+                    let counts: Option<Vec<u64>> =
+                        elements.iter().map(|e| expected_frames(pipeline, Some(e))).collect();
+                    if let Some(counts) = counts {
+                        bar.set_length(counts.iter().sum());
+                        length_known = true;
+                    }
                 }
-                let Some(first) = stats.first() else { continue };
-                let first = first.lock().unwrap();
+                if stats.is_empty() {
+                    continue;
+                }
                 let now = since(clock);
-                bar.set_position(first.frames_out);
+                let guards: Vec<_> = stats.iter().map(|s| s.lock().unwrap()).collect();
+                let each: Vec<&LiveStats> = guards.iter().map(|g| &**g).collect();
+                let total = Totals::new(each.iter().copied());
+                let frames_out = total.frames_out();
+                bar.set_position(frames_out);
                 // Live: rate, latency and drops, once frames come out (until then the
-                // message is the model's loading progress). Files keep the bar; the plain
-                // status line adds the rate.
-                let status = if live {
-                    first.status(now)
+                // message is the model's loading progress); several elements: the total and
+                // one line per element. Files keep the bar; the plain status line adds the
+                // rate (each element's with several).
+                let lines: Vec<String> = if live && each.len() > 1 {
+                    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                    Totals::status_lines(&names, &each, now)
+                } else if live {
+                    vec![each[0].status(now)]
+                } else if each.len() > 1 {
+                    let rates: Vec<String> = names
+                        .iter()
+                        .zip(&each)
+                        .map(|(name, s)| format!("{name} {}", s.rolling_fps(now).map(|f| format!("{f:.1} fps")).unwrap_or("-- fps".into())))
+                        .collect();
+                    vec![rates.join(", ")]
                 } else {
-                    first.rolling_fps(now).map(|fps| format!("{fps:.1} fps")).unwrap_or_default()
+                    vec![each[0].rolling_fps(now).map(|fps| format!("{fps:.1} fps")).unwrap_or_default()]
                 };
-                if live && first.frames_out > 0 {
-                    bar.set_message(status.clone());
+                let several = each.len() > 1;
+                drop(total);
+                drop(each);
+                drop(guards);
+                if (live || several) && frames_out > 0 {
+                    bar.set_message(lines.join("\n"));
                 }
-                if plain_status && last_status.elapsed() >= PLAIN_STATUS_EVERY {
+                if plain_status && last_status.elapsed() >= status_every {
                     last_status = Instant::now();
                     let total = if length_known { format!("/{}", bar.length().unwrap_or(0)) } else { String::new() };
-                    let status = if status.is_empty() { String::new() } else { format!(": {status}") };
-                    eprintln!(
-                        "{}{total} frames after {:.0} s{status}",
-                        first.frames_out,
-                        started.elapsed().as_secs_f64()
-                    );
+                    let first = if lines[0].is_empty() { String::new() } else { format!(": {}", lines[0]) };
+                    eprintln!("{frames_out}{total} frames after {:.0} s{first}", started.elapsed().as_secs_f64());
+                    for line in &lines[1..] {
+                        eprintln!("  {line}");
+                    }
                 }
             }
         }
     };
-    let frames_out = stats.first().map(|s| s.lock().unwrap().frames_out).unwrap_or(0);
+    let frames_out: u64 = stats.iter().map(|s| s.lock().unwrap().frames_out).sum();
     bar.set_position(frames_out);
     bar.finish_and_clear();
     let elapsed = started.elapsed();
@@ -438,6 +498,10 @@ async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
                 eprintln!("{summary}");
             }
         }
+        if elements.len() > 1 {
+            let guards: Vec<_> = stats.iter().map(|s| s.lock().unwrap()).collect();
+            eprintln!("{}", Totals::new(guards.iter().map(|g| &**g)).summary(elapsed));
+        }
     }
     if live {
         for line in sink_statistics(pipeline) {
@@ -448,22 +512,30 @@ async fn drive(pipeline: &gst::Pipeline, label: &str) -> Result<ExitCode> {
 }
 
 /// A QoS message counts as a drop by the sdcrossframe element that posted it (BaseTransform
-/// posts one per frame it drops as late), or by a sink (one per frame it drops as late;
-/// counted with the first element), or by another element (filters with QoS on, such as
-/// videoconvert, drop late frames too; counted by name with the first element).
+/// posts one per frame it drops as late), or by a sink (one per frame it drops as late), or
+/// by another element (filters with QoS on, such as videoconvert, drop late frames too;
+/// counted by name). A sink's or other element's drop goes to the element it is linked
+/// with (see [`owner`]).
 fn count_qos(message: &gst::Message, elements: &[gst::Element], stats: &[Arc<Mutex<LiveStats>>]) {
     let Some(source) = message.src().and_then(|s| s.downcast_ref::<gst::Element>()) else {
         return;
     };
+    if stats.is_empty() {
+        return;
+    }
     if let Some(i) = elements.iter().position(|e| e == source) {
         stats[i].lock().unwrap().qos_element += 1;
-    } else if source.element_flags().contains(gst::ElementFlags::SINK)
-        && !source.is::<gst::Bin>()
-        && let Some(first) = stats.first()
-    {
-        first.lock().unwrap().qos_sinks += 1;
-    } else if let Some(first) = stats.first() {
-        *first.lock().unwrap().qos_other.entry(source.name().to_string()).or_insert(0) += 1;
+    } else if source.element_flags().contains(gst::ElementFlags::SINK) && !source.is::<gst::Bin>() {
+        stats[owner(source, elements)].lock().unwrap().qos_sinks += 1;
+    } else {
+        let mut stats = stats[owner(source, elements)].lock().unwrap();
+        *stats.qos_other.entry(source.name().to_string()).or_insert(0) += 1;
+    }
+}
+
+fn set_pipeline_latency(stats: &[Arc<Mutex<LiveStats>>], latency: Option<Duration>) {
+    for stats in stats {
+        stats.lock().unwrap().pipeline_latency = latency;
     }
 }
 

@@ -586,3 +586,79 @@ fn unicode_and_non_utf8_paths() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `sdcrossframe run` with the plugin built next to the binary (`cargo build --workspace`).
+fn runner() -> std::process::Command {
+    let binary = Path::new(env!("CARGO_BIN_EXE_sdcrossframe"));
+    let dir = binary.parent().unwrap();
+    assert!(
+        dir.join("libgstsdcrossframe.so").exists(),
+        "no plugin in {}: `cargo test` does not build the plugin library, run `cargo build --workspace` first",
+        dir.display()
+    );
+    let mut command = std::process::Command::new(binary);
+    command.env("GST_PLUGIN_PATH", dir);
+    command
+}
+
+/// Two elements in one live pipeline (a 10 fps test pattern through a tee, a leaky queue
+/// before each element, the tiny model): the status lines name each element with its rate
+/// and latency under a total line, and the summary has a line per element and the total.
+#[test]
+fn run_shows_each_stream_and_the_total_for_several_elements() {
+    let dir = scratch("two-streams");
+    let file = dir.join("two-streams.pipeline");
+    let branch = |name: &str, prompt: &str| {
+        format!(
+            "t. ! queue leaky=downstream max-size-buffers=1 max-size-bytes=0 max-size-time=0\n\
+             ! sdcrossframe name={name} model=\"${{MODEL}}\" controlnet=\"${{CONTROLNET}}\" width=64 height=48 steps=2\n\
+             prompt=\"{prompt}\" latency=2000 ! queue ! fakesink sync=true\n"
+        )
+    };
+    std::fs::write(
+        &file,
+        format!(
+            "# two streams from one live test pattern\n\
+             #   MODEL, CONTROLNET  the tiny models\n\
+             videotestsrc is-live=true num-buffers=50 pattern=ball ! video/x-raw,width=64,height=48,framerate=10/1 ! tee name=t\n{}{}",
+            branch("left", "a red house"),
+            branch("right", "a blue house")
+        ),
+    )
+    .unwrap();
+    let output = runner()
+        .arg("run")
+        .arg(&file)
+        .args(["--status-interval", "0.5"])
+        .arg(format!("MODEL={}", fixtures().join("tiny-sd").display()))
+        .arg(format!("CONTROLNET={}", fixtures().join("tiny-controlnet").display()))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    // A status block once both have frames out: "N frames after T s: total F fps  latency
+    // mean M ms, max X ms  dropped D", then "  left: ..." and "  right: ..." with their own.
+    let block = lines.windows(3).find(|w| {
+        w[0].contains(" frames after ")
+            && w[0].contains(": total ")
+            && w[1].starts_with("  left: ")
+            && w[2].starts_with("  right: ")
+            && w[1..].iter().all(|l| l.contains(" fps  latency ") && l.contains("dropped"))
+    });
+    let block = block.unwrap_or_else(|| panic!("no status block with both streams' rate and latency:\n{stderr}"));
+    assert!(block[0].contains(" fps  latency mean ") && block[0].contains(" ms  dropped "), "{}", block[0]);
+    // The summary: one line per element by name, then the total of both.
+    let count = |name: &str| -> u64 {
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(&format!("{name}: ")) && l.contains(" frames in "))
+            .unwrap_or_else(|| panic!("no summary line for {name}:\n{stderr}"));
+        line[name.len() + 2..].split(' ').next().unwrap().parse().unwrap()
+    };
+    let (left, right) = (count("left"), count("right"));
+    assert!(left > 0 && right > 0, "{stderr}");
+    let total = format!("total: {} frames of 2 streams in ", left + right);
+    assert!(lines.iter().any(|l| l.starts_with(&total) && l.contains("latency mean")), "{total:?} not in:\n{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -322,15 +322,55 @@ fn every_pipeline_file_builds() {
         };
         let pipeline = gst::parse::launch(line.trim())
             .unwrap_or_else(|e| panic!("{} does not build: {e}\n{line}", file.display()));
-        // The element took every property value.
-        let element = pipeline
+        // The elements took every property value.
+        let elements: Vec<gst::Element> = pipeline
             .downcast_ref::<gst::Bin>()
             .unwrap()
             .iterate_recurse()
             .into_iter()
             .flatten()
-            .find(|e| e.factory().is_some_and(|f| f.name() == "sdcrossframe"))
-            .unwrap_or_else(|| panic!("{} has no sdcrossframe element", file.display()));
-        assert!(!element.property::<String>("prompt").is_empty(), "{}", file.display());
+            .filter(|e| e.factory().is_some_and(|f| f.name() == "sdcrossframe"))
+            .collect();
+        assert!(!elements.is_empty(), "{} has no sdcrossframe element", file.display());
+        for element in &elements {
+            assert!(!element.property::<String>("prompt").is_empty(), "{}: {}", file.display(), element.name());
+        }
+        // Several elements (multi-stream): they ask for one model, so they share one copy.
+        for other in &elements[1..] {
+            for property in ["model", "controlnet", "lora", "vae", "device", "model-instance-id"] {
+                let value = |e: &gst::Element| e.property::<Option<String>>(property);
+                assert_eq!(value(&elements[0]), value(other), "{}: {property} of {}", file.display(), other.name());
+            }
+        }
     }
+}
+
+/// The multi-stream pipeline runs two inputs of different sizes and lengths through two
+/// elements (one loaded model) into two files, each frame for frame; the runner sums up each
+/// element by name and the total.
+#[test]
+fn runner_runs_the_multi_stream_pipeline_into_one_output_per_input() {
+    common::init();
+    let short = output_path("multi-input-3-frames.mp4");
+    three_frame_clip(&short);
+    let (out1, out2) = (output_path("multi-1.mp4"), output_path("multi-2.mp4"));
+    let result = runner()
+        .args(["run", "pipelines/multi-stream.pipeline"])
+        .arg(format!("INPUT1={}", common::fixture(CLIP).display()))
+        .arg(format!("OUTPUT1={}", out1.display()))
+        .arg(format!("INPUT2={}", short.display()))
+        .arg(format!("OUTPUT2={}", out2.display()))
+        .arg(format!("MODEL={}", common::fixture("tiny-sd").display()))
+        .arg(format!("CONTROLNET={}", common::fixture("tiny-controlnet").display()))
+        .args(["WIDTH=48", "HEIGHT=80", "STEPS=4"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "runner failed: {stderr}");
+    assert!(stderr.contains(&format!("stream1: {CLIP_FRAMES} frames in")), "{stderr}");
+    assert!(stderr.contains("stream2: 3 frames in"), "{stderr}");
+    assert!(stderr.contains(&format!("total: {} frames of 2 streams", CLIP_FRAMES + 3)), "{stderr}");
+    assert_restyled(&out1);
+    let second = decode(&out2);
+    assert_eq!((second.frames.len(), second.width, second.height), (3, 64, 48));
 }
