@@ -185,7 +185,7 @@ def analyse_streams(results, label):
             "p50": percentile(all_latencies, 0.5), "max": max(all_latencies) if all_latencies else None,
             "worst_p50": max((s["p50"] for s in streams if s["p50"] is not None), default=None),
             "memory": peak, "memory_kind": info.get("memory_kind", "?"), "baseline": baseline,
-            "settings": info.get("settings", "")}
+            "settings": info.get("settings", ""), "batch_timeout": info.get("batch_timeout")}
 
 
 def streams_report(results, labels):
@@ -238,7 +238,8 @@ def streams_report(results, labels):
     print()
     for r in rows:
         parts = [f"s{k} {fmt(s['fps'])} fps, p50 {fmt(s['p50'])} ms, max {fmt(s['max'])} ms" for k, s in enumerate(r["streams"])]
-        print(f"- {r['label']}: {'; '.join(parts)}")
+        batch = f" (batch-timeout: {r['batch_timeout']})" if r["batch_timeout"] else ""
+        print(f"- {r['label']}{batch}: {'; '.join(parts)}")
     for path in sorted(results.glob("bench-*.txt")):
         print()
         print(f"### {path.name}")

@@ -35,6 +35,9 @@
 #         live2     lcm2 with stream-batch=true
 #       GST_GPU_STREAMS=N feeds N elements in one process from a tee (they share one loaded
 #       model); stream 0's output files are the ones timed.
+#                   (TAESD: random AutoencoderTiny weights next to the random models, or GST_GPU_TAESD;
+#                   the bench gets --scheduler lcm --guidance none --vae DIR, diffusers
+#                   --scheduler lcm --tiny-vae)
 #       --streams LIST (e.g. 1,2,4,8) measures many streams instead of the runs above: for each
 #       configuration, input and N, one gst-launch with N independent branches
 #         multifilesrc ! jpegdec ! videoconvert ! queue ! sdcrossframe name=sK ... ! queue name=outK
@@ -51,9 +54,6 @@
 #       was past its skipped frames and none had finished), each stream's fps (its outputs after
 #       the skipped ones), latency p50 and max over those frames, and the peak memory; then
 #       shared against separate per N.
-#                   (TAESD: random AutoencoderTiny weights next to the random models, or GST_GPU_TAESD;
-#                   the bench gets --scheduler lcm --guidance none --vae DIR, diffusers
-#                   --scheduler lcm --tiny-vae)
 #       Options:
 #         --bin DIR        holds sdcrossframe-bench and libgstsdcrossframe.so, plain or .xz
 #                          (default: $GST_GPU_BIN, else DIR/bin, else target-cuda/release)
@@ -74,8 +74,10 @@
 #         --modes LIST     with --streams: shared, separate or both (default shared,separate)
 #         --batch-timeout MS  with --streams: the shared runs' batch-timeout (when the element has it)
 #         --local          smoke test without a GPU: the system's GStreamer, no dpkg -x, no random
-#                          models: tests/fixtures/tiny-sd + tiny-controlnet, device cpu, f32, 64x64,
-#                          steps 2, 4 frames, skip 1, plugin and bench from target/debug
+#                          models: tests/fixtures/tiny-sd + tiny-controlnet (+ tiny-taesd for the
+#                          lcm/live configurations), device cpu, f32, 64x64, steps 2, 4 frames,
+#                          skip 1, plugin and bench from target/debug (a shared CARGO_TARGET_DIR:
+#                          --bin DIR)
 #       Environment overrides: GST_GPU_MODEL / GST_GPU_CONTROLNET (model directories: no
 #       make_random_sd15.py), GST_GPU_DEVICE, GST_GPU_DTYPE, GST_GPU_SIZE (WxH processing size),
 #       GST_GPU_STEPS (every configuration's steps), GST_GPU_TIMEOUT (seconds per gst-launch,
@@ -341,6 +343,7 @@ PY
     if [ "$local_mode" = 1 ]; then
         model=${model:-tests/fixtures/tiny-sd}
         controlnet=${controlnet:-tests/fixtures/tiny-controlnet}
+        taesd=${taesd:-$ROOT/tests/fixtures/tiny-taesd}
     fi
     if [ -z "$model" ] || [ -z "$controlnet" ]; then
         local models=${GST_GPU_MODELS_DIR:-/tmp/gst-gpu-models}
@@ -514,6 +517,7 @@ PY
             echo "mode $mode"
             echo "config ${label%%-*}"
             echo "memory_kind $([ -n "$gpu" ] && echo "gpu" || echo "rss")"
+            if [ "$mode" = shared ] && [ "$has_batch_timeout" = 1 ]; then echo "batch_timeout ${batch_timeout:-default}"; fi
             [ -n "$baseline" ] && echo "memory_baseline $baseline"
             echo "settings $*"
             echo "pipeline $shown"
