@@ -58,6 +58,7 @@ pub fn run(cli: &Cli, args: &StreamsArgs, device: &Device, dtype: DType, probe: 
     println!();
     println!("| streams | mode | aggregate fps | per stream: median frame interval (ms) | shared calls | device memory used (GiB) |");
     println!("|---:|---|---:|---|---:|---:|");
+    let mut notes = Vec::new();
     for &count in &args.streams {
         for mode in &args.modes {
             let stylizers: Vec<Stylizer> = match mode.as_str() {
@@ -74,7 +75,21 @@ pub fn run(cli: &Cli, args: &StreamsArgs, device: &Device, dtype: DType, probe: 
                 other => bail!("unknown mode {other:?}: expected shared, unbatched or separate"),
             };
             let timeout = (mode == "shared").then(|| Duration::from_millis(args.batch_timeout_ms));
+            let first = stylizers[0].shared().clone();
             let outcome = measure(cli, args, stylizers, timeout, probe)?;
+            let img2img = first.img2img();
+            let show = |(g, e): (sdcrossframe::ops::step_graphs::GraphStats, Option<String>)| {
+                format!("{}/{}/{}/{}{}", g.eager, g.captured, g.replayed, g.failed, e.map(|e| format!(" (last failure: {})", e.lines().next().unwrap_or_default())).unwrap_or_default())
+            };
+            let batcher = first.batcher().stats();
+            notes.push(format!(
+                "{count} {mode} (first model): calls eager/captured/replayed/failed: one frame {}, stream batch {}, cross-stream {}; batcher rounds' calls {} of which shared {}",
+                show(img2img.graph_stats()),
+                show(img2img.stream_graph_stats()),
+                show(img2img.cross_stream_graph_stats()),
+                batcher.calls,
+                batcher.shared_calls
+            ));
             let intervals = outcome.intervals.iter().map(|ms| format!("{ms:.1}")).collect::<Vec<_>>().join(" / ");
             println!(
                 "| {count} | {mode} | {:.1} | {intervals} | {} | {:.2} |",
@@ -84,6 +99,10 @@ pub fn run(cli: &Cli, args: &StreamsArgs, device: &Device, dtype: DType, probe: 
             );
             device.synchronize()?;
         }
+    }
+    println!();
+    for note in notes {
+        println!("- {note}");
     }
     Ok(())
 }

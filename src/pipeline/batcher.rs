@@ -56,6 +56,7 @@ pub struct BatcherStats {
 }
 
 struct Pending {
+    member: u64,
     ticket: u64,
     request: StepRequest,
     reply: mpsc::Sender<StepReply>,
@@ -131,7 +132,7 @@ impl StreamBatcher {
         let mut state = self.lock()?;
         let arrived = Instant::now();
         state.members.insert(member, arrived);
-        state.pending.push(Pending { ticket, request, reply });
+        state.pending.push(Pending { member, ticket, request, reply });
         self.changed.notify_all();
         loop {
             if !state.pending.iter().any(|p| p.ticket == ticket) {
@@ -195,6 +196,9 @@ fn group_by_plan(round: Vec<Pending>) -> Vec<Vec<Pending>> {
 /// Runs one group's call and answers every request in it (a panic in the models is an error
 /// for each).
 fn run_group(img2img: &Img2Img, mut group: Vec<Pending>) {
+    // In member order, not arrival order: the same streams make the same call (the same
+    // captured graph) whatever order they arrived in.
+    group.sort_by_key(|p| p.member);
     let streams = group.len();
     let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Tensor>> {
         if let [one] = group.as_mut_slice() {

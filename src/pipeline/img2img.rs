@@ -138,6 +138,11 @@ impl Img2Img {
         self.dtype
     }
 
+    /// How cross-stream calls (several streams' rows, [`Self::predict_streams`]) ran so far.
+    pub fn cross_stream_graph_stats(&self) -> (GraphStats, Option<String>) {
+        self.cross_stream_graphs.lock().map(|g| (g.stats(), g.last_error().map(str::to_string))).unwrap_or_default()
+    }
+
     /// Frame sizes must be multiples of this (8 for SD).
     pub fn vae_scale_factor(&self) -> usize {
         self.vae_scale_factor
