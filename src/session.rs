@@ -19,6 +19,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use std::collections::VecDeque;
@@ -31,7 +32,7 @@ use crate::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
 use crate::device::DeviceSpan;
 use crate::frame::RgbFrame;
 use crate::pipeline::{
-    Call, CancelHandle, DenoisingFrame, FrameHook, FrameInputs, FrameNoise, FrameSettings, Img2Img, Membership,
+    Call, CancelHandle, DenoisingFrame, FrameHook, FrameInputs, FrameNoise, FrameSettings, Membership, SharedModels,
     SizeRequest, StepRequest, Stylizer, check_finite,
 };
 use crate::resample;
@@ -289,20 +290,21 @@ pub struct FinishedFrame {
 /// One denoising call over `frames` through the cross-stream batcher: the cross-frame state is
 /// lent to the call and comes back with it. Returns how many streams the UNet call held.
 fn batched_call(
-    img2img: &Img2Img,
+    models: &Arc<SharedModels>,
     membership: &Membership,
     timeout: Duration,
     attention: &mut CrossFrameAttention,
     frames: &mut [&mut DenoisingFrame],
     call: Call,
 ) -> Result<usize> {
+    let img2img = models.img2img();
     let inputs = {
         let views: Vec<&DenoisingFrame> = frames.iter().map(|f| &**f).collect();
         img2img.step_inputs(&views, call)?
     };
     // Lent out for the call; an empty state stays behind (the call's error path resets it anyway).
     let lent = std::mem::replace(attention, CrossFrameAttention::new(attention.mode(), attention.scope()));
-    let reply = membership.run(img2img, StepRequest { inputs, attention: lent }, timeout)?;
+    let reply = membership.run(models, StepRequest { inputs, attention: lent }, timeout)?;
     *attention = reply.attention;
     img2img.advance(frames, &reply.inputs, &reply.prediction?)?;
     Ok(reply.streams_in_call)
@@ -875,13 +877,17 @@ impl VideoSession {
             let _span = tracing::info_span!("stream_call", frames = count, first).entered();
             let img2img = self.stylizer.img2img();
             let result = match (&self.membership, self.config.batch_timeout) {
-                (Some(membership), Some(timeout)) => {
-                    batched_call(img2img, membership, timeout, &mut self.attention, &mut frames, Call::Batch).map(
-                        |streams| {
-                            self.shared_calls += u64::from(streams > 1);
-                        },
-                    )
-                }
+                (Some(membership), Some(timeout)) => batched_call(
+                    self.stylizer.shared(),
+                    membership,
+                    timeout,
+                    &mut self.attention,
+                    &mut frames,
+                    Call::Batch,
+                )
+                .map(|streams| {
+                    self.shared_calls += u64::from(streams > 1);
+                }),
                 _ => img2img.denoise_batch(&mut frames, &mut self.attention),
             };
             result.with_context(|| format!("stream batch of {count} frames from frame {first}"))?;
@@ -1003,8 +1009,14 @@ impl VideoSession {
         };
         while !frame.is_done() {
             self.cancel.check()?;
-            let streams =
-                batched_call(img2img, membership, timeout, &mut self.attention, &mut [&mut frame], Call::Sequential)?;
+            let streams = batched_call(
+                self.stylizer.shared(),
+                membership,
+                timeout,
+                &mut self.attention,
+                &mut [&mut frame],
+                Call::Sequential,
+            )?;
             self.shared_calls += u64::from(streams > 1);
         }
         self.attention.end_frame()?;

@@ -105,10 +105,8 @@ fn run(mut session: VideoSession, stream: &Stream) -> Run {
 fn check(label: &str, streams: &[Stream]) -> Vec<Run> {
     let _serial = serial();
     let loads = registry::loads();
-    let stylizers: Vec<Stylizer> = streams
-        .iter()
-        .map(|_| Stylizer::load_shared(&tiny_spec(), &Device::Cpu, DType::F32, "").unwrap())
-        .collect();
+    let stylizers: Vec<Stylizer> =
+        streams.iter().map(|_| Stylizer::load_shared(&tiny_spec(), &Device::Cpu, DType::F32, "").unwrap()).collect();
     assert_eq!(registry::loads() - loads, 1, "{label}: the streams' model is loaded once");
     let alone: Vec<Run> = streams.iter().zip(&stylizers).map(|(s, st)| run(session(st.share(), s, None), s)).collect();
     // Every session exists before any frame goes in, so that the streams meet from the first call.
@@ -138,7 +136,10 @@ fn check(label: &str, streams: &[Stream]) -> Vec<Run> {
             worst = worst.max(err);
             assert!(err <= TOLERANCE, "{label} stream {i} frame {k}: {err:.2e} from the stream alone");
         }
-        println!("{label} stream {i}: largest difference from the stream alone {worst:.2e}, shared calls per frame {:?}", got.shared_per_frame);
+        println!(
+            "{label} stream {i}: largest difference from the stream alone {worst:.2e}, shared calls per frame {:?}",
+            got.shared_per_frame
+        );
     }
     together
 }
@@ -161,7 +162,10 @@ fn three_streams_with_stream_batch_attention_off_and_another_size() {
     let mut c = Stream::new(AttentionMode::First, "a pencil sketch", false);
     c.config.size = SizeRequest::exact(64, 48);
     let runs = check("stream batch / off / another size", &[a, b, c]);
-    assert!(runs[0].shared_per_frame.iter().sum::<u64>() > 0, "the stream batch shares calls with the sequential stream");
+    assert!(
+        runs[0].shared_per_frame.iter().sum::<u64>() > 0,
+        "the stream batch shares calls with the sequential stream"
+    );
     assert!(runs[1].shared_per_frame.iter().sum::<u64>() > 0);
     assert_eq!(runs[2].shared_per_frame.iter().sum::<u64>(), 0, "another size never shares a call");
 }

@@ -97,3 +97,113 @@ fn gpu_matches_cpu_with_the_tiny_vae() {
     println!("tiny VAE: cuda f32 vs cpu f32 over {FRAMES} frames: max abs {max:.2e}, mean abs {mean:.2e}");
     assert!(max < 1e-3, "tiny VAE: cuda f32 differs from the CPU by {max:.2e}");
 }
+
+/// Two streams through one shared model on CUDA, each on its own thread (the threads queue on
+/// their own streams): with `batch_timeout` their denoising calls meet in one UNet call.
+/// Returns each stream's frames alone (one after the other) and together, and the shared
+/// calls of each stream.
+fn two_streams_on_threads(
+    batch_timeout: Option<std::time::Duration>,
+) -> (Vec<Vec<Tensor>>, Vec<(Vec<Tensor>, u64)>, Stylizer) {
+    use sdcrossframe::pipeline::FrameSettings;
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let frames = 6;
+    let config = SessionConfig {
+        attention: AttentionMode::FirstPrev,
+        scope: AttentionScope::Up,
+        size: fixture_size(),
+        ..SessionConfig::default()
+    };
+    // DDIM, 3 of 6 steps, with the guidance batch: 2 rows per stream, 4 per shared call.
+    let settings = |prompt: &str| FrameSettings { prompt: prompt.into(), steps: 6, strength: 0.5, ..base_settings() };
+    let prompts = ["a watercolor painting", "a charcoal drawing of a city"];
+    let run = |mut session: VideoSession, gpu: &Device| -> Vec<Tensor> {
+        session.set_noise(Some(fixture_noise().to_device(gpu).unwrap()));
+        (0..frames)
+            .map(|k| session.push(&frame(k), Some(&control(k))).unwrap().image.to_device(&Device::Cpu).unwrap())
+            .collect()
+    };
+    let stylizer = Stylizer::load_shared(&tiny_spec(), &gpu, DType::F32, "").expect("tiny model loads");
+    let alone: Vec<Vec<Tensor>> = prompts
+        .iter()
+        .map(|p| run(VideoSession::new(stylizer.share(), config.clone(), settings(p)).unwrap(), &gpu))
+        .collect();
+    let together_config = SessionConfig { batch_timeout, ..config.clone() };
+    let sessions: Vec<VideoSession> = prompts
+        .iter()
+        .map(|p| VideoSession::new(stylizer.share(), together_config.clone(), settings(p)).unwrap())
+        .collect();
+    let start = std::sync::Barrier::new(sessions.len());
+    let together = std::thread::scope(|scope| {
+        let handles: Vec<_> = sessions
+            .into_iter()
+            .map(|session| {
+                let (start, gpu, run) = (&start, &gpu, &run);
+                scope.spawn(move || {
+                    start.wait();
+                    let shared = std::cell::Cell::new(0);
+                    let images = {
+                        let mut session = session;
+                        session.set_noise(Some(fixture_noise().to_device(gpu).unwrap()));
+                        let images: Vec<Tensor> = (0..frames)
+                            .map(|k| {
+                                session
+                                    .push(&frame(k), Some(&control(k)))
+                                    .unwrap()
+                                    .image
+                                    .to_device(&Device::Cpu)
+                                    .unwrap()
+                            })
+                            .collect();
+                        shared.set(session.shared_calls());
+                        let _ = run;
+                        images
+                    };
+                    (images, shared.get())
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    (alone, together, stylizer)
+}
+
+/// Each stream's frames against the same stream alone, frame by frame (printed); the largest.
+fn per_frame_check(label: &str, alone: &[Vec<Tensor>], together: &[(Vec<Tensor>, u64)]) -> f32 {
+    let mut worst = 0f32;
+    for (i, ((images, shared), want)) in together.iter().zip(alone).enumerate() {
+        let diffs: Vec<String> = images.iter().zip(want).map(|(g, w)| format!("{:.1e}", max_abs_diff(g, w))).collect();
+        println!("{label} stream {i} (shared calls {shared}): per frame max abs vs alone {diffs:?}");
+        worst = worst.max(differences(images, want).0);
+    }
+    worst
+}
+
+/// A shared model used from two threads at once without batching: each stream's frames are
+/// those it gets alone (the stage graphs and step graphs are shared between the threads).
+#[test]
+fn a_model_shared_by_two_threads_gives_each_stream_its_own_frames() {
+    let (alone, together, _) = two_streams_on_threads(None);
+    let worst = per_frame_check("shared model, no batching:", &alone, &together);
+    assert!(worst < 1e-4, "a stream on a shared model differs from alone by {worst:.2e}");
+}
+
+/// Cross-stream batching on CUDA (issue 17): two sessions sharing one model on their own
+/// threads meet before every denoising call; the shared calls must run from CUDA graphs once
+/// warm (a round is led by whichever stream arrives first, so each thread warms candle's
+/// per-thread upload cache before it captures), and each stream must get what it gets alone.
+#[test]
+fn cross_stream_calls_run_from_cuda_graphs() {
+    let (alone, together, stylizer) = two_streams_on_threads(Some(std::time::Duration::from_secs(20)));
+    let (stats, error) = stylizer.img2img().cross_stream_graph_stats();
+    println!("cross-stream calls: {stats:?}");
+    let worst = per_frame_check("cross-stream:", &alone, &together);
+    assert!(together.iter().all(|t| t.1 > 0), "a stream shared no call");
+    assert!(worst < 1e-4, "batched differs from alone by {worst:.2e}");
+    if StepGraphs::enabled_for(stylizer.device()) {
+        assert!(
+            stats.captured > 0 && stats.replayed > 0 && stats.failed == 0,
+            "cross-stream calls did not run from CUDA graphs: {stats:?}, capture error: {error:?}"
+        );
+    }
+}

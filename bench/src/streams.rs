@@ -43,6 +43,8 @@ struct Outcome {
     aggregate_fps: f64,
     /// Each stream's median interval between frames out, ms.
     intervals: Vec<f64>,
+    /// Each stream's longest interval between frames out, ms (a stall: tuning, a capture).
+    longest: Vec<f64>,
     shared_calls: u64,
     /// Device memory in use at the end (all processes), bytes.
     device_used: u64,
@@ -56,8 +58,10 @@ pub fn run(cli: &Cli, args: &StreamsArgs, device: &Device, dtype: DType, probe: 
         settings.steps, settings.strength, settings.guidance_scale, args.generation.stream_batch, cli.warmup, cli.runs
     );
     println!();
-    println!("| streams | mode | aggregate fps | per stream: median frame interval (ms) | shared calls | device memory used (GiB) |");
-    println!("|---:|---|---:|---|---:|---:|");
+    println!(
+        "| streams | mode | aggregate fps | per stream: median frame interval (ms) | longest (ms) | shared calls | device memory used (GiB) |"
+    );
+    println!("|---:|---|---:|---|---|---:|---:|");
     let mut notes = Vec::new();
     for &count in &args.streams {
         for mode in &args.modes {
@@ -71,7 +75,9 @@ pub fn run(cli: &Cli, args: &StreamsArgs, device: &Device, dtype: DType, probe: 
                     all.insert(0, first);
                     all
                 }
-                "separate" => (0..count).map(|_| args.models.load(device, dtype).map(|(s, _)| s)).collect::<Result<_>>()?,
+                "separate" => {
+                    (0..count).map(|_| args.models.load(device, dtype).map(|(s, _)| s)).collect::<Result<_>>()?
+                }
                 other => bail!("unknown mode {other:?}: expected shared, unbatched or separate"),
             };
             let timeout = (mode == "shared").then(|| Duration::from_millis(args.batch_timeout_ms));
@@ -79,7 +85,14 @@ pub fn run(cli: &Cli, args: &StreamsArgs, device: &Device, dtype: DType, probe: 
             let outcome = measure(cli, args, stylizers, timeout, probe)?;
             let img2img = first.img2img();
             let show = |(g, e): (sdcrossframe::ops::step_graphs::GraphStats, Option<String>)| {
-                format!("{}/{}/{}/{}{}", g.eager, g.captured, g.replayed, g.failed, e.map(|e| format!(" (last failure: {})", e.lines().next().unwrap_or_default())).unwrap_or_default())
+                format!(
+                    "{}/{}/{}/{}{}",
+                    g.eager,
+                    g.captured,
+                    g.replayed,
+                    g.failed,
+                    e.map(|e| format!(" (last failure: {})", e.lines().next().unwrap_or_default())).unwrap_or_default()
+                )
             };
             let batcher = first.batcher().stats();
             notes.push(format!(
@@ -91,8 +104,9 @@ pub fn run(cli: &Cli, args: &StreamsArgs, device: &Device, dtype: DType, probe: 
                 batcher.shared_calls
             ));
             let intervals = outcome.intervals.iter().map(|ms| format!("{ms:.1}")).collect::<Vec<_>>().join(" / ");
+            let longest = outcome.longest.iter().map(|ms| format!("{ms:.0}")).collect::<Vec<_>>().join(" / ");
             println!(
-                "| {count} | {mode} | {:.1} | {intervals} | {} | {:.2} |",
+                "| {count} | {mode} | {:.1} | {intervals} | {longest} | {} | {:.2} |",
                 outcome.aggregate_fps,
                 outcome.shared_calls,
                 gib(outcome.device_used)
@@ -176,6 +190,7 @@ fn measure(
         handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(anyhow::anyhow!("a stream panicked")))).collect()
     });
     let mut intervals = Vec::new();
+    let mut longest = Vec::new();
     let mut first = None::<Instant>;
     let mut last = None::<Instant>;
     let mut frames_out = 0usize;
@@ -187,6 +202,7 @@ fn measure(
         sessions.push(session);
         let gaps: Vec<f64> = times.windows(2).map(|w| (w[1] - w[0]).as_secs_f64() * 1e3).collect();
         intervals.push(if gaps.is_empty() { f64::NAN } else { median(&gaps) });
+        longest.push(gaps.iter().copied().fold(f64::NAN, f64::max));
         if let (Some(&a), Some(&b)) = (times.first(), times.last()) {
             first = Some(first.map_or(a, |f| f.min(a)));
             last = Some(last.map_or(b, |l| l.max(b)));
@@ -201,5 +217,5 @@ fn measure(
     // While every stream still holds its models and graphs.
     let device_used = probe.map(|p| p.device_used().map(|(used, _)| used)).transpose()?.unwrap_or(0);
     drop(sessions);
-    Ok(Outcome { aggregate_fps: frames_out as f64 / span, intervals, shared_calls, device_used })
+    Ok(Outcome { aggregate_fps: frames_out as f64 / span, intervals, longest, shared_calls, device_used })
 }

@@ -115,14 +115,29 @@ impl Timesteps {
             timestep_embedding(timesteps, self.num_channels, self.flip_sin_to_cos, self.downscale_freq_shift, device)?
                 .to_dtype(dtype)
         };
-        if timesteps.windows(2).all(|pair| pair[0] == pair[1]) {
-            return embed(timesteps);
+        // Each distinct timestep is embedded and uploaded once, as one row, and the rows are
+        // put together on the device: a CUDA graph capture replays uploads from candle's cache
+        // of small (at most 4 KiB) host buffers, and a batch of 4 or more rows of 320 f32
+        // channels is over that (a guidance batch of two streams, a stream batch of 4 steps).
+        let mut distinct: Vec<(u64, Tensor)> = Vec::new();
+        let mut rows = Vec::with_capacity(timesteps.len());
+        for &t in timesteps {
+            let row = match distinct.iter().find(|(bits, _)| *bits == t.to_bits()) {
+                Some((_, row)) => row.clone(),
+                None => {
+                    let row = embed(&[t])?;
+                    distinct.push((t.to_bits(), row.clone()));
+                    row
+                }
+            };
+            rows.push(row);
         }
-        // Rows at different timesteps (a stream batch) are uploaded one by one: a CUDA graph
-        // capture replays uploads from a cache of small (at most 4 KiB) host buffers, and a
-        // batch of 4 rows of 320 f32 channels is over that.
-        let rows = timesteps.iter().map(|&t| embed(&[t])).collect::<Result<Vec<_>>>()?;
-        Tensor::cat(&rows, 0)
+        match rows.as_slice() {
+            [] => embed(&[]),
+            [row] => Ok(row.clone()),
+            _ if distinct.len() == 1 => rows[0].repeat((rows.len(), 1)),
+            _ => Tensor::cat(&rows, 0),
+        }
     }
 }
 
@@ -178,6 +193,21 @@ mod tests {
         assert!((f[0][0] - 10f32.cos()).abs() < 1e-6);
         assert!((f[0][3] - 10f32.sin()).abs() < 1e-6);
         assert_eq!(f[0][6], 0.0);
+        Ok(())
+    }
+
+    #[test]
+    fn rows_of_several_timesteps_are_each_rows_own_embedding() -> Result<()> {
+        // Rows are embedded once per distinct timestep and put together: each row must still be
+        // its own timestep's embedding, in order, whether the timesteps repeat or not.
+        let proj = Timesteps::new(8, true, 0.0);
+        for timesteps in [vec![999.0], vec![10.0, 10.0, 10.0, 10.0], vec![10.0, 500.0, 10.0, 3.0, 500.0], vec![]] {
+            let rows = proj.forward_each(&timesteps, DType::F32, &Device::Cpu)?;
+            assert_eq!(rows.dims(), [timesteps.len(), 8]);
+            let want = timestep_embedding(&timesteps, 8, true, 0.0, &Device::Cpu)?;
+            let diff = (rows - want)?.abs()?.flatten_all()?.max(0).map(|m| m.to_scalar::<f32>()).unwrap_or(Ok(0.0))?;
+            assert_eq!(diff, 0.0, "{timesteps:?}");
+        }
         Ok(())
     }
 }

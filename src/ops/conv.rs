@@ -255,7 +255,26 @@ mod cudnn {
         let method = match known {
             Some(method) => method,
             None => {
-                let method = match saved_plans::lookup(dev, &key) {
+                let saved = saved_plans::lookup(dev, &key);
+                // A batch size not seen before (cross-stream calls of another number of streams,
+                // a stream batch filling): the method tuned for the nearest batch of the same
+                // shape, instead of timing every algorithm again, which stalls every stream on
+                // a shared model for seconds.
+                if saved.is_none()
+                    && let Some((method, batch)) = nearest_batch_method(&key)
+                {
+                    match run_method(&xs, &weight, &key, method) {
+                        Ok(out) => {
+                            tracing::debug!(?method, input = ?key.input, from_batch = batch, "convolution method of another batch size");
+                            METHODS.with(|m| m.borrow_mut().insert(key, method));
+                            return Ok(out);
+                        }
+                        Err(e) => {
+                            tracing::debug!(?method, input = ?key.input, "the method of batch {batch} does not run here: {e}; tuning")
+                        }
+                    }
+                }
+                let method = match saved {
                     Some(method) => method,
                     None => {
                         let (method, complete) = tune(&xs, &weight, &key)?;
@@ -270,6 +289,17 @@ mod cudnn {
             }
         };
         run_method(&xs, &weight, &key, method)
+    }
+
+    /// The method this thread uses for `key`'s shape at the nearest other batch size, and that batch.
+    fn nearest_batch_method(key: &Key) -> Option<(Method, usize)> {
+        METHODS.with(|m| {
+            m.borrow()
+                .iter()
+                .filter(|(k, _)| Key { input: [key.input[0], k.input[1], k.input[2], k.input[3]], ..**k } == *key)
+                .min_by_key(|(k, _)| (k.input[0].abs_diff(key.input[0]), usize::MAX - k.input[0]))
+                .map(|(k, method)| (*method, k.input[0]))
+        })
     }
 
     fn run_method(xs: &Tensor, weight: &Tensor, key: &Key, method: Method) -> Result<Tensor> {

@@ -56,24 +56,37 @@ pub struct GraphStats {
     pub failed: usize,
 }
 
-/// The captured steps of one frame plan; see the module docs.
+/// At most this many input signatures keep their static buffers and graphs (a shared model's
+/// sessions of different sizes, cross-stream calls of different compositions); one more drops
+/// them all.
+const MAX_SIGNATURES: usize = 16;
+
+/// The captured steps of one kind of call; see the module docs.
 #[derive(Default)]
 pub struct StepGraphs {
-    /// Shapes and dtype of the inputs the buffers and graphs were made for.
-    signature: Option<String>,
+    /// Static buffers per input signature (shapes and dtypes): a graph replays fixed addresses,
+    /// so each signature keeps its own, and calls of several signatures (cross-stream calls of
+    /// 2, 3 or 4 streams) alternate without dropping each other's graphs.
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    inputs: Vec<Tensor>,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    output: Option<Tensor>,
-    entries: HashMap<StepKey, Entry>,
+    buffers: HashMap<String, Buffers>,
+    entries: HashMap<(String, StepKey), Entry>,
     stats: GraphStats,
     last_error: Option<String>,
     fence: Fence,
 }
 
+/// The inputs a signature's graphs read and the output they write.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct Buffers {
+    inputs: Vec<Tensor>,
+    output: Tensor,
+}
+
 enum Entry {
-    /// Ran eagerly once; captured on the next run.
-    Warm,
+    /// Ran eagerly on these threads; a thread captures it after its own eager run: the capture
+    /// finds its small uploads in candle's upload cache, which is per thread (a cross-stream
+    /// call runs on whichever stream's thread leads the round).
+    Warm(Vec<std::thread::ThreadId>),
     #[cfg(feature = "cuda")]
     Graph(CapturedGraph),
     /// Capture failed; always eager.
@@ -123,18 +136,21 @@ impl StepGraphs {
         // Before the buffers are written or dropped (see the module docs).
         self.fence.wait(device)?;
         let signature = inputs.iter().map(|t| format!("{:?}{:?};", t.dtype(), t.dims())).collect::<String>();
-        if self.signature.as_deref() != Some(signature.as_str()) {
+        let known = self.buffers.contains_key(&signature) || self.entries.keys().any(|(s, _)| *s == signature);
+        if !known && self.signatures() >= MAX_SIGNATURES {
+            tracing::debug!("{} input signatures with captured steps: dropping them all", self.signatures());
             self.clear();
-            self.signature = Some(signature);
         }
+        let key = (signature, key);
         if self.entries.len() >= MAX_ENTRIES && !self.entries.contains_key(&key) {
             // Keys of dropped cross-frame stores never come back; start over.
             tracing::debug!("{} captured steps: dropping them all", self.entries.len());
-            self.entries.clear();
+            self.clear();
         }
-        match self.entries.get(&key) {
+        let thread = std::thread::current().id();
+        match self.entries.get_mut(&key) {
             None => {
-                self.entries.insert(key, Entry::Warm);
+                self.entries.insert(key, Entry::Warm(vec![thread]));
                 self.stats.eager += 1;
                 eager(&mut step)
             }
@@ -142,22 +158,27 @@ impl StepGraphs {
                 self.stats.eager += 1;
                 eager(&mut step)
             }
+            Some(Entry::Warm(threads)) if !threads.contains(&thread) => {
+                threads.push(thread);
+                self.stats.eager += 1;
+                eager(&mut step)
+            }
             #[cfg(feature = "cuda")]
             Some(Entry::Graph(graph)) => {
-                let output = self.output.as_ref().expect("a graph implies an output buffer");
-                imp::copy_into(&self.inputs, inputs)?;
+                let buffers = self.buffers.get(&key.0).expect("a graph implies its signature's buffers");
+                imp::copy_into(&buffers.inputs, inputs)?;
                 graph.launch()?;
                 self.stats.replayed += 1;
                 // The buffer is rewritten by the next launch: hand out a copy.
-                let output = output.copy()?;
+                let output = buffers.output.copy()?;
                 self.fence.record(device)?;
                 Ok(output)
             }
-            Some(Entry::Warm) => {
+            Some(Entry::Warm(_)) => {
                 #[cfg(feature = "cuda")]
-                match self.capture(device, inputs, &mut step) {
+                match self.capture(device, &key.0, inputs, &mut step) {
                     Ok(graph) => {
-                        let output = self.output.as_ref().expect("capture made the output buffer").copy()?;
+                        let output = self.buffers[&key.0].output.copy()?;
                         self.fence.record(device)?;
                         self.entries.insert(key, Entry::Graph(graph));
                         self.stats.captured += 1;
@@ -186,22 +207,35 @@ impl StepGraphs {
         }
     }
 
-    /// Captures `step` on the static buffers and launches it once (capturing runs nothing).
+    /// Input signatures with buffers or entries.
+    fn signatures(&self) -> usize {
+        let mut signatures: Vec<&String> = self.buffers.keys().chain(self.entries.keys().map(|(s, _)| s)).collect();
+        signatures.sort();
+        signatures.dedup();
+        signatures.len()
+    }
+
+    /// Captures `step` on the static buffers of `signature` and launches it once (capturing runs nothing).
     #[cfg(feature = "cuda")]
     fn capture(
         &mut self,
         device: &Device,
+        signature: &str,
         inputs: &[&Tensor],
         step: &mut dyn FnMut(&[Tensor]) -> candle_core::Result<Tensor>,
     ) -> Result<CapturedGraph> {
-        if self.inputs.is_empty() {
-            self.inputs = inputs.iter().map(|t| t.zeros_like()).collect::<candle_core::Result<_>>()?;
-            self.output = Some(inputs[0].zeros_like()?);
+        if !self.buffers.contains_key(signature) {
+            let buffers = Buffers {
+                inputs: inputs.iter().map(|t| t.zeros_like()).collect::<candle_core::Result<_>>()?,
+                output: inputs[0].zeros_like()?,
+            };
+            self.buffers.insert(signature.to_string(), buffers);
         }
-        imp::copy_into(&self.inputs, inputs)?;
-        let (buffers, output) = (&self.inputs, self.output.as_ref().expect("made with the inputs"));
+        let buffers = &self.buffers[signature];
+        imp::copy_into(&buffers.inputs, inputs)?;
+        let output = &buffers.output;
         let graph = CapturedGraph::capture(device, || {
-            let out = step(buffers)?;
+            let out = step(&buffers.inputs)?;
             if out.dims() != output.dims() || out.dtype() != output.dtype() {
                 candle_core::bail!(
                     "the step's output {:?} {:?} is not shaped like its first input",
@@ -329,18 +363,29 @@ impl StageGraph {
     }
 }
 
-/// Orders the users of a graph's static buffers on different threads' streams: the last
-/// user's event, recorded after its copy out; the next user's stream waits for it (on the
-/// device) before touching the buffers. Nothing on the CPU.
+/// Orders work of different threads' streams: candle queues each thread's work on its own
+/// per-thread stream, and cudarc orders streams by itself only for streams it created (not
+/// these), so a tensor written on one thread's stream and read on another's needs this. For
+/// a graph's static buffers: the last user's event, recorded after its copy out; the next
+/// user's stream waits for it (on the device) before touching the buffers. For cross-stream
+/// calls ([`crate::pipeline::batcher`]): each stream's inputs, then the call's result. Nothing
+/// on the CPU, and nothing at all off CUDA.
 #[derive(Default)]
-struct Fence {
+pub struct Fence {
     #[cfg(feature = "cuda")]
     event: Option<candle_core::cuda_backend::cudarc::driver::CudaEvent>,
 }
 
 impl Fence {
+    /// A fence holding the work the calling thread has queued on `device` so far.
+    pub fn recorded(device: &Device) -> Result<Self> {
+        let mut fence = Self::default();
+        fence.record(device)?;
+        Ok(fence)
+    }
+
     /// Makes the calling thread's stream wait for the last recorded user.
-    fn wait(&self, device: &Device) -> Result<()> {
+    pub fn wait(&self, device: &Device) -> Result<()> {
         #[cfg(feature = "cuda")]
         if let (Device::Cuda(cuda), Some(event)) = (device, &self.event) {
             cuda.cuda_stream().wait(event).map_err(|e| anyhow::anyhow!("cuStreamWaitEvent: {e:?}"))?;
@@ -351,8 +396,7 @@ impl Fence {
     }
 
     /// Records the work the calling thread has queued so far.
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    fn record(&mut self, device: &Device) -> Result<()> {
+    pub fn record(&mut self, device: &Device) -> Result<()> {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(cuda) = device {
             let flags = candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags::CU_EVENT_DISABLE_TIMING;

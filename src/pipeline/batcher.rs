@@ -5,14 +5,23 @@
 //! own timesteps, prompt embeddings, control image and cross-frame keys and values
 //! ([`StreamsAttention`]). Calls with other plans run on their own in the same round.
 //!
-//! No thread of its own: the first stream to arrive leads a round. It waits for partners until
-//! every active member has arrived or its batch timeout has passed, then runs the round's calls
-//! and hands each stream its prediction; the others wait for that. Rounds run one at a time
+//! The first stream to arrive leads a round. It waits for partners until every active member
+//! has arrived or its batch timeout has passed, then has the round's calls run and each stream
+//! handed its prediction; the others wait for that. The calls run on one thread of the
+//! batcher's own (started with the first round), not on the leader's: on CUDA a captured call
+//! finds its small uploads in candle's per-thread upload cache, so with rounds led by whichever
+//! stream came first every thread had to run each call eagerly once before it could capture it;
+//! one thread also queues every shared call on one CUDA stream. Rounds run one at a time
 //! (the device runs one call at a time anyway): a stream arriving during a round waits for it
 //! and then leads the next, so streams that started out of step meet. A member is active while it has
 //! joined or asked for a call within the last second, or within the leader's batch timeout when
 //! that is longer (a stream that stops sending frames stops holding the others back after that). A stream alone in its round runs exactly its own call
 //! ([`Img2Img::predict`]).
+//!
+//! On CUDA each thread queues its work on a stream of its own that nothing orders with the
+//! others: a stream's inputs are fenced before the batcher's stream reads them, and the call's
+//! result before the stream's own stream uses it (or frees what the call read), all on the
+//! device ([`Fence`]).
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -24,8 +33,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, anyhow};
 use candle_core::Tensor;
 
+use super::SharedModels;
 use super::img2img::{Img2Img, StepInputs};
 use crate::cross_frame::{CrossFrameAttention, StreamsAttention};
+use crate::ops::step_graphs::Fence;
 
 /// A member that asked for no call for this long (or for the leader's batch timeout, when that
 /// is longer) no longer holds the others back.
@@ -46,6 +57,8 @@ pub struct StepReply {
     pub prediction: Result<Tensor>,
     /// Streams whose rows shared the UNet call (1: alone).
     pub streams_in_call: usize,
+    /// The call's work on the batcher's stream.
+    done: Arc<Fence>,
 }
 
 /// How many calls ran and how many of them held several streams.
@@ -59,6 +72,8 @@ struct Pending {
     member: u64,
     ticket: u64,
     request: StepRequest,
+    /// The stream's work up to its request (its inputs) on its own stream.
+    ready: Fence,
     reply: mpsc::Sender<StepReply>,
 }
 
@@ -87,7 +102,12 @@ pub struct StreamBatcher {
     changed: Condvar,
     next_member: AtomicU64,
     next_ticket: AtomicU64,
+    /// Sends rounds to the thread that runs them (started with the first round).
+    executor: Mutex<Option<mpsc::Sender<Round>>>,
 }
+
+/// A round's calls, for the batcher's thread.
+type Round = Box<dyn FnOnce() + Send>;
 
 impl StreamBatcher {
     fn lock(&self) -> Result<MutexGuard<'_, State>> {
@@ -101,6 +121,27 @@ impl StreamBatcher {
         // Active from the start: a stream that joined is about to send frames.
         self.lock()?.members.insert(id, Instant::now());
         Ok(Membership { batcher: self.clone(), id })
+    }
+
+    /// Runs `round` on the batcher's thread (started here the first time; it ends when the
+    /// batcher is dropped).
+    fn execute(&self, round: Round) -> Result<()> {
+        let mut executor =
+            self.executor.lock().map_err(|_| anyhow!("the cross-stream batcher's thread handle was poisoned"))?;
+        if executor.is_none() {
+            let (rounds, next) = mpsc::channel::<Round>();
+            std::thread::Builder::new()
+                .name("sdcrossframe-batch".into())
+                .spawn(move || {
+                    while let Ok(round) = next.recv() {
+                        round();
+                    }
+                })
+                .map_err(|e| anyhow!("cannot start the cross-stream batcher's thread: {e}"))?;
+            *executor = Some(rounds);
+        }
+        let sender = executor.as_ref().expect("set above");
+        sender.send(round).map_err(|_| anyhow!("the cross-stream batcher's thread stopped"))
     }
 
     /// Calls so far, and how many held several streams.
@@ -125,20 +166,29 @@ impl StreamBatcher {
     /// ready within `timeout` (see the module docs). One round runs at a time: a stream that
     /// arrives while one runs waits for it to end and then leads (or joins) the next, so
     /// streams that start out of step fall into step.
-    fn run(&self, member: u64, img2img: &Img2Img, request: StepRequest, timeout: Duration) -> Result<StepReply> {
+    fn run(
+        &self,
+        member: u64,
+        models: &Arc<SharedModels>,
+        request: StepRequest,
+        timeout: Duration,
+    ) -> Result<StepReply> {
         let (reply, answer) = mpsc::channel();
+        let device = request.inputs.device().clone();
+        let ready = Fence::recorded(&device)?;
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let poisoned = || anyhow!("the cross-stream batcher was poisoned by a panic");
         let mut state = self.lock()?;
         let arrived = Instant::now();
         state.members.insert(member, arrived);
-        state.pending.push(Pending { member, ticket, request, reply });
+        state.pending.push(Pending { member, ticket, request, ready, reply });
         self.changed.notify_all();
         loop {
             if !state.pending.iter().any(|p| p.ticket == ticket) {
                 // Taken into a round another stream leads.
                 drop(state);
-                return answer.recv().map_err(|_| anyhow!("the stream leading the cross-stream call stopped"));
+                let reply = answer.recv().map_err(|_| anyhow!("the stream leading the cross-stream call stopped"))?;
+                return fenced(reply, &device);
             }
             if !state.leading {
                 break;
@@ -157,23 +207,52 @@ impl StreamBatcher {
             state = self.changed.wait_timeout(state, deadline - now).map_err(|_| poisoned())?.0;
         }
         let round = std::mem::take(&mut state.pending);
+        let waited = arrived.elapsed();
         drop(state);
+        let started = Instant::now();
+        let streams_in_round = round.len();
         self.changed.notify_all();
-        let mut stats = BatcherStats::default();
-        for group in group_by_plan(round) {
-            stats.calls += 1;
-            stats.shared_calls += u64::from(group.len() > 1);
-            run_group(img2img, group);
-        }
+        let (finished, finish) = mpsc::channel();
+        let models_for_round = models.clone();
+        let ran = self
+            .execute(Box::new(move || {
+                let mut stats = BatcherStats::default();
+                for group in group_by_plan(round) {
+                    stats.calls += 1;
+                    stats.shared_calls += u64::from(group.len() > 1);
+                    run_group(models_for_round.img2img(), group);
+                }
+                // Before the leader hears of it: never the last holder of the models here.
+                drop(models_for_round);
+                let _ = finished.send(stats);
+            }))
+            .and_then(|()| finish.recv().map_err(|_| anyhow!("the cross-stream batcher's thread stopped in a round")));
+        tracing::debug!(
+            streams = streams_in_round,
+            waited_ms = waited.as_secs_f64() * 1e3,
+            ran_ms = started.elapsed().as_secs_f64() * 1e3,
+            calls = ran.as_ref().map(|s| s.calls).unwrap_or(0),
+            "cross-stream round"
+        );
         {
             let mut state = self.lock()?;
             state.leading = false;
-            state.stats.calls += stats.calls;
-            state.stats.shared_calls += stats.shared_calls;
+            if let Ok(stats) = &ran {
+                state.stats.calls += stats.calls;
+                state.stats.shared_calls += stats.shared_calls;
+            }
         }
         self.changed.notify_all();
-        answer.recv().map_err(|_| anyhow!("the cross-stream call lost this stream's reply"))
+        ran?;
+        let reply = answer.recv().map_err(|_| anyhow!("the cross-stream call lost this stream's reply"))?;
+        fenced(reply, &device)
     }
+}
+
+/// The reply, once the calling thread's stream waits for the call (on the device).
+fn fenced(reply: StepReply, device: &candle_core::Device) -> Result<StepReply> {
+    reply.done.wait(device)?;
+    Ok(reply)
 }
 
 /// The round's requests, grouped by what must be equal in one UNet call.
@@ -200,7 +279,11 @@ fn run_group(img2img: &Img2Img, mut group: Vec<Pending>) {
     // captured graph) whatever order they arrived in.
     group.sort_by_key(|p| p.member);
     let streams = group.len();
+    let device = group[0].request.inputs.device().clone();
     let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Tensor>> {
+        for pending in &group {
+            pending.ready.wait(&device)?;
+        }
         if let [one] = group.as_mut_slice() {
             let request = &mut one.request;
             return Ok(vec![img2img.predict(&request.inputs, &mut request.attention)?]);
@@ -224,17 +307,20 @@ fn run_group(img2img: &Img2Img, mut group: Vec<Pending>) {
         Ok(Err(e)) => Err(format!("{e:#}")),
         Err(_) => Err("the models panicked".to_string()),
     };
+    // Everything the call queued, for the streams to wait for.
+    let (outcome, done) = match Fence::recorded(&device) {
+        Ok(done) => (outcome, Arc::new(done)),
+        Err(e) => (outcome.and(Err(format!("{e:#}"))), Arc::new(Fence::default())),
+    };
     for (index, Pending { request, reply, .. }) in group.into_iter().enumerate() {
         let prediction = match &outcome {
             Ok(parts) => Ok(parts[index].clone()),
-            Err(message) if streams > 1 => {
-                Err(anyhow!("a UNet call shared by {streams} streams failed: {message}"))
-            }
+            Err(message) if streams > 1 => Err(anyhow!("a UNet call shared by {streams} streams failed: {message}")),
             Err(message) => Err(anyhow!("{message}")),
         };
         // A stream that stopped waiting has nothing to receive.
         let StepRequest { inputs, attention } = request;
-        let _ = reply.send(StepReply { inputs, attention, prediction, streams_in_call: streams });
+        let _ = reply.send(StepReply { inputs, attention, prediction, streams_in_call: streams, done: done.clone() });
     }
 }
 
@@ -246,8 +332,8 @@ pub struct Membership {
 
 impl Membership {
     /// Runs one denoising call through the batcher (see [`StreamBatcher`]).
-    pub fn run(&self, img2img: &Img2Img, request: StepRequest, timeout: Duration) -> Result<StepReply> {
-        self.batcher.run(self.id, img2img, request, timeout)
+    pub fn run(&self, models: &Arc<SharedModels>, request: StepRequest, timeout: Duration) -> Result<StepReply> {
+        self.batcher.run(self.id, models, request, timeout)
     }
 
     pub fn batcher(&self) -> &Arc<StreamBatcher> {

@@ -566,6 +566,11 @@ impl StepInputs {
     pub fn batch(&self) -> usize {
         self.rows.iter().map(|r| r.batch).sum()
     }
+
+    /// The device the call runs on.
+    pub fn device(&self) -> &candle_core::Device {
+        self.model_input.device()
+    }
 }
 
 fn cat_rows(tensors: &[Tensor]) -> Result<Tensor> {
