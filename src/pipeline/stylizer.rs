@@ -82,6 +82,9 @@ impl SharedModels {
         let controlnet_model = ControlNetModel::new(controlnet.weights, &controlnet.config)
             .with_context(|| format!("cannot build the ControlNet from {}", controlnet.origin))?;
         let scheduler = Schedulers::new(&scheduler)?;
+        // The weights were uploaded on this thread's CUDA stream; the models' users run on
+        // streams of their own that nothing orders with it.
+        device.synchronize().context("waiting for the weights' upload to the device")?;
         Ok(Self {
             tokenizer,
             text_encoder,
