@@ -369,12 +369,8 @@ impl CrossFrameAttention {
         hidden: &Tensor,
         project: &dyn Fn(&Tensor) -> candle_core::Result<(Tensor, Tensor)>,
     ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-        let RowsContext::Stored(contexts) = self.rows_contexts(layer, hidden)? else {
-            return Ok(None);
-        };
-        let (keys, values) = project(&Tensor::cat(&contexts, 0)?)?;
-        self.rows_written(layer, hidden)?;
-        Ok(Some((keys, values)))
+        let batch = hidden.dim(0)?;
+        streams_self_attention(&mut [self], &[batch], layer, hidden, project)
     }
 
     /// What the rows of the call in progress attend to at `layer` (`hidden`: their attention
@@ -532,41 +528,57 @@ impl SelfAttentionHook for StreamsAttention<'_> {
         hidden: &Tensor,
         project: &dyn Fn(&Tensor) -> candle_core::Result<(Tensor, Tensor)>,
     ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
-        let mut parts = Vec::with_capacity(self.streams.len());
-        let mut offset = 0;
-        for (stream, &batch) in self.streams.iter_mut().zip(&self.batches) {
-            let part = hidden.narrow(0, offset, batch)?;
-            offset += batch;
-            let context = stream.rows_contexts(layer, &part)?;
-            parts.push((part, context));
-        }
-        if parts.iter().all(|(_, context)| matches!(context, RowsContext::Own)) {
-            return Ok(None);
-        }
-        let mut contexts = Vec::new();
-        for (part, context) in &parts {
-            match context {
-                RowsContext::Own => contexts.push(part.clone()),
-                RowsContext::Stored(stored) => contexts.extend(stored.iter().cloned()),
-            }
-        }
-        let tokens = contexts.iter().map(|c| c.dim(1)).collect::<candle_core::Result<Vec<_>>>()?;
-        let longest = tokens.iter().copied().max().unwrap_or(0);
-        let mut padded = Vec::with_capacity(contexts.len());
-        for (context, tokens) in contexts.iter().zip(tokens) {
-            if longest % tokens != 0 {
-                candle_core::bail!(
-                    "cross-stream attention at {layer}: key sets of {tokens} and {longest} tokens cannot be lined up"
-                );
-            }
-            padded.push(if tokens == longest { context.clone() } else { context.repeat((1, longest / tokens, 1))? });
-        }
-        let (keys, values) = project(&Tensor::cat(&padded, 0)?)?;
-        for ((part, _), stream) in parts.iter().zip(self.streams.iter_mut()) {
-            stream.rows_written(layer, part)?;
-        }
-        Ok(Some((keys, values)))
+        streams_self_attention(&mut self.streams, &self.batches, layer, hidden, project)
     }
+}
+
+/// Self-attention at `layer` of a call whose rows are, one after the other, `batches[i]` rows
+/// of `streams[i]` (a stream batch's frames, or several streams' calls): each stream's rows
+/// attend to what [`CrossFrameAttention::rows_contexts`] gives them, then its inputs are
+/// written back. `None` when every row attends to itself (plain attention). Key sets of
+/// different lengths (first+prev holds twice the tokens of first, prev or plain) are brought to
+/// one length by repeating the shorter ones, which attention weighs exactly as the set once.
+fn streams_self_attention(
+    streams: &mut [&mut CrossFrameAttention],
+    batches: &[usize],
+    layer: &str,
+    hidden: &Tensor,
+    project: &dyn Fn(&Tensor) -> candle_core::Result<(Tensor, Tensor)>,
+) -> candle_core::Result<Option<(Tensor, Tensor)>> {
+    let mut parts = Vec::with_capacity(streams.len());
+    let mut offset = 0;
+    for (stream, &batch) in streams.iter_mut().zip(batches) {
+        let part = hidden.narrow(0, offset, batch)?;
+        offset += batch;
+        let context = stream.rows_contexts(layer, &part)?;
+        parts.push((part, context));
+    }
+    if parts.iter().all(|(_, context)| matches!(context, RowsContext::Own)) {
+        return Ok(None);
+    }
+    let mut contexts = Vec::new();
+    for (part, context) in &parts {
+        match context {
+            RowsContext::Own => contexts.push(part.clone()),
+            RowsContext::Stored(stored) => contexts.extend(stored.iter().cloned()),
+        }
+    }
+    let tokens = contexts.iter().map(|c| c.dim(1)).collect::<candle_core::Result<Vec<_>>>()?;
+    let longest = tokens.iter().copied().max().unwrap_or(0);
+    let mut padded = Vec::with_capacity(contexts.len());
+    for (context, tokens) in contexts.iter().zip(tokens) {
+        if longest % tokens != 0 {
+            candle_core::bail!(
+                "cross-stream attention at {layer}: key sets of {tokens} and {longest} tokens cannot be lined up"
+            );
+        }
+        padded.push(if tokens == longest { context.clone() } else { context.repeat((1, longest / tokens, 1))? });
+    }
+    let (keys, values) = project(&Tensor::cat(&padded, 0)?)?;
+    for ((part, _), stream) in parts.iter().zip(streams.iter_mut()) {
+        stream.rows_written(layer, part)?;
+    }
+    Ok(Some((keys, values)))
 }
 
 /// An anchor's attention input becomes both the first and the previous frame's entry.

@@ -335,10 +335,6 @@ impl Membership {
     pub fn run(&self, models: &Arc<SharedModels>, request: StepRequest, timeout: Duration) -> Result<StepReply> {
         self.batcher.run(self.id, models, request, timeout)
     }
-
-    pub fn batcher(&self) -> &Arc<StreamBatcher> {
-        &self.batcher
-    }
 }
 
 impl Drop for Membership {
