@@ -16,6 +16,12 @@
 //! only rule: frame N+1 is prepared after frame N was launched (`launch` refuses a frame
 //! prepared out of turn); finishing may lag behind launching. The results are the same as
 //! `push`'s, bit for bit.
+//!
+//! With the VAE on its own CUDA stream ([`crate::ops::vae_stream`], on by default on CUDA)
+//! frames go up to the VAE's device and are encoded there, `launch` leaves the decoding to
+//! `finish`, and a caller should launch N+1 before finishing N
+//! ([`VideoSession::launches_before_finishing`]): N's decoding then runs beside N+1's
+//! denoising, and the UNet's stream never waits for the host between frames.
 
 use std::fmt;
 use std::str::FromStr;
@@ -31,6 +37,7 @@ use crate::canny::{self, CannyParams, ImageView};
 use crate::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
 use crate::device::DeviceSpan;
 use crate::frame::RgbFrame;
+use crate::ops::vae_stream::StreamPoint;
 use crate::pipeline::{
     Call, CancelHandle, DenoisingFrame, FrameHook, FrameInputs, FrameNoise, FrameSettings, Membership, SharedModels,
     SizeRequest, StepRequest, Stylizer, check_finite,
@@ -215,11 +222,23 @@ impl PreparedFrame {
     }
 }
 
+/// What a launched frame holds until it is finished.
+enum Output {
+    /// The stylized image (`[1, 3, H, W]` f32 in [0, 1]).
+    Image(Tensor),
+    /// Denoised, not yet decoded: with a VAE stream the decoding is queued there by `finish`,
+    /// after the UNet's stream reached `ready` (the point after the frame's last step), so that
+    /// the next frame's encoding and denoising, queued by the launches before it, go first.
+    Latents { frame: DenoisingFrame, ready: StreamPoint },
+    /// Its decoding failed.
+    Failed,
+}
+
 /// A launched frame whose result may still be computed on the device
 /// ([`VideoSession::launch`]); [`VideoSession::finish`] downloads it. Dropping it drops the
 /// result (the device work already queued still runs).
 pub struct InFlightFrame {
-    image: Tensor,
+    output: Output,
     index: u64,
     skipped: bool,
     anchor: bool,
@@ -253,20 +272,38 @@ impl InFlightFrame {
     /// Whether the diffusion may still run on the device after `launch` returned (CUDA);
     /// false on the CPU, where `launch` computed the frame.
     pub fn is_asynchronous(&self) -> bool {
-        !self.image.device().is_cpu()
+        match &self.output {
+            Output::Image(image) => !image.device().is_cpu(),
+            Output::Latents { .. } | Output::Failed => true,
+        }
     }
 
-    /// The frame as `push` returns it, without waiting for the device.
-    fn into_stylized(self) -> StylizedFrame {
-        StylizedFrame {
-            image: self.image,
-            index: self.index,
-            anchor: self.anchor,
-            anchor_reason: self.anchor_reason,
-            skipped: self.skipped,
-            prepare_time: self.prepare_time,
-            diffuse_time: self.launch_time,
-        }
+    /// `(width, height)` of the processing size.
+    pub fn size(&self) -> Result<(usize, usize)> {
+        Ok(match &self.output {
+            Output::Image(image) => {
+                let (_, _, height, width) = image.dims4()?;
+                (width, height)
+            }
+            Output::Latents { frame, .. } => (frame.plan().width, frame.plan().height),
+            Output::Failed => bail!("frame {}: its decoding failed", self.index),
+        })
+    }
+
+    /// The image, decoding it first when that was left to `finish` (queued on the VAE stream,
+    /// where the image stays); the frame's device span ends there.
+    fn decoded(&mut self, stylizer: &Stylizer) -> Result<Tensor> {
+        let image = match std::mem::replace(&mut self.output, Output::Failed) {
+            Output::Image(image) => image,
+            Output::Latents { frame, ready } => {
+                let image = stylizer.img2img().decode_after(frame, Some(&ready))?;
+                self.span.end(image.device())?;
+                image
+            }
+            Output::Failed => bail!("its decoding failed"),
+        };
+        self.output = Output::Image(image.clone());
+        Ok(image)
     }
 }
 
@@ -349,6 +386,8 @@ pub struct VideoSession {
     membership: Option<Membership>,
     /// Denoising calls whose UNet call held other streams' rows too.
     shared_calls: u64,
+    /// Whether the session uses the models' VAE stream when they have one.
+    vae_stream: bool,
 }
 
 /// A place in the stream batch's output order.
@@ -411,6 +450,7 @@ impl VideoSession {
             reset_reason: None,
             membership,
             shared_calls: 0,
+            vae_stream: true,
         })
     }
 
@@ -559,7 +599,77 @@ impl VideoSession {
     /// One frame at a time: with stream batch on it is an error (use [`Self::push_stream`]).
     pub fn push(&mut self, frame: &RgbFrame, control: Option<&RgbFrame>) -> Result<StylizedFrame> {
         let prepared = self.prepare(frame, control)?;
-        Ok(self.launch(prepared)?.into_stylized())
+        let launched = self.launch(prepared)?;
+        self.stylized(launched)
+    }
+
+    /// The frame as `push` returns it, without waiting for the device (its decoding queued
+    /// now when it was left to `finish`).
+    fn stylized(&mut self, mut frame: InFlightFrame) -> Result<StylizedFrame> {
+        let index = frame.index;
+        let image = match frame.decoded(&self.stylizer) {
+            Ok(image) => image,
+            Err(e) => {
+                self.attention.reset();
+                return Err(e.context(format!("frame {index}")));
+            }
+        };
+        Ok(StylizedFrame {
+            image,
+            index: frame.index,
+            anchor: frame.anchor,
+            anchor_reason: frame.anchor_reason,
+            skipped: frame.skipped,
+            prepare_time: frame.prepare_time,
+            diffuse_time: frame.launch_time,
+        })
+    }
+
+    /// Whether launched frames leave their decoding to `finish`: with a VAE stream (CUDA), so
+    /// that the decoding of frame N queues there after the launch of frame N+1 (see
+    /// [`Output::Latents`]); not with similarity skipping, which keeps the last image, nor with
+    /// cross-stream batching.
+    fn defers_decoding(&self) -> bool {
+        self.vae_device().is_some() && self.config.skip_similarity <= 0.0 && self.config.batch_timeout.is_none()
+    }
+
+    /// The VAE stream's device when this session uses one (see [`Self::set_vae_stream`]): while
+    /// it is the models' only user. The VAE stream is one stream for every user of the models,
+    /// unlike the UNet's per-thread streams, and a graph capture on it must not meet another
+    /// thread's work there; with several users (shared through the registry) the VAE runs on
+    /// each user's own stream, as with the switch off. At most one session uses it at a time:
+    /// a second user makes the count 2 for both before it uploads anything.
+    fn vae_device(&self) -> Option<&candle_core::Device> {
+        self.stylizer.img2img().vae_device().filter(|_| self.vae_stream && self.stylizer.sole_user())
+    }
+
+    /// Whether a caller that overlaps frames should launch frame N+1 before finishing frame
+    /// N: true when the session decodes on the VAE stream in `finish` (CUDA with the models'
+    /// VAE stream, see [`crate::ops::vae_stream`]), so that the UNet's stream always has the
+    /// next frame queued; otherwise finishing N first is better (its download would queue
+    /// behind N+1's whole diffusion on the one stream).
+    pub fn launches_before_finishing(&self) -> bool {
+        self.defers_decoding()
+    }
+
+    /// Uses the models' VAE stream (the default, when they have one) or not: off, the VAE
+    /// runs on the UNet's stream, as with `SDCROSSFRAME_VAE_STREAM=off`, with the same
+    /// kernels (A/B comparisons in one process). Call it between frames, with no frame in flight.
+    pub fn set_vae_stream(&mut self, on: bool) {
+        self.vae_stream = on;
+    }
+
+    /// The device frames go up to: the VAE stream's when the session uses one.
+    fn upload_device(&self) -> candle_core::Device {
+        self.vae_device().unwrap_or(self.stylizer.device()).clone()
+    }
+
+    /// Decodes a frame now: on the VAE stream when the session uses one.
+    fn decode_now(&self, frame: DenoisingFrame) -> Result<Tensor> {
+        match self.vae_device() {
+            Some(_) => self.stylizer.img2img().decode_after(frame, None),
+            None => self.stylizer.img2img().decode(frame),
+        }
     }
 
     /// The CPU work of the next frame: scaling to the processing size, the scene-cut measure
@@ -589,7 +699,9 @@ impl VideoSession {
         if width == 0 || height == 0 || width % factor != 0 || height % factor != 0 {
             bail!("processing size {width}x{height} is not a non-zero multiple of {factor}");
         }
-        let device = self.stylizer.device().clone();
+        // The frame's image and control image go up to the VAE stream's device when there is
+        // one (the frame is encoded there; uploads to it do not wait for the UNet's stream).
+        let device = self.upload_device();
         // CPU work first, so that it overlaps the device's previous frame: scaling, the
         // scene-cut measure, Canny.
         let scaled;
@@ -739,12 +851,14 @@ impl VideoSession {
     /// Prepares and submits a frame ([`Self::prepare`] + [`Self::submit`]); the frames that came out.
     pub fn push_stream(&mut self, frame: &RgbFrame, control: Option<&RgbFrame>) -> Result<Vec<StylizedFrame>> {
         let prepared = self.prepare(frame, control)?;
-        Ok(self.submit(prepared)?.into_iter().map(InFlightFrame::into_stylized).collect())
+        let out = self.submit(prepared)?;
+        out.into_iter().map(|f| self.stylized(f)).collect()
     }
 
     /// [`Self::drain`], as [`StylizedFrame`]s.
     pub fn drain_stylized(&mut self) -> Result<Vec<StylizedFrame>> {
-        Ok(self.drain()?.into_iter().map(InFlightFrame::into_stylized).collect())
+        let out = self.drain()?;
+        out.into_iter().map(|f| self.stylized(f)).collect()
     }
 
     fn check_turn(&self, prepared: &PreparedFrame) -> Result<()> {
@@ -779,7 +893,7 @@ impl VideoSession {
         let mut span = DeviceSpan::start(device)?;
         span.end(device)?;
         Ok(InFlightFrame {
-            image,
+            output: Output::Image(image),
             index,
             skipped: true,
             anchor: false,
@@ -893,6 +1007,7 @@ impl VideoSession {
             result.with_context(|| format!("stream batch of {count} frames from frame {first}"))?;
         }
         let mut out = Vec::new();
+        let defer = self.defers_decoding();
         loop {
             match self.stream.front() {
                 Some(Slot::Diffusing(entry)) if entry.frame.is_done() => {}
@@ -900,14 +1015,29 @@ impl VideoSession {
                 _ => break,
             }
             match self.stream.pop_front().expect("checked") {
+                Slot::Diffusing(StreamEntry { frame, index, anchor_reason, prepare_time, launch_time, span })
+                    if defer =>
+                {
+                    let anchor = frame.anchor();
+                    let ready = StreamPoint::record(self.stylizer.device())?;
+                    out.push(InFlightFrame {
+                        output: Output::Latents { frame, ready },
+                        index,
+                        skipped: false,
+                        anchor,
+                        anchor_reason,
+                        prepare_time,
+                        launch_time,
+                        span,
+                    });
+                }
                 Slot::Diffusing(StreamEntry { frame, index, anchor_reason, prepare_time, launch_time, mut span }) => {
                     let anchor = frame.anchor();
-                    let device = self.stylizer.device().clone();
-                    let image = self.stylizer.img2img().decode(frame).with_context(|| format!("frame {index}"))?;
-                    span.end(&device)?;
+                    let image = self.decode_now(frame).with_context(|| format!("frame {index}"))?;
+                    span.end(image.device())?;
                     self.last_output = Some(image.clone());
                     out.push(InFlightFrame {
-                        image,
+                        output: Output::Image(image),
                         index,
                         skipped: false,
                         anchor,
@@ -954,32 +1084,48 @@ impl VideoSession {
         let step_noise = self.fresh_step_noise(index, &input, step_noise)?;
         let device = self.stylizer.device().clone();
         let mut span = DeviceSpan::start(&device)?;
+        let defer = self.defers_decoding();
         let result = match (&self.membership, self.config.batch_timeout) {
-            (Some(_), Some(_)) => self.stylize_batched(&input, &control, &noise, step_noise.as_ref()),
-            _ => self.stylizer.stylize_cancellable(
-                &input,
-                &control,
-                &self.settings,
-                &noise,
-                step_noise.as_ref(),
-                &mut self.attention,
-                &self.cancel,
-            ),
+            (Some(_), Some(_)) => {
+                self.stylize_batched(&input, &control, &noise, step_noise.as_ref()).map(Output::Image)
+            }
+            _ => self
+                .stylizer
+                .denoise_cancellable(
+                    &input,
+                    &control,
+                    &self.settings,
+                    &noise,
+                    step_noise.as_ref(),
+                    &mut self.attention,
+                    &self.cancel,
+                )
+                .and_then(|frame| {
+                    if defer {
+                        let ready = StreamPoint::record(&device)?;
+                        return Ok(Output::Latents { frame, ready });
+                    }
+                    let image = self.decode_now(frame)?;
+                    span.end(image.device())?;
+                    Ok(Output::Image(image))
+                }),
         };
         let launch_time = launched.elapsed();
-        let image = match result.and_then(|image| span.end(&device).map(|()| image)) {
-            Ok(image) => image,
+        let output = match result {
+            Ok(output) => output,
             Err(e) => {
                 // A frame that failed half-way may have left a partial store behind.
                 self.attention.reset();
                 return Err(e.context(format!("frame {index}")));
             }
         };
+        if let Output::Image(image) = &output {
+            self.last_output = Some(image.clone());
+        }
         self.frames_pushed += 1;
         let anchor = self.config.attention != AttentionMode::Off && self.attention.current_frame_is_anchor();
         let anchor_reason = self.anchor_reason_given(anchor, anchor_reason, index);
-        self.last_output = Some(image.clone());
-        Ok(InFlightFrame { image, index, skipped: false, anchor, anchor_reason, prepare_time, launch_time, span })
+        Ok(InFlightFrame { output, index, skipped: false, anchor, anchor_reason, prepare_time, launch_time, span })
     }
 
     /// One frame, each denoising step through the cross-stream batcher ([`Img2Img::run`]
@@ -1020,33 +1166,37 @@ impl VideoSession {
             self.shared_calls += u64::from(streams > 1);
         }
         self.attention.end_frame()?;
-        img2img.decode(frame)
+        self.decode_now(frame)
     }
 
     /// Downloads a launched frame as 8-bit RGB, waiting for the device. Frames may be finished
     /// after later frames were launched. A failed download (the device work failed) resets
     /// the cross-frame state, so the next frame launched becomes an anchor.
     pub fn finish(&mut self, frame: InFlightFrame) -> Result<FinishedFrame> {
-        let (_, _, height, width) = frame.image.dims4()?;
+        let (width, height) = frame.size()?;
         self.finish_at(frame, width, height)
     }
 
     /// [`Self::finish`], with the image scaled to `width` x `height` (the input's size) first,
     /// on the image's device.
-    pub fn finish_at(&mut self, frame: InFlightFrame, width: usize, height: usize) -> Result<FinishedFrame> {
+    pub fn finish_at(&mut self, mut frame: InFlightFrame, width: usize, height: usize) -> Result<FinishedFrame> {
         let _span = tracing::info_span!("session_finish", index = frame.index).entered();
         let started = Instant::now();
+        // A decoding left to here is queued now (on the VAE stream, behind the next frame's
+        // encoding), then the scaling and the download follow it there.
+        let image = frame.decoded(&self.stylizer);
         // On a GPU the image is scaled there before the download; on the CPU the scaling is CPU
         // work after the download and is counted apart (`scale_time`), not as diffusion.
-        let result = if frame.is_asynchronous() {
-            resample::scaler().output(&frame.image, width, height).map(|rgb| (rgb, Duration::ZERO))
-        } else {
-            RgbFrame::from_tensor(&frame.image).and_then(|rgb| {
+        let result = image.and_then(|image| {
+            if frame.is_asynchronous() {
+                return resample::scaler().output(&image, width, height).map(|rgb| (rgb, Duration::ZERO));
+            }
+            RgbFrame::from_tensor(&image).and_then(|rgb| {
                 let scaling = Instant::now();
                 let rgb = rgb.resized(width, height)?;
                 Ok((rgb, scaling.elapsed()))
             })
-        };
+        });
         let (rgb, scale_time) = match result {
             Ok(done) => done,
             Err(e) => {
@@ -1056,7 +1206,7 @@ impl VideoSession {
         };
         let wait_time = started.elapsed() - scale_time;
         let diffuse_time = frame.span.elapsed()?;
-        let mut stylized = frame.into_stylized();
+        let mut stylized = self.stylized(frame)?;
         stylized.diffuse_time = diffuse_time;
         Ok(FinishedFrame { stylized, rgb, wait_time, scale_time })
     }

@@ -80,6 +80,38 @@ fn staged_path_overlapped_matches_push_bit_for_bit() {
     assert_eq!(staged.attention().stored_bytes(), reference.attention().stored_bytes());
 }
 
+/// The order the element takes with the VAE on its own CUDA stream (prepare N+1, launch N+1,
+/// finish N): the same frames as `push`. On the CPU there is no VAE stream (the session asks
+/// for the other order), and switching it off changes nothing.
+#[test]
+fn launching_before_finishing_matches_push_bit_for_bit() {
+    let inputs = inputs();
+    let mut reference = session();
+    let pushed: Vec<_> = inputs.iter().map(|(f, c)| reference.push(f, c.as_ref()).unwrap()).collect();
+    for vae_stream in [true, false] {
+        let mut staged = session();
+        staged.set_vae_stream(vae_stream);
+        assert!(!staged.launches_before_finishing(), "the CPU has no VAE stream");
+        let mut finished = Vec::new();
+        let mut in_flight = None;
+        for (f, c) in &inputs {
+            let prepared = staged.prepare(f, c.as_ref()).unwrap();
+            let launched = staged.launch(prepared).unwrap();
+            if let Some(previous) = in_flight.replace(launched) {
+                finished.push(staged.finish(previous).unwrap());
+            }
+        }
+        finished.push(staged.finish(in_flight.unwrap()).unwrap());
+        assert_eq!(finished.len(), pushed.len());
+        for (k, (got, want)) in finished.iter().zip(&pushed).enumerate() {
+            assert_eq!(got.stylized.index, k as u64);
+            assert_eq!(max_abs_diff(&got.stylized.image, &want.image), 0.0, "frame {k}");
+            assert_eq!(got.rgb, want.to_rgb().unwrap(), "frame {k}: 8-bit image");
+            assert_eq!(got.stylized.anchor_reason, want.anchor_reason, "frame {k}");
+        }
+    }
+}
+
 #[test]
 fn a_frame_prepared_out_of_turn_is_refused() {
     let mut s = session();

@@ -194,6 +194,55 @@ impl ConditioningEmbedding {
         let conv_out = Conv2d::same(vb.pp("conv_out"), *channels.last().expect("non-empty"), out_channels, 3, 1)?;
         Ok(Self { conv_in, blocks, conv_out })
     }
+
+    fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            conv_in: self.conv_in.to_device(device)?,
+            blocks: self.blocks.iter().map(|b| b.to_device(device)).collect::<Result<_>>()?,
+            conv_out: self.conv_out.to_device(device)?,
+        })
+    }
+}
+
+/// The control-image embedding alone (`controlnet_cond_embedding`), e.g. with its weights on
+/// another device than the ControlNet's ([`ControlNetModel::condition_embedder_on`]).
+#[derive(Debug)]
+pub struct ConditionEmbedder {
+    cond_embedding: ConditioningEmbedding,
+    config: ControlNetConfig,
+    downscale: usize,
+}
+
+impl ConditionEmbedder {
+    /// As [`ControlNetModel::embed_condition`] (the same computation).
+    pub fn embed_condition(&self, control_image: &Tensor) -> Result<ControlCondition> {
+        embed_condition(&self.cond_embedding, &self.config, self.downscale, control_image)
+    }
+}
+
+fn embed_condition(
+    cond_embedding: &ConditioningEmbedding,
+    config: &ControlNetConfig,
+    downscale: usize,
+    control_image: &Tensor,
+) -> Result<ControlCondition> {
+    let (_, cc, ch, cw) = control_image.dims4()?;
+    if cc != config.conditioning_channels || ch % downscale != 0 || cw % downscale != 0 {
+        candle_core::bail!(
+            "controlnet: control image {:?} must have {} channels and a size that is a multiple of {}",
+            control_image.dims(),
+            config.conditioning_channels,
+            downscale
+        );
+    }
+    let control = if config.controlnet_conditioning_channel_order == "bgr" {
+        let idx: Vec<u32> = (0..cc as u32).rev().collect();
+        let idx = Tensor::new(idx.as_slice(), control_image.device())?;
+        control_image.index_select(&idx, 1)?
+    } else {
+        control_image.clone()
+    };
+    Ok(ControlCondition { embedding: cond_embedding.forward(&control)? })
 }
 
 impl Module for ConditioningEmbedding {
@@ -303,23 +352,17 @@ impl ControlNetModel {
     /// halves of a classifier-free-guidance batch (n = 1 broadcasts over the batch).
     pub fn embed_condition(&self, control_image: &Tensor) -> Result<ControlCondition> {
         let _enter = self.span.enter();
-        let (_, cc, ch, cw) = control_image.dims4()?;
-        if cc != self.config.conditioning_channels || ch % self.downscale != 0 || cw % self.downscale != 0 {
-            candle_core::bail!(
-                "controlnet: control image {:?} must have {} channels and a size that is a multiple of {}",
-                control_image.dims(),
-                self.config.conditioning_channels,
-                self.downscale
-            );
-        }
-        let control = if self.config.controlnet_conditioning_channel_order == "bgr" {
-            let idx: Vec<u32> = (0..cc as u32).rev().collect();
-            let idx = Tensor::new(idx.as_slice(), control_image.device())?;
-            control_image.index_select(&idx, 1)?
-        } else {
-            control_image.clone()
-        };
-        Ok(ControlCondition { embedding: self.cond_embedding.forward(&control)? })
+        embed_condition(&self.cond_embedding, &self.config, self.downscale, control_image)
+    }
+
+    /// The control-image embedding with its weights copied to `device` (queued there: the
+    /// weights must be ready on the ControlNet's device first).
+    pub fn condition_embedder_on(&self, device: &candle_core::Device) -> Result<ConditionEmbedder> {
+        Ok(ConditionEmbedder {
+            cond_embedding: self.cond_embedding.to_device(device)?,
+            config: self.config.clone(),
+            downscale: self.downscale,
+        })
     }
 
     /// The ControlNet on `sample` (batch, in_channels, h, w) with a control image already

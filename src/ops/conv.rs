@@ -64,6 +64,17 @@ impl Conv2d {
         &self.weight
     }
 
+    /// The same convolution with its weights copied to `device` (queued there: the weights
+    /// must be ready on their own device first).
+    pub fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
+        Ok(Self {
+            weight: self.weight.to_device(device)?,
+            bias: self.bias.as_ref().map(|b| b.to_device(device)).transpose()?,
+            padding: self.padding,
+            stride: self.stride,
+        })
+    }
+
     /// `(out_channels)`; `None` for a convolution without a bias.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()

@@ -17,6 +17,7 @@ pub mod im2col;
 pub mod step_graphs;
 mod storage;
 pub mod switches;
+pub mod vae_stream;
 
 pub use attention::{CHUNK_SCORES as ATTENTION_CHUNK_SCORES, attention, in_query_chunks, unfused_attention};
 pub use conv::Conv2d;

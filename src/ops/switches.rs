@@ -15,6 +15,7 @@ pub const CONV: &str = "SDCROSSFRAME_CONV";
 pub const CUDA_GRAPHS: &str = "SDCROSSFRAME_CUDA_GRAPHS";
 pub const FLASH_WARPS: &str = "SDCROSSFRAME_FLASH_WARPS";
 pub const CONV_PLANS: &str = "SDCROSSFRAME_CONV_PLANS";
+pub const VAE_STREAM: &str = "SDCROSSFRAME_VAE_STREAM";
 
 /// Which convolutions the cuDNN build considers for f16/bf16 on CUDA (`SDCROSSFRAME_CONV`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +59,10 @@ pub struct Switches {
     pub flash_warps: Option<usize>,
     /// `SDCROSSFRAME_CONV_PLANS=FILE|off`: where the convolution tuner keeps its choices.
     pub conv_plans: ConvPlans,
+    /// `SDCROSSFRAME_VAE_STREAM=on|off`: a session's VAE encoding and decoding, the control
+    /// image's embedding, the scaling back and the download on a second CUDA stream beside
+    /// the UNet's.
+    pub vae_stream: bool,
 }
 
 impl Default for Switches {
@@ -84,6 +89,7 @@ impl Switches {
             cuda_graphs: parse(&lookup, CUDA_GRAPHS, &on_off, true),
             flash_warps: parse(&lookup, FLASH_WARPS, &[("auto", None), ("4", Some(4)), ("8", Some(8))], None),
             conv_plans: parse_conv_plans(lookup(CONV_PLANS)),
+            vae_stream: parse(&lookup, VAE_STREAM, &on_off, true),
         }
     }
 }
@@ -150,6 +156,7 @@ mod tests {
                 cuda_graphs: true,
                 flash_warps: None,
                 conv_plans: ConvPlans::CacheDir,
+                vae_stream: true,
             }
         );
         assert_eq!(s, Switches::default());
@@ -165,8 +172,9 @@ mod tests {
             (CUDA_GRAPHS, " OFF"),
             (FLASH_WARPS, " 8 "),
             (CONV_PLANS, " /tmp/plans.txt\n"),
+            (VAE_STREAM, " Off "),
         ]);
-        assert!(!s.fused_attention && !s.fused_group_norm && !s.fused_epilogues && !s.cuda_graphs);
+        assert!(!s.fused_attention && !s.fused_group_norm && !s.fused_epilogues && !s.cuda_graphs && !s.vae_stream);
         assert_eq!((s.conv, s.flash_warps), (ConvChoice::Cudnn, Some(8)));
         assert_eq!(s.conv_plans, ConvPlans::File(PathBuf::from("/tmp/plans.txt")));
         let s = from(&[(ATTENTION, "fused"), (FUSED, "on"), (CONV, "im2col"), (FLASH_WARPS, "4"), (CUDA_GRAPHS, "on")]);
@@ -184,6 +192,7 @@ mod tests {
             (CONV, "winograd"),
             (CUDA_GRAPHS, ""),
             (FLASH_WARPS, "16"),
+            (VAE_STREAM, "1"),
         ]);
         assert_eq!(s, Switches::default());
     }

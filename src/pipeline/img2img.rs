@@ -15,9 +15,10 @@ use super::guidance::Guidance;
 use super::hooks::{FrameHook, Stage, StageObserver, StepRow};
 use super::settings::{FramePlan, FrameSettings};
 use super::vae::{Vae, VaeConfig};
-use crate::models::controlnet::{ControlCondition, ControlNetModel};
+use crate::models::controlnet::{ConditionEmbedder, ControlCondition, ControlNetModel};
 use crate::models::unet::UNet2DConditionModel;
 use crate::ops::step_graphs::{GraphStats, StageGraph, StepGraphs, StepKey};
+use crate::ops::vae_stream::{self, StreamPoint};
 use crate::scheduler::{Schedule, Scheduler, Schedulers};
 
 /// What one frame is made from, at the processing size.
@@ -43,6 +44,18 @@ struct StageGraphs {
     encode: StageGraph,
     control: StageGraph,
     decode: StageGraph,
+    /// The VAE's on its own stream ([`Img2Img::set_vae_stream`]).
+    vae_stream_encode: StageGraph,
+    vae_stream_control: StageGraph,
+    vae_stream_decode: StageGraph,
+}
+
+/// A copy of the VAE on a device of its own stream (see [`crate::ops::vae_stream`]).
+struct VaeStream {
+    device: candle_core::Device,
+    vae: Vae,
+    /// The ControlNet's control-image embedding, there too.
+    control: ConditionEmbedder,
 }
 
 /// The UNet, ControlNet, VAE and scheduler, and one frame of ControlNet img2img with them
@@ -52,6 +65,8 @@ pub struct Img2Img {
     controlnet: ControlNetModel,
     vae: Vae,
     vae_config: VaeConfig,
+    /// The VAE again on its own CUDA stream, when there is one.
+    vae_stream: Option<VaeStream>,
     schedulers: Schedulers,
     latent_channels: usize,
     vae_scale_factor: usize,
@@ -89,6 +104,7 @@ impl Img2Img {
             controlnet,
             vae,
             vae_config: vae_config.clone(),
+            vae_stream: None,
             schedulers,
             latent_channels: vae_config.latent_channels(),
             vae_scale_factor: vae_config.scale_factor(),
@@ -100,18 +116,44 @@ impl Img2Img {
         }
     }
 
+    /// Runs the VAE of frames whose input is on `device` there too: `vae` must be this
+    /// pipeline's VAE with its weights on `device`, a second CUDA device of the same GPU with
+    /// a stream of its own (see [`crate::ops::vae_stream`]), and `control` the ControlNet's
+    /// control-image embedding there. [`Self::start_frame`] encodes such frames and embeds
+    /// their control images there, and [`Self::decode_after`] decodes there.
+    pub fn set_vae_stream(&mut self, device: candle_core::Device, vae: Vae, control: ConditionEmbedder) {
+        self.vae_stream = Some(VaeStream { device, vae, control });
+    }
+
+    /// The ControlNet's control-image embedding on `device` (for [`Self::set_vae_stream`]).
+    pub fn condition_embedder_on(&self, device: &candle_core::Device) -> Result<ConditionEmbedder> {
+        Ok(self.controlnet.condition_embedder_on(device)?)
+    }
+
+    /// The VAE stream's device, when there is one (a frame uploaded there is encoded there).
+    pub fn vae_device(&self) -> Option<&candle_core::Device> {
+        self.vae_stream.as_ref().map(|s| &s.device)
+    }
+
     /// How the VAE encodings, control embeddings and VAE decodings ran so far (summed).
     pub fn stage_graph_stats(&self) -> GraphStats {
         self.stage_graphs
             .lock()
             .map(|g| {
-                [g.encode.stats(), g.control.stats(), g.decode.stats()].iter().fold(GraphStats::default(), |a, b| {
-                    GraphStats {
-                        eager: a.eager + b.eager,
-                        captured: a.captured + b.captured,
-                        replayed: a.replayed + b.replayed,
-                        failed: a.failed + b.failed,
-                    }
+                [
+                    g.encode.stats(),
+                    g.control.stats(),
+                    g.decode.stats(),
+                    g.vae_stream_encode.stats(),
+                    g.vae_stream_control.stats(),
+                    g.vae_stream_decode.stats(),
+                ]
+                .iter()
+                .fold(GraphStats::default(), |a, b| GraphStats {
+                    eager: a.eager + b.eager,
+                    captured: a.captured + b.captured,
+                    replayed: a.replayed + b.replayed,
+                    failed: a.failed + b.failed,
                 })
             })
             .unwrap_or_default()
@@ -189,6 +231,22 @@ impl Img2Img {
         observer: &mut dyn StageObserver,
         cancel: &CancelHandle,
     ) -> Result<Tensor> {
+        let frame = self.denoise_frame(inputs, settings, hook, observer, cancel)?;
+        let image = self.decode(frame)?;
+        observer.stage_done(Stage::Decoded)?;
+        Ok(image)
+    }
+
+    /// [`Self::run`] without the decoding: the frame with every step done, for
+    /// [`Self::decode`] or [`Self::decode_after`].
+    pub fn denoise_frame(
+        &self,
+        inputs: &FrameInputs,
+        settings: &FrameSettings,
+        hook: &mut dyn FrameHook,
+        observer: &mut dyn StageObserver,
+        cancel: &CancelHandle,
+    ) -> Result<DenoisingFrame> {
         let mut frame = self.start_frame(inputs, settings)?;
         observer.stage_done(Stage::Encoded)?;
         let _span = tracing::info_span!(
@@ -206,9 +264,7 @@ impl Img2Img {
             observer.stage_done(Stage::Step(index))?;
         }
         hook.end_frame()?;
-        let image = self.decode(frame)?;
-        observer.stage_done(Stage::Decoded)?;
-        Ok(image)
+        Ok(frame)
     }
 
     /// The start of a frame: checks its inputs against its settings, VAE-encodes it, noises
@@ -270,21 +326,52 @@ impl Img2Img {
 
         let _upload_cache = upload_cache(frame.device());
         let mut stages = self.stage_graphs.lock().map_err(|_| anyhow::anyhow!("stage graphs poisoned by a panic"))?;
-        let device = frame.device();
-        let latents = {
-            let _span = tracing::info_span!("vae_encode").entered();
-            let image = ((frame.to_dtype(self.dtype)? * 2.0)? - 1.0)?;
-            stages.encode.run(device, &image, |image| {
-                self.vae.encode_scaled(image).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
-            })?
+        // The UNet's device (the noise is made there); a frame and control image uploaded to
+        // the VAE stream's device are encoded there and come over.
+        let device = noise.device();
+        let image = ((frame.to_dtype(self.dtype)? * 2.0)? - 1.0)?;
+        let stream = self
+            .vae_stream
+            .as_ref()
+            .filter(|s| s.device.same_device(frame.device()) && s.device.same_device(control.device()));
+        // The control image's embedding: once per frame, for every step and both guidance
+        // halves (diffusers redoes it per step).
+        let (latents, condition) = match stream {
+            Some(stream) => {
+                // Both on the VAE stream, then over to the UNet's once both are done there.
+                let latents = {
+                    let _span = tracing::info_span!("vae_encode", stream = true).entered();
+                    stages.vae_stream_encode.run(&stream.device, &image, |image| {
+                        stream.vae.encode_scaled(image).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+                    })?
+                };
+                let condition = stages.vae_stream_control.run(&stream.device, &control.to_dtype(self.dtype)?, |c| {
+                    Ok(stream.control.embed_condition(c)?.tensor().clone())
+                })?;
+                let ready = StreamPoint::record(&stream.device)?;
+                (
+                    vae_stream::transfer(&latents, device, Some(&ready))?,
+                    vae_stream::transfer(&condition, device, Some(&ready))?,
+                )
+            }
+            None => {
+                let latents = {
+                    let _span = tracing::info_span!("vae_encode").entered();
+                    stages.encode.run(device, &image, |image| {
+                        self.vae.encode_scaled(image).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+                    })?
+                };
+                let control = vae_stream::transfer(control, device, None)?;
+                let _upload_cache = upload_cache(device);
+                let condition = stages.control.run(device, &control.to_dtype(self.dtype)?, |control| {
+                    Ok(self.controlnet.embed_condition(control)?.tensor().clone())
+                })?;
+                (latents, condition)
+            }
         };
         let noise = noise.to_dtype(self.dtype)?;
         let latents = scheduler.add_noise(&latents, &noise, timesteps[0])?;
         let guidance = Guidance::new(guidance_mode, settings.guidance_scale, scheduler.as_lcm(), &noise)?;
-        // Once per frame, for every step and both guidance halves (diffusers redoes it per step).
-        let condition = stages.control.run(device, &control.to_dtype(self.dtype)?, |control| {
-            Ok(self.controlnet.embed_condition(control)?.tensor().clone())
-        })?;
         let plan = FramePlan { scheduler: schedule.kind, timesteps: timesteps.clone(), width, height, batches };
         Ok(DenoisingFrame {
             plan,
@@ -322,6 +409,26 @@ impl Img2Img {
         let mut stages = self.stage_graphs.lock().map_err(|_| anyhow::anyhow!("stage graphs poisoned by a panic"))?;
         let image = stages.decode.run(frame.latents.device(), &frame.latents, |latents| {
             self.vae.decode_scaled(latents).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+        })?;
+        Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+    }
+
+    /// [`Self::decode`] on the VAE stream when there is one ([`Self::set_vae_stream`]): the
+    /// latents go over once the UNet's stream has reached `ready` (a point recorded after the
+    /// frame's last step; `None`: all the work queued there now), and the image stays on the
+    /// VAE stream's device. Without a VAE stream it is [`Self::decode`].
+    pub fn decode_after(&self, frame: DenoisingFrame, ready: Option<&StreamPoint>) -> Result<Tensor> {
+        let Some(stream) = &self.vae_stream else { return self.decode(frame) };
+        if !frame.is_done() {
+            bail!("a frame cannot be decoded after {} of its {} steps", frame.next_step, frame.plan.timesteps.len());
+        }
+        let _span = tracing::info_span!("vae_decode", stream = true).entered();
+        let latents = vae_stream::transfer(&frame.latents, &stream.device, ready)?;
+        drop(frame);
+        let _upload_cache = upload_cache(&stream.device);
+        let mut stages = self.stage_graphs.lock().map_err(|_| anyhow::anyhow!("stage graphs poisoned by a panic"))?;
+        let image = stages.vae_stream_decode.run(&stream.device, &latents, |latents| {
+            stream.vae.decode_scaled(latents).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
         })?;
         Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }

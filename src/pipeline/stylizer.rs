@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Tensor};
 use super::batcher::StreamBatcher;
 use super::cancel::CancelHandle;
 use super::hooks::FrameHook;
-use super::img2img::{FrameInputs, Img2Img};
+use super::img2img::{DenoisingFrame, FrameInputs, Img2Img};
 use super::loader::{ModelParts, ModelSpec};
 use super::noise::{self, FrameNoise};
 use super::registry;
@@ -77,21 +77,69 @@ impl SharedModels {
                 unet.config.in_channels
             );
         }
-        let vae_model = Vae::new(vae.weights, &vae.config)
+        // The weights the VAE is built from are kept for its copy on the VAE stream (the same
+        // values whatever the weights' source, random ones included).
+        let stream_device = match crate::ops::vae_stream::open(device) {
+            Ok(stream_device) => stream_device,
+            Err(e) => {
+                // The frames are the same without it, only slower.
+                tracing::warn!("the VAE runs on the UNet's stream: {e:#}");
+                None
+            }
+        };
+        let recorded = stream_device.as_ref().map(|_| Arc::new(RecordedWeights::new(vae.weights.clone())));
+        let vae_weights = match &recorded {
+            Some(recorded) => {
+                candle_nn::VarBuilder::from_backend(Box::new(Recorder(recorded.clone())), dtype, device.clone())
+            }
+            None => vae.weights,
+        };
+        let vae_model = Vae::new(vae_weights, &vae.config)
             .with_context(|| format!("cannot build the VAE ({}) from {}", vae.config.class_name(), vae.origin))?;
         let controlnet_model = ControlNetModel::new(controlnet.weights, &controlnet.config)
             .with_context(|| format!("cannot build the ControlNet from {}", controlnet.origin))?;
         let scheduler = Schedulers::new(&scheduler)?;
+        let mut img2img = Img2Img::new(unet_model, controlnet_model, vae_model, &vae.config, scheduler, dtype);
+        if let (Some(stream_device), Some(recorded)) = (stream_device, recorded) {
+            let copies = Self::vae_stream(device, &stream_device, &recorded, &vae.config, dtype)
+                .and_then(|vae| Ok((vae, img2img.condition_embedder_on(&stream_device)?)))
+                .and_then(|copies| {
+                    stream_device.synchronize()?;
+                    Ok(copies)
+                });
+            match copies {
+                Ok((vae_copy, control)) => img2img.set_vae_stream(stream_device, vae_copy, control),
+                Err(e) => tracing::warn!("the VAE runs on the UNet's stream: {e:#}"),
+            }
+        }
         // The weights were uploaded on this thread's CUDA stream; the models' users run on
         // streams of their own that nothing orders with it.
         device.synchronize().context("waiting for the weights' upload to the device")?;
-        Ok(Self {
-            tokenizer,
-            text_encoder,
-            img2img: Img2Img::new(unet_model, controlnet_model, vae_model, &vae.config, scheduler, dtype),
-            device: device.clone(),
-            batcher: Arc::default(),
-        })
+        Ok(Self { tokenizer, text_encoder, img2img, device: device.clone(), batcher: Arc::default() })
+    }
+
+    /// The VAE again on `stream_device` (see [`crate::ops::vae_stream`]), from a copy of the
+    /// weights the first one was built from.
+    fn vae_stream(
+        device: &Device,
+        stream_device: &Device,
+        recorded: &RecordedWeights,
+        config: &super::vae::VaeConfig,
+        dtype: DType,
+    ) -> Result<Vae> {
+        let _span = tracing::info_span!("load_vae_stream").entered();
+        // The copies read the weights (the VAE's and, next, the ControlNet's control-image
+        // embedding's) on the VAE stream: they must be ready on this thread's stream first.
+        device.synchronize()?;
+        let tensors = recorded.take()?;
+        let copied = tensors
+            .into_iter()
+            .map(|(name, tensor)| Ok((name, tensor.to_device(stream_device)?)))
+            .collect::<Result<std::collections::HashMap<_, _>>>()?;
+        stream_device.synchronize()?;
+        let vae = Vae::new(candle_nn::VarBuilder::from_tensors(copied, dtype, stream_device), config)
+            .context("cannot build the VAE again for its own CUDA stream")?;
+        Ok(vae)
     }
 
     /// The device the weights are on; a user's tensors must be made on this one (on CUDA, a
@@ -149,6 +197,61 @@ impl SharedModels {
     }
 }
 
+/// A VarBuilder backend that hands out another VarBuilder's tensors and keeps them (by full
+/// name), so that a model built through it can be built again from the same values (the VAE
+/// on its own stream; random weights would otherwise differ).
+struct RecordedWeights<'a> {
+    inner: candle_nn::VarBuilder<'a>,
+    tensors: std::sync::Mutex<std::collections::HashMap<String, Tensor>>,
+}
+
+impl<'a> RecordedWeights<'a> {
+    fn new(inner: candle_nn::VarBuilder<'a>) -> Self {
+        Self { inner, tensors: Default::default() }
+    }
+
+    fn keep(&self, name: &str, tensor: &Tensor) {
+        if let Ok(mut tensors) = self.tensors.lock() {
+            tensors.insert(name.to_string(), tensor.clone());
+        }
+    }
+
+    /// The tensors handed out so far (and forgets them).
+    fn take(&self) -> Result<std::collections::HashMap<String, Tensor>> {
+        let mut tensors = self.tensors.lock().map_err(|_| anyhow::anyhow!("recorded weights poisoned by a panic"))?;
+        Ok(std::mem::take(&mut *tensors))
+    }
+}
+
+/// A shared [`RecordedWeights`] (the VarBuilder owns its backend; the builder of the copy
+/// reads what it kept).
+struct Recorder<'a>(Arc<RecordedWeights<'a>>);
+
+impl candle_nn::var_builder::SimpleBackend for Recorder<'_> {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: DType,
+        _dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.0.inner.get_with_hints_dtype(s, name, h, dtype)?;
+        self.0.keep(name, &tensor);
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, _dev: &Device) -> candle_core::Result<Tensor> {
+        let tensor = self.0.inner.get_unchecked_dtype(name, dtype)?;
+        self.0.keep(name, &tensor);
+        Ok(tensor)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.0.inner.contains_tensor(name)
+    }
+}
+
 /// One user's handle on [`SharedModels`] (a session's, an element's): the models, shared,
 /// and this user's own prompt-embedding cache.
 pub struct Stylizer {
@@ -187,6 +290,11 @@ impl Stylizer {
     /// The shared models.
     pub fn shared(&self) -> &Arc<SharedModels> {
         &self.models
+    }
+
+    /// Whether this handle is the only one on its models (no other session shares them).
+    pub fn sole_user(&self) -> bool {
+        Arc::strong_count(&self.models) == 1
     }
 
     /// Another handle on the same models, with its own (empty) prompt cache.
@@ -280,5 +388,23 @@ impl Stylizer {
         let embeddings = self.prompt_embeddings(settings)?;
         let inputs = FrameInputs { frame, control, embeddings: &embeddings, noise, step_noise };
         self.models.img2img.run(&inputs, settings, hook, &mut (), cancel)
+    }
+
+    /// [`Self::stylize_cancellable`] without the decoding: the frame with every step done
+    /// (see [`Img2Img::denoise_frame`]).
+    #[allow(clippy::too_many_arguments)]
+    pub fn denoise_cancellable(
+        &mut self,
+        frame: &Tensor,
+        control: &Tensor,
+        settings: &FrameSettings,
+        noise: &Tensor,
+        step_noise: Option<&Tensor>,
+        hook: &mut dyn FrameHook,
+        cancel: &CancelHandle,
+    ) -> Result<DenoisingFrame> {
+        let embeddings = self.prompt_embeddings(settings)?;
+        let inputs = FrameInputs { frame, control, embeddings: &embeddings, noise, step_noise };
+        self.models.img2img.denoise_frame(&inputs, settings, hook, &mut (), cancel)
     }
 }

@@ -19,7 +19,11 @@
 //! itself (`generate_output` takes the buffer BaseTransform's `submit_input_buffer` queued,
 //! after its QoS check) and, for buffer N+1: reads and prepares N+1 while the GPU still runs
 //! N, downloads N (waiting for the GPU), launches N+1 (queued on the GPU), scales N back and
-//! writes it into N's own buffer while the GPU runs N+1, and pushes N. Buffers go out in order
+//! writes it into N's own buffer while the GPU runs N+1, and pushes N. When the session runs
+//! its VAE on a stream of its own (CUDA, `VideoSession::launches_before_finishing`), N+1 is
+//! launched before N is downloaded: N's decoding, scaling back and download queue on the VAE
+//! stream behind N+1's encoding, so the UNet's stream goes from N to N+1 without waiting for
+//! the host. Buffers go out in order
 //! with their own timestamps, flags and metas (written in place, or in a copy when upstream
 //! still holds a reference). The held frame goes out before any serialized event (EOS, caps,
 //! segment, gap, ...) and on a DRAIN query; a flush or `stop` drops it. The element pushes
@@ -1556,11 +1560,18 @@ impl SdCrossFrame {
         let Model::Ready(session) = &mut state.model else {
             unreachable!("the model is ready");
         };
-        let mut finished = Vec::with_capacity(state.held.len());
-        while let Some(Held { buffer, info, frame, discont, read_time }) = state.held.pop_front() {
-            let size = (info.width() as usize, info.height() as usize);
-            let frame = self.finish(session, &mut state.timings, frame, size)?;
-            finished.push(Finished { buffer, info, frame, discont, read_time });
+        // The held frames are finished before this one is launched, or after it (VAE stream:
+        // see the module docs).
+        let launch_first = session.launches_before_finishing();
+        let earlier: Vec<Held> = state.held.drain(..).collect();
+        let mut finished = Vec::with_capacity(earlier.len());
+        let mut earlier = earlier.into_iter();
+        if !launch_first {
+            for Held { buffer, info, frame, discont, read_time } in earlier.by_ref() {
+                let size = (info.width() as usize, info.height() as usize);
+                let frame = self.finish(session, &mut state.timings, frame, size)?;
+                finished.push(Finished { buffer, info, frame, discont, read_time });
+            }
         }
         let pts = buffer.pts();
         let discont = std::mem::take(&mut state.discont);
@@ -1569,6 +1580,12 @@ impl SdCrossFrame {
         let asynchronous = out.iter().any(InFlightFrame::is_asynchronous);
         self.pair_with_buffers(state, out)?;
         self.update_stream_delay(state);
+        for Held { buffer, info, frame, discont, read_time } in earlier {
+            let Model::Ready(session) = &mut state.model else { unreachable!("the model is ready") };
+            let size = (info.width() as usize, info.height() as usize);
+            let frame = self.finish(session, &mut state.timings, frame, size)?;
+            finished.push(Finished { buffer, info, frame, discont, read_time });
+        }
         if finished.is_empty() {
             gst::trace!(
                 CAT,
