@@ -1019,7 +1019,7 @@ impl VideoSession {
                     if defer =>
                 {
                     let anchor = frame.anchor();
-                    let ready = StreamPoint::record(self.stylizer.device())?;
+                    let ready = StreamPoint::recorded(self.stylizer.device())?;
                     out.push(InFlightFrame {
                         output: Output::Latents { frame, ready },
                         index,
@@ -1102,7 +1102,7 @@ impl VideoSession {
                 )
                 .and_then(|frame| {
                     if defer {
-                        let ready = StreamPoint::record(&device)?;
+                        let ready = StreamPoint::recorded(&device)?;
                         return Ok(Output::Latents { frame, ready });
                     }
                     let image = self.decode_now(frame)?;
@@ -1139,33 +1139,27 @@ impl VideoSession {
     ) -> Result<Tensor> {
         let embeddings = self.stylizer.prompt_embeddings(&self.settings)?;
         let inputs = FrameInputs { frame: input, control, embeddings: &embeddings, noise, step_noise };
-        let img2img = self.stylizer.img2img();
-        let mut frame = img2img.start_frame(&inputs, &self.settings)?;
-        let _span = tracing::info_span!(
-            "stylize_frame",
-            width = frame.plan().width,
-            height = frame.plan().height,
-            steps = frame.plan().timesteps.len()
-        )
-        .entered();
-        self.attention.begin_frame(frame.plan())?;
-        frame.set_anchor(self.config.attention != AttentionMode::Off && self.attention.current_frame_is_anchor());
         let (Some(membership), Some(timeout)) = (&self.membership, self.config.batch_timeout) else {
             bail!("cross-stream batching is off")
         };
-        while !frame.is_done() {
-            self.cancel.check()?;
-            let streams = batched_call(
-                self.stylizer.shared(),
-                membership,
-                timeout,
-                &mut self.attention,
-                &mut [&mut frame],
-                Call::Sequential,
-            )?;
-            self.shared_calls += u64::from(streams > 1);
-        }
-        self.attention.end_frame()?;
+        let models = self.stylizer.shared();
+        let attention_on = self.config.attention != AttentionMode::Off;
+        let mut shared_calls = 0;
+        let frame = models.img2img().denoise_frame_with(
+            &inputs,
+            &self.settings,
+            &mut self.attention,
+            &mut (),
+            &self.cancel,
+            |_, attention, frame| {
+                // The rows of a cross-stream call say which frames are anchors.
+                frame.set_anchor(attention_on && attention.current_frame_is_anchor());
+                let streams = batched_call(models, membership, timeout, attention, &mut [frame], Call::Sequential)?;
+                shared_calls += u64::from(streams > 1);
+                Ok(())
+            },
+        )?;
+        self.shared_calls += shared_calls;
         self.decode_now(frame)
     }
 

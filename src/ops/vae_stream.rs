@@ -26,19 +26,8 @@ pub fn open(device: &Device) -> Result<Option<Device>> {
     imp::open(device)
 }
 
-/// A point in a device's queued work (an event on CUDA; nothing on the CPU).
-#[derive(Default)]
-pub struct StreamPoint {
-    #[cfg(feature = "cuda")]
-    event: Option<candle_core::cuda_backend::cudarc::driver::CudaEvent>,
-}
-
-impl StreamPoint {
-    /// The work queued on `device`'s stream (the calling thread's) so far.
-    pub fn record(device: &Device) -> Result<Self> {
-        imp::record(device)
-    }
-}
+/// A point in a device's queued work: the project's one cross-stream event type.
+pub use super::step_graphs::Fence as StreamPoint;
 
 /// `tensor` on `to`, copied on `to`'s stream after `ready` (a point recorded on `tensor`'s
 /// device when it was ready; `None`: everything queued there so far). `tensor`'s stream then
@@ -53,9 +42,8 @@ pub fn transfer(tensor: &Tensor, to: &Device, ready: Option<&StreamPoint>) -> Re
 
 #[cfg(feature = "cuda")]
 mod imp {
-    use anyhow::{Context, Result, anyhow};
+    use anyhow::{Context, Result};
     use candle_core::cuda_backend::CudaDevice;
-    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
     use candle_core::{Device, Tensor};
 
     use super::StreamPoint;
@@ -71,22 +59,6 @@ mod imp {
         Ok(Some(Device::Cuda(aux)))
     }
 
-    pub fn record(device: &Device) -> Result<StreamPoint> {
-        let Device::Cuda(cuda) = device else { return Ok(StreamPoint::default()) };
-        let event = cuda
-            .cuda_stream()
-            .record_event(Some(CUevent_flags::CU_EVENT_DISABLE_TIMING))
-            .map_err(|e| anyhow!("cuEventRecord: {e:?}"))?;
-        Ok(StreamPoint { event: Some(event) })
-    }
-
-    fn wait(device: &Device, point: &StreamPoint) -> Result<()> {
-        if let (Device::Cuda(cuda), Some(event)) = (device, &point.event) {
-            cuda.cuda_stream().wait(event).map_err(|e| anyhow!("cuStreamWaitEvent: {e:?}"))?;
-        }
-        Ok(())
-    }
-
     pub fn transfer(tensor: &Tensor, to: &Device, ready: Option<&StreamPoint>) -> Result<Tensor> {
         let from = tensor.device();
         if !(from.is_cuda() && to.is_cuda()) {
@@ -96,14 +68,14 @@ mod imp {
         let ready = match ready {
             Some(point) => point,
             None => {
-                now = record(from)?;
+                now = StreamPoint::recorded(from)?;
                 &now
             }
         };
-        wait(to, ready)?;
+        ready.wait(to)?;
         // candle copies the whole storage on the destination's stream, keeping the layout.
         let copied = tensor.to_device(to)?;
-        wait(from, &record(to)?)?;
+        StreamPoint::recorded(to)?.wait(from)?;
         Ok(copied)
     }
 }
@@ -117,10 +89,6 @@ mod imp {
 
     pub fn open(_device: &Device) -> Result<Option<Device>> {
         Ok(None)
-    }
-
-    pub fn record(_device: &Device) -> Result<StreamPoint> {
-        Ok(StreamPoint::default())
     }
 
     pub fn transfer(tensor: &Tensor, to: &Device, _ready: Option<&StreamPoint>) -> Result<Tensor> {
@@ -138,7 +106,7 @@ mod tests {
     fn the_cpu_has_no_vae_stream() {
         assert!(open(&Device::Cpu).unwrap().is_none());
         let t = Tensor::arange(0f32, 6., &Device::Cpu).unwrap();
-        let same = transfer(&t, &Device::Cpu, Some(&StreamPoint::record(&Device::Cpu).unwrap())).unwrap();
+        let same = transfer(&t, &Device::Cpu, Some(&StreamPoint::recorded(&Device::Cpu).unwrap())).unwrap();
         assert_eq!(same.to_vec1::<f32>().unwrap(), t.to_vec1::<f32>().unwrap());
         assert!(same.is_contiguous());
     }

@@ -247,6 +247,23 @@ impl Img2Img {
         observer: &mut dyn StageObserver,
         cancel: &CancelHandle,
     ) -> Result<DenoisingFrame> {
+        self.denoise_frame_with(inputs, settings, hook, observer, cancel, |img2img, hook, frame| {
+            img2img.denoise(&mut [frame], hook, Call::Sequential)
+        })
+    }
+
+    /// [`Self::denoise_frame`] with each denoising step made by `step` (given this, the hook
+    /// and the frame): the session's cross-stream batching makes its steps through the
+    /// batcher, with the same frame loop.
+    pub fn denoise_frame_with<H: FrameHook + ?Sized>(
+        &self,
+        inputs: &FrameInputs,
+        settings: &FrameSettings,
+        hook: &mut H,
+        observer: &mut dyn StageObserver,
+        cancel: &CancelHandle,
+        mut step: impl FnMut(&Self, &mut H, &mut DenoisingFrame) -> Result<()>,
+    ) -> Result<DenoisingFrame> {
         let mut frame = self.start_frame(inputs, settings)?;
         observer.stage_done(Stage::Encoded)?;
         let _span = tracing::info_span!(
@@ -260,7 +277,7 @@ impl Img2Img {
         while !frame.is_done() {
             let index = frame.next_step;
             cancel.check()?;
-            self.denoise(&mut [&mut frame], hook, Call::Sequential)?;
+            step(self, hook, &mut frame)?;
             observer.stage_done(Stage::Step(index))?;
         }
         hook.end_frame()?;
@@ -348,7 +365,7 @@ impl Img2Img {
                 let condition = stages.vae_stream_control.run(&stream.device, &control.to_dtype(self.dtype)?, |c| {
                     Ok(stream.control.embed_condition(c)?.tensor().clone())
                 })?;
-                let ready = StreamPoint::record(&stream.device)?;
+                let ready = StreamPoint::recorded(&stream.device)?;
                 (
                     vae_stream::transfer(&latents, device, Some(&ready))?,
                     vae_stream::transfer(&condition, device, Some(&ready))?,
