@@ -207,3 +207,47 @@ fn cross_stream_calls_run_from_cuda_graphs() {
         );
     }
 }
+
+/// The VAE on its own CUDA stream (`ops::vae_stream`): the element's order (prepare N+1,
+/// launch N+1, finish N) with it gives the frames `push` gives with it off, in f32, with the
+/// same kernels; and a session that is its models' only user takes that order.
+#[test]
+fn the_vae_stream_gives_the_frames_of_one_stream() {
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let stylizer = Stylizer::load(&tiny_spec(), &gpu, DType::F32).expect("tiny model loads");
+    let config = SessionConfig {
+        attention: AttentionMode::FirstPrev,
+        scope: AttentionScope::Up,
+        size: fixture_size(),
+        ..SessionConfig::default()
+    };
+    let frames = 6;
+    let mut one_stream = VideoSession::new(stylizer.share(), config.clone(), base_settings()).unwrap();
+    one_stream.set_vae_stream(false);
+    one_stream.set_noise(Some(fixture_noise().to_device(&gpu).unwrap()));
+    assert!(!one_stream.launches_before_finishing());
+    let want: Vec<Tensor> = (0..frames)
+        .map(|k| one_stream.push(&frame(k), Some(&control(k))).unwrap().image.to_device(&Device::Cpu).unwrap())
+        .collect();
+    drop(one_stream);
+    let mut session = VideoSession::new(stylizer, config, base_settings()).unwrap();
+    session.set_noise(Some(fixture_noise().to_device(&gpu).unwrap()));
+    if !session.launches_before_finishing() {
+        println!("no VAE stream (SDCROSSFRAME_VAE_STREAM=off): nothing to compare");
+        return;
+    }
+    let mut got = Vec::new();
+    let mut in_flight = None;
+    for k in 0..frames {
+        let prepared = session.prepare(&frame(k), Some(&control(k))).unwrap();
+        let launched = session.launch(prepared).unwrap();
+        if let Some(previous) = in_flight.replace(launched) {
+            got.push(session.finish(previous).unwrap());
+        }
+    }
+    got.push(session.finish(in_flight.unwrap()).unwrap());
+    let images: Vec<Tensor> = got.iter().map(|f| f.stylized.image.to_device(&Device::Cpu).unwrap()).collect();
+    let (max, _) = differences(&images, &want);
+    println!("VAE stream vs one stream over {frames} frames: max abs {max:.2e}");
+    assert!(max < 1e-6, "the VAE stream changes the frames by {max:.2e}");
+}
