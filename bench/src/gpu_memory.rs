@@ -2,6 +2,17 @@
 //! allocates every tensor from it), and the device's used memory (all processes, CUDA contexts
 //! included) from cuMemGetInfo.
 
+/// Device memory by holder (see `Probe::breakdown`), bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Breakdown {
+    /// Tensors allocated from the default pool now.
+    pub tensors: u64,
+    /// What the pool holds, live tensors included.
+    pub pool_reserved: u64,
+    /// Physical memory reserved for CUDA graphs' allocations.
+    pub graphs: u64,
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     use candle_core::Device;
@@ -66,6 +77,26 @@ mod imp {
             self.pool_attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
         }
 
+        /// Where the device memory is now: the pool's live tensors and what it holds in
+        /// reserve, and the physical memory CUDA graphs hold for their allocations (captured
+        /// steps and stages), in bytes.
+        pub fn breakdown(&self) -> anyhow::Result<super::Breakdown> {
+            let tensors = self.current()?;
+            let pool_reserved = self.pool_attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?;
+            let mut graphs: u64 = 0;
+            check(
+                unsafe {
+                    sys::cuDeviceGetGraphMemAttribute(
+                        self.ctx.cu_device(),
+                        sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT,
+                        &mut graphs as *mut u64 as *mut _,
+                    )
+                },
+                "cuDeviceGetGraphMemAttribute",
+            )?;
+            Ok(super::Breakdown { tensors, pool_reserved, graphs })
+        }
+
         /// (used, total) device memory.
         pub fn device_used(&self) -> anyhow::Result<(u64, u64)> {
             let (free, total) = self.ctx.mem_get_info()?;
@@ -95,6 +126,9 @@ mod imp {
         }
         pub fn device_used(&self) -> anyhow::Result<(u64, u64)> {
             Ok((0, 0))
+        }
+        pub fn breakdown(&self) -> anyhow::Result<super::Breakdown> {
+            Ok(super::Breakdown::default())
         }
     }
 }

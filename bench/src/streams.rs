@@ -48,6 +48,8 @@ struct Outcome {
     shared_calls: u64,
     /// Device memory in use at the end (all processes), bytes.
     device_used: u64,
+    /// Of it: the pool's tensors and reserve, the CUDA graphs' memory (this process).
+    breakdown: crate::gpu_memory::Breakdown,
 }
 
 pub fn run(cli: &Cli, args: &StreamsArgs, device: &Device, dtype: DType, probe: Option<&Probe>) -> Result<()> {
@@ -96,12 +98,15 @@ pub fn run(cli: &Cli, args: &StreamsArgs, device: &Device, dtype: DType, probe: 
             };
             let batcher = first.batcher().stats();
             notes.push(format!(
-                "{count} {mode} (first model): calls eager/captured/replayed/failed: one frame {}, stream batch {}, cross-stream {}; batcher rounds' calls {} of which shared {}",
+                "{count} {mode} (first model): calls eager/captured/replayed/failed: one frame {}, stream batch {}, cross-stream {}; batcher rounds' calls {} of which shared {}; memory at the end (GiB): tensors {:.2}, pool reserve {:.2}, CUDA graphs {:.2}",
                 show(img2img.graph_stats()),
                 show(img2img.stream_graph_stats()),
                 show(img2img.cross_stream_graph_stats()),
                 batcher.calls,
-                batcher.shared_calls
+                batcher.shared_calls,
+                gib(outcome.breakdown.tensors),
+                gib(outcome.breakdown.pool_reserved),
+                gib(outcome.breakdown.graphs)
             ));
             let intervals = outcome.intervals.iter().map(|ms| format!("{ms:.1}")).collect::<Vec<_>>().join(" / ");
             let longest = outcome.longest.iter().map(|ms| format!("{ms:.0}")).collect::<Vec<_>>().join(" / ");
@@ -216,6 +221,7 @@ fn measure(
     };
     // While every stream still holds its models and graphs.
     let device_used = probe.map(|p| p.device_used().map(|(used, _)| used)).transpose()?.unwrap_or(0);
+    let breakdown = probe.map(|p| p.breakdown()).transpose()?.unwrap_or_default();
     drop(sessions);
-    Ok(Outcome { aggregate_fps: frames_out as f64 / span, intervals, longest, shared_calls, device_used })
+    Ok(Outcome { aggregate_fps: frames_out as f64 / span, intervals, longest, shared_calls, device_used, breakdown })
 }
