@@ -1015,29 +1015,19 @@ impl VideoSession {
                 _ => break,
             }
             match self.stream.pop_front().expect("checked") {
-                Slot::Diffusing(StreamEntry { frame, index, anchor_reason, prepare_time, launch_time, span })
-                    if defer =>
-                {
-                    let anchor = frame.anchor();
-                    let ready = StreamPoint::recorded(self.stylizer.device())?;
-                    out.push(InFlightFrame {
-                        output: Output::Latents { frame, ready },
-                        index,
-                        skipped: false,
-                        anchor,
-                        anchor_reason,
-                        prepare_time,
-                        launch_time,
-                        span,
-                    });
-                }
                 Slot::Diffusing(StreamEntry { frame, index, anchor_reason, prepare_time, launch_time, mut span }) => {
                     let anchor = frame.anchor();
-                    let image = self.decode_now(frame).with_context(|| format!("frame {index}"))?;
-                    span.end(image.device())?;
-                    self.last_output = Some(image.clone());
+                    let output = if defer {
+                        // Decoded by `finish`, on the VAE stream, after this point.
+                        Output::Latents { frame, ready: StreamPoint::recorded(self.stylizer.device())? }
+                    } else {
+                        let image = self.decode_now(frame).with_context(|| format!("frame {index}"))?;
+                        span.end(image.device())?;
+                        self.last_output = Some(image.clone());
+                        Output::Image(image)
+                    };
                     out.push(InFlightFrame {
-                        output: Output::Image(image),
+                        output,
                         index,
                         skipped: false,
                         anchor,

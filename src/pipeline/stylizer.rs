@@ -385,9 +385,8 @@ impl Stylizer {
         hook: &mut dyn FrameHook,
         cancel: &CancelHandle,
     ) -> Result<Tensor> {
-        let embeddings = self.prompt_embeddings(settings)?;
-        let inputs = FrameInputs { frame, control, embeddings: &embeddings, noise, step_noise };
-        self.models.img2img.run(&inputs, settings, hook, &mut (), cancel)
+        let denoised = self.denoise_cancellable(frame, control, settings, noise, step_noise, hook, cancel)?;
+        self.models.img2img.decode(denoised)
     }
 
     /// [`Self::stylize_cancellable`] without the decoding: the frame with every step done
