@@ -18,8 +18,15 @@
 //   B (16x8, "col")      regs b0, b1: (k 2t..2t+1, n g), (k 2t+8.., n g)
 //   C (16x8, f32)        c0..c3:      (g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
 //
-// The head dimension is a template parameter DP = D rounded up to 16; columns D..DP are
-// zero in shared memory so they add nothing to the scores and produce no output.
+// The head dimension is a template parameter DE = D rounded up to 8 (the kernels exist for a
+// fixed list of DE, see the end of the file); shared memory holds DP = DE rounded up to 16
+// columns, those from D on zero, so they add nothing to the scores and produce no output. When
+// DE is an odd multiple of 8 (SD1.5's 40) the last k-step of Q K^T is an m16n8k8 and the last
+// output tile of P V a single n-tile, so the padding costs no tensor-core work.
+//
+// The softmax runs on raw scores: the row max is taken before scaling (the scale is positive)
+// and exp2(s * scale_log2 - max * scale_log2) is one FMA and one ex2 per score; keys past m are
+// masked only in the last, partial tile.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -47,6 +54,16 @@ __device__ __forceinline__ uint32_t smem_addr(const void* p) {
 __device__ __forceinline__ void ldsm_x4(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3, const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+                 : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldsm_x2(uint32_t& r0, uint32_t& r1, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldsm_x2_trans(uint32_t& r0, uint32_t& r1, const void* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r0), "=r"(r1)
                  : "r"(smem_addr(p)));
 }
 
@@ -78,6 +95,26 @@ __device__ __forceinline__ void mma16816<__nv_bfloat16>(float (&c)[4], const uin
         "{%0, %1, %2, %3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// c += a * b for one 16x8x8 tile: A is the left half of a 16x16 A fragment (regs a0, a1), B one
+// register (k 2t..2t+1, n g).
+template <typename T>
+__device__ __forceinline__ void mma1688(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t b0);
+
+template <>
+__device__ __forceinline__ void mma1688<__half>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(b0));
+}
+
+template <>
+__device__ __forceinline__ void mma1688<__nv_bfloat16>(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t b0) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, {%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a0), "r"(a1), "r"(b0));
 }
 
 // Two floats into one register of two 16-bit values, `lo` in the low half (the lower column).
@@ -165,17 +202,20 @@ struct Strides {
     int64_t batch, head, row;
 };
 
-template <typename T, int DP, int WARPS>
+template <typename T, int DE, int WARPS>
 __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                           T* __restrict__ o, int n, int m, int d, float scale_log2, int heads,
                                           Strides qs_, Strides ks_, Strides vs_, Strides os_) {
-    static_assert(DP % 16 == 0 && DP <= 256, "padded head dim must be a multiple of 16");
+    static_assert(DE % 8 == 0 && DE <= 256, "the kernel's head dim must be a multiple of 8");
+    constexpr int DP = (DE + 15) / 16 * 16;  // columns in shared memory
     static_assert(WARPS == 4 || WARPS == 8, "the query tile is staged in one or both K/V buffers");
     constexpr int NT = WARPS * 32;
     constexpr int BR = WARPS * 16;
     constexpr int S = DP + 8;
-    constexpr int KD = DP / 16;  // k-steps over the head dim (Q K^T)
-    constexpr int ND = DP / 8;   // n-tiles over the head dim (P V output)
+    constexpr int KD = DP / 16;         // k-steps over the head dim (Q K^T); loaded as 16 wide
+    constexpr int KF = DE / 16;         // full 16-wide k-steps; DE % 16 == 8 adds one 8-wide step
+    constexpr int ND = DE / 8;          // n-tiles over the head dim (P V output)
+    constexpr bool HALF_STEP = DE % 16 == 8;
     constexpr int NS = BC / 8;   // n-tiles over the keys (scores)
     constexpr int KS = BC / 16;  // k-steps over the keys (P V)
     __shared__ __align__(16) uint16_t ks[BC * S];
@@ -238,35 +278,48 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
 #pragma unroll
         for (int np = 0; np < NS / 2; ++np) {
 #pragma unroll
-            for (int kk = 0; kk < KD; ++kk) {
+            for (int kk = 0; kk < KF; ++kk) {
                 uint32_t b0, b1, b2, b3;
                 ldsm_x4(b0, b1, b2, b3, &ks[(np * 16 + lane % 8 + 8 * (mi / 2)) * S + kk * 16 + 8 * (mi % 2)]);
                 mma16816<T>(s[2 * np], qf[kk], b0, b1);
                 mma16816<T>(s[2 * np + 1], qf[kk], b2, b3);
             }
+            if (HALF_STEP) {
+                // Columns KF*16 .. KF*16+7: keys 0-7 and 8-15 of this pair, one matrix each.
+                uint32_t b0, b2;
+                ldsm_x2(b0, b2, &ks[(np * 16 + lane % 8 + 8 * ((lane / 8) % 2)) * S + KF * 16]);
+                mma1688<T>(s[2 * np], qf[KF][0], qf[KF][1], b0);
+                mma1688<T>(s[2 * np + 1], qf[KF][0], qf[KF][1], b2);
+            }
         }
 
-        // Online softmax: scale, mask keys past m, new row max, rescale what came before.
+        // Online softmax on raw scores: mask keys past m (last tile only), new row max, rescale
+        // what came before.
+        if (k0 + BC > m) {
+#pragma unroll
+            for (int j = 0; j < NS; ++j) {
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    if (k0 + j * 8 + 2 * t + (e & 1) >= m) s[j][e] = neg_inf();
+                }
+            }
+        }
         float tile_max[2] = {neg_inf(), neg_inf()};
 #pragma unroll
         for (int j = 0; j < NS; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int col = k0 + j * 8 + 2 * t + (e & 1);
-                const float x = col < m ? s[j][e] * scale_log2 : neg_inf();
-                s[j][e] = x;
-                tile_max[e / 2] = fmaxf(tile_max[e / 2], x);
-            }
+            tile_max[0] = fmaxf(tile_max[0], fmaxf(s[j][0], s[j][1]));
+            tile_max[1] = fmaxf(tile_max[1], fmaxf(s[j][2], s[j][3]));
         }
-        float alpha[2];
+        float alpha[2], max_scaled[2];
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
             // The four lanes of a quad share a row.
             tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 1));
             tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffff, tile_max[r], 2));
             const float new_max = fmaxf(row_max[r], tile_max[r]);  // finite: every tile has a key
-            alpha[r] = fast_exp2(row_max[r] - new_max);
+            alpha[r] = fast_exp2((row_max[r] - new_max) * scale_log2);
             row_max[r] = new_max;
+            max_scaled[r] = new_max * scale_log2;
             row_sum[r] *= alpha[r];
         }
 #pragma unroll
@@ -282,10 +335,10 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
         uint32_t pf[KS][4];
 #pragma unroll
         for (int j = 0; j < NS; ++j) {
-            const float p0 = fast_exp2(s[j][0] - row_max[0]);
-            const float p1 = fast_exp2(s[j][1] - row_max[0]);
-            const float p2 = fast_exp2(s[j][2] - row_max[1]);
-            const float p3 = fast_exp2(s[j][3] - row_max[1]);
+            const float p0 = fast_exp2(fmaf(s[j][0], scale_log2, -max_scaled[0]));
+            const float p1 = fast_exp2(fmaf(s[j][1], scale_log2, -max_scaled[0]));
+            const float p2 = fast_exp2(fmaf(s[j][2], scale_log2, -max_scaled[1]));
+            const float p3 = fast_exp2(fmaf(s[j][3], scale_log2, -max_scaled[1]));
             row_sum[0] += p0 + p1;
             row_sum[1] += p2 + p3;
             pf[j / 2][(j % 2) * 2] = pack2<T>(p0, p1);
@@ -305,6 +358,12 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
                 ldsm_x4_trans(b0, b1, b2, b3, &vs[(kk * 16 + lane % 8 + 8 * (mi % 2)) * S + dp * 16 + 8 * (mi / 2)]);
                 mma16816<T>(acc[2 * dp], pf[kk], b0, b1);
                 mma16816<T>(acc[2 * dp + 1], pf[kk], b2, b3);
+            }
+            if (HALF_STEP) {
+                // The last output tile alone: dims (ND - 1) * 8 .. ND * 8 - 1.
+                uint32_t b0, b1;
+                ldsm_x2_trans(b0, b1, &vs[(kk * 16 + lane % 8 + 8 * ((lane / 8) % 2)) * S + (ND - 1) * 8]);
+                mma16816<T>(acc[ND - 1], pf[kk], b0, b1);
             }
         }
         __syncthreads();  // every warp is done with vs before the next V copy
@@ -334,25 +393,26 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
 
 }  // namespace
 
-// Entry points per dtype, padded head dim and block size: flash_attn_{f16,bf16}_d{16,...,160}
+// Entry points per dtype, kernel head dim and block size: flash_attn_{f16,bf16}_d{16,32,40,48,...,160}
 // (4 warps: grid (ceil(n / 64), batch * heads), block 128) and the same names with _w8 (8 warps:
 // grid (ceil(n / 128), batch * heads), block 256); no dynamic shared memory. Strides come as
 // batch, head, row triples for q, k, v and out.
-#define FLASH_KERNEL(FN, T, DP, WARPS)                                                                            \
+#define FLASH_KERNEL(FN, T, DE, WARPS)                                                                            \
     extern "C" __global__ void __launch_bounds__(WARPS * 32) FN(                                                  \
         const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ o, int n, int m, \
         int d, float scale_log2, int heads, int64_t qb, int64_t qh, int64_t qr, int64_t kb, int64_t kh, int64_t kr, \
         int64_t vb, int64_t vh, int64_t vr, int64_t ob, int64_t oh, int64_t orow) {                              \
-        flash_fwd<T, DP, WARPS>(q, k, v, o, n, m, d, scale_log2, heads, Strides{qb, qh, qr}, Strides{kb, kh, kr}, \
+        flash_fwd<T, DE, WARPS>(q, k, v, o, n, m, d, scale_log2, heads, Strides{qb, qh, qr}, Strides{kb, kh, kr}, \
                                 Strides{vb, vh, vr}, Strides{ob, oh, orow});                                     \
     }
-#define FLASH_ENTRY(NAME, T, DP)             \
-    FLASH_KERNEL(NAME##_d##DP, T, DP, 4) \
-    FLASH_KERNEL(NAME##_d##DP##_w8, T, DP, 8)
+#define FLASH_ENTRY(NAME, T, DE)             \
+    FLASH_KERNEL(NAME##_d##DE, T, DE, 4) \
+    FLASH_KERNEL(NAME##_d##DE##_w8, T, DE, 8)
 
 #define FLASH_ALL_DIMS(NAME, T) \
     FLASH_ENTRY(NAME, T, 16)    \
     FLASH_ENTRY(NAME, T, 32)    \
+    FLASH_ENTRY(NAME, T, 40)    \
     FLASH_ENTRY(NAME, T, 48)    \
     FLASH_ENTRY(NAME, T, 64)    \
     FLASH_ENTRY(NAME, T, 80)    \

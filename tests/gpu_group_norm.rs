@@ -19,8 +19,13 @@ fn kernel_matches_candle_nn_on_the_cpu() {
     let cpu = Device::Cpu;
     // (shape, groups): UNet-sized rows split in chunks, the VAE's million-value rows, odd sizes,
     // one value per row (zero variance).
-    let cases: [(&[usize], usize); 5] = [
+    // Rows of up to 64 Ki values (32 Ki in f32) take the one-launch kernel: 2x320x64x64 (40960
+    // per row), 1x1280x8x8 (2560), 2x640x16x16 (5120), 1x96x16x16 (768: most threads idle).
+    let cases: [(&[usize], usize); 8] = [
         (&[2, 320, 64, 64], 32),
+        (&[1, 1280, 8, 8], 32),
+        (&[2, 640, 16, 16], 32),
+        (&[1, 96, 16, 16], 32),
         (&[1, 128, 512, 512], 32),
         (&[2, 64, 7, 9], 8),
         (&[3, 96, 5], 32),

@@ -410,7 +410,8 @@ impl ControlNetModel {
         }
 
         let t_emb = self.time_proj.forward_each(timesteps, sample.dtype(), sample.device())?;
-        let emb = self.time_embedding.forward(&t_emb)?;
+        // Every resnet's SiLU of the time embedding, once.
+        let emb = candle_nn::ops::silu(&self.time_embedding.forward(&t_emb)?)?;
 
         let mut xs = self.conv_in.forward(sample)?;
         xs = xs.broadcast_add(&condition.embedding)?;

@@ -56,6 +56,8 @@ impl ResnetBlock2D {
         })
     }
 
+    /// `temb` is the time embedding after the block's SiLU (diffusers applies it inside every
+    /// block; the UNet and the ControlNet apply it once per call, the same for all blocks).
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
         let _enter = self.span.enter();
         let shortcut = match &self.conv_shortcut {
@@ -63,7 +65,7 @@ impl ResnetBlock2D {
             None => xs.clone(),
         };
         let temb = match (temb, &self.time_emb_proj) {
-            (Some(temb), Some(proj)) => Some(proj.forward(&candle_nn::ops::silu(temb)?)?),
+            (Some(temb), Some(proj)) => Some(proj.forward(temb)?),
             _ => None,
         };
         // conv1's bias and the time embedding, then conv2's bias and the shortcut, are each one

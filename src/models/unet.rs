@@ -428,6 +428,8 @@ impl UNet2DConditionModel {
         if let Some(act) = &self.time_embed_act {
             emb = act.apply(&emb)?;
         }
+        // Every resnet's SiLU of the time embedding, once.
+        let emb = candle_nn::ops::silu(&emb)?;
 
         let mut xs = self.conv_in.forward(&sample)?;
         let mut skips = vec![xs.clone()];

@@ -259,6 +259,15 @@ mod cuda {
         Ok((slice.slice(l.start_offset()..), [sb as i64, sh as i64, sr as i64]))
     }
 
+    /// Head dims the kernel is instantiated for (`kernels/flash_attention.cu`): multiples of 16,
+    /// and 40 (SD1.5's first level) so that its heads are not padded to 48.
+    const KERNEL_HEAD_DIMS: [usize; 11] = [16, 32, 40, 48, 64, 80, 96, 112, 128, 144, 160];
+
+    /// The smallest kernel head dim that holds `d` (columns past `d` are zero padding).
+    pub(super) fn kernel_head_dim(d: usize) -> usize {
+        KERNEL_HEAD_DIMS.into_iter().find(|&k| k >= d).unwrap_or(MAX_HEAD_DIM)
+    }
+
     pub(super) fn launch<T: CudaDType + DeviceRepr>(
         op: &FlashAttention,
         dims: Dims,
@@ -284,8 +293,11 @@ mod cuda {
         let o_strides: [i64; 3] =
             if op.tokens_first { [n64 * h64 * d64, d64, h64 * d64] } else { [h64 * n64 * d64, n64 * d64, d64] };
         let dev = qs.device();
-        // The kernel is instantiated for head dims rounded up to 16; the rest is zero padding.
-        let padded = d.div_ceil(16) * 16;
+        if !(op.scale > 0.0) {
+            // The kernel takes the row max of unscaled scores.
+            candle_core::bail!("fused attention on CUDA needs a positive scale; got {}", op.scale);
+        }
+        let padded = kernel_head_dim(d);
         let warps = warps(n);
         let suffix = if warps == 8 { "_w8" } else { "" };
         let func = dev.get_or_load_custom_func(&format!("flash_attn_{type_name}_d{padded}{suffix}"), MODULE, PTX)?;

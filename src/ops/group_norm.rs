@@ -2,9 +2,11 @@
 //! on CUDA.
 //!
 //! candle-nn's `GroupNorm` computes the statistics with about ten separate kernels and two f32
-//! copies of the activations. On CUDA this module runs `kernels/group_norm.cu` instead: one
-//! launch for the statistics (f32) and one for normalisation, affine and the optional SiLU
-//! (`SDCROSSFRAME_GROUP_NORM=unfused` keeps candle-nn's, [`super::switches`]). On the CPU it is
+//! copies of the activations. On CUDA this module runs `kernels/group_norm.cu` instead: rows
+//! (sample x group) of up to 64 Ki values (f16; 32 Ki in f32) in one launch that keeps each row
+//! in one block's registers, longer rows (the VAE's) in one launch for the statistics (f32) and
+//! one for normalisation, affine and the optional SiLU (`SDCROSSFRAME_GROUP_NORM=two-pass`
+//! always takes the latter, `unfused` keeps candle-nn's, [`super::switches`]). On the CPU it is
 //! candle-nn's `GroupNorm` (and candle's SiLU), unchanged, so the CPU parity tests keep their
 //! exact numbers; [`group_norm`] runs the kernel's algorithm on the CPU for tests.
 
@@ -181,6 +183,9 @@ mod cuda {
     /// As in the kernel.
     const THREADS: u32 = 256;
     const CHUNK: usize = 8192;
+    const ROW_THREADS: u32 = 512;
+    /// The one-launch kernel's 16-byte words per thread (group_norm_row_*_r{R}).
+    const ROW_WORDS: [usize; 5] = [1, 2, 4, 8, 16];
 
     pub(super) fn launch<T: CudaDType + DeviceRepr>(
         op: &GroupNormOp,
@@ -190,6 +195,14 @@ mod cuda {
         (bs, bl): (&CudaStorage, &Layout),
         type_name: &str,
     ) -> Result<CudaStorage> {
+        // 16-byte loads when every row starts aligned and a word never spans two channels.
+        let vec_width = 16 / std::mem::size_of::<T>();
+        let vec = g.spatial.is_multiple_of(vec_width) && xl.start_offset().is_multiple_of(vec_width);
+        if vec && !crate::ops::switches::switches().group_norm_two_pass {
+            if let Some(words) = ROW_WORDS.into_iter().find(|&r| g.row_len <= ROW_THREADS as usize * r * vec_width) {
+                return launch_rows::<T>(op, g, (xs, xl), (ws, wl), (bs, bl), type_name, words);
+            }
+        }
         let chunks = g.row_len.div_ceil(CHUNK);
         if g.rows > 65_535 || chunks > i32::MAX as usize || g.channels_per_group > i32::MAX as usize {
             candle_core::bail!("GroupNorm: too large for the kernel ({} rows of {} values)", g.rows, g.row_len);
@@ -209,9 +222,7 @@ mod cuda {
         };
         let (row_len, chunks_i, spatial) = (g.row_len as i64, chunks as i32, g.spatial as i64);
         let (cpg, groups, silu) = (g.channels_per_group as i32, op.groups as i32, op.silu as i32);
-        // 16-byte loads when every row starts aligned and a word never spans two channels.
-        let vec_width = 16 / std::mem::size_of::<T>();
-        let vec = (g.spatial.is_multiple_of(vec_width) && xl.start_offset().is_multiple_of(vec_width)) as i32;
+        let vec = vec as i32;
         let mut builder = stats.builder();
         builder.arg(&x).arg(&partials).arg(&row_len).arg(&chunks_i).arg(&vec);
         // SAFETY: argument types and order match group_norm_stats_*; sizes checked above.
@@ -220,6 +231,37 @@ mod cuda {
         builder.arg(&x).arg(&partials).arg(&w).arg(&b).arg(&out).arg(&row_len).arg(&chunks_i).arg(&spatial);
         builder.arg(&cpg).arg(&groups).arg(&op.eps).arg(&silu).arg(&vec);
         // SAFETY: argument types and order match group_norm_apply_*.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+
+    /// One launch, one block per row held in registers (`words` 16-byte words per thread); the
+    /// caller checked the 16-byte alignment and that the row fits.
+    fn launch_rows<T: CudaDType + DeviceRepr>(
+        op: &GroupNormOp,
+        g: &Geometry,
+        (xs, xl): (&CudaStorage, &Layout),
+        (ws, wl): (&CudaStorage, &Layout),
+        (bs, bl): (&CudaStorage, &Layout),
+        type_name: &str,
+        words: usize,
+    ) -> Result<CudaStorage> {
+        if g.rows > i32::MAX as usize || g.spatial > i32::MAX as usize {
+            candle_core::bail!("GroupNorm: too large for the kernel ({} rows of {} values)", g.rows, g.row_len);
+        }
+        let view = |s, l, what| cuda_view::<T>(s, l, "GroupNorm", what);
+        let (x, w, b) = (view(xs, xl, "input")?, view(ws, wl, "weight")?, view(bs, bl, "bias")?);
+        let dev = xs.device();
+        let func = dev.get_or_load_custom_func(&format!("group_norm_row_{type_name}_r{words}"), MODULE, PTX)?;
+        // SAFETY: the kernel writes every value of every row.
+        let out = unsafe { dev.alloc::<T>(g.rows * g.row_len)? };
+        let cfg = LaunchConfig { grid_dim: (g.rows as u32, 1, 1), block_dim: (ROW_THREADS, 1, 1), shared_mem_bytes: 0 };
+        let (row_len, spatial, cpg) = (g.row_len as i32, g.spatial as i32, g.channels_per_group as i32);
+        let (groups, silu) = (op.groups as i32, op.silu as i32);
+        let mut builder = func.builder();
+        builder.arg(&x).arg(&w).arg(&b).arg(&out).arg(&row_len).arg(&spatial).arg(&cpg).arg(&groups);
+        builder.arg(&op.eps).arg(&silu);
+        // SAFETY: argument types and order match group_norm_row_*.
         unsafe { builder.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
     }

@@ -45,8 +45,11 @@ pub enum ConvPlans {
 pub struct Switches {
     /// `SDCROSSFRAME_ATTENTION=fused|unfused`: the fused attention kernel.
     pub fused_attention: bool,
-    /// `SDCROSSFRAME_GROUP_NORM=fused|unfused`: the GroupNorm (+ SiLU) kernel.
+    /// `SDCROSSFRAME_GROUP_NORM=fused|two-pass|unfused`: the GroupNorm (+ SiLU) kernels.
     pub fused_group_norm: bool,
+    /// `SDCROSSFRAME_GROUP_NORM=two-pass`: the kernels' two-launch form even for rows that fit
+    /// one block's registers (for comparisons).
+    pub group_norm_two_pass: bool,
     /// `SDCROSSFRAME_FUSED=on|off`: the fused bias/residual, GEGLU and LayerNorm kernels and
     /// 1x1 convolutions as GEMMs.
     pub fused_epilogues: bool,
@@ -78,7 +81,18 @@ impl Switches {
         let fused_unfused = [("fused", true), ("unfused", false)];
         Self {
             fused_attention: parse(&lookup, ATTENTION, &fused_unfused, true),
-            fused_group_norm: parse(&lookup, GROUP_NORM, &fused_unfused, true),
+            fused_group_norm: parse(
+                &lookup,
+                GROUP_NORM,
+                &[("fused", true), ("two-pass", true), ("unfused", false)],
+                true,
+            ),
+            group_norm_two_pass: parse(
+                &lookup,
+                GROUP_NORM,
+                &[("fused", false), ("two-pass", true), ("unfused", false)],
+                false,
+            ),
             fused_epilogues: parse(&lookup, FUSED, &on_off, true),
             conv: parse(
                 &lookup,
@@ -151,6 +165,7 @@ mod tests {
             Switches {
                 fused_attention: true,
                 fused_group_norm: true,
+                group_norm_two_pass: false,
                 fused_epilogues: true,
                 conv: ConvChoice::Auto,
                 cuda_graphs: true,
@@ -181,6 +196,9 @@ mod tests {
         assert!(s.fused_attention && s.fused_epilogues && s.cuda_graphs);
         assert_eq!((s.conv, s.flash_warps), (ConvChoice::Im2col, Some(4)));
         assert_eq!(from(&[(FLASH_WARPS, "AUTO"), (CONV, "Auto")]), Switches::default());
+        let s = from(&[(GROUP_NORM, " Two-Pass ")]);
+        assert!(s.fused_group_norm && s.group_norm_two_pass);
+        assert!(!from(&[(GROUP_NORM, "fused")]).group_norm_two_pass);
     }
 
     #[test]
