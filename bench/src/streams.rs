@@ -104,12 +104,10 @@ pub fn run(cli: &Cli, args: &StreamsArgs, device: &Device, dtype: DType, probe: 
             let batcher = first.batcher().stats();
             let holdings = img2img
                 .graph_holdings()
-                .map(|h| {
-                    format!("{} graphs, {} signatures, {:.3} GiB", h.graphs, h.signatures, gib(h.buffer_bytes as u64))
-                })
+                .map(|h| format!("{} graphs, {} signatures, {:.1} MiB", h.graphs, h.signatures, mib(h.buffer_bytes)))
                 .join(" / ");
             notes.push(format!(
-                "{count} {mode} (first model): calls eager/captured/replayed/failed: one frame {}, stream batch {}, cross-stream {}; batcher rounds' calls {} of which shared {}; memory at the end (GiB): tensors {:.2}, pool reserve {:.2}, CUDA graphs {:.2} (in use {:.2}); after trimming: pool reserve {:.2}, CUDA graphs {:.2}; cross-frame stores (all streams) {:.3} holding {:.3}; step graph buffers (one frame / stream batch / cross-stream): {holdings}",
+                "{count} {mode} (first model): calls eager/captured/replayed/failed: one frame {}, stream batch {}, cross-stream {}; batcher rounds' calls {} of which shared {}; memory at the end (GiB): tensors {:.2}, pool reserve {:.2}, CUDA graphs {:.2} (in use {:.2}); after trimming: pool reserve {:.2}, CUDA graphs {:.2}; cross-frame stores (all streams) {:.2} MiB holding {:.2} MiB; step graph buffers (one frame / stream batch / cross-stream): {holdings}",
                 show(img2img.graph_stats()),
                 show(img2img.stream_graph_stats()),
                 show(img2img.cross_stream_graph_stats()),
@@ -121,8 +119,8 @@ pub fn run(cli: &Cli, args: &StreamsArgs, device: &Device, dtype: DType, probe: 
                 gib(outcome.breakdown.graphs_used),
                 gib(outcome.trimmed.pool_reserved),
                 gib(outcome.trimmed.graphs),
-                gib(outcome.store_bytes as u64),
-                gib(outcome.store_held_bytes as u64),
+                mib(outcome.store_bytes),
+                mib(outcome.store_held_bytes),
             ));
             let intervals = outcome.intervals.iter().map(|ms| format!("{ms:.1}")).collect::<Vec<_>>().join(" / ");
             let longest = outcome.longest.iter().map(|ms| format!("{ms:.0}")).collect::<Vec<_>>().join(" / ");
@@ -257,4 +255,8 @@ fn measure(
         store_bytes,
         store_held_bytes,
     })
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
 }
