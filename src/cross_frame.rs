@@ -116,8 +116,20 @@ struct Entry {
 }
 
 impl Entry {
+    /// A new entry holding `hidden` as both: buffers of exactly its shape. `hidden` is usually
+    /// one frame's rows of a batched call (a `narrow`), whose storage is the whole call's:
+    /// `Tensor::copy` would clone all of it (every row of a 16-row cross-stream call, kept for
+    /// the store's life), so each buffer is a compact copy.
+    fn new(hidden: &Tensor) -> candle_core::Result<Self> {
+        Ok(Self { first: hidden.force_contiguous()?, prev: hidden.force_contiguous()? })
+    }
+
     fn bytes(&self) -> usize {
         (self.first.elem_count() + self.prev.elem_count()) * self.first.dtype().size_in_bytes()
+    }
+
+    fn held_bytes(&self) -> usize {
+        crate::ops::held_bytes(&self.first) + crate::ops::held_bytes(&self.prev)
     }
 }
 
@@ -218,6 +230,12 @@ impl CrossFrameAttention {
     /// Bytes held by the store (attention inputs of the anchor and the previous frame).
     pub fn stored_bytes(&self) -> usize {
         self.store.iter().flat_map(|layers| layers.values()).map(Entry::bytes).sum()
+    }
+
+    /// Bytes of device (or host) memory the store's buffers keep allocated: equal to
+    /// [`Self::stored_bytes`] unless a buffer shares a larger storage (memory accounting).
+    pub fn held_bytes(&self) -> usize {
+        self.store.iter().flat_map(|layers| layers.values()).map(Entry::held_bytes).sum()
     }
 }
 
@@ -590,8 +608,7 @@ fn record_anchor(layers: &mut HashMap<String, Entry>, layer: &str, hidden: &Tens
             entry.prev.slice_set(&hidden, 0, 0)?;
         }
         _ => {
-            let entry = Entry { first: hidden.copy()?, prev: hidden.copy()? };
-            layers.insert(layer.to_string(), entry);
+            layers.insert(layer.to_string(), Entry::new(hidden)?);
         }
     }
     Ok(())

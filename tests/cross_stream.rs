@@ -72,6 +72,9 @@ impl Stream {
 struct Run {
     frames: Vec<StylizedFrame>,
     shared_per_frame: Vec<u64>,
+    /// The cross-frame store at the end: its entries' bytes, and the memory its buffers keep.
+    store_bytes: usize,
+    store_held_bytes: usize,
 }
 
 fn session(stylizer: Stylizer, stream: &Stream, batch_timeout: Option<Duration>) -> VideoSession {
@@ -97,7 +100,9 @@ fn run(mut session: VideoSession, stream: &Stream) -> Run {
         shared_per_frame.push(session.shared_calls() - before);
     }
     frames.extend(session.drain_stylized().unwrap());
-    Run { frames, shared_per_frame }
+    let store_bytes = session.attention().stored_bytes();
+    let store_held_bytes = session.attention().held_bytes();
+    Run { frames, shared_per_frame, store_bytes, store_held_bytes }
 }
 
 /// Runs the streams on threads of their own through one shared copy of the models (loaded
@@ -137,8 +142,17 @@ fn check(label: &str, streams: &[Stream]) -> Vec<Run> {
             assert!(err <= TOLERANCE, "{label} stream {i} frame {k}: {err:.2e} from the stream alone");
         }
         println!(
-            "{label} stream {i}: largest difference from the stream alone {worst:.2e}, shared calls per frame {:?}",
-            got.shared_per_frame
+            "{label} stream {i}: largest difference from the stream alone {worst:.2e}, shared calls per frame {:?}, \
+             store {} bytes holding {} (alone: {} holding {})",
+            got.shared_per_frame, got.store_bytes, got.store_held_bytes, want.store_bytes, want.store_held_bytes
+        );
+        // The store keeps its own rows only: an entry recorded in a call of several frames or
+        // streams must not keep the whole call's activations alive (issue 17's memory).
+        assert_eq!(got.store_bytes, want.store_bytes, "{label} stream {i}: the same entries as alone");
+        assert_eq!(got.store_held_bytes, got.store_bytes, "{label} stream {i}: the store holds only its entries");
+        assert_eq!(
+            want.store_held_bytes, want.store_bytes,
+            "{label} stream {i} alone: the store holds only its entries"
         );
     }
     together

@@ -11,6 +11,8 @@ pub struct Breakdown {
     pub pool_reserved: u64,
     /// Physical memory reserved for CUDA graphs' allocations.
     pub graphs: u64,
+    /// Of it, what is associated with graphs now (the rest is cached for them).
+    pub graphs_used: u64,
 }
 
 #[cfg(feature = "cuda")]
@@ -94,7 +96,27 @@ mod imp {
                 },
                 "cuDeviceGetGraphMemAttribute",
             )?;
-            Ok(super::Breakdown { tensors, pool_reserved, graphs })
+            let mut graphs_used: u64 = 0;
+            check(
+                unsafe {
+                    sys::cuDeviceGetGraphMemAttribute(
+                        self.ctx.cu_device(),
+                        sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT,
+                        &mut graphs_used as *mut u64 as *mut _,
+                    )
+                },
+                "cuDeviceGetGraphMemAttribute",
+            )?;
+            Ok(super::Breakdown { tensors, pool_reserved, graphs, graphs_used })
+        }
+
+        /// Releases what the pool and the graphs' memory hold unused back to the driver
+        /// (cuMemPoolTrimTo to 0, cuDeviceGraphMemTrim; idle graphs map theirs again at their
+        /// next launch): a breakdown after this tells memory in use from a cache.
+        pub fn trim(&self) -> anyhow::Result<()> {
+            self.ctx.bind_to_thread()?;
+            check(unsafe { sys::cuMemPoolTrimTo(self.pool, 0) }, "cuMemPoolTrimTo")?;
+            check(unsafe { sys::cuDeviceGraphMemTrim(self.ctx.cu_device()) }, "cuDeviceGraphMemTrim")
         }
 
         /// (used, total) device memory.
@@ -129,6 +151,9 @@ mod imp {
         }
         pub fn breakdown(&self) -> anyhow::Result<super::Breakdown> {
             Ok(super::Breakdown::default())
+        }
+        pub fn trim(&self) -> anyhow::Result<()> {
+            Ok(())
         }
     }
 }

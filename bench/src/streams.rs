@@ -50,6 +50,11 @@ struct Outcome {
     device_used: u64,
     /// Of it: the pool's tensors and reserve, the CUDA graphs' memory (this process).
     breakdown: crate::gpu_memory::Breakdown,
+    /// The same after trimming the pool and the graphs' memory (what is cached, not used).
+    trimmed: crate::gpu_memory::Breakdown,
+    /// The streams' cross-frame stores: their entries' bytes and the memory they hold.
+    store_bytes: usize,
+    store_held_bytes: usize,
 }
 
 pub fn run(cli: &Cli, args: &StreamsArgs, device: &Device, dtype: DType, probe: Option<&Probe>) -> Result<()> {
@@ -97,8 +102,12 @@ pub fn run(cli: &Cli, args: &StreamsArgs, device: &Device, dtype: DType, probe: 
                 )
             };
             let batcher = first.batcher().stats();
+            let holdings = img2img
+                .graph_holdings()
+                .map(|h| format!("{} graphs, {} signatures, {:.1} MiB", h.graphs, h.signatures, mib(h.buffer_bytes)))
+                .join(" / ");
             notes.push(format!(
-                "{count} {mode} (first model): calls eager/captured/replayed/failed: one frame {}, stream batch {}, cross-stream {}; batcher rounds' calls {} of which shared {}; memory at the end (GiB): tensors {:.2}, pool reserve {:.2}, CUDA graphs {:.2}",
+                "{count} {mode} (first model): calls eager/captured/replayed/failed: one frame {}, stream batch {}, cross-stream {}; batcher rounds' calls {} of which shared {}; memory at the end (GiB): tensors {:.2}, pool reserve {:.2}, CUDA graphs {:.2} (in use {:.2}); after trimming: pool reserve {:.2}, CUDA graphs {:.2}; cross-frame stores (all streams) {:.2} MiB holding {:.2} MiB; step graph buffers (one frame / stream batch / cross-stream): {holdings}",
                 show(img2img.graph_stats()),
                 show(img2img.stream_graph_stats()),
                 show(img2img.cross_stream_graph_stats()),
@@ -106,7 +115,12 @@ pub fn run(cli: &Cli, args: &StreamsArgs, device: &Device, dtype: DType, probe: 
                 batcher.shared_calls,
                 gib(outcome.breakdown.tensors),
                 gib(outcome.breakdown.pool_reserved),
-                gib(outcome.breakdown.graphs)
+                gib(outcome.breakdown.graphs),
+                gib(outcome.breakdown.graphs_used),
+                gib(outcome.trimmed.pool_reserved),
+                gib(outcome.trimmed.graphs),
+                mib(outcome.store_bytes),
+                mib(outcome.store_held_bytes),
             ));
             let intervals = outcome.intervals.iter().map(|ms| format!("{ms:.1}")).collect::<Vec<_>>().join(" / ");
             let longest = outcome.longest.iter().map(|ms| format!("{ms:.0}")).collect::<Vec<_>>().join(" / ");
@@ -222,6 +236,27 @@ fn measure(
     // While every stream still holds its models and graphs.
     let device_used = probe.map(|p| p.device_used().map(|(used, _)| used)).transpose()?.unwrap_or(0);
     let breakdown = probe.map(|p| p.breakdown()).transpose()?.unwrap_or_default();
+    if let Some(session) = sessions.first() {
+        session.stylizer().device().synchronize()?;
+    }
+    probe.map(Probe::trim).transpose()?;
+    let trimmed = probe.map(|p| p.breakdown()).transpose()?.unwrap_or_default();
+    let store_bytes = sessions.iter().map(|s| s.attention().stored_bytes()).sum();
+    let store_held_bytes = sessions.iter().map(|s| s.attention().held_bytes()).sum();
     drop(sessions);
-    Ok(Outcome { aggregate_fps: frames_out as f64 / span, intervals, longest, shared_calls, device_used, breakdown })
+    Ok(Outcome {
+        aggregate_fps: frames_out as f64 / span,
+        intervals,
+        longest,
+        shared_calls,
+        device_used,
+        breakdown,
+        trimmed,
+        store_bytes,
+        store_held_bytes,
+    })
+}
+
+fn mib(bytes: usize) -> f64 {
+    bytes as f64 / (1u64 << 20) as f64
 }

@@ -22,6 +22,7 @@ pub mod vae_stream;
 pub use attention::{CHUNK_SCORES as ATTENTION_CHUNK_SCORES, attention, in_query_chunks, unfused_attention};
 pub use conv::Conv2d;
 pub use group_norm::GroupNorm;
+pub use storage::held_bytes;
 
 /// Largest absolute difference of two tensors, compared in f32 (unit tests).
 #[cfg(test)]

@@ -56,6 +56,17 @@ pub struct GraphStats {
     pub failed: usize,
 }
 
+/// What a [`StepGraphs`] holds (see [`StepGraphs::holdings`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraphHoldings {
+    /// Input signatures with static buffers.
+    pub signatures: usize,
+    /// Bytes of those buffers (inputs and output).
+    pub buffer_bytes: usize,
+    /// Captured graphs.
+    pub graphs: usize,
+}
+
 /// At most this many input signatures keep their static buffers and graphs (a shared model's
 /// sessions of different sizes, cross-stream calls of different compositions); one more drops
 /// them all.
@@ -101,6 +112,22 @@ impl StepGraphs {
     /// Why the last failed capture failed.
     pub fn last_error(&self) -> Option<&str> {
         self.last_error.as_deref()
+    }
+
+    /// What the cache holds now: input signatures with static buffers, their bytes, and
+    /// captured graphs (memory accounting; a graph's own allocations are the driver's).
+    pub fn holdings(&self) -> GraphHoldings {
+        let buffer_bytes = self
+            .buffers
+            .values()
+            .flat_map(|b| b.inputs.iter().chain(std::iter::once(&b.output)))
+            .map(super::held_bytes)
+            .sum();
+        #[cfg(feature = "cuda")]
+        let graphs = self.entries.values().filter(|e| matches!(e, Entry::Graph(_))).count();
+        #[cfg(not(feature = "cuda"))]
+        let graphs = 0;
+        GraphHoldings { signatures: self.buffers.len(), buffer_bytes, graphs }
     }
 
     /// Drops every graph and buffer (the next runs warm up again).

@@ -17,7 +17,7 @@ use super::settings::{FramePlan, FrameSettings};
 use super::vae::{Vae, VaeConfig};
 use crate::models::controlnet::{ConditionEmbedder, ControlCondition, ControlNetModel};
 use crate::models::unet::UNet2DConditionModel;
-use crate::ops::step_graphs::{GraphStats, StageGraph, StepGraphs, StepKey};
+use crate::ops::step_graphs::{GraphHoldings, GraphStats, StageGraph, StepGraphs, StepKey};
 use crate::ops::vae_stream::{self, StreamPoint};
 use crate::scheduler::{Schedule, Scheduler, Schedulers};
 
@@ -178,6 +178,13 @@ impl Img2Img {
     /// The models' dtype.
     pub fn dtype(&self) -> DType {
         self.dtype
+    }
+
+    /// What the step graph caches hold now: one frame, stream batch, cross-stream (memory
+    /// accounting).
+    pub fn graph_holdings(&self) -> [GraphHoldings; 3] {
+        [&self.step_graphs, &self.stream_graphs, &self.cross_stream_graphs]
+            .map(|cache| cache.lock().map(|g| g.holdings()).unwrap_or_default())
     }
 
     /// How cross-stream calls (several streams' rows, [`Self::predict_streams`]) ran so far.
