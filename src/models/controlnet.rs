@@ -11,6 +11,7 @@ use serde::Deserialize;
 
 use super::attention::NoHook;
 use super::embeddings::{Activation, TimestepEmbedding, Timesteps};
+use super::resnet::ResnetTimeProjection;
 pub use super::unet_blocks::ControlNetResiduals;
 use super::unet_blocks::{DownBlock, DownBlockSettings, MidBlock, MidBlockSettings, ResnetSettings};
 use super::unet_config::{
@@ -265,6 +266,8 @@ pub struct ControlNetModel {
     down_blocks: Vec<DownBlock>,
     controlnet_down_blocks: Vec<Conv2d>,
     mid_block: MidBlock,
+    /// Every resnet's time-embedding projection, one matrix product per call.
+    resnet_time: Option<ResnetTimeProjection>,
     controlnet_mid_block: Conv2d,
     downscale: usize,
     config: ControlNetConfig,
@@ -294,7 +297,7 @@ impl ControlNetModel {
             &config.conditioning_embedding_out_channels,
             c0,
         )?;
-        let down_blocks = down
+        let mut down_blocks = down
             .iter()
             .enumerate()
             .map(|(i, s)| {
@@ -307,7 +310,10 @@ impl ControlNetModel {
             .enumerate()
             .map(|(i, &c)| Conv2d::new(vb.pp("controlnet_down_blocks").pp(i), c, c, 1, 0, 1))
             .collect::<Result<Vec<_>>>()?;
-        let mid_block = MidBlock::new(vb.pp("mid_block"), &mid, &resnet, "mid_block")?;
+        let mut mid_block = MidBlock::new(vb.pp("mid_block"), &mid, &resnet, "mid_block")?;
+        let resnet_time = ResnetTimeProjection::fuse(
+            down_blocks.iter_mut().flat_map(DownBlock::resnets_mut).chain(mid_block.resnets_mut()),
+        )?;
         let controlnet_mid_block = Conv2d::new(vb.pp("controlnet_mid_block"), mid.channels, mid.channels, 1, 0, 1)?;
         let downscale = 1usize << (config.conditioning_embedding_out_channels.len() - 1);
         Ok(Self {
@@ -318,6 +324,7 @@ impl ControlNetModel {
             down_blocks,
             controlnet_down_blocks,
             mid_block,
+            resnet_time,
             controlnet_mid_block,
             downscale,
             config: config.clone(),
@@ -410,8 +417,8 @@ impl ControlNetModel {
         }
 
         let t_emb = self.time_proj.forward_each(timesteps, sample.dtype(), sample.device())?;
-        // Every resnet's SiLU of the time embedding, once.
-        let emb = candle_nn::ops::silu(&self.time_embedding.forward(&t_emb)?)?;
+        let emb =
+            super::unet::time_embedding_for_resnets(&self.time_embedding.forward(&t_emb)?, self.resnet_time.as_ref())?;
 
         let mut xs = self.conv_in.forward(sample)?;
         xs = xs.broadcast_add(&condition.embedding)?;

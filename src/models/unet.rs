@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use super::attention::SelfAttentionHook;
 use super::embeddings::{Activation, TimestepEmbedding, Timesteps};
+use super::resnet::{ResnetTimeProjection, TimeEmbedding};
 use super::unet_blocks::{
     ControlNetResiduals, CrossAttnSettings, DownBlock, DownBlockSettings, MidBlock, MidBlockSettings, ResnetSettings,
     UpBlock, UpBlockSettings,
@@ -269,11 +270,24 @@ pub struct UNet2DConditionModel {
     down_blocks: Vec<DownBlock>,
     mid_block: Option<MidBlock>,
     up_blocks: Vec<UpBlock>,
+    /// Every resnet's time-embedding projection, one matrix product per call.
+    resnet_time: Option<ResnetTimeProjection>,
     conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     self_attention_layers: Vec<String>,
     config: UNet2DConditionConfig,
     span: tracing::Span,
+}
+
+/// The time embedding as the resnets take it: its SiLU (once, not in every resnet) and, with
+/// a fused projection, every resnet's projection of it in one matrix product.
+pub(crate) fn time_embedding_for_resnets(
+    emb: &Tensor,
+    projection: Option<&ResnetTimeProjection>,
+) -> Result<TimeEmbedding> {
+    let activated = candle_nn::ops::silu(emb)?;
+    let projected = projection.map(|p| p.forward(&activated)).transpose()?;
+    Ok(TimeEmbedding { activated, projected })
 }
 
 /// diffusers paths of the self-attention layers (`attn1`) of a block with attention, in
@@ -312,7 +326,7 @@ impl UNet2DConditionModel {
         let time_embed_act = config.time_embedding_act_fn.as_deref().map(Activation::from_name).transpose()?;
 
         let mut names = Vec::new();
-        let down_blocks = down
+        let mut down_blocks = down
             .iter()
             .enumerate()
             .map(|(i, s)| {
@@ -326,7 +340,7 @@ impl UNet2DConditionModel {
                 Ok(block)
             })
             .collect::<Result<Vec<_>>>()?;
-        let mid_block = match &mid {
+        let mut mid_block = match &mid {
             Some(s) => {
                 let block = MidBlock::new(vb.pp("mid_block"), s, &resnet, "mid_block")?;
                 if let Some(a) = &s.attention {
@@ -336,7 +350,7 @@ impl UNet2DConditionModel {
             }
             None => None,
         };
-        let up_blocks = up
+        let mut up_blocks = up
             .iter()
             .enumerate()
             .map(|(i, s)| {
@@ -350,6 +364,13 @@ impl UNet2DConditionModel {
             .collect::<Result<Vec<_>>>()?;
         let conv_norm_out = GroupNorm::new(vb.pp("conv_norm_out"), resnet.groups, c0, config.norm_eps)?;
         let conv_out = Conv2d::same(vb.pp("conv_out"), c0, config.out_channels, config.conv_out_kernel, 1)?;
+        let resnet_time = ResnetTimeProjection::fuse(
+            down_blocks
+                .iter_mut()
+                .flat_map(DownBlock::resnets_mut)
+                .chain(mid_block.iter_mut().flat_map(MidBlock::resnets_mut))
+                .chain(up_blocks.iter_mut().flat_map(UpBlock::resnets_mut)),
+        )?;
         Ok(Self {
             conv_in,
             time_proj,
@@ -358,6 +379,7 @@ impl UNet2DConditionModel {
             down_blocks,
             mid_block,
             up_blocks,
+            resnet_time,
             conv_norm_out,
             conv_out,
             self_attention_layers: names,
@@ -428,8 +450,7 @@ impl UNet2DConditionModel {
         if let Some(act) = &self.time_embed_act {
             emb = act.apply(&emb)?;
         }
-        // Every resnet's SiLU of the time embedding, once.
-        let emb = candle_nn::ops::silu(&emb)?;
+        let emb = time_embedding_for_resnets(&emb, self.resnet_time.as_ref())?;
 
         let mut xs = self.conv_in.forward(&sample)?;
         let mut skips = vec![xs.clone()];

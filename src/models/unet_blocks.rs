@@ -13,7 +13,7 @@ use candle_core::{D, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::attention::{SelfAttentionHook, Transformer2DConfig, Transformer2DModel};
-use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
+use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig, TimeEmbedding};
 use crate::ops::Conv2d;
 
 /// ControlNet outputs, already multiplied by the conditioning scale: one residual per UNet
@@ -188,6 +188,12 @@ pub struct DownBlock {
 }
 
 impl DownBlock {
+    /// The block's resnets, for the model to move their time projections into one
+    /// ([`super::resnet::ResnetTimeProjection`]).
+    pub fn resnets_mut(&mut self) -> impl Iterator<Item = &mut ResnetBlock2D> {
+        self.resnets.iter_mut()
+    }
+
     /// `path` is the block's diffusers path, e.g. `down_blocks.0`.
     pub fn new(vb: VarBuilder, s: &DownBlockSettings, r: &ResnetSettings, path: &str) -> Result<Self> {
         let mut resnets = Vec::new();
@@ -224,7 +230,7 @@ impl DownBlock {
     pub fn forward(
         &self,
         xs: &Tensor,
-        temb: &Tensor,
+        temb: &TimeEmbedding,
         encoder_hidden_states: &Tensor,
         hook: &mut dyn SelfAttentionHook,
     ) -> Result<(Tensor, Vec<Tensor>)> {
@@ -256,6 +262,12 @@ pub struct MidBlock {
 }
 
 impl MidBlock {
+    /// The block's resnets, for the model to move their time projections into one
+    /// ([`super::resnet::ResnetTimeProjection`]).
+    pub fn resnets_mut(&mut self) -> impl Iterator<Item = &mut ResnetBlock2D> {
+        self.resnets.iter_mut()
+    }
+
     pub fn new(vb: VarBuilder, s: &MidBlockSettings, r: &ResnetSettings, path: &str) -> Result<Self> {
         let c = s.channels;
         let mut resnets = vec![resnet(vb.pp("resnets").pp("0"), c, c, r, s.output_scale_factor)?];
@@ -277,7 +289,7 @@ impl MidBlock {
     pub fn forward(
         &self,
         xs: &Tensor,
-        temb: &Tensor,
+        temb: &TimeEmbedding,
         encoder_hidden_states: &Tensor,
         hook: &mut dyn SelfAttentionHook,
     ) -> Result<Tensor> {
@@ -301,6 +313,12 @@ pub struct UpBlock {
 }
 
 impl UpBlock {
+    /// The block's resnets, for the model to move their time projections into one
+    /// ([`super::resnet::ResnetTimeProjection`]).
+    pub fn resnets_mut(&mut self) -> impl Iterator<Item = &mut ResnetBlock2D> {
+        self.resnets.iter_mut()
+    }
+
     pub fn new(vb: VarBuilder, s: &UpBlockSettings, r: &ResnetSettings, path: &str) -> Result<Self> {
         let mut resnets = Vec::new();
         let mut attentions = Vec::new();
@@ -335,7 +353,7 @@ impl UpBlock {
         &self,
         xs: &Tensor,
         skips: &[Tensor],
-        temb: &Tensor,
+        temb: &TimeEmbedding,
         encoder_hidden_states: &Tensor,
         upsample_size: Option<(usize, usize)>,
         hook: &mut dyn SelfAttentionHook,

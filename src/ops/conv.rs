@@ -75,6 +75,12 @@ impl Conv2d {
         })
     }
 
+    /// Removes the bias and returns it, for a caller that adds it elsewhere (a resnet folds
+    /// `conv1`'s bias into its time-embedding projection's).
+    pub fn take_bias(&mut self) -> Option<Tensor> {
+        self.bias.take()
+    }
+
     /// `(out_channels)`; `None` for a convolution without a bias.
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
