@@ -174,8 +174,8 @@ mod cuda {
     use super::{Geometry, GroupNormOp};
     use crate::ops::storage::cuda_view;
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaDType, WrapErr};
+    use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
     use candle_core::{CudaStorage, Layout, Result};
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/group_norm.ptx"));
@@ -195,21 +195,38 @@ mod cuda {
         (bs, bl): (&CudaStorage, &Layout),
         type_name: &str,
     ) -> Result<CudaStorage> {
+        let view = |s, l, what| cuda_view::<T>(s, l, "GroupNorm", what);
+        let operands = (&view(xs, xl, "input")?, &view(ws, wl, "weight")?, &view(bs, bl, "bias")?);
+        let dev = xs.device();
         // 16-byte loads when every row starts aligned and a word never spans two channels.
         let vec_width = 16 / std::mem::size_of::<T>();
         let vec = g.spatial.is_multiple_of(vec_width) && xl.start_offset().is_multiple_of(vec_width);
-        if vec && !crate::ops::switches::switches().group_norm_two_pass {
-            if let Some(words) = ROW_WORDS.into_iter().find(|&r| g.row_len <= ROW_THREADS as usize * r * vec_width) {
-                return launch_rows::<T>(op, g, (xs, xl), (ws, wl), (bs, bl), type_name, words);
-            }
-        }
+        let one_launch = (vec && !crate::ops::switches::switches().group_norm_two_pass)
+            .then(|| ROW_WORDS.into_iter().find(|&r| g.row_len <= ROW_THREADS as usize * r * vec_width))
+            .flatten();
+        let out = match one_launch {
+            Some(words) => launch_rows(op, g, dev, operands, type_name, words)?,
+            None => launch_two_pass(op, g, dev, operands, type_name, vec)?,
+        };
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+
+    /// Input, weight and bias.
+    type Operands<'a, 'v, T> = (&'a CudaView<'v, T>, &'a CudaView<'v, T>, &'a CudaView<'v, T>);
+
+    /// Statistics in one launch (row chunks, f32 partial sums), normalisation in a second.
+    fn launch_two_pass<T: CudaDType + DeviceRepr>(
+        op: &GroupNormOp,
+        g: &Geometry,
+        dev: &CudaDevice,
+        (x, w, b): Operands<T>,
+        type_name: &str,
+        vec: bool,
+    ) -> Result<CudaSlice<T>> {
         let chunks = g.row_len.div_ceil(CHUNK);
         if g.rows > 65_535 || chunks > i32::MAX as usize || g.channels_per_group > i32::MAX as usize {
             candle_core::bail!("GroupNorm: too large for the kernel ({} rows of {} values)", g.rows, g.row_len);
         }
-        let view = |s, l, what| cuda_view::<T>(s, l, "GroupNorm", what);
-        let (x, w, b) = (view(xs, xl, "input")?, view(ws, wl, "weight")?, view(bs, bl, "bias")?);
-        let dev = xs.device();
         let stats = dev.get_or_load_custom_func(&format!("group_norm_stats_{type_name}"), MODULE, PTX)?;
         let apply = dev.get_or_load_custom_func(&format!("group_norm_apply_{type_name}"), MODULE, PTX)?;
         // SAFETY: the stats kernel writes every (row, chunk) pair; the apply kernel every output.
@@ -224,15 +241,15 @@ mod cuda {
         let (cpg, groups, silu) = (g.channels_per_group as i32, op.groups as i32, op.silu as i32);
         let vec = vec as i32;
         let mut builder = stats.builder();
-        builder.arg(&x).arg(&partials).arg(&row_len).arg(&chunks_i).arg(&vec);
+        builder.arg(x).arg(&partials).arg(&row_len).arg(&chunks_i).arg(&vec);
         // SAFETY: argument types and order match group_norm_stats_*; sizes checked above.
         unsafe { builder.launch(cfg) }.w()?;
         let mut builder = apply.builder();
-        builder.arg(&x).arg(&partials).arg(&w).arg(&b).arg(&out).arg(&row_len).arg(&chunks_i).arg(&spatial);
+        builder.arg(x).arg(&partials).arg(w).arg(b).arg(&out).arg(&row_len).arg(&chunks_i).arg(&spatial);
         builder.arg(&cpg).arg(&groups).arg(&op.eps).arg(&silu).arg(&vec);
         // SAFETY: argument types and order match group_norm_apply_*.
         unsafe { builder.launch(cfg) }.w()?;
-        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        Ok(out)
     }
 
     /// One launch, one block per row held in registers (`words` 16-byte words per thread); the
@@ -240,18 +257,14 @@ mod cuda {
     fn launch_rows<T: CudaDType + DeviceRepr>(
         op: &GroupNormOp,
         g: &Geometry,
-        (xs, xl): (&CudaStorage, &Layout),
-        (ws, wl): (&CudaStorage, &Layout),
-        (bs, bl): (&CudaStorage, &Layout),
+        dev: &CudaDevice,
+        (x, w, b): Operands<T>,
         type_name: &str,
         words: usize,
-    ) -> Result<CudaStorage> {
+    ) -> Result<CudaSlice<T>> {
         if g.rows > i32::MAX as usize || g.spatial > i32::MAX as usize {
             candle_core::bail!("GroupNorm: too large for the kernel ({} rows of {} values)", g.rows, g.row_len);
         }
-        let view = |s, l, what| cuda_view::<T>(s, l, "GroupNorm", what);
-        let (x, w, b) = (view(xs, xl, "input")?, view(ws, wl, "weight")?, view(bs, bl, "bias")?);
-        let dev = xs.device();
         let func = dev.get_or_load_custom_func(&format!("group_norm_row_{type_name}_r{words}"), MODULE, PTX)?;
         // SAFETY: the kernel writes every value of every row.
         let out = unsafe { dev.alloc::<T>(g.rows * g.row_len)? };
@@ -259,11 +272,11 @@ mod cuda {
         let (row_len, spatial, cpg) = (g.row_len as i32, g.spatial as i32, g.channels_per_group as i32);
         let (groups, silu) = (op.groups as i32, op.silu as i32);
         let mut builder = func.builder();
-        builder.arg(&x).arg(&w).arg(&b).arg(&out).arg(&row_len).arg(&spatial).arg(&cpg).arg(&groups);
+        builder.arg(x).arg(w).arg(b).arg(&out).arg(&row_len).arg(&spatial).arg(&cpg).arg(&groups);
         builder.arg(&op.eps).arg(&silu);
         // SAFETY: argument types and order match group_norm_row_*.
         unsafe { builder.launch(cfg) }.w()?;
-        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        Ok(out)
     }
 }
 
