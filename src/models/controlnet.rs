@@ -11,7 +11,7 @@ use serde::Deserialize;
 
 use super::attention::NoHook;
 use super::embeddings::{Activation, TimestepEmbedding, Timesteps};
-use super::resnet::ResnetTimeProjection;
+use super::resnet::{ResnetTimeProjection, TimeEmbedding};
 pub use super::unet_blocks::ControlNetResiduals;
 use super::unet_blocks::{DownBlock, DownBlockSettings, MidBlock, MidBlockSettings, ResnetSettings};
 use super::unet_config::{
@@ -417,8 +417,7 @@ impl ControlNetModel {
         }
 
         let t_emb = self.time_proj.forward_each(timesteps, sample.dtype(), sample.device())?;
-        let emb =
-            super::unet::time_embedding_for_resnets(&self.time_embedding.forward(&t_emb)?, self.resnet_time.as_ref())?;
+        let emb = TimeEmbedding::new(&self.time_embedding.forward(&t_emb)?, self.resnet_time.as_ref())?;
 
         let mut xs = self.conv_in.forward(sample)?;
         xs = xs.broadcast_add(&condition.embedding)?;

@@ -279,17 +279,6 @@ pub struct UNet2DConditionModel {
     span: tracing::Span,
 }
 
-/// The time embedding as the resnets take it: its SiLU (once, not in every resnet) and, with
-/// a fused projection, every resnet's projection of it in one matrix product.
-pub(crate) fn time_embedding_for_resnets(
-    emb: &Tensor,
-    projection: Option<&ResnetTimeProjection>,
-) -> Result<TimeEmbedding> {
-    let activated = candle_nn::ops::silu(emb)?;
-    let projected = projection.map(|p| p.forward(&activated)).transpose()?;
-    Ok(TimeEmbedding { activated, projected })
-}
-
 /// diffusers paths of the self-attention layers (`attn1`) of a block with attention, in
 /// forward order.
 pub(crate) fn attn1_names(prefix: &str, a: &CrossAttnSettings, out: &mut Vec<String>) {
@@ -450,7 +439,7 @@ impl UNet2DConditionModel {
         if let Some(act) = &self.time_embed_act {
             emb = act.apply(&emb)?;
         }
-        let emb = time_embedding_for_resnets(&emb, self.resnet_time.as_ref())?;
+        let emb = TimeEmbedding::new(&emb, self.resnet_time.as_ref())?;
 
         let mut xs = self.conv_in.forward(&sample)?;
         let mut skips = vec![xs.clone()];
