@@ -137,6 +137,9 @@ impl ResnetBlock2D {
                         "resnet: its time-embedding projection is in the model's ResnetTimeProjection, but the call has no projected embedding"
                     );
                 };
+                // A view at batch 1; at batch 2 and more a small copy per resnet (measured: 32
+                // copies, 0.1 ms of a 13.2 ms step), as the bias kernel reads (batch, channels)
+                // contiguously.
                 Some(projected.narrow(1, start, count)?.contiguous()?)
             }
             (Some(temb), None, Some(proj)) => Some(proj.forward(&temb.activated)?),

@@ -425,16 +425,9 @@ impl Img2Img {
 
     /// Decodes a frame whose steps are done: `[1, 3, H, W]` f32 in [0, 1].
     pub fn decode(&self, frame: DenoisingFrame) -> Result<Tensor> {
-        if !frame.is_done() {
-            bail!("a frame cannot be decoded after {} of its {} steps", frame.next_step, frame.plan.timesteps.len());
-        }
+        ensure_done(&frame)?;
         let _span = tracing::info_span!("vae_decode").entered();
-        let _upload_cache = upload_cache(frame.latents.device());
-        let mut stages = self.stage_graphs.lock().map_err(|_| anyhow::anyhow!("stage graphs poisoned by a panic"))?;
-        let image = stages.decode.run(frame.latents.device(), &frame.latents, |latents| {
-            self.vae.decode_scaled(latents).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
-        })?;
-        Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
+        self.decode_latents(&frame.latents, frame.latents.device(), &self.vae, |stages| &mut stages.decode)
     }
 
     /// [`Self::decode`] on the VAE stream when there is one ([`Self::set_vae_stream`]): the
@@ -443,16 +436,26 @@ impl Img2Img {
     /// VAE stream's device. Without a VAE stream it is [`Self::decode`].
     pub fn decode_after(&self, frame: DenoisingFrame, ready: Option<&StreamPoint>) -> Result<Tensor> {
         let Some(stream) = &self.vae_stream else { return self.decode(frame) };
-        if !frame.is_done() {
-            bail!("a frame cannot be decoded after {} of its {} steps", frame.next_step, frame.plan.timesteps.len());
-        }
+        ensure_done(&frame)?;
         let _span = tracing::info_span!("vae_decode", stream = true).entered();
         let latents = vae_stream::transfer(&frame.latents, &stream.device, ready)?;
         drop(frame);
-        let _upload_cache = upload_cache(&stream.device);
+        self.decode_latents(&latents, &stream.device, &stream.vae, |stages| &mut stages.vae_stream_decode)
+    }
+
+    /// `vae`'s decoding of `latents` on `device` through the stage graph `stage` picks, scaled
+    /// to [0, 1] in f32.
+    fn decode_latents(
+        &self,
+        latents: &Tensor,
+        device: &candle_core::Device,
+        vae: &Vae,
+        stage: impl FnOnce(&mut StageGraphs) -> &mut StageGraph,
+    ) -> Result<Tensor> {
+        let _upload_cache = upload_cache(device);
         let mut stages = self.stage_graphs.lock().map_err(|_| anyhow::anyhow!("stage graphs poisoned by a panic"))?;
-        let image = stages.vae_stream_decode.run(&stream.device, &latents, |latents| {
-            stream.vae.decode_scaled(latents).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
+        let image = stage(&mut stages).run(device, latents, |latents| {
+            vae.decode_scaled(latents).map_err(|e| candle_core::Error::Msg(format!("{e:#}")))
         })?;
         Ok(((image.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?)
     }
@@ -730,6 +733,14 @@ fn timesteps_hash(timesteps: &[f64]) -> usize {
         t.to_bits().hash(&mut hasher);
     }
     hasher.finish() as usize
+}
+
+/// Refuses a frame whose steps are not all done (it cannot be decoded yet).
+fn ensure_done(frame: &DenoisingFrame) -> Result<()> {
+    if !frame.is_done() {
+        bail!("a frame cannot be decoded after {} of its {} steps", frame.next_step, frame.plan.timesteps.len());
+    }
+    Ok(())
 }
 
 /// Small uploads (the timestep embedding, kernel shape arguments) are cached by content so
