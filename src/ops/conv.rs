@@ -248,9 +248,44 @@ mod cudnn {
 
     // cuDNN handles and descriptors are neither Send nor Sync: one set per thread.
     thread_local! {
-        static HANDLES: RefCell<HashMap<DeviceId, Arc<Cudnn>>> = RefCell::new(HashMap::new());
-        static PLANS: RefCell<HashMap<Key, Rc<AnyPlan>>> = RefCell::new(HashMap::new());
+        static CUDNN: RefCell<ThreadCudnn> = RefCell::new(ThreadCudnn::default());
         static METHODS: RefCell<HashMap<Key, Method>> = RefCell::new(HashMap::new());
+    }
+
+    /// A thread's cuDNN handles and plans (descriptors), destroyed when the thread ends. cudarc's handle unwraps
+    /// cudnnDestroy's result in its `Drop`, and a panic in a thread-local's destructor aborts
+    /// the process: a worker thread that ended while other threads kept the GPU busy took the
+    /// benchmark down that way (`CUDNN_STATUS_INTERNAL_ERROR`, H200, 4 model copies). So each
+    /// handle is destroyed with its device's context current on the thread (which a dying
+    /// thread may no longer have), and a failure is caught and logged instead.
+    #[derive(Default)]
+    struct ThreadCudnn {
+        handles: HashMap<DeviceId, (Arc<Cudnn>, candle_core::CudaDevice)>,
+        plans: HashMap<Key, Rc<AnyPlan>>,
+    }
+
+    impl Drop for ThreadCudnn {
+        fn drop(&mut self) {
+            // The plans' descriptors hold the handles too: drop them first, so that the last
+            // reference to each handle goes below.
+            let plans = std::mem::take(&mut self.plans);
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(plans))).is_err() {
+                tracing::warn!("destroying cuDNN descriptors failed at thread exit");
+            }
+            for (id, (handle, dev)) in self.handles.drain() {
+                if let Err(e) = dev.cuda_stream().context().bind_to_thread() {
+                    // Without the context nothing can be destroyed; keep the handle (a leak
+                    // at thread exit) rather than fail.
+                    tracing::debug!(?id, "cuDNN handle left undestroyed at thread exit: {e:?}");
+                    std::mem::forget(handle);
+                    continue;
+                }
+                let destroyed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(handle)));
+                if destroyed.is_err() {
+                    tracing::warn!(?id, "cudnnDestroy failed at thread exit (the handle is leaked)");
+                }
+            }
+        }
     }
 
     pub(super) fn conv2d(xs: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
@@ -571,12 +606,12 @@ mod cudnn {
     }
 
     fn handle(dev: &candle_core::CudaDevice) -> Result<Arc<Cudnn>> {
-        HANDLES.with(|handles| {
-            if let Some(h) = handles.borrow().get(&dev.id()) {
+        CUDNN.with(|state| {
+            if let Some((h, _)) = state.borrow().handles.get(&dev.id()) {
                 return Ok(h.clone());
             }
             let h = Cudnn::new(dev.cuda_stream()).map_err(cudnn_err("handle"))?;
-            handles.borrow_mut().insert(dev.id(), h.clone());
+            state.borrow_mut().handles.insert(dev.id(), (h.clone(), dev.clone()));
             Ok(h)
         })
     }
@@ -671,7 +706,7 @@ mod cudnn {
                 candle_core::bail!("cuDNN convolution: input {h}x{w} is smaller than the {kh}x{kw} kernel");
             }
             let dev = xs.device().clone();
-            let cached = PLANS.with(|plans| plans.borrow().get(key).cloned());
+            let cached = CUDNN.with(|state| state.borrow().plans.get(key).cloned());
             let plan = match cached {
                 Some(plan) => plan,
                 None => {
@@ -681,7 +716,7 @@ mod cudnn {
                         DType::BF16 => AnyPlan::BF16(make_plan(&cudnn, key)?),
                         other => candle_core::bail!("cuDNN convolution: f16 and bf16 only, got {other:?}"),
                     });
-                    PLANS.with(|plans| plans.borrow_mut().insert(*key, plan.clone()));
+                    CUDNN.with(|state| state.borrow_mut().plans.insert(*key, plan.clone()));
                     plan
                 }
             };
