@@ -39,7 +39,7 @@ use crate::device::DeviceSpan;
 use crate::frame::RgbFrame;
 use crate::ops::vae_stream::StreamPoint;
 use crate::pipeline::{
-    Call, CancelHandle, DenoisingFrame, FrameHook, FrameInputs, FrameNoise, FrameSettings, Membership, SharedModels,
+    BatchTimeout, Call, CancelHandle, DenoisingFrame, FrameHook, FrameInputs, FrameNoise, FrameSettings, FramePace, Membership, SharedModels,
     SizeRequest, StepRequest, Stylizer, check_finite,
 };
 use crate::resample;
@@ -104,10 +104,10 @@ pub struct SessionConfig {
     /// At most this many frames in a row are skipped.
     pub max_skip: usize,
     /// Cross-stream batching: when set, each denoising call meets the calls of the other
-    /// sessions sharing these models (see [`crate::pipeline::batcher`]), waiting at most
-    /// this long for partners; calls that share a step plan run as one UNet call. `None`:
-    /// the session's calls run on their own.
-    pub batch_timeout: Option<Duration>,
+    /// sessions sharing these models (see [`crate::pipeline::batcher`]), waiting for
+    /// partners at most as long as this says; calls that share a step plan run as one UNet
+    /// call. `None`: the session's calls run on their own.
+    pub batch_timeout: Option<BatchTimeout>,
 }
 
 impl Default for SessionConfig {
@@ -386,6 +386,8 @@ pub struct VideoSession {
     membership: Option<Membership>,
     /// Denoising calls whose UNet call held other streams' rows too.
     shared_calls: u64,
+    /// The stream's frame interval, for [`BatchTimeout::Auto`].
+    pace: FramePace,
     /// Whether the session uses the models' VAE stream when they have one.
     vae_stream: bool,
 }
@@ -450,6 +452,7 @@ impl VideoSession {
             reset_reason: None,
             membership,
             shared_calls: 0,
+            pace: FramePace::default(),
             vae_stream: true,
         })
     }
@@ -557,6 +560,7 @@ impl VideoSession {
         self.last_output = None;
         self.last_diffused_thumbnail = None;
         self.skips_in_a_row = 0;
+        self.pace.pause();
         self.reset_reason = Some(reason);
     }
 
@@ -994,7 +998,11 @@ impl VideoSession {
                 (Some(membership), Some(timeout)) => batched_call(
                     self.stylizer.shared(),
                     membership,
-                    timeout,
+                    {
+                        // One call per frame interval: its start paces the stream.
+                        self.pace.frame_started(Instant::now());
+                        self.pace.wait(timeout)
+                    },
                     &mut self.attention,
                     &mut frames,
                     Call::Batch,
@@ -1132,6 +1140,8 @@ impl VideoSession {
         let (Some(membership), Some(timeout)) = (&self.membership, self.config.batch_timeout) else {
             bail!("cross-stream batching is off")
         };
+        self.pace.frame_started(Instant::now());
+        let timeout = self.pace.wait(timeout);
         let models = self.stylizer.shared();
         let attention_on = self.config.attention != AttentionMode::Off;
         let mut shared_calls = 0;

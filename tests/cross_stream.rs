@@ -15,14 +15,14 @@ use candle_core::{DType, Device};
 use common::*;
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
 use sdcrossframe::frame::RgbFrame;
-use sdcrossframe::pipeline::{FrameSettings, SizeRequest, Stylizer, registry};
+use sdcrossframe::pipeline::{BatchTimeout, FrameSettings, SizeRequest, Stylizer, registry};
 use sdcrossframe::session::{SessionConfig, StylizedFrame, VideoSession};
 
 /// Each stream against itself alone, per pixel in [0, 1] (the bound).
 const TOLERANCE: f32 = 1e-5;
 /// Long enough that on a loaded machine streams still meet every round; a stream that stops
 /// leaves the batcher, so nobody waits for it.
-const PATIENT: Duration = Duration::from_secs(20);
+const PATIENT: BatchTimeout = BatchTimeout::Fixed(Duration::from_secs(20));
 
 /// The load counter is process-wide: the tests of this file take turns.
 fn serial() -> MutexGuard<'static, ()> {
@@ -77,7 +77,7 @@ struct Run {
     store_held_bytes: usize,
 }
 
-fn session(stylizer: Stylizer, stream: &Stream, batch_timeout: Option<Duration>) -> VideoSession {
+fn session(stylizer: Stylizer, stream: &Stream, batch_timeout: Option<BatchTimeout>) -> VideoSession {
     let config = SessionConfig { batch_timeout, ..stream.config.clone() };
     VideoSession::new(stylizer, config, stream.settings.clone()).unwrap()
 }

@@ -10,7 +10,7 @@ use anyhow::{Result, bail};
 use candle_core::{DType, Device};
 use clap::Args;
 use sdcrossframe::frame::RgbFrame;
-use sdcrossframe::pipeline::{SizeRequest, Stylizer};
+use sdcrossframe::pipeline::{BatchTimeout, SizeRequest, Stylizer};
 use sdcrossframe::session::{SessionConfig, VideoSession};
 
 use crate::Cli;
@@ -32,9 +32,20 @@ pub struct StreamsArgs {
     /// stream's calls on their own), separate (a model copy per stream).
     #[arg(long, value_delimiter = ',', default_value = "shared,separate")]
     modes: Vec<String>,
-    /// The cross-stream batch timeout of the shared mode, in ms.
-    #[arg(long, default_value_t = 5)]
-    batch_timeout_ms: u64,
+    /// The cross-stream batch timeout of the shared mode, in ms, or `auto` (a quarter of each
+    /// stream's frame interval, as the element's `batch-timeout=-1`).
+    #[arg(long, default_value = "5", value_parser = parse_batch_timeout)]
+    batch_timeout_ms: BatchTimeout,
+}
+
+fn parse_batch_timeout(value: &str) -> std::result::Result<BatchTimeout, String> {
+    if value == "auto" {
+        return Ok(BatchTimeout::Auto);
+    }
+    value
+        .parse::<u64>()
+        .map(|ms| BatchTimeout::Fixed(Duration::from_millis(ms)))
+        .map_err(|_| format!("{value:?}: expected milliseconds or auto"))
 }
 
 /// What one configuration measured.
@@ -87,7 +98,7 @@ pub fn run(cli: &Cli, args: &StreamsArgs, device: &Device, dtype: DType, probe: 
                 }
                 other => bail!("unknown mode {other:?}: expected shared, unbatched or separate"),
             };
-            let timeout = (mode == "shared").then(|| Duration::from_millis(args.batch_timeout_ms));
+            let timeout = (mode == "shared").then_some(args.batch_timeout_ms);
             let first = stylizers[0].shared().clone();
             let outcome = measure(cli, args, stylizers, timeout, probe)?;
             let img2img = first.img2img();
@@ -144,7 +155,7 @@ fn measure(
     cli: &Cli,
     args: &StreamsArgs,
     stylizers: Vec<Stylizer>,
-    batch_timeout: Option<Duration>,
+    batch_timeout: Option<BatchTimeout>,
     probe: Option<&Probe>,
 ) -> Result<Outcome> {
     let (width, height) = (args.generation.width, args.generation.height);

@@ -141,6 +141,13 @@ fn properties_defaults_ranges_and_flags() {
     assert_eq!(uint("height"), (0, 16384, 0));
     assert_eq!(uint("anchor-interval"), (0, u32::MAX, 0));
     assert_eq!(uint("latency"), (0, 600_000, 1000));
+    let int = |name: &str| {
+        let p = element.find_property(name).unwrap();
+        let p = p.downcast_ref::<gst::glib::ParamSpecInt>().unwrap();
+        (p.minimum(), p.maximum(), p.default_value())
+    };
+    // -1: auto (a quarter of the element's frame interval), 0: off.
+    assert_eq!(int("batch-timeout"), (-1, 1000, 0));
     assert_eq!(element.property::<u64>("seed"), 0);
     assert_eq!(element.property::<String>("model"), "runwayml/stable-diffusion-v1-5");
     assert_eq!(element.property::<String>("controlnet"), "lllyasviel/sd-controlnet-canny");

@@ -42,6 +42,71 @@ use crate::ops::step_graphs::Fence;
 /// is longer) no longer holds the others back.
 const ACTIVE_WINDOW: Duration = Duration::from_secs(1);
 
+/// How long a stream's call waits at the batcher for the calls of other streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchTimeout {
+    /// At most this long.
+    Fixed(Duration),
+    /// A quarter of the stream's own recent frame interval (see [`FramePace`]), so that slow
+    /// settings wait long enough for partners that are still decoding and encoding between
+    /// frames (at the original settings 20 ms let 4 streams drift out of step: 0.8x the
+    /// throughput of separate copies on an H200, 200 ms 1.27x) and fast ones stay responsive.
+    Auto,
+}
+
+/// [`BatchTimeout::Auto`]'s bounds.
+pub const AUTO_TIMEOUT_MIN: Duration = Duration::from_millis(5);
+pub const AUTO_TIMEOUT_MAX: Duration = Duration::from_millis(500);
+/// [`BatchTimeout::Auto`]'s wait before a stream has a frame interval: the longest, because the
+/// first frames of streams that start together run at uneven speeds (convolution tuning, graph
+/// captures), and streams that fall out of step there stay out of step: each one's frame
+/// boundary (VAE decode and encode) becomes a pause for the others (on an H200 at the original
+/// settings, 4 streams: 4.6 fps in all starting with 50 ms, 5.2-5.3 with 200 ms throughout).
+pub const AUTO_TIMEOUT_FIRST: Duration = AUTO_TIMEOUT_MAX;
+
+/// A stream's recent frame interval (the time between the starts of its frames, smoothed),
+/// for [`BatchTimeout::Auto`].
+#[derive(Debug, Clone, Default)]
+pub struct FramePace {
+    last_start: Option<Instant>,
+    interval: Option<Duration>,
+}
+
+impl FramePace {
+    /// A frame starts now (at `now`).
+    pub fn frame_started(&mut self, now: Instant) {
+        if let Some(last) = self.last_start {
+            let seen = now.saturating_duration_since(last);
+            // Smoothed so that one slow frame (a model load, a scene cut) moves it a quarter.
+            self.interval = Some(match self.interval {
+                Some(previous) => previous.mul_f64(0.75) + seen.mul_f64(0.25),
+                None => seen,
+            });
+        }
+        self.last_start = Some(now);
+    }
+
+    /// The stream stopped or paused: the next frame starts a new measurement.
+    pub fn pause(&mut self) {
+        self.last_start = None;
+    }
+
+    pub fn interval(&self) -> Option<Duration> {
+        self.interval
+    }
+
+    /// How long a call of this stream waits for partners under `timeout`.
+    pub fn wait(&self, timeout: BatchTimeout) -> Duration {
+        match timeout {
+            BatchTimeout::Fixed(wait) => wait,
+            BatchTimeout::Auto => match self.interval {
+                Some(interval) => (interval / 4).clamp(AUTO_TIMEOUT_MIN, AUTO_TIMEOUT_MAX),
+                None => AUTO_TIMEOUT_FIRST,
+            },
+        }
+    }
+}
+
 /// One stream's denoising call, with its cross-frame state (lent to the round's leader).
 pub struct StepRequest {
     pub inputs: StepInputs,
@@ -340,5 +405,46 @@ impl Membership {
 impl Drop for Membership {
     fn drop(&mut self) {
         self.batcher.leave(self.id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ms(v: u64) -> Duration {
+        Duration::from_millis(v)
+    }
+
+    #[test]
+    fn auto_timeout_follows_the_frame_interval_within_its_bounds() {
+        let mut pace = FramePace::default();
+        let start = Instant::now();
+        assert_eq!(pace.wait(BatchTimeout::Auto), AUTO_TIMEOUT_FIRST);
+        assert_eq!(pace.wait(BatchTimeout::Fixed(ms(20))), ms(20));
+        pace.frame_started(start);
+        assert_eq!(pace.interval(), None, "one start is no interval");
+        pace.frame_started(start + ms(800));
+        assert_eq!(pace.interval(), Some(ms(800)));
+        // Original settings, 4 streams: a quarter of the frame interval.
+        assert_eq!(pace.wait(BatchTimeout::Auto), ms(200));
+        assert_eq!(pace.wait(BatchTimeout::Fixed(ms(20))), ms(20), "a fixed timeout ignores the pace");
+        // One slow frame moves it a quarter of the way.
+        pace.frame_started(start + ms(800 + 1600));
+        assert_eq!(pace.interval(), Some(ms(1000)));
+        assert_eq!(pace.wait(BatchTimeout::Auto), ms(250));
+        // Bounded both ways.
+        let mut slow = FramePace::default();
+        slow.frame_started(start);
+        slow.frame_started(start + ms(10_000));
+        assert_eq!(slow.wait(BatchTimeout::Auto), AUTO_TIMEOUT_MAX);
+        let mut fast = FramePace::default();
+        fast.frame_started(start);
+        fast.frame_started(start + ms(8));
+        assert_eq!(fast.wait(BatchTimeout::Auto), AUTO_TIMEOUT_MIN);
+        // After a pause the gap is not an interval.
+        fast.pause();
+        fast.frame_started(start + ms(60_000));
+        assert_eq!(fast.interval(), Some(ms(8)));
     }
 }

@@ -52,7 +52,7 @@ use gst_video::prelude::*;
 use gst_video::subclass::prelude::*;
 use sdcrossframe::canny::CannyParams;
 use sdcrossframe::frame::RgbFrame;
-use sdcrossframe::pipeline::{CancelHandle, Cancelled, SizeRequest};
+use sdcrossframe::pipeline::{BatchTimeout, CancelHandle, Cancelled, SizeRequest};
 use sdcrossframe::pipeline::{FrameSettings, LoraSpec, MAX_STEPS, ModelSpec, Stylizer};
 use sdcrossframe::scheduler::TimestepIndices;
 use sdcrossframe::session::{FinishedFrame, InFlightFrame, PreparedFrame, SessionConfig, VideoSession};
@@ -119,15 +119,18 @@ struct Settings {
     skip_similarity: f64,
     max_skip: u32,
     /// Cross-stream batching: how long a denoising call waits for the calls of other elements
-    /// sharing the model, in milliseconds.
-    batch_timeout_ms: u32,
+    /// sharing the model, in milliseconds; 0 off, -1 auto.
+    batch_timeout_ms: i32,
 }
 
-/// The `batch-timeout` default: off. On an H200 (4 LCM steps, stream batch) 4 batched elements
-/// ran 43.3 fps in all against 37.9 for separate copies, but 2 and 8 ran slower than separate
-/// copies (their cross-stream calls often fail to capture as CUDA graphs and run op by op):
-/// opt in until that is fixed.
-const DEFAULT_BATCH_TIMEOUT_MS: u32 = 0;
+/// The `batch-timeout` default: off. Batching pays when the elements share a step plan (on an
+/// H200, 4 elements: 1.07x to 1.27x the throughput of separate copies, see the README), but a
+/// round runs the calls of different plans one after another, where separate elements would
+/// overlap on the GPU: opt in.
+const DEFAULT_BATCH_TIMEOUT_MS: i32 = 0;
+
+/// `batch-timeout=-1`: wait a quarter of the element's recent frame interval (5 to 500 ms).
+const AUTO_BATCH_TIMEOUT: i32 = -1;
 
 impl Default for Settings {
     /// The engine's defaults (checked by a test), i.e. the original project's settings.
@@ -215,9 +218,11 @@ impl Settings {
             stream_batch: self.stream_batch,
             skip_similarity: self.skip_similarity,
             max_skip: self.max_skip as usize,
-            // 0: no cross-stream batching.
-            batch_timeout: (self.batch_timeout_ms > 0)
-                .then(|| std::time::Duration::from_millis(self.batch_timeout_ms.into())),
+            batch_timeout: match self.batch_timeout_ms {
+                0 => None,
+                AUTO_BATCH_TIMEOUT => Some(BatchTimeout::Auto),
+                ms => Some(BatchTimeout::Fixed(std::time::Duration::from_millis(ms.unsigned_abs().into()))),
+            },
         }
     }
 
@@ -943,10 +948,10 @@ impl ObjectImpl for SdCrossFrame {
                     .default_value(d.max_skip)
                     .mutable_playing()
                     .build(),
-                glib::ParamSpecUInt::builder("batch-timeout")
+                glib::ParamSpecInt::builder("batch-timeout")
                     .nick("Cross-stream batch timeout (ms)")
-                    .blurb("Elements sharing one loaded model (see model-instance-id) run their denoising steps that are ready together and share a step plan (size, steps, strength, scheduler, guidance batch, controlnet-scale) as one UNet call; each waits at most this long for the others (e.g. 20). 0 (the default): off, each element's steps run on their own. Each element's frames are those it gives alone")
-                    .minimum(0)
+                    .blurb("Elements sharing one loaded model (see model-instance-id) run their denoising steps that are ready together and share a step plan (size, steps, strength, scheduler, guidance batch, controlnet-scale) as one UNet call; each waits at most this long for the others (e.g. 20). -1: auto, a quarter of the element's recent frame interval (5 to 500 ms: about 200 ms at the original settings with 4 streams, 25 ms at 4 LCM steps). 0 (the default): off, each element's steps run on their own. Each element's frames are those it gives alone")
+                    .minimum(AUTO_BATCH_TIMEOUT)
                     .maximum(1000)
                     .default_value(d.batch_timeout_ms)
                     .mutable_playing()
