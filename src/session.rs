@@ -39,8 +39,8 @@ use crate::device::DeviceSpan;
 use crate::frame::RgbFrame;
 use crate::ops::vae_stream::StreamPoint;
 use crate::pipeline::{
-    BatchTimeout, Call, CancelHandle, DenoisingFrame, FrameHook, FrameInputs, FrameNoise, FramePace, FrameSettings,
-    Membership, SharedModels, SizeRequest, StepRequest, Stylizer, check_finite,
+    BatchTimeout, Call, CancelHandle, DenoisingFrame, FrameHook, FrameInputs, FrameNoise, FrameSettings, FramePace, Membership, SharedModels,
+    SizeRequest, StepRequest, Stylizer, check_finite,
 };
 use crate::resample;
 
@@ -230,63 +230,8 @@ enum Output {
     /// after the UNet's stream reached `ready` (the point after the frame's last step), so that
     /// the next frame's encoding and denoising, queued by the launches before it, go first.
     Latents { frame: DenoisingFrame, ready: StreamPoint },
-    /// Denoised through the cross-stream batcher, its decoding left to whichever comes first:
-    /// the session's next frame (queued while that frame's first call waits for its round,
-    /// see [`DeferredDecode`]) or `finish`.
-    Deferred(Arc<DeferredDecode>),
     /// Its decoding failed.
     Failed,
-}
-
-/// A batched frame's decoding, shared by its [`InFlightFrame`] and the session. A batched
-/// stream's rounds hold every member's UNet calls until all have arrived, so a member
-/// decoding its last frame before its next frame's first call (as a frame launched and then
-/// finished does) holds up every stream; queued while the next frame's first call waits at
-/// the batcher instead, after that call's inputs were fenced, the decoding runs on the
-/// stream's own CUDA stream beside the round.
-pub struct DeferredDecode {
-    size: (usize, usize),
-    state: std::sync::Mutex<Deferred>,
-}
-
-enum Deferred {
-    Latents(DenoisingFrame),
-    Decoded(Tensor),
-    Failed(String),
-}
-
-impl DeferredDecode {
-    fn new(frame: DenoisingFrame) -> Self {
-        let size = (frame.plan().width, frame.plan().height);
-        Self { size, state: std::sync::Mutex::new(Deferred::Latents(frame)) }
-    }
-
-    /// Queues the decoding if it has not run yet (a failure is kept for `image`). Whether it ran now.
-    fn decode_ahead(&self, stylizer_img2img: &crate::pipeline::Img2Img) -> bool {
-        let Ok(mut state) = self.state.lock() else { return false };
-        if !matches!(&*state, Deferred::Latents(_)) {
-            return false;
-        }
-        let Deferred::Latents(frame) = std::mem::replace(&mut *state, Deferred::Failed(String::new())) else {
-            unreachable!("checked above")
-        };
-        *state = match stylizer_img2img.decode(frame) {
-            Ok(image) => Deferred::Decoded(image),
-            Err(e) => Deferred::Failed(format!("{e:#}")),
-        };
-        true
-    }
-
-    /// The image, decoding it now if that has not happened yet.
-    fn image(&self, stylizer_img2img: &crate::pipeline::Img2Img) -> Result<Tensor> {
-        self.decode_ahead(stylizer_img2img);
-        let state = self.state.lock().map_err(|_| anyhow::anyhow!("a frame's decoding panicked"))?;
-        match &*state {
-            Deferred::Decoded(image) => Ok(image.clone()),
-            Deferred::Failed(message) => bail!("{message}"),
-            Deferred::Latents(_) => unreachable!("decoded above"),
-        }
-    }
 }
 
 /// A launched frame whose result may still be computed on the device
@@ -329,7 +274,7 @@ impl InFlightFrame {
     pub fn is_asynchronous(&self) -> bool {
         match &self.output {
             Output::Image(image) => !image.device().is_cpu(),
-            Output::Latents { .. } | Output::Deferred(_) | Output::Failed => true,
+            Output::Latents { .. } | Output::Failed => true,
         }
     }
 
@@ -341,7 +286,6 @@ impl InFlightFrame {
                 (width, height)
             }
             Output::Latents { frame, .. } => (frame.plan().width, frame.plan().height),
-            Output::Deferred(deferred) => deferred.size,
             Output::Failed => bail!("frame {}: its decoding failed", self.index),
         })
     }
@@ -353,11 +297,6 @@ impl InFlightFrame {
             Output::Image(image) => image,
             Output::Latents { frame, ready } => {
                 let image = stylizer.img2img().decode_after(frame, Some(&ready))?;
-                self.span.end(image.device())?;
-                image
-            }
-            Output::Deferred(deferred) => {
-                let image = deferred.image(stylizer.img2img())?;
                 self.span.end(image.device())?;
                 image
             }
@@ -394,7 +333,6 @@ fn batched_call(
     attention: &mut CrossFrameAttention,
     frames: &mut [&mut DenoisingFrame],
     call: Call,
-    while_waiting: &mut dyn FnMut(),
 ) -> Result<usize> {
     let img2img = models.img2img();
     let inputs = {
@@ -403,7 +341,7 @@ fn batched_call(
     };
     // Lent out for the call; an empty state stays behind (the call's error path resets it anyway).
     let lent = std::mem::replace(attention, CrossFrameAttention::new(attention.mode(), attention.scope()));
-    let reply = membership.run(models, StepRequest { inputs, attention: lent }, timeout, while_waiting)?;
+    let reply = membership.run(models, StepRequest { inputs, attention: lent }, timeout)?;
     *attention = reply.attention;
     img2img.advance(frames, &reply.inputs, &reply.prediction?)?;
     Ok(reply.streams_in_call)
@@ -450,11 +388,6 @@ pub struct VideoSession {
     shared_calls: u64,
     /// The stream's frame interval, for [`BatchTimeout::Auto`].
     pace: FramePace,
-    /// The last batched frame's decoding, while it waits for the next frame (see
-    /// [`DeferredDecode`]).
-    deferred: Option<Arc<DeferredDecode>>,
-    /// Frames decoded while the next frame's first call waited at the batcher.
-    decoded_while_waiting: u64,
     /// Whether the session uses the models' VAE stream when they have one.
     vae_stream: bool,
 }
@@ -520,8 +453,6 @@ impl VideoSession {
             membership,
             shared_calls: 0,
             pace: FramePace::default(),
-            deferred: None,
-            decoded_while_waiting: 0,
             vae_stream: true,
         })
     }
@@ -630,7 +561,6 @@ impl VideoSession {
         self.last_diffused_thumbnail = None;
         self.skips_in_a_row = 0;
         self.pace.pause();
-        self.deferred = None;
         self.reset_reason = Some(reason);
     }
 
@@ -723,25 +653,7 @@ impl VideoSession {
     /// next frame queued; otherwise finishing N first is better (its download would queue
     /// behind N+1's whole diffusion on the one stream).
     pub fn launches_before_finishing(&self) -> bool {
-        self.defers_decoding() || self.defers_to_next_frame()
-    }
-
-    /// Whether launched frames leave their decoding to the next frame's first batched call
-    /// or to `finish`, whichever comes first ([`DeferredDecode`]): cross-stream batching one
-    /// frame at a time, without the VAE stream (which serves sole users) and without
-    /// similarity skipping (which keeps the last image).
-    fn defers_to_next_frame(&self) -> bool {
-        self.membership.is_some()
-            && self.config.batch_timeout.is_some()
-            && !self.config.stream_batch
-            && self.vae_device().is_none()
-            && self.config.skip_similarity <= 0.0
-    }
-
-    /// Batched frames decoded while the next frame's first call waited for its round (see
-    /// [`DeferredDecode`]).
-    pub fn decoded_while_waiting(&self) -> u64 {
-        self.decoded_while_waiting
+        self.defers_decoding()
     }
 
     /// Uses the models' VAE stream (the default, when they have one) or not: off, the VAE
@@ -1094,7 +1006,6 @@ impl VideoSession {
                     &mut self.attention,
                     &mut frames,
                     Call::Batch,
-                    &mut || {},
                 )
                 .map(|streams| {
                     self.shared_calls += u64::from(streams > 1);
@@ -1173,7 +1084,9 @@ impl VideoSession {
         let mut span = DeviceSpan::start(&device)?;
         let defer = self.defers_decoding();
         let result = match (&self.membership, self.config.batch_timeout) {
-            (Some(_), Some(_)) => self.stylize_batched(&input, &control, &noise, step_noise.as_ref()),
+            (Some(_), Some(_)) => {
+                self.stylize_batched(&input, &control, &noise, step_noise.as_ref()).map(Output::Image)
+            }
             _ => self
                 .stylizer
                 .denoise_cancellable(
@@ -1221,7 +1134,7 @@ impl VideoSession {
         control: &Tensor,
         noise: &Tensor,
         step_noise: Option<&Tensor>,
-    ) -> Result<Output> {
+    ) -> Result<Tensor> {
         let embeddings = self.stylizer.prompt_embeddings(&self.settings)?;
         let inputs = FrameInputs { frame: input, control, embeddings: &embeddings, noise, step_noise };
         let (Some(membership), Some(timeout)) = (&self.membership, self.config.batch_timeout) else {
@@ -1232,9 +1145,6 @@ impl VideoSession {
         let models = self.stylizer.shared();
         let attention_on = self.config.attention != AttentionMode::Off;
         let mut shared_calls = 0;
-        // The previous frame's decoding, queued while this frame's first call waits.
-        let mut previous = self.deferred.take();
-        let mut decoded_while_waiting = 0;
         let frame = models.img2img().denoise_frame_with(
             &inputs,
             &self.settings,
@@ -1244,32 +1154,13 @@ impl VideoSession {
             |_, attention, frame| {
                 // The rows of a cross-stream call say which frames are anchors.
                 frame.set_anchor(attention_on && attention.current_frame_is_anchor());
-                let mut decode_previous = || {
-                    if let Some(previous) = previous.take() {
-                        decoded_while_waiting += u64::from(previous.decode_ahead(models.img2img()));
-                    }
-                };
-                let streams = batched_call(
-                    models,
-                    membership,
-                    timeout,
-                    attention,
-                    &mut [frame],
-                    Call::Sequential,
-                    &mut decode_previous,
-                )?;
+                let streams = batched_call(models, membership, timeout, attention, &mut [frame], Call::Sequential)?;
                 shared_calls += u64::from(streams > 1);
                 Ok(())
             },
         )?;
         self.shared_calls += shared_calls;
-        self.decoded_while_waiting += decoded_while_waiting;
-        if self.defers_to_next_frame() {
-            let deferred = Arc::new(DeferredDecode::new(frame));
-            self.deferred = Some(deferred.clone());
-            return Ok(Output::Deferred(deferred));
-        }
-        Ok(Output::Image(self.decode_now(frame)?))
+        self.decode_now(frame)
     }
 
     /// Downloads a launched frame as 8-bit RGB, waiting for the device. Frames may be finished

@@ -75,8 +75,6 @@ struct Run {
     /// The cross-frame store at the end: its entries' bytes, and the memory its buffers keep.
     store_bytes: usize,
     store_held_bytes: usize,
-    /// Frames decoded while the next frame's first batched call waited (see `DeferredDecode`).
-    decoded_while_waiting: u64,
 }
 
 fn session(stylizer: Stylizer, stream: &Stream, batch_timeout: Option<BatchTimeout>) -> VideoSession {
@@ -88,7 +86,6 @@ fn session(stylizer: Stylizer, stream: &Stream, batch_timeout: Option<BatchTimeo
 fn run(mut session: VideoSession, stream: &Stream) -> Run {
     let mut frames = Vec::new();
     let mut shared_per_frame = Vec::new();
-    let mut held = None;
     for (k, input) in stream.frames.iter().enumerate() {
         let settings = stream.settings_at(k);
         if *session.settings() != settings {
@@ -97,27 +94,15 @@ fn run(mut session: VideoSession, stream: &Stream) -> Run {
         let before = session.shared_calls();
         if stream.config.stream_batch {
             frames.extend(session.push_stream(input, None).unwrap());
-        } else if session.launches_before_finishing() {
-            // As the element runs it: frame k+1 launched before frame k is finished (a
-            // batched stream decodes frame k while frame k+1's first call waits).
-            let prepared = session.prepare(input, None).unwrap();
-            let launched = session.launch(prepared).unwrap();
-            if let Some(previous) = held.replace(launched) {
-                frames.push(session.finish(previous).unwrap().stylized);
-            }
         } else {
             frames.push(session.push(input, None).unwrap());
         }
         shared_per_frame.push(session.shared_calls() - before);
     }
-    if let Some(last) = held.take() {
-        frames.push(session.finish(last).unwrap().stylized);
-    }
     frames.extend(session.drain_stylized().unwrap());
-    let decoded_while_waiting = session.decoded_while_waiting();
     let store_bytes = session.attention().stored_bytes();
     let store_held_bytes = session.attention().held_bytes();
-    Run { frames, shared_per_frame, store_bytes, store_held_bytes, decoded_while_waiting }
+    Run { frames, shared_per_frame, store_bytes, store_held_bytes }
 }
 
 /// Runs the streams on threads of their own through one shared copy of the models (loaded
@@ -181,8 +166,6 @@ fn two_streams_share_calls_and_give_what_each_gives_alone() {
     // Same plan, in lockstep: every call of both is shared.
     for run in &runs {
         assert!(run.shared_per_frame.iter().all(|&n| n == 3), "shared calls per frame {:?}", run.shared_per_frame);
-        // Each frame but the last was decoded while the next frame's first call waited.
-        assert_eq!(run.decoded_while_waiting, run.frames.len() as u64 - 1);
     }
 }
 
@@ -199,8 +182,6 @@ fn three_streams_with_stream_batch_attention_off_and_another_size() {
     );
     assert!(runs[1].shared_per_frame.iter().sum::<u64>() > 0);
     assert_eq!(runs[2].shared_per_frame.iter().sum::<u64>(), 0, "another size never shares a call");
-    assert_eq!(runs[0].decoded_while_waiting, 0, "the stream batch decodes as it did");
-    assert_eq!(runs[1].decoded_while_waiting, runs[1].frames.len() as u64 - 1);
 }
 
 #[test]

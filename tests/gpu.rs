@@ -145,33 +145,16 @@ fn two_streams_on_threads(
                     let images = {
                         let mut session = session;
                         session.set_noise(Some(fixture_noise().to_device(gpu).unwrap()));
-                        let mut images: Vec<Tensor> = Vec::new();
-                        let mut held = None;
-                        let on_host = |t: &Tensor| t.to_device(&Device::Cpu).unwrap();
-                        for k in 0..frames {
-                            if session.launches_before_finishing() {
-                                // As the element runs a batched stream: frame k is launched
-                                // before frame k - 1 is finished, which decodes k - 1 while
-                                // k's first call waits for its round.
-                                let prepared = session.prepare(&frame(k), Some(&control(k))).unwrap();
-                                let launched = session.launch(prepared).unwrap();
-                                if let Some(previous) = held.replace(launched) {
-                                    images.push(on_host(&session.finish(previous).unwrap().stylized.image));
-                                }
-                            } else {
-                                images.push(on_host(&session.push(&frame(k), Some(&control(k))).unwrap().image));
-                            }
-                        }
-                        if let Some(last) = held.take() {
-                            images.push(on_host(&session.finish(last).unwrap().stylized.image));
-                        }
-                        if batch_timeout.is_some() {
-                            assert_eq!(
-                                session.decoded_while_waiting(),
-                                frames as u64 - 1,
-                                "a batched stream decodes each frame while the next one's first call waits"
-                            );
-                        }
+                        let images: Vec<Tensor> = (0..frames)
+                            .map(|k| {
+                                session
+                                    .push(&frame(k), Some(&control(k)))
+                                    .unwrap()
+                                    .image
+                                    .to_device(&Device::Cpu)
+                                    .unwrap()
+                            })
+                            .collect();
                         shared.set(session.shared_calls());
                         let _ = run;
                         images
@@ -211,8 +194,7 @@ fn a_model_shared_by_two_threads_gives_each_stream_its_own_frames() {
 /// per-thread upload cache before it captures), and each stream must get what it gets alone.
 #[test]
 fn cross_stream_calls_run_from_cuda_graphs() {
-    let (alone, together, stylizer) =
-        two_streams_on_threads(Some(sdcrossframe::pipeline::BatchTimeout::Fixed(std::time::Duration::from_secs(20))));
+    let (alone, together, stylizer) = two_streams_on_threads(Some(sdcrossframe::pipeline::BatchTimeout::Fixed(std::time::Duration::from_secs(20))));
     let (stats, error) = stylizer.img2img().cross_stream_graph_stats();
     println!("cross-stream calls: {stats:?}");
     let worst = per_frame_check("cross-stream:", &alone, &together);

@@ -237,24 +237,17 @@ impl StreamBatcher {
         models: &Arc<SharedModels>,
         request: StepRequest,
         timeout: Duration,
-        while_waiting: &mut dyn FnMut(),
     ) -> Result<StepReply> {
         let (reply, answer) = mpsc::channel();
         let device = request.inputs.device().clone();
         let ready = Fence::recorded(&device)?;
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let poisoned = || anyhow!("the cross-stream batcher was poisoned by a panic");
-        let arrived = Instant::now();
-        {
-            let mut state = self.lock()?;
-            state.members.insert(member, arrived);
-            state.pending.push(Pending { member, ticket, request, ready, reply });
-        }
-        self.changed.notify_all();
-        // The caller's own work that must not hold up the call (its previous frame's
-        // decoding): queued on its stream after `ready`, so the round does not wait for it.
-        while_waiting();
         let mut state = self.lock()?;
+        let arrived = Instant::now();
+        state.members.insert(member, arrived);
+        state.pending.push(Pending { member, ticket, request, ready, reply });
+        self.changed.notify_all();
         loop {
             if !state.pending.iter().any(|p| p.ticket == ticket) {
                 // Taken into a round another stream leads.
@@ -403,17 +396,9 @@ pub struct Membership {
 }
 
 impl Membership {
-    /// Runs one denoising call through the batcher (see [`StreamBatcher`]); `while_waiting`
-    /// runs once the call is registered (its inputs fenced), before this thread waits for its
-    /// round or leads it.
-    pub fn run(
-        &self,
-        models: &Arc<SharedModels>,
-        request: StepRequest,
-        timeout: Duration,
-        while_waiting: &mut dyn FnMut(),
-    ) -> Result<StepReply> {
-        self.batcher.run(self.id, models, request, timeout, while_waiting)
+    /// Runs one denoising call through the batcher (see [`StreamBatcher`]).
+    pub fn run(&self, models: &Arc<SharedModels>, request: StepRequest, timeout: Duration) -> Result<StepReply> {
+        self.batcher.run(self.id, models, request, timeout)
     }
 }
 
