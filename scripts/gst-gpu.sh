@@ -448,6 +448,8 @@ PY
         if [ "$rc" != 0 ] || [ "$made" != "$n" ]; then
             echo "gst-gpu: $label: gst-launch exit $rc, $made of $n frames written" >&2
             tail -5 "$results/$label.stdout" >&2
+            # The element's own first messages (the cause), then the last of all (the fallout).
+            grep -E ' (ERROR|WARN) +sdcrossframe ' "$results/$label.log" | head -5 >&2
             grep -E ' (ERROR|WARN) ' "$results/$label.log" | tail -5 >&2
             status=1
         fi
@@ -557,6 +559,8 @@ PY
         if [ "$rc" != 0 ] || [ "$short" = 1 ]; then
             echo "gst-gpu: $label: gst-launch exit $rc, frames written per stream: $written(of $n)" >&2
             tail -5 "$results/$label.stdout" >&2
+            # The element's own first messages (the cause), then the last of all (the fallout).
+            grep -E ' (ERROR|WARN) +sdcrossframe ' "$results/$label.log" | head -5 >&2
             grep -E ' (ERROR|WARN) ' "$results/$label.log" | tail -5 >&2
             status=1
         fi
