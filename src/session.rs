@@ -39,8 +39,8 @@ use crate::device::DeviceSpan;
 use crate::frame::RgbFrame;
 use crate::ops::vae_stream::StreamPoint;
 use crate::pipeline::{
-    BatchTimeout, Call, CancelHandle, DenoisingFrame, FrameHook, FrameInputs, FrameNoise, FrameSettings, FramePace, Membership, SharedModels,
-    SizeRequest, StepRequest, Stylizer, check_finite,
+    BatchTimeout, Call, CancelHandle, DenoisingFrame, FrameHook, FrameInputs, FrameNoise, FramePace, FrameSettings,
+    Membership, SharedModels, SizeRequest, StepRequest, Stylizer, check_finite,
 };
 use crate::resample;
 

@@ -194,7 +194,8 @@ fn a_model_shared_by_two_threads_gives_each_stream_its_own_frames() {
 /// per-thread upload cache before it captures), and each stream must get what it gets alone.
 #[test]
 fn cross_stream_calls_run_from_cuda_graphs() {
-    let (alone, together, stylizer) = two_streams_on_threads(Some(sdcrossframe::pipeline::BatchTimeout::Fixed(std::time::Duration::from_secs(20))));
+    let (alone, together, stylizer) =
+        two_streams_on_threads(Some(sdcrossframe::pipeline::BatchTimeout::Fixed(std::time::Duration::from_secs(20))));
     let (stats, error) = stylizer.img2img().cross_stream_graph_stats();
     println!("cross-stream calls: {stats:?}");
     let worst = per_frame_check("cross-stream:", &alone, &together);

@@ -203,7 +203,7 @@ mod cudnn {
     use candle_core::cuda_backend::cudarc::cudnn::{
         ConvDescriptor, ConvForward, Cudnn, CudnnDataType, CudnnError, FilterDescriptor, TensorDescriptor, sys,
     };
-    use candle_core::cuda_backend::cudarc::driver::DeviceRepr;
+    use candle_core::cuda_backend::cudarc::driver::{CudaStream, DeviceRepr};
     use candle_core::cuda_backend::{CudaDType, DeviceId};
     use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 
@@ -252,15 +252,16 @@ mod cudnn {
         static METHODS: RefCell<HashMap<Key, Method>> = RefCell::new(HashMap::new());
     }
 
-    /// A thread's cuDNN handles and plans (descriptors), destroyed when the thread ends. cudarc's handle unwraps
-    /// cudnnDestroy's result in its `Drop`, and a panic in a thread-local's destructor aborts
-    /// the process: a worker thread that ended while other threads kept the GPU busy took the
-    /// benchmark down that way (`CUDNN_STATUS_INTERNAL_ERROR`, H200, 4 model copies). So each
-    /// handle is destroyed with its device's context current on the thread (which a dying
-    /// thread may no longer have), and a failure is caught and logged instead.
+    /// A thread's cuDNN handles and plans (descriptors), destroyed when the thread ends.
+    /// cudarc's handle unwraps cudnnDestroy's result in its `Drop`, and a panic in a
+    /// thread-local's destructor aborts the process: a worker thread that ended while other
+    /// threads kept the GPU busy took the benchmark down that way (`CUDNN_STATUS_INTERNAL_ERROR`,
+    /// H200, 4 model copies). So each handle is destroyed with its context current on the
+    /// thread (which a dying thread may no longer have), and a failure is caught and logged.
     #[derive(Default)]
     struct ThreadCudnn {
-        handles: HashMap<DeviceId, (Arc<Cudnn>, candle_core::CudaDevice)>,
+        /// Each handle with the stream it was made on (the handle holds it too).
+        handles: HashMap<DeviceId, (Arc<Cudnn>, Arc<CudaStream>)>,
         plans: HashMap<Key, Rc<AnyPlan>>,
     }
 
@@ -272,8 +273,8 @@ mod cudnn {
             if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || drop(plans))).is_err() {
                 tracing::warn!("destroying cuDNN descriptors failed at thread exit");
             }
-            for (id, (handle, dev)) in self.handles.drain() {
-                if let Err(e) = dev.cuda_stream().context().bind_to_thread() {
+            for (id, (handle, stream)) in self.handles.drain() {
+                if let Err(e) = stream.context().bind_to_thread() {
                     // Without the context nothing can be destroyed; keep the handle (a leak
                     // at thread exit) rather than fail.
                     tracing::debug!(?id, "cuDNN handle left undestroyed at thread exit: {e:?}");
@@ -611,7 +612,7 @@ mod cudnn {
                 return Ok(h.clone());
             }
             let h = Cudnn::new(dev.cuda_stream()).map_err(cudnn_err("handle"))?;
-            state.borrow_mut().handles.insert(dev.id(), (h.clone(), dev.clone()));
+            state.borrow_mut().handles.insert(dev.id(), (h.clone(), dev.cuda_stream()));
             Ok(h)
         })
     }
