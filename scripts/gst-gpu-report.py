@@ -23,6 +23,10 @@ SUMMARY = re.compile(r"(\d+ frames, per frame: .*)$")
 ANCHOR = re.compile(r"frame (\d+) is a new anchor: (.*)$")
 
 
+# Fewer outputs per stream than this in the window where every stream ran make the aggregate rough.
+MIN_WINDOW_OUTPUTS_PER_STREAM = 4
+
+
 def log_seconds(line):
     m = LOG_TIME.match(line)
     return int(m[1]) * 3600 + int(m[2]) * 60 + float(m[3]) if m else None
@@ -165,15 +169,18 @@ def analyse_streams(results, label):
         streams.append({"outs": [t for t, _ in outs], "fps": fps, "p50": percentile(latencies, 0.5),
                         "max": max(latencies) if latencies else None, "latencies": latencies})
     # Aggregate: every output while all streams were past their skipped frames and none had finished.
-    aggregate = None
+    # Too few outputs in that window (streams that ran mostly one after another, e.g. separate
+    # copies loading in turn on a short run) make it a rough number: flagged, not replaced by
+    # the sum of the per-stream rates (which assumes the streams ran at once).
+    aggregate, window_outputs = None, 0
     if all(len(s["outs"]) > skip for s in streams):
         t0 = max(s["outs"][skip] for s in streams)
         t1 = min(s["outs"][-1] for s in streams)
         if t1 > t0:
-            count = sum(sum(1 for t in s["outs"] if t0 < t <= t1) for s in streams)
-            aggregate = count / (t1 - t0)
-    if aggregate is None and all(s["fps"] for s in streams):
-        aggregate = sum(s["fps"] for s in streams)
+            window_outputs = sum(sum(1 for t in s["outs"] if t0 < t <= t1) for s in streams)
+            aggregate = window_outputs / (t1 - t0)
+    if n_streams == 1 and aggregate is None and streams[0]["fps"]:
+        aggregate = streams[0]["fps"]
     baseline = float(info["memory_baseline"]) if "memory_baseline" in info else None
     peak = max(memory) if memory else None
     if peak is not None and baseline is not None:
@@ -182,10 +189,16 @@ def analyse_streams(results, label):
     return {"label": label, "config": info.get("config", "?"), "input": info.get("input", "?"), "n": n_streams,
             "mode": info.get("mode", "?"), "frames": int(info["frames"]), "written": info.get("written", "?"),
             "rc": info.get("rc", "?"), "skip": skip, "streams": streams, "aggregate": aggregate,
+            "window_outputs": window_outputs,
             "p50": percentile(all_latencies, 0.5), "max": max(all_latencies) if all_latencies else None,
             "worst_p50": max((s["p50"] for s in streams if s["p50"] is not None), default=None),
             "memory": peak, "memory_kind": info.get("memory_kind", "?"), "baseline": baseline,
             "settings": info.get("settings", ""), "batch_timeout": info.get("batch_timeout")}
+
+
+def is_rough(r):
+    """Whether a many-stream run's aggregate rests on too few outputs made while all its streams ran."""
+    return r["n"] > 1 and r["window_outputs"] < MIN_WINDOW_OUTPUTS_PER_STREAM * r["n"]
 
 
 def streams_report(results, labels):
@@ -203,11 +216,15 @@ def streams_report(results, labels):
         fps = [s["fps"] for s in r["streams"] if s["fps"] is not None]
         per = f"{min(fps):.1f} / {statistics.mean(fps):.1f} / {max(fps):.1f}" if fps else "-"
         written = f"{r['written']} of {r['frames']}" + ("" if r["rc"] == "0" else f" (exit {r['rc']})")
-        print(f"| {r['config']} | {r['input']} | {r['n']} | {r['mode']} | {written} | {fmt(r['aggregate'])} | {per} "
+        aggregate = fmt(r["aggregate"])
+        if is_rough(r):
+            aggregate += f" (rough: {r['window_outputs']} outputs while all ran)"
+        print(f"| {r['config']} | {r['input']} | {r['n']} | {r['mode']} | {written} | {aggregate} | {per} "
               f"| {fmt(r['p50'])} ({fmt(r['worst_p50'])}) | {fmt(r['max'])} | {fmt(r['memory'], 0)} |")
     print()
     print("Aggregate fps: outputs of all streams from the moment the last stream was past its first "
-          f"{rows[0]['skip'] if rows else '?'} outputs to the moment the first stream wrote its last, over that time. "
+          f"{rows[0]['skip'] if rows else '?'} outputs to the moment the first stream wrote its last, over that time "
+          f"(marked rough with fewer than {MIN_WINDOW_OUTPUTS_PER_STREAM} outputs per stream in it). "
           "Per-stream fps: a stream's outputs after the skipped ones. Latency: per frame, its buffer entering the "
           "element's sink pad to the buffer with the same PTS leaving it (so it includes the frames the element holds "
           "and the time a shared model keeps it waiting), over the same frames.")
@@ -231,8 +248,9 @@ def streams_report(results, labels):
 
             def value(r, key):
                 return r[key] if r else None
+            rough = " (rough)" if any(r is not None and is_rough(r) for r in (shared, separate)) else ""
             print(f"| {config} | {input_} | {n} | {fmt(value(shared, 'aggregate'))} / {fmt(value(separate, 'aggregate'))} "
-                  f"| {ratio(value(shared, 'aggregate'), value(separate, 'aggregate'))} "
+                  f"| {ratio(value(shared, 'aggregate'), value(separate, 'aggregate'))}{rough} "
                   f"| {ratio(value(shared, 'aggregate'), value(one, 'aggregate'))} / {ratio(value(separate, 'aggregate'), value(one, 'aggregate'))} "
                   f"| {ratio(value(shared, 'memory'), value(one, 'memory'))} / {ratio(value(separate, 'memory'), value(one, 'memory'))} |")
     print()
