@@ -69,6 +69,17 @@ mod imp {
             Ok(v)
         }
 
+        /// One of the device's CUDA graph memory attributes (bytes).
+        fn graph_attr(&self, attr: sys::CUgraphMem_attribute) -> anyhow::Result<u64> {
+            self.ctx.bind_to_thread()?;
+            let mut v: u64 = 0;
+            check(
+                unsafe { sys::cuDeviceGetGraphMemAttribute(self.ctx.cu_device(), attr, &mut v as *mut u64 as *mut _) },
+                "cuDeviceGetGraphMemAttribute",
+            )?;
+            Ok(v)
+        }
+
         /// Peak bytes allocated from the pool since the last reset.
         pub fn peak(&self) -> anyhow::Result<u64> {
             self.pool_attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
@@ -85,28 +96,8 @@ mod imp {
         pub fn breakdown(&self) -> anyhow::Result<super::Breakdown> {
             let tensors = self.current()?;
             let pool_reserved = self.pool_attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?;
-            let mut graphs: u64 = 0;
-            check(
-                unsafe {
-                    sys::cuDeviceGetGraphMemAttribute(
-                        self.ctx.cu_device(),
-                        sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT,
-                        &mut graphs as *mut u64 as *mut _,
-                    )
-                },
-                "cuDeviceGetGraphMemAttribute",
-            )?;
-            let mut graphs_used: u64 = 0;
-            check(
-                unsafe {
-                    sys::cuDeviceGetGraphMemAttribute(
-                        self.ctx.cu_device(),
-                        sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT,
-                        &mut graphs_used as *mut u64 as *mut _,
-                    )
-                },
-                "cuDeviceGetGraphMemAttribute",
-            )?;
+            let graphs = self.graph_attr(sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT)?;
+            let graphs_used = self.graph_attr(sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT)?;
             Ok(super::Breakdown { tensors, pool_reserved, graphs, graphs_used })
         }
 
