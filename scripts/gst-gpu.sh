@@ -573,7 +573,11 @@ PY
     grep -q 'batch-timeout' "$results/gst-inspect.txt" && has_batch_timeout=1
     if [ -n "$streams_list" ]; then
         if [ "$has_batch_timeout" = 1 ]; then
-            log "the element has batch-timeout: shared runs ${batch_timeout:+pass batch-timeout=$batch_timeout}${batch_timeout:-use its default}"
+            if [ -n "$batch_timeout" ]; then
+                log "the element has batch-timeout: shared runs pass batch-timeout=$batch_timeout"
+            else
+                log "the element has batch-timeout: shared runs use its default"
+            fi
         else
             log "the element has no batch-timeout property (no cross-stream batching in this build)"
         fi

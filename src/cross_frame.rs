@@ -19,6 +19,14 @@
 //! plan stays, so a step that reads and writes them can be captured once as a CUDA graph and
 //! replayed for every later frame (`FrameHook::graph_key`); a new anchor with the same plan
 //! (scene cut, anchor interval) writes into the same buffers.
+//!
+//! Where the entries live ([`StoreLocation`]): on the device, or in page-locked host memory
+//! with only the entries of the call in progress on the device ("staging" buffers, one set per
+//! frame of the call). On the host, each UNet call uploads its frames' entries at its start
+//! (they are first read in the up blocks, after the ControlNet and the down and mid blocks
+//! have run beside the copies) and downloads each new "previous" as soon as a layer has
+//! written it; a graph captures the copies with the kernels. The values are the same either
+//! way; the host location trades copies for device memory (see `ops::offload`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -28,6 +36,7 @@ use anyhow::{Result, bail};
 use candle_core::Tensor;
 
 use crate::models::attention::SelfAttentionHook;
+use crate::ops::offload::{CopyStream, HostArena, HostTensor};
 use crate::pipeline::{FrameHook, FramePlan, StepRow};
 
 /// Which frames' keys and values a frame attends to.
@@ -60,6 +69,37 @@ impl AttentionScope {
             Self::Up => layer.starts_with("up_blocks."),
             Self::All => true,
         }
+    }
+}
+
+/// Where the cross-frame store keeps its entries between the calls that use them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum StoreLocation {
+    /// Device memory: no copies (at SD1.5 512x512 with 18 steps and the guidance batch, 0.92 GiB
+    /// per stream).
+    #[default]
+    Device,
+    /// Page-locked host memory; the device holds only the entries of the call in progress.
+    Host,
+}
+
+impl FromStr for StoreLocation {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "device" => Self::Device,
+            "host" => Self::Host,
+            other => bail!("unknown cross-frame store location {other:?}: expected device or host"),
+        })
+    }
+}
+
+impl fmt::Display for StoreLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Device => "device",
+            Self::Host => "host",
+        })
     }
 }
 
@@ -133,6 +173,12 @@ impl Entry {
     }
 }
 
+/// An entry kept in host memory (the host location).
+struct HostEntry {
+    first: HostTensor,
+    prev: HostTensor,
+}
+
 fn next_generation() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
@@ -163,6 +209,21 @@ pub struct CrossFrameAttention {
     /// Names the store's current buffers; a fresh number (unique in the process) whenever they
     /// are dropped, so graphs captured on old buffers, or on another instance's, never match.
     generation: u64,
+    location: StoreLocation,
+    /// Host location: the copies' own stream (declared before the buffers it copies, so it is
+    /// dropped, which waits for its copies, before they are).
+    copies: CopyStream,
+    /// Host location: `host[step][layer]`, every entry between the calls that use it.
+    host: Vec<HashMap<String, HostEntry>>,
+    /// Host location: the device buffers of the call in progress, `staging[(slot, rows)][layer]`
+    /// where `slot` is a frame's place in the call and `rows` its step's batch (residual
+    /// guidance runs 2 rows at the first step and 1 after); `store` stays empty.
+    staging: HashMap<(usize, usize), HashMap<String, Entry>>,
+    arena: HostArena,
+    /// Host location: the device the staging buffers are on (known from the first anchor).
+    device: Option<candle_core::Device>,
+    /// Host location: uploads queued by `begin_models` that the device has not waited for yet.
+    upload_pending: bool,
 }
 
 impl CrossFrameAttention {
@@ -178,6 +239,31 @@ impl CrossFrameAttention {
             anchor_requested: false,
             frames_since_anchor: 0,
             generation: next_generation(),
+            location: StoreLocation::Device,
+            copies: CopyStream::default(),
+            host: Vec::new(),
+            staging: HashMap::new(),
+            arena: HostArena::default(),
+            device: None,
+            upload_pending: false,
+        }
+    }
+
+    /// The same state keeping its entries at `location`.
+    pub fn with_location(mut self, location: StoreLocation) -> Self {
+        self.set_location(location);
+        self
+    }
+
+    pub fn location(&self) -> StoreLocation {
+        self.location
+    }
+
+    /// Moves the store to `location`; a change drops the entries (the next frame re-anchors).
+    pub fn set_location(&mut self, location: StoreLocation) {
+        if location != self.location {
+            self.reset();
+            self.location = location;
         }
     }
 
@@ -201,7 +287,7 @@ impl CrossFrameAttention {
 
     /// Drops every stored entry: the next frame becomes the anchor.
     pub fn reset(&mut self) {
-        self.store.clear();
+        self.drop_entries();
         self.anchored_plan = None;
         self.frames_since_anchor = 0;
         self.generation = next_generation();
@@ -224,19 +310,169 @@ impl CrossFrameAttention {
 
     /// Number of stored (layer, step) entries.
     pub fn stored_entries(&self) -> usize {
-        self.store.iter().map(HashMap::len).sum()
+        self.store.iter().map(HashMap::len).sum::<usize>() + self.host.iter().map(HashMap::len).sum::<usize>()
     }
 
-    /// Bytes held by the store (attention inputs of the anchor and the previous frame).
+    /// Bytes of the stored entries (attention inputs of the anchor and the previous frame), in
+    /// either location.
     pub fn stored_bytes(&self) -> usize {
-        self.store.iter().flat_map(|layers| layers.values()).map(Entry::bytes).sum()
+        let device: usize = self.store.iter().flat_map(|layers| layers.values()).map(Entry::bytes).sum();
+        let host: usize =
+            self.host.iter().flat_map(|layers| layers.values()).map(|e| e.first.bytes() + e.prev.bytes()).sum();
+        device + host
     }
 
-    /// Bytes of device (or host) memory the store's buffers keep allocated: equal to
-    /// [`Self::stored_bytes`] unless a buffer shares a larger storage (memory accounting).
+    /// Bytes of device (on the CPU: ordinary) memory the store's buffers keep allocated, the
+    /// host location's staging buffers included: equal to [`Self::stored_bytes`] on the device
+    /// unless a buffer shares a larger storage (memory accounting).
     pub fn held_bytes(&self) -> usize {
-        self.store.iter().flat_map(|layers| layers.values()).map(Entry::held_bytes).sum()
+        self.store.iter().chain(self.staging.values()).flat_map(|layers| layers.values()).map(Entry::held_bytes).sum()
     }
+
+    /// Bytes of page-locked host memory the host location holds (0 elsewhere).
+    pub fn host_bytes(&self) -> usize {
+        self.arena.reserved_bytes()
+    }
+
+    /// Drops every entry and staging buffer (their graphs with them: a new generation).
+    fn drop_entries(&mut self) {
+        self.store.clear();
+        self.host.clear();
+        self.staging.clear();
+        self.arena = HostArena::default();
+        self.upload_pending = false;
+        self.generation = next_generation();
+    }
+
+    /// Whether entries exist for `step`, in whichever location.
+    fn has_entries(&self, step: usize) -> bool {
+        let stored = match self.location {
+            StoreLocation::Device => self.store.get(step).map(HashMap::len),
+            StoreLocation::Host => self.host.get(step).map(HashMap::len),
+        };
+        stored.is_some_and(|n| n > 0)
+    }
+
+    /// The device entries the frame at `slot` of the call (its place in it), at `step`, reads
+    /// and writes: the step's own (device location) or the slot's staging buffers (host).
+    fn working(&mut self, slot: usize, step: usize) -> &mut HashMap<String, Entry> {
+        match self.location {
+            StoreLocation::Device => &mut self.store[step],
+            StoreLocation::Host => {
+                let key = self.staging_key(slot, step);
+                self.staging.entry(key).or_default()
+            }
+        }
+    }
+
+    /// Host location: which staging buffers the frame at `slot` of the call, at `step`, uses.
+    fn staging_key(&self, slot: usize, step: usize) -> (usize, usize) {
+        let rows = self.anchored_plan.as_ref().and_then(|p| p.batches.get(step).copied()).unwrap_or(0);
+        (slot, rows)
+    }
+
+    /// Host location: the frame at `slot` has written its entry of `layer` at `step` on the
+    /// device (an anchor: both; a follower: "previous"); its copy back to the host is queued
+    /// now, beside the rest of the call.
+    fn written(&mut self, slot: usize, step: usize, layer: &str, anchor: bool) -> candle_core::Result<()> {
+        if self.location != StoreLocation::Host {
+            return Ok(());
+        }
+        let key = self.staging_key(slot, step);
+        let Some(staged) = self.staging.get(&key).and_then(|layers| layers.get(layer)) else {
+            candle_core::bail!("cross-frame attention: no staging buffer for {layer} in slot {slot}");
+        };
+        let device = staged.first.device().clone();
+        if self.device.is_none() {
+            self.device = Some(device.clone());
+        }
+        let layers = &mut self.host[step];
+        let entry = match layers.entry(layer.to_string()) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let first = self.arena.alloc_like(&staged.first).map_err(offload_error)?;
+                let prev = self.arena.alloc_like(&staged.first).map_err(offload_error)?;
+                v.insert(HostEntry { first, prev })
+            }
+        };
+        self.copies.fork(&device).map_err(offload_error)?;
+        if anchor {
+            self.copies.download(&staged.first, &mut entry.first).map_err(offload_error)?;
+            self.copies.download(&staged.first, &mut entry.prev).map_err(offload_error)?;
+        } else {
+            self.copies.download(&staged.prev, &mut entry.prev).map_err(offload_error)?;
+        }
+        Ok(())
+    }
+
+    /// Host location: the frames of the call about to run, as (slot, step) of those that read
+    /// stored entries.
+    fn reading_frames(&self) -> Vec<(usize, usize)> {
+        if self.rows.is_empty() {
+            match (self.role, self.step) {
+                (Role::Follower, Some(step)) => vec![(0, step)],
+                _ => Vec::new(),
+            }
+        } else {
+            self.rows.iter().enumerate().filter(|(_, r)| !r.anchor).map(|(slot, r)| (slot, r.step)).collect()
+        }
+    }
+
+    /// Host location: queues the uploads of the call's followers' entries into their staging
+    /// buffers (only the entries the mode reads; "previous" is overwritten whole by the call).
+    fn upload_entries(&mut self) -> Result<()> {
+        let frames = self.reading_frames();
+        if frames.is_empty() {
+            return Ok(());
+        }
+        let Some(device) = self.device.clone() else { bail!("cross-frame attention: host entries without a device") };
+        let (read_first, read_prev) = match self.mode {
+            AttentionMode::First => (true, false),
+            AttentionMode::Prev => (false, true),
+            _ => (true, true),
+        };
+        self.copies.fork(&device)?;
+        for (slot, step) in frames {
+            let key = self.staging_key(slot, step);
+            let staging = self.staging.entry(key).or_default();
+            let Some(layers) = self.host.get(step) else {
+                bail!("cross-frame attention: no host entries at step {step}")
+            };
+            for (layer, host) in layers {
+                let staged = match staging.entry(layer.clone()) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        let zeros = || candle_core::Tensor::zeros(host.first.shape(), host.first.dtype(), &device);
+                        v.insert(Entry { first: zeros()?, prev: zeros()? })
+                    }
+                };
+                if read_first {
+                    self.copies.upload(&host.first, &staged.first)?;
+                }
+                if read_prev {
+                    self.copies.upload(&host.prev, &staged.prev)?;
+                }
+            }
+        }
+        self.upload_pending = true;
+        Ok(())
+    }
+
+    /// Host location: before a layer reads or writes staging buffers, the device waits for the
+    /// call's uploads.
+    fn await_uploads(&mut self) -> candle_core::Result<()> {
+        if self.upload_pending {
+            let device = self.device.clone().expect("uploads are queued with a device");
+            self.copies.join(&device).map_err(offload_error)?;
+            self.upload_pending = false;
+        }
+        Ok(())
+    }
+}
+
+/// An error of the host copies inside the models' call (which speaks candle's error type).
+fn offload_error(e: anyhow::Error) -> candle_core::Error {
+    candle_core::Error::Msg(format!("cross-frame store on the host: {e:#}"))
 }
 
 impl FrameHook for CrossFrameAttention {
@@ -257,9 +493,11 @@ impl FrameHook for CrossFrameAttention {
             if !same_plan {
                 // Buffers of another size or schedule: drop them. A new anchor on the same plan
                 // overwrites them in place instead.
-                self.store.clear();
-                self.store.resize_with(plan.timesteps.len(), HashMap::new);
-                self.generation = next_generation();
+                self.drop_entries();
+                match self.location {
+                    StoreLocation::Device => self.store.resize_with(plan.timesteps.len(), HashMap::new),
+                    StoreLocation::Host => self.host.resize_with(plan.timesteps.len(), HashMap::new),
+                }
             }
             self.anchored_plan = Some(plan.clone());
             self.anchor_requested = false;
@@ -302,7 +540,7 @@ impl FrameHook for CrossFrameAttention {
             (_, Role::Follower) => 1,
             (_, Role::Anchor) => {
                 let step = self.step?;
-                if self.store.get(step).is_none_or(HashMap::is_empty) {
+                if !self.has_entries(step) {
                     return None;
                 }
                 2
@@ -315,6 +553,23 @@ impl FrameHook for CrossFrameAttention {
 
     fn end_frame(&mut self) -> Result<()> {
         self.step = None;
+        Ok(())
+    }
+
+    fn begin_models(&mut self) -> Result<()> {
+        if self.location == StoreLocation::Host && self.mode != AttentionMode::Off {
+            self.upload_entries()?;
+        }
+        Ok(())
+    }
+
+    /// Host location: the device waits for every copy of the call (a capture must end with
+    /// its forked copy stream joined).
+    fn end_models(&mut self) -> Result<()> {
+        if let Some(device) = &self.device {
+            self.upload_pending = false;
+            self.copies.join(device)?;
+        }
         Ok(())
     }
 
@@ -368,10 +623,16 @@ impl CrossFrameAttention {
         let mut roles = 0u64;
         for (i, row) in self.rows.iter().enumerate() {
             if row.anchor {
-                if self.store.get(row.step).is_none_or(HashMap::is_empty) {
+                if !self.has_entries(row.step) {
                     return None;
                 }
                 roles |= 1 << i;
+            }
+            // Host location: a slot whose staging buffers do not exist yet allocates them.
+            if self.location == StoreLocation::Host
+                && self.staging.get(&self.staging_key(i, row.step)).is_none_or(HashMap::is_empty)
+            {
+                return None;
             }
         }
         let mode = self.mode as u64;
@@ -399,27 +660,32 @@ impl CrossFrameAttention {
         if self.mode == AttentionMode::Off || !self.scope.covers(layer) {
             return Ok(RowsContext::Own);
         }
-        if self.rows.iter().all(|r| r.anchor) {
+        self.await_uploads()?;
+        let rows = self.rows.clone();
+        if rows.iter().all(|r| r.anchor) {
             // Plain attention for every frame; record the anchors' inputs.
             let mut offset = 0;
-            for row in &self.rows {
+            for (slot, row) in rows.iter().enumerate() {
                 let part = hidden.narrow(0, offset, row.batch)?;
                 offset += row.batch;
-                record_anchor(&mut self.store[row.step], layer, &part)?;
+                record_anchor(self.working(slot, row.step), layer, &part)?;
+                self.written(slot, row.step, layer, true)?;
             }
             return Ok(RowsContext::Own);
         }
-        let mut contexts = Vec::with_capacity(self.rows.len());
+        let mut contexts = Vec::with_capacity(rows.len());
         let mut offset = 0;
-        for row in &self.rows {
+        for (slot, row) in rows.iter().enumerate() {
             let part = hidden.narrow(0, offset, row.batch)?;
             offset += row.batch;
-            let layers = &mut self.store[row.step];
+            let mode = self.mode;
+            let layers = self.working(slot, row.step);
             let context = if row.anchor {
                 record_anchor(layers, layer, &part)?;
+                self.written(slot, row.step, layer, true)?;
                 // The anchor's own inputs: as first and as prev they are one set of keys twice,
                 // which attention weighs exactly as the set once.
-                match self.mode {
+                match mode {
                     AttentionMode::FirstPrev => Tensor::cat(&[&part, &part], 1)?,
                     _ => part,
                 }
@@ -435,7 +701,7 @@ impl CrossFrameAttention {
                         entry.first.dims()
                     );
                 }
-                match self.mode {
+                match mode {
                     AttentionMode::First => entry.first.clone(),
                     AttentionMode::Prev => entry.prev.clone(),
                     AttentionMode::FirstPrev => Tensor::cat(&[&entry.first, &entry.prev], 1)?,
@@ -454,13 +720,14 @@ impl CrossFrameAttention {
             return Ok(());
         }
         let mut offset = 0;
-        for row in &self.rows {
+        for (slot, row) in self.rows.clone().iter().enumerate() {
             let part = hidden.narrow(0, offset, row.batch)?;
             offset += row.batch;
             if !row.anchor
-                && let Some(entry) = self.store.get(row.step).and_then(|layers| layers.get(layer))
+                && let Some(entry) = self.working(slot, row.step).get(layer)
             {
                 entry.prev.slice_set(&part.contiguous()?, 0, 0)?;
+                self.written(slot, row.step, layer, false)?;
             }
         }
         Ok(())
@@ -521,6 +788,16 @@ impl FrameHook for StreamsAttention<'_> {
     fn end_rows(&mut self) -> Result<()> {
         self.batches.clear();
         self.streams.iter_mut().try_for_each(|stream| stream.end_rows())
+    }
+
+    fn begin_models(&mut self) -> Result<()> {
+        self.streams.iter_mut().try_for_each(|stream| stream.begin_models())
+    }
+
+    /// Every stream's copies are joined, also when one fails.
+    fn end_models(&mut self) -> Result<()> {
+        let ended: Vec<Result<()>> = self.streams.iter_mut().map(|stream| stream.end_models()).collect();
+        ended.into_iter().collect()
     }
 
     fn attention_hook(&mut self) -> &mut dyn SelfAttentionHook {
@@ -630,10 +907,13 @@ impl SelfAttentionHook for CrossFrameAttention {
         let Some(step) = self.step else {
             candle_core::bail!("cross-frame attention called outside a denoising step (layer {layer})");
         };
-        let layers = &mut self.store[step];
-        match self.role {
+        self.await_uploads()?;
+        let (mode, role) = (self.mode, self.role);
+        let layers = self.working(0, step);
+        match role {
             Role::Anchor => {
                 record_anchor(layers, layer, hidden)?;
+                self.written(0, step, layer, true)?;
                 Ok(None)
             }
             Role::Follower => {
@@ -647,7 +927,7 @@ impl SelfAttentionHook for CrossFrameAttention {
                         entry.first.dims()
                     );
                 }
-                let context = match self.mode {
+                let context = match mode {
                     AttentionMode::First => entry.first.clone(),
                     AttentionMode::Prev => entry.prev.clone(),
                     AttentionMode::FirstPrev => Tensor::cat(&[&entry.first, &entry.prev], 1)?,
@@ -657,6 +937,7 @@ impl SelfAttentionHook for CrossFrameAttention {
                 // After the projection in stream order, so "previous" is read before it is
                 // overwritten (for `Prev` the context is the buffer itself).
                 entry.prev.slice_set(&hidden.contiguous()?, 0, 0)?;
+                self.written(0, step, layer, false)?;
                 Ok(Some((keys, values)))
             }
         }

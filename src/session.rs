@@ -34,7 +34,7 @@ use anyhow::{Context, Result, bail};
 use candle_core::Tensor;
 
 use crate::canny::{self, CannyParams, ImageView};
-use crate::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention};
+use crate::cross_frame::{AttentionMode, AttentionScope, CrossFrameAttention, StoreLocation};
 use crate::device::DeviceSpan;
 use crate::frame::RgbFrame;
 use crate::ops::vae_stream::StreamPoint;
@@ -81,6 +81,9 @@ impl fmt::Display for NoiseMode {
 pub struct SessionConfig {
     pub attention: AttentionMode,
     pub scope: AttentionScope,
+    /// Where the cross-frame store keeps its entries (the host location trades copies for
+    /// device memory: see [`StoreLocation`]).
+    pub store: StoreLocation,
     /// Re-anchor every N frames; 0 never.
     pub anchor_interval: usize,
     /// Mean absolute luma change (0..1) between consecutive input frames that counts as a
@@ -115,6 +118,7 @@ impl Default for SessionConfig {
         Self {
             attention: AttentionMode::FirstPrev,
             scope: AttentionScope::Up,
+            store: StoreLocation::Device,
             anchor_interval: 0,
             scene_cut_threshold: 0.3,
             noise: NoiseMode::Fixed,
@@ -340,7 +344,8 @@ fn batched_call(
         img2img.step_inputs(&views, call)?
     };
     // Lent out for the call; an empty state stays behind (the call's error path resets it anyway).
-    let lent = std::mem::replace(attention, CrossFrameAttention::new(attention.mode(), attention.scope()));
+    let placeholder = CrossFrameAttention::new(attention.mode(), attention.scope()).with_location(attention.location());
+    let lent = std::mem::replace(attention, placeholder);
     let reply = membership.run(models, StepRequest { inputs, attention: lent }, timeout)?;
     *attention = reply.attention;
     img2img.advance(frames, &reply.inputs, &reply.prediction?)?;
@@ -432,7 +437,7 @@ impl VideoSession {
             None => None,
         };
         Ok(Self {
-            attention: CrossFrameAttention::new(config.attention, config.scope),
+            attention: CrossFrameAttention::new(config.attention, config.scope).with_location(config.store),
             cancel: CancelHandle::default(),
             stylizer,
             config,
@@ -505,6 +510,7 @@ impl VideoSession {
 
     fn apply_config(&mut self, config: SessionConfig) {
         self.attention.configure(config.attention, config.scope);
+        self.attention.set_location(config.store);
         match (&self.membership, config.batch_timeout) {
             (None, Some(_)) => match self.stylizer.shared().batcher().join() {
                 Ok(membership) => self.membership = Some(membership),

@@ -6,7 +6,7 @@ mod common;
 
 use candle_core::{Device, Tensor};
 use common::*;
-use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
+use sdcrossframe::cross_frame::{AttentionMode, AttentionScope, StoreLocation};
 use sdcrossframe::pipeline::{FrameSettings, GuidanceMode, PlainFrame, SizeRequest};
 use sdcrossframe::scheduler::SchedulerChoice;
 use sdcrossframe::session::{SessionConfig, VideoSession};
@@ -139,6 +139,81 @@ fn quick_session(config: SessionConfig) -> VideoSession {
     let mut s = VideoSession::new(tiny_stylizer(), config, quick_settings()).unwrap();
     s.set_noise(Some(fixture_noise()));
     s
+}
+
+/// The host location (issue 17's memory): the same frames as the device location, exactly,
+/// hence the reference's; the device holds one step's entries (the staging buffers) while the
+/// host holds them all; moving the store re-anchors.
+#[test]
+fn the_store_on_the_host_gives_the_same_frames_and_keeps_one_step_on_the_device() {
+    let config = SessionConfig {
+        attention: AttentionMode::FirstPrev,
+        scope: AttentionScope::Up,
+        store: StoreLocation::Host,
+        scene_cut_threshold: 0.0,
+        size: fixture_size(),
+        ..SessionConfig::default()
+    };
+    let mut host = VideoSession::new(tiny_stylizer(), config, base_settings()).unwrap();
+    host.set_noise(Some(fixture_noise()));
+    let got = run(&mut host, FRAMES);
+    assert_frames_match("first+prev up, store on the host", &got, &reference("first_prev", "up"));
+    let on_device = run(&mut session(AttentionMode::FirstPrev, AttentionScope::Up), FRAMES);
+    for (k, (h, d)) in got.iter().zip(&on_device).enumerate() {
+        assert_eq!(max_abs_diff(h, d), 0.0, "frame {k}: the host store changes nothing");
+    }
+    let store = host.attention();
+    // The tiny model's 6 up-block self-attention layers per step.
+    let steps = store.stored_entries() / 6;
+    assert!(steps >= 2, "{} entries", store.stored_entries());
+    assert_eq!(store.held_bytes() * steps, store.stored_bytes(), "the device holds one step's entries");
+
+    let mut session =
+        quick_session(SessionConfig { scene_cut_threshold: 0.0, size: fixture_size(), ..SessionConfig::default() });
+    assert!(session.push(&frame(0), Some(&control(0))).unwrap().anchor);
+    assert!(!session.push(&frame(1), Some(&control(1))).unwrap().anchor);
+    let device_bytes = session.attention().stored_bytes();
+    session.set_config(SessionConfig { store: StoreLocation::Host, ..session.config().clone() }).unwrap();
+    assert!(session.push(&frame(2), Some(&control(2))).unwrap().anchor, "a moved store re-anchors");
+    assert!(!session.push(&frame(3), Some(&control(3))).unwrap().anchor);
+    assert_eq!(session.attention().location(), StoreLocation::Host);
+    assert_eq!(session.attention().stored_bytes(), device_bytes, "the same entries, kept on the host");
+}
+
+/// Residual guidance's `initialize` runs 2 rows at the first step and 1 after: the host store's
+/// staging buffers follow each step's rows, sequentially and with the stream batch, and the
+/// frames stay those of the store on the device.
+#[test]
+fn the_store_on_the_host_follows_steps_of_different_batches() {
+    let settings = FrameSettings { guidance: GuidanceMode::Initialize, guidance_scale: 2.0, ..lcm_settings() };
+    let run_with = |store: StoreLocation, stream_batch: bool| {
+        let config = SessionConfig {
+            store,
+            stream_batch,
+            scene_cut_threshold: 0.0,
+            size: fixture_size(),
+            ..SessionConfig::default()
+        };
+        let mut session = VideoSession::new(tiny_stylizer(), config, settings.clone()).unwrap();
+        let mut frames = Vec::new();
+        for k in 0..4 {
+            if stream_batch {
+                frames.extend(session.push_stream(&frame(k), Some(&control(k))).unwrap());
+            } else {
+                frames.push(session.push(&frame(k), Some(&control(k))).unwrap());
+            }
+        }
+        frames.extend(session.drain_stylized().unwrap());
+        frames.into_iter().map(|f| f.image).collect::<Vec<_>>()
+    };
+    for stream_batch in [false, true] {
+        let on_device = run_with(StoreLocation::Device, stream_batch);
+        let on_host = run_with(StoreLocation::Host, stream_batch);
+        assert_eq!((on_device.len(), on_host.len()), (4, 4), "stream batch {stream_batch}");
+        for (k, (h, d)) in on_host.iter().zip(&on_device).enumerate() {
+            assert_eq!(max_abs_diff(h, d), 0.0, "stream batch {stream_batch}, frame {k}");
+        }
+    }
 }
 
 #[test]

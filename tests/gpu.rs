@@ -9,7 +9,7 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::*;
-use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
+use sdcrossframe::cross_frame::{AttentionMode, AttentionScope, StoreLocation};
 use sdcrossframe::ops::step_graphs::StepGraphs;
 use sdcrossframe::pipeline::Stylizer;
 use sdcrossframe::session::{SessionConfig, VideoSession};
@@ -21,10 +21,20 @@ fn run_session(device: &Device, dtype: DType) -> Vec<Tensor> {
 }
 
 fn run_session_with(spec: &sdcrossframe::pipeline::ModelSpec, device: &Device, dtype: DType) -> Vec<Tensor> {
+    run_session_stored(spec, device, dtype, StoreLocation::Device)
+}
+
+fn run_session_stored(
+    spec: &sdcrossframe::pipeline::ModelSpec,
+    device: &Device,
+    dtype: DType,
+    store: StoreLocation,
+) -> Vec<Tensor> {
     let stylizer = Stylizer::load(spec, device, dtype).expect("tiny model loads");
     let config = SessionConfig {
         attention: AttentionMode::FirstPrev,
         scope: AttentionScope::Up,
+        store,
         size: fixture_size(),
         ..SessionConfig::default()
     };
@@ -105,12 +115,20 @@ fn gpu_matches_cpu_with_the_tiny_vae() {
 fn two_streams_on_threads(
     batch_timeout: Option<sdcrossframe::pipeline::BatchTimeout>,
 ) -> (Vec<Vec<Tensor>>, Vec<(Vec<Tensor>, u64)>, Stylizer) {
+    two_streams_stored(batch_timeout, StoreLocation::Device)
+}
+
+fn two_streams_stored(
+    batch_timeout: Option<sdcrossframe::pipeline::BatchTimeout>,
+    store: StoreLocation,
+) -> (Vec<Vec<Tensor>>, Vec<(Vec<Tensor>, u64)>, Stylizer) {
     use sdcrossframe::pipeline::FrameSettings;
     let gpu = Device::new_cuda(0).expect("a CUDA device");
     let frames = 6;
     let config = SessionConfig {
         attention: AttentionMode::FirstPrev,
         scope: AttentionScope::Up,
+        store,
         size: fixture_size(),
         ..SessionConfig::default()
     };
@@ -199,6 +217,41 @@ fn cross_stream_calls_run_from_cuda_graphs() {
     let (stats, error) = stylizer.img2img().cross_stream_graph_stats();
     println!("cross-stream calls: {stats:?}");
     let worst = per_frame_check("cross-stream:", &alone, &together);
+    assert!(together.iter().all(|t| t.1 > 0), "a stream shared no call");
+    assert!(worst < 1e-4, "batched differs from alone by {worst:.2e}");
+    if StepGraphs::enabled_for(stylizer.device()) {
+        assert!(
+            stats.captured > 0 && stats.replayed > 0 && stats.failed == 0,
+            "cross-stream calls did not run from CUDA graphs: {stats:?}, capture error: {error:?}"
+        );
+    }
+}
+
+/// The cross-frame store on the host (`ops::offload`): its copies run on a stream of their own
+/// and are captured into the step graphs beside the kernels; the frames are those of the store
+/// on the device, with the steps captured and replayed (checked in `run_session_stored`), in
+/// f32 and f16.
+#[test]
+fn the_store_on_the_host_gives_the_frames_of_the_store_on_the_device() {
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    for dtype in [DType::F32, DType::F16] {
+        let on_device = run_session_stored(&tiny_spec(), &gpu, dtype, StoreLocation::Device);
+        let on_host = run_session_stored(&tiny_spec(), &gpu, dtype, StoreLocation::Host);
+        let (max, _) = differences(&on_host, &on_device);
+        println!("{dtype:?}: store on the host vs on the device over {FRAMES} frames: max abs {max:.2e}");
+        assert!(max < 1e-6, "{dtype:?}: the host store changed the frames by {max:.2e}");
+    }
+}
+
+/// Cross-stream calls with the stores on the host: every stream's copies are forked from and
+/// joined to the call's stream, captured once warm; each stream gets what it gets alone.
+#[test]
+fn cross_stream_calls_with_the_stores_on_the_host() {
+    let timeout = sdcrossframe::pipeline::BatchTimeout::Fixed(std::time::Duration::from_secs(20));
+    let (alone, together, stylizer) = two_streams_stored(Some(timeout), StoreLocation::Host);
+    let (stats, error) = stylizer.img2img().cross_stream_graph_stats();
+    println!("cross-stream calls, stores on the host: {stats:?}");
+    let worst = per_frame_check("cross-stream, host stores:", &alone, &together);
     assert!(together.iter().all(|t| t.1 > 0), "a stream shared no call");
     assert!(worst < 1e-4, "batched differs from alone by {worst:.2e}");
     if StepGraphs::enabled_for(stylizer.device()) {

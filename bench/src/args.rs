@@ -98,6 +98,10 @@ pub struct GenerationArgs {
     /// step), as the element's `stream-batch` property runs it: `--stream-batch true`.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     pub stream_batch: bool,
+    /// Where the sessions' cross-frame stores keep their entries: device or host (the
+    /// element's `cross-frame-store`; the `session` and `streams` commands).
+    #[arg(long, default_value = "device")]
+    pub store: sdcrossframe::cross_frame::StoreLocation,
 }
 
 impl GenerationArgs {

@@ -81,6 +81,7 @@ pub fn run(cli: &Cli, args: &SessionArgs, device: &Device, dtype: DType) -> Resu
     let config = SessionConfig {
         size: SizeRequest::exact(width, height),
         scene_cut_threshold: 0.0,
+        store: args.generation.store,
         stream_batch,
         ..SessionConfig::default()
     };

@@ -163,6 +163,7 @@ fn measure(
     let config = SessionConfig {
         size: SizeRequest::exact(width, height),
         scene_cut_threshold: 0.0,
+        store: args.generation.store,
         stream_batch: args.generation.stream_batch,
         batch_timeout,
         ..SessionConfig::default()

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Parser, Subcommand};
 
 use sdcrossframe::canny::{self, CannyParams, ImageView};
-use sdcrossframe::cross_frame::{AttentionMode, AttentionScope};
+use sdcrossframe::cross_frame::{AttentionMode, AttentionScope, StoreLocation};
 use sdcrossframe::device::{check_dtype, parse_device, parse_dtype};
 use sdcrossframe::frame::RgbFrame;
 use sdcrossframe::gpu_memory;
@@ -145,6 +145,10 @@ struct StylizeArgs {
     /// Which self-attention layers attend across frames: up (the original) or all.
     #[arg(long, default_value = "up")]
     attention_scope: AttentionScope,
+    /// Where the cross-frame store keeps its entries: device, or host (page-locked memory,
+    /// copied in and out beside each step: less device memory for some copying).
+    #[arg(long, default_value = "device")]
+    cross_frame_store: StoreLocation,
     /// Make every Nth frame a new anchor (0: never).
     #[arg(long, default_value_t = 0)]
     anchor_interval: usize,
@@ -269,6 +273,7 @@ fn stylize(args: StylizeArgs) -> Result<()> {
     let config = SessionConfig {
         attention: args.attention,
         scope: args.attention_scope,
+        store: args.cross_frame_store,
         anchor_interval: args.anchor_interval,
         scene_cut_threshold: args.scene_cut_threshold,
         noise: args.noise,

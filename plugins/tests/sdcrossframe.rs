@@ -165,6 +165,7 @@ fn properties_defaults_ranges_and_flags() {
     assert_eq!(nick("noise"), "fixed");
     assert_eq!(nick("attention"), "first+prev");
     assert_eq!(nick("attention-scope"), "up");
+    assert_eq!(nick("cross-frame-store"), "device");
     assert_eq!(nick("scheduler"), "auto");
     assert_eq!(nick("guidance"), "auto");
     assert_eq!(element.property::<String>("timesteps"), "");
@@ -180,6 +181,7 @@ fn properties_defaults_ranges_and_flags() {
         ("attention", "off"),
         ("attention", "prev"),
         ("attention-scope", "all"),
+        ("cross-frame-store", "host"),
     ] {
         element.set_property_from_str(name, value);
         assert_eq!(nick(name), value);
@@ -197,6 +199,7 @@ fn properties_defaults_ranges_and_flags() {
         "scheduler",
         "timesteps",
         "guidance",
+        "cross-frame-store",
     ] {
         assert!(element.find_property(name).unwrap().flags().contains(gst::PARAM_FLAG_MUTABLE_PLAYING), "{name}");
     }
@@ -587,6 +590,38 @@ fn flush_resets_the_cross_frame_state() {
     let flushed_b = t.process(&b, format, 80);
     assert_eq!(t.anchors(), [(2, "flush".to_string())]);
     assert_eq!(flushed_b, fresh_b, "after a flush the frame is not processed like a first frame");
+}
+
+/// `cross-frame-store=host` keeps the store in host memory: the frames are exactly those of the
+/// store on the device, the followers' included; switching it while playing re-anchors.
+#[test]
+fn the_cross_frame_store_on_the_host_gives_the_same_frames() {
+    let format = gst_video::VideoFormat::Rgb;
+    let extra = [("scene-cut-threshold", "0")];
+    let run = |store: &str| {
+        let extra = [extra[0], ("cross-frame-store", store)];
+        let mut t = Tiny::new(&extra);
+        let frames = (0..3).map(|k| t.process(&frame(k), format, 40 * k as u64)).collect::<Vec<_>>();
+        let stats = t.element().property::<gst::Structure>("stats");
+        let bytes = |name: &str| stats.get::<u64>(name).unwrap();
+        (frames, bytes("cross-frame-bytes"), bytes("cross-frame-device-bytes"))
+    };
+    let (on_device, device_bytes, device_held) = run("device");
+    let (on_host, host_bytes, host_held) = run("host");
+    assert!(mean_abs_diff(&on_device[1], &on_device[0]) > 0.5, "frames differ");
+    assert_eq!(on_host, on_device, "the host store changes the frames");
+    // steps=2 at strength 1: 2 denoising steps, one of them on the device at a time.
+    assert_eq!((host_bytes, device_held), (device_bytes, device_bytes));
+    assert_eq!(host_held * 2, host_bytes, "the device holds one step's entries");
+
+    let mut t = Tiny::new(&extra);
+    t.process(&frame(0), format, 0);
+    t.process(&frame(1), format, 40);
+    t.element().set_property_from_str("cross-frame-store", "host");
+    t.process(&frame(2), format, 80);
+    t.process(&frame(3), format, 120);
+    let anchors: Vec<u64> = t.anchors().into_iter().map(|(k, _)| k).collect();
+    assert_eq!(anchors, [0, 2], "moving the store re-anchors once");
 }
 
 /// The `lora` property (comma-separated path[:scale]) is fused at start: it changes the frames,

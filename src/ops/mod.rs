@@ -14,6 +14,7 @@ pub mod flash_attention;
 pub mod fused;
 pub mod group_norm;
 pub mod im2col;
+pub mod offload;
 pub mod step_graphs;
 mod storage;
 pub mod switches;

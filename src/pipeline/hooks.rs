@@ -26,6 +26,18 @@ pub trait FrameHook {
     fn graph_key(&self) -> Option<u64> {
         None
     }
+    /// Called at the start of every UNet + ControlNet call, inside a CUDA graph capture when
+    /// the call is captured (unlike `begin_step`): device work queued here is part of the
+    /// graph, so it runs again on every replay. The cross-frame store's host location queues
+    /// its entries' uploads here, beside the ControlNet and the UNet's first blocks.
+    fn begin_models(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// Called at the end of every UNet + ControlNet call, as `begin_models` (also when the
+    /// call failed): the call's device work must not leave anything unjoined behind it.
+    fn end_models(&mut self) -> Result<()> {
+        Ok(())
+    }
     /// Called after the frame's last step.
     fn end_frame(&mut self) -> Result<()> {
         Ok(())

@@ -625,14 +625,29 @@ impl Img2Img {
             let [model_input, embeddings, condition] = tensors else {
                 candle_core::bail!("a denoising step takes three inputs")
             };
-            let residuals = self.controlnet.forward_embedded_each(
-                model_input,
-                &inputs.timesteps,
-                embeddings,
-                &ControlCondition::from_embedding(condition.clone()),
-                inputs.controlnet_scale,
-            )?;
-            self.unet.forward_each(model_input, &inputs.timesteps, embeddings, Some(&residuals), hook.attention_hook())
+            hook.begin_models().map_err(hook_error)?;
+            let prediction = self
+                .controlnet
+                .forward_embedded_each(
+                    model_input,
+                    &inputs.timesteps,
+                    embeddings,
+                    &ControlCondition::from_embedding(condition.clone()),
+                    inputs.controlnet_scale,
+                )
+                .and_then(|residuals| {
+                    self.unet.forward_each(
+                        model_input,
+                        &inputs.timesteps,
+                        embeddings,
+                        Some(&residuals),
+                        hook.attention_hook(),
+                    )
+                });
+            let ended = hook.end_models().map_err(hook_error);
+            let prediction = prediction?;
+            ended?;
+            Ok(prediction)
         })
     }
 
@@ -705,6 +720,11 @@ impl StepInputs {
     pub fn device(&self) -> &candle_core::Device {
         self.model_input.device()
     }
+}
+
+/// A frame hook's error inside the models' call (which speaks candle's error type).
+fn hook_error(e: anyhow::Error) -> candle_core::Error {
+    candle_core::Error::Msg(format!("{e:#}"))
 }
 
 fn cat_rows(tensors: &[Tensor]) -> Result<Tensor> {

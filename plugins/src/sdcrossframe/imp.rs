@@ -57,7 +57,7 @@ use sdcrossframe::pipeline::{FrameSettings, LoraSpec, MAX_STEPS, ModelSpec, Styl
 use sdcrossframe::scheduler::TimestepIndices;
 use sdcrossframe::session::{FinishedFrame, InFlightFrame, PreparedFrame, SessionConfig, VideoSession};
 
-use super::{Attention, AttentionScope, DType, Guidance, Noise, Scheduler};
+use super::{Attention, AttentionScope, CrossFrameStore, DType, Guidance, Noise, Scheduler};
 use crate::video::{self, PixelLayout};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -109,6 +109,7 @@ struct Settings {
     canny_l2: bool,
     attention: Attention,
     attention_scope: AttentionScope,
+    cross_frame_store: CrossFrameStore,
     anchor_interval: u32,
     scene_cut_threshold: f64,
     width: u32,
@@ -163,6 +164,7 @@ impl Default for Settings {
             canny_l2: session.canny.l2_gradient,
             attention: Attention::FirstPrev,
             attention_scope: AttentionScope::Up,
+            cross_frame_store: CrossFrameStore::Device,
             anchor_interval: session.anchor_interval as u32,
             scene_cut_threshold: session.scene_cut_threshold,
             width: 0,
@@ -209,6 +211,7 @@ impl Settings {
         SessionConfig {
             attention: self.attention.into(),
             scope: self.attention_scope.into(),
+            store: self.cross_frame_store.into(),
             anchor_interval: self.anchor_interval as usize,
             scene_cut_threshold: self.scene_cut_threshold,
             noise: self.noise.into(),
@@ -462,6 +465,9 @@ struct Stats {
     skipped: AtomicU64,
     /// Bytes the cross-frame store holds (after the last frame).
     store_bytes: AtomicU64,
+    /// Of the device's memory, what the store's buffers keep (all of it on the device; the
+    /// call's staging buffers with `cross-frame-store=host`).
+    store_device_bytes: AtomicU64,
     /// Denoising calls whose UNet call also held other elements' frames.
     shared_calls: AtomicU64,
 }
@@ -469,7 +475,7 @@ struct Stats {
 impl Stats {
     fn reset(&self) {
         for counter in
-            [&self.frames_in, &self.frames_out, &self.dropped, &self.skipped, &self.store_bytes, &self.shared_calls]
+            [&self.frames_in, &self.frames_out, &self.dropped, &self.skipped, &self.store_bytes, &self.store_device_bytes, &self.shared_calls]
         {
             counter.store(0, Ordering::SeqCst);
         }
@@ -485,6 +491,7 @@ impl Stats {
             .field("skipped", get(&self.skipped))
             .field("in-flight", frames_in.saturating_sub(frames_out + dropped))
             .field("cross-frame-bytes", get(&self.store_bytes))
+            .field("cross-frame-device-bytes", get(&self.store_device_bytes))
             .field("shared-calls", get(&self.shared_calls))
             .build()
     }
@@ -880,6 +887,11 @@ impl ObjectImpl for SdCrossFrame {
                     .blurb("Which UNet self-attention layers use cross-frame attention")
                     .mutable_playing()
                     .build(),
+                glib::ParamSpecEnum::builder_with_default("cross-frame-store", d.cross_frame_store)
+                    .nick("Cross-frame store")
+                    .blurb("Where the anchor's and the previous frame's attention inputs are kept: device (GPU memory) or host (page-locked memory, copied in and out beside each step: less GPU memory per stream; changing it re-anchors)")
+                    .mutable_playing()
+                    .build(),
                 glib::ParamSpecUInt::builder("anchor-interval")
                     .nick("Anchor interval")
                     .blurb("Make a new anchor frame every N frames (0: never; scene cuts, flushes and caps changes still re-anchor)")
@@ -923,7 +935,7 @@ impl ObjectImpl for SdCrossFrame {
                     .build(),
                 glib::ParamSpecBoxed::builder::<gst::Structure>("stats")
                     .nick("Statistics")
-                    .blurb("Frames since the element started: frames-in (buffers that reached it), frames-out, dropped (late, by QoS, before processing), skipped (sent with the last output by similarity skipping), in-flight (held: overlap, stream batch); cross-frame-bytes (the cross-frame store's size after the last frame); shared-calls (denoising calls whose UNet call also held other elements' frames: batch-timeout); loads-in-flight (model loads running now: 0 or 1) and max-loads-in-flight (the most at once since the element was made)")
+                    .blurb("Frames since the element started: frames-in (buffers that reached it), frames-out, dropped (late, by QoS, before processing), skipped (sent with the last output by similarity skipping), in-flight (held: overlap, stream batch); cross-frame-bytes (the cross-frame store's size after the last frame) and cross-frame-device-bytes (the device memory it holds: all of it, or with cross-frame-store=host the current call's copies); shared-calls (denoising calls whose UNet call also held other elements' frames: batch-timeout); loads-in-flight (model loads running now: 0 or 1) and max-loads-in-flight (the most at once since the element was made)")
                     .read_only()
                     .build(),
                 glib::ParamSpecBoolean::builder("stream-batch")
@@ -1019,6 +1031,7 @@ impl ObjectImpl for SdCrossFrame {
                 "canny-l2" => s.canny_l2 = value.get().expect("type checked upstream"),
                 "attention" => s.attention = value.get().expect("type checked upstream"),
                 "attention-scope" => s.attention_scope = value.get().expect("type checked upstream"),
+                "cross-frame-store" => s.cross_frame_store = value.get().expect("type checked upstream"),
                 "anchor-interval" => s.anchor_interval = value.get().expect("type checked upstream"),
                 "scene-cut-threshold" => s.scene_cut_threshold = value.get().expect("type checked upstream"),
                 "width" => s.width = value.get().expect("type checked upstream"),
@@ -1070,6 +1083,7 @@ impl ObjectImpl for SdCrossFrame {
             "canny-l2" => s.canny_l2.to_value(),
             "attention" => s.attention.to_value(),
             "attention-scope" => s.attention_scope.to_value(),
+            "cross-frame-store" => s.cross_frame_store.to_value(),
             "anchor-interval" => s.anchor_interval.to_value(),
             "scene-cut-threshold" => s.scene_cut_threshold.to_value(),
             "width" => s.width.to_value(),
@@ -1457,6 +1471,7 @@ impl SdCrossFrame {
             }
         };
         self.stats.store_bytes.store(session.attention().stored_bytes() as u64, Ordering::Relaxed);
+        self.stats.store_device_bytes.store(session.attention().held_bytes() as u64, Ordering::Relaxed);
         self.stats.shared_calls.store(session.shared_calls(), Ordering::Relaxed);
         if let Some(notice) = session.take_notice() {
             gst::element_imp_warning!(self, gst::LibraryError::Settings, ("{notice}"));

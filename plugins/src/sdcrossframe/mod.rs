@@ -106,6 +106,27 @@ impl From<AttentionScope> for sdcrossframe::cross_frame::AttentionScope {
     }
 }
 
+/// Where the cross-frame store keeps its entries between the steps that use them.
+#[derive(Debug, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, Default, glib::Enum)]
+#[repr(u32)]
+#[enum_type(name = "GstSdCrossFrameStore")]
+pub enum CrossFrameStore {
+    #[default]
+    #[enum_value(name = "Device: GPU memory, no copies", nick = "device")]
+    Device = 0,
+    #[enum_value(name = "Host: page-locked host memory, copied in and out beside each step", nick = "host")]
+    Host = 1,
+}
+
+impl From<CrossFrameStore> for sdcrossframe::cross_frame::StoreLocation {
+    fn from(a: CrossFrameStore) -> Self {
+        match a {
+            CrossFrameStore::Device => Self::Device,
+            CrossFrameStore::Host => Self::Host,
+        }
+    }
+}
+
 /// The denoising scheduler.
 #[derive(Debug, Eq, PartialEq, Ord, PartialOrd, Hash, Clone, Copy, Default, glib::Enum)]
 #[repr(u32)]
@@ -172,6 +193,7 @@ pub fn register(plugin: &gst::Plugin) -> Result<(), glib::BoolError> {
         Noise::static_type(),
         Attention::static_type(),
         AttentionScope::static_type(),
+        CrossFrameStore::static_type(),
         Scheduler::static_type(),
         Guidance::static_type(),
     ] {
