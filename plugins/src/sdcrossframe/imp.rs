@@ -474,9 +474,15 @@ struct Stats {
 
 impl Stats {
     fn reset(&self) {
-        for counter in
-            [&self.frames_in, &self.frames_out, &self.dropped, &self.skipped, &self.store_bytes, &self.store_device_bytes, &self.shared_calls]
-        {
+        for counter in [
+            &self.frames_in,
+            &self.frames_out,
+            &self.dropped,
+            &self.skipped,
+            &self.store_bytes,
+            &self.store_device_bytes,
+            &self.shared_calls,
+        ] {
             counter.store(0, Ordering::SeqCst);
         }
     }
