@@ -234,6 +234,23 @@ fn streams_with_their_stores_on_the_host_give_what_they_give_on_the_device() {
     }
 }
 
+/// A stream out of step with another (its first frame runs a shorter plan, so its second
+/// frame starts while the other is inside one) waits once at that frame's start, then both run
+/// in step: the other's first frame shares no call (out of step, its rows would have shared
+/// calls at other steps), every later frame shares all its calls, and each stream still gets
+/// what it gets alone.
+#[test]
+fn a_stream_out_of_step_waits_once_and_runs_in_step() {
+    let a = Stream::new(AttentionMode::FirstPrev, "a watercolor painting", false);
+    let mut b = Stream::new(AttentionMode::FirstPrev, "a charcoal drawing of a city", false);
+    // Frame 0 of b: 1 denoising step (another plan), then a's plan.
+    b.changes = vec![(1, b.settings.clone())];
+    b.settings = FrameSettings { strength: 1.0 / 6.0, ..b.settings.clone() };
+    let runs = check("out of step", &[a, b]);
+    assert_eq!(runs[0].shared_per_frame, [0, 3, 3, 3, 3, 3], "a: in step after b's first frame");
+    assert_eq!(runs[1].shared_per_frame, [0, 3, 3, 3, 3, 3], "b: in step from its second frame");
+}
+
 #[test]
 fn the_batcher_forgets_a_stream_that_stops() {
     let _serial = serial();

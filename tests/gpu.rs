@@ -212,17 +212,23 @@ fn a_model_shared_by_two_threads_gives_each_stream_its_own_frames() {
 /// per-thread upload cache before it captures), and each stream must get what it gets alone.
 #[test]
 fn cross_stream_calls_run_from_cuda_graphs() {
-    let (alone, together, stylizer) =
-        two_streams_on_threads(Some(sdcrossframe::pipeline::BatchTimeout::Fixed(std::time::Duration::from_secs(20))));
+    check_cross_stream_calls("cross-stream", StoreLocation::Device);
+}
+
+/// Two streams batched with their stores at `store`: each gets what it gets alone, every
+/// stream shared calls, and (graphs on) the shared calls were captured and replayed.
+fn check_cross_stream_calls(label: &str, store: StoreLocation) {
+    let timeout = sdcrossframe::pipeline::BatchTimeout::Fixed(std::time::Duration::from_secs(20));
+    let (alone, together, stylizer) = two_streams_stored(Some(timeout), store);
     let (stats, error) = stylizer.img2img().cross_stream_graph_stats();
-    println!("cross-stream calls: {stats:?}");
-    let worst = per_frame_check("cross-stream:", &alone, &together);
-    assert!(together.iter().all(|t| t.1 > 0), "a stream shared no call");
-    assert!(worst < 1e-4, "batched differs from alone by {worst:.2e}");
+    println!("{label} calls: {stats:?}");
+    let worst = per_frame_check(&format!("{label}:"), &alone, &together);
+    assert!(together.iter().all(|t| t.1 > 0), "{label}: a stream shared no call");
+    assert!(worst < 1e-4, "{label}: batched differs from alone by {worst:.2e}");
     if StepGraphs::enabled_for(stylizer.device()) {
         assert!(
             stats.captured > 0 && stats.replayed > 0 && stats.failed == 0,
-            "cross-stream calls did not run from CUDA graphs: {stats:?}, capture error: {error:?}"
+            "{label}: calls did not run from CUDA graphs: {stats:?}, capture error: {error:?}"
         );
     }
 }
@@ -247,19 +253,7 @@ fn the_store_on_the_host_gives_the_frames_of_the_store_on_the_device() {
 /// joined to the call's stream, captured once warm; each stream gets what it gets alone.
 #[test]
 fn cross_stream_calls_with_the_stores_on_the_host() {
-    let timeout = sdcrossframe::pipeline::BatchTimeout::Fixed(std::time::Duration::from_secs(20));
-    let (alone, together, stylizer) = two_streams_stored(Some(timeout), StoreLocation::Host);
-    let (stats, error) = stylizer.img2img().cross_stream_graph_stats();
-    println!("cross-stream calls, stores on the host: {stats:?}");
-    let worst = per_frame_check("cross-stream, host stores:", &alone, &together);
-    assert!(together.iter().all(|t| t.1 > 0), "a stream shared no call");
-    assert!(worst < 1e-4, "batched differs from alone by {worst:.2e}");
-    if StepGraphs::enabled_for(stylizer.device()) {
-        assert!(
-            stats.captured > 0 && stats.replayed > 0 && stats.failed == 0,
-            "cross-stream calls did not run from CUDA graphs: {stats:?}, capture error: {error:?}"
-        );
-    }
+    check_cross_stream_calls("cross-stream, host stores", StoreLocation::Host);
 }
 
 /// The VAE on its own CUDA stream (`ops::vae_stream`): the element's order (prepare N+1,

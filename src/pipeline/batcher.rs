@@ -18,6 +18,15 @@
 //! that is longer (a stream that stops sending frames stops holding the others back after that). A stream alone in its round runs exactly its own call
 //! ([`Img2Img::predict`]).
 //!
+//! Streams that are out of step (a stream that joins late, misses a frame's first round, or
+//! comes back from another plan) would share calls with rows at different steps for good, and
+//! each one's frame boundary (decoding, encoding) would pause the others: so a sequential
+//! frame's first call waits while another active stream of its plan is inside a frame (past
+//! its first call, or with its first call already running), until that stream has finished its
+//! frame (or [`RESYNC_LIMIT`]); the leader of a round does not wait for a stream that waits so.
+//! The streams then start their next frames in one round and stay in step. Stream batches
+//! (a call holds a frame at every step) have no frame boundary to meet at and never wait.
+//!
 //! On CUDA each thread queues its work on a stream of its own that nothing orders with the
 //! others: a stream's inputs are fenced before the batcher's stream reads them, and the call's
 //! result before the stream's own stream uses it (or frees what the call read), all on the
@@ -34,13 +43,19 @@ use anyhow::{Result, anyhow};
 use candle_core::Tensor;
 
 use super::SharedModels;
-use super::img2img::{Img2Img, StepInputs};
+use super::img2img::{Call, Img2Img, StepInputs};
+use super::settings::FramePlan;
 use crate::cross_frame::{CrossFrameAttention, StreamsAttention};
 use crate::ops::step_graphs::Fence;
 
 /// A member that asked for no call for this long (or for the leader's batch timeout, when that
 /// is longer) no longer holds the others back.
 const ACTIVE_WINDOW: Duration = Duration::from_secs(1);
+
+/// A frame's first call waits at most this long for other streams of its plan to finish
+/// theirs (see the module docs); a stream that stalls stops being waited for sooner, when it is
+/// no longer active.
+pub const RESYNC_LIMIT: Duration = Duration::from_secs(3);
 
 /// How long a stream's call waits at the batcher for the calls of other streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,6 +146,41 @@ pub struct StepReply {
 pub struct BatcherStats {
     pub calls: u64,
     pub shared_calls: u64,
+    /// Frames whose first call waited for other streams to finish their frames (out of step).
+    pub resyncs: u64,
+}
+
+/// Where a stream is in its frame (sequential calls only), for keeping streams in step.
+#[derive(Clone)]
+struct Phase {
+    plan: FramePlan,
+    controlnet_scale_bits: u64,
+    step: usize,
+    /// The call at `step` has been answered.
+    answered: bool,
+}
+
+impl Phase {
+    fn of(inputs: &StepInputs) -> Option<Self> {
+        match (inputs.call, inputs.rows.as_slice()) {
+            (Call::Sequential, [row]) => Some(Self {
+                plan: inputs.plan.clone(),
+                controlnet_scale_bits: inputs.controlnet_scale.to_bits(),
+                step: row.step,
+                answered: false,
+            }),
+            _ => None,
+        }
+    }
+
+    fn shares_plan(&self, other: &Phase) -> bool {
+        self.plan == other.plan && self.controlnet_scale_bits == other.controlnet_scale_bits
+    }
+
+    /// Its frame's last call has been answered: it is between frames.
+    fn between_frames(&self) -> bool {
+        self.answered && self.step + 1 == self.plan.timesteps.len()
+    }
 }
 
 struct Pending {
@@ -147,6 +197,10 @@ struct State {
     /// Each member and when it joined or last asked for a call.
     members: HashMap<u64, Instant>,
     pending: Vec<Pending>,
+    /// Each member's place in its frame (sequential calls), for keeping streams in step.
+    phases: HashMap<u64, Phase>,
+    /// Members whose frame's first call waits for the others to finish their frames.
+    deferring: std::collections::HashSet<u64>,
     /// A stream leads a round: it waits for partners (later arrivals join its round) or runs
     /// the round's calls (later arrivals wait for the next).
     leading: bool,
@@ -154,9 +208,27 @@ struct State {
 }
 
 impl State {
-    /// Members that joined or asked for a call within `window`.
+    /// Members that joined or asked for a call within `window`, but for those holding back a
+    /// frame's first call (nobody waits for them).
     fn active_members(&self, now: Instant, window: Duration) -> usize {
-        self.members.values().filter(|&&seen| now.duration_since(seen) < window).count()
+        self.members
+            .iter()
+            .filter(|&(id, &seen)| now.duration_since(seen) < window && !self.deferring.contains(id))
+            .count()
+    }
+
+    /// Whether another active member of `phase`'s plan is inside a frame: a frame starting now
+    /// would run out of step with it.
+    fn inside_a_frame(&self, member: u64, phase: &Phase, now: Instant, window: Duration) -> bool {
+        self.phases.iter().any(|(&other, theirs)| {
+            other != member
+                && !self.deferring.contains(&other)
+                && self.members.get(&other).is_some_and(|&seen| now.duration_since(seen) < window)
+                && theirs.shares_plan(phase)
+                && !theirs.between_frames()
+                // At its first step and not yet taken into a round: this frame can join it.
+                && !(theirs.step == 0 && self.pending.iter().any(|p| p.member == other))
+        })
     }
 }
 
@@ -222,6 +294,8 @@ impl StreamBatcher {
     fn leave(&self, id: u64) {
         if let Ok(mut state) = self.state.lock() {
             state.members.remove(&id);
+            state.phases.remove(&id);
+            state.deferring.remove(&id);
         }
         // A leader waiting for this member stops waiting.
         self.changed.notify_all();
@@ -243,9 +317,45 @@ impl StreamBatcher {
         let ready = Fence::recorded(&device)?;
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let poisoned = || anyhow!("the cross-stream batcher was poisoned by a panic");
+        let phase = Phase::of(&request.inputs);
+        let step = phase.as_ref().map(|p| p.step);
         let mut state = self.lock()?;
         let arrived = Instant::now();
         state.members.insert(member, arrived);
+        match &phase {
+            Some(phase) => state.phases.insert(member, phase.clone()),
+            None => state.phases.remove(&member),
+        };
+        // A patient leader also waits for members that are slower between calls.
+        let window = ACTIVE_WINDOW.max(timeout);
+        if let Some(phase) = phase.as_ref().filter(|p| p.step == 0) {
+            // Out of step: wait for the others' frames to end (see the module docs).
+            let give_up = arrived + RESYNC_LIMIT;
+            let mut waited = false;
+            loop {
+                let now = Instant::now();
+                if now >= give_up || !state.inside_a_frame(member, phase, now, window) {
+                    break;
+                }
+                if !waited {
+                    waited = true;
+                    state.deferring.insert(member);
+                    // A leader waiting for this member stops waiting.
+                    self.changed.notify_all();
+                }
+                state = self.changed.wait_timeout(state, give_up - now).map_err(|_| poisoned())?.0;
+            }
+            if waited {
+                state.deferring.remove(&member);
+                state.stats.resyncs += 1;
+                state.members.insert(member, Instant::now());
+                tracing::debug!(
+                    member,
+                    waited_ms = arrived.elapsed().as_secs_f64() * 1e3,
+                    "a frame waited to start in step"
+                );
+            }
+        }
         state.pending.push(Pending { member, ticket, request, ready, reply });
         self.changed.notify_all();
         loop {
@@ -253,6 +363,7 @@ impl StreamBatcher {
                 // Taken into a round another stream leads.
                 drop(state);
                 let reply = answer.recv().map_err(|_| anyhow!("the stream leading the cross-stream call stopped"))?;
+                self.answered(member, step);
                 return fenced(reply, &device);
             }
             if !state.leading {
@@ -262,8 +373,6 @@ impl StreamBatcher {
         }
         state.leading = true;
         let deadline = Instant::now().max(arrived) + timeout;
-        // A patient leader also waits for members that are slower between calls.
-        let window = ACTIVE_WINDOW.max(timeout);
         loop {
             let now = Instant::now();
             if state.pending.len() >= state.active_members(now, window) || now >= deadline {
@@ -310,7 +419,20 @@ impl StreamBatcher {
         self.changed.notify_all();
         ran?;
         let reply = answer.recv().map_err(|_| anyhow!("the cross-stream call lost this stream's reply"))?;
+        self.answered(member, step);
         fenced(reply, &device)
+    }
+
+    /// `member`'s call at `step` has been answered (a stream waiting to start in step may go
+    /// on).
+    fn answered(&self, member: u64, step: Option<usize>) {
+        if let Ok(mut state) = self.state.lock()
+            && let Some(phase) = state.phases.get_mut(&member)
+            && Some(phase.step) == step
+        {
+            phase.answered = true;
+        }
+        self.changed.notify_all();
     }
 }
 
