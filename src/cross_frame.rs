@@ -290,7 +290,6 @@ impl CrossFrameAttention {
         self.drop_entries();
         self.anchored_plan = None;
         self.frames_since_anchor = 0;
-        self.generation = next_generation();
     }
 
     /// The next frame becomes the new anchor (scene cut, anchor interval).
@@ -327,11 +326,6 @@ impl CrossFrameAttention {
     /// unless a buffer shares a larger storage (memory accounting).
     pub fn held_bytes(&self) -> usize {
         self.store.iter().chain(self.staging.values()).flat_map(|layers| layers.values()).map(Entry::held_bytes).sum()
-    }
-
-    /// Bytes of page-locked host memory the host location holds (0 elsewhere).
-    pub fn host_bytes(&self) -> usize {
-        self.arena.reserved_bytes()
     }
 
     /// Drops every entry and staging buffer (their graphs with them: a new generation).

@@ -45,15 +45,6 @@ impl HostTensor {
     pub fn bytes(&self) -> usize {
         self.shape.elem_count() * self.dtype.size_in_bytes()
     }
-
-    /// The values as a CPU tensor (tests; on CUDA this waits for the device).
-    pub fn to_tensor(&self) -> Result<Tensor> {
-        match &self.place {
-            Place::Cpu(t) => Ok(t.clone()),
-            #[cfg(feature = "cuda")]
-            Place::Pinned(range) => range.to_tensor(&self.shape, self.dtype),
-        }
-    }
 }
 
 /// Hands out host tensors shaped like device tensors; on CUDA out of page-locked chunks,
@@ -75,15 +66,6 @@ impl HostArena {
             _ => Place::Cpu(Tensor::zeros(&shape, dtype, &Device::Cpu)?),
         };
         Ok(HostTensor { shape, dtype, place })
-    }
-
-    /// Bytes of host memory the arena holds (page-locked chunks; 0 on the CPU, where host
-    /// tensors are ordinary CPU tensors).
-    pub fn reserved_bytes(&self) -> usize {
-        #[cfg(feature = "cuda")]
-        return self.chunks.reserved_bytes();
-        #[cfg(not(feature = "cuda"))]
-        0
     }
 }
 
@@ -175,7 +157,7 @@ mod imp {
 
     use anyhow::{Context, Result, anyhow, bail};
     use candle_core::cuda_backend::cudarc::driver::{CudaContext, DevicePtr, result, sys};
-    use candle_core::{CudaDevice, DType, Shape, Storage, Tensor};
+    use candle_core::{CudaDevice, DType, Storage, Tensor};
 
     use super::CHUNK_BYTES;
 
@@ -220,15 +202,6 @@ mod imp {
             // SAFETY: the range lies inside the chunk (checked when handed out).
             unsafe { self.chunk.ptr.add(self.offset) }
         }
-
-        pub fn to_tensor(&self, shape: &Shape, dtype: DType) -> Result<Tensor> {
-            self.chunk.ctx.bind_to_thread().map_err(|e| anyhow!("binding the CUDA context: {e:?}"))?;
-            self.chunk.ctx.synchronize().map_err(|e| anyhow!("cuCtxSynchronize: {e:?}"))?;
-            // SAFETY: the device is done with the range (synchronized above) and the range holds
-            // `bytes` initialized bytes (written by a download, or zeroed when handed out).
-            let bytes = unsafe { std::slice::from_raw_parts(self.ptr(), self.bytes) };
-            Ok(Tensor::from_raw_buffer(bytes, dtype, shape.dims(), &candle_core::Device::Cpu)?)
-        }
     }
 
     #[derive(Default)]
@@ -260,10 +233,6 @@ mod imp {
             let offset = self.used.next_multiple_of(ALIGN);
             self.used = offset + bytes;
             Ok(PinnedRange { chunk, offset, bytes })
-        }
-
-        pub fn reserved_bytes(&self) -> usize {
-            self.chunks.iter().map(|c| c.bytes).sum()
         }
     }
 
@@ -406,7 +375,6 @@ mod tests {
             back.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
             (0..24).map(|v| v as f32).collect::<Vec<_>>()
         );
-        assert_eq!(host.to_tensor().unwrap().dims(), &[2, 3, 4]);
         let wrong = Tensor::zeros((3, 2, 4), DType::F32, &device).unwrap();
         let err = copies.upload(&host, &wrong).unwrap_err().to_string();
         assert!(err.contains("[2, 3, 4]") && err.contains("[3, 2, 4]"), "{err}");
