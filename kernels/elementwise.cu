@@ -4,17 +4,19 @@
 // recomputes a strided index per element), and GEGLU costs one pass instead of three.
 // Arithmetic is in f32; the result is rounded once.
 //
-// bias_add_rows_*: x is a contiguous (rows, cols) matrix; out = x + bias[row % groups]
-//   (+ residual). A (N, C, H, W) convolution output is rows = N * C, cols = H * W with groups = C
+// bias_add_rows_*: x is a contiguous (rows, cols) matrix; out = (x + bias[row % groups]) * scale
+//   (+ residual); bias may be null (no bias). A (N, C, H, W) convolution output is rows = N * C, cols = H * W with groups = C
 //   (a per-channel bias) or groups = N * C (a per-sample, per-channel bias).
-// bias_add_cols_*: x is (rows, cols); out = x + bias[col] (+ residual): a linear layer's output.
+// bias_add_cols_*: x is (rows, cols); out = (x + bias[col]) * scale (+ residual): a linear layer's
+//   output.
 // geglu_*: h is (rows, 2f); out (rows, f) = (h[:, j] + b[j]) * gelu_erf(h[:, f + j] + b[f + j]),
 //   diffusers' GEGLU with the projection's bias folded in (b may be null).
 // layer_norm_*: see layer_norm_rows below (its own launch shape).
 //
-// Launch: block THREADS; grid (ceil(cols / (THREADS * VEC)), min(rows, 65535)); blocks loop over
-// rows in steps of gridDim.y. `vec` != 0 selects 16-byte loads and stores: the caller checks
-// that cols (f for GEGLU) is a multiple of VEC and every pointer is 16-byte aligned.
+// Launch: block THREADS. `vec` != 0 selects 16-byte loads and stores (the caller checks that cols,
+// f for GEGLU, is a multiple of VEC, every pointer is 16-byte aligned and the output's words
+// fit in 31 bits): grid (ceil(words / THREADS) capped, 1), threads loop over the words. Else grid
+// (ceil(cols / (THREADS * VEC)), min(rows, 65535)): blocks loop over rows in steps of gridDim.y.
 
 #include "common.cuh"
 
@@ -23,36 +25,43 @@
 __device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f)); }
 
 // PER_COL: the bias is indexed by column (linear layers), else by row % groups (convolutions).
+// The vector path walks the whole matrix in 16-byte words (its rows may be shorter than a block:
+// a linear layer's 320 features are 40 words), the scalar path one row per block row.
 template <typename T, bool PER_COL>
 __device__ __forceinline__ void bias_add(const T* __restrict__ x, const T* __restrict__ bias,
                                          const T* __restrict__ residual, T* __restrict__ out, int64_t rows,
-                                         int64_t cols, int64_t groups, int vec) {
+                                         int64_t cols, int64_t groups, float scale, int vec) {
     constexpr int VEC = Pack<T>::VEC;
-    for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-        const float row_bias = PER_COL ? 0.f : to_float(bias[row % groups]);
-        const int64_t base = row * cols;
-        if (vec) {
-            const int64_t col = (static_cast<int64_t>(blockIdx.x) * THREADS + threadIdx.x) * VEC;
-            if (col >= cols) continue;
-            Pack<T> xv = load16(x + base + col);
+    if (vec) {
+        // The caller checks that rows * cols / VEC fits in 31 bits.
+        const uint32_t words = static_cast<uint32_t>(rows * cols / VEC), row_words = static_cast<uint32_t>(cols / VEC);
+        for (uint32_t w = blockIdx.x * THREADS + threadIdx.x; w < words; w += gridDim.x * THREADS) {
+            const uint32_t row = w / row_words, col = (w - row * row_words) * VEC;
+            Pack<T> xv = load16(x + static_cast<int64_t>(w) * VEC);
             Pack<T> rv;
-            if (residual) rv = load16(residual + base + col);
+            if (residual) rv = load16(residual + static_cast<int64_t>(w) * VEC);
             Pack<T> bv;
-            if (PER_COL) bv = load16(bias + col);
+            float row_bias = 0.f;
+            if (bias && PER_COL) bv = load16(bias + col);
+            else if (bias) row_bias = to_float(bias[row % static_cast<uint32_t>(groups)]);
 #pragma unroll
             for (int i = 0; i < VEC; ++i) {
-                float y = to_float(xv.v[i]) + (PER_COL ? to_float(bv.v[i]) : row_bias);
+                float y = (to_float(xv.v[i]) + (bias && PER_COL ? to_float(bv.v[i]) : row_bias)) * scale;
                 if (residual) y += to_float(rv.v[i]);
                 xv.v[i] = from_float<T>(y);
             }
-            store16(out + base + col, xv);
-        } else {
-            for (int64_t col = static_cast<int64_t>(blockIdx.x) * THREADS * VEC + threadIdx.x;
-                 col < cols && col < (static_cast<int64_t>(blockIdx.x) + 1) * THREADS * VEC; col += THREADS) {
-                float y = to_float(x[base + col]) + (PER_COL ? to_float(bias[col]) : row_bias);
-                if (residual) y += to_float(residual[base + col]);
-                out[base + col] = from_float<T>(y);
-            }
+            store16(out + static_cast<int64_t>(w) * VEC, xv);
+        }
+        return;
+    }
+    for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+        const float row_bias = (PER_COL || !bias) ? 0.f : to_float(bias[row % groups]);
+        const int64_t base = row * cols;
+        for (int64_t col = static_cast<int64_t>(blockIdx.x) * THREADS * VEC + threadIdx.x;
+             col < cols && col < (static_cast<int64_t>(blockIdx.x) + 1) * THREADS * VEC; col += THREADS) {
+            float y = (to_float(x[base + col]) + (bias && PER_COL ? to_float(bias[col]) : row_bias)) * scale;
+            if (residual) y += to_float(residual[base + col]);
+            out[base + col] = from_float<T>(y);
         }
     }
 }
@@ -61,12 +70,12 @@ template <typename T>
 __device__ __forceinline__ void geglu(const T* __restrict__ h, const T* __restrict__ bias, T* __restrict__ out,
                                       int64_t rows, int64_t f, int vec) {
     constexpr int VEC = Pack<T>::VEC;
-    for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
-        const T* hr = h + row * 2 * f;
-        T* orow = out + row * f;
-        if (vec) {
-            const int64_t col = (static_cast<int64_t>(blockIdx.x) * THREADS + threadIdx.x) * VEC;
-            if (col >= f) continue;
+    if (vec) {
+        // Flat over the output's 16-byte words, as bias_add (rows * f / VEC fits in 31 bits).
+        const uint32_t words = static_cast<uint32_t>(rows * f / VEC), row_words = static_cast<uint32_t>(f / VEC);
+        for (uint32_t w = blockIdx.x * THREADS + threadIdx.x; w < words; w += gridDim.x * THREADS) {
+            const uint32_t row = w / row_words, col = (w - row * row_words) * VEC;
+            const T* hr = h + static_cast<int64_t>(row) * 2 * f;
             Pack<T> a = load16(hr + col);
             Pack<T> g = load16(hr + f + col);
             Pack<T> ba, bg;
@@ -83,18 +92,52 @@ __device__ __forceinline__ void geglu(const T* __restrict__ h, const T* __restri
                 }
                 a.v[i] = from_float<T>(av * gelu_erf(gv));
             }
-            store16(orow + col, a);
+            store16(out + static_cast<int64_t>(w) * VEC, a);
+        }
+        return;
+    }
+    for (int64_t row = blockIdx.y; row < rows; row += gridDim.y) {
+        const T* hr = h + row * 2 * f;
+        T* orow = out + row * f;
+        for (int64_t col = static_cast<int64_t>(blockIdx.x) * THREADS * VEC + threadIdx.x;
+             col < f && col < (static_cast<int64_t>(blockIdx.x) + 1) * THREADS * VEC; col += THREADS) {
+            float av = to_float(hr[col]), gv = to_float(hr[f + col]);
+            if (bias) {
+                av += to_float(bias[col]);
+                gv += to_float(bias[f + col]);
+            }
+            orow[col] = from_float<T>(av * gelu_erf(gv));
+        }
+    }
+}
+
+// out (n, ca + cb, s) = a (n, ca, s) next to b (n, cb, s) (+ b_add, b's shape) on the channel
+// dim: a UNet up block's input and its skip connection (plus the ControlNet residual), one pass.
+// s % VEC == 0, 16-byte aligned pointers, fewer than 2^31 output words and 2^32 output values
+// (the caller checks). Launch as the flat bias_add.
+template <typename T>
+__device__ __forceinline__ void concat_channels(const T* __restrict__ a, const T* __restrict__ b,
+                                                const T* __restrict__ b_add, T* __restrict__ out, int64_t n,
+                                                int64_t a_values, int64_t b_values) {
+    constexpr int VEC = Pack<T>::VEC;
+    const uint32_t sample = static_cast<uint32_t>(a_values + b_values);
+    const uint32_t words = static_cast<uint32_t>(n * (a_values + b_values) / VEC);
+    const uint32_t a_len = static_cast<uint32_t>(a_values), b_len = static_cast<uint32_t>(b_values);
+    for (uint32_t w = blockIdx.x * THREADS + threadIdx.x; w < words; w += gridDim.x * THREADS) {
+        const uint32_t e = w * VEC, row = e / sample, within = e - row * sample;
+        Pack<T> v;
+        if (within < a_len) {
+            v = load16(a + static_cast<int64_t>(row) * a_len + within);
         } else {
-            for (int64_t col = static_cast<int64_t>(blockIdx.x) * THREADS * VEC + threadIdx.x;
-                 col < f && col < (static_cast<int64_t>(blockIdx.x) + 1) * THREADS * VEC; col += THREADS) {
-                float av = to_float(hr[col]), gv = to_float(hr[f + col]);
-                if (bias) {
-                    av += to_float(bias[col]);
-                    gv += to_float(bias[f + col]);
-                }
-                orow[col] = from_float<T>(av * gelu_erf(gv));
+            const int64_t at = static_cast<int64_t>(row) * b_len + (within - a_len);
+            v = load16(b + at);
+            if (b_add) {
+                const Pack<T> r = load16(b_add + at);
+#pragma unroll
+                for (int i = 0; i < VEC; ++i) v.v[i] = from_float<T>(to_float(v.v[i]) + to_float(r.v[i]));
             }
         }
+        store16(out + static_cast<int64_t>(w) * VEC, v);
     }
 }
 
@@ -160,13 +203,18 @@ __device__ __forceinline__ void layer_norm_rows(const T* __restrict__ x, const T
 #define ELEMENTWISE(NAME, T)                                                                                   \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                      \
         bias_add_rows_##NAME(const T* x, const T* bias, const T* residual, T* out, int64_t rows, int64_t cols, \
-                             int64_t groups, int vec) {                                                        \
-        bias_add<T, false>(x, bias, residual, out, rows, cols, groups, vec);                                   \
+                             int64_t groups, float scale, int vec) {                                           \
+        bias_add<T, false>(x, bias, residual, out, rows, cols, groups, scale, vec);                            \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                      \
         bias_add_cols_##NAME(const T* x, const T* bias, const T* residual, T* out, int64_t rows, int64_t cols, \
-                             int64_t groups, int vec) {                                                        \
-        bias_add<T, true>(x, bias, residual, out, rows, cols, groups, vec);                                    \
+                             int64_t groups, float scale, int vec) {                                           \
+        bias_add<T, true>(x, bias, residual, out, rows, cols, groups, scale, vec);                             \
+    }                                                                                                          \
+    extern "C" __global__ void __launch_bounds__(THREADS)                                                      \
+        concat_channels_##NAME(const T* a, const T* b, const T* b_add, T* out, int64_t n, int64_t a_values,    \
+                               int64_t b_values) {                                                             \
+        concat_channels<T>(a, b, b_add, out, n, a_values, b_values);                                           \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                      \
         geglu_##NAME(const T* h, const T* bias, T* out, int64_t rows, int64_t f, int vec) {                    \

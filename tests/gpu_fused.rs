@@ -57,7 +57,8 @@ fn bias_adds_match_candle_broadcasting() {
             assert!(err < bound * 2.0, "per-sample {shape:?} {dtype:?}: {err}");
         }
     }
-    for shape in [[2usize, 4096, 320], [3, 7, 5]] {
+    // 16 x 4096 x 320: more 16-byte words than one flat launch has threads (they loop).
+    for shape in [[2usize, 4096, 320], [16, 4096, 320], [3, 7, 5]] {
         let (x, r) = (randn(&shape), randn(&shape));
         let bias = randn(&[shape[2]]);
         let expected = (x.broadcast_add(&bias).unwrap() + &r).unwrap();
@@ -68,6 +69,53 @@ fn bias_adds_match_candle_broadcasting() {
             let err = max_abs_diff(&got, &expected);
             println!("feature bias + residual {shape:?} {dtype:?}: max abs diff {err:.2e}");
             assert!(err < bound * 2.0, "{shape:?} {dtype:?}: {err}");
+        }
+    }
+}
+
+/// A ControlNet residual's scaled bias, the mid residual's plain sum and the up blocks' channel
+/// concat with the skip connection's residual added.
+#[test]
+fn scaled_bias_sum_and_channel_concat_match_candle() {
+    let gpu = gpu();
+    for shape in [[2usize, 320, 64, 64], [16, 1280, 8, 8], [1, 3, 3, 3]] {
+        let (x, r) = (randn(&shape), randn(&shape));
+        let bias = randn(&[shape[1]]);
+        let expected_scaled = (x.broadcast_add(&bias.reshape((1, shape[1], 1, 1)).unwrap()).unwrap() * 0.7).unwrap();
+        let expected_sum = (&x + &r).unwrap();
+        for (dtype, bound) in CASES {
+            let got = fused::scale_channel_bias(&on(&x, dtype, &gpu), &on(&bias, dtype, &gpu), 0.7).unwrap();
+            let err = max_abs_diff(&got, &expected_scaled);
+            println!("scaled channel bias {shape:?} {dtype:?}: max abs diff {err:.2e}");
+            assert!(err < bound * 2.0, "scaled {shape:?} {dtype:?}: {err}");
+            let got = fused::add(&on(&x, dtype, &gpu), &on(&r, dtype, &gpu)).unwrap();
+            let err = max_abs_diff(&got, &expected_sum);
+            println!("sum {shape:?} {dtype:?}: max abs diff {err:.2e}");
+            assert!(err < bound * 2.0, "sum {shape:?} {dtype:?}: {err}");
+        }
+    }
+    // (first, second): SD1.5 up-block inputs at 2 and 16 rows, and odd sizes that fall back to
+    // candle's add and cat.
+    let pairs: [([usize; 4], [usize; 4]); 4] = [
+        ([2, 640, 32, 32], [2, 320, 32, 32]),
+        ([16, 320, 64, 64], [16, 320, 64, 64]),
+        ([16, 1280, 8, 8], [16, 1280, 8, 8]),
+        ([2, 3, 3, 5], [2, 2, 3, 5]),
+    ];
+    for (first, second) in pairs {
+        let (a, b, r) = (randn(&first), randn(&second), randn(&second));
+        let expected = Tensor::cat(&[&a, &(&b + &r).unwrap()], 1).unwrap();
+        let expected_plain = Tensor::cat(&[&a, &b], 1).unwrap();
+        for (dtype, bound) in CASES {
+            let (ga, gb, gr) = (on(&a, dtype, &gpu), on(&b, dtype, &gpu), on(&r, dtype, &gpu));
+            let got = fused::concat_channels(&ga, &gb, Some(&gr)).unwrap();
+            assert_eq!(got.dims(), expected.dims());
+            let err = max_abs_diff(&got, &expected);
+            println!("concat {first:?} + {second:?} with residual {dtype:?}: max abs diff {err:.2e}");
+            assert!(err < bound * 2.0, "concat {first:?} {second:?} {dtype:?}: {err}");
+            let err = max_abs_diff(&fused::concat_channels(&ga, &gb, None).unwrap(), &expected_plain);
+            // A plain copy: exact up to the dtype's rounding of the inputs.
+            assert!(err < bound, "concat {first:?} {second:?} {dtype:?} without residual: {err}");
         }
     }
 }

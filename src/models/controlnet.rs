@@ -430,16 +430,17 @@ impl ControlNetModel {
         }
         let xs = self.mid_block.forward(&xs, &emb, encoder_hidden_states, &mut hook)?;
 
-        let finish = |t: Tensor| -> Result<Tensor> {
-            let t = (t * conditioning_scale)?;
+        // Each zero convolution's bias and the conditioning scale are one pass (on CUDA).
+        let finish = |conv: &Conv2d, s: &Tensor| -> Result<Tensor> {
+            let t = conv.forward_scaled(s, conditioning_scale)?;
             if self.config.global_pool_conditions { t.mean_keepdim(3)?.mean_keepdim(2) } else { Ok(t) }
         };
         let down = skips
             .iter()
             .zip(&self.controlnet_down_blocks)
-            .map(|(s, conv)| finish(conv.forward(s)?))
+            .map(|(s, conv)| finish(conv, s))
             .collect::<Result<Vec<_>>>()?;
-        let mid = finish(self.controlnet_mid_block.forward(&xs)?)?;
+        let mid = finish(&self.controlnet_mid_block, &xs)?;
         Ok(ControlNetResiduals { down, mid })
     }
 }

@@ -14,7 +14,7 @@ use candle_nn::VarBuilder;
 
 use super::attention::{SelfAttentionHook, Transformer2DConfig, Transformer2DModel};
 use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig, TimeEmbedding};
-use crate::ops::Conv2d;
+use crate::ops::{Conv2d, fused};
 
 /// ControlNet outputs, already multiplied by the conditioning scale: one residual per UNet
 /// skip connection (12 for SD1.5) and one for the mid block; the UNet adds them to its skip
@@ -312,6 +312,13 @@ pub struct UpBlock {
     span: tracing::Span,
 }
 
+/// A skip connection into an up block: the down path's output and, under a ControlNet, its
+/// residual for it (added when the up block concatenates the two).
+pub struct SkipConnection {
+    pub sample: Tensor,
+    pub control: Option<Tensor>,
+}
+
 impl UpBlock {
     /// The block's resnets, for the model to move their time projections into one
     /// ([`super::resnet::ResnetTimeProjection`]).
@@ -352,7 +359,7 @@ impl UpBlock {
     pub fn forward(
         &self,
         xs: &Tensor,
-        skips: &[Tensor],
+        skips: &[SkipConnection],
         temb: &TimeEmbedding,
         encoder_hidden_states: &Tensor,
         upsample_size: Option<(usize, usize)>,
@@ -365,7 +372,7 @@ impl UpBlock {
         let mut xs = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             let skip = &skips[skips.len() - 1 - i];
-            xs = Tensor::cat(&[&xs, skip], 1)?;
+            xs = fused::concat_channels(&xs, &skip.sample, skip.control.as_ref())?;
             xs = resnet.forward(&xs, Some(temb))?;
             if let Some(attn) = self.attentions.get(i) {
                 xs = attn.forward(&xs, encoder_hidden_states, hook)?;

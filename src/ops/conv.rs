@@ -147,6 +147,16 @@ impl Conv2d {
         }
     }
 
+    /// `(convolution + bias) * scale` (a ControlNet's zero convolution and its conditioning
+    /// scale), one pass after the convolution on CUDA.
+    pub fn forward_scaled(&self, xs: &Tensor, scale: f64) -> Result<Tensor> {
+        let ys = self.convolve(xs)?;
+        match &self.bias {
+            Some(bias) => fused::scale_channel_bias(&ys, bias, scale),
+            None => ys * scale,
+        }
+    }
+
     /// A pointwise convolution whose output goes on as tokens: (batch, height x width,
     /// out_channels). On CUDA the GEMM reads the feature map transposed and writes the tokens
     /// directly, instead of a convolution and a permute copy.

@@ -39,8 +39,8 @@ pub fn add_channel_bias(xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -
     check_residual(xs, residual)?;
     if applies(xs) {
         let spatial = dims[2..].iter().product();
-        let op = BiasAdd { per_column: false, rows: batch * channels, cols: spatial, groups: bias.elem_count() };
-        return op.run(xs, bias, residual);
+        let op = BiasAdd::rows(batch * channels, spatial, bias.elem_count());
+        return op.run(xs, Some(bias), residual);
     }
     // candle: the bias broadcast over the trailing dims.
     let mut shape = vec![1; dims.len()];
@@ -55,6 +55,61 @@ pub fn add_channel_bias(xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -
     }
 }
 
+/// `(xs + bias) * scale` with `bias` (channels) over `xs` (batch, channels, spatial...): a
+/// ControlNet's zero convolution and its conditioning scale, one pass on CUDA (off CUDA candle's
+/// broadcast add, then its multiplication).
+pub fn scale_channel_bias(xs: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    let dims = xs.dims();
+    if dims.len() < 2 || bias.dims() != [dims[1]] {
+        candle_core::bail!("scaled channel bias: a bias of {:?} does not fit {dims:?}", bias.dims());
+    }
+    if applies(xs) {
+        let op = BiasAdd { scale: scale as f32, ..BiasAdd::rows(dims[0] * dims[1], dims[2..].iter().product(), dims[1]) };
+        return op.run(xs, Some(bias), None);
+    }
+    let mut shape = vec![1; dims.len()];
+    shape[1] = dims[1];
+    xs.broadcast_add(&bias.reshape(shape)?)? * scale
+}
+
+/// `a + b` for tensors of one shape: on CUDA one vectorized pass (candle's add kernel moves one
+/// value per thread).
+pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    check_residual(a, Some(b))?;
+    if applies(a) && a.dtype() == b.dtype() {
+        return BiasAdd::rows(1, a.elem_count(), 1).run(a, None, Some(b));
+    }
+    a + b
+}
+
+/// `a` (n, ca, h, w) and `b` (n, cb, h, w) side by side on the channel dim, `b_add` (b's shape)
+/// added to `b` first: a UNet up block's input next to its skip connection plus the ControlNet's
+/// residual. On CUDA one pass (no separate sum, and 16-byte copies instead of candle's one value
+/// per thread); elsewhere candle's add and cat.
+pub fn concat_channels(a: &Tensor, b: &Tensor, b_add: Option<&Tensor>) -> Result<Tensor> {
+    let ((n, ca, h, w), (nb, cb, hb, wb)) = (a.dims4()?, b.dims4()?);
+    if (n, h, w) != (nb, hb, wb) {
+        candle_core::bail!("channel concat: {:?} and {:?} differ outside the channels", a.dims(), b.dims());
+    }
+    check_residual(b, b_add)?;
+    let same_dtype = b.dtype() == a.dtype() && b_add.is_none_or(|r| r.dtype() == a.dtype());
+    if applies(a) && same_dtype {
+        let op = ChannelConcat { n, a_values: ca * h * w, b_values: cb * h * w };
+        if op.fits(a.dtype()) {
+            let (a, b) = (a.contiguous()?, b.contiguous()?);
+            return match b_add {
+                Some(r) => a.apply_op3_no_bwd(&b, &r.contiguous()?, &op),
+                None => a.apply_op2_no_bwd(&b, &op),
+            };
+        }
+    }
+    let b = match b_add {
+        Some(r) => (b + r)?,
+        None => b.clone(),
+    };
+    Tensor::cat(&[a, &b], 1)
+}
+
 /// `xs` (..., features) plus `bias` (features) on the last dim, then plus `residual`.
 pub fn add_feature_bias(xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
     let features = xs.dim(D::Minus1)?;
@@ -63,9 +118,8 @@ pub fn add_feature_bias(xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -
     }
     check_residual(xs, residual)?;
     if applies(xs) {
-        let op =
-            BiasAdd { per_column: true, rows: xs.elem_count() / features.max(1), cols: features, groups: features };
-        return op.run(xs, bias, residual);
+        let op = BiasAdd { per_column: true, ..BiasAdd::rows(xs.elem_count() / features.max(1), features, features) };
+        return op.run(xs, Some(bias), residual);
     }
     let ys = xs.broadcast_add(bias)?;
     match residual {
@@ -208,24 +262,127 @@ impl candle_core::CustomOp3 for LayerNormRows {
     }
 }
 
-/// The bias-add kernels' geometry: `rows` x `cols` contiguous values; the bias is indexed by
-/// column, or by `row % groups`.
+/// The bias-add kernels' geometry: `rows` x `cols` contiguous values; the bias (if any) is
+/// indexed by column, or by `row % groups`; `(x + bias) * scale + residual`.
 #[derive(Debug, Clone, Copy)]
 struct BiasAdd {
     per_column: bool,
     rows: usize,
     cols: usize,
     groups: usize,
+    scale: f32,
+    /// Whether the op's second input is a bias (else it is the residual: an op without bias).
+    with_bias: bool,
 }
 
 impl BiasAdd {
-    fn run(self, xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    /// A bias by `row % groups`, scale 1.
+    fn rows(rows: usize, cols: usize, groups: usize) -> Self {
+        Self { per_column: false, rows, cols, groups, scale: 1.0, with_bias: true }
+    }
+
+    fn run(self, xs: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
         let xs = xs.contiguous()?;
-        let bias = bias.to_dtype(xs.dtype())?.contiguous()?;
-        match residual {
-            Some(r) => xs.apply_op3_no_bwd(&bias, &r.to_dtype(xs.dtype())?.contiguous()?, &self),
-            None => xs.apply_op2_no_bwd(&bias, &self),
+        let same = |t: &Tensor| t.to_dtype(xs.dtype())?.contiguous();
+        match (bias, residual) {
+            (Some(b), Some(r)) => xs.apply_op3_no_bwd(&same(b)?, &same(r)?, &self),
+            (Some(b), None) => xs.apply_op2_no_bwd(&same(b)?, &self),
+            (None, Some(r)) => xs.apply_op2_no_bwd(&same(r)?, &Self { with_bias: false, ..self }),
+            (None, None) => xs.affine(f64::from(self.scale), 0.0),
         }
+    }
+}
+
+/// The channel concat kernel's geometry: `n` samples of `a_values` then `b_values` values.
+#[derive(Debug, Clone, Copy)]
+struct ChannelConcat {
+    n: usize,
+    a_values: usize,
+    b_values: usize,
+}
+
+impl ChannelConcat {
+    /// Whether the kernel takes this geometry: whole 16-byte words per sample part, word and
+    /// value indices in 32 bits.
+    fn fits(&self, dtype: DType) -> bool {
+        let vec = 16 / dtype.size_in_bytes();
+        let values = self.n * (self.a_values + self.b_values);
+        self.a_values.is_multiple_of(vec) && self.b_values.is_multiple_of(vec) && values < (1usize << 32) - vec
+    }
+
+    fn out_shape(&self, a: &Layout, b: &Layout) -> Result<Shape> {
+        let (mut dims, cb) = (a.dims().to_vec(), b.dims()[1]);
+        dims[1] += cb;
+        Ok(Shape::from(dims))
+    }
+
+    /// The kernel's copy on the CPU (tests of the op's geometry).
+    fn cpu_reference(&self, a: CpuInput, b: CpuInput, b_add: Option<CpuInput>) -> Result<(CpuStorage, Shape)> {
+        let to_f32 = |(s, l): CpuInput, what| cpu_to_f32(s, l, "channel concat", what);
+        let (av, bv) = (to_f32(a, "first input")?, to_f32(b, "second input")?);
+        let rv = b_add.map(|r| to_f32(r, "addend")).transpose()?;
+        let mut out = Vec::with_capacity(av.len() + bv.len());
+        for i in 0..self.n {
+            out.extend_from_slice(&av[i * self.a_values..(i + 1) * self.a_values]);
+            let range = i * self.b_values..(i + 1) * self.b_values;
+            match &rv {
+                Some(r) => out.extend(bv[range.clone()].iter().zip(&r[range]).map(|(x, y)| x + y)),
+                None => out.extend_from_slice(&bv[range]),
+            }
+        }
+        Ok((cpu_from_f32(out, a.0.dtype(), "channel concat")?, self.out_shape(a.1, b.1)?))
+    }
+}
+
+impl candle_core::CustomOp2 for ChannelConcat {
+    fn name(&self) -> &'static str {
+        "concat-channels"
+    }
+
+    fn cpu_fwd(&self, a: &CpuStorage, al: &Layout, b: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.cpu_reference((a, al), (b, bl), None)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::concat_channels(self, (a, al), (b, bl), None)?, self.out_shape(al, bl)?))
+    }
+}
+
+impl candle_core::CustomOp3 for ChannelConcat {
+    fn name(&self) -> &'static str {
+        "concat-channels-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        al: &Layout,
+        b: &CpuStorage,
+        bl: &Layout,
+        r: &CpuStorage,
+        rl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.cpu_reference((a, al), (b, bl), Some((r, rl)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        a: &candle_core::CudaStorage,
+        al: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+        r: &candle_core::CudaStorage,
+        rl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::concat_channels(self, (a, al), (b, bl), Some((r, rl)))?, self.out_shape(al, bl)?))
     }
 }
 
@@ -240,11 +397,12 @@ type CpuInput<'a> = (&'a CpuStorage, &'a Layout);
 
 impl BiasAdd {
     /// The kernels' indexing in f32 on the CPU (tests of the op's geometry).
-    fn cpu_reference(&self, x: CpuInput, bias: CpuInput, residual: Option<CpuInput>) -> Result<CpuStorage> {
+    fn cpu_reference(&self, x: CpuInput, bias: Option<CpuInput>, residual: Option<CpuInput>) -> Result<CpuStorage> {
         let to_f32 = |(s, l): CpuInput, what| cpu_to_f32(s, l, "bias add", what);
-        let (x_values, b) = (to_f32(x, "input")?, to_f32(bias, "bias")?);
+        let x_values = to_f32(x, "input")?;
+        let b = bias.map(|b| to_f32(b, "bias")).transpose()?;
         let r = residual.map(|r| to_f32(r, "residual")).transpose()?;
-        if x_values.len() != self.rows * self.cols || b.len() != self.groups {
+        if x_values.len() != self.rows * self.cols || b.as_ref().is_some_and(|b| b.len() != self.groups) {
             candle_core::bail!("bias add: sizes do not match {self:?}");
         }
         let out = x_values
@@ -252,8 +410,12 @@ impl BiasAdd {
             .enumerate()
             .map(|(i, &v)| {
                 let (row, col) = (i / self.cols, i % self.cols);
-                let bias = if self.per_column { b[col] } else { b[row % self.groups] };
-                v + bias + r.as_ref().map_or(0.0, |r| r[i])
+                let bias = match &b {
+                    Some(b) if self.per_column => b[col],
+                    Some(b) => b[row % self.groups],
+                    None => 0.0,
+                };
+                (v + bias) * self.scale + r.as_ref().map_or(0.0, |r| r[i])
             })
             .collect();
         cpu_from_f32(out, x.0.dtype(), "bias add")
@@ -265,8 +427,10 @@ impl candle_core::CustomOp2 for BiasAdd {
         "bias-add"
     }
 
+    /// The second input is the bias, or the residual of an op without bias (`with_bias`).
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
-        Ok((self.cpu_reference((xs, xl), (bs, bl), None)?, xl.shape().clone()))
+        let (bias, residual) = if self.with_bias { (Some((bs, bl)), None) } else { (None, Some((bs, bl))) };
+        Ok((self.cpu_reference((xs, xl), bias, residual)?, xl.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -277,7 +441,8 @@ impl candle_core::CustomOp2 for BiasAdd {
         bs: &candle_core::CudaStorage,
         bl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::bias_add(self, (xs, xl), (bs, bl), None)?, xl.shape().clone()))
+        let (bias, residual) = if self.with_bias { (Some((bs, bl)), None) } else { (None, Some((bs, bl))) };
+        Ok((cuda::bias_add(self, (xs, xl), bias, residual)?, xl.shape().clone()))
     }
 }
 
@@ -295,7 +460,7 @@ impl candle_core::CustomOp3 for BiasAdd {
         rs: &CpuStorage,
         rl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        Ok((self.cpu_reference((xs, xl), (bs, bl), Some((rs, rl)))?, xl.shape().clone()))
+        Ok((self.cpu_reference((xs, xl), Some((bs, bl)), Some((rs, rl)))?, xl.shape().clone()))
     }
 
     #[cfg(feature = "cuda")]
@@ -308,7 +473,7 @@ impl candle_core::CustomOp3 for BiasAdd {
         rs: &candle_core::CudaStorage,
         rl: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        Ok((cuda::bias_add(self, (xs, xl), (bs, bl), Some((rs, rl)))?, xl.shape().clone()))
+        Ok((cuda::bias_add(self, (xs, xl), Some((bs, bl)), Some((rs, rl)))?, xl.shape().clone()))
     }
 }
 
@@ -373,13 +538,33 @@ impl candle_core::CustomOp2 for Geglu {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::{BiasAdd, Geglu, LayerNormRows};
+    use super::{BiasAdd, ChannelConcat, Geglu, LayerNormRows};
     use candle_core::backend::BackendStorage;
     use candle_core::{CudaStorage, DType, Layout, Result};
 
     type Input<'a> = (&'a CudaStorage, &'a Layout);
 
-    pub(super) fn bias_add(op: &BiasAdd, x: Input, bias: Input, residual: Option<Input>) -> Result<CudaStorage> {
+    pub(super) fn concat_channels(
+        op: &ChannelConcat,
+        a: Input,
+        b: Input,
+        b_add: Option<Input>,
+    ) -> Result<CudaStorage> {
+        #[cfg(not(sdcrossframe_elementwise_ptx))]
+        {
+            let _ = (op, a, b, b_add);
+            candle_core::bail!("fused channel concat: this build has no CUDA kernel for it")
+        }
+        #[cfg(sdcrossframe_elementwise_ptx)]
+        match a.0.dtype() {
+            DType::F32 => kernels::concat_channels::<f32>(op, a, b, b_add, "f32"),
+            DType::F16 => kernels::concat_channels::<half::f16>(op, a, b, b_add, "f16"),
+            DType::BF16 => kernels::concat_channels::<half::bf16>(op, a, b, b_add, "bf16"),
+            other => candle_core::bail!("fused channel concat supports f32, f16 and bf16; got {other:?}"),
+        }
+    }
+
+    pub(super) fn bias_add(op: &BiasAdd, x: Input, bias: Option<Input>, residual: Option<Input>) -> Result<CudaStorage> {
         #[cfg(not(sdcrossframe_elementwise_ptx))]
         {
             let _ = (op, x, bias, residual);
@@ -425,7 +610,7 @@ mod cuda {
 
     #[cfg(sdcrossframe_elementwise_ptx)]
     mod kernels {
-        use super::super::{BiasAdd, Geglu, LayerNormRows};
+        use super::super::{BiasAdd, ChannelConcat, Geglu, LayerNormRows};
         use super::Input;
         use crate::ops::storage::cuda_view;
         use candle_core::backend::BackendStorage;
@@ -438,12 +623,25 @@ mod cuda {
         /// As in the kernel.
         const THREADS: usize = 256;
 
-        fn config(rows: usize, cols: usize, vec_width: usize) -> LaunchConfig {
-            LaunchConfig {
-                grid_dim: (cols.div_ceil(THREADS * vec_width).max(1) as u32, rows.clamp(1, 65_535) as u32, 1),
-                block_dim: (THREADS as u32, 1, 1),
-                shared_mem_bytes: 0,
-            }
+        /// Most blocks of a flat (vector) launch; its threads loop over the rest.
+        const MAX_FLAT_BLOCKS: usize = 8192;
+
+        /// The launch of `rows` x `cols` outputs: flat over 16-byte words with `vec` (short rows,
+        /// such as a linear layer's 320 features, would leave most of a row's block idle), else a
+        /// block row per matrix row.
+        fn config(rows: usize, cols: usize, vec_width: usize, vec: bool) -> LaunchConfig {
+            let grid_dim = if vec {
+                ((rows * cols / vec_width).div_ceil(THREADS).clamp(1, MAX_FLAT_BLOCKS) as u32, 1, 1)
+            } else {
+                (cols.div_ceil(THREADS * vec_width).max(1) as u32, rows.clamp(1, 65_535) as u32, 1)
+            };
+            LaunchConfig { grid_dim, block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 }
+        }
+
+        /// Whether `rows` x `cols` outputs can take the vector path: whole words per row, word
+        /// indices in 31 bits (the kernels index words with 32-bit arithmetic).
+        fn vector_geometry(rows: usize, cols: usize, vec_width: usize) -> bool {
+            cols.is_multiple_of(vec_width) && rows * cols / vec_width < (1 << 31)
         }
 
         /// Whether every input starts on a 16-byte boundary (the kernels' vector loads): CUDA
@@ -455,22 +653,24 @@ mod cuda {
         pub(super) fn bias_add<T: CudaDType + DeviceRepr>(
             op: &BiasAdd,
             (xs, xl): Input,
-            (bs, bl): Input,
+            bias: Option<Input>,
             residual: Option<Input>,
             type_name: &str,
         ) -> Result<CudaStorage> {
             let n = op.rows * op.cols;
             let x = cuda_view::<T>(xs, xl, "fused bias add", "input")?;
-            let b = cuda_view::<T>(bs, bl, "fused bias add", "bias")?;
+            let b = bias.map(|(bs, bl)| cuda_view::<T>(bs, bl, "fused bias add", "bias")).transpose()?;
             let r = residual.map(|(rs, rl)| cuda_view::<T>(rs, rl, "fused bias add", "residual")).transpose()?;
-            if x.len() != n || b.len() != op.groups || r.as_ref().is_some_and(|r| r.len() != n) {
+            if x.len() != n || b.as_ref().is_some_and(|b| b.len() != op.groups) || r.as_ref().is_some_and(|r| r.len() != n)
+            {
                 candle_core::bail!("fused bias add: sizes do not match {op:?}");
             }
             let dev = xs.device();
             let vec_width = 16 / std::mem::size_of::<T>();
-            let mut layouts = vec![xl, bl];
+            let mut layouts = vec![xl];
+            layouts.extend(bias.map(|(_, bl)| bl));
             layouts.extend(residual.map(|(_, rl)| rl));
-            let vec = op.cols.is_multiple_of(vec_width)
+            let vec = vector_geometry(op.rows, op.cols, vec_width)
                 && (!op.per_column || op.groups.is_multiple_of(vec_width))
                 && aligned(&layouts, vec_width);
             let name = if op.per_column { "bias_add_cols" } else { "bias_add_rows" };
@@ -480,14 +680,56 @@ mod cuda {
             let (rows, cols, groups, vec) = (op.rows as i64, op.cols as i64, op.groups as i64, vec as i32);
             let null = 0u64;
             let mut builder = func.builder();
-            builder.arg(&x).arg(&b);
+            builder.arg(&x);
+            match &b {
+                Some(b) => builder.arg(b),
+                None => builder.arg(&null),
+            };
             match &r {
                 Some(r) => builder.arg(r),
                 None => builder.arg(&null),
             };
-            builder.arg(&out).arg(&rows).arg(&cols).arg(&groups).arg(&vec);
+            builder.arg(&out).arg(&rows).arg(&cols).arg(&groups).arg(&op.scale).arg(&vec);
             // SAFETY: argument types and order match bias_add_*; sizes checked above.
-            unsafe { builder.launch(config(op.rows, op.cols, vec_width)) }.w()?;
+            unsafe { builder.launch(config(op.rows, op.cols, vec_width, vec != 0)) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+
+        pub(super) fn concat_channels<T: CudaDType + DeviceRepr>(
+            op: &ChannelConcat,
+            (a_s, al): Input,
+            (b_s, bl): Input,
+            b_add: Option<Input>,
+            type_name: &str,
+        ) -> Result<CudaStorage> {
+            let a = cuda_view::<T>(a_s, al, "fused channel concat", "first input")?;
+            let b = cuda_view::<T>(b_s, bl, "fused channel concat", "second input")?;
+            let r = b_add.map(|(rs, rl)| cuda_view::<T>(rs, rl, "fused channel concat", "addend")).transpose()?;
+            let (a_len, b_len) = (op.n * op.a_values, op.n * op.b_values);
+            if a.len() != a_len || b.len() != b_len || r.as_ref().is_some_and(|r| r.len() != b_len) {
+                candle_core::bail!("fused channel concat: sizes do not match {op:?}");
+            }
+            let vec_width = 16 / std::mem::size_of::<T>();
+            let mut layouts = vec![al, bl];
+            layouts.extend(b_add.map(|(_, rl)| rl));
+            if !aligned(&layouts, vec_width) {
+                candle_core::bail!("fused channel concat: inputs must start 16-byte aligned");
+            }
+            let dev = a_s.device();
+            let func = dev.get_or_load_custom_func(&format!("concat_channels_{type_name}"), MODULE, PTX)?;
+            // SAFETY: the kernel writes every output value (the two parts of every sample).
+            let out = unsafe { dev.alloc::<T>(a_len + b_len)? };
+            let (n, a_values, b_values) = (op.n as i64, op.a_values as i64, op.b_values as i64);
+            let null = 0u64;
+            let mut builder = func.builder();
+            builder.arg(&a).arg(&b);
+            match &r {
+                Some(r) => builder.arg(r),
+                None => builder.arg(&null),
+            };
+            builder.arg(&out).arg(&n).arg(&a_values).arg(&b_values);
+            // SAFETY: argument types and order match concat_channels_*; sizes checked above.
+            unsafe { builder.launch(config(1, a_len + b_len, vec_width, true)) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         }
 
@@ -541,7 +783,7 @@ mod cuda {
             let vec_width = 16 / std::mem::size_of::<T>();
             let mut layouts = vec![hl];
             layouts.extend(bias.map(|(_, bl)| bl));
-            let vec = op.half.is_multiple_of(vec_width) && aligned(&layouts, vec_width);
+            let vec = vector_geometry(op.rows, op.half, vec_width) && aligned(&layouts, vec_width);
             let func = dev.get_or_load_custom_func(&format!("geglu_{type_name}"), MODULE, PTX)?;
             // SAFETY: the kernel writes every one of the rows x half outputs.
             let out = unsafe { dev.alloc::<T>(op.rows * op.half)? };
@@ -555,7 +797,7 @@ mod cuda {
             };
             builder.arg(&out).arg(&rows).arg(&half).arg(&vec);
             // SAFETY: argument types and order match geglu_*; sizes checked above.
-            unsafe { builder.launch(config(op.rows, op.half, vec_width)) }.w()?;
+            unsafe { builder.launch(config(op.rows, op.half, vec_width, vec != 0)) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         }
     }
@@ -578,21 +820,44 @@ mod tests {
         let residual = randn(&[2, 6, 3, 5]);
         let channel = randn(&[6]);
         let per_sample = randn(&[2, 6]);
-        let rows = BiasAdd { per_column: false, rows: 12, cols: 15, groups: 6 };
+        let rows = BiasAdd::rows(12, 15, 6);
         let expected = (x.broadcast_add(&channel.reshape((1, 6, 1, 1)).unwrap()).unwrap() + &residual).unwrap();
-        let got = rows.run(&x, &channel, Some(&residual)).unwrap();
+        let got = rows.run(&x, Some(&channel), Some(&residual)).unwrap();
         assert!(max_abs_diff(&got, &expected) < 1e-6);
         let per_sample_op = BiasAdd { groups: 12, ..rows };
         let expected = x.broadcast_add(&per_sample.reshape((2, 6, 1, 1)).unwrap()).unwrap();
-        assert!(max_abs_diff(&per_sample_op.run(&x, &per_sample, None).unwrap(), &expected) < 1e-6);
+        assert!(max_abs_diff(&per_sample_op.run(&x, Some(&per_sample), None).unwrap(), &expected) < 1e-6);
         let tokens = randn(&[2, 7, 6]);
-        let cols = BiasAdd { per_column: true, rows: 14, cols: 6, groups: 6 };
+        let cols = BiasAdd { per_column: true, ..BiasAdd::rows(14, 6, 6) };
         let expected = tokens.broadcast_add(&channel).unwrap();
-        assert!(max_abs_diff(&cols.run(&tokens, &channel, None).unwrap(), &expected) < 1e-6);
+        assert!(max_abs_diff(&cols.run(&tokens, Some(&channel), None).unwrap(), &expected) < 1e-6);
         // f16 in, f16 out.
-        let half = cols.run(&tokens.to_dtype(DType::F16).unwrap(), &channel, None).unwrap();
+        let half = cols.run(&tokens.to_dtype(DType::F16).unwrap(), Some(&channel), None).unwrap();
         assert_eq!(half.dtype(), DType::F16);
         assert!(max_abs_diff(&half, &expected) < 1e-2);
+        // Scaled, and without a bias (the residual alone).
+        let scaled = BiasAdd { scale: 0.7, ..rows };
+        let expected = (x.broadcast_add(&channel.reshape((1, 6, 1, 1)).unwrap()).unwrap() * 0.7).unwrap();
+        assert!(max_abs_diff(&scaled.run(&x, Some(&channel), None).unwrap(), &expected) < 1e-6);
+        let expected = (&x + &residual).unwrap();
+        assert!(max_abs_diff(&rows.run(&x, None, Some(&residual)).unwrap(), &expected) < 1e-6);
+    }
+
+    /// The concat op's geometry against candle's add and cat.
+    #[test]
+    fn channel_concat_geometry_matches_candle_cat() {
+        let (a, b, r) = (randn(&[2, 3, 4, 2]), randn(&[2, 5, 4, 2]), randn(&[2, 5, 4, 2]));
+        let op = ChannelConcat { n: 2, a_values: 24, b_values: 40 };
+        let expected = Tensor::cat(&[&a, &(&b + &r).unwrap()], 1).unwrap();
+        let got = a.apply_op3_no_bwd(&b, &r, &op).unwrap();
+        assert_eq!(got.dims(), [2, 8, 4, 2]);
+        assert!(max_abs_diff(&got, &expected) < 1e-6);
+        let got = a.apply_op2_no_bwd(&b, &op).unwrap();
+        assert!(max_abs_diff(&got, &Tensor::cat(&[&a, &b], 1).unwrap()) < 1e-6);
+        // The public function off CUDA: the same values, and a mismatch named.
+        assert!(max_abs_diff(&concat_channels(&a, &b, Some(&r)).unwrap(), &expected) < 1e-6);
+        let err = concat_channels(&a, &randn(&[2, 5, 3, 2]), None).unwrap_err().to_string();
+        assert!(err.contains("differ outside the channels"), "{err}");
     }
 
     #[test]
