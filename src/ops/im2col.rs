@@ -132,6 +132,8 @@ mod cuda {
     const MODULE: &str = "sdcrossframe_im2col";
     /// As in the kernel.
     const THREADS: usize = 256;
+    /// Most blocks of a flat launch; its threads loop over the rest.
+    const MAX_FLAT_BLOCKS: usize = 16_384;
 
     pub(super) fn launch<T: CudaDType + DeviceRepr>(
         op: &Columns,
@@ -150,11 +152,14 @@ mod cuda {
         let func = dev.get_or_load_custom_func("im2col_t_b16", MODULE, PTX)?;
         // SAFETY: the kernel writes every (row, pixel) of the columns.
         let cols = unsafe { dev.alloc::<T>(rows * m)? };
-        let cfg = LaunchConfig {
-            grid_dim: (m.div_ceil(THREADS).clamp(1, 1024) as u32, rows.clamp(1, 65_535) as u32, 1),
-            block_dim: (THREADS as u32, 1, 1),
-            shared_mem_bytes: 0,
+        // Flat over all (row, pixel) pairs when their count fits the kernel's 32-bit index.
+        let flat = rows * m < (1 << 31);
+        let grid_dim = if flat {
+            ((rows * m).div_ceil(THREADS).clamp(1, MAX_FLAT_BLOCKS) as u32, 1, 1)
+        } else {
+            (m.div_ceil(THREADS).clamp(1, 1024) as u32, rows.clamp(1, 65_535) as u32, 1)
         };
+        let cfg = LaunchConfig { grid_dim, block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
         let ints = [g.c, g.h, g.w, kh, kw, op.padding, op.stride, g.oh, g.ow].map(|v| v as i32);
         let rows = rows as i64;
         let mut builder = func.builder();
@@ -162,7 +167,8 @@ mod cuda {
         for v in &ints {
             builder.arg(v);
         }
-        builder.arg(&rows);
+        let flat = i32::from(flat);
+        builder.arg(&rows).arg(&flat);
         // SAFETY: argument types and order match im2col_t_b16; T is a 16-bit type (f16/bf16).
         unsafe { builder.launch(cfg) }.w()?;
         Ok(CudaStorage::wrap_cuda_slice(cols, dev.clone()))
