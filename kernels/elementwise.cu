@@ -5,8 +5,9 @@
 // Arithmetic is in f32; the result is rounded once.
 //
 // bias_add_rows_*: x is a contiguous (rows, cols) matrix; out = (x + bias[row % groups]) * scale
-//   (+ residual); bias may be null (no bias). A (N, C, H, W) convolution output is rows = N * C, cols = H * W with groups = C
-//   (a per-channel bias) or groups = N * C (a per-sample, per-channel bias).
+//   (+ residual); bias may be null (no bias). A (N, C, H, W) convolution output is rows = N * C,
+//   cols = H * W with groups = C (a per-channel bias) or groups = N * C (a per-sample,
+//   per-channel bias).
 // bias_add_cols_*: x is (rows, cols); out = (x + bias[col]) * scale (+ residual): a linear layer's
 //   output.
 // geglu_*: h is (rows, 2f); out (rows, f) = (h[:, j] + b[j]) * gelu_erf(h[:, f + j] + b[f + j]),

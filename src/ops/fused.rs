@@ -64,7 +64,8 @@ pub fn scale_channel_bias(xs: &Tensor, bias: &Tensor, scale: f64) -> Result<Tens
         candle_core::bail!("scaled channel bias: a bias of {:?} does not fit {dims:?}", bias.dims());
     }
     if applies(xs) {
-        let op = BiasAdd { scale: scale as f32, ..BiasAdd::rows(dims[0] * dims[1], dims[2..].iter().product(), dims[1]) };
+        let op =
+            BiasAdd { scale: scale as f32, ..BiasAdd::rows(dims[0] * dims[1], dims[2..].iter().product(), dims[1]) };
         return op.run(xs, Some(bias), None);
     }
     let mut shape = vec![1; dims.len()];
@@ -95,10 +96,16 @@ pub fn concat_channels(a: &Tensor, b: &Tensor, b_add: Option<&Tensor>) -> Result
     let same_dtype = b.dtype() == a.dtype() && b_add.is_none_or(|r| r.dtype() == a.dtype());
     if applies(a) && same_dtype {
         let op = ChannelConcat { n, a_values: ca * h * w, b_values: cb * h * w };
-        if op.fits(a.dtype()) {
-            let (a, b) = (a.contiguous()?, b.contiguous()?);
-            return match b_add {
-                Some(r) => a.apply_op3_no_bwd(&b, &r.contiguous()?, &op),
+        let (a, b, r) = (a.contiguous()?, b.contiguous()?, b_add.map(Tensor::contiguous).transpose()?);
+        // The kernel's 16-byte loads need every input to start on a word (views may not).
+        let vec = 16 / a.dtype().size_in_bytes();
+        let starts_on_words = [Some(&a), Some(&b), r.as_ref()]
+            .into_iter()
+            .flatten()
+            .all(|t| t.layout().start_offset().is_multiple_of(vec));
+        if op.fits(a.dtype()) && starts_on_words {
+            return match &r {
+                Some(r) => a.apply_op3_no_bwd(&b, r, &op),
                 None => a.apply_op2_no_bwd(&b, &op),
             };
         }
@@ -544,12 +551,7 @@ mod cuda {
 
     type Input<'a> = (&'a CudaStorage, &'a Layout);
 
-    pub(super) fn concat_channels(
-        op: &ChannelConcat,
-        a: Input,
-        b: Input,
-        b_add: Option<Input>,
-    ) -> Result<CudaStorage> {
+    pub(super) fn concat_channels(op: &ChannelConcat, a: Input, b: Input, b_add: Option<Input>) -> Result<CudaStorage> {
         #[cfg(not(sdcrossframe_elementwise_ptx))]
         {
             let _ = (op, a, b, b_add);
@@ -564,7 +566,12 @@ mod cuda {
         }
     }
 
-    pub(super) fn bias_add(op: &BiasAdd, x: Input, bias: Option<Input>, residual: Option<Input>) -> Result<CudaStorage> {
+    pub(super) fn bias_add(
+        op: &BiasAdd,
+        x: Input,
+        bias: Option<Input>,
+        residual: Option<Input>,
+    ) -> Result<CudaStorage> {
         #[cfg(not(sdcrossframe_elementwise_ptx))]
         {
             let _ = (op, x, bias, residual);
@@ -661,7 +668,9 @@ mod cuda {
             let x = cuda_view::<T>(xs, xl, "fused bias add", "input")?;
             let b = bias.map(|(bs, bl)| cuda_view::<T>(bs, bl, "fused bias add", "bias")).transpose()?;
             let r = residual.map(|(rs, rl)| cuda_view::<T>(rs, rl, "fused bias add", "residual")).transpose()?;
-            if x.len() != n || b.as_ref().is_some_and(|b| b.len() != op.groups) || r.as_ref().is_some_and(|r| r.len() != n)
+            if x.len() != n
+                || b.as_ref().is_some_and(|b| b.len() != op.groups)
+                || r.as_ref().is_some_and(|r| r.len() != n)
             {
                 candle_core::bail!("fused bias add: sizes do not match {op:?}");
             }
