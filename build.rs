@@ -6,8 +6,8 @@
 //! `mma.sync` bf16 tensor-core instructions, which need sm_80 or newer: for an older target no
 //! PTX is made and the engine keeps its unfused attention (cfg `sdcrossframe_flash_ptx` unset).
 //! `kernels/group_norm.cu` (cfg `sdcrossframe_group_norm_ptx`), `kernels/elementwise.cu` (cfg
-//! `sdcrossframe_elementwise_ptx`) and `kernels/im2col.cu` (cfg `sdcrossframe_im2col_ptx`) build
-//! for any architecture.
+//! `sdcrossframe_elementwise_ptx`), `kernels/im2col.cu` (cfg `sdcrossframe_im2col_ptx`) and
+//! `kernels/channels_last.cu` (cfg `sdcrossframe_channels_last_ptx`) build for any architecture.
 
 use std::env;
 use std::path::PathBuf;
@@ -17,6 +17,7 @@ const FLASH_KERNEL: &str = "kernels/flash_attention.cu";
 const GROUP_NORM_KERNEL: &str = "kernels/group_norm.cu";
 const ELEMENTWISE_KERNEL: &str = "kernels/elementwise.cu";
 const IM2COL_KERNEL: &str = "kernels/im2col.cu";
+const CHANNELS_LAST_KERNEL: &str = "kernels/channels_last.cu";
 /// Included by the element-wise and GroupNorm kernels.
 const KERNEL_HELPERS: &str = "kernels/common.cuh";
 
@@ -25,6 +26,7 @@ fn main() {
     println!("cargo::rerun-if-changed={GROUP_NORM_KERNEL}");
     println!("cargo::rerun-if-changed={ELEMENTWISE_KERNEL}");
     println!("cargo::rerun-if-changed={IM2COL_KERNEL}");
+    println!("cargo::rerun-if-changed={CHANNELS_LAST_KERNEL}");
     println!("cargo::rerun-if-changed={KERNEL_HELPERS}");
     for var in ["CUDA_TOOLKIT_DIR", "CUDA_HOME", "CUDA_PATH", "CUDA_COMPUTE_CAP", "NVCC_CCBIN"] {
         println!("cargo::rerun-if-env-changed={var}");
@@ -33,6 +35,7 @@ fn main() {
     println!("cargo::rustc-check-cfg=cfg(sdcrossframe_group_norm_ptx)");
     println!("cargo::rustc-check-cfg=cfg(sdcrossframe_elementwise_ptx)");
     println!("cargo::rustc-check-cfg=cfg(sdcrossframe_im2col_ptx)");
+    println!("cargo::rustc-check-cfg=cfg(sdcrossframe_channels_last_ptx)");
     if env::var_os("CARGO_FEATURE_CUDA").is_none() {
         return;
     }
@@ -44,6 +47,8 @@ fn main() {
     println!("cargo::rustc-cfg=sdcrossframe_elementwise_ptx");
     compile_ptx(IM2COL_KERNEL, "im2col.ptx", cap);
     println!("cargo::rustc-cfg=sdcrossframe_im2col_ptx");
+    compile_ptx(CHANNELS_LAST_KERNEL, "channels_last.ptx", cap);
+    println!("cargo::rustc-cfg=sdcrossframe_channels_last_ptx");
     if cap < 80 {
         println!(
             "cargo::warning=CUDA_COMPUTE_CAP={cap}: the fused attention kernel needs sm_80 or newer; \

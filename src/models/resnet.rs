@@ -8,6 +8,7 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{Linear, VarBuilder};
 
+use crate::ops::channels_last::{self, InputLayout};
 use crate::ops::{Conv2d, GroupNorm, fused};
 
 #[derive(Debug, Clone, Copy)]
@@ -33,6 +34,11 @@ pub struct ResnetBlock2D {
     /// Set when `time_emb_proj` moved into the model's [`ResnetTimeProjection`]: this block's
     /// columns (start, count) of its output, which also holds `conv1`'s bias.
     time_columns: Option<(usize, usize)>,
+    /// `conv1` and `conv2` hold channels-last filters and the block runs channels-last between
+    /// them on CUDA ([`channels_last`]): blocks with a time embedding (the UNet's and the
+    /// ControlNet's) in f16/bf16 on CUDA with cuDNN. The VAE's rows are too long for the
+    /// channels-last GroupNorm kernel.
+    channels_last: bool,
     span: tracing::Span,
 }
 
@@ -110,6 +116,9 @@ impl ResnetBlock2D {
         let conv2 = Conv2d::same(vb.pp("conv2"), out, out, 3, 1)?;
         let conv_shortcut =
             (in_channels != out).then(|| Conv2d::new(vb.pp("conv_shortcut"), in_channels, out, 1, 0, 1)).transpose()?;
+        let channels_last = config.temb_channels.is_some() && channels_last::wanted(vb.device(), vb.dtype());
+        let (conv1, conv2) =
+            if channels_last { (conv1.to_channels_last()?, conv2.to_channels_last()?) } else { (conv1, conv2) };
         Ok(Self {
             norm1,
             conv1,
@@ -119,6 +128,7 @@ impl ResnetBlock2D {
             conv_shortcut,
             output_scale_factor: config.output_scale_factor,
             time_columns: None,
+            channels_last,
             span: tracing::trace_span!("resnet"),
         })
     }
@@ -148,6 +158,9 @@ impl ResnetBlock2D {
             }
             _ => None,
         };
+        if self.channels_last && self.output_scale_factor == 1.0 && channels_last::applies(xs) {
+            return self.forward_channels_last(xs, temb.as_ref(), &shortcut);
+        }
         // conv1's bias and the time embedding, then conv2's bias and the shortcut, are each one
         // addition pass on CUDA (see `Conv2d::forward_add`).
         let hidden = self.conv1.forward_add(&self.norm1.forward_silu(xs)?, temb.as_ref(), None)?;
@@ -156,5 +169,35 @@ impl ResnetBlock2D {
             return self.conv2.forward_add(&hidden, None, Some(&shortcut));
         }
         (shortcut + self.conv2.forward(&hidden)?)? / self.output_scale_factor
+    }
+
+    /// [`Self::forward`] channels-last between the convolutions: NHWC GroupNorm + SiLU, NHWC
+    /// convolutions, conv1's bias and the time embedding added inside the second GroupNorm,
+    /// conv2's bias and the shortcut in the pass back to NCHW. `temb`: this block's projected
+    /// time embedding (batch, out_channels).
+    fn forward_channels_last(&self, xs: &Tensor, temb: Option<&Tensor>, shortcut: &Tensor) -> Result<Tensor> {
+        let (norm1, groups1, eps1) = self.norm1.channels_last_parameters();
+        let hidden = channels_last::group_norm_silu(xs, InputLayout::Nchw, None, norm1, groups1, eps1)?;
+        let hidden = self.conv1.convolve_channels_last(&hidden)?;
+        let (batch, channels) = (hidden.dim(0)?, hidden.dim(3)?);
+        let in_bias = match (temb, self.conv1.bias()) {
+            (Some(t), Some(b)) => Some(t.broadcast_add(&b.unsqueeze(0)?)?),
+            (Some(t), None) => Some(t.clone()),
+            (None, Some(b)) => Some(b.unsqueeze(0)?.broadcast_as((batch, channels))?.contiguous()?),
+            (None, None) => None,
+        };
+        let (norm2, groups2, eps2) = self.norm2.channels_last_parameters();
+        let hidden =
+            channels_last::group_norm_silu(&hidden, InputLayout::Nhwc, in_bias.as_ref(), norm2, groups2, eps2)?;
+        let out = self.conv2.convolve_channels_last(&hidden)?;
+        let zero_bias;
+        let bias = match self.conv2.bias() {
+            Some(b) => b,
+            None => {
+                zero_bias = Tensor::zeros(channels, out.dtype(), out.device())?;
+                &zero_bias
+            }
+        };
+        channels_last::to_nchw_add(&out, bias, shortcut)
     }
 }

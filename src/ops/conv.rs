@@ -22,10 +22,14 @@ use super::fused;
 
 #[derive(Debug, Clone)]
 pub struct Conv2d {
+    /// (out, in, kh, kw), or (out, kh, kw, in) with `channels_last`.
     weight: Tensor,
     bias: Option<Tensor>,
     padding: usize,
     stride: usize,
+    /// The filter is stored channels-last for [`Self::convolve_channels_last`] (cuDNN takes NHWC
+    /// activations only with an NHWC filter).
+    channels_last: bool,
 }
 
 impl Conv2d {
@@ -52,7 +56,7 @@ impl Conv2d {
         stride: usize,
     ) -> Result<Self> {
         let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
-        Ok(Self { weight, bias: None, padding, stride })
+        Ok(Self { weight, bias: None, padding, stride, channels_last: false })
     }
 
     /// Padding `(kernel - 1) / 2`: odd kernels keep the size (at stride 1).
@@ -60,8 +64,40 @@ impl Conv2d {
         Self::new(vb, in_channels, out_channels, kernel, (kernel - 1) / 2, stride)
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The filter as (out, in, kh, kw) (a strided view for a channels-last one).
+    pub fn weight(&self) -> Tensor {
+        if self.channels_last {
+            self.weight.permute((0, 3, 1, 2)).unwrap_or_else(|_| self.weight.clone())
+        } else {
+            self.weight.clone()
+        }
+    }
+
+    /// The same convolution with its filter stored channels-last, (out, kh, kw, in), for
+    /// [`Self::convolve_channels_last`]; the NCHW entry points still work (through a transposed
+    /// view of the filter, slower).
+    pub fn to_channels_last(self) -> Result<Self> {
+        if self.channels_last {
+            return Ok(self);
+        }
+        let weight = self.weight.permute((0, 2, 3, 1))?.contiguous()?;
+        Ok(Self { weight, channels_last: true, ..self })
+    }
+
+    /// The convolution without its bias of `xs` (batch, height, width, in_channels), as (batch,
+    /// out_height, out_width, out_channels): cuDNN with NHWC activations and filter, for a
+    /// filter stored by [`Self::to_channels_last`].
+    pub fn convolve_channels_last(&self, xs: &Tensor) -> Result<Tensor> {
+        if !self.channels_last {
+            candle_core::bail!("channels-last convolution: the filter is not stored channels-last");
+        }
+        #[cfg(feature = "cudnn")]
+        if xs.device().is_cuda() && matches!(xs.dtype(), candle_core::DType::F16 | candle_core::DType::BF16) {
+            return cudnn::conv2d_channels_last(xs, &self.weight, self.padding, self.stride);
+        }
+        // Elsewhere (tests): the NCHW convolution between two transposes.
+        let nchw = xs.permute((0, 3, 1, 2))?.contiguous()?;
+        self.convolve(&nchw)?.permute((0, 2, 3, 1))?.contiguous()
     }
 
     /// The same convolution with its weights copied to `device` (queued there: the weights
@@ -72,6 +108,7 @@ impl Conv2d {
             bias: self.bias.as_ref().map(|b| b.to_device(device)).transpose()?,
             padding: self.padding,
             stride: self.stride,
+            channels_last: self.channels_last,
         })
     }
 
@@ -89,17 +126,23 @@ impl Conv2d {
     /// A 1x1 convolution at stride 1 without padding: a matrix product per sample.
     fn is_pointwise(&self) -> bool {
         let dims = self.weight.dims();
-        dims[2] == 1 && dims[3] == 1 && self.stride == 1 && self.padding == 0
+        let (kh, kw) = if self.channels_last { (dims[1], dims[2]) } else { (dims[2], dims[3]) };
+        kh == 1 && kw == 1 && self.stride == 1 && self.padding == 0
     }
 
     /// The weight of a pointwise convolution as an (out, in) matrix.
     fn pointwise_matrix(&self) -> Result<Tensor> {
         let dims = self.weight.dims();
-        self.weight.reshape((dims[0], dims[1]))
+        // (out, 1, 1, in) when channels-last: the same matrix.
+        self.weight.reshape((dims[0], self.weight.elem_count() / dims[0]))
     }
 
     /// The convolution without the bias.
     fn convolve(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.channels_last {
+            let nchw_filter = Self { weight: self.weight(), channels_last: false, ..self.clone() };
+            return nchw_filter.convolve(xs);
+        }
         // On CUDA a 1x1 convolution is one batched GEMM (cuBLAS, tensor cores); cuDNN runs NCHW
         // 1x1 convolutions without tensor cores.
         if self.is_pointwise() && fused::applies(xs) {
@@ -254,6 +297,22 @@ mod cudnn {
         filter: [usize; 4],
         padding: usize,
         stride: usize,
+        /// NHWC activations and filter (`input` and `filter` still list N, C, H, W and K, C, R, S).
+        channels_last: bool,
+    }
+
+    impl Key {
+        /// The input's and the filter's dims as the tensors hold them.
+        fn stored_dims(&self) -> ([usize; 4], [usize; 4]) {
+            let ([n, c, h, w], [k, kc, r, s]) = (self.input, self.filter);
+            if self.channels_last { ([n, h, w, c], [k, r, s, kc]) } else { (self.input, self.filter) }
+        }
+
+        /// The output's dims as stored.
+        fn stored_output(&self) -> [usize; 4] {
+            let [n, k, h, w] = output_dims(self);
+            if self.channels_last { [n, h, w, k] } else { [n, k, h, w] }
+        }
     }
 
     // cuDNN handles and descriptors are neither Send nor Sync: one set per thread.
@@ -312,8 +371,49 @@ mod cudnn {
         let candle_core::Device::Cuda(dev) = xs.device() else {
             candle_core::bail!("cuDNN convolution: CUDA tensors only")
         };
-        let key =
-            Key { device: dev.id(), dtype: xs.dtype(), input: [n, c, h, w], filter: [k, kc, kh, kw], padding, stride };
+        let key = Key {
+            device: dev.id(),
+            dtype: xs.dtype(),
+            input: [n, c, h, w],
+            filter: [k, kc, kh, kw],
+            padding,
+            stride,
+            channels_last: false,
+        };
+        conv2d_keyed(&xs, &weight, key, dev)
+    }
+
+    /// [`conv2d`] of NHWC `xs` (n, h, w, c) with an NHWC filter (k, kh, kw, c): an (n, oh, ow, k)
+    /// output, cuDNN only (no im2col for this layout).
+    pub(super) fn conv2d_channels_last(xs: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+        let xs = xs.contiguous()?;
+        let weight = weight.to_dtype(xs.dtype())?.contiguous()?;
+        let (&[n, h, w, c], &[k, kh, kw, kc]) = (xs.dims(), weight.dims()) else {
+            candle_core::bail!(
+                "channels-last convolution: expected 4-D input and filter, got {:?} and {:?}",
+                xs.dims(),
+                weight.dims()
+            );
+        };
+        let candle_core::Device::Cuda(dev) = xs.device() else {
+            candle_core::bail!("cuDNN convolution: CUDA tensors only")
+        };
+        let key = Key {
+            device: dev.id(),
+            dtype: xs.dtype(),
+            input: [n, c, h, w],
+            filter: [k, kc, kh, kw],
+            padding,
+            stride,
+            channels_last: true,
+        };
+        conv2d_keyed(&xs, &weight, key, dev)
+    }
+
+    /// The convolution of `key`'s shape with the method tuned (or saved, or of the nearest batch)
+    /// for it.
+    fn conv2d_keyed(xs: &Tensor, weight: &Tensor, key: Key, dev: &candle_core::CudaDevice) -> Result<Tensor> {
+        let (xs, weight) = (xs.clone(), weight.clone());
         let known = METHODS.with(|m| m.borrow().get(&key).copied());
         let method = match known {
             Some(method) => method,
@@ -367,6 +467,9 @@ mod cudnn {
 
     fn run_method(xs: &Tensor, weight: &Tensor, key: &Key, method: Method) -> Result<Tensor> {
         match method {
+            Method::Im2col if key.channels_last => {
+                candle_core::bail!("convolution: im2col does not take channels-last activations")
+            }
             Method::Im2col if crate::ops::im2col::applies(xs) => {
                 crate::ops::im2col::conv2d_columns(xs, weight, key.padding, key.stride)
             }
@@ -400,7 +503,7 @@ mod cudnn {
             Ok(start.elapsed().as_secs_f64() / 3.0)
         };
         let mut candidates: Vec<Method> = ALGOS.iter().map(|&a| Method::Cudnn(a)).collect();
-        if switches().conv != ConvChoice::Cudnn {
+        if switches().conv != ConvChoice::Cudnn && !key.channels_last {
             candidates.insert(0, Method::Im2col);
         }
         let mut best: Option<(f64, Method)> = None;
@@ -465,7 +568,8 @@ mod cudnn {
         use std::sync::{Mutex, OnceLock, PoisonError};
 
         fn shape_line(key: &Key) -> String {
-            conv_plans::shape_line(&format!("{:?}", key.dtype), key.input, key.filter, key.padding, key.stride)
+            let layout = if key.channels_last { "nhwc" } else { "" };
+            conv_plans::shape_line(&format!("{:?}{layout}", key.dtype), key.input, key.filter, key.padding, key.stride)
         }
 
         fn method_name(method: Method) -> String {
@@ -646,10 +750,15 @@ mod cudnn {
             .create_conv2d::<f32>([p, p], [s, s], [1, 1], sys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION)
             .map_err(cudnn_err("descriptor"))?;
         conv.set_math_type(sys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH).map_err(cudnn_err("math type"))?;
-        let nchw = sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
-        let x = cudnn.create_4d_tensor::<T>(nchw, i32s(key.input)).map_err(cudnn_err("input descriptor"))?;
-        let w = cudnn.create_4d_filter::<T>(nchw, i32s(key.filter)).map_err(cudnn_err("filter descriptor"))?;
-        let y = cudnn.create_4d_tensor::<T>(nchw, i32s(output_dims(key))).map_err(cudnn_err("output descriptor"))?;
+        // Descriptors take N, C, H, W (K, C, R, S) in either format.
+        let format = if key.channels_last {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC
+        } else {
+            sys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW
+        };
+        let x = cudnn.create_4d_tensor::<T>(format, i32s(key.input)).map_err(cudnn_err("input descriptor"))?;
+        let w = cudnn.create_4d_filter::<T>(format, i32s(key.filter)).map_err(cudnn_err("filter descriptor"))?;
+        let y = cudnn.create_4d_tensor::<T>(format, i32s(output_dims(key))).map_err(cudnn_err("output descriptor"))?;
         Ok(Plan { conv, x, w, y, workspaces: RefCell::new(HashMap::new()) })
     }
 
@@ -705,7 +814,8 @@ mod cudnn {
             wl: &Layout,
         ) -> Result<(CudaStorage, Shape)> {
             let key = &self.key;
-            if xl.dims() != key.input || wl.dims() != key.filter || xs.dtype() != key.dtype {
+            let (input, filter) = key.stored_dims();
+            if xl.dims() != input || wl.dims() != filter || xs.dtype() != key.dtype {
                 candle_core::bail!("cuDNN convolution: tensors do not match the plan");
             }
             let [_, c, h, w] = key.input;
@@ -731,7 +841,7 @@ mod cudnn {
                     plan
                 }
             };
-            let out = output_dims(key);
+            let out = key.stored_output();
             let out_len = out.iter().product();
             let storage = match &*plan {
                 AnyPlan::F16(plan) => run(plan, self.algo, &dev, (xs, xl), (ws, wl), out_len)?,
@@ -773,5 +883,28 @@ mod tests {
         assert!(max_abs_diff(&got, &want) < 1e-6);
         let biased = plain.broadcast_add(&bias.reshape((1, 4, 1, 1)).unwrap()).unwrap();
         assert!(max_abs_diff(&with_bias.forward(&xs).unwrap(), &biased) < 1e-6);
+    }
+
+    /// A filter stored channels-last convolves as before, from NCHW and from NHWC input.
+    #[test]
+    fn channels_last_filter_keeps_the_convolution() {
+        let dev = Device::Cpu;
+        let weight = Tensor::randn(0f32, 1.0, (4, 5, 3, 3), &dev).unwrap();
+        let bias = Tensor::randn(0f32, 1.0, 4, &dev).unwrap();
+        let tensors = HashMap::from([("weight".to_string(), weight.clone()), ("bias".to_string(), bias)]);
+        let conv = Conv2d::same(VarBuilder::from_tensors(tensors, DType::F32, &dev), 5, 4, 3, 2).unwrap();
+        let xs = Tensor::randn(0f32, 1.0, (2, 5, 7, 6), &dev).unwrap();
+        let expected = conv.forward(&xs).unwrap();
+        let err = conv.convolve_channels_last(&xs).unwrap_err().to_string();
+        assert!(err.contains("not stored channels-last"), "{err}");
+        let cl = conv.to_channels_last().unwrap();
+        assert_eq!(cl.weight.dims(), &[4, 3, 3, 5]);
+        assert_eq!(cl.weight().dims(), &[4, 5, 3, 3]);
+        assert!(max_abs_diff(&cl.weight(), &weight) == 0.0);
+        assert!(max_abs_diff(&cl.forward(&xs).unwrap(), &expected) < 1e-6);
+        let nhwc = cl.convolve_channels_last(&xs.permute((0, 2, 3, 1)).unwrap()).unwrap();
+        let unbiased = cl.convolve(&xs).unwrap().permute((0, 2, 3, 1)).unwrap();
+        assert_eq!(nhwc.dims(), &[2, 4, 3, 4]);
+        assert!(max_abs_diff(&nhwc, &unbiased) < 1e-6);
     }
 }

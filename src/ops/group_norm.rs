@@ -20,6 +20,8 @@ pub struct GroupNorm {
     inner: candle_nn::GroupNorm,
     weight: Tensor,
     bias: Tensor,
+    /// `weight` and `bias` stacked, (2, channels): the channels-last kernel's one operand.
+    affine: Tensor,
     groups: usize,
     eps: f64,
 }
@@ -32,7 +34,14 @@ impl GroupNorm {
         let weight = vb.get(channels, "weight")?;
         let bias = vb.get(channels, "bias")?;
         let inner = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
-        Ok(Self { inner, weight, bias, groups, eps })
+        let affine = Tensor::stack(&[&weight, &bias], 0)?;
+        Ok(Self { inner, weight, bias, affine, groups, eps })
+    }
+
+    /// `weight` and `bias` as the rows of one (2, channels) tensor, and the groups and epsilon:
+    /// what [`super::channels_last::group_norm_silu`] takes.
+    pub fn channels_last_parameters(&self) -> (&Tensor, usize, f64) {
+        (&self.affine, self.groups, self.eps)
     }
 
     /// candle-nn's computation on any device: the CPU path, and the reference for the kernel.

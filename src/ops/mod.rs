@@ -7,6 +7,7 @@
 //! read once, in [`switches`].
 
 mod attention;
+pub mod channels_last;
 pub mod conv;
 #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
 mod conv_plans;

@@ -16,6 +16,7 @@ pub const CUDA_GRAPHS: &str = "SDCROSSFRAME_CUDA_GRAPHS";
 pub const FLASH_WARPS: &str = "SDCROSSFRAME_FLASH_WARPS";
 pub const CONV_PLANS: &str = "SDCROSSFRAME_CONV_PLANS";
 pub const VAE_STREAM: &str = "SDCROSSFRAME_VAE_STREAM";
+pub const CHANNELS_LAST: &str = "SDCROSSFRAME_CHANNELS_LAST";
 
 /// Which convolutions the cuDNN build considers for f16/bf16 on CUDA (`SDCROSSFRAME_CONV`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,6 +67,9 @@ pub struct Switches {
     /// image's embedding, the scaling back and the download on a second CUDA stream beside
     /// the UNet's.
     pub vae_stream: bool,
+    /// `SDCROSSFRAME_CHANNELS_LAST=on|off`: resnet blocks with time embeddings (the UNet's and
+    /// the ControlNet's) run channels-last between their convolutions ([`super::channels_last`]).
+    pub channels_last: bool,
 }
 
 impl Default for Switches {
@@ -104,6 +108,7 @@ impl Switches {
             flash_warps: parse(&lookup, FLASH_WARPS, &[("auto", None), ("4", Some(4)), ("8", Some(8))], None),
             conv_plans: parse_conv_plans(lookup(CONV_PLANS)),
             vae_stream: parse(&lookup, VAE_STREAM, &on_off, true),
+            channels_last: parse(&lookup, CHANNELS_LAST, &on_off, true),
         }
     }
 }
@@ -172,6 +177,7 @@ mod tests {
                 flash_warps: None,
                 conv_plans: ConvPlans::CacheDir,
                 vae_stream: true,
+                channels_last: true,
             }
         );
         assert_eq!(s, Switches::default());
@@ -188,8 +194,10 @@ mod tests {
             (FLASH_WARPS, " 8 "),
             (CONV_PLANS, " /tmp/plans.txt\n"),
             (VAE_STREAM, " Off "),
+            (CHANNELS_LAST, "OFF"),
         ]);
         assert!(!s.fused_attention && !s.fused_group_norm && !s.fused_epilogues && !s.cuda_graphs && !s.vae_stream);
+        assert!(!s.channels_last);
         assert_eq!((s.conv, s.flash_warps), (ConvChoice::Cudnn, Some(8)));
         assert_eq!(s.conv_plans, ConvPlans::File(PathBuf::from("/tmp/plans.txt")));
         let s = from(&[(ATTENTION, "fused"), (FUSED, "on"), (CONV, "im2col"), (FLASH_WARPS, "4"), (CUDA_GRAPHS, "on")]);
@@ -211,6 +219,7 @@ mod tests {
             (CUDA_GRAPHS, ""),
             (FLASH_WARPS, "16"),
             (VAE_STREAM, "1"),
+            (CHANNELS_LAST, "nhwc"),
         ]);
         assert_eq!(s, Switches::default());
     }

@@ -1,0 +1,201 @@
+//! The channels-last resnet path on CUDA (`kernels/channels_last.cu`, cuDNN's NHWC
+//! convolutions) against the CPU: its GroupNorm kernel from either layout, the pass back to
+//! NCHW, an NHWC convolution against the NCHW one, and whole UNet-shaped resnet blocks (f16 on
+//! the GPU, f32 on the CPU, same weights).
+//!
+//! Needs a GPU and a build with the `cuda` and `cudnn` features (CI has neither, so without
+//! them this file is empty):
+//!   scripts/build-cuda.sh --tests -- --test gpu_channels_last, then on the GPU machine run the
+//!   binary. Prints the largest absolute difference of every case.
+#![cfg(all(feature = "cuda", feature = "cudnn"))]
+
+mod common;
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::VarBuilder;
+use sdcrossframe::models::resnet::{ResnetBlock2D, ResnetBlock2DConfig, TimeEmbedding};
+use sdcrossframe::ops::Conv2d;
+use sdcrossframe::ops::channels_last::{self, InputLayout};
+
+fn gpu() -> Device {
+    Device::new_cuda(0).expect("this test needs a CUDA GPU")
+}
+
+fn randn(shape: &[usize], std: f32) -> Tensor {
+    Tensor::randn(0f32, std, shape, &Device::Cpu).unwrap()
+}
+
+/// Largest difference of a GPU result from a CPU one.
+fn max_abs_diff(gpu_result: &Tensor, reference: &Tensor) -> f32 {
+    common::max_abs_diff(&gpu_result.to_device(&Device::Cpu).unwrap(), reference)
+}
+
+#[test]
+fn group_norm_kernel_matches_the_cpu_reference() {
+    let gpu = gpu();
+    // UNet shapes (10, 20 and 40 channels per group), a row past the one-launch kernel (960
+    // channels at 64x64: the NCHW kernels and a transpose), an odd spatial size.
+    for (n, c, h, w) in [(2, 320, 64, 64), (2, 640, 32, 32), (8, 1280, 8, 8), (2, 960, 64, 64), (1, 64, 7, 9)] {
+        let x = (randn(&[n, c, h, w], 2.0) + 0.5).unwrap().to_dtype(DType::F16).unwrap();
+        let affine = (randn(&[2, c], 0.5) + 0.5).unwrap().to_dtype(DType::F16).unwrap();
+        let bias = randn(&[n, c], 1.0).to_dtype(DType::F16).unwrap();
+        let nhwc = x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+        for (layout, input) in [(InputLayout::Nchw, &x), (InputLayout::Nhwc, &nhwc)] {
+            for in_bias in [None, Some(&bias)] {
+                let cpu = channels_last::group_norm_silu(input, layout, in_bias, &affine, 32, 1e-5).unwrap();
+                let on = |t: &Tensor| t.to_device(&gpu).unwrap();
+                let out = channels_last::group_norm_silu(
+                    &on(input),
+                    layout,
+                    in_bias.map(on).as_ref(),
+                    &on(&affine),
+                    32,
+                    1e-5,
+                )
+                .unwrap();
+                assert_eq!(out.dims(), &[n, h, w, c]);
+                let err = max_abs_diff(&out, &cpu.to_dtype(DType::F32).unwrap());
+                println!("GroupNorm {layout:?} {n}x{c}x{h}x{w} bias {}: max abs diff {err:.3e}", in_bias.is_some());
+                // One f16 rounding step of outputs up to about 8.
+                assert!(err <= 8e-3, "{layout:?} {n}x{c}x{h}x{w}: {err}");
+                // The statistics are added in a fixed order: every call gives the same bits
+                // (CUDA graph replays are compared with eager runs for equality).
+                let again = channels_last::group_norm_silu(
+                    &on(input),
+                    layout,
+                    in_bias.map(on).as_ref(),
+                    &on(&affine),
+                    32,
+                    1e-5,
+                )
+                .unwrap();
+                let same = (out.to_dtype(DType::F32).unwrap() - again.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert_eq!(same, 0.0, "{layout:?} {n}x{c}x{h}x{w}: two calls differ");
+            }
+        }
+    }
+}
+
+#[test]
+fn pass_back_to_nchw_matches_the_cpu() {
+    let gpu = gpu();
+    for (n, h, w, c) in [(2, 64, 64, 320), (8, 8, 8, 1280), (1, 7, 9, 40)] {
+        let ys = randn(&[n, h, w, c], 1.0).to_dtype(DType::F16).unwrap();
+        let bias = randn(&[c], 1.0).to_dtype(DType::F16).unwrap();
+        let residual = randn(&[n, c, h, w], 1.0).to_dtype(DType::F16).unwrap();
+        let cpu = channels_last::to_nchw_add(&ys, &bias, &residual).unwrap().to_dtype(DType::F32).unwrap();
+        let on = |t: &Tensor| t.to_device(&gpu).unwrap();
+        let out = channels_last::to_nchw_add(&on(&ys), &on(&bias), &on(&residual)).unwrap();
+        assert_eq!(out.dims(), &[n, c, h, w]);
+        let err = max_abs_diff(&out, &cpu);
+        println!("to NCHW {n}x{h}x{w}x{c}: max abs diff {err:.3e}");
+        assert!(err <= 4e-3, "{n}x{h}x{w}x{c}: {err}");
+    }
+}
+
+#[test]
+fn nhwc_convolution_matches_the_nchw_one() {
+    let gpu = gpu();
+    // UNet shapes, and the tiny test model's (32 and 64 channels at 8x8 and 4x4).
+    for (n, c, k, h, w, stride) in [
+        (2, 320, 320, 64, 64, 1),
+        (2, 960, 320, 64, 64, 1),
+        (8, 1280, 1280, 8, 8, 1),
+        (2, 320, 320, 64, 64, 2),
+        (2, 32, 32, 8, 8, 1),
+        (2, 96, 64, 4, 4, 1),
+        (1, 64, 64, 4, 4, 1),
+    ] {
+        let weight = (randn(&[k, c, 3, 3], 1.0) / (9.0 * c as f64).sqrt()).unwrap();
+        let tensors = HashMap::from([("weight".to_string(), weight), ("bias".to_string(), randn(&[k], 1.0))]);
+        let vb = VarBuilder::from_tensors(tensors, DType::F16, &gpu);
+        let conv = Conv2d::same(vb, c, k, 3, stride).unwrap();
+        let x = randn(&[n, c, h, w], 1.0).to_dtype(DType::F16).unwrap().to_device(&gpu).unwrap();
+        let nchw = conv.forward(&x).unwrap();
+        let bias = conv.bias().unwrap().reshape((1, k, 1, 1)).unwrap();
+        let conv_cl = conv.clone().to_channels_last().unwrap();
+        let x_cl = x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap();
+        let out = conv_cl.convolve_channels_last(&x_cl).unwrap();
+        let again = conv_cl.convolve_channels_last(&x_cl).unwrap();
+        let bits_differ = common::max_abs_diff(
+            &out.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap(),
+            &again.to_dtype(DType::F32).unwrap().to_device(&Device::Cpu).unwrap(),
+        );
+        println!("conv {n}x{c}x{h}x{w} -> {k} stride {stride}: two NHWC calls differ by {bits_differ:.3e}");
+        assert_eq!(bits_differ, 0.0, "the NHWC convolution is not deterministic");
+        let out = out.permute((0, 3, 1, 2)).unwrap();
+        let out = out.broadcast_add(&bias).unwrap();
+        let err = common::max_abs_diff(&out.to_device(&Device::Cpu).unwrap(), &nchw.to_device(&Device::Cpu).unwrap());
+        println!("conv {n}x{c}x{h}x{w} -> {k} stride {stride}: NHWC vs NCHW max abs diff {err:.3e}");
+        assert!(err <= 1e-2, "{err}");
+        // The NCHW entry point of a channels-last filter (a transposed view) still convolves.
+        let err = common::max_abs_diff(
+            &conv_cl.forward(&x).unwrap().to_device(&Device::Cpu).unwrap(),
+            &nchw.to_device(&Device::Cpu).unwrap(),
+        );
+        assert!(err <= 1e-2, "NCHW call of a channels-last filter: {err}");
+    }
+}
+
+#[test]
+fn resnet_blocks_match_the_cpu() {
+    let gpu = gpu();
+    assert!(
+        channels_last::wanted(&gpu, DType::F16),
+        "this build or environment has the channels-last path off (SDCROSSFRAME_CHANNELS_LAST=off?)"
+    );
+    let temb_channels = 64;
+    // With a shortcut convolution (in != out) and without; a 64x64 and an 8x8 level.
+    for (n, cin, cout, size) in [(2, 320, 640, 32), (2, 320, 320, 64), (3, 1280, 1280, 8)] {
+        let mut tensors = HashMap::new();
+        let mut put = |name: &str, t: Tensor| tensors.insert(name.to_string(), t);
+        put("norm1.weight", (randn(&[cin], 0.2) + 1.0).unwrap());
+        put("norm1.bias", randn(&[cin], 0.2));
+        put("conv1.weight", (randn(&[cout, cin, 3, 3], 1.0) / (9.0 * cin as f64).sqrt()).unwrap());
+        put("conv1.bias", randn(&[cout], 0.1));
+        put("time_emb_proj.weight", (randn(&[cout, temb_channels], 1.0) / 8.0).unwrap());
+        put("time_emb_proj.bias", randn(&[cout], 0.1));
+        put("norm2.weight", (randn(&[cout], 0.2) + 1.0).unwrap());
+        put("norm2.bias", randn(&[cout], 0.2));
+        put("conv2.weight", (randn(&[cout, cout, 3, 3], 1.0) / (9.0 * cout as f64).sqrt()).unwrap());
+        put("conv2.bias", randn(&[cout], 0.1));
+        if cin != cout {
+            put("conv_shortcut.weight", (randn(&[cout, cin, 1, 1], 1.0) / (cin as f64).sqrt()).unwrap());
+            put("conv_shortcut.bias", randn(&[cout], 0.1));
+        }
+        let config = ResnetBlock2DConfig {
+            out_channels: cout,
+            temb_channels: Some(temb_channels),
+            groups: 32,
+            eps: 1e-5,
+            output_scale_factor: 1.0,
+        };
+        let gpu_tensors: HashMap<String, Tensor> =
+            tensors.iter().map(|(k, v)| (k.clone(), v.to_device(&gpu).unwrap())).collect();
+        let cpu_block =
+            ResnetBlock2D::new(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), cin, &config).unwrap();
+        let gpu_block =
+            ResnetBlock2D::new(VarBuilder::from_tensors(gpu_tensors, DType::F16, &gpu), cin, &config).unwrap();
+        let x = randn(&[n, cin, size, size], 1.0);
+        let emb = randn(&[n, temb_channels], 1.0);
+        let expected = cpu_block.forward(&x, Some(&TimeEmbedding::new(&emb, None).unwrap())).unwrap();
+        let on = |t: &Tensor| t.to_dtype(DType::F16).unwrap().to_device(&gpu).unwrap();
+        let temb = TimeEmbedding::new(&on(&emb), None).unwrap();
+        let out = gpu_block.forward(&on(&x), Some(&temb)).unwrap();
+        assert_eq!(out.dims(), expected.dims());
+        let err = max_abs_diff(&out.to_dtype(DType::F32).unwrap(), &expected);
+        println!("resnet {n}x{cin}x{size}x{size} -> {cout}: f16 GPU vs f32 CPU max abs diff {err:.3e}");
+        assert!(err <= 3e-2, "{n}x{cin}x{size}x{size} -> {cout}: {err}");
+    }
+}
