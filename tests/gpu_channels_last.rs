@@ -71,16 +71,7 @@ fn group_norm_kernel_matches_the_cpu_reference() {
                     1e-5,
                 )
                 .unwrap();
-                let same = (out.to_dtype(DType::F32).unwrap() - again.to_dtype(DType::F32).unwrap())
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let same = max_abs_diff(&out, &again.to_device(&Device::Cpu).unwrap());
                 assert_eq!(same, 0.0, "{layout:?} {n}x{c}x{h}x{w}: two calls differ");
             }
         }

@@ -31,7 +31,7 @@ pub fn ops(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
         let conv = sdcrossframe::ops::Conv2d::same(vb.pp(format!("conv{channels}")), channels, channels, 3, 1)?;
         let bias = conv.bias().context("Conv2d::same has a bias")?.reshape(((), 1, 1))?;
         // candle's own convolution (im2col + GEMM on CUDA) with the same weights.
-        let candle_conv = || x.conv2d(&conv.weight(), 1, 1, 1, 1)?.broadcast_add(&bias);
+        let candle_conv = || x.conv2d(&conv.weight()?, 1, 1, 1, 1)?.broadcast_add(&bias);
         let ms = time_op(cli, device, candle_conv)?;
         println!("| conv3x3 | 2x{channels}x{side}x{side} | {ms:.3} |");
         let ms = time_op(cli, device, || candle_core::Module::forward(&conv, &x))?;

@@ -65,12 +65,8 @@ impl Conv2d {
     }
 
     /// The filter as (out, in, kh, kw) (a strided view for a channels-last one).
-    pub fn weight(&self) -> Tensor {
-        if self.channels_last {
-            self.weight.permute((0, 3, 1, 2)).unwrap_or_else(|_| self.weight.clone())
-        } else {
-            self.weight.clone()
-        }
+    pub fn weight(&self) -> Result<Tensor> {
+        if self.channels_last { self.weight.permute((0, 3, 1, 2)) } else { Ok(self.weight.clone()) }
     }
 
     /// The same convolution with its filter stored channels-last, (out, kh, kw, in), for
@@ -140,7 +136,7 @@ impl Conv2d {
     /// The convolution without the bias.
     fn convolve(&self, xs: &Tensor) -> Result<Tensor> {
         if self.channels_last {
-            let nchw_filter = Self { weight: self.weight(), channels_last: false, ..self.clone() };
+            let nchw_filter = Self { weight: self.weight()?, channels_last: false, ..self.clone() };
             return nchw_filter.convolve(xs);
         }
         // On CUDA a 1x1 convolution is one batched GEMM (cuBLAS, tensor cores); cuDNN runs NCHW
@@ -359,54 +355,38 @@ mod cudnn {
     }
 
     pub(super) fn conv2d(xs: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+        conv2d_in_layout(xs, weight, padding, stride, false)
+    }
+
+    /// [`conv2d`] of NHWC `xs` (n, h, w, c) with an NHWC filter (k, kh, kw, c): an (n, oh, ow, k)
+    /// output, cuDNN only (no im2col for this layout).
+    pub(super) fn conv2d_channels_last(xs: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+        conv2d_in_layout(xs, weight, padding, stride, true)
+    }
+
+    fn conv2d_in_layout(
+        xs: &Tensor,
+        weight: &Tensor,
+        padding: usize,
+        stride: usize,
+        channels_last: bool,
+    ) -> Result<Tensor> {
         let xs = xs.contiguous()?;
         let weight = weight.to_dtype(xs.dtype())?.contiguous()?;
-        let (&[n, c, h, w], &[k, kc, kh, kw]) = (xs.dims(), weight.dims()) else {
+        let (&[n, d1, d2, d3], &[k, f1, f2, f3]) = (xs.dims(), weight.dims()) else {
             candle_core::bail!(
                 "convolution: expected 4-D input and filter, got {:?} and {:?}",
                 xs.dims(),
                 weight.dims()
             );
         };
+        // The key lists N, C, H, W and K, C, R, S in either layout.
+        let (input, filter) =
+            if channels_last { ([n, d3, d1, d2], [k, f3, f1, f2]) } else { ([n, d1, d2, d3], [k, f1, f2, f3]) };
         let candle_core::Device::Cuda(dev) = xs.device() else {
             candle_core::bail!("cuDNN convolution: CUDA tensors only")
         };
-        let key = Key {
-            device: dev.id(),
-            dtype: xs.dtype(),
-            input: [n, c, h, w],
-            filter: [k, kc, kh, kw],
-            padding,
-            stride,
-            channels_last: false,
-        };
-        conv2d_keyed(&xs, &weight, key, dev)
-    }
-
-    /// [`conv2d`] of NHWC `xs` (n, h, w, c) with an NHWC filter (k, kh, kw, c): an (n, oh, ow, k)
-    /// output, cuDNN only (no im2col for this layout).
-    pub(super) fn conv2d_channels_last(xs: &Tensor, weight: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-        let xs = xs.contiguous()?;
-        let weight = weight.to_dtype(xs.dtype())?.contiguous()?;
-        let (&[n, h, w, c], &[k, kh, kw, kc]) = (xs.dims(), weight.dims()) else {
-            candle_core::bail!(
-                "channels-last convolution: expected 4-D input and filter, got {:?} and {:?}",
-                xs.dims(),
-                weight.dims()
-            );
-        };
-        let candle_core::Device::Cuda(dev) = xs.device() else {
-            candle_core::bail!("cuDNN convolution: CUDA tensors only")
-        };
-        let key = Key {
-            device: dev.id(),
-            dtype: xs.dtype(),
-            input: [n, c, h, w],
-            filter: [k, kc, kh, kw],
-            padding,
-            stride,
-            channels_last: true,
-        };
+        let key = Key { device: dev.id(), dtype: xs.dtype(), input, filter, padding, stride, channels_last };
         conv2d_keyed(&xs, &weight, key, dev)
     }
 
@@ -899,8 +879,8 @@ mod tests {
         assert!(err.contains("not stored channels-last"), "{err}");
         let cl = conv.to_channels_last().unwrap();
         assert_eq!(cl.weight.dims(), &[4, 3, 3, 5]);
-        assert_eq!(cl.weight().dims(), &[4, 5, 3, 3]);
-        assert!(max_abs_diff(&cl.weight(), &weight) == 0.0);
+        assert_eq!(cl.weight().unwrap().dims(), &[4, 5, 3, 3]);
+        assert!(max_abs_diff(&cl.weight().unwrap(), &weight) == 0.0);
         assert!(max_abs_diff(&cl.forward(&xs).unwrap(), &expected) < 1e-6);
         let nhwc = cl.convolve_channels_last(&xs.permute((0, 2, 3, 1)).unwrap()).unwrap();
         let unbiased = cl.convolve(&xs).unwrap().permute((0, 2, 3, 1)).unwrap();
