@@ -48,29 +48,6 @@ __device__ __forceinline__ float group_shift(const T *__restrict__ x, const T *_
     return biased(x[at], in_bias, n * channels + c);
 }
 
-// Block-wide sum of two values over STATS_THREADS threads; valid in thread 0.
-__device__ __forceinline__ void stats_block_sum(float &a, float &b) {
-    __shared__ float sa[STATS_THREADS / 32], sb[STATS_THREADS / 32];
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        a += __shfl_down_sync(0xffffffff, a, offset);
-        b += __shfl_down_sync(0xffffffff, b, offset);
-    }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) {
-        sa[warp] = a;
-        sb[warp] = b;
-    }
-    __syncthreads();
-    if (warp == 0) {
-        a = lane < STATS_THREADS / 32 ? sa[lane] : 0.f;
-        b = lane < STATS_THREADS / 32 ? sb[lane] : 0.f;
-        for (int offset = 16; offset > 0; offset >>= 1) {
-            a += __shfl_down_sync(0xffffffff, a, offset);
-            b += __shfl_down_sync(0xffffffff, b, offset);
-        }
-    }
-}
-
 // Called by every thread after the block wrote its partials: whether this block is the last of
 // the `chunks` blocks counted by `ticket` (then the others' partials are visible to it).
 __device__ __forceinline__ bool last_block(unsigned int *ticket, int chunks) {
@@ -136,7 +113,7 @@ __device__ void gn_stats_nchw(const T *__restrict__ x, const T *__restrict__ in_
             ss += v * v;
         }
     }
-    stats_block_sum(s, ss);
+    block_sum2<STATS_THREADS>(s, ss);
     if (threadIdx.x == 0) {
         float *p = partials + ((int64_t)row * chunks + chunk) * 2;
         p[0] = s;
@@ -270,9 +247,7 @@ __device__ void to_nchw(const T *__restrict__ y, const T *__restrict__ bias, con
     for (int j = threadIdx.y; j < 32; j += blockDim.y) {
         const int p = p0 + j, c = c0 + threadIdx.x;
         if (p < pixels && c < channels) {
-            float v = to_float(y[(n * pixels + p) * channels + c]);
-            if (bias != nullptr) v += to_float(bias[c]);
-            tile[j][threadIdx.x] = v;
+            tile[j][threadIdx.x] = to_float(y[(n * pixels + p) * channels + c]) + to_float(bias[c]);
         }
     }
     __syncthreads();

@@ -1,5 +1,6 @@
-// Helpers shared by the element-wise and GroupNorm kernels: f32 conversions of the three float
-// types, and 16-byte words of VEC values for vector loads and stores.
+// Helpers shared by the element-wise, GroupNorm and channels-last kernels: f32 conversions of
+// the three float types, 16-byte words of VEC values for vector loads and stores, and a
+// block-wide sum of two values.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -34,4 +35,28 @@ template <typename T> __device__ __forceinline__ Pack<T> load16(const T* p) {
 
 template <typename T> __device__ __forceinline__ void store16(T* p, const Pack<T>& r) {
     *reinterpret_cast<uint4*>(p) = r.raw;
+}
+
+// Block-wide sum of two values over NT threads (a multiple of 32, at most 1024); the result is
+// valid in thread 0.
+template <int NT> __device__ __forceinline__ void block_sum2(float &a, float &b) {
+    __shared__ float sa[NT / 32], sb[NT / 32];
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        a += __shfl_down_sync(0xffffffff, a, offset);
+        b += __shfl_down_sync(0xffffffff, b, offset);
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) {
+        sa[warp] = a;
+        sb[warp] = b;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        a = lane < NT / 32 ? sa[lane] : 0.f;
+        b = lane < NT / 32 ? sb[lane] : 0.f;
+        for (int offset = 16; offset > 0; offset >>= 1) {
+            a += __shfl_down_sync(0xffffffff, a, offset);
+            b += __shfl_down_sync(0xffffffff, b, offset);
+        }
+    }
 }

@@ -24,26 +24,6 @@
 #define THREADS 256
 #define CHUNK 8192
 
-// Block-wide sum of two values; the result is valid in thread 0.
-__device__ __forceinline__ void block_sum2(float &a, float &b) {
-    __shared__ float sa[THREADS / 32], sb[THREADS / 32];
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        a += __shfl_down_sync(0xffffffff, a, offset);
-        b += __shfl_down_sync(0xffffffff, b, offset);
-    }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) { sa[warp] = a; sb[warp] = b; }
-    __syncthreads();
-    if (warp == 0) {
-        a = lane < THREADS / 32 ? sa[lane] : 0.f;
-        b = lane < THREADS / 32 ? sb[lane] : 0.f;
-        for (int offset = 16; offset > 0; offset >>= 1) {
-            a += __shfl_down_sync(0xffffffff, a, offset);
-            b += __shfl_down_sync(0xffffffff, b, offset);
-        }
-    }
-}
-
 // partials: rows x chunks x 2 floats (shifted sum, shifted sum of squares).
 template <typename T>
 __device__ void stats(const T *__restrict__ x, float *__restrict__ partials, int64_t row_len, int chunks, int vec) {
@@ -71,7 +51,7 @@ __device__ void stats(const T *__restrict__ x, float *__restrict__ partials, int
             ss += v * v;
         }
     }
-    block_sum2(s, ss);
+    block_sum2<THREADS>(s, ss);
     if (threadIdx.x == 0) {
         float *p = partials + ((int64_t)row * chunks + chunk) * 2;
         p[0] = s;
@@ -91,7 +71,7 @@ __device__ void apply(const T *__restrict__ x, const float *__restrict__ partial
         s += partials[((int64_t)row * chunks + i) * 2];
         ss += partials[((int64_t)row * chunks + i) * 2 + 1];
     }
-    block_sum2(s, ss);
+    block_sum2<THREADS>(s, ss);
     const T *xr = x + (int64_t)row * row_len;
     if (threadIdx.x == 0) {
         const float n = (float)row_len;

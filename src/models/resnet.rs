@@ -36,8 +36,8 @@ pub struct ResnetBlock2D {
     time_columns: Option<(usize, usize)>,
     /// `conv1` and `conv2` hold channels-last filters and the block runs channels-last between
     /// them on CUDA ([`channels_last`]): blocks with a time embedding (the UNet's and the
-    /// ControlNet's) in f16/bf16 on CUDA with cuDNN. The VAE's rows are too long for the
-    /// channels-last GroupNorm kernel.
+    /// ControlNet's) and no output scale, in f16/bf16 on CUDA with cuDNN. Decided at load (the
+    /// filters' layout follows); the VAE's blocks keep NCHW.
     channels_last: bool,
     span: tracing::Span,
 }
@@ -116,7 +116,9 @@ impl ResnetBlock2D {
         let conv2 = Conv2d::same(vb.pp("conv2"), out, out, 3, 1)?;
         let conv_shortcut =
             (in_channels != out).then(|| Conv2d::new(vb.pp("conv_shortcut"), in_channels, out, 1, 0, 1)).transpose()?;
-        let channels_last = config.temb_channels.is_some() && channels_last::wanted(vb.device(), vb.dtype());
+        let channels_last = config.temb_channels.is_some()
+            && config.output_scale_factor == 1.0
+            && channels_last::wanted(vb.device(), vb.dtype());
         let (conv1, conv2) =
             if channels_last { (conv1.to_channels_last()?, conv2.to_channels_last()?) } else { (conv1, conv2) };
         Ok(Self {
@@ -158,7 +160,7 @@ impl ResnetBlock2D {
             }
             _ => None,
         };
-        if self.channels_last && self.output_scale_factor == 1.0 && channels_last::applies(xs) {
+        if self.channels_last {
             return self.forward_channels_last(xs, temb.as_ref(), &shortcut);
         }
         // conv1's bias and the time embedding, then conv2's bias and the shortcut, are each one
@@ -190,14 +192,8 @@ impl ResnetBlock2D {
         let hidden =
             channels_last::group_norm_silu(&hidden, InputLayout::Nhwc, in_bias.as_ref(), norm2, groups2, eps2)?;
         let out = self.conv2.convolve_channels_last(&hidden)?;
-        let zero_bias;
-        let bias = match self.conv2.bias() {
-            Some(b) => b,
-            None => {
-                zero_bias = Tensor::zeros(channels, out.dtype(), out.device())?;
-                &zero_bias
-            }
-        };
+        // `Conv2d::same` always reads a bias.
+        let bias = self.conv2.bias().ok_or_else(|| candle_core::Error::Msg("resnet: conv2 has no bias".into()))?;
         channels_last::to_nchw_add(&out, bias, shortcut)
     }
 }

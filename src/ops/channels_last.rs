@@ -15,7 +15,7 @@
 //!   NCHW, which is what the rest of the model takes.
 //!
 //! `kernels/channels_last.cu` holds the two kernels. Only CUDA f16/bf16 with cuDNN takes this
-//! path ([`applies`], `SDCROSSFRAME_CHANNELS_LAST=off` switches it off); the CPU keeps the NCHW
+//! path ([`wanted`], `SDCROSSFRAME_CHANNELS_LAST=off` switches it off); the CPU keeps the NCHW
 //! reference path. The ops' CPU implementations below run the kernels' indexing in f32 for the
 //! geometry tests.
 
@@ -30,11 +30,6 @@ pub fn wanted(device: &Device, dtype: DType) -> bool {
         && device.is_cuda()
         && matches!(dtype, DType::F16 | DType::BF16)
         && super::switches::switches().channels_last
-}
-
-/// Whether `xs` (a resnet block's input) takes the channels-last path.
-pub fn applies(xs: &Tensor) -> bool {
-    wanted(xs.device(), xs.dtype())
 }
 
 /// The layout of [`group_norm_silu`]'s input.
@@ -614,6 +609,6 @@ mod tests {
         let bias = Tensor::zeros((2, 12), DType::F32, &dev).unwrap();
         let err = group_norm_silu(&xs, InputLayout::Nchw, Some(&bias), &affine, 3, 1e-5).unwrap_err().to_string();
         assert!(err.contains("input bias [2, 12], expected [1, 12]"), "{err}");
-        assert!(!applies(&xs), "CPU tensors keep the NCHW path");
+        assert!(!wanted(xs.device(), xs.dtype()), "CPU tensors keep the NCHW path");
     }
 }
