@@ -8,20 +8,25 @@
 //   gn_stats_{nchw,nhwc}_{T}: partial sums of x - shift and its square in f32, shift being the
 //     group's first value (channel g * cpg, pixel 0), which keeps the variance from cancelling
 //     when the mean is large against the spread. NCHW: one block per (chunk of a group's
-//     contiguous run, sample x group), 16-byte loads. NHWC: one block per (STATS_PIXELS pixels,
+//     contiguous run, sample x group), 16-byte loads. NHWC: one block per (a few pixels,
 //     sample) over every channel, each thread summing the 8 channels of one 16-byte word, the
-//     threads' sums then added per group in a fixed order through shared memory. The last block
-//     of a group (NCHW) or sample (NHWC) to finish, found with an atomic ticket, adds the
-//     partials in chunk order and writes mean and 1 / std: the result does not depend on
-//     which blocks ran first (CUDA graph replays must equal eager runs bit for bit).
-//   gn_apply_{nchw,nhwc}_{T}: normalisation, affine and SiLU into NHWC: from NHWC flat over
-//     16-byte words, from NCHW through 32 x 32 tiles in shared memory (coalesced both ways).
+//     threads' sums then added per group by one warp each, in a fixed order. The last block of a
+//     group (NCHW) or sample (NHWC) to finish, found with an atomic ticket, adds the partials
+//     (one warp per group, a fixed order) and writes each channel's {mean, gamma / std}: the
+//     result does not depend on which blocks ran first (CUDA graph replays must equal eager runs
+//     bit for bit), and the apply kernels need no group index or division per value.
+//   gn_apply_{nchw,nhwc}_{T}: (x - mean) * gamma / std + beta and SiLU into NHWC: from NHWC flat
+//     over the 16-byte words, from NCHW through 32 x 32 tiles in shared memory (coalesced both
+//     ways).
 // `in_bias` (batch, channels), when not null, is added to the input first and the sum rounded
 // to T (the value an NCHW bias pass would have stored): the resnet's first convolution's bias
 // plus its time embedding.
 // (A first version kept each (sample, group) row in one block's registers, as the NCHW kernel
 // does: with NHWC rows of 20-byte runs 640 bytes apart and only batch x 32 blocks, it took
-// 60-70 us per 2 x 320 x 64 x 64 call against 13 us for the NCHW kernel.)
+// 60-70 us per 2 x 320 x 64 x 64 call against 13 us for the NCHW kernel. The second summed a
+// block's groups and the partials of a sample with one thread per group, and the apply kernels
+// divided 64-bit indices per word: 13.9 us per NHWC statistics call and 10 us per apply on an
+// H200 at 2 rows.)
 //
 // to_nchw_{f16,bf16}: y (batch, pixels, channels) + bias[c] + residual (batch, channels, pixels)
 // -> (batch, channels, pixels), through 32 x 32 tiles in shared memory so that both the NHWC
@@ -31,9 +36,9 @@
 
 #define STATS_THREADS 256
 #define STATS_CHUNK 4096  // values of a group's contiguous NCHW run per block
-#define STATS_PIXELS 32   // pixels per NHWC block
+#define STATS_PIXELS_PER_THREAD 8  // NHWC statistics: pixels each thread adds,
+#define STATS_BATCH 4              // loaded STATS_BATCH at a time
 #define APPLY_THREADS 256
-
 template <typename T>
 __device__ __forceinline__ float biased(T v, const T *__restrict__ in_bias, int64_t at) {
     return in_bias == nullptr ? to_float(v) : to_float(from_float<T>(to_float(v) + to_float(in_bias[at])));
@@ -48,6 +53,16 @@ __device__ __forceinline__ float group_shift(const T *__restrict__ x, const T *_
     return biased(x[at], in_bias, n * channels + c);
 }
 
+// Sum of two values over a warp's lanes; every lane ends with the same bits (a butterfly: each
+// pair adds the same two values).
+__device__ __forceinline__ void warp_sum2(float &a, float &b) {
+#pragma unroll
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        a += __shfl_xor_sync(0xffffffff, a, offset);
+        b += __shfl_xor_sync(0xffffffff, b, offset);
+    }
+}
+
 // Called by every thread after the block wrote its partials: whether this block is the last of
 // the `chunks` blocks counted by `ticket` (then the others' partials are visible to it).
 __device__ __forceinline__ bool last_block(unsigned int *ticket, int chunks) {
@@ -59,31 +74,49 @@ __device__ __forceinline__ bool last_block(unsigned int *ticket, int chunks) {
     return last;
 }
 
-// Mean and 1 / std of group g of sample n from its chunks' partials (added in chunk order).
-template <typename T, bool NHWC>
-__device__ __forceinline__ void finish_group(const T *__restrict__ x, const T *__restrict__ in_bias,
-                                             const float *partials, float *__restrict__ stats, int64_t n, int g,
-                                             int pixels, int channels, int cpg, int groups, int chunks, float eps) {
-    const int64_t row = n * groups + g;
+// One whole warp: group g of sample n (its first value `shift`) from its chunks' partials (lane
+// i adds chunks i, i + 32, ..., loaded FINISH_LOADS rounds at a time, then the lanes' sums are
+// added), written per channel as {mean, gamma[c] / std}.
+#define FINISH_LOADS 4
+template <typename T>
+__device__ __forceinline__ void finish_group(const T *__restrict__ gamma, const float *partials,
+                                             float2 *__restrict__ chan, int64_t n, int g, float shift, int pixels,
+                                             int channels, int cpg, int groups, int chunks, float eps) {
+    const int lane = threadIdx.x & 31;
+    const float *row = partials + (n * groups + g) * chunks * 2;
     float s = 0.f, ss = 0.f;
-    for (int i = 0; i < chunks; ++i) {
-        s += __ldcg(partials + (row * chunks + i) * 2);
-        ss += __ldcg(partials + (row * chunks + i) * 2 + 1);
+    for (int base = lane; base < chunks; base += 32 * FINISH_LOADS) {
+        float a[FINISH_LOADS], b[FINISH_LOADS];
+#pragma unroll
+        for (int k = 0; k < FINISH_LOADS; ++k) {
+            const int i = base + 32 * k;
+            a[k] = i < chunks ? __ldcg(row + i * 2) : 0.f;
+            b[k] = i < chunks ? __ldcg(row + i * 2 + 1) : 0.f;
+        }
+#pragma unroll
+        for (int k = 0; k < FINISH_LOADS; ++k) {
+            s += a[k];
+            ss += b[k];
+        }
     }
+    warp_sum2(s, ss);
     const float count = (float)cpg * (float)pixels;
     const float m = s / count;
     const float var = fmaxf(ss / count - m * m, 0.f);
-    stats[row * 2] = group_shift<T, NHWC>(x, in_bias, n, g, pixels, channels, cpg) + m;
-    stats[row * 2 + 1] = rsqrtf(var + eps);
+    const float mean = shift + m;
+    const float rstd = rsqrtf(var + eps);
+    for (int c = g * cpg + lane; c < (g + 1) * cpg; c += 32) {
+        chan[n * channels + c] = make_float2(mean, rstd * to_float(gamma[c]));
+    }
 }
 
 // NCHW: grid (chunks, batch * groups), STATS_THREADS threads; one ticket per (sample, group).
-// partials[((n * groups + g) * chunks + chunk) * 2 + {0, 1}], stats[(n * groups + g) * 2 + {mean,
-// rstd}]. `vec`: 16-byte loads (pixels % VEC == 0, input aligned).
+// partials[((n * groups + g) * chunks + chunk) * 2 + {0, 1}], chan[n * channels + c] = {mean,
+// gamma / std}. `vec`: 16-byte loads (pixels % VEC == 0, input aligned).
 template <typename T>
-__device__ void gn_stats_nchw(const T *__restrict__ x, const T *__restrict__ in_bias, float *partials,
-                              unsigned int *tickets, float *__restrict__ stats, int pixels, int channels, int cpg,
-                              int groups, int chunks, float eps, int vec) {
+__device__ void gn_stats_nchw(const T *__restrict__ x, const T *__restrict__ in_bias, const T *__restrict__ gamma,
+                              float *partials, unsigned int *tickets, float2 *__restrict__ chan, int pixels,
+                              int channels, int cpg, int groups, int chunks, float eps, int vec) {
     constexpr int VEC = Pack<T>::VEC;
     const int chunk = blockIdx.x, row = blockIdx.y;
     const int64_t n = row / groups;
@@ -119,108 +152,145 @@ __device__ void gn_stats_nchw(const T *__restrict__ x, const T *__restrict__ in_
         p[0] = s;
         p[1] = ss;
     }
-    if (last_block(tickets + row, chunks) && threadIdx.x == 0) {
-        finish_group<T, false>(x, in_bias, partials, stats, n, g, pixels, channels, cpg, groups, chunks, eps);
+    if (last_block(tickets + row, chunks) && threadIdx.x < 32) {
+        finish_group<T>(gamma, partials, chan, n, g, shift, pixels, channels, cpg, groups, chunks, eps);
     }
 }
 
-// NHWC: grid (chunks, batch), block (channels / 8) x rows threads (rows * channels <= 4096):
-// thread (word j, row r) sums channels 8j..8j+7 of pixels chunk * STATS_PIXELS + r, + rows, ...
-// One ticket per sample. Needs channels % 8 == 0, an aligned input, groups <= 64.
+// Rows of pixels an NHWC block covers at once: its threads are (word, row) pairs, words =
+// channels / 8, words x rows <= STATS_THREADS where words allows (the launch rounds the block up
+// to whole warps; threads past words x rows only help with the sums).
+__device__ __forceinline__ int nhwc_rows(int words) { return max(1, STATS_THREADS / words); }
+
+// NHWC: grid (chunks, batch), block words x rows threads (rows = nhwc_rows(words)) rounded up to a
+// multiple of 32; a chunk is rows x STATS_PIXELS_PER_THREAD pixels: thread (word j, row r) sums
+// channels 8j..8j+7 of pixels chunk start + r, + rows, ..., loading STATS_BATCH words at once
+// (this kernel is bound by latency: dependent loads, then the last block's pass over the
+// partials, which is why chunks are this large). One ticket per sample. Needs channels % 8 ==
+// 0, an aligned input, groups <= 64, rows x channels <= 4096.
 template <typename T>
-__device__ void gn_stats_nhwc(const T *__restrict__ x, const T *__restrict__ in_bias, float *partials,
-                              unsigned int *tickets, float *__restrict__ stats, int pixels, int channels, int cpg,
-                              int groups, int chunks, float eps) {
+__device__ void gn_stats_nhwc(const T *__restrict__ x, const T *__restrict__ in_bias, const T *__restrict__ gamma,
+                              float *partials, unsigned int *tickets, float2 *__restrict__ chan, int pixels,
+                              int channels, int cpg, int groups, int chunks, float eps) {
     static_assert(Pack<T>::VEC == 8, "16-bit types");
     __shared__ float shift_s[64];
     __shared__ float sum_s[4096], sq_s[4096];  // [row][channel]
     const int chunk = blockIdx.x;
     const int64_t n = blockIdx.y;
     const int words = channels / 8;
-    const int rows = blockDim.x / words;
+    const int rows = nhwc_rows(words);
     const int j = threadIdx.x % words, r = threadIdx.x / words;
+    // The first batch of this thread's words first, so that its loads overlap the shifts' loads.
+    const int p0 = chunk * rows * STATS_PIXELS_PER_THREAD + r;
+    Pack<T> w[STATS_BATCH];
+    if (r < rows) {
+#pragma unroll
+        for (int k = 0; k < STATS_BATCH; ++k) {
+            const int p = p0 + k * rows;
+            if (p < pixels) w[k] = load16(x + (n * pixels + p) * channels + j * 8);
+        }
+    }
     for (int g = threadIdx.x; g < groups; g += blockDim.x) {
         shift_s[g] = group_shift<T, true>(x, in_bias, n, g, pixels, channels, cpg);
     }
     __syncthreads();
-    float shift[8], bias[8], s[8], ss[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) {
-        shift[e] = shift_s[(j * 8 + e) / cpg];
-        bias[e] = in_bias == nullptr ? 0.f : to_float(in_bias[n * channels + j * 8 + e]);
-        s[e] = ss[e] = 0.f;
-    }
-    const int p_end = min(pixels, (chunk + 1) * STATS_PIXELS);
-    for (int p = chunk * STATS_PIXELS + r; p < p_end; p += rows) {
-        const Pack<T> w = load16(x + (n * pixels + p) * channels + j * 8);
+    if (r < rows) {
+        float shift[8], bias[8], s[8], ss[8];
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-            const float x_in = to_float(w.v[e]);
-            const float v = (in_bias == nullptr ? x_in : to_float(from_float<T>(x_in + bias[e]))) - shift[e];
-            s[e] += v;
-            ss[e] += v * v;
+            shift[e] = shift_s[(j * 8 + e) / cpg];
+            bias[e] = in_bias == nullptr ? 0.f : to_float(in_bias[n * channels + j * 8 + e]);
+            s[e] = ss[e] = 0.f;
         }
-    }
+        for (int batch = 0; batch < STATS_PIXELS_PER_THREAD; batch += STATS_BATCH) {
+            if (batch > 0) {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-        sum_s[r * channels + j * 8 + e] = s[e];
-        sq_s[r * channels + j * 8 + e] = ss[e];
-    }
-    __syncthreads();
-    for (int g = threadIdx.x; g < groups; g += blockDim.x) {
-        float gs = 0.f, gss = 0.f;
-        for (int rr = 0; rr < rows; ++rr) {
-            for (int c = g * cpg; c < (g + 1) * cpg; ++c) {
-                gs += sum_s[rr * channels + c];
-                gss += sq_s[rr * channels + c];
+                for (int k = 0; k < STATS_BATCH; ++k) {
+                    const int p = p0 + (batch + k) * rows;
+                    if (p < pixels) w[k] = load16(x + (n * pixels + p) * channels + j * 8);
+                }
+            }
+#pragma unroll
+            for (int k = 0; k < STATS_BATCH; ++k) {
+                if (p0 + (batch + k) * rows >= pixels) break;
+#pragma unroll
+                for (int e = 0; e < 8; ++e) {
+                    const float x_in = to_float(w[k].v[e]);
+                    const float v =
+                        (in_bias == nullptr ? x_in : to_float(from_float<T>(x_in + bias[e]))) - shift[e];
+                    s[e] += v;
+                    ss[e] += v * v;
+                }
             }
         }
-        float *p = partials + ((n * groups + g) * chunks + chunk) * 2;
-        p[0] = gs;
-        p[1] = gss;
-    }
-    if (last_block(tickets + n, chunks)) {
-        for (int g = threadIdx.x; g < groups; g += blockDim.x) {
-            finish_group<T, true>(x, in_bias, partials, stats, n, g, pixels, channels, cpg, groups, chunks, eps);
-        }
-    }
-}
-
-template <typename T>
-__device__ __forceinline__ float normalise(float v, const float *__restrict__ stats, const T *__restrict__ gamma,
-                                           const T *__restrict__ beta, int64_t n, int c, int cpg, int groups,
-                                           int silu) {
-    const int64_t row = n * groups + c / cpg;
-    float o = (v - stats[row * 2]) * stats[row * 2 + 1] * to_float(gamma[c]) + to_float(beta[c]);
-    return silu ? o / (1.f + __expf(-o)) : o;
-}
-
-// NHWC -> NHWC: flat over the 16-byte words (channels % 8 == 0), grid (blocks, 1).
-template <typename T>
-__device__ void gn_apply_nhwc(const T *__restrict__ x, const T *__restrict__ in_bias, const T *__restrict__ gamma,
-                              const T *__restrict__ beta, const float *__restrict__ stats, T *__restrict__ y,
-                              int batch, int pixels, int channels, int cpg, int groups, int silu) {
-    const int words = channels / 8;
-    const int64_t total = (int64_t)batch * pixels * words;
-    for (int64_t w = blockIdx.x * (int64_t)APPLY_THREADS + threadIdx.x; w < total;
-         w += (int64_t)gridDim.x * APPLY_THREADS) {
-        const int64_t n = w / ((int64_t)pixels * words);
-        const int c0 = (int)(w % words) * 8;
-        Pack<T> p = load16(x + w * 8);
 #pragma unroll
         for (int e = 0; e < 8; ++e) {
-            const float v = biased(p.v[e], in_bias, n * channels + c0 + e);
-            p.v[e] = from_float<T>(normalise(v, stats, gamma, beta, n, c0 + e, cpg, groups, silu));
+            sum_s[r * channels + j * 8 + e] = s[e];
+            sq_s[r * channels + j * 8 + e] = ss[e];
         }
-        store16(y + w * 8, p);
+    }
+    __syncthreads();
+    // One warp per group: lane i adds entries i, i + 32, ... of its rows x cpg sums.
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
+    const int entries = rows * cpg;
+    for (int g = warp; g < groups; g += warps) {
+        float gs = 0.f, gss = 0.f;
+        for (int e = lane; e < entries; e += 32) {
+            const int at = (e / cpg) * channels + g * cpg + e % cpg;
+            gs += sum_s[at];
+            gss += sq_s[at];
+        }
+        warp_sum2(gs, gss);
+        if (lane == 0) {
+            float *p = partials + ((n * groups + g) * chunks + chunk) * 2;
+            p[0] = gs;
+            p[1] = gss;
+        }
+    }
+    if (last_block(tickets + n, chunks)) {
+        for (int g = warp; g < groups; g += warps) {
+            finish_group<T>(gamma, partials, chan, n, g, shift_s[g], pixels, channels, cpg, groups, chunks, eps);
+        }
+    }
+}
+
+__device__ __forceinline__ float silu_if(float o, int silu) { return silu ? o / (1.f + __expf(-o)) : o; }
+
+// NHWC -> NHWC: grid (ceil(pixels * channels / 8 / APPLY_THREADS), batch), one 16-byte word per
+// thread: as many loads in flight as words (one thread per channel word looping over pixels,
+// with its channels' constants in registers, took three times as long).
+template <typename T>
+__device__ void gn_apply_nhwc(const T *__restrict__ x, const T *__restrict__ in_bias, const T *__restrict__ beta,
+                              const float2 *__restrict__ chan, T *__restrict__ y, int pixels, int channels,
+                              int silu) {
+    const int words = channels / 8;
+    const int per_sample = pixels * words;
+    const int64_t n = blockIdx.y;
+    for (int w = blockIdx.x * APPLY_THREADS + threadIdx.x; w < per_sample; w += gridDim.x * APPLY_THREADS) {
+        const int c0 = (w % words) * 8;
+        const int64_t at = (n * per_sample + w) * 8;
+        Pack<T> p = load16(x + at);
+        const float4 *cs = reinterpret_cast<const float4 *>(chan + n * channels + c0);  // {mean, scale} x 8
+#pragma unroll
+        for (int e2 = 0; e2 < 4; ++e2) {
+            const float4 m = cs[e2];
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int e = e2 * 2 + h, c = c0 + e;
+                const float v = biased(p.v[e], in_bias, n * channels + c);
+                const float mean = h ? m.z : m.x, scale = h ? m.w : m.y;
+                p.v[e] = from_float<T>(silu_if((v - mean) * scale + to_float(beta[c]), silu));
+            }
+        }
+        store16(y + at, p);
     }
 }
 
 // NCHW -> NHWC: grid (ceil(pixels / 32), ceil(channels / 32), batch), block (32, 8).
 template <typename T>
-__device__ void gn_apply_nchw(const T *__restrict__ x, const T *__restrict__ in_bias, const T *__restrict__ gamma,
-                              const T *__restrict__ beta, const float *__restrict__ stats, T *__restrict__ y,
-                              int pixels, int channels, int cpg, int groups, int silu) {
+__device__ void gn_apply_nchw(const T *__restrict__ x, const T *__restrict__ in_bias, const T *__restrict__ beta,
+                              const float2 *__restrict__ chan, T *__restrict__ y, int pixels, int channels,
+                              int silu) {
     __shared__ float tile[32][33];
     const int64_t n = blockIdx.z;
     const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 32;
@@ -228,7 +298,8 @@ __device__ void gn_apply_nchw(const T *__restrict__ x, const T *__restrict__ in_
         const int c = c0 + k, p = p0 + threadIdx.x;
         if (c < channels && p < pixels) {
             const float v = biased(x[(n * channels + c) * pixels + p], in_bias, n * channels + c);
-            tile[k][threadIdx.x] = normalise(v, stats, gamma, beta, n, c, cpg, groups, silu);
+            const float2 cs = chan[n * channels + c];
+            tile[k][threadIdx.x] = silu_if((v - cs.x) * cs.y + to_float(beta[c]), silu);
         }
     }
     __syncthreads();
@@ -263,25 +334,26 @@ __device__ void to_nchw(const T *__restrict__ y, const T *__restrict__ bias, con
 }
 
 #define GROUP_NORM_CL(NAME, T)                                                                                      \
-    extern "C" __global__ void __launch_bounds__(STATS_THREADS)                                                     \
-        gn_stats_nchw_##NAME(const T *x, const T *in_bias, float *partials, unsigned int *tickets, float *stats,    \
-                             int pixels, int channels, int cpg, int groups, int chunks, float eps, int vec) {       \
-        gn_stats_nchw<T>(x, in_bias, partials, tickets, stats, pixels, channels, cpg, groups, chunks, eps, vec);    \
+    extern "C" __global__ void __launch_bounds__(STATS_THREADS) gn_stats_nchw_##NAME(                               \
+        const T *x, const T *in_bias, const T *gamma, float *partials, unsigned int *tickets, float2 *chan,         \
+        int pixels, int channels, int cpg, int groups, int chunks, float eps, int vec) {                            \
+        gn_stats_nchw<T>(x, in_bias, gamma, partials, tickets, chan, pixels, channels, cpg, groups, chunks, eps,    \
+                         vec);                                                                                      \
     }                                                                                                               \
-    extern "C" __global__ void __launch_bounds__(1024)                                                              \
-        gn_stats_nhwc_##NAME(const T *x, const T *in_bias, float *partials, unsigned int *tickets, float *stats,    \
-                             int pixels, int channels, int cpg, int groups, int chunks, float eps) {                \
-        gn_stats_nhwc<T>(x, in_bias, partials, tickets, stats, pixels, channels, cpg, groups, chunks, eps);         \
-    }                                                                                                               \
-    extern "C" __global__ void __launch_bounds__(APPLY_THREADS)                                                     \
-        gn_apply_nchw_##NAME(const T *x, const T *in_bias, const T *gamma, const T *beta, const float *stats, T *y, \
-                             int pixels, int channels, int cpg, int groups, int silu) {                             \
-        gn_apply_nchw<T>(x, in_bias, gamma, beta, stats, y, pixels, channels, cpg, groups, silu);                   \
+    extern "C" __global__ void __launch_bounds__(1024) gn_stats_nhwc_##NAME(                                        \
+        const T *x, const T *in_bias, const T *gamma, float *partials, unsigned int *tickets, float2 *chan,         \
+        int pixels, int channels, int cpg, int groups, int chunks, float eps) {                                     \
+        gn_stats_nhwc<T>(x, in_bias, gamma, partials, tickets, chan, pixels, channels, cpg, groups, chunks, eps);   \
     }                                                                                                               \
     extern "C" __global__ void __launch_bounds__(APPLY_THREADS)                                                     \
-        gn_apply_nhwc_##NAME(const T *x, const T *in_bias, const T *gamma, const T *beta, const float *stats, T *y, \
-                             int batch, int pixels, int channels, int cpg, int groups, int silu) {                  \
-        gn_apply_nhwc<T>(x, in_bias, gamma, beta, stats, y, batch, pixels, channels, cpg, groups, silu);            \
+        gn_apply_nchw_##NAME(const T *x, const T *in_bias, const T *beta, const float2 *chan, T *y, int pixels,     \
+                             int channels, int silu) {                                                              \
+        gn_apply_nchw<T>(x, in_bias, beta, chan, y, pixels, channels, silu);                                        \
+    }                                                                                                               \
+    extern "C" __global__ void __launch_bounds__(APPLY_THREADS)                                                     \
+        gn_apply_nhwc_##NAME(const T *x, const T *in_bias, const T *beta, const float2 *chan, T *y, int pixels,     \
+                             int channels, int silu) {                                                              \
+        gn_apply_nhwc<T>(x, in_bias, beta, chan, y, pixels, channels, silu);                                        \
     }
 
 GROUP_NORM_CL(f16, __half)

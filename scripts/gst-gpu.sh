@@ -56,7 +56,9 @@
 #       shared against separate per N.
 #       Options:
 #         --bin DIR        holds sdcrossframe-bench and libgstsdcrossframe.so, plain or .xz
-#                          (default: $GST_GPU_BIN, else DIR/bin, else target-cuda/release)
+#                          (default: $GST_GPU_BIN, else DIR/bin, else target-cuda/release); runs
+#                          with different folders (two builds compared on one machine) each get
+#                          their own unpacked copies and GStreamer registry
 #         --frames N       frames per run (default 40)
 #         --skip K         frames left out of the steady state (default 5: the anchor, which tunes the
 #                          convolutions, the eager and the capturing followers, and two more)
@@ -197,13 +199,17 @@ pack() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# A binary from BIN, unpacked from BIN/NAME.xz into /tmp/gst-gpu-bin/SUBDIR when needed.
+# A binary from BIN, unpacked from BIN/NAME.xz into /tmp/gst-gpu-bin/KEY/SUBDIR when needed, KEY
+# naming BIN: runs with two --bin folders (an A/B of two builds) must not share an unpacked copy
+# (the newer-than test alone would keep the first folder's binary for the second).
 find_binary() {
     local bin=$1 name=$2 sub=$3
     if [ -f "$bin/$name" ]; then
         echo "$bin/$name"
     elif [ -f "$bin/$name.xz" ]; then
-        local dest=/tmp/gst-gpu-bin/$sub/$name
+        local key
+        key=$(cd "$bin" && pwd | md5sum | cut -c1-12)
+        local dest=/tmp/gst-gpu-bin/$key/$sub/$name
         mkdir -p "$(dirname "$dest")"
         if [ ! -f "$dest" ] || [ "$bin/$name.xz" -nt "$dest" ]; then
             xz -dc "$bin/$name.xz" >"$dest.part" && chmod +x "$dest.part" && mv "$dest.part" "$dest" || return 1
@@ -312,7 +318,7 @@ PY
     local -a gst_env
     if [ "$local_mode" = 1 ]; then
         command -v gst-launch-1.0 >/dev/null || die "--local needs gst-launch-1.0"
-        gst_env=(GST_PLUGIN_PATH="$plugin_dir" GST_REGISTRY=/tmp/gst-gpu-registry-local.bin)
+        gst_env=(GST_PLUGIN_PATH="$plugin_dir" GST_REGISTRY=/tmp/gst-gpu-registry-local-$(printf %s "$plugin_dir" | md5sum | cut -c1-12).bin)
     else
         local G=/tmp/gst
         ls "$DIR"/debs/*.deb >/dev/null 2>&1 || die "no .deb files in $DIR/debs (run: scripts/gst-gpu.sh pack $DIR)"
@@ -329,7 +335,9 @@ PY
             LD_LIBRARY_PATH="$lib:$G/lib/x86_64-linux-gnu${base_ld:+:$base_ld}"
             GST_PLUGIN_SYSTEM_PATH="$lib/gstreamer-1.0"
             GST_PLUGIN_SCANNER="$lib/gstreamer1.0/gstreamer-1.0/gst-plugin-scanner"
-            GST_REGISTRY=/tmp/gst-gpu-registry.bin
+            # One registry per plugin folder: two folders with an sdcrossframe plugin each must not
+            # meet in one registry (which of the two elements loads is then not ours to choose).
+            GST_REGISTRY=/tmp/gst-gpu-registry-$(printf %s "$plugin_dir" | md5sum | cut -c1-12).bin
             GST_PLUGIN_PATH="$plugin_dir"
             PATH="$G/usr/bin:$PATH"
         )

@@ -36,8 +36,11 @@ fn max_abs_diff(gpu_result: &Tensor, reference: &Tensor) -> f32 {
 fn group_norm_kernel_matches_the_cpu_reference() {
     let gpu = gpu();
     // UNet shapes (10, 20 and 40 channels per group), a row past the one-launch kernel (960
-    // channels at 64x64: the NCHW kernels and a transpose), an odd spatial size.
-    for (n, c, h, w) in [(2, 320, 64, 64), (2, 640, 32, 32), (8, 1280, 8, 8), (2, 960, 64, 64), (1, 64, 7, 9)] {
+    // channels at 64x64: the NCHW kernels and a transpose), an odd spatial size, more channels
+    // than one NHWC block row of 256 threads holds (2560: one row of 320 threads).
+    for (n, c, h, w) in
+        [(2, 320, 64, 64), (2, 640, 32, 32), (8, 1280, 8, 8), (2, 960, 64, 64), (1, 64, 7, 9), (1, 2560, 5, 3)]
+    {
         let x = (randn(&[n, c, h, w], 2.0) + 0.5).unwrap().to_dtype(DType::F16).unwrap();
         let affine = (randn(&[2, c], 0.5) + 0.5).unwrap().to_dtype(DType::F16).unwrap();
         let bias = randn(&[n, c], 1.0).to_dtype(DType::F16).unwrap();

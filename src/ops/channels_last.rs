@@ -128,10 +128,19 @@ pub fn to_nchw_add(ys: &Tensor, bias: &Tensor, residual: &Tensor) -> Result<Tens
 mod geometry {
     pub const STATS_THREADS: usize = 256;
     pub const STATS_CHUNK: usize = 4096;
-    pub const STATS_PIXELS: usize = 32;
+    pub const STATS_PIXELS_PER_THREAD: usize = 8;
     pub const APPLY_THREADS: usize = 256;
-    /// Most blocks of the flat NHWC apply launch; its threads loop over the rest.
-    pub const MAX_APPLY_BLOCKS: usize = 8192;
+
+    /// Pixel rows of an NHWC statistics block: its threads are (16-byte word of channels, row)
+    /// pairs, as many rows as fit in STATS_THREADS (at least one).
+    pub fn nhwc_rows(channels: usize) -> usize {
+        (STATS_THREADS / (channels / 8)).max(1)
+    }
+
+    /// Threads of an NHWC statistics block: words x rows, rounded up to whole warps.
+    pub fn nhwc_block(channels: usize) -> usize {
+        (channels / 8 * nhwc_rows(channels)).next_multiple_of(32)
+    }
 }
 use geometry::*;
 
@@ -164,7 +173,7 @@ impl GroupNormOp {
     fn chunks(&self) -> usize {
         match self.layout {
             InputLayout::Nchw => (self.cpg() * self.pixels).div_ceil(STATS_CHUNK),
-            InputLayout::Nhwc => self.pixels.div_ceil(STATS_PIXELS),
+            InputLayout::Nhwc => self.pixels.div_ceil(nhwc_rows(self.channels) * STATS_PIXELS_PER_THREAD),
         }
         .max(1)
     }
@@ -393,7 +402,7 @@ mod cuda {
 
     #[cfg(sdcrossframe_channels_last_ptx)]
     mod kernels {
-        use super::super::{APPLY_THREADS, GroupNormOp, InputLayout, MAX_APPLY_BLOCKS, STATS_THREADS, ToNchwOp};
+        use super::super::{APPLY_THREADS, GroupNormOp, InputLayout, STATS_THREADS, ToNchwOp, nhwc_block};
         use super::Input;
         use crate::ops::storage::cuda_view;
         use candle_core::backend::BackendStorage;
@@ -424,14 +433,14 @@ mod cuda {
             let chunks = op.chunks();
             let rows = op.batch * op.groups;
             // SAFETY: the statistics kernel writes every (sample, group, chunk) pair and, in its
-            // last block per group or sample, every group's statistics.
+            // last block per group or sample, every channel's {mean, gamma / std}.
             let partials = unsafe { dev.alloc::<f32>(rows * chunks * 2)? };
-            let stats = unsafe { dev.alloc::<f32>(rows * 2)? };
+            let channel_stats = unsafe { dev.alloc::<f32>(op.batch * op.channels * 2)? };
             // One ticket per group (NCHW) or per sample (NHWC), from zero.
             let tickets = dev.alloc_zeros::<u32>(rows)?;
             let (pixels, channels, cpg, groups) =
                 (op.pixels as i32, op.channels as i32, op.cpg() as i32, op.groups as i32);
-            let (batch, chunks_i) = (op.batch as i32, chunks as i32);
+            let chunks_i = chunks as i32;
             if rows > 65_535 {
                 candle_core::bail!("{what}: too many samples for the kernels");
             }
@@ -445,18 +454,14 @@ mod cuda {
                         shared_mem_bytes: 0,
                     },
                 ),
-                InputLayout::Nhwc => {
-                    let words = op.channels / 8;
-                    let threads = words * (STATS_THREADS / words).max(1);
-                    (
-                        "nhwc",
-                        LaunchConfig {
-                            grid_dim: (chunks as u32, op.batch as u32, 1),
-                            block_dim: (threads as u32, 1, 1),
-                            shared_mem_bytes: 0,
-                        },
-                    )
-                }
+                InputLayout::Nhwc => (
+                    "nhwc",
+                    LaunchConfig {
+                        grid_dim: (chunks as u32, op.batch as u32, 1),
+                        block_dim: (nhwc_block(op.channels) as u32, 1, 1),
+                        shared_mem_bytes: 0,
+                    },
+                ),
             };
             let stats_fn = dev.get_or_load_custom_func(&format!("gn_stats_{layout}_{type_name}"), MODULE, PTX)?;
             let mut builder = stats_fn.builder();
@@ -465,7 +470,7 @@ mod cuda {
                 Some(b) => builder.arg(b),
                 None => builder.arg(&null),
             };
-            builder.arg(&partials).arg(&tickets).arg(&stats);
+            builder.arg(&gamma).arg(&partials).arg(&tickets).arg(&channel_stats);
             builder.arg(&pixels).arg(&channels).arg(&cpg).arg(&groups).arg(&chunks_i).arg(&op.eps);
             // 16-byte loads of the NCHW runs when a word never spans two channels.
             let vec = op.pixels.is_multiple_of(vec_width) as i32;
@@ -485,24 +490,20 @@ mod cuda {
                 Some(b) => builder.arg(b),
                 None => builder.arg(&null),
             };
-            builder.arg(&gamma).arg(&beta).arg(&stats).arg(&out);
+            builder.arg(&beta).arg(&channel_stats).arg(&out);
             let cfg = match op.layout {
                 InputLayout::Nchw => LaunchConfig {
                     grid_dim: (op.pixels.div_ceil(32) as u32, op.channels.div_ceil(32) as u32, op.batch as u32),
                     block_dim: (32, APPLY_THREADS as u32 / 32, 1),
                     shared_mem_bytes: 0,
                 },
-                InputLayout::Nhwc => {
-                    builder.arg(&batch);
-                    let words = op.batch * op.pixels * op.channels / 8;
-                    LaunchConfig {
-                        grid_dim: (words.div_ceil(APPLY_THREADS).clamp(1, MAX_APPLY_BLOCKS) as u32, 1, 1),
-                        block_dim: (APPLY_THREADS as u32, 1, 1),
-                        shared_mem_bytes: 0,
-                    }
-                }
+                InputLayout::Nhwc => LaunchConfig {
+                    grid_dim: ((op.pixels * op.channels / 8).div_ceil(APPLY_THREADS) as u32, op.batch as u32, 1),
+                    block_dim: (APPLY_THREADS as u32, 1, 1),
+                    shared_mem_bytes: 0,
+                },
             };
-            builder.arg(&pixels).arg(&channels).arg(&cpg).arg(&groups).arg(&silu);
+            builder.arg(&pixels).arg(&channels).arg(&silu);
             // SAFETY: argument types and order match gn_apply_*.
             unsafe { builder.launch(cfg) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
