@@ -67,3 +67,26 @@ fn wrong_input_shapes_and_unsupported_configs_are_errors() {
         assert!(err.contains(needle), "{key}: {err}");
     }
 }
+
+/// A batch of two (the frames of two streams decoded in one call) gives each frame what it
+/// gives alone: the attention's tokens were a transposed view, on which candle's matmul got
+/// every sample after the first wrong.
+#[test]
+fn a_batch_of_two_encodes_and_decodes_as_each_alone() {
+    let reference = candle_core::safetensors::load(fixtures().join("reference/vae.safetensors"), &Device::Cpu).unwrap();
+    let vae = vae();
+    let latents = &reference["latents"];
+    let other = (latents.flip(&[3]).unwrap() * 0.5).unwrap();
+    let both = vae.decode(&Tensor::cat(&[latents, &other], 0).unwrap()).unwrap();
+    for (i, alone) in [vae.decode(latents).unwrap(), vae.decode(&other).unwrap()].iter().enumerate() {
+        let err = relative_error(&both.narrow(0, i, 1).unwrap(), alone);
+        assert!(err < 1e-6, "decode, frame {i} of 2: {err:.2e} from the frame alone");
+    }
+    let images = Tensor::cat(&[&reference["image"], &reference["image"].flip(&[2]).unwrap()], 0).unwrap();
+    let means = vae.encode_mean(&images).unwrap();
+    for i in 0..2 {
+        let alone = vae.encode_mean(&images.narrow(0, i, 1).unwrap()).unwrap();
+        let err = relative_error(&means.narrow(0, i, 1).unwrap(), &alone);
+        assert!(err < 1e-6, "encode, image {i} of 2: {err:.2e} from the image alone");
+    }
+}

@@ -166,7 +166,10 @@ impl VaeAttention {
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (batch, channels, height, width) = xs.dims4()?;
         let dtype = xs.dtype();
-        let tokens = self.group_norm.forward(xs)?.reshape((batch, channels, height * width))?.transpose(1, 2)?;
+        // Contiguous: candle's matmul on the transposed view gives wrong rows for every sample
+        // after the first when batch > 1 (seen on the CPU, candle 0.11.1).
+        let tokens =
+            self.group_norm.forward(xs)?.reshape((batch, channels, height * width))?.transpose(1, 2)?.contiguous()?;
         let scale = (self.channels as f64).powf(-0.25);
         let q = (self.to_q.forward(&tokens)?.to_dtype(DType::F32)? * scale)?;
         let k = (self.to_k.forward(&tokens)?.to_dtype(DType::F32)? * scale)?;
