@@ -1,8 +1,9 @@
 //! The `SDCROSSFRAME_*` environment switches of the GPU backend, read once per process and
 //! parsed one way: values are trimmed and compared without case; an unknown value is logged
 //! (variable, value, accepted values) and the default is used. DEVELOPERS.md ("GPU backend
-//! switches") lists them. They only change how CUDA runs; the CPU always takes the reference
-//! paths.
+//! switches") lists them. They only change how CUDA runs (the CPU always takes the reference
+//! paths), except `SDCROSSFRAME_BATCHED_DECODE`, which changes how sessions with cross-stream
+//! batching decode on any device.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ pub const FLASH_WARPS: &str = "SDCROSSFRAME_FLASH_WARPS";
 pub const CONV_PLANS: &str = "SDCROSSFRAME_CONV_PLANS";
 pub const VAE_STREAM: &str = "SDCROSSFRAME_VAE_STREAM";
 pub const CHANNELS_LAST: &str = "SDCROSSFRAME_CHANNELS_LAST";
+pub const BATCHED_DECODE: &str = "SDCROSSFRAME_BATCHED_DECODE";
 
 /// Which convolutions the cuDNN build considers for f16/bf16 on CUDA (`SDCROSSFRAME_CONV`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +72,10 @@ pub struct Switches {
     /// `SDCROSSFRAME_CHANNELS_LAST=on|off`: resnet blocks with time embeddings (the UNet's and
     /// the ControlNet's) run channels-last between their convolutions ([`super::channels_last`]).
     pub channels_last: bool,
+    /// `SDCROSSFRAME_BATCHED_DECODE=on|off`: sessions with cross-stream batching decode their
+    /// frames through the batcher, the frames of the streams that finish together in one VAE
+    /// call (the default of `SessionConfig::batch_decodes`; on the CPU too). Off until measured.
+    pub batched_decode: bool,
 }
 
 impl Default for Switches {
@@ -109,6 +115,7 @@ impl Switches {
             conv_plans: parse_conv_plans(lookup(CONV_PLANS)),
             vae_stream: parse(&lookup, VAE_STREAM, &on_off, true),
             channels_last: parse(&lookup, CHANNELS_LAST, &on_off, true),
+            batched_decode: parse(&lookup, BATCHED_DECODE, &on_off, false),
         }
     }
 }
@@ -178,6 +185,7 @@ mod tests {
                 conv_plans: ConvPlans::CacheDir,
                 vae_stream: true,
                 channels_last: true,
+                batched_decode: false,
             }
         );
         assert_eq!(s, Switches::default());
@@ -195,9 +203,10 @@ mod tests {
             (CONV_PLANS, " /tmp/plans.txt\n"),
             (VAE_STREAM, " Off "),
             (CHANNELS_LAST, "OFF"),
+            (BATCHED_DECODE, " On "),
         ]);
         assert!(!s.fused_attention && !s.fused_group_norm && !s.fused_epilogues && !s.cuda_graphs && !s.vae_stream);
-        assert!(!s.channels_last);
+        assert!(!s.channels_last && s.batched_decode);
         assert_eq!((s.conv, s.flash_warps), (ConvChoice::Cudnn, Some(8)));
         assert_eq!(s.conv_plans, ConvPlans::File(PathBuf::from("/tmp/plans.txt")));
         let s = from(&[(ATTENTION, "fused"), (FUSED, "on"), (CONV, "im2col"), (FLASH_WARPS, "4"), (CUDA_GRAPHS, "on")]);
@@ -220,6 +229,7 @@ mod tests {
             (FLASH_WARPS, "16"),
             (VAE_STREAM, "1"),
             (CHANNELS_LAST, "nhwc"),
+            (BATCHED_DECODE, "yes"),
         ]);
         assert_eq!(s, Switches::default());
     }
