@@ -49,15 +49,12 @@ fn group_norm_kernel_matches_the_cpu_reference() {
             for in_bias in [None, Some(&bias)] {
                 let cpu = channels_last::group_norm_silu(input, layout, in_bias, &affine, 32, 1e-5).unwrap();
                 let on = |t: &Tensor| t.to_device(&gpu).unwrap();
-                let out = channels_last::group_norm_silu(
-                    &on(input),
-                    layout,
-                    in_bias.map(on).as_ref(),
-                    &on(&affine),
-                    32,
-                    1e-5,
-                )
-                .unwrap();
+                let on_gpu = || {
+                    let in_bias = in_bias.map(on);
+                    channels_last::group_norm_silu(&on(input), layout, in_bias.as_ref(), &on(&affine), 32, 1e-5)
+                        .unwrap()
+                };
+                let out = on_gpu();
                 assert_eq!(out.dims(), &[n, h, w, c]);
                 let err = max_abs_diff(&out, &cpu.to_dtype(DType::F32).unwrap());
                 println!("GroupNorm {layout:?} {n}x{c}x{h}x{w} bias {}: max abs diff {err:.3e}", in_bias.is_some());
@@ -65,16 +62,7 @@ fn group_norm_kernel_matches_the_cpu_reference() {
                 assert!(err <= 8e-3, "{layout:?} {n}x{c}x{h}x{w}: {err}");
                 // The statistics are added in a fixed order: every call gives the same bits
                 // (CUDA graph replays are compared with eager runs for equality).
-                let again = channels_last::group_norm_silu(
-                    &on(input),
-                    layout,
-                    in_bias.map(on).as_ref(),
-                    &on(&affine),
-                    32,
-                    1e-5,
-                )
-                .unwrap();
-                let same = max_abs_diff(&out, &again.to_device(&Device::Cpu).unwrap());
+                let same = max_abs_diff(&out, &on_gpu().to_device(&Device::Cpu).unwrap());
                 assert_eq!(same, 0.0, "{layout:?} {n}x{c}x{h}x{w}: two calls differ");
             }
         }

@@ -162,20 +162,16 @@ impl Work {
             Work::Decode(frame) => frame.latents().device(),
         }
     }
+}
 
-    /// Whether `other` can share this work's call.
-    fn fits(&self, other: &Work) -> bool {
-        match (self, other) {
-            (Work::Step(a), Work::Step(b)) => {
-                a.inputs.plan == b.inputs.plan
-                    && a.inputs.controlnet_scale.to_bits() == b.inputs.controlnet_scale.to_bits()
-            }
-            (Work::Decode(a), Work::Decode(b)) => {
-                a.latents().dims() == b.latents().dims() && a.latents().dtype() == b.latents().dtype()
-            }
-            _ => false,
-        }
-    }
+/// Whether two denoising calls can run as one UNet call.
+fn steps_fit(a: &StepRequest, b: &StepRequest) -> bool {
+    a.inputs.plan == b.inputs.plan && a.inputs.controlnet_scale.to_bits() == b.inputs.controlnet_scale.to_bits()
+}
+
+/// Whether two frames can be decoded in one VAE call.
+fn decodes_fit(a: &DenoisingFrame, b: &DenoisingFrame) -> bool {
+    a.latents().dims() == b.latents().dims() && a.latents().dtype() == b.latents().dtype()
 }
 
 /// What a stream takes from a round.
@@ -368,15 +364,12 @@ impl StreamBatcher {
         let mut state = self.lock()?;
         let arrived = Instant::now();
         state.members.insert(member, arrived);
-        match (&phase, &work) {
-            (Some(phase), _) => {
-                state.phases.insert(member, phase.clone());
-            }
-            // A decoding leaves the member's place as its frame's last call left it.
-            (None, Work::Decode(_)) => {}
-            (None, Work::Step(_)) => {
-                state.phases.remove(&member);
-            }
+        // A decoding leaves the member's place as its frame's last call left it.
+        if let Work::Step(_) = &work {
+            match &phase {
+                Some(phase) => state.phases.insert(member, phase.clone()),
+                None => state.phases.remove(&member),
+            };
         }
         // A patient leader also waits for members that are slower between calls.
         let window = ACTIVE_WINDOW.max(timeout);
@@ -534,29 +527,33 @@ impl Group {
 /// order they arrived in).
 fn group_by_plan(mut round: Vec<Pending>) -> Vec<Group> {
     round.sort_by_key(|p| p.member);
-    let mut kinds: Vec<Vec<Pending>> = Vec::new();
-    for pending in round {
-        match kinds.iter_mut().find(|group| group[0].work.fits(&pending.work)) {
-            Some(group) => group.push(pending),
-            None => kinds.push(vec![pending]),
-        }
-    }
-    kinds
-        .into_iter()
-        .map(|members| {
-            let mut steps = Vec::new();
-            let mut decodes = Vec::new();
-            for Pending { work, ready, reply, .. } in members {
-                let waiter = Waiter { ready, reply };
-                match work {
-                    Work::Step(request) => steps.push((waiter, request)),
-                    Work::Decode(frame) => decodes.push((waiter, frame)),
+    let mut groups: Vec<Group> = Vec::new();
+    for Pending { work, ready, reply, .. } in round {
+        let waiter = Waiter { ready, reply };
+        match work {
+            Work::Step(request) => {
+                let fitting = groups.iter_mut().find_map(|group| match group {
+                    Group::Steps(members) if steps_fit(&members[0].1, &request) => Some(members),
+                    _ => None,
+                });
+                match fitting {
+                    Some(members) => members.push((waiter, request)),
+                    None => groups.push(Group::Steps(vec![(waiter, request)])),
                 }
             }
-            // `fits` keeps kinds apart: one of the two is empty.
-            if decodes.is_empty() { Group::Steps(steps) } else { Group::Decodes(decodes) }
-        })
-        .collect()
+            Work::Decode(frame) => {
+                let fitting = groups.iter_mut().find_map(|group| match group {
+                    Group::Decodes(members) if decodes_fit(&members[0].1, &frame) => Some(members),
+                    _ => None,
+                });
+                match fitting {
+                    Some(members) => members.push((waiter, frame)),
+                    None => groups.push(Group::Decodes(vec![(waiter, frame)])),
+                }
+            }
+        }
+    }
+    groups
 }
 
 /// Runs one group's call and answers every request in it (a panic in the models is an error

@@ -445,13 +445,13 @@ impl Img2Img {
                 );
             }
         }
+        let (count, rows) = (frames.len(), shape[0]);
         let device = first.latents.device().clone();
-        let _span = tracing::info_span!("vae_decode", frames = frames.len()).entered();
+        let _span = tracing::info_span!("vae_decode", frames = count).entered();
         let latents = Tensor::cat(&frames.iter().map(|f| &f.latents).collect::<Vec<_>>(), 0)?;
         drop(frames);
         let images = self.decode_latents(&latents, &device, &self.vae, |stages| &mut stages.decode)?;
-        let rows = shape.first().copied().unwrap_or(1);
-        (0..images.dim(0)? / rows.max(1)).map(|i| Ok(images.narrow(0, i * rows, rows)?)).collect()
+        (0..count).map(|i| Ok(images.narrow(0, i * rows, rows)?)).collect()
     }
 
     /// [`Self::decode`] on the VAE stream when there is one ([`Self::set_vae_stream`]): the
