@@ -4,12 +4,12 @@
 // recomputes a strided index per element), and GEGLU costs one pass instead of three.
 // Arithmetic is in f32; the result is rounded once.
 //
-// bias_add_rows_*: x is a contiguous (rows, cols) matrix; out = (x + bias[row % groups]) * scale
-//   (+ residual); bias may be null (no bias). A (N, C, H, W) convolution output is rows = N * C,
-//   cols = H * W with groups = C (a per-channel bias) or groups = N * C (a per-sample,
-//   per-channel bias).
-// bias_add_cols_*: x is (rows, cols); out = (x + bias[col]) * scale (+ residual): a linear layer's
-//   output.
+// bias_add_rows_*: x is a contiguous (rows, cols) matrix; out = act((x + bias[row % groups]) *
+//   scale (+ residual)); bias may be null (no bias); act 0 is none, 1 ReLU, 2 SiLU. A (N, C, H, W)
+//   convolution output is rows = N * C, cols = H * W with groups = C (a per-channel bias) or
+//   groups = N * C (a per-sample, per-channel bias).
+// bias_add_cols_*: x is (rows, cols); out = act((x + bias[col]) * scale (+ residual)): a linear
+//   layer's output, or a channels-last convolution's (rows = N * H * W, cols = C).
 // geglu_*: h is (rows, 2f); out (rows, f) = (h[:, j] + b[j]) * gelu_erf(h[:, f + j] + b[f + j]),
 //   diffusers' GEGLU with the projection's bias folded in (b may be null).
 // layer_norm_*: see layer_norm_rows below (its own launch shape).
@@ -28,10 +28,20 @@ __device__ __forceinline__ float gelu_erf(float x) { return 0.5f * x * (1.0f + e
 // PER_COL: the bias is indexed by column (linear layers), else by row % groups (convolutions).
 // The vector path walks the whole matrix in 16-byte words (its rows may be shorter than a block:
 // a linear layer's 320 features are 40 words), the scalar path one row per block row.
+#define ACT_NONE 0
+#define ACT_RELU 1
+#define ACT_SILU 2
+
+__device__ __forceinline__ float activate(float y, int act) {
+    if (act == ACT_RELU) return fmaxf(y, 0.f);
+    if (act == ACT_SILU) return y / (1.f + __expf(-y));
+    return y;
+}
+
 template <typename T, bool PER_COL>
 __device__ __forceinline__ void bias_add(const T* __restrict__ x, const T* __restrict__ bias,
                                          const T* __restrict__ residual, T* __restrict__ out, int64_t rows,
-                                         int64_t cols, int64_t groups, float scale, int vec) {
+                                         int64_t cols, int64_t groups, float scale, int vec, int act) {
     constexpr int VEC = Pack<T>::VEC;
     if (vec) {
         // The caller checks that rows * cols / VEC fits in 31 bits.
@@ -49,7 +59,7 @@ __device__ __forceinline__ void bias_add(const T* __restrict__ x, const T* __res
             for (int i = 0; i < VEC; ++i) {
                 float y = (to_float(xv.v[i]) + (bias && PER_COL ? to_float(bv.v[i]) : row_bias)) * scale;
                 if (residual) y += to_float(rv.v[i]);
-                xv.v[i] = from_float<T>(y);
+                xv.v[i] = from_float<T>(activate(y, act));
             }
             store16(out + static_cast<int64_t>(w) * VEC, xv);
         }
@@ -62,7 +72,7 @@ __device__ __forceinline__ void bias_add(const T* __restrict__ x, const T* __res
              col < cols && col < (static_cast<int64_t>(blockIdx.x) + 1) * THREADS * VEC; col += THREADS) {
             float y = (to_float(x[base + col]) + (bias && PER_COL ? to_float(bias[col]) : row_bias)) * scale;
             if (residual) y += to_float(residual[base + col]);
-            out[base + col] = from_float<T>(y);
+            out[base + col] = from_float<T>(activate(y, act));
         }
     }
 }
@@ -204,13 +214,13 @@ __device__ __forceinline__ void layer_norm_rows(const T* __restrict__ x, const T
 #define ELEMENTWISE(NAME, T)                                                                                   \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                      \
         bias_add_rows_##NAME(const T* x, const T* bias, const T* residual, T* out, int64_t rows, int64_t cols, \
-                             int64_t groups, float scale, int vec) {                                           \
-        bias_add<T, false>(x, bias, residual, out, rows, cols, groups, scale, vec);                            \
+                             int64_t groups, float scale, int vec, int act) {                                  \
+        bias_add<T, false>(x, bias, residual, out, rows, cols, groups, scale, vec, act);                       \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                      \
         bias_add_cols_##NAME(const T* x, const T* bias, const T* residual, T* out, int64_t rows, int64_t cols, \
-                             int64_t groups, float scale, int vec) {                                           \
-        bias_add<T, true>(x, bias, residual, out, rows, cols, groups, scale, vec);                             \
+                             int64_t groups, float scale, int vec, int act) {                                  \
+        bias_add<T, true>(x, bias, residual, out, rows, cols, groups, scale, vec, act);                        \
     }                                                                                                          \
     extern "C" __global__ void __launch_bounds__(THREADS)                                                      \
         concat_channels_##NAME(const T* a, const T* b, const T* b_add, T* out, int64_t n, int64_t a_values,    \

@@ -181,3 +181,58 @@ fn resnet_blocks_match_the_cpu() {
         assert!(err <= 3e-2, "{n}x{cin}x{size}x{size} -> {cout}: {err}");
     }
 }
+
+/// The tiny VAE (TAESD) and the ControlNet's control-image embedding run channels-last when
+/// loaded on CUDA in f16 (NHWC activations, filters padded to 8 channels for the 3-channel
+/// image and the 4-channel latents, bias + skip + activation in one pass): against the same
+/// fixture models in f32 on the CPU (NCHW).
+#[test]
+fn tiny_vae_and_control_embedding_match_the_cpu() {
+    use sdcrossframe::models::controlnet::{ControlNetConfig, ControlNetModel};
+    use sdcrossframe::models::vae_tiny::{AutoencoderTiny, AutoencoderTinyConfig};
+    use sdcrossframe::weights::ComponentFiles;
+
+    let gpu = gpu();
+    let fixtures = common::fixtures();
+    let taesd = ComponentFiles::locate(&fixtures.join("tiny-taesd"), None).unwrap();
+    let config: AutoencoderTinyConfig = taesd.read_config().unwrap();
+    let cpu_vae = AutoencoderTiny::new(taesd.var_builder(DType::F32, &Device::Cpu).unwrap(), &config).unwrap();
+    let gpu_vae = AutoencoderTiny::new(taesd.var_builder(DType::F16, &gpu).unwrap(), &config).unwrap();
+    assert!(gpu_vae.is_channels_last() && !cpu_vae.is_channels_last());
+    let image = (randn(&[2, 3, 64, 48], 0.5).tanh().unwrap()).contiguous().unwrap();
+    let want = cpu_vae.encode(&image).unwrap();
+    let got = gpu_vae.encode(&image.to_dtype(DType::F16).unwrap().to_device(&gpu).unwrap()).unwrap();
+    assert_eq!(got.dims(), want.dims());
+    let err = max_abs_diff(&got.to_dtype(DType::F32).unwrap(), &want);
+    let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    println!("TAESD encode f16 channels-last vs CPU: max abs diff {err:.3e} (max {scale:.2})");
+    assert!(err < 1e-2 * scale.max(1.0), "encode off by {err}");
+    let latents = randn(&[2, 4, 8, 6], 1.0);
+    let want = cpu_vae.decode(&latents).unwrap();
+    let got = gpu_vae.decode(&latents.to_dtype(DType::F16).unwrap().to_device(&gpu).unwrap()).unwrap();
+    assert_eq!(got.dims(), want.dims());
+    let err = max_abs_diff(&got.to_dtype(DType::F32).unwrap(), &want);
+    println!("TAESD decode f16 channels-last vs CPU: max abs diff {err:.3e}");
+    assert!(err < 1e-2, "decode off by {err}");
+
+    let controlnet = fixtures.join("tiny-controlnet");
+    let config: ControlNetConfig =
+        serde_json::from_str(&std::fs::read_to_string(controlnet.join("config.json")).unwrap()).unwrap();
+    let weights = controlnet.join("diffusion_pytorch_model.safetensors");
+    let load = |dtype, device: &Device| {
+        // SAFETY: the fixture file is not modified while mapped.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device).unwrap() };
+        ControlNetModel::new(vb, &config).unwrap()
+    };
+    let (cpu_cn, gpu_cn) = (load(DType::F32, &Device::Cpu), load(DType::F16, &gpu));
+    assert!(gpu_cn.condition_embedder_on(&gpu).unwrap().is_channels_last());
+    let control = Tensor::rand(0f32, 1.0, (1, 3, 64, 48), &Device::Cpu).unwrap();
+    let want = cpu_cn.embed_condition(&control).unwrap();
+    let got = gpu_cn.embed_condition(&control.to_dtype(DType::F16).unwrap().to_device(&gpu).unwrap()).unwrap();
+    assert_eq!(got.tensor().dims(), want.tensor().dims());
+    let err = max_abs_diff(&got.tensor().to_dtype(DType::F32).unwrap(), want.tensor());
+    let scale = want.tensor().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    println!("control embedding f16 channels-last vs CPU: max abs diff {err:.3e} (max {scale:.2})");
+    assert!(scale > 0.0, "the fixture's embedding is all zeros: the comparison would say nothing");
+    assert!(err < 1e-2 * scale.max(1.0), "control embedding off by {err}");
+}

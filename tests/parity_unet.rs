@@ -147,6 +147,20 @@ fn control_embedded_once_and_broadcast_equals_per_call_embedding() {
     let changed = cn.forward_embedded(sample, t, ehs, &other, scale).unwrap();
     assert!(max_abs(&(&changed.mid - &once.mid).unwrap()) > 1e-3);
 
+    // The channels-last embedding (what CUDA runs in f16/bf16) computes the same, through the
+    // CPU's transposed copies, and so do the residuals made with it.
+    let embedder = cn.condition_embedder_on(&Device::Cpu).unwrap();
+    assert!(!embedder.is_channels_last(), "the CPU model runs NCHW");
+    let nhwc = embedder.to_channels_last().unwrap();
+    assert!(nhwc.is_channels_last());
+    let nhwc_condition = nhwc.embed_condition(&one).unwrap();
+    assert_eq!(nhwc_condition.tensor().dims(), condition.tensor().dims());
+    let diff = max_abs(&(nhwc_condition.tensor() - condition.tensor()).unwrap());
+    assert!(diff <= 1e-5, "channels-last embedding differs by {diff}");
+    let with_nhwc = cn.forward_embedded(sample, t, ehs, &nhwc_condition, scale).unwrap();
+    let diff = max_abs(&(&with_nhwc.mid - &once.mid).unwrap());
+    assert!(diff <= 1e-5, "residuals with the channels-last embedding differ by {diff}");
+
     // A control image whose embedding does not fit the latents is an error naming both shapes.
     let small = one.narrow(2, 0, 32).unwrap();
     let err = cn.forward_embedded(sample, t, ehs, &cn.embed_condition(&small).unwrap(), scale).unwrap_err();

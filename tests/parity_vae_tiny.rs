@@ -67,6 +67,27 @@ fn encode_and_decode_match_diffusers() {
     assert_eq!(vae.scaling_factor(), 0.5);
 }
 
+/// The channels-last form (what CUDA runs in f16/bf16: NHWC activations, filters padded to 8
+/// channels, each convolution's bias, skip and activation in one epilogue, NHWC upsampling)
+/// computes what diffusers does, here through the CPU's transposed copies.
+#[test]
+fn channels_last_model_matches_diffusers() {
+    let reference = reference();
+    let vae = tiny_vae();
+    assert!(!vae.is_channels_last(), "the CPU model runs NCHW");
+    let nhwc = vae.to_channels_last().unwrap();
+    assert!(nhwc.is_channels_last());
+    let latents = nhwc.encode(&reference["image"]).unwrap();
+    let err = relative_error(&latents, &reference["latents"]);
+    println!("channels-last encode: relative error {err:.2e}");
+    assert!(err < VAE_TOLERANCE, "encode off by {err}");
+    let decoded = nhwc.decode(&reference["decoder_input"]).unwrap();
+    assert_eq!(decoded.dims(), reference["decoded"].dims());
+    let err = relative_error(&decoded, &reference["decoded"]);
+    println!("channels-last decode: relative error {err:.2e}");
+    assert!(err < VAE_TOLERANCE, "decode off by {err}");
+}
+
 /// Parity means something only if the tiny VAE is not the full one in disguise: on the same
 /// input each computes something else, by far more than the tolerance.
 #[test]

@@ -18,7 +18,8 @@ use super::unet_config::{
     EncoderParams, LayersOfBlock, OneOrMany, check_common, defaults, down_block_settings, heads_per_block,
     mid_block_settings, resnet_settings,
 };
-use crate::ops::Conv2d;
+use crate::ops::fused::Epilogue;
+use crate::ops::{Conv2d, channels_last};
 
 /// `config.json` of a diffusers `ControlNetModel`. Missing keys take diffusers' defaults.
 #[derive(Debug, Clone, Deserialize)]
@@ -176,12 +177,17 @@ impl ControlCondition {
 }
 
 /// `controlnet_cond_embedding`: conv_in, pairs of (3x3, strided 3x3) convs, conv_out, SiLU
-/// between all of them.
+/// between all of them. On CUDA in f16/bf16 it runs channels-last (NHWC) between one transpose
+/// in and one out, each convolution's bias and SiLU one pass after it: cuDNN would otherwise
+/// transpose every convolution's input and output, and at full resolution with 16 to 96
+/// channels those transposes and the separate bias and SiLU passes cost more than the
+/// convolutions.
 #[derive(Debug, Clone)]
 struct ConditioningEmbedding {
     conv_in: Conv2d,
     blocks: Vec<Conv2d>,
     conv_out: Conv2d,
+    channels_last: bool,
 }
 
 impl ConditioningEmbedding {
@@ -193,7 +199,25 @@ impl ConditioningEmbedding {
             blocks.push(Conv2d::same(vb.pp("blocks").pp(2 * i + 1), w[0], w[1], 3, 2)?);
         }
         let conv_out = Conv2d::same(vb.pp("conv_out"), *channels.last().expect("non-empty"), out_channels, 3, 1)?;
-        Ok(Self { conv_in, blocks, conv_out })
+        let embedding = Self { conv_in, blocks, conv_out, channels_last: false };
+        if channels_last::wanted_for_frame_stages(vb.device(), vb.dtype()) {
+            embedding.to_channels_last()
+        } else {
+            Ok(embedding)
+        }
+    }
+
+    /// The same embedding computing channels-last.
+    fn to_channels_last(self) -> Result<Self> {
+        if self.channels_last {
+            return Ok(self);
+        }
+        Ok(Self {
+            conv_in: self.conv_in.to_channels_last()?,
+            blocks: self.blocks.into_iter().map(Conv2d::to_channels_last).collect::<Result<_>>()?,
+            conv_out: self.conv_out.to_channels_last()?,
+            channels_last: true,
+        })
     }
 
     fn to_device(&self, device: &candle_core::Device) -> Result<Self> {
@@ -201,7 +225,17 @@ impl ConditioningEmbedding {
             conv_in: self.conv_in.to_device(device)?,
             blocks: self.blocks.iter().map(|b| b.to_device(device)).collect::<Result<_>>()?,
             conv_out: self.conv_out.to_device(device)?,
+            channels_last: self.channels_last,
         })
+    }
+
+    /// [`Module::forward`] on NCHW input and output, NHWC inside.
+    fn forward_channels_last(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = self.conv_in.forward_channels_last(&xs.permute((0, 2, 3, 1))?, None, Epilogue::Silu)?;
+        for b in &self.blocks {
+            xs = b.forward_channels_last(&xs, None, Epilogue::Silu)?;
+        }
+        self.conv_out.forward_channels_last(&xs, None, Epilogue::None)?.permute((0, 3, 1, 2))?.contiguous()
     }
 }
 
@@ -218,6 +252,16 @@ impl ConditionEmbedder {
     /// As [`ControlNetModel::embed_condition`] (the same computation).
     pub fn embed_condition(&self, control_image: &Tensor) -> Result<ControlCondition> {
         embed_condition(&self.cond_embedding, &self.config, self.downscale, control_image)
+    }
+
+    /// The same embedding computing channels-last, as a ControlNet loaded on CUDA in f16/bf16
+    /// does (elsewhere through transposed copies, for tests).
+    pub fn to_channels_last(self) -> Result<Self> {
+        Ok(Self { cond_embedding: self.cond_embedding.to_channels_last()?, ..self })
+    }
+
+    pub fn is_channels_last(&self) -> bool {
+        self.cond_embedding.channels_last
     }
 }
 
@@ -248,6 +292,9 @@ fn embed_condition(
 
 impl Module for ConditioningEmbedding {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        if self.channels_last {
+            return self.forward_channels_last(xs);
+        }
         let mut xs = candle_nn::ops::silu(&self.conv_in.forward(xs)?)?;
         for b in &self.blocks {
             xs = candle_nn::ops::silu(&b.forward(&xs)?)?;

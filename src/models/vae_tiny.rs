@@ -26,13 +26,18 @@
 //!
 //! The convolutions, bias and residual adds are the backend's ([`crate::ops::Conv2d`]: tuned
 //! convolutions on CUDA, and the block's last convolution, its bias and the skip connection
-//! in one fused epilogue).
+//! in one fused epilogue). On CUDA in f16/bf16 the whole model runs channels-last (NHWC) between
+//! one transpose in and one out ([`AutoencoderTiny::to_channels_last`]): cuDNN computes f16
+//! convolutions on NHWC data and otherwise transposes every NCHW input and output, which at 64
+//! channels and full resolution costs about as much as the convolution; each convolution's bias,
+//! skip connection and activation are then one pass after it.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::Deserialize;
 
-use crate::ops::Conv2d;
+use crate::ops::fused::Epilogue;
+use crate::ops::{Conv2d, channels_last};
 
 /// `config.json` of a diffusers `AutoencoderTiny` (defaults are diffusers', i.e. TAESD's).
 #[derive(Debug, Clone, Deserialize)]
@@ -184,6 +189,39 @@ impl Activation {
             Self::Gelu => xs.gelu_erf(),
         }
     }
+
+    /// The convolution epilogue that computes this activation, where there is one.
+    fn epilogue(self) -> Option<Epilogue> {
+        match self {
+            Self::Relu => Some(Epilogue::Relu),
+            Self::Silu => Some(Epilogue::Silu),
+            Self::Gelu => None,
+        }
+    }
+}
+
+/// `activation(conv(xs) + bias)` channels-last: the activation in the convolution's epilogue,
+/// or after it where it has none.
+fn conv_nhwc(conv: &Conv2d, xs: &Tensor, activation: Option<Activation>) -> Result<Tensor> {
+    match activation {
+        None => conv.forward_channels_last(xs, None, Epilogue::None),
+        Some(act) => match act.epilogue() {
+            Some(epilogue) => conv.forward_channels_last(xs, None, epilogue),
+            None => act.apply(&conv.forward_channels_last(xs, None, Epilogue::None)?),
+        },
+    }
+}
+
+/// Nearest-neighbour upsampling of (batch, height, width, channels) by `factor`: each pixel
+/// broadcast over a factor x factor patch, one copy.
+fn upsample_nearest_nhwc(xs: &Tensor, factor: usize) -> Result<Tensor> {
+    let (n, h, w, c) = xs.dims4()?;
+    xs.reshape((n, h, 1, w, 1, c))?.broadcast_as((n, h, factor, w, factor, c))?.contiguous()?.reshape((
+        n,
+        h * factor,
+        w * factor,
+        c,
+    ))
 }
 
 fn conv3x3(vb: VarBuilder, in_channels: usize, out_channels: usize) -> Result<Conv2d> {
@@ -224,33 +262,75 @@ impl TinyBlock {
         // Convolution, bias and skip connection: one epilogue on CUDA.
         third.forward_add(&h, None, Some(&skip))?.relu()
     }
+
+    /// [`Self::forward`] on (batch, height, width, channels).
+    fn forward_nhwc(&self, xs: &Tensor) -> Result<Tensor> {
+        let [first, second, third] = &self.convs;
+        let h = conv_nhwc(first, xs, Some(self.act))?;
+        let h = conv_nhwc(second, &h, Some(self.act))?;
+        let skip = match &self.skip {
+            Some(conv) => conv.forward_channels_last(xs, None, Epilogue::None)?,
+            None => xs.clone(),
+        };
+        third.forward_channels_last(&h, Some(&skip), Epilogue::Relu)
+    }
+
+    fn to_channels_last(self) -> Result<Self> {
+        let [first, second, third] = self.convs;
+        Ok(Self {
+            convs: [first.to_channels_last()?, second.to_channels_last()?, third.to_channels_last()?],
+            skip: self.skip.map(Conv2d::to_channels_last).transpose()?,
+            act: self.act,
+        })
+    }
 }
 
-/// A step of `EncoderTiny` / `DecoderTiny`'s `nn.Sequential`.
+/// A step of `EncoderTiny` / `DecoderTiny`'s `nn.Sequential` (a convolution and the
+/// activation layer after it are one step).
 #[derive(Debug)]
 enum Layer {
-    Conv(Conv2d),
+    Conv(Conv2d, Option<Activation>),
     Block(TinyBlock),
-    Act(Activation),
     Upsample(usize),
 }
 
 impl Layer {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         match self {
-            Self::Conv(conv) => conv.forward(xs),
+            Self::Conv(conv, None) => conv.forward(xs),
+            Self::Conv(conv, Some(act)) => act.apply(&conv.forward(xs)?),
             Self::Block(block) => block.forward(xs),
-            Self::Act(act) => act.apply(xs),
             Self::Upsample(factor) => {
                 let (_, _, h, w) = xs.dims4()?;
                 xs.upsample_nearest2d(h * factor, w * factor)
             }
         }
     }
+
+    /// [`Self::forward`] on (batch, height, width, channels), after [`Self::to_channels_last`].
+    fn forward_nhwc(&self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Conv(conv, act) => conv_nhwc(conv, xs, *act),
+            Self::Block(block) => block.forward_nhwc(xs),
+            Self::Upsample(factor) => upsample_nearest_nhwc(xs, *factor),
+        }
+    }
+
+    fn to_channels_last(self) -> Result<Self> {
+        Ok(match self {
+            Self::Conv(conv, act) => Self::Conv(conv.to_channels_last()?, act),
+            Self::Block(block) => Self::Block(block.to_channels_last()?),
+            Self::Upsample(factor) => Self::Upsample(factor),
+        })
+    }
 }
 
-fn run_layers(layers: &[Layer], xs: &Tensor) -> Result<Tensor> {
-    layers.iter().try_fold(xs.clone(), |xs, layer| layer.forward(&xs))
+/// The layers on `xs`: NCHW, or NHWC when `channels_last` (filters converted).
+fn run_layers(layers: &[Layer], xs: &Tensor, channels_last: bool) -> Result<Tensor> {
+    layers.iter().try_fold(xs.clone(), |xs, layer| match channels_last {
+        true => layer.forward_nhwc(&xs),
+        false => layer.forward(&xs),
+    })
 }
 
 /// `EncoderTiny`'s layers; `vb` is the encoder's `layers` (indices as in the Sequential).
@@ -259,38 +339,45 @@ fn encoder_layers(vb: VarBuilder, config: &AutoencoderTinyConfig, act: Activatio
     let channels = &config.encoder_block_out_channels;
     for (stage, (&width, &blocks)) in channels.iter().zip(&config.num_encoder_blocks).enumerate() {
         let conv = vb.pp(layers.len());
-        layers.push(Layer::Conv(if stage == 0 {
+        let conv = if stage == 0 {
             conv3x3(conv, config.in_channels, width)?
         } else {
             Conv2d::without_bias(conv, width, width, 3, 1, 2)?
-        }));
+        };
+        layers.push(Layer::Conv(conv, None));
         for _ in 0..blocks {
             layers.push(Layer::Block(TinyBlock::new(vb.pp(layers.len()), width, width, act)?));
         }
     }
     let last = *channels.last().expect("checked non-empty");
-    layers.push(Layer::Conv(conv3x3(vb.pp(layers.len()), last, config.latent_channels)?));
+    layers.push(Layer::Conv(conv3x3(vb.pp(layers.len()), last, config.latent_channels)?, None));
     Ok(layers)
 }
 
 /// `DecoderTiny`'s layers; `vb` is the decoder's `layers`.
 fn decoder_layers(vb: VarBuilder, config: &AutoencoderTinyConfig, act: Activation) -> Result<Vec<Layer>> {
     let channels = &config.decoder_block_out_channels;
-    let mut layers = vec![Layer::Conv(conv3x3(vb.pp(0), config.latent_channels, channels[0])?), Layer::Act(act)];
+    // The Sequential's indices: the first convolution is 0 and its activation 1.
+    let mut layers = vec![Layer::Conv(conv3x3(vb.pp(0), config.latent_channels, channels[0])?, Some(act))];
+    let mut index = 2;
     for (stage, (&width, &blocks)) in channels.iter().zip(&config.num_decoder_blocks).enumerate() {
         let last_stage = stage + 1 == channels.len();
         for _ in 0..blocks {
-            layers.push(Layer::Block(TinyBlock::new(vb.pp(layers.len()), width, width, act)?));
+            layers.push(Layer::Block(TinyBlock::new(vb.pp(index), width, width, act)?));
+            index += 1;
         }
         if !last_stage {
             layers.push(Layer::Upsample(config.upsampling_scaling_factor));
+            index += 1;
         }
-        let conv = vb.pp(layers.len());
-        layers.push(Layer::Conv(if last_stage {
+        let conv = vb.pp(index);
+        let conv = if last_stage {
             conv3x3(conv, width, config.out_channels)?
         } else {
             Conv2d::without_bias(conv, width, width, 3, 1, 1)?
-        }));
+        };
+        layers.push(Layer::Conv(conv, None));
+        index += 1;
     }
     Ok(layers)
 }
@@ -301,6 +388,9 @@ pub struct AutoencoderTiny {
     encoder: Vec<Layer>,
     decoder: Vec<Layer>,
     config: AutoencoderTinyConfig,
+    /// Filters stored channels-last; activations NHWC between the input's and the output's
+    /// transposes.
+    channels_last: bool,
 }
 
 impl AutoencoderTiny {
@@ -308,11 +398,31 @@ impl AutoencoderTiny {
         let _span = tracing::info_span!("vae-tiny-load").entered();
         config.check()?;
         let act = Activation::parse(&config.act_fn)?;
-        Ok(Self {
+        let model = Self {
             encoder: encoder_layers(vb.pp("encoder").pp("layers"), config, act)?,
             decoder: decoder_layers(vb.pp("decoder").pp("layers"), config, act)?,
             config: config.clone(),
-        })
+            channels_last: false,
+        };
+        if channels_last::wanted_for_frame_stages(vb.device(), vb.dtype()) {
+            model.to_channels_last()
+        } else {
+            Ok(model)
+        }
+    }
+
+    /// The same model computing channels-last (what [`Self::new`] builds on CUDA in f16/bf16;
+    /// elsewhere the same values through transposed copies, for tests).
+    pub fn to_channels_last(self) -> Result<Self> {
+        if self.channels_last {
+            return Ok(self);
+        }
+        let convert = |layers: Vec<Layer>| layers.into_iter().map(Layer::to_channels_last).collect::<Result<Vec<_>>>();
+        Ok(Self { encoder: convert(self.encoder)?, decoder: convert(self.decoder)?, channels_last: true, ..self })
+    }
+
+    pub fn is_channels_last(&self) -> bool {
+        self.channels_last
     }
 
     pub fn config(&self) -> &AutoencoderTinyConfig {
@@ -328,7 +438,11 @@ impl AutoencoderTiny {
     pub fn encode(&self, image: &Tensor) -> Result<Tensor> {
         check_nchw("encode", image, self.config.in_channels)?;
         // [-1, 1] -> [0, 1]: (x + 1) / 2.
-        run_layers(&self.encoder, &image.affine(0.5, 0.5)?)
+        let unit = image.affine(0.5, 0.5)?;
+        if !self.channels_last {
+            return run_layers(&self.encoder, &unit, false);
+        }
+        run_layers(&self.encoder, &unit.permute((0, 2, 3, 1))?, true)?.permute((0, 3, 1, 2))?.contiguous()
     }
 
     /// Decodes (unscaled) latents to images in about [-1, 1].
@@ -336,8 +450,12 @@ impl AutoencoderTiny {
         check_nchw("decode", latents, self.config.latent_channels)?;
         // The soft clamp: tanh(x / 3) * 3.
         let xs = (latents / 3.0)?.tanh()?.affine(3.0, 0.0)?;
-        // [0, 1] -> [-1, 1].
-        run_layers(&self.decoder, &xs)?.affine(2.0, -1.0)
+        let image = match self.channels_last {
+            false => run_layers(&self.decoder, &xs, false)?,
+            true => run_layers(&self.decoder, &xs.permute((0, 2, 3, 1))?, true)?.permute((0, 3, 1, 2))?,
+        };
+        // [0, 1] -> [-1, 1] (and the transposed view made contiguous).
+        image.affine(2.0, -1.0)
     }
 
     /// diffusers' `scale_latents`: raw latents to [0, 1] (`x / (2 * latent_magnitude) +

@@ -32,6 +32,13 @@ pub fn wanted(device: &Device, dtype: DType) -> bool {
         && super::switches::switches().channels_last
 }
 
+/// Whether a model's frame stages on `device` in `dtype` (the tiny VAE, the ControlNet's
+/// control-image embedding) load their filters channels-last and run NHWC from input to output:
+/// as [`wanted`], unless `SDCROSSFRAME_CHANNELS_LAST=resnets`.
+pub fn wanted_for_frame_stages(device: &Device, dtype: DType) -> bool {
+    wanted(device, dtype) && super::switches::switches().channels_last_stages
+}
+
 /// The layout of [`group_norm_silu`]'s input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InputLayout {

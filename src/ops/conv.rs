@@ -18,7 +18,11 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
-use super::fused;
+use super::fused::{self, Epilogue};
+
+/// cuDNN's tensor-core kernels for f16/bf16 NHWC data want channel counts in multiples of 8: a
+/// channels-last filter with fewer (an RGB image's 3, a latent's 4) is padded with zeros to this.
+const NHWC_CHANNEL_MULTIPLE: usize = 8;
 
 #[derive(Debug, Clone)]
 pub struct Conv2d {
@@ -28,8 +32,11 @@ pub struct Conv2d {
     padding: usize,
     stride: usize,
     /// The filter is stored channels-last for [`Self::convolve_channels_last`] (cuDNN takes NHWC
-    /// activations only with an NHWC filter).
+    /// activations only with an NHWC filter), its channel counts padded with zeros to multiples
+    /// of [`NHWC_CHANNEL_MULTIPLE`].
     channels_last: bool,
+    /// (out_channels, in_channels) of the model's convolution (the stored filter may be padded).
+    channels: (usize, usize),
 }
 
 impl Conv2d {
@@ -56,7 +63,7 @@ impl Conv2d {
         stride: usize,
     ) -> Result<Self> {
         let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
-        Ok(Self { weight, bias: None, padding, stride, channels_last: false })
+        Ok(Self { weight, bias: None, padding, stride, channels_last: false, channels: (out_channels, in_channels) })
     }
 
     /// Padding `(kernel - 1) / 2`: odd kernels keep the size (at stride 1).
@@ -66,30 +73,78 @@ impl Conv2d {
 
     /// The filter as (out, in, kh, kw) (a strided view for a channels-last one).
     pub fn weight(&self) -> Result<Tensor> {
-        if self.channels_last { self.weight.permute((0, 3, 1, 2)) } else { Ok(self.weight.clone()) }
+        if !self.channels_last {
+            return Ok(self.weight.clone());
+        }
+        let (out, input) = self.channels;
+        self.weight.narrow(0, 0, out)?.narrow(3, 0, input)?.permute((0, 3, 1, 2))
     }
 
-    /// The same convolution with its filter stored channels-last, (out, kh, kw, in), for
-    /// [`Self::convolve_channels_last`]; the NCHW entry points still work (through a transposed
-    /// view of the filter, slower).
+    /// The same convolution with its filter stored channels-last, (out, kh, kw, in) with both
+    /// channel counts padded with zeros to multiples of 8, for [`Self::convolve_channels_last`];
+    /// the NCHW entry points still work (through a transposed view of the filter, slower).
     pub fn to_channels_last(self) -> Result<Self> {
         if self.channels_last {
             return Ok(self);
         }
-        let weight = self.weight.permute((0, 2, 3, 1))?.contiguous()?;
+        let (out, input) = self.channels;
+        let weight = self
+            .weight
+            .permute((0, 2, 3, 1))?
+            .pad_with_zeros(0, 0, out.next_multiple_of(NHWC_CHANNEL_MULTIPLE) - out)?
+            .pad_with_zeros(3, 0, input.next_multiple_of(NHWC_CHANNEL_MULTIPLE) - input)?
+            .contiguous()?;
         Ok(Self { weight, channels_last: true, ..self })
+    }
+
+    /// `activation(convolution + bias + residual)` of `xs` (batch, height, width, in_channels)
+    /// as (batch, out_height, out_width, out_channels), for a filter stored by
+    /// [`Self::to_channels_last`]: cuDNN's NHWC convolution, then one pass for the rest on CUDA
+    /// (no transposes on the way, as cuDNN makes for NCHW data).
+    pub fn forward_channels_last(
+        &self,
+        xs: &Tensor,
+        residual: Option<&Tensor>,
+        activation: Epilogue,
+    ) -> Result<Tensor> {
+        let ys = self.convolve_channels_last_stored(xs)?;
+        let out = self.channels.0;
+        let extra = ys.dim(3)? - out;
+        if extra == 0 || residual.is_some() {
+            let ys = if extra == 0 { ys } else { ys.narrow(3, 0, out)? };
+            return fused::add_feature_bias_activate(&ys, self.bias.as_ref(), residual, activation);
+        }
+        // A filter padded to more outputs (an image's 3 channels, a latent's 4): the epilogue on
+        // the padded rows (whole 16-byte words, where 3 or 4 values a row would leave the
+        // kernel's threads idle), then the model's channels.
+        let bias = self.bias.as_ref().map(|b| b.pad_with_zeros(0, 0, extra)).transpose()?;
+        fused::add_feature_bias_activate(&ys, bias.as_ref(), None, activation)?.narrow(3, 0, out)
     }
 
     /// The convolution without its bias of `xs` (batch, height, width, in_channels), as (batch,
     /// out_height, out_width, out_channels): cuDNN with NHWC activations and filter, for a
     /// filter stored by [`Self::to_channels_last`].
     pub fn convolve_channels_last(&self, xs: &Tensor) -> Result<Tensor> {
+        let ys = self.convolve_channels_last_stored(xs)?;
+        let out = self.channels.0;
+        if ys.dim(3)? == out { Ok(ys) } else { ys.narrow(3, 0, out) }
+    }
+
+    /// [`Self::convolve_channels_last`] with as many output channels as the stored filter (on
+    /// cuDNN padded to a multiple of 8, the padding's values zero).
+    fn convolve_channels_last_stored(&self, xs: &Tensor) -> Result<Tensor> {
         if !self.channels_last {
             candle_core::bail!("channels-last convolution: the filter is not stored channels-last");
         }
         #[cfg(feature = "cudnn")]
         if xs.device().is_cuda() && matches!(xs.dtype(), candle_core::DType::F16 | candle_core::DType::BF16) {
-            return cudnn::conv2d_channels_last(xs, &self.weight, self.padding, self.stride);
+            let (input, stored_in) = (self.channels.1, self.weight.dim(3)?);
+            let xs = match xs.dim(3)? {
+                c if c == stored_in => xs.clone(),
+                c if c == input => xs.contiguous()?.pad_with_zeros(3, 0, stored_in - input)?,
+                c => candle_core::bail!("channels-last convolution: {c} input channels, the filter takes {input}"),
+            };
+            return cudnn::conv2d_channels_last(&xs, &self.weight, self.padding, self.stride);
         }
         // Elsewhere (tests): the NCHW convolution between two transposes.
         let nchw = xs.permute((0, 3, 1, 2))?.contiguous()?;
@@ -105,6 +160,7 @@ impl Conv2d {
             padding: self.padding,
             stride: self.stride,
             channels_last: self.channels_last,
+            channels: self.channels,
         })
     }
 
@@ -129,8 +185,10 @@ impl Conv2d {
     /// The weight of a pointwise convolution as an (out, in) matrix.
     fn pointwise_matrix(&self) -> Result<Tensor> {
         let dims = self.weight.dims();
-        // (out, 1, 1, in) when channels-last: the same matrix.
-        self.weight.reshape((dims[0], self.weight.elem_count() / dims[0]))
+        // (out, 1, 1, in) when channels-last: the same matrix, but for its padding.
+        let matrix = self.weight.reshape((dims[0], self.weight.elem_count() / dims[0]))?;
+        let (out, input) = self.channels;
+        if self.channels_last { matrix.narrow(0, 0, out)?.narrow(1, 0, input) } else { Ok(matrix) }
     }
 
     /// The convolution without the bias.
@@ -878,7 +936,12 @@ mod tests {
         let err = conv.convolve_channels_last(&xs).unwrap_err().to_string();
         assert!(err.contains("not stored channels-last"), "{err}");
         let cl = conv.to_channels_last().unwrap();
-        assert_eq!(cl.weight.dims(), &[4, 3, 3, 5]);
+        // Stored (out, kh, kw, in), both channel counts padded with zeros to 8.
+        assert_eq!(cl.weight.dims(), &[8, 3, 3, 8]);
+        assert_eq!(
+            cl.weight.narrow(0, 4, 4).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(),
+            0.0
+        );
         assert_eq!(cl.weight().unwrap().dims(), &[4, 5, 3, 3]);
         assert!(max_abs_diff(&cl.weight().unwrap(), &weight) == 0.0);
         assert!(max_abs_diff(&cl.forward(&xs).unwrap(), &expected) < 1e-6);
@@ -886,5 +949,14 @@ mod tests {
         let unbiased = cl.convolve(&xs).unwrap().permute((0, 2, 3, 1)).unwrap();
         assert_eq!(nhwc.dims(), &[2, 4, 3, 4]);
         assert!(max_abs_diff(&nhwc, &unbiased) < 1e-6);
+        // With bias, residual and activation: the NCHW convolution's values, channels-last.
+        let residual = Tensor::randn(0f32, 1.0, (2, 4, 3, 4), &dev).unwrap();
+        let biased_nhwc = expected.permute((0, 2, 3, 1)).unwrap();
+        let sum = (&biased_nhwc + &residual).unwrap();
+        let got =
+            cl.forward_channels_last(&xs.permute((0, 2, 3, 1)).unwrap(), Some(&residual), Epilogue::Relu).unwrap();
+        assert!(max_abs_diff(&got, &sum.relu().unwrap()) < 1e-6);
+        let got = cl.forward_channels_last(&xs.permute((0, 2, 3, 1)).unwrap(), None, Epilogue::Silu).unwrap();
+        assert!(max_abs_diff(&got, &candle_nn::ops::silu(&biased_nhwc).unwrap()) < 1e-6);
     }
 }

@@ -117,22 +117,81 @@ pub fn concat_channels(a: &Tensor, b: &Tensor, b_add: Option<&Tensor>) -> Result
     Tensor::cat(&[a, &b], 1)
 }
 
-/// `xs` (..., features) plus `bias` (features) on the last dim, then plus `residual`.
-pub fn add_feature_bias(xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+/// An activation applied in a bias add's pass, after the residual.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epilogue {
+    None,
+    Relu,
+    Silu,
+}
+
+impl Epilogue {
+    /// candle's op (off CUDA, and for the CPU reference of the kernels' geometry).
+    pub fn apply(self, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::None => Ok(xs.clone()),
+            Self::Relu => xs.relu(),
+            Self::Silu => candle_nn::ops::silu(xs),
+        }
+    }
+
+    fn apply_f32(self, y: f32) -> f32 {
+        match self {
+            Self::None => y,
+            Self::Relu => y.max(0.0),
+            Self::Silu => y / (1.0 + (-y).exp()),
+        }
+    }
+
+    /// `act` of `kernels/elementwise.cu`'s bias adds.
+    #[cfg_attr(not(sdcrossframe_elementwise_ptx), allow(dead_code))]
+    fn kernel_code(self) -> i32 {
+        match self {
+            Self::None => 0,
+            Self::Relu => 1,
+            Self::Silu => 2,
+        }
+    }
+}
+
+/// `activation(xs + bias + residual)` with `xs` (..., features), `bias` (features) on the last dim
+/// (or none) and `residual` of xs's shape: a channels-last convolution's epilogue, one pass on
+/// CUDA (off CUDA candle's broadcast add, add and activation).
+pub fn add_feature_bias_activate(
+    xs: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    activation: Epilogue,
+) -> Result<Tensor> {
     let features = xs.dim(D::Minus1)?;
-    if bias.dims() != [features] {
-        candle_core::bail!("feature bias: a bias of {:?} does not fit {:?}", bias.dims(), xs.dims());
+    if let Some(b) = bias
+        && b.dims() != [features]
+    {
+        candle_core::bail!("feature bias: a bias of {:?} does not fit {:?}", b.dims(), xs.dims());
     }
     check_residual(xs, residual)?;
     if applies(xs) {
-        let op = BiasAdd { per_column: true, ..BiasAdd::rows(xs.elem_count() / features.max(1), features, features) };
-        return op.run(xs, Some(bias), residual);
+        let op = BiasAdd {
+            per_column: true,
+            activation,
+            ..BiasAdd::rows(xs.elem_count() / features.max(1), features, features)
+        };
+        return op.run(xs, bias, residual);
     }
-    let ys = xs.broadcast_add(bias)?;
-    match residual {
-        Some(r) => ys + r,
-        None => Ok(ys),
-    }
+    let ys = match bias {
+        Some(b) => xs.broadcast_add(b)?,
+        None => xs.clone(),
+    };
+    let ys = match residual {
+        Some(r) => (ys + r)?,
+        None => ys,
+    };
+    activation.apply(&ys)
+}
+
+/// `xs` (..., features) plus `bias` (features) on the last dim, then plus `residual`.
+pub fn add_feature_bias(xs: &Tensor, bias: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+    add_feature_bias_activate(xs, Some(bias), residual, Epilogue::None)
 }
 
 fn check_residual(xs: &Tensor, residual: Option<&Tensor>) -> Result<()> {
@@ -280,12 +339,14 @@ struct BiasAdd {
     scale: f32,
     /// Whether the op's second input is a bias (else it is the residual: an op without bias).
     with_bias: bool,
+    /// Applied last, after the residual.
+    activation: Epilogue,
 }
 
 impl BiasAdd {
-    /// A bias by `row % groups`, scale 1.
+    /// A bias by `row % groups`, scale 1, no activation.
     fn rows(rows: usize, cols: usize, groups: usize) -> Self {
-        Self { per_column: false, rows, cols, groups, scale: 1.0, with_bias: true }
+        Self { per_column: false, rows, cols, groups, scale: 1.0, with_bias: true, activation: Epilogue::None }
     }
 
     fn run(self, xs: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>) -> Result<Tensor> {
@@ -295,7 +356,7 @@ impl BiasAdd {
             (Some(b), Some(r)) => xs.apply_op3_no_bwd(&same(b)?, &same(r)?, &self),
             (Some(b), None) => xs.apply_op2_no_bwd(&same(b)?, &self),
             (None, Some(r)) => xs.apply_op2_no_bwd(&same(r)?, &Self { with_bias: false, ..self }),
-            (None, None) => xs.affine(f64::from(self.scale), 0.0),
+            (None, None) => self.activation.apply(&xs.affine(f64::from(self.scale), 0.0)?),
         }
     }
 }
@@ -422,7 +483,7 @@ impl BiasAdd {
                     Some(b) => b[row % self.groups],
                     None => 0.0,
                 };
-                (v + bias) * self.scale + r.as_ref().map_or(0.0, |r| r[i])
+                self.activation.apply_f32((v + bias) * self.scale + r.as_ref().map_or(0.0, |r| r[i]))
             })
             .collect();
         cpu_from_f32(out, x.0.dtype(), "bias add")
@@ -698,7 +759,8 @@ mod cuda {
                 Some(r) => builder.arg(r),
                 None => builder.arg(&null),
             };
-            builder.arg(&out).arg(&rows).arg(&cols).arg(&groups).arg(&op.scale).arg(&vec);
+            let act = op.activation.kernel_code();
+            builder.arg(&out).arg(&rows).arg(&cols).arg(&groups).arg(&op.scale).arg(&vec).arg(&act);
             // SAFETY: argument types and order match bias_add_*; sizes checked above.
             unsafe { builder.launch(config(op.rows, op.cols, vec_width, vec != 0)) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
@@ -850,6 +912,27 @@ mod tests {
         assert!(max_abs_diff(&scaled.run(&x, Some(&channel), None).unwrap(), &expected) < 1e-6);
         let expected = (&x + &residual).unwrap();
         assert!(max_abs_diff(&rows.run(&x, None, Some(&residual)).unwrap(), &expected) < 1e-6);
+        // Activations after the residual (a channels-last convolution's epilogue): the op's
+        // geometry, and the public function off CUDA, against candle's ops.
+        let nhwc = randn(&[2, 3, 5, 6]);
+        let skip = randn(&[2, 3, 5, 6]);
+        let sum = (nhwc.broadcast_add(&channel).unwrap() + &skip).unwrap();
+        for (activation, expected) in [
+            (Epilogue::Relu, sum.relu().unwrap()),
+            (Epilogue::Silu, candle_nn::ops::silu(&sum).unwrap()),
+            (Epilogue::None, sum.clone()),
+        ] {
+            let op = BiasAdd { activation, ..BiasAdd { per_column: true, ..BiasAdd::rows(30, 6, 6) } };
+            let got = op.run(&nhwc, Some(&channel), Some(&skip)).unwrap();
+            assert!(max_abs_diff(&got, &expected) < 1e-6, "{activation:?}");
+            let public = add_feature_bias_activate(&nhwc, Some(&channel), Some(&skip), activation).unwrap();
+            assert!(max_abs_diff(&public, &expected) < 1e-6, "{activation:?}");
+        }
+        assert!(sum.relu().unwrap().min_all().unwrap().to_scalar::<f32>().unwrap() == 0.0, "the ReLU case must clip");
+        let relu_only = BiasAdd { activation: Epilogue::Relu, ..rows }.run(&x, None, None).unwrap();
+        assert!(max_abs_diff(&relu_only, &x.relu().unwrap()) < 1e-6);
+        let err = add_feature_bias_activate(&nhwc, Some(&randn(&[5])), None, Epilogue::Relu).unwrap_err().to_string();
+        assert!(err.contains("does not fit"), "{err}");
     }
 
     /// The concat op's geometry against candle's add and cat.

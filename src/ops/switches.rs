@@ -69,9 +69,13 @@ pub struct Switches {
     /// image's embedding, the scaling back and the download on a second CUDA stream beside
     /// the UNet's.
     pub vae_stream: bool,
-    /// `SDCROSSFRAME_CHANNELS_LAST=on|off`: resnet blocks with time embeddings (the UNet's and
-    /// the ControlNet's) run channels-last between their convolutions ([`super::channels_last`]).
+    /// `SDCROSSFRAME_CHANNELS_LAST=on|resnets|off`: resnet blocks with time embeddings (the
+    /// UNet's and the ControlNet's) run channels-last between their convolutions
+    /// ([`super::channels_last`]).
     pub channels_last: bool,
+    /// `SDCROSSFRAME_CHANNELS_LAST=on` (not `resnets`): the tiny VAE and the control image's
+    /// embedding run channels-last from their input to their output.
+    pub channels_last_stages: bool,
     /// `SDCROSSFRAME_BATCHED_DECODE=on|off`: sessions with cross-stream batching decode their
     /// frames through the batcher, the frames of the streams that finish together in one VAE
     /// call (the default of `SessionConfig::batch_decodes`; on the CPU too). Off until measured.
@@ -114,7 +118,13 @@ impl Switches {
             flash_warps: parse(&lookup, FLASH_WARPS, &[("auto", None), ("4", Some(4)), ("8", Some(8))], None),
             conv_plans: parse_conv_plans(lookup(CONV_PLANS)),
             vae_stream: parse(&lookup, VAE_STREAM, &on_off, true),
-            channels_last: parse(&lookup, CHANNELS_LAST, &on_off, true),
+            channels_last: parse(&lookup, CHANNELS_LAST, &[("on", true), ("resnets", true), ("off", false)], true),
+            channels_last_stages: parse(
+                &lookup,
+                CHANNELS_LAST,
+                &[("on", true), ("resnets", false), ("off", false)],
+                true,
+            ),
             batched_decode: parse(&lookup, BATCHED_DECODE, &on_off, false),
         }
     }
@@ -185,6 +195,7 @@ mod tests {
                 conv_plans: ConvPlans::CacheDir,
                 vae_stream: true,
                 channels_last: true,
+                channels_last_stages: true,
                 batched_decode: false,
             }
         );
@@ -206,9 +217,11 @@ mod tests {
             (BATCHED_DECODE, " On "),
         ]);
         assert!(!s.fused_attention && !s.fused_group_norm && !s.fused_epilogues && !s.cuda_graphs && !s.vae_stream);
-        assert!(!s.channels_last && s.batched_decode);
+        assert!(!s.channels_last && !s.channels_last_stages && s.batched_decode);
         assert_eq!((s.conv, s.flash_warps), (ConvChoice::Cudnn, Some(8)));
         assert_eq!(s.conv_plans, ConvPlans::File(PathBuf::from("/tmp/plans.txt")));
+        let s = from(&[(CHANNELS_LAST, " Resnets ")]);
+        assert!(s.channels_last && !s.channels_last_stages);
         let s = from(&[(ATTENTION, "fused"), (FUSED, "on"), (CONV, "im2col"), (FLASH_WARPS, "4"), (CUDA_GRAPHS, "on")]);
         assert!(s.fused_attention && s.fused_epilogues && s.cuda_graphs);
         assert_eq!((s.conv, s.flash_warps), (ConvChoice::Im2col, Some(4)));
