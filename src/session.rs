@@ -111,10 +111,6 @@ pub struct SessionConfig {
     /// partners at most as long as this says; calls that share a step plan run as one UNet
     /// call. `None`: the session's calls run on their own.
     pub batch_timeout: Option<BatchTimeout>,
-    /// With cross-stream batching, sequential frames are decoded through the batcher too: the
-    /// frames of the sessions that finish in the same round in one VAE call (see
-    /// [`crate::pipeline::Membership::decode`]). Default: `SDCROSSFRAME_BATCHED_DECODE` (off).
-    pub batch_decodes: bool,
 }
 
 impl Default for SessionConfig {
@@ -133,7 +129,6 @@ impl Default for SessionConfig {
             skip_similarity: 0.0,
             max_skip: 10,
             batch_timeout: None,
-            batch_decodes: crate::ops::switches::switches().batched_decode,
         }
     }
 }
@@ -1171,9 +1166,6 @@ impl VideoSession {
             },
         )?;
         self.shared_calls += shared_calls;
-        if self.config.batch_decodes {
-            return membership.decode(models, frame, timeout);
-        }
         self.decode_now(frame)
     }
 

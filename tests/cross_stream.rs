@@ -15,7 +15,7 @@ use candle_core::{DType, Device};
 use common::*;
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope, StoreLocation};
 use sdcrossframe::frame::RgbFrame;
-use sdcrossframe::pipeline::{BatchTimeout, BatcherStats, FrameSettings, SizeRequest, Stylizer, registry};
+use sdcrossframe::pipeline::{BatchTimeout, FrameSettings, SizeRequest, Stylizer, registry};
 use sdcrossframe::session::{SessionConfig, StylizedFrame, VideoSession};
 
 /// Each stream against itself alone, per pixel in [0, 1] (the bound).
@@ -116,17 +116,11 @@ fn run(mut session: VideoSession, stream: &Stream) -> Run {
 /// Runs the streams on threads of their own through one shared copy of the models (loaded
 /// once), and each alone; checks each stream against itself alone. Returns the shared runs.
 fn check(label: &str, streams: &[Stream]) -> Vec<Run> {
-    check_with_stats(label, streams).0
-}
-
-/// [`check`], with the batcher's counts of the shared runs.
-fn check_with_stats(label: &str, streams: &[Stream]) -> (Vec<Run>, BatcherStats) {
     let _serial = serial();
     let loads = registry::loads();
     let stylizers: Vec<Stylizer> =
         streams.iter().map(|_| Stylizer::load_shared(&tiny_spec(), &Device::Cpu, DType::F32, "").unwrap()).collect();
     assert_eq!(registry::loads() - loads, 1, "{label}: the streams' model is loaded once");
-    let models = stylizers[0].shared().clone();
     let alone: Vec<Run> = streams.iter().zip(&stylizers).map(|(s, st)| run(session(st.share(), s, None), s)).collect();
     // Every session exists before any frame goes in, so that the streams meet from the first call.
     let sessions: Vec<VideoSession> =
@@ -173,8 +167,7 @@ fn check_with_stats(label: &str, streams: &[Stream]) -> (Vec<Run>, BatcherStats)
         assert_eq!(got.store_held_bytes, held, "{label} stream {i}: the store holds only its entries");
         assert_eq!(want.store_held_bytes, held, "{label} stream {i} alone: the store holds only its entries");
     }
-    let stats = models.batcher().stats();
-    (together, stats)
+    together
 }
 
 #[test]
@@ -186,24 +179,6 @@ fn two_streams_share_calls_and_give_what_each_gives_alone() {
     for run in &runs {
         assert!(run.shared_per_frame.iter().all(|&n| n == 3), "shared calls per frame {:?}", run.shared_per_frame);
     }
-}
-
-#[test]
-fn decodings_of_streams_that_finish_together_are_shared_and_give_what_each_gives_alone() {
-    let mut a = Stream::new(AttentionMode::FirstPrev, "a watercolor painting", false).with_scene_cut(3);
-    let mut b = Stream::new(AttentionMode::Prev, "a charcoal drawing of a city", false);
-    let mut c = Stream::new(AttentionMode::First, "a pencil sketch", false);
-    c.config.size = SizeRequest::exact(64, 48);
-    for stream in [&mut a, &mut b, &mut c] {
-        stream.config.batch_decodes = true;
-    }
-    let (runs, stats) = check_with_stats("decodings through the batcher", &[a, b, c]);
-    let frames: usize = runs.iter().map(|r| r.frames.len()).sum();
-    println!("decodings through the batcher: {stats:?}");
-    // Every frame is decoded through the batcher; a and b (one size) share decodings, c (another
-    // size) never shares one, so at most two frames go into a decoding.
-    assert!(stats.shared_decodes > 0, "no decoding held two streams' frames: {stats:?}");
-    assert_eq!(stats.decodes + stats.shared_decodes, frames as u64, "{stats:?}");
 }
 
 #[test]

@@ -115,13 +115,12 @@ fn gpu_matches_cpu_with_the_tiny_vae() {
 fn two_streams_on_threads(
     batch_timeout: Option<sdcrossframe::pipeline::BatchTimeout>,
 ) -> (Vec<Vec<Tensor>>, Vec<(Vec<Tensor>, u64)>, Stylizer) {
-    two_streams_stored(batch_timeout, StoreLocation::Device, false)
+    two_streams_stored(batch_timeout, StoreLocation::Device)
 }
 
 fn two_streams_stored(
     batch_timeout: Option<sdcrossframe::pipeline::BatchTimeout>,
     store: StoreLocation,
-    batch_decodes: bool,
 ) -> (Vec<Vec<Tensor>>, Vec<(Vec<Tensor>, u64)>, Stylizer) {
     use sdcrossframe::pipeline::FrameSettings;
     let gpu = Device::new_cuda(0).expect("a CUDA device");
@@ -147,7 +146,7 @@ fn two_streams_stored(
         .iter()
         .map(|p| run(VideoSession::new(stylizer.share(), config.clone(), settings(p)).unwrap(), &gpu))
         .collect();
-    let together_config = SessionConfig { batch_timeout, batch_decodes, ..config.clone() };
+    let together_config = SessionConfig { batch_timeout, ..config.clone() };
     let sessions: Vec<VideoSession> = prompts
         .iter()
         .map(|p| VideoSession::new(stylizer.share(), together_config.clone(), settings(p)).unwrap())
@@ -220,7 +219,7 @@ fn cross_stream_calls_run_from_cuda_graphs() {
 /// stream shared calls, and (graphs on) the shared calls were captured and replayed.
 fn check_cross_stream_calls(label: &str, store: StoreLocation) {
     let timeout = sdcrossframe::pipeline::BatchTimeout::Fixed(std::time::Duration::from_secs(20));
-    let (alone, together, stylizer) = two_streams_stored(Some(timeout), store, false);
+    let (alone, together, stylizer) = two_streams_stored(Some(timeout), store);
     let (stats, error) = stylizer.img2img().cross_stream_graph_stats();
     println!("{label} calls: {stats:?}");
     let worst = per_frame_check(&format!("{label}:"), &alone, &together);
@@ -232,19 +231,6 @@ fn check_cross_stream_calls(label: &str, store: StoreLocation) {
             "{label}: calls did not run from CUDA graphs: {stats:?}, capture error: {error:?}"
         );
     }
-}
-
-/// Batched decodings (`SessionConfig::batch_decodes`): the two streams' frames are decoded in
-/// one VAE call on the batcher's thread and stream; each stream gets what it gets alone.
-#[test]
-fn cross_stream_decodings_give_each_stream_its_frames() {
-    let timeout = sdcrossframe::pipeline::BatchTimeout::Fixed(std::time::Duration::from_secs(20));
-    let (alone, together, stylizer) = two_streams_stored(Some(timeout), StoreLocation::Device, true);
-    let stats = stylizer.shared().batcher().stats();
-    println!("batched decodings: {stats:?}");
-    let worst = per_frame_check("batched decodings:", &alone, &together);
-    assert!(stats.shared_decodes > 0, "no decoding held both streams' frames: {stats:?}");
-    assert!(worst < 1e-4, "batched decodings differ from alone by {worst:.2e}");
 }
 
 /// The cross-frame store on the host (`ops::offload`): its copies run on a stream of their own

@@ -118,14 +118,12 @@ pub fn run(cli: &Cli, args: &StreamsArgs, device: &Device, dtype: DType, probe: 
                 .map(|h| format!("{} graphs, {} signatures, {:.1} MiB", h.graphs, h.signatures, mib(h.buffer_bytes)))
                 .join(" / ");
             notes.push(format!(
-                "{count} {mode} (first model): calls eager/captured/replayed/failed: one frame {}, stream batch {}, cross-stream {}; batcher rounds' calls {} of which shared {}, decodings {} of which shared {}, frames that waited to start in step {}; memory at the end (GiB): tensors {:.2}, pool reserve {:.2}, CUDA graphs {:.2} (in use {:.2}); after trimming: pool reserve {:.2}, CUDA graphs {:.2}; cross-frame stores (all streams) {:.2} MiB holding {:.2} MiB; step graph buffers (one frame / stream batch / cross-stream): {holdings}",
+                "{count} {mode} (first model): calls eager/captured/replayed/failed: one frame {}, stream batch {}, cross-stream {}; batcher rounds' calls {} of which shared {}, frames that waited to start in step {}; memory at the end (GiB): tensors {:.2}, pool reserve {:.2}, CUDA graphs {:.2} (in use {:.2}); after trimming: pool reserve {:.2}, CUDA graphs {:.2}; cross-frame stores (all streams) {:.2} MiB holding {:.2} MiB; step graph buffers (one frame / stream batch / cross-stream): {holdings}",
                 show(img2img.graph_stats()),
                 show(img2img.stream_graph_stats()),
                 show(img2img.cross_stream_graph_stats()),
                 batcher.calls,
                 batcher.shared_calls,
-                batcher.decodes,
-                batcher.shared_decodes,
                 batcher.resyncs,
                 gib(outcome.breakdown.tensors),
                 gib(outcome.breakdown.pool_reserved),

@@ -285,7 +285,6 @@ fn stylize(args: StylizeArgs) -> Result<()> {
         max_skip: args.max_skip,
         // One stream: no other stream to batch with.
         batch_timeout: None,
-        batch_decodes: false,
     };
     let mut session = VideoSession::new(stylizer, config, settings)?;
     if let Some(noise) = noise_from_file {

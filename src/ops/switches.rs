@@ -1,9 +1,8 @@
 //! The `SDCROSSFRAME_*` environment switches of the GPU backend, read once per process and
 //! parsed one way: values are trimmed and compared without case; an unknown value is logged
 //! (variable, value, accepted values) and the default is used. DEVELOPERS.md ("GPU backend
-//! switches") lists them. They only change how CUDA runs (the CPU always takes the reference
-//! paths), except `SDCROSSFRAME_BATCHED_DECODE`, which changes how sessions with cross-stream
-//! batching decode on any device.
+//! switches") lists them. They only change how CUDA runs; the CPU always takes the reference
+//! paths.
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -18,7 +17,6 @@ pub const FLASH_WARPS: &str = "SDCROSSFRAME_FLASH_WARPS";
 pub const CONV_PLANS: &str = "SDCROSSFRAME_CONV_PLANS";
 pub const VAE_STREAM: &str = "SDCROSSFRAME_VAE_STREAM";
 pub const CHANNELS_LAST: &str = "SDCROSSFRAME_CHANNELS_LAST";
-pub const BATCHED_DECODE: &str = "SDCROSSFRAME_BATCHED_DECODE";
 
 /// Which convolutions the cuDNN build considers for f16/bf16 on CUDA (`SDCROSSFRAME_CONV`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,10 +74,6 @@ pub struct Switches {
     /// `SDCROSSFRAME_CHANNELS_LAST=on` (not `resnets`): the tiny VAE and the control image's
     /// embedding run channels-last from their input to their output.
     pub channels_last_stages: bool,
-    /// `SDCROSSFRAME_BATCHED_DECODE=on|off`: sessions with cross-stream batching decode their
-    /// frames through the batcher, the frames of the streams that finish together in one VAE
-    /// call (the default of `SessionConfig::batch_decodes`; on the CPU too). Off until measured.
-    pub batched_decode: bool,
 }
 
 impl Default for Switches {
@@ -125,7 +119,6 @@ impl Switches {
                 &[("on", true), ("resnets", false), ("off", false)],
                 true,
             ),
-            batched_decode: parse(&lookup, BATCHED_DECODE, &on_off, false),
         }
     }
 }
@@ -196,7 +189,6 @@ mod tests {
                 vae_stream: true,
                 channels_last: true,
                 channels_last_stages: true,
-                batched_decode: false,
             }
         );
         assert_eq!(s, Switches::default());
@@ -214,10 +206,9 @@ mod tests {
             (CONV_PLANS, " /tmp/plans.txt\n"),
             (VAE_STREAM, " Off "),
             (CHANNELS_LAST, "OFF"),
-            (BATCHED_DECODE, " On "),
         ]);
         assert!(!s.fused_attention && !s.fused_group_norm && !s.fused_epilogues && !s.cuda_graphs && !s.vae_stream);
-        assert!(!s.channels_last && !s.channels_last_stages && s.batched_decode);
+        assert!(!s.channels_last && !s.channels_last_stages);
         assert_eq!((s.conv, s.flash_warps), (ConvChoice::Cudnn, Some(8)));
         assert_eq!(s.conv_plans, ConvPlans::File(PathBuf::from("/tmp/plans.txt")));
         let s = from(&[(CHANNELS_LAST, " Resnets ")]);
@@ -242,7 +233,6 @@ mod tests {
             (FLASH_WARPS, "16"),
             (VAE_STREAM, "1"),
             (CHANNELS_LAST, "nhwc"),
-            (BATCHED_DECODE, "yes"),
         ]);
         assert_eq!(s, Switches::default());
     }

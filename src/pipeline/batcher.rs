@@ -27,12 +27,6 @@
 //! The streams then start their next frames in one round and stay in step. Stream batches
 //! (a call holds a frame at every step) have no frame boundary to meet at and never wait.
 //!
-//! Sessions with `batch_decodes` (`SDCROSSFRAME_BATCHED_DECODE=on`; off until measured) also
-//! bring their sequential frames' decodings here ([`Membership::decode`]): the frames of the
-//! streams that finish in the same round, with latents of one shape, are decoded in one VAE call
-//! ([`Img2Img::decode_frames`]) instead of one after another through the shared stage graphs. A
-//! decoding leaves the member's place in its frame as its last call left it (between frames).
-//!
 //! On CUDA each thread queues its work on a stream of its own that nothing orders with the
 //! others: a stream's inputs are fenced before the batcher's stream reads them, and the call's
 //! result before the stream's own stream uses it (or frees what the call read), all on the
@@ -49,7 +43,7 @@ use anyhow::{Result, anyhow};
 use candle_core::Tensor;
 
 use super::SharedModels;
-use super::img2img::{Call, DenoisingFrame, Img2Img, StepInputs};
+use super::img2img::{Call, Img2Img, StepInputs};
 use super::settings::FramePlan;
 use crate::cross_frame::{CrossFrameAttention, StreamsAttention};
 use crate::ops::step_graphs::Fence;
@@ -147,41 +141,6 @@ pub struct StepReply {
     done: Arc<Fence>,
 }
 
-/// What a stream brings to a round.
-enum Work {
-    Step(StepRequest),
-    /// A sequential frame whose steps are done: decoded with the frames of the other members
-    /// that finish in the same round, in one VAE call ([`Img2Img::decode_frames`]).
-    Decode(DenoisingFrame),
-}
-
-impl Work {
-    fn device(&self) -> &candle_core::Device {
-        match self {
-            Work::Step(request) => request.inputs.device(),
-            Work::Decode(frame) => frame.latents().device(),
-        }
-    }
-}
-
-/// Whether two denoising calls can run as one UNet call.
-fn steps_fit(a: &StepRequest, b: &StepRequest) -> bool {
-    a.inputs.plan == b.inputs.plan && a.inputs.controlnet_scale.to_bits() == b.inputs.controlnet_scale.to_bits()
-}
-
-/// Whether two frames can be decoded in one VAE call.
-fn decodes_fit(a: &DenoisingFrame, b: &DenoisingFrame) -> bool {
-    a.latents().dims() == b.latents().dims() && a.latents().dtype() == b.latents().dtype()
-}
-
-/// What a stream takes from a round.
-enum Answer {
-    Step(StepReply),
-    /// The decoded image (`[1, 3, H, W]` f32 in [0, 1]) and the call's work on the batcher's
-    /// stream.
-    Decode(Result<Tensor>, Arc<Fence>),
-}
-
 /// How many calls ran and how many of them held several streams.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct BatcherStats {
@@ -189,10 +148,6 @@ pub struct BatcherStats {
     pub shared_calls: u64,
     /// Frames whose first call waited for other streams to finish their frames (out of step).
     pub resyncs: u64,
-    /// VAE decodings through the batcher ([`Membership::decode`]), and of them those that held
-    /// the frames of several streams.
-    pub decodes: u64,
-    pub shared_decodes: u64,
 }
 
 /// Where a stream is in its frame (sequential calls only), for keeping streams in step.
@@ -231,10 +186,10 @@ impl Phase {
 struct Pending {
     member: u64,
     ticket: u64,
-    work: Work,
+    request: StepRequest,
     /// The stream's work up to its request (its inputs) on its own stream.
     ready: Fence,
-    reply: mpsc::Sender<Answer>,
+    reply: mpsc::Sender<StepReply>,
 }
 
 #[derive(Default)]
@@ -346,31 +301,31 @@ impl StreamBatcher {
         self.changed.notify_all();
     }
 
-    /// Runs `work`'s call, with the calls of other members that share its plan and are
+    /// Runs `request`'s call, with the calls of other members that share its plan and are
     /// ready within `timeout` (see the module docs). One round runs at a time: a stream that
     /// arrives while one runs waits for it to end and then leads (or joins) the next, so
     /// streams that start out of step fall into step.
-    fn run(&self, member: u64, models: &Arc<SharedModels>, work: Work, timeout: Duration) -> Result<Answer> {
+    fn run(
+        &self,
+        member: u64,
+        models: &Arc<SharedModels>,
+        request: StepRequest,
+        timeout: Duration,
+    ) -> Result<StepReply> {
         let (reply, answer) = mpsc::channel();
-        let device = work.device().clone();
+        let device = request.inputs.device().clone();
         let ready = Fence::recorded(&device)?;
         let ticket = self.next_ticket.fetch_add(1, Ordering::Relaxed);
         let poisoned = || anyhow!("the cross-stream batcher was poisoned by a panic");
-        let phase = match &work {
-            Work::Step(request) => Phase::of(&request.inputs),
-            Work::Decode(_) => None,
-        };
+        let phase = Phase::of(&request.inputs);
         let step = phase.as_ref().map(|p| p.step);
         let mut state = self.lock()?;
         let arrived = Instant::now();
         state.members.insert(member, arrived);
-        // A decoding leaves the member's place as its frame's last call left it.
-        if let Work::Step(_) = &work {
-            match &phase {
-                Some(phase) => state.phases.insert(member, phase.clone()),
-                None => state.phases.remove(&member),
-            };
-        }
+        match &phase {
+            Some(phase) => state.phases.insert(member, phase.clone()),
+            None => state.phases.remove(&member),
+        };
         // A patient leader also waits for members that are slower between calls.
         let window = ACTIVE_WINDOW.max(timeout);
         if let Some(phase) = phase.as_ref().filter(|p| p.step == 0) {
@@ -401,7 +356,7 @@ impl StreamBatcher {
                 );
             }
         }
-        state.pending.push(Pending { member, ticket, work, ready, reply });
+        state.pending.push(Pending { member, ticket, request, ready, reply });
         self.changed.notify_all();
         loop {
             if !state.pending.iter().any(|p| p.ticket == ticket) {
@@ -437,12 +392,8 @@ impl StreamBatcher {
             .execute(Box::new(move || {
                 let mut stats = BatcherStats::default();
                 for group in group_by_plan(round) {
-                    let (calls, shared) = match group.is_steps() {
-                        true => (&mut stats.calls, &mut stats.shared_calls),
-                        false => (&mut stats.decodes, &mut stats.shared_decodes),
-                    };
-                    *calls += 1;
-                    *shared += u64::from(group.len() > 1);
+                    stats.calls += 1;
+                    stats.shared_calls += u64::from(group.len() > 1);
                     run_group(models_for_round.img2img(), group);
                 }
                 // Before the leader hears of it: never the last holder of the models here.
@@ -463,8 +414,6 @@ impl StreamBatcher {
             if let Ok(stats) = &ran {
                 state.stats.calls += stats.calls;
                 state.stats.shared_calls += stats.shared_calls;
-                state.stats.decodes += stats.decodes;
-                state.stats.shared_decodes += stats.shared_decodes;
             }
         }
         self.changed.notify_all();
@@ -487,70 +436,24 @@ impl StreamBatcher {
     }
 }
 
-/// The answer, once the calling thread's stream waits for the call (on the device).
-fn fenced(answer: Answer, device: &candle_core::Device) -> Result<Answer> {
-    match &answer {
-        Answer::Step(reply) => reply.done.wait(device)?,
-        Answer::Decode(_, done) => done.wait(device)?,
-    }
-    Ok(answer)
+/// The reply, once the calling thread's stream waits for the call (on the device).
+fn fenced(reply: StepReply, device: &candle_core::Device) -> Result<StepReply> {
+    reply.done.wait(device)?;
+    Ok(reply)
 }
 
-/// A request's way back to its stream.
-struct Waiter {
-    /// The stream's work up to its request on its own stream.
-    ready: Fence,
-    reply: mpsc::Sender<Answer>,
-}
-
-/// Requests that run as one call: all denoising calls or all decodings.
-enum Group {
-    Steps(Vec<(Waiter, StepRequest)>),
-    Decodes(Vec<(Waiter, DenoisingFrame)>),
-}
-
-impl Group {
-    fn is_steps(&self) -> bool {
-        matches!(self, Group::Steps(_))
-    }
-
-    fn len(&self) -> usize {
-        match self {
-            Group::Steps(requests) => requests.len(),
-            Group::Decodes(frames) => frames.len(),
-        }
-    }
-}
-
-/// The round's requests, grouped by what must be equal in one call, each group in member order
-/// (not arrival order: the same streams make the same call, the same captured graph, whatever
-/// order they arrived in).
-fn group_by_plan(mut round: Vec<Pending>) -> Vec<Group> {
-    round.sort_by_key(|p| p.member);
-    let mut groups: Vec<Group> = Vec::new();
-    for Pending { work, ready, reply, .. } in round {
-        let waiter = Waiter { ready, reply };
-        match work {
-            Work::Step(request) => {
-                let fitting = groups.iter_mut().find_map(|group| match group {
-                    Group::Steps(members) if steps_fit(&members[0].1, &request) => Some(members),
-                    _ => None,
-                });
-                match fitting {
-                    Some(members) => members.push((waiter, request)),
-                    None => groups.push(Group::Steps(vec![(waiter, request)])),
-                }
-            }
-            Work::Decode(frame) => {
-                let fitting = groups.iter_mut().find_map(|group| match group {
-                    Group::Decodes(members) if decodes_fit(&members[0].1, &frame) => Some(members),
-                    _ => None,
-                });
-                match fitting {
-                    Some(members) => members.push((waiter, frame)),
-                    None => groups.push(Group::Decodes(vec![(waiter, frame)])),
-                }
-            }
+/// The round's requests, grouped by what must be equal in one UNet call.
+fn group_by_plan(round: Vec<Pending>) -> Vec<Vec<Pending>> {
+    let mut groups: Vec<Vec<Pending>> = Vec::new();
+    for pending in round {
+        let fits = |group: &Vec<Pending>| {
+            let first = &group[0].request.inputs;
+            let inputs = &pending.request.inputs;
+            first.plan == inputs.plan && first.controlnet_scale.to_bits() == inputs.controlnet_scale.to_bits()
+        };
+        match groups.iter_mut().find(|group| fits(group)) {
+            Some(group) => group.push(pending),
+            None => groups.push(vec![pending]),
         }
     }
     groups
@@ -558,49 +461,23 @@ fn group_by_plan(mut round: Vec<Pending>) -> Vec<Group> {
 
 /// Runs one group's call and answers every request in it (a panic in the models is an error
 /// for each).
-fn run_group(img2img: &Img2Img, group: Group) {
-    match group {
-        Group::Steps(requests) => run_steps(img2img, requests),
-        Group::Decodes(frames) => run_decodes(img2img, frames),
-    }
-}
-
-/// Waits for each stream's inputs, runs `call`, and returns its outcome with a fence after
-/// everything it queued (a panic in the models is an error).
-fn fenced_call<T>(
-    device: &candle_core::Device,
-    waiters: &[Waiter],
-    call: impl FnOnce() -> Result<T>,
-) -> (std::result::Result<T, String>, Arc<Fence>) {
-    let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<T> {
-        for waiter in waiters {
-            waiter.ready.wait(device)?;
+fn run_group(img2img: &Img2Img, mut group: Vec<Pending>) {
+    // In member order, not arrival order: the same streams make the same call (the same
+    // captured graph) whatever order they arrived in.
+    group.sort_by_key(|p| p.member);
+    let streams = group.len();
+    let device = group[0].request.inputs.device().clone();
+    let outcome = catch_unwind(AssertUnwindSafe(|| -> Result<Vec<Tensor>> {
+        for pending in &group {
+            pending.ready.wait(&device)?;
         }
-        call()
-    }));
-    let outcome = match outcome {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(e)) => Err(format!("{e:#}")),
-        Err(_) => Err("the models panicked".to_string()),
-    };
-    // Everything the call queued, for the streams to wait for.
-    match Fence::recorded(device) {
-        Ok(done) => (outcome, Arc::new(done)),
-        Err(e) => (outcome.and(Err(format!("{e:#}"))), Arc::new(Fence::default())),
-    }
-}
-
-fn run_steps(img2img: &Img2Img, requests: Vec<(Waiter, StepRequest)>) {
-    let streams = requests.len();
-    let device = requests[0].1.inputs.device().clone();
-    let (waiters, mut requests): (Vec<Waiter>, Vec<StepRequest>) = requests.into_iter().unzip();
-    let (outcome, done) = fenced_call(&device, &waiters, || -> Result<Vec<Tensor>> {
-        if let [request] = requests.as_mut_slice() {
+        if let [one] = group.as_mut_slice() {
+            let request = &mut one.request;
             return Ok(vec![img2img.predict(&request.inputs, &mut request.attention)?]);
         }
-        let batches: Vec<usize> = requests.iter().map(|r| r.inputs.batch()).collect();
+        let batches: Vec<usize> = group.iter().map(|p| p.request.inputs.batch()).collect();
         let (inputs, attentions): (Vec<&StepInputs>, Vec<&mut CrossFrameAttention>) =
-            requests.iter_mut().map(|r| (&r.inputs, &mut r.attention)).unzip();
+            group.iter_mut().map(|p| (&p.request.inputs, &mut p.request.attention)).unzip();
         let frames = inputs.iter().map(|i| i.rows.len()).collect();
         let mut hook = StreamsAttention::new(attentions, frames)?;
         let prediction = img2img.predict_streams(&inputs, &mut hook)?;
@@ -611,8 +488,18 @@ fn run_steps(img2img: &Img2Img, requests: Vec<(Waiter, StepRequest)>) {
             offset += batch;
         }
         Ok(parts)
-    });
-    for (index, (waiter, request)) in waiters.into_iter().zip(requests).enumerate() {
+    }));
+    let outcome = match outcome {
+        Ok(Ok(parts)) => Ok(parts),
+        Ok(Err(e)) => Err(format!("{e:#}")),
+        Err(_) => Err("the models panicked".to_string()),
+    };
+    // Everything the call queued, for the streams to wait for.
+    let (outcome, done) = match Fence::recorded(&device) {
+        Ok(done) => (outcome, Arc::new(done)),
+        Err(e) => (outcome.and(Err(format!("{e:#}"))), Arc::new(Fence::default())),
+    };
+    for (index, Pending { request, reply, .. }) in group.into_iter().enumerate() {
         let prediction = match &outcome {
             Ok(parts) => Ok(parts[index].clone()),
             Err(message) if streams > 1 => Err(anyhow!("a UNet call shared by {streams} streams failed: {message}")),
@@ -620,23 +507,7 @@ fn run_steps(img2img: &Img2Img, requests: Vec<(Waiter, StepRequest)>) {
         };
         // A stream that stopped waiting has nothing to receive.
         let StepRequest { inputs, attention } = request;
-        let reply = StepReply { inputs, attention, prediction, streams_in_call: streams, done: done.clone() };
-        let _ = waiter.reply.send(Answer::Step(reply));
-    }
-}
-
-fn run_decodes(img2img: &Img2Img, frames: Vec<(Waiter, DenoisingFrame)>) {
-    let streams = frames.len();
-    let device = frames[0].1.latents().device().clone();
-    let (waiters, frames): (Vec<Waiter>, Vec<DenoisingFrame>) = frames.into_iter().unzip();
-    let (outcome, done) = fenced_call(&device, &waiters, || img2img.decode_frames(frames));
-    for (index, waiter) in waiters.into_iter().enumerate() {
-        let image = match &outcome {
-            Ok(images) => Ok(images[index].clone()),
-            Err(message) if streams > 1 => Err(anyhow!("a VAE decoding shared by {streams} streams failed: {message}")),
-            Err(message) => Err(anyhow!("{message}")),
-        };
-        let _ = waiter.reply.send(Answer::Decode(image, done.clone()));
+        let _ = reply.send(StepReply { inputs, attention, prediction, streams_in_call: streams, done: done.clone() });
     }
 }
 
@@ -649,19 +520,7 @@ pub struct Membership {
 impl Membership {
     /// Runs one denoising call through the batcher (see [`StreamBatcher`]).
     pub fn run(&self, models: &Arc<SharedModels>, request: StepRequest, timeout: Duration) -> Result<StepReply> {
-        match self.batcher.run(self.id, models, Work::Step(request), timeout)? {
-            Answer::Step(reply) => Ok(reply),
-            Answer::Decode(..) => Err(anyhow!("the cross-stream batcher answered a denoising call with an image")),
-        }
-    }
-
-    /// Decodes a sequential frame whose steps are done, in one VAE call with the frames of the
-    /// other members that finish in the same round: `[1, 3, H, W]` f32 in [0, 1].
-    pub fn decode(&self, models: &Arc<SharedModels>, frame: DenoisingFrame, timeout: Duration) -> Result<Tensor> {
-        match self.batcher.run(self.id, models, Work::Decode(frame), timeout)? {
-            Answer::Decode(image, _) => image,
-            Answer::Step(_) => Err(anyhow!("the cross-stream batcher answered a decoding with a denoising call")),
-        }
+        self.batcher.run(self.id, models, request, timeout)
     }
 }
 

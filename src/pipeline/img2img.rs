@@ -430,30 +430,6 @@ impl Img2Img {
         self.decode_latents(&frame.latents, frame.latents.device(), &self.vae, |stages| &mut stages.decode)
     }
 
-    /// Decodes several frames whose steps are done in one VAE call (the frames of several
-    /// streams that finish together, see [`super::batcher`]): one `[1, 3, H, W]` f32 image in
-    /// [0, 1] per frame, in order. The frames must share their latents' shape.
-    pub fn decode_frames(&self, frames: Vec<DenoisingFrame>) -> Result<Vec<Tensor>> {
-        let Some(first) = frames.first() else { return Ok(Vec::new()) };
-        let shape = first.latents.dims().to_vec();
-        for frame in &frames {
-            ensure_done(frame)?;
-            if frame.latents.dims() != shape.as_slice() {
-                bail!(
-                    "frames decoded together must share their latents' shape: {:?} and {shape:?}",
-                    frame.latents.dims()
-                );
-            }
-        }
-        let (count, rows) = (frames.len(), shape[0]);
-        let device = first.latents.device().clone();
-        let _span = tracing::info_span!("vae_decode", frames = count).entered();
-        let latents = Tensor::cat(&frames.iter().map(|f| &f.latents).collect::<Vec<_>>(), 0)?;
-        drop(frames);
-        let images = self.decode_latents(&latents, &device, &self.vae, |stages| &mut stages.decode)?;
-        (0..count).map(|i| Ok(images.narrow(0, i * rows, rows)?)).collect()
-    }
-
     /// [`Self::decode`] on the VAE stream when there is one ([`Self::set_vae_stream`]): the
     /// latents go over once the UNet's stream has reached `ready` (a point recorded after the
     /// frame's last step; `None`: all the work queued there now), and the image stays on the
@@ -835,11 +811,6 @@ impl DenoisingFrame {
 
     pub fn is_done(&self) -> bool {
         self.next_step >= self.plan.timesteps.len()
-    }
-
-    /// The frame's latents now (noised, or as far as its steps have taken them).
-    pub fn latents(&self) -> &Tensor {
-        &self.latents
     }
 
     /// Marks the frame as a cross-frame anchor (or not) for the hook's [`super::StepRow`]s.

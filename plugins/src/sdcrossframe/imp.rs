@@ -226,8 +226,6 @@ impl Settings {
                 AUTO_BATCH_TIMEOUT => Some(BatchTimeout::Auto),
                 ms => Some(BatchTimeout::Fixed(std::time::Duration::from_millis(ms.unsigned_abs().into()))),
             },
-            // SDCROSSFRAME_BATCHED_DECODE (no property until it is measured).
-            ..SessionConfig::default()
         }
     }
 
