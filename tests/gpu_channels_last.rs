@@ -1,7 +1,8 @@
 //! The channels-last resnet path on CUDA (`kernels/channels_last.cu`, cuDNN's NHWC
 //! convolutions) against the CPU: its GroupNorm kernel from either layout, the pass back to
-//! NCHW, an NHWC convolution against the NCHW one, and whole UNet-shaped resnet blocks (f16 on
-//! the GPU, f32 on the CPU, same weights).
+//! NCHW, an NHWC convolution against the NCHW one, whole UNet-shaped resnet blocks, and the
+//! channels-last tiny VAE and control-image embedding (f16 on the GPU, f32 on the CPU, same
+//! weights).
 //!
 //! Needs a GPU and a build with the `cuda` and `cudnn` features (CI has neither, so without
 //! them this file is empty):
@@ -137,17 +138,25 @@ fn resnet_blocks_match_the_cpu() {
         channels_last::wanted(&gpu, DType::F16),
         "this build or environment has the channels-last path off (SDCROSSFRAME_CHANNELS_LAST=off?)"
     );
-    let temb_channels = 64;
-    // With a shortcut convolution (in != out) and without; a 64x64 and an 8x8 level.
-    for (n, cin, cout, size) in [(2, 320, 640, 32), (2, 320, 320, 64), (3, 1280, 1280, 8)] {
+    // With a shortcut convolution (in != out) and without; a 64x64 and an 8x8 level; and the
+    // SD VAE's blocks, which have no time embedding (eps 1e-6), up to its full-resolution level.
+    for (n, cin, cout, size, temb_channels) in [
+        (2, 320, 640, 32, Some(64)),
+        (2, 320, 320, 64, Some(64)),
+        (3, 1280, 1280, 8, Some(64)),
+        (1, 256, 128, 256, None),
+        (1, 128, 128, 512, None),
+    ] {
         let mut tensors = HashMap::new();
         let mut put = |name: &str, t: Tensor| tensors.insert(name.to_string(), t);
         put("norm1.weight", (randn(&[cin], 0.2) + 1.0).unwrap());
         put("norm1.bias", randn(&[cin], 0.2));
         put("conv1.weight", (randn(&[cout, cin, 3, 3], 1.0) / (9.0 * cin as f64).sqrt()).unwrap());
         put("conv1.bias", randn(&[cout], 0.1));
-        put("time_emb_proj.weight", (randn(&[cout, temb_channels], 1.0) / 8.0).unwrap());
-        put("time_emb_proj.bias", randn(&[cout], 0.1));
+        if let Some(t) = temb_channels {
+            put("time_emb_proj.weight", (randn(&[cout, t], 1.0) / 8.0).unwrap());
+            put("time_emb_proj.bias", randn(&[cout], 0.1));
+        }
         put("norm2.weight", (randn(&[cout], 0.2) + 1.0).unwrap());
         put("norm2.bias", randn(&[cout], 0.2));
         put("conv2.weight", (randn(&[cout, cout, 3, 3], 1.0) / (9.0 * cout as f64).sqrt()).unwrap());
@@ -158,9 +167,9 @@ fn resnet_blocks_match_the_cpu() {
         }
         let config = ResnetBlock2DConfig {
             out_channels: cout,
-            temb_channels: Some(temb_channels),
+            temb_channels,
             groups: 32,
-            eps: 1e-5,
+            eps: if temb_channels.is_some() { 1e-5 } else { 1e-6 },
             output_scale_factor: 1.0,
         };
         let gpu_tensors: HashMap<String, Tensor> =
@@ -170,11 +179,12 @@ fn resnet_blocks_match_the_cpu() {
         let gpu_block =
             ResnetBlock2D::new(VarBuilder::from_tensors(gpu_tensors, DType::F16, &gpu), cin, &config).unwrap();
         let x = randn(&[n, cin, size, size], 1.0);
-        let emb = randn(&[n, temb_channels], 1.0);
-        let expected = cpu_block.forward(&x, Some(&TimeEmbedding::new(&emb, None).unwrap())).unwrap();
+        let emb = temb_channels.map(|t| randn(&[n, t], 1.0));
+        let cpu_temb = emb.as_ref().map(|e| TimeEmbedding::new(e, None).unwrap());
+        let expected = cpu_block.forward(&x, cpu_temb.as_ref()).unwrap();
         let on = |t: &Tensor| t.to_dtype(DType::F16).unwrap().to_device(&gpu).unwrap();
-        let temb = TimeEmbedding::new(&on(&emb), None).unwrap();
-        let out = gpu_block.forward(&on(&x), Some(&temb)).unwrap();
+        let gpu_temb = emb.as_ref().map(|e| TimeEmbedding::new(&on(e), None).unwrap());
+        let out = gpu_block.forward(&on(&x), gpu_temb.as_ref()).unwrap();
         assert_eq!(out.dims(), expected.dims());
         let err = max_abs_diff(&out.to_dtype(DType::F32).unwrap(), &expected);
         println!("resnet {n}x{cin}x{size}x{size} -> {cout}: f16 GPU vs f32 CPU max abs diff {err:.3e}");

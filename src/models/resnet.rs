@@ -35,9 +35,9 @@ pub struct ResnetBlock2D {
     /// columns (start, count) of its output, which also holds `conv1`'s bias.
     time_columns: Option<(usize, usize)>,
     /// `conv1` and `conv2` hold channels-last filters and the block runs channels-last between
-    /// them on CUDA ([`channels_last`]): blocks with a time embedding (the UNet's and the
-    /// ControlNet's) and no output scale, in f16/bf16 on CUDA with cuDNN. Decided at load (the
-    /// filters' layout follows); the VAE's blocks keep NCHW.
+    /// them on CUDA ([`channels_last`]): blocks without output scale, in f16/bf16 on CUDA with
+    /// cuDNN (the VAE's, which have no time embedding, unless `SDCROSSFRAME_CHANNELS_LAST=resnets`).
+    /// Decided at load (the filters' layout follows).
     channels_last: bool,
     span: tracing::Span,
 }
@@ -116,9 +116,13 @@ impl ResnetBlock2D {
         let conv2 = Conv2d::same(vb.pp("conv2"), out, out, 3, 1)?;
         let conv_shortcut =
             (in_channels != out).then(|| Conv2d::new(vb.pp("conv_shortcut"), in_channels, out, 1, 0, 1)).transpose()?;
-        let channels_last = config.temb_channels.is_some()
-            && config.output_scale_factor == 1.0
-            && channels_last::wanted(vb.device(), vb.dtype());
+        // Blocks without a time embedding are the VAE's: a frame stage, which
+        // `SDCROSSFRAME_CHANNELS_LAST=resnets` leaves NCHW.
+        let channels_last = config.output_scale_factor == 1.0
+            && match config.temb_channels {
+                Some(_) => channels_last::wanted(vb.device(), vb.dtype()),
+                None => channels_last::wanted_for_frame_stages(vb.device(), vb.dtype()),
+            };
         let (conv1, conv2) =
             if channels_last { (conv1.to_channels_last()?, conv2.to_channels_last()?) } else { (conv1, conv2) };
         Ok(Self {

@@ -72,7 +72,8 @@ pub struct Switches {
     /// ([`super::channels_last`]).
     pub channels_last: bool,
     /// `SDCROSSFRAME_CHANNELS_LAST=on` (not `resnets`): the tiny VAE and the control image's
-    /// embedding run channels-last from their input to their output.
+    /// embedding run channels-last from their input to their output, and the SD VAE's resnet
+    /// blocks (no time embedding) between their convolutions.
     pub channels_last_stages: bool,
 }
 
