@@ -327,10 +327,12 @@ impl Layer {
 
 /// The layers on `xs`: NCHW, or NHWC when `channels_last` (filters converted).
 fn run_layers(layers: &[Layer], xs: &Tensor, channels_last: bool) -> Result<Tensor> {
-    layers.iter().try_fold(xs.clone(), |xs, layer| match channels_last {
-        true => layer.forward_nhwc(&xs),
-        false => layer.forward(&xs),
-    })
+    layers.iter().try_fold(
+        xs.clone(),
+        |xs, layer| {
+            if channels_last { layer.forward_nhwc(&xs) } else { layer.forward(&xs) }
+        },
+    )
 }
 
 /// `EncoderTiny`'s layers; `vb` is the encoder's `layers` (indices as in the Sequential).
@@ -357,27 +359,24 @@ fn encoder_layers(vb: VarBuilder, config: &AutoencoderTinyConfig, act: Activatio
 /// `DecoderTiny`'s layers; `vb` is the decoder's `layers`.
 fn decoder_layers(vb: VarBuilder, config: &AutoencoderTinyConfig, act: Activation) -> Result<Vec<Layer>> {
     let channels = &config.decoder_block_out_channels;
-    // The Sequential's indices: the first convolution is 0 and its activation 1.
+    // The Sequential's first convolution (0) and its activation (1) are one layer here, so the
+    // Sequential index of the next layer is `layers.len() + 1`.
     let mut layers = vec![Layer::Conv(conv3x3(vb.pp(0), config.latent_channels, channels[0])?, Some(act))];
-    let mut index = 2;
     for (stage, (&width, &blocks)) in channels.iter().zip(&config.num_decoder_blocks).enumerate() {
         let last_stage = stage + 1 == channels.len();
         for _ in 0..blocks {
-            layers.push(Layer::Block(TinyBlock::new(vb.pp(index), width, width, act)?));
-            index += 1;
+            layers.push(Layer::Block(TinyBlock::new(vb.pp(layers.len() + 1), width, width, act)?));
         }
         if !last_stage {
             layers.push(Layer::Upsample(config.upsampling_scaling_factor));
-            index += 1;
         }
-        let conv = vb.pp(index);
+        let conv = vb.pp(layers.len() + 1);
         let conv = if last_stage {
             conv3x3(conv, width, config.out_channels)?
         } else {
             Conv2d::without_bias(conv, width, width, 3, 1, 1)?
         };
         layers.push(Layer::Conv(conv, None));
-        index += 1;
     }
     Ok(layers)
 }
@@ -450,9 +449,10 @@ impl AutoencoderTiny {
         check_nchw("decode", latents, self.config.latent_channels)?;
         // The soft clamp: tanh(x / 3) * 3.
         let xs = (latents / 3.0)?.tanh()?.affine(3.0, 0.0)?;
-        let image = match self.channels_last {
-            false => run_layers(&self.decoder, &xs, false)?,
-            true => run_layers(&self.decoder, &xs.permute((0, 2, 3, 1))?, true)?.permute((0, 3, 1, 2))?,
+        let image = if self.channels_last {
+            run_layers(&self.decoder, &xs.permute((0, 2, 3, 1))?, true)?.permute((0, 3, 1, 2))?
+        } else {
+            run_layers(&self.decoder, &xs, false)?
         };
         // [0, 1] -> [-1, 1] (and the transposed view made contiguous).
         image.affine(2.0, -1.0)

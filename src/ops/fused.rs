@@ -922,7 +922,7 @@ mod tests {
             (Epilogue::Silu, candle_nn::ops::silu(&sum).unwrap()),
             (Epilogue::None, sum.clone()),
         ] {
-            let op = BiasAdd { activation, ..BiasAdd { per_column: true, ..BiasAdd::rows(30, 6, 6) } };
+            let op = BiasAdd { activation, per_column: true, ..BiasAdd::rows(30, 6, 6) };
             let got = op.run(&nhwc, Some(&channel), Some(&skip)).unwrap();
             assert!(max_abs_diff(&got, &expected) < 1e-6, "{activation:?}");
             let public = add_feature_bias_activate(&nhwc, Some(&channel), Some(&skip), activation).unwrap();
