@@ -178,6 +178,7 @@ fn resnet_blocks_match_the_cpu() {
             ResnetBlock2D::new(VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu), cin, &config).unwrap();
         let gpu_block =
             ResnetBlock2D::new(VarBuilder::from_tensors(gpu_tensors, DType::F16, &gpu), cin, &config).unwrap();
+        assert!(gpu_block.is_channels_last() && !cpu_block.is_channels_last(), "the GPU block must take the NHWC path");
         let x = randn(&[n, cin, size, size], 1.0);
         let emb = temb_channels.map(|t| randn(&[n, t], 1.0));
         let cpu_temb = emb.as_ref().map(|e| TimeEmbedding::new(e, None).unwrap());

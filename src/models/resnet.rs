@@ -139,6 +139,11 @@ impl ResnetBlock2D {
         })
     }
 
+    /// Whether the block runs channels-last between its convolutions (decided at load).
+    pub fn is_channels_last(&self) -> bool {
+        self.channels_last
+    }
+
     /// `temb`: the model's time embedding (None for blocks without one, the VAE's).
     pub fn forward(&self, xs: &Tensor, temb: Option<&TimeEmbedding>) -> Result<Tensor> {
         let _enter = self.span.enter();

@@ -37,6 +37,10 @@ pub struct Conv2d {
     channels_last: bool,
     /// (out_channels, in_channels) of the model's convolution (the stored filter may be padded).
     channels: (usize, usize),
+    /// The bias padded with zeros like a channels-last filter's outputs (made once at
+    /// [`Self::to_channels_last`], where the outputs are padded), for the epilogue on the padded
+    /// output; `None` otherwise.
+    padded_bias: Option<Tensor>,
 }
 
 impl Conv2d {
@@ -63,7 +67,8 @@ impl Conv2d {
         stride: usize,
     ) -> Result<Self> {
         let weight = vb.get((out_channels, in_channels, kernel, kernel), "weight")?;
-        Ok(Self { weight, bias: None, padding, stride, channels_last: false, channels: (out_channels, in_channels) })
+        let channels = (out_channels, in_channels);
+        Ok(Self { weight, bias: None, padding, stride, channels_last: false, channels, padded_bias: None })
     }
 
     /// Padding `(kernel - 1) / 2`: odd kernels keep the size (at stride 1).
@@ -94,7 +99,10 @@ impl Conv2d {
             .pad_with_zeros(0, 0, out.next_multiple_of(NHWC_CHANNEL_MULTIPLE) - out)?
             .pad_with_zeros(3, 0, input.next_multiple_of(NHWC_CHANNEL_MULTIPLE) - input)?
             .contiguous()?;
-        Ok(Self { weight, channels_last: true, ..self })
+        let extra = out.next_multiple_of(NHWC_CHANNEL_MULTIPLE) - out;
+        let padded_bias =
+            self.bias.as_ref().filter(|_| extra > 0).map(|b| b.pad_with_zeros(0, 0, extra)).transpose()?;
+        Ok(Self { weight, channels_last: true, padded_bias, ..self })
     }
 
     /// `activation(convolution + bias + residual)` of `xs` (batch, height, width, in_channels)
@@ -117,8 +125,7 @@ impl Conv2d {
         // A filter padded to more outputs (an image's 3 channels, a latent's 4): the epilogue on
         // the padded rows (whole 16-byte words, where 3 or 4 values a row would leave the
         // kernel's threads idle), then the model's channels.
-        let bias = self.bias.as_ref().map(|b| b.pad_with_zeros(0, 0, extra)).transpose()?;
-        fused::add_feature_bias_activate(&ys, bias.as_ref(), None, activation)?.narrow(3, 0, out)
+        fused::add_feature_bias_activate(&ys, self.padded_bias.as_ref(), None, activation)?.narrow(3, 0, out)
     }
 
     /// The convolution without its bias of `xs` (batch, height, width, in_channels), as (batch,
@@ -161,12 +168,14 @@ impl Conv2d {
             stride: self.stride,
             channels_last: self.channels_last,
             channels: self.channels,
+            padded_bias: self.padded_bias.as_ref().map(|b| b.to_device(device)).transpose()?,
         })
     }
 
     /// Removes the bias and returns it, for a caller that adds it elsewhere (a resnet folds
     /// `conv1`'s bias into its time-embedding projection's).
     pub fn take_bias(&mut self) -> Option<Tensor> {
+        self.padded_bias = None;
         self.bias.take()
     }
 
@@ -943,6 +952,16 @@ mod tests {
             0.0
         );
         assert_eq!(cl.weight().unwrap().dims(), &[4, 5, 3, 3]);
+        // The bias for the padded output's epilogue is made once, here: zeros past the 4 outputs.
+        let padded_bias = cl.padded_bias.as_ref().expect("outputs padded from 4 to 8");
+        assert_eq!(padded_bias.dims(), &[8]);
+        assert_eq!(
+            padded_bias.narrow(0, 4, 4).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(),
+            0.0
+        );
+        assert!(max_abs_diff(&padded_bias.narrow(0, 0, 4).unwrap(), cl.bias().unwrap()) == 0.0);
+        let mut taken = cl.clone();
+        assert!(taken.take_bias().is_some() && taken.padded_bias.is_none(), "taking the bias takes its padded copy");
         assert!(max_abs_diff(&cl.weight().unwrap(), &weight) == 0.0);
         assert!(max_abs_diff(&cl.forward(&xs).unwrap(), &expected) < 1e-6);
         let nhwc = cl.convolve_channels_last(&xs.permute((0, 2, 3, 1)).unwrap()).unwrap();

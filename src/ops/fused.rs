@@ -356,6 +356,9 @@ impl BiasAdd {
             (Some(b), Some(r)) => xs.apply_op3_no_bwd(&same(b)?, &same(r)?, &self),
             (Some(b), None) => xs.apply_op2_no_bwd(&same(b)?, &self),
             (None, Some(r)) => xs.apply_op2_no_bwd(&same(r)?, &Self { with_bias: false, ..self }),
+            // Nothing to add, scale or activate: no pass at all (a bias-free convolution's
+            // epilogue).
+            (None, None) if self.scale == 1.0 && self.activation == Epilogue::None => Ok(xs),
             (None, None) => self.activation.apply(&xs.affine(f64::from(self.scale), 0.0)?),
         }
     }
@@ -929,6 +932,7 @@ mod tests {
             assert!(max_abs_diff(&public, &expected) < 1e-6, "{activation:?}");
         }
         assert!(sum.relu().unwrap().min_all().unwrap().to_scalar::<f32>().unwrap() == 0.0, "the ReLU case must clip");
+        assert!(max_abs_diff(&rows.run(&x, None, None).unwrap(), &x) == 0.0, "nothing to add: x itself");
         let relu_only = BiasAdd { activation: Epilogue::Relu, ..rows }.run(&x, None, None).unwrap();
         assert!(max_abs_diff(&relu_only, &x.relu().unwrap()) < 1e-6);
         let err = add_feature_bias_activate(&nhwc, Some(&randn(&[5])), None, Epilogue::Relu).unwrap_err().to_string();
