@@ -133,6 +133,18 @@ __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
     return *reinterpret_cast<uint32_t*>(&h);
 }
 
+// The bits of 1.0 in T.
+template <typename T>
+__device__ __forceinline__ uint16_t one_bits();
+template <>
+__device__ __forceinline__ uint16_t one_bits<__half>() {
+    return 0x3c00;
+}
+template <>
+__device__ __forceinline__ uint16_t one_bits<__nv_bfloat16>() {
+    return 0x3f80;
+}
+
 template <typename T>
 __device__ __forceinline__ T from_float(float x);
 template <>
@@ -146,10 +158,11 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 
 // Copies rows [row0, row0 + 64) of a (rows, d) matrix (rows `stride` elements apart) into shared
 // memory with row stride DP + 8 (the 16-byte pad keeps ldmatrix free of bank conflicts); rows
-// past the end and columns past d are zero. `vec`: every row starts 16-byte aligned, d % 8 == 0.
-template <int DP, int NT>
+// past the end and columns past d are zero, but for column ONES_AT (when not negative), which
+// is `one` (see the row sums in flash_fwd). `vec`: every row starts 16-byte aligned, d % 8 == 0.
+template <int DP, int NT, int ONES_AT = -1>
 __device__ __forceinline__ void load_tile(uint16_t* dst, const uint16_t* src, int64_t stride, int row0, int rows,
-                                          int d, bool vec) {
+                                          int d, bool vec, uint16_t one = 0) {
     constexpr int S = DP + 8;
     constexpr int CHUNKS = DP / 8;
     for (int c = threadIdx.x; c < BC * CHUNKS; c += NT) {
@@ -169,28 +182,56 @@ __device__ __forceinline__ void load_tile(uint16_t* dst, const uint16_t* src, in
                                  tmp[4] | (uint32_t(tmp[5]) << 16), tmp[6] | (uint32_t(tmp[7]) << 16));
             }
         }
+        if (ONES_AT >= 0 && col == ONES_AT) val.x = one;
         *reinterpret_cast<uint4*>(dst + r * S + col) = val;
     }
 }
 
-// load_tile through cp.async (16 bytes a chunk, zero-filled past the end), so the copy runs in
-// the background while the warps compute. Only for the aligned case (`vec`).
+// The K/V tile copies through cp.async (16 bytes a chunk, zero-filled past the end), so a copy
+// runs in the background while the warps compute; only for the aligned case (`vec`). Each
+// thread copies one column chunk of the tile in every pass, in rows ROWS apart: a row's DP / 8
+// chunks are spread over a power of two of threads (those past d copy nothing), so where a
+// thread copies is worked out once per kernel, not per chunk and tile (the per-chunk division
+// and 64-bit address math were about a third of the loop's instructions at head dim 40).
 template <int DP, int NT>
-__device__ __forceinline__ void load_tile_async(uint16_t* dst, const uint16_t* src, int64_t stride, int row0,
-                                                int rows, int d) {
-    constexpr int S = DP + 8;
-    constexpr int CHUNKS = DP / 8;
-    for (int c = threadIdx.x; c < BC * CHUNKS; c += NT) {
-        const int r = c / CHUNKS;
-        const int col = (c % CHUNKS) * 8;
-        const int gr = row0 + r;
-        const bool inside = gr < rows && col < d;
-        const uint16_t* p = inside ? src + gr * stride + col : src;
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst + r * S + col)), "l"(p),
-                     "r"(inside ? 16 : 0));
+struct TileCopy {
+    static constexpr int CHUNKS = DP / 8;
+    static constexpr int POW2 = CHUNKS <= 2 ? 2 : CHUNKS <= 4 ? 4 : CHUNKS <= 8 ? 8 : CHUNKS <= 16 ? 16 : 32;
+    static constexpr int LANES = POW2 * BC >= NT ? POW2 : NT / BC;  // at least one row per pass
+    static constexpr int ROWS = NT / LANES;     // rows one pass covers
+    static constexpr int PASSES = BC / ROWS;
+    static_assert(NT % LANES == 0 && BC % ROWS == 0, "a pass covers whole rows of the tile");
+
+    int row;        // the thread's first row in the tile
+    int col;        // its column chunk's first column
+    bool active;    // col < d: it copies something
+    uint32_t smem;  // shared-memory address of its chunk in the tile's first pass
+
+    __device__ __forceinline__ TileCopy(const uint16_t* tile, int d) {
+        row = threadIdx.x / LANES;
+        col = (threadIdx.x % LANES) * 8;
+        active = col < d;
+        smem = smem_addr(tile + row * (DP + 8) + col);
     }
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
+
+    // Rows [row0, row0 + BC) of a head's (rows, d) matrix `src` (rows `stride` elements apart),
+    // the thread's chunks only; rows past `rows` are zero-filled.
+    __device__ __forceinline__ void copy(const uint16_t* src, int64_t stride, int row0, int rows) const {
+        if (active) {
+            const uint16_t* p = src + (row0 + row) * stride + col;
+            const int left = rows - row0 - row;  // rows of this thread's column still inside
+#pragma unroll
+            for (int i = 0; i < PASSES; ++i) {
+                const bool inside = i * ROWS < left;
+                asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(
+                                 smem + uint32_t(i * ROWS * (DP + 8) * 2)),
+                             "l"(inside ? p : src), "r"(inside ? 16 : 0));
+                p += ROWS * stride;
+            }
+        }
+        asm volatile("cp.async.commit_group;\n" ::: "memory");
+    }
+};
 
 template <int N>
 __device__ __forceinline__ void cp_async_wait() {
@@ -216,6 +257,11 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
     constexpr int KF = DE / 16;         // full 16-wide k-steps; DE % 16 == 8 adds one 8-wide step
     constexpr int ND = DE / 8;          // n-tiles over the head dim (P V output)
     constexpr bool HALF_STEP = DE % 16 == 8;
+    // With a spare 8-column n-tile (DE % 16 == 8), V's column DE holds ones, so P V's extra
+    // output tile is each row's sum of P (in f32, of the very values P V used): no adds per
+    // score for the softmax's denominator. Otherwise the sums are added up as P is made.
+    constexpr bool SUM_BY_MMA = HALF_STEP;
+    constexpr int NO = SUM_BY_MMA ? ND + 1 : ND;  // output n-tiles, the row sums' included
     constexpr int NS = BC / 8;   // n-tiles over the keys (scores)
     constexpr int KS = BC / 16;  // k-steps over the keys (P V)
     __shared__ __align__(16) uint16_t ks[BC * S];
@@ -249,10 +295,16 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
                 &qtile[((warp % 4) * 16 + lane % 16) * S + kk * 16 + (lane / 16) * 8]);
     }
     __syncthreads();
+    // K's columns past d stay zero from the query's staging (the copies below skip them); V's
+    // column DE becomes the ones of the row sums (the query has been read out of vs).
+    const uint16_t one = one_bits<T>();
+    if (SUM_BY_MMA && vec) {
+        for (int r = threadIdx.x; r < BC; r += NT) *reinterpret_cast<uint4*>(&vs[r * S + DE]) = make_uint4(one, 0, 0, 0);
+    }
 
-    float acc[ND][4];
+    float acc[NO][4];
 #pragma unroll
-    for (int i = 0; i < ND; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+    for (int i = 0; i < NO; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
     // Running max (in log2 units, already scaled) and partial sum for rows g and g + 8.
     float row_max[2] = {neg_inf(), neg_inf()};
     float row_sum[2] = {0.f, 0.f};
@@ -260,14 +312,15 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
 
     // Pipeline (one buffer each for K and V): the V copy of a tile overlaps Q K^T, the K copy of
     // the next tile overlaps P V. Unaligned inputs load synchronously (the waits are then no-ops).
-    if (vec) load_tile_async<DP, NT>(ks, kh, ks_.row, 0, m, d);
+    const TileCopy<DP, NT> k_copy(ks, d), v_copy(vs, d);
+    if (vec) k_copy.copy(kh, ks_.row, 0, m);
     for (int k0 = 0; k0 < m; k0 += BC) {
         if (vec) {
-            load_tile_async<DP, NT>(vs, vh, vs_.row, k0, m, d);
+            v_copy.copy(vh, vs_.row, k0, m);
             cp_async_wait<1>();  // K of this tile has landed
         } else {
             load_tile<DP, NT>(ks, kh, ks_.row, k0, m, d, false);
-            load_tile<DP, NT>(vs, vh, vs_.row, k0, m, d, false);
+            load_tile<DP, NT, SUM_BY_MMA ? DE : -1>(vs, vh, vs_.row, k0, m, d, false, one);
         }
         __syncthreads();
 
@@ -320,10 +373,10 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
             alpha[r] = fast_exp2((row_max[r] - new_max) * scale_log2);
             row_max[r] = new_max;
             max_scaled[r] = new_max * scale_log2;
-            row_sum[r] *= alpha[r];
+            if (!SUM_BY_MMA) row_sum[r] *= alpha[r];
         }
 #pragma unroll
-        for (int i = 0; i < ND; ++i) {
+        for (int i = 0; i < NO; ++i) {
             acc[i][0] *= alpha[0];
             acc[i][1] *= alpha[0];
             acc[i][2] *= alpha[1];
@@ -339,31 +392,33 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
             const float p1 = fast_exp2(fmaf(s[j][1], scale_log2, -max_scaled[0]));
             const float p2 = fast_exp2(fmaf(s[j][2], scale_log2, -max_scaled[1]));
             const float p3 = fast_exp2(fmaf(s[j][3], scale_log2, -max_scaled[1]));
-            row_sum[0] += p0 + p1;
-            row_sum[1] += p2 + p3;
+            if (!SUM_BY_MMA) {
+                row_sum[0] += p0 + p1;
+                row_sum[1] += p2 + p3;
+            }
             pf[j / 2][(j % 2) * 2] = pack2<T>(p0, p1);
             pf[j / 2][(j % 2) * 2 + 1] = pack2<T>(p2, p3);
         }
 
         if (vec) cp_async_wait<0>();  // V of this tile has landed
         __syncthreads();              // and every warp is done with ks
-        if (vec && k0 + BC < m) load_tile_async<DP, NT>(ks, kh, ks_.row, k0 + BC, m, d);
+        if (vec && k0 + BC < m) k_copy.copy(kh, ks_.row, k0 + BC, m);
 
         // O += P V; V (keys x dims, row-major) is the B operand, transposed by ldmatrix.
 #pragma unroll
         for (int kk = 0; kk < KS; ++kk) {
 #pragma unroll
-            for (int dp = 0; dp < ND / 2; ++dp) {
+            for (int dp = 0; dp < NO / 2; ++dp) {
                 uint32_t b0, b1, b2, b3;
                 ldsm_x4_trans(b0, b1, b2, b3, &vs[(kk * 16 + lane % 8 + 8 * (mi % 2)) * S + dp * 16 + 8 * (mi / 2)]);
                 mma16816<T>(acc[2 * dp], pf[kk], b0, b1);
                 mma16816<T>(acc[2 * dp + 1], pf[kk], b2, b3);
             }
-            if (HALF_STEP) {
-                // The last output tile alone: dims (ND - 1) * 8 .. ND * 8 - 1.
+            if (NO % 2 == 1) {
+                // The last output tile alone: dims (NO - 1) * 8 .. NO * 8 - 1.
                 uint32_t b0, b1;
-                ldsm_x2_trans(b0, b1, &vs[(kk * 16 + lane % 8 + 8 * ((lane / 8) % 2)) * S + (ND - 1) * 8]);
-                mma16816<T>(acc[ND - 1], pf[kk], b0, b1);
+                ldsm_x2_trans(b0, b1, &vs[(kk * 16 + lane % 8 + 8 * ((lane / 8) % 2)) * S + (NO - 1) * 8]);
+                mma16816<T>(acc[NO - 1], pf[kk], b0, b1);
             }
         }
         __syncthreads();  // every warp is done with vs before the next V copy
@@ -372,9 +427,15 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
     float inv[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-        float l = row_sum[r];
-        l += __shfl_xor_sync(0xffffffff, l, 1);
-        l += __shfl_xor_sync(0xffffffff, l, 2);
+        float l;
+        if (SUM_BY_MMA) {
+            // Column DE of the extra tile: c0 / c2 of the quad's first lane (t = 0).
+            l = __shfl_sync(0xffffffff, acc[ND][2 * r], lane & ~3);
+        } else {
+            l = row_sum[r];
+            l += __shfl_xor_sync(0xffffffff, l, 1);
+            l += __shfl_xor_sync(0xffffffff, l, 2);
+        }
         inv[r] = 1.f / l;
     }
 #pragma unroll

@@ -46,6 +46,10 @@ fn fused_kernel_matches_unfused_attention() {
         (1, 2, 130, 1, 24),    // one key
         (1, 1, 200, 300, 100), // head dim no multiple of 8: the unaligned load path
         (1, 2, 2100, 300, 40), // 8-warp blocks with a partial last block
+        // Head dims of the 40 kernel that are no multiple of 8 (the unaligned path, whose
+        // V tiles also carry the ones column of the row sums), with 4- and 8-warp blocks.
+        (1, 2, 300, 333, 36),
+        (1, 2, 2100, 700, 33),
     ];
     for dtype in [DType::F16, DType::BF16] {
         // Outputs are averages of unit-normal values, and sharp scores leave a few of millions

@@ -70,14 +70,16 @@ pub fn ops(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
 }
 
 /// Fused vs unfused attention at the UNet's shapes (batch 2 = CFG, 8 heads): self-attention at
-/// 64x64 latents (4096 tokens, head dim 40) with plain and doubled (cross-frame) keys, the
+/// 64x64 latents (4096 tokens, head dim 40) with plain and doubled (cross-frame) keys (also at
+/// batch 4: four streams' rows in one call), the
 /// 32x32 and 16x16 levels (head dims 80 and 160), and cross-attention to 77 text tokens.
 /// Also prints the largest difference between the two results.
 pub fn attention(cli: &Cli, device: &Device, dtype: DType) -> Result<()> {
-    const CASES: [(usize, usize, usize, usize, usize); 9] = [
+    const CASES: [(usize, usize, usize, usize, usize); 10] = [
         (1, 8, 4096, 4096, 40),
         (2, 8, 4096, 4096, 40),
         (2, 8, 4096, 8192, 40),
+        (4, 8, 4096, 8192, 40),
         (2, 8, 4096, 77, 40),
         (2, 8, 1024, 1024, 80),
         (2, 8, 1024, 2048, 80),
