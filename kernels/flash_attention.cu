@@ -61,12 +61,6 @@ __device__ __forceinline__ void ldsm_x2(uint32_t& r0, uint32_t& r1, const void* 
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r0), "=r"(r1) : "r"(smem_addr(p)));
 }
 
-__device__ __forceinline__ void ldsm_x2_trans(uint32_t& r0, uint32_t& r1, const void* p) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-                 : "=r"(r0), "=r"(r1)
-                 : "r"(smem_addr(p)));
-}
-
 __device__ __forceinline__ void ldsm_x4_trans(uint32_t& r0, uint32_t& r1, uint32_t& r2, uint32_t& r3,
                                               const void* p) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
@@ -262,6 +256,7 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
     // score for the softmax's denominator. Otherwise the sums are added up as P is made.
     constexpr bool SUM_BY_MMA = HALF_STEP;
     constexpr int NO = SUM_BY_MMA ? ND + 1 : ND;  // output n-tiles, the row sums' included
+    static_assert(NO % 2 == 0, "P V runs its output tiles in pairs");
     constexpr int NS = BC / 8;   // n-tiles over the keys (scores)
     constexpr int KS = BC / 16;  // k-steps over the keys (P V)
     __shared__ __align__(16) uint16_t ks[BC * S];
@@ -296,9 +291,10 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
     }
     __syncthreads();
     // K's columns past d stay zero from the query's staging (the copies below skip them); V's
-    // column DE becomes the ones of the row sums (the query has been read out of vs).
+    // column DE becomes the ones of the row sums (the query has been read out of vs; the
+    // unaligned path's tile loads write them again).
     const uint16_t one = one_bits<T>();
-    if (SUM_BY_MMA && vec) {
+    if (SUM_BY_MMA) {
         for (int r = threadIdx.x; r < BC; r += NT) *reinterpret_cast<uint4*>(&vs[r * S + DE]) = make_uint4(one, 0, 0, 0);
     }
 
@@ -413,12 +409,6 @@ __device__ __forceinline__ void flash_fwd(const T* __restrict__ q, const T* __re
                 ldsm_x4_trans(b0, b1, b2, b3, &vs[(kk * 16 + lane % 8 + 8 * (mi % 2)) * S + dp * 16 + 8 * (mi / 2)]);
                 mma16816<T>(acc[2 * dp], pf[kk], b0, b1);
                 mma16816<T>(acc[2 * dp + 1], pf[kk], b2, b3);
-            }
-            if (NO % 2 == 1) {
-                // The last output tile alone: dims (NO - 1) * 8 .. NO * 8 - 1.
-                uint32_t b0, b1;
-                ldsm_x2_trans(b0, b1, &vs[(kk * 16 + lane % 8 + 8 * ((lane / 8) % 2)) * S + (NO - 1) * 8]);
-                mma16816<T>(acc[NO - 1], pf[kk], b0, b1);
             }
         }
         __syncthreads();  // every warp is done with vs before the next V copy
