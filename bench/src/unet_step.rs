@@ -165,7 +165,7 @@ pub fn run(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, probe:
             let residuals = controlnet.forward(&latents, TIMESTEP as f64, &text, &control, 0.7)?;
             unet.forward(&latents, TIMESTEP as f64, &text, Some(&residuals), &mut NoHook)
         };
-        graph_replay(cli, device, step)?;
+        graph_replay(cli, device, probe, step)?;
     }
     // The steps above embed the control image on every ControlNet call, as diffusers does;
     // the pipeline embeds it once per frame at batch 1, so its steps cost this much less.
@@ -187,7 +187,12 @@ pub fn run(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, probe:
 /// while `enable_cuda_graph_htod_cache` is held, which is what makes capture possible; an eager
 /// run with the cache on fills it (and does the cuDNN tuning) before capturing.
 #[cfg(feature = "cuda")]
-fn graph_replay(cli: &Cli, device: &Device, step: impl Fn() -> candle_core::Result<Tensor>) -> Result<()> {
+fn graph_replay(
+    cli: &Cli,
+    device: &Device,
+    probe: Option<&Probe>,
+    step: impl Fn() -> candle_core::Result<Tensor>,
+) -> Result<()> {
     let Device::Cuda(cuda) = device else { bail!("--cuda-graph needs a CUDA device") };
     let _upload_cache = cuda.enable_cuda_graph_htod_cache();
 
@@ -209,6 +214,8 @@ fn graph_replay(cli: &Cli, device: &Device, step: impl Fn() -> candle_core::Resu
         Ok(())
     })?;
     let captured = captured.context("the capture produced no output")?;
+    // The physical memory the graph holds for its activations (its output included).
+    let graph_mem = probe.map(|p| p.breakdown().map(|b| b.graphs_used)).transpose()?;
 
     let mut replay_ms = Vec::new();
     for run in 0..cli.warmup + cli.runs {
@@ -229,11 +236,19 @@ fn graph_replay(cli: &Cli, device: &Device, step: impl Fn() -> candle_core::Resu
         median(&eager_ms),
         median(&replay_ms)
     );
+    if let Some(bytes) = graph_mem {
+        println!("CUDA graph memory of that step: {:.3} GiB", gib(bytes));
+    }
     Ok(())
 }
 
 #[cfg(not(feature = "cuda"))]
-fn graph_replay(_cli: &Cli, _device: &Device, _step: impl Fn() -> candle_core::Result<Tensor>) -> Result<()> {
+fn graph_replay(
+    _cli: &Cli,
+    _device: &Device,
+    _probe: Option<&Probe>,
+    _step: impl Fn() -> candle_core::Result<Tensor>,
+) -> Result<()> {
     bail!("--cuda-graph needs a CUDA build (the `cuda` feature)")
 }
 

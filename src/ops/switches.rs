@@ -17,6 +17,7 @@ pub const FLASH_WARPS: &str = "SDCROSSFRAME_FLASH_WARPS";
 pub const CONV_PLANS: &str = "SDCROSSFRAME_CONV_PLANS";
 pub const VAE_STREAM: &str = "SDCROSSFRAME_VAE_STREAM";
 pub const CHANNELS_LAST: &str = "SDCROSSFRAME_CHANNELS_LAST";
+pub const FF_CHUNK: &str = "SDCROSSFRAME_FF_CHUNK";
 
 /// Which convolutions the cuDNN build considers for f16/bf16 on CUDA (`SDCROSSFRAME_CONV`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +76,10 @@ pub struct Switches {
     /// embedding run channels-last from their input to their output, and the SD VAE's resnet
     /// blocks (no time embedding) between their convolutions.
     pub channels_last_stages: bool,
+    /// `SDCROSSFRAME_FF_CHUNK=on|off`: the transformers' feed-forwards run in token chunks
+    /// when their GEGLU projection would hold more than
+    /// [`crate::models::attention::FEED_FORWARD_CHUNK_BYTES`] (many-row calls).
+    pub feed_forward_chunks: bool,
 }
 
 impl Default for Switches {
@@ -120,6 +125,7 @@ impl Switches {
                 &[("on", true), ("resnets", false), ("off", false)],
                 true,
             ),
+            feed_forward_chunks: parse(&lookup, FF_CHUNK, &on_off, true),
         }
     }
 }
@@ -190,6 +196,7 @@ mod tests {
                 vae_stream: true,
                 channels_last: true,
                 channels_last_stages: true,
+                feed_forward_chunks: true,
             }
         );
         assert_eq!(s, Switches::default());
@@ -207,7 +214,9 @@ mod tests {
             (CONV_PLANS, " /tmp/plans.txt\n"),
             (VAE_STREAM, " Off "),
             (CHANNELS_LAST, "OFF"),
+            (FF_CHUNK, " oFF"),
         ]);
+        assert!(!s.feed_forward_chunks);
         assert!(!s.fused_attention && !s.fused_group_norm && !s.fused_epilogues && !s.cuda_graphs && !s.vae_stream);
         assert!(!s.channels_last && !s.channels_last_stages);
         assert_eq!((s.conv, s.flash_warps), (ConvChoice::Cudnn, Some(8)));
@@ -234,6 +243,7 @@ mod tests {
             (FLASH_WARPS, "16"),
             (VAE_STREAM, "1"),
             (CHANNELS_LAST, "nhwc"),
+            (FF_CHUNK, "chunked"),
         ]);
         assert_eq!(s, Switches::default());
     }
