@@ -368,3 +368,75 @@ GROUP_NORM_CL(bf16, __nv_bfloat16)
 
 TO_NCHW(f16, __half)
 TO_NCHW(bf16, __nv_bfloat16)
+
+// Nearest 2x upsampling + a 3x3 convolution (padding 1) in sub-pixel form (src/ops/subpixel.rs):
+// output pixel (2i + a, 2j + b) reads input rows {i - 1, i} (a = 0) or {i, i + 1} (a = 1), and
+// columns likewise, with the 3x3 filter's taps summed per phase into a 2x2 filter; so all four
+// phases are one 2x2 convolution (4 x out channels) over the input padded by one pixel.
+//
+// pad_to_nhwc_{f16,bf16}: x (batch, channels, h, w) -> (batch, h + 2, w + 2, channels), zero
+// border; 32 padded pixels x 32 channels per tile, reads along pixels and writes along channels.
+template <typename T>
+__device__ void pad_to_nhwc(const T *__restrict__ x, T *__restrict__ out, int h, int w, int channels) {
+    __shared__ float tile[32][33];
+    const int64_t n = blockIdx.z;
+    const int pw = w + 2, padded = (h + 2) * pw;
+    const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 32;
+    for (int r = threadIdx.y; r < 32; r += blockDim.y) {
+        const int c = c0 + r, p = p0 + threadIdx.x;
+        if (p < padded && c < channels) {
+            const int y = p / pw - 1, xx = p % pw - 1;
+            const bool inside = y >= 0 && y < h && xx >= 0 && xx < w;
+            tile[threadIdx.x][r] = inside ? to_float(x[((n * channels + c) * h + y) * w + xx]) : 0.f;
+        }
+    }
+    __syncthreads();
+    for (int r = threadIdx.y; r < 32; r += blockDim.y) {
+        const int p = p0 + r, c = c0 + threadIdx.x;
+        if (p < padded && c < channels) out[(n * padded + p) * channels + c] = from_float<T>(tile[r][threadIdx.x]);
+    }
+}
+
+// phases_to_nchw_{f16,bf16}: y (batch, h + 1, w + 1, 4 * channels), the 2x2 convolution's output
+// with phase 2a + b in channels [(2a + b) * channels, (2a + b + 1) * channels), plus bias[c] ->
+// out (batch, channels, 2h, 2w): out[n][c][2i + a][2j + b] = y[n][i + a][j + b][(2a + b) * channels + c]
+// + bias[c], the sum in f32 rounded once. blockIdx.z = 4 * sample + phase.
+template <typename T>
+__device__ void phases_to_nchw(const T *__restrict__ y, const T *__restrict__ bias, T *__restrict__ out, int h,
+                               int w, int channels) {
+    __shared__ float tile[32][33];
+    const int64_t n = blockIdx.z >> 2;
+    const int phase = blockIdx.z & 3, a = phase >> 1, b = phase & 1;
+    const int pixels = h * w;
+    const int p0 = blockIdx.x * 32, c0 = blockIdx.y * 32;
+    const int64_t y_channels = 4 * (int64_t)channels;
+    for (int r = threadIdx.y; r < 32; r += blockDim.y) {
+        const int p = p0 + r, c = c0 + threadIdx.x;
+        if (p < pixels && c < channels) {
+            const int i = p / w, j = p % w;
+            const int64_t at = ((n * (h + 1) + i + a) * (w + 1) + j + b) * y_channels + phase * channels + c;
+            tile[r][threadIdx.x] = to_float(y[at]) + to_float(bias[c]);
+        }
+    }
+    __syncthreads();
+    for (int r = threadIdx.y; r < 32; r += blockDim.y) {
+        const int c = c0 + r, p = p0 + threadIdx.x;
+        if (p < pixels && c < channels) {
+            const int i = p / w, j = p % w;
+            out[((n * channels + c) * 2 * h + 2 * i + a) * 2 * w + 2 * j + b] = from_float<T>(tile[threadIdx.x][r]);
+        }
+    }
+}
+
+#define SUBPIXEL(NAME, T)                                                                                          \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        pad_to_nhwc_##NAME(const T *x, T *out, int h, int w, int channels) {                                      \
+        pad_to_nhwc<T>(x, out, h, w, channels);                                                                    \
+    }                                                                                                              \
+    extern "C" __global__ void __launch_bounds__(256)                                                              \
+        phases_to_nchw_##NAME(const T *y, const T *bias, T *out, int h, int w, int channels) {                    \
+        phases_to_nchw<T>(y, bias, out, h, w, channels);                                                           \
+    }
+
+SUBPIXEL(f16, __half)
+SUBPIXEL(bf16, __nv_bfloat16)

@@ -1,6 +1,7 @@
 //! The channels-last resnet path on CUDA (`kernels/channels_last.cu`, cuDNN's NHWC
 //! convolutions) against the CPU: its GroupNorm kernel from either layout, the pass back to
-//! NCHW, an NHWC convolution against the NCHW one, whole UNet-shaped resnet blocks, and the
+//! NCHW, an NHWC convolution against the NCHW one, the sub-pixel upsampler, whole UNet-shaped
+//! resnet blocks, and the
 //! channels-last tiny VAE and control-image embedding (f16 on the GPU, f32 on the CPU, same
 //! weights).
 //!
@@ -17,8 +18,10 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::VarBuilder;
 use sdcrossframe::models::resnet::{ResnetBlock2D, ResnetBlock2DConfig, TimeEmbedding};
+use sdcrossframe::models::unet_blocks::Upsample2D;
 use sdcrossframe::ops::Conv2d;
 use sdcrossframe::ops::channels_last::{self, InputLayout};
+use sdcrossframe::ops::subpixel::SubpixelUpsample;
 
 fn gpu() -> Device {
     Device::new_cuda(0).expect("this test needs a CUDA GPU")
@@ -128,6 +131,56 @@ fn nhwc_convolution_matches_the_nchw_one() {
             &nchw.to_device(&Device::Cpu).unwrap(),
         );
         assert!(err <= 1e-2, "NCHW call of a channels-last filter: {err}");
+    }
+}
+
+#[test]
+fn subpixel_upsampler_matches_the_cpu() {
+    let gpu = gpu();
+    // The UNet's three upsamplers at 512x512 (2 and 4 rows), the SD VAE's widest, the tiny test
+    // model's, and channel counts off the kernels' tiles (40; 12, which cuDNN's NHWC filter pads).
+    for (n, c, h, w) in [
+        (2, 1280, 8, 8),
+        (4, 1280, 16, 16),
+        (2, 640, 32, 32),
+        (1, 512, 64, 64),
+        (2, 64, 4, 4),
+        (1, 40, 5, 7),
+        (3, 12, 3, 2),
+    ] {
+        let weight = (randn(&[c, c, 3, 3], 1.0) / (9.0 * c as f64).sqrt()).unwrap();
+        let bias = randn(&[c], 1.0);
+        let tensors = HashMap::from([("weight".to_string(), weight), ("bias".to_string(), bias)]);
+        let x = randn(&[n, c, h, w], 1.0);
+        // The reference: nearest 2x upsampling, then the convolution, in f32 on the CPU.
+        let cpu_conv =
+            Conv2d::same(VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu), c, c, 3, 1).unwrap();
+        let expected = cpu_conv.forward(&x.upsample_nearest2d(2 * h, 2 * w).unwrap()).unwrap();
+        let conv = Conv2d::same(VarBuilder::from_tensors(tensors, DType::F16, &gpu), c, c, 3, 1).unwrap();
+        let x_gpu = x.to_dtype(DType::F16).unwrap().to_device(&gpu).unwrap();
+        let two_step = conv.forward(&x_gpu.upsample_nearest2d(2 * h, 2 * w).unwrap()).unwrap();
+        let upsampler = SubpixelUpsample::new(&conv).unwrap();
+        let out = upsampler.forward(&x_gpu).unwrap();
+        assert_eq!(out.dims(), &[n, c, 2 * h, 2 * w]);
+        let err = max_abs_diff(&out.to_dtype(DType::F32).unwrap(), &expected);
+        let two_step_err = max_abs_diff(&two_step.to_dtype(DType::F32).unwrap(), &expected);
+        let again = upsampler.forward(&x_gpu).unwrap().to_device(&Device::Cpu).unwrap();
+        let bits_differ = max_abs_diff(&out, &again);
+        println!(
+            "sub-pixel upsampler {n}x{c}x{h}x{w}: max abs diff {err:.3e} (upsampling + convolution on the GPU: {two_step_err:.3e}); two calls differ by {bits_differ:.1e}"
+        );
+        // f16 outputs up to about 6, and phase filters rounded once more than the 3x3 one.
+        assert!(err <= 1.5e-2, "{n}x{c}x{h}x{w}: {err}");
+        assert_eq!(bits_differ, 0.0, "{n}x{c}x{h}x{w}: the sub-pixel upsampler is not deterministic");
+        // The model's upsampler: sub-pixel at 2x, and at an odd target size the two-step form
+        // with its filter uploaded from host memory (the same values as on the GPU).
+        let model_upsampler = Upsample2D::from_conv(conv.clone(), true).unwrap();
+        let at_2x = model_upsampler.forward(&x_gpu, None).unwrap().to_device(&Device::Cpu).unwrap();
+        assert_eq!(max_abs_diff(&out, &at_2x), 0.0, "{n}x{c}x{h}x{w}: Upsample2D at 2x");
+        let odd = (2 * h - 1, 2 * w);
+        let expected_odd = conv.forward(&x_gpu.upsample_nearest2d(odd.0, odd.1).unwrap()).unwrap();
+        let got_odd = model_upsampler.forward(&x_gpu, Some(odd)).unwrap().to_device(&Device::Cpu).unwrap();
+        assert_eq!(max_abs_diff(&expected_odd, &got_odd), 0.0, "{n}x{c}x{h}x{w}: Upsample2D at {odd:?}");
     }
 }
 

@@ -14,7 +14,8 @@ use candle_nn::VarBuilder;
 
 use super::attention::{SelfAttentionHook, Transformer2DConfig, Transformer2DModel};
 use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig, TimeEmbedding};
-use crate::ops::{Conv2d, fused};
+use crate::ops::subpixel::SubpixelUpsample;
+use crate::ops::{self, Conv2d, fused};
 
 /// ControlNet outputs, already multiplied by the conditioning scale: one residual per UNet
 /// skip connection (12 for SD1.5) and one for the mid block; the UNet adds them to its skip
@@ -162,19 +163,58 @@ impl Module for Downsample2D {
 /// Nearest-neighbour upsampling to a given size, then a 3x3 convolution (`upsamplers.0.conv`).
 #[derive(Debug, Clone)]
 pub struct Upsample2D {
-    conv: Conv2d,
+    form: UpsampleForm,
+}
+
+#[derive(Debug, Clone)]
+enum UpsampleForm {
+    /// Upsampling, then the convolution.
+    TwoStep(Conv2d),
+    /// Exact 2x in sub-pixel form on NHWC data, where the resnets run channels-last
+    /// (`ops::subpixel`). Other target sizes (odd skip connections) take the two-step form,
+    /// whose 3x3 filter waits in host memory until the first such call uploads it: the phase
+    /// filters are 16/9 of its size, and most sizes never need it.
+    Subpixel { subpixel: SubpixelUpsample, host_conv: Conv2d, conv: std::sync::OnceLock<Conv2d> },
 }
 
 impl Upsample2D {
     pub fn new(vb: VarBuilder, channels: usize) -> Result<Self> {
-        Ok(Self { conv: Conv2d::same(vb.pp("conv"), channels, channels, 3, 1)? })
+        let conv = Conv2d::same(vb.pp("conv"), channels, channels, 3, 1)?;
+        let subpixel =
+            ops::channels_last::wanted(vb.device(), vb.dtype()) && ops::switches::switches().subpixel_upsample;
+        Self::from_conv(conv, subpixel)
+    }
+
+    /// From the upsampler's 3x3 convolution, in sub-pixel form or not.
+    pub fn from_conv(conv: Conv2d, subpixel: bool) -> Result<Self> {
+        let form = if subpixel {
+            UpsampleForm::Subpixel {
+                subpixel: SubpixelUpsample::new(&conv)?,
+                host_conv: conv.to_device(&candle_core::Device::Cpu)?,
+                conv: std::sync::OnceLock::new(),
+            }
+        } else {
+            UpsampleForm::TwoStep(conv)
+        };
+        Ok(Self { form })
     }
 
     /// `size`: output (height, width); `None` doubles both.
     pub fn forward(&self, xs: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = xs.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&xs.upsample_nearest2d(th, tw)?)
+        let conv = match &self.form {
+            UpsampleForm::TwoStep(conv) => conv,
+            UpsampleForm::Subpixel { subpixel, .. } if (th, tw) == (2 * h, 2 * w) => return subpixel.forward(xs),
+            UpsampleForm::Subpixel { host_conv, conv, .. } => match conv.get() {
+                Some(conv) => conv,
+                None => {
+                    let uploaded = host_conv.to_device(xs.device())?;
+                    conv.get_or_init(|| uploaded)
+                }
+            },
+        };
+        conv.forward(&xs.upsample_nearest2d(th, tw)?)
     }
 }
 
@@ -382,5 +422,43 @@ impl UpBlock {
             Some(up) => up.forward(&xs, upsample_size),
             None => Ok(xs),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    /// The sub-pixel form and the two-step form agree at exact 2x and at the odd sizes that
+    /// take the two-step filter (uploaded on first use).
+    #[test]
+    fn upsampler_forms_agree_at_every_target_size() -> Result<()> {
+        let dev = Device::Cpu;
+        let (c, h, w) = (6, 4, 5);
+        let vb = VarBuilder::from_tensors(
+            [
+                ("conv.weight".to_string(), Tensor::randn(0f32, 0.3, (c, c, 3, 3), &dev)?),
+                ("conv.bias".to_string(), Tensor::randn(0f32, 1.0, c, &dev)?),
+            ]
+            .into(),
+            DType::F32,
+            &dev,
+        );
+        let two_step = Upsample2D::new(vb.clone(), c)?;
+        assert!(matches!(two_step.form, UpsampleForm::TwoStep(_)), "the CPU keeps the two-step form");
+        let conv = Conv2d::same(vb.pp("conv"), c, c, 3, 1)?;
+        let subpixel = Upsample2D::from_conv(conv, true)?;
+        let xs = Tensor::randn(0f32, 1.0, (2, c, h, w), &dev)?;
+        for size in [None, Some((2 * h, 2 * w)), Some((2 * h - 1, 2 * w)), Some((2 * h - 1, 2 * w - 1))] {
+            let expected = two_step.forward(&xs, size)?;
+            let got = subpixel.forward(&xs, size)?;
+            assert_eq!(got.dims(), expected.dims(), "{size:?}");
+            let diff = (got - expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "{size:?}: max diff {diff}");
+        }
+        let UpsampleForm::Subpixel { conv, .. } = &subpixel.form else { panic!("not the sub-pixel form") };
+        assert!(conv.get().is_some(), "the odd sizes uploaded the two-step filter");
+        Ok(())
     }
 }

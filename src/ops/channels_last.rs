@@ -14,7 +14,10 @@
 //! - [`to_nchw_add`]: the second convolution's output plus its bias and the shortcut, back to
 //!   NCHW, which is what the rest of the model takes.
 //!
-//! `kernels/channels_last.cu` holds the two kernels. Only CUDA f16/bf16 with cuDNN takes this
+//! The sub-pixel upsampler ([`super::subpixel`]) uses two more passes of the same kind:
+//! [`pad_to_nhwc`] (its input, padded) and [`phases_to_nchw`] (its output, interleaved).
+//!
+//! `kernels/channels_last.cu` holds the kernels. Only CUDA f16/bf16 with cuDNN takes this
 //! path ([`wanted`], `SDCROSSFRAME_CHANNELS_LAST=off` switches it off); the CPU keeps the NCHW
 //! reference path. The ops' CPU implementations below run the kernels' indexing in f32 for the
 //! geometry tests.
@@ -128,6 +131,31 @@ pub fn to_nchw_add(ys: &Tensor, bias: &Tensor, residual: &Tensor) -> Result<Tens
     let op = ToNchwOp { batch, channels, pixels: height * width };
     let same = |t: &Tensor| t.to_dtype(ys.dtype())?.contiguous();
     ys.contiguous()?.apply_op3_no_bwd(&same(bias)?, &same(residual)?, &op)
+}
+
+/// `xs` (batch, channels, height, width) as (batch, height + 2, width + 2, channels) with a zero
+/// border: the input of a sub-pixel upsampler's 2x2 convolution ([`super::subpixel`]).
+pub fn pad_to_nhwc(xs: &Tensor) -> Result<Tensor> {
+    let (batch, channels, height, width) = xs.dims4()?;
+    xs.contiguous()?.apply_op1_no_bwd(&PadToNhwcOp { batch, channels, height, width })
+}
+
+/// A sub-pixel upsampler's 2x2 convolution output `ys` (batch, height + 1, width + 1, 4 x
+/// channels: phase `2a + b` in the `2a + b`-th quarter of the channels, see [`super::subpixel`]) plus
+/// `bias` (channels), as the (batch, channels, 2 height, 2 width) output of nearest 2x upsampling
+/// and the 3x3 convolution.
+pub fn phases_to_nchw(ys: &Tensor, bias: &Tensor, (height, width): (usize, usize)) -> Result<Tensor> {
+    let (batch, h1, w1, phase_channels) = ys.dims4()?;
+    let channels = bias.dims().first().copied().unwrap_or(0);
+    if bias.rank() != 1 || h1 != height + 1 || w1 != width + 1 || phase_channels != 4 * channels {
+        candle_core::bail!(
+            "sub-pixel output: {:?} with a bias of {:?} is not the 4 phases of a {height}x{width} input",
+            ys.dims(),
+            bias.dims()
+        );
+    }
+    let op = PhasesToNchwOp { batch, channels, height, width };
+    ys.contiguous()?.apply_op2_no_bwd(&bias.to_dtype(ys.dtype())?.contiguous()?, &op)
 }
 
 // As in the kernels.
@@ -360,9 +388,98 @@ impl candle_core::CustomOp3 for ToNchwOp {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+struct PadToNhwcOp {
+    batch: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+}
+
+impl candle_core::CustomOp1 for PadToNhwcOp {
+    fn name(&self) -> &'static str {
+        "pad-to-nhwc"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let what = "padded NHWC input";
+        let xv = cpu_to_f32(xs, xl, what, "input")?;
+        let (c_total, h, w) = (self.channels, self.height, self.width);
+        let (ph, pw) = (h + 2, w + 2);
+        let mut out = vec![0f32; self.batch * ph * pw * c_total];
+        for n in 0..self.batch {
+            for c in 0..c_total {
+                for y in 0..h {
+                    for x in 0..w {
+                        out[((n * ph + y + 1) * pw + x + 1) * c_total + c] = xv[((n * c_total + c) * h + y) * w + x];
+                    }
+                }
+            }
+        }
+        Ok((cpu_from_f32(out, xs.dtype(), what)?, Shape::from((self.batch, ph, pw, c_total))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, xs: &candle_core::CudaStorage, xl: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+        let shape = Shape::from((self.batch, self.height + 2, self.width + 2, self.channels));
+        Ok((cuda::pad_to_nhwc(self, (xs, xl))?, shape))
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PhasesToNchwOp {
+    batch: usize,
+    channels: usize,
+    height: usize,
+    width: usize,
+}
+
+impl PhasesToNchwOp {
+    fn out_shape(&self) -> Shape {
+        Shape::from((self.batch, self.channels, 2 * self.height, 2 * self.width))
+    }
+}
+
+impl candle_core::CustomOp2 for PhasesToNchwOp {
+    fn name(&self) -> &'static str {
+        "sub-pixel-phases-to-nchw"
+    }
+
+    fn cpu_fwd(&self, ys: &CpuStorage, yl: &Layout, b: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let what = "sub-pixel output";
+        let (yv, bv) = (cpu_to_f32(ys, yl, what, "input")?, cpu_to_f32(b, bl, what, "bias")?);
+        let (c_total, h, w) = (self.channels, self.height, self.width);
+        let mut out = vec![0f32; self.batch * c_total * 4 * h * w];
+        for n in 0..self.batch {
+            for c in 0..c_total {
+                for oy in 0..2 * h {
+                    for ox in 0..2 * w {
+                        let (i, a, j, b) = (oy / 2, oy % 2, ox / 2, ox % 2);
+                        let phase = 2 * a + b;
+                        let at = ((n * (h + 1) + i + a) * (w + 1) + j + b) * 4 * c_total + phase * c_total + c;
+                        out[((n * c_total + c) * 2 * h + oy) * 2 * w + ox] = yv[at] + bv[c];
+                    }
+                }
+            }
+        }
+        Ok((cpu_from_f32(out, ys.dtype(), what)?, self.out_shape()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        ys: &candle_core::CudaStorage,
+        yl: &Layout,
+        b: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        Ok((cuda::phases_to_nchw(self, (ys, yl), (b, bl))?, self.out_shape()))
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
-    use super::{GroupNormOp, ToNchwOp};
+    use super::{GroupNormOp, PadToNhwcOp, PhasesToNchwOp, ToNchwOp};
     use candle_core::{CudaStorage, Layout, Result, Shape};
 
     type Input<'a> = (&'a CudaStorage, &'a Layout);
@@ -407,9 +524,45 @@ mod cuda {
         }
     }
 
+    pub(super) fn pad_to_nhwc(op: &PadToNhwcOp, xs: Input) -> Result<CudaStorage> {
+        #[cfg(not(sdcrossframe_channels_last_ptx))]
+        {
+            let _ = (op, xs);
+            candle_core::bail!("padded NHWC input: this build has no CUDA kernel for it")
+        }
+        #[cfg(sdcrossframe_channels_last_ptx)]
+        {
+            use candle_core::backend::BackendStorage;
+            match xs.0.dtype() {
+                candle_core::DType::F16 => kernels::pad_to_nhwc::<half::f16>(op, xs, "f16"),
+                candle_core::DType::BF16 => kernels::pad_to_nhwc::<half::bf16>(op, xs, "bf16"),
+                other => candle_core::bail!("padded NHWC input supports f16 and bf16; got {other:?}"),
+            }
+        }
+    }
+
+    pub(super) fn phases_to_nchw(op: &PhasesToNchwOp, ys: Input, bias: Input) -> Result<CudaStorage> {
+        #[cfg(not(sdcrossframe_channels_last_ptx))]
+        {
+            let _ = (op, ys, bias);
+            candle_core::bail!("sub-pixel output: this build has no CUDA kernel for it")
+        }
+        #[cfg(sdcrossframe_channels_last_ptx)]
+        {
+            use candle_core::backend::BackendStorage;
+            match ys.0.dtype() {
+                candle_core::DType::F16 => kernels::phases_to_nchw::<half::f16>(op, ys, bias, "f16"),
+                candle_core::DType::BF16 => kernels::phases_to_nchw::<half::bf16>(op, ys, bias, "bf16"),
+                other => candle_core::bail!("sub-pixel output supports f16 and bf16; got {other:?}"),
+            }
+        }
+    }
+
     #[cfg(sdcrossframe_channels_last_ptx)]
     mod kernels {
-        use super::super::{APPLY_THREADS, GroupNormOp, InputLayout, STATS_THREADS, ToNchwOp, nhwc_block};
+        use super::super::{
+            APPLY_THREADS, GroupNormOp, InputLayout, PadToNhwcOp, PhasesToNchwOp, STATS_THREADS, ToNchwOp, nhwc_block,
+        };
         use super::Input;
         use crate::ops::storage::cuda_view;
         use candle_core::backend::BackendStorage;
@@ -544,6 +697,70 @@ mod cuda {
             let mut builder = func.builder();
             builder.arg(&y).arg(&b).arg(&r).arg(&out).arg(&pixels).arg(&channels);
             // SAFETY: argument types and order match to_nchw_*; sizes checked above.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+
+        pub(super) fn pad_to_nhwc<T: CudaDType + DeviceRepr>(
+            op: &PadToNhwcOp,
+            (xs, xl): Input,
+            type_name: &str,
+        ) -> Result<CudaStorage> {
+            let what = "padded NHWC input";
+            let padded = (op.height + 2) * (op.width + 2);
+            let total = op.batch * op.channels * padded;
+            if total > i32::MAX as usize || op.batch > 65_535 || op.channels.div_ceil(32) > 65_535 {
+                candle_core::bail!("{what}: too large for the kernel");
+            }
+            let x = cuda_view::<T>(xs, xl, what, "input")?;
+            let dev = xs.device();
+            let func = dev.get_or_load_custom_func(&format!("pad_to_nhwc_{type_name}"), MODULE, PTX)?;
+            // SAFETY: the kernel writes every output value (the border as zeros).
+            let out = unsafe { dev.alloc::<T>(total)? };
+            let cfg = LaunchConfig {
+                grid_dim: (padded.div_ceil(32) as u32, op.channels.div_ceil(32) as u32, op.batch as u32),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
+            };
+            let (h, w, channels) = (op.height as i32, op.width as i32, op.channels as i32);
+            let mut builder = func.builder();
+            builder.arg(&x).arg(&out).arg(&h).arg(&w).arg(&channels);
+            // SAFETY: argument types and order match pad_to_nhwc_*; sizes checked above.
+            unsafe { builder.launch(cfg) }.w()?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+
+        pub(super) fn phases_to_nchw<T: CudaDType + DeviceRepr>(
+            op: &PhasesToNchwOp,
+            (ys, yl): Input,
+            (bs, bl): Input,
+            type_name: &str,
+        ) -> Result<CudaStorage> {
+            let what = "sub-pixel output";
+            let total = op.batch * op.channels * 4 * op.height * op.width;
+            let input = op.batch * (op.height + 1) * (op.width + 1) * 4 * op.channels;
+            if total.max(input) > i32::MAX as usize || 4 * op.batch > 65_535 || op.channels.div_ceil(32) > 65_535 {
+                candle_core::bail!("{what}: too large for the kernel");
+            }
+            let y = cuda_view::<T>(ys, yl, what, "input")?;
+            let b = cuda_view::<T>(bs, bl, what, "bias")?;
+            let dev = ys.device();
+            let func = dev.get_or_load_custom_func(&format!("phases_to_nchw_{type_name}"), MODULE, PTX)?;
+            // SAFETY: the four phases write every output value.
+            let out = unsafe { dev.alloc::<T>(total)? };
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    (op.height * op.width).div_ceil(32) as u32,
+                    op.channels.div_ceil(32) as u32,
+                    4 * op.batch as u32,
+                ),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
+            };
+            let (h, w, channels) = (op.height as i32, op.width as i32, op.channels as i32);
+            let mut builder = func.builder();
+            builder.arg(&y).arg(&b).arg(&out).arg(&h).arg(&w).arg(&channels);
+            // SAFETY: argument types and order match phases_to_nchw_*; sizes checked above.
             unsafe { builder.launch(cfg) }.w()?;
             Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
         }

@@ -71,6 +71,18 @@ impl Conv2d {
         Ok(Self { weight, bias: None, padding, stride, channels_last: false, channels, padded_bias: None })
     }
 
+    /// A convolution from its filter (out, in, kh, kw) and bias (made at load from another
+    /// layer's weights, e.g. a sub-pixel upsampler's phase filters).
+    pub fn from_parts(weight: Tensor, bias: Option<Tensor>, padding: usize, stride: usize) -> Result<Self> {
+        let (out, input, _, _) = weight.dims4()?;
+        Ok(Self { weight, bias, padding, stride, channels_last: false, channels: (out, input), padded_bias: None })
+    }
+
+    /// (padding, stride).
+    pub fn padding_stride(&self) -> (usize, usize) {
+        (self.padding, self.stride)
+    }
+
     /// Padding `(kernel - 1) / 2`: odd kernels keep the size (at stride 1).
     pub fn same(vb: VarBuilder, in_channels: usize, out_channels: usize, kernel: usize, stride: usize) -> Result<Self> {
         Self::new(vb, in_channels, out_channels, kernel, (kernel - 1) / 2, stride)

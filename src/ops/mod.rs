@@ -18,6 +18,7 @@ pub mod im2col;
 pub mod offload;
 pub mod step_graphs;
 mod storage;
+pub mod subpixel;
 pub mod switches;
 pub mod vae_stream;
 

@@ -18,6 +18,7 @@ pub const CONV_PLANS: &str = "SDCROSSFRAME_CONV_PLANS";
 pub const VAE_STREAM: &str = "SDCROSSFRAME_VAE_STREAM";
 pub const CHANNELS_LAST: &str = "SDCROSSFRAME_CHANNELS_LAST";
 pub const FF_CHUNK: &str = "SDCROSSFRAME_FF_CHUNK";
+pub const UPSAMPLE: &str = "SDCROSSFRAME_UPSAMPLE";
 
 /// Which convolutions the cuDNN build considers for f16/bf16 on CUDA (`SDCROSSFRAME_CONV`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +81,10 @@ pub struct Switches {
     /// when their GEGLU projection would hold more than
     /// [`crate::models::attention::FEED_FORWARD_CHUNK_BYTES`] (many-row calls).
     pub feed_forward_chunks: bool,
+    /// `SDCROSSFRAME_UPSAMPLE=subpixel|nearest`: 2x upsamplers (nearest + 3x3 convolution) as
+    /// one 2x2 convolution per output phase on NHWC data ([`super::subpixel`]), where the
+    /// resnets run channels-last; `nearest`: upsampling, then the convolution.
+    pub subpixel_upsample: bool,
 }
 
 impl Default for Switches {
@@ -126,6 +131,7 @@ impl Switches {
                 true,
             ),
             feed_forward_chunks: parse(&lookup, FF_CHUNK, &on_off, true),
+            subpixel_upsample: parse(&lookup, UPSAMPLE, &[("subpixel", true), ("nearest", false)], true),
         }
     }
 }
@@ -197,6 +203,7 @@ mod tests {
                 channels_last: true,
                 channels_last_stages: true,
                 feed_forward_chunks: true,
+                subpixel_upsample: true,
             }
         );
         assert_eq!(s, Switches::default());
@@ -215,8 +222,9 @@ mod tests {
             (VAE_STREAM, " Off "),
             (CHANNELS_LAST, "OFF"),
             (FF_CHUNK, " oFF"),
+            (UPSAMPLE, "Nearest "),
         ]);
-        assert!(!s.feed_forward_chunks);
+        assert!(!s.feed_forward_chunks && !s.subpixel_upsample);
         assert!(!s.fused_attention && !s.fused_group_norm && !s.fused_epilogues && !s.cuda_graphs && !s.vae_stream);
         assert!(!s.channels_last && !s.channels_last_stages);
         assert_eq!((s.conv, s.flash_warps), (ConvChoice::Cudnn, Some(8)));
@@ -244,6 +252,7 @@ mod tests {
             (VAE_STREAM, "1"),
             (CHANNELS_LAST, "nhwc"),
             (FF_CHUNK, "chunked"),
+            (UPSAMPLE, "bilinear"),
         ]);
         assert_eq!(s, Switches::default());
     }
