@@ -210,6 +210,9 @@ impl Upsample2D {
                 Some(conv) => conv,
                 None => {
                     let uploaded = host_conv.to_device(xs.device())?;
+                    // A shared model's other threads queue on other CUDA streams: the copy is
+                    // finished before any of them can see the filter.
+                    xs.device().synchronize()?;
                     conv.get_or_init(|| uploaded)
                 }
             },
