@@ -453,6 +453,7 @@ PY
         } >>"$results/$label.times"
         local made
         made=$(find "$out" -name 'o*.jpg' | wc -l)
+        grep -h "step graphs of the shared model" "$results/$label.log" | tail -1 | sed 's/^.*step graphs/   step graphs/'
         if [ "$rc" != 0 ] || [ "$made" != "$n" ]; then
             echo "gst-gpu: $label: gst-launch exit $rc, $made of $n frames written" >&2
             tail -5 "$results/$label.stdout" >&2
@@ -564,6 +565,8 @@ PY
         done
         echo "written ${written% }" >>"$results/$label.times"
         echo "   $label: frames written per stream: $written(of $n)"
+        # The element logs its model's step graphs at stop (the last to stop saw every call).
+        grep -h "step graphs of the shared model" "$results/$label.log" | tail -1 | sed 's/^.*step graphs/   step graphs/'
         if [ "$rc" != 0 ] || [ "$short" = 1 ]; then
             echo "gst-gpu: $label: gst-launch exit $rc, frames written per stream: $written(of $n)" >&2
             tail -5 "$results/$label.stdout" >&2

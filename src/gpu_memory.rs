@@ -66,6 +66,30 @@ pub fn memory_info(device: &Device) -> Option<MemoryInfo> {
     None
 }
 
+/// Device memory CUDA graphs hold for their allocations now (`cuDeviceGetGraphMemAttribute`,
+/// used memory: every graph of the process on the device); `None` off CUDA or when the driver
+/// does not answer.
+pub fn graph_memory(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let context = cuda.cuda_stream().context().clone();
+        context.bind_to_thread().ok()?;
+        let mut bytes: u64 = 0;
+        // SAFETY: the attribute is a 64-bit value written into `bytes`.
+        let result = unsafe {
+            sys::cuDeviceGetGraphMemAttribute(
+                context.cu_device(),
+                sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT,
+                &mut bytes as *mut u64 as *mut _,
+            )
+        };
+        return (result == sys::CUresult::CUDA_SUCCESS).then_some(bytes);
+    }
+    let _ = device;
+    None
+}
+
 /// Free and total memory of CUDA device `ordinal` without opening a candle device (for
 /// monitoring; it retains the device's primary context, which candle shares).
 pub fn ordinal_memory_info(ordinal: usize) -> Result<MemoryInfo> {

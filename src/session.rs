@@ -599,6 +599,34 @@ impl VideoSession {
         self.shared_calls
     }
 
+    /// How the loaded model's denoising calls ran so far, for every session sharing it: one
+    /// frame, stream batch, cross-stream (eager, captured as CUDA graphs, replayed, failed).
+    pub fn step_graph_stats(&self) -> [crate::ops::step_graphs::GraphStats; 3] {
+        let img2img = self.stylizer.img2img();
+        [img2img.graph_stats().0, img2img.stream_graph_stats().0, img2img.cross_stream_graph_stats().0]
+    }
+
+    /// One line on the shared model's step graphs (logged by the element when it stops): the
+    /// calls of each kind, the captured graphs and static buffers held, and the device memory
+    /// CUDA graphs hold (all of this process's models).
+    pub fn graph_report(&self) -> String {
+        let show =
+            |g: &crate::ops::step_graphs::GraphStats| format!("{}/{}/{}/{}", g.eager, g.captured, g.replayed, g.failed);
+        let [one, stream, cross] = self.step_graph_stats();
+        let held = self.stylizer.img2img().graph_holdings();
+        let graphs = held.iter().map(|h| h.graphs.to_string()).collect::<Vec<_>>().join(" / ");
+        let buffer_mib = held.iter().map(|h| h.buffer_bytes).sum::<usize>() as f64 / (1 << 20) as f64;
+        let device_memory = crate::gpu_memory::graph_memory(self.stylizer.device())
+            .map(|bytes| format!("; CUDA graph memory in use {:.1} MiB", bytes as f64 / (1 << 20) as f64))
+            .unwrap_or_default();
+        format!(
+            "step graphs of the shared model: calls eager/captured/replayed/failed: one frame {}, stream batch {}, cross-stream {}; graphs held (one frame / stream batch / cross-stream) {graphs}, static buffers {buffer_mib:.1} MiB{device_memory}",
+            show(&one),
+            show(&stream),
+            show(&cross)
+        )
+    }
+
     /// The size frames of `width` x `height` are processed at.
     pub fn processing_size(&self, width: usize, height: usize) -> Result<(usize, usize)> {
         self.config.size.resolve(width, height, self.stylizer.img2img().vae_scale_factor())

@@ -15,6 +15,7 @@ use candle_core::{DType, Device};
 use common::*;
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope, StoreLocation};
 use sdcrossframe::frame::RgbFrame;
+use sdcrossframe::ops::step_graphs::GraphStats;
 use sdcrossframe::pipeline::{BatchTimeout, FrameSettings, SizeRequest, Stylizer, registry};
 use sdcrossframe::session::{SessionConfig, StylizedFrame, VideoSession};
 
@@ -83,6 +84,10 @@ struct Run {
     /// The cross-frame store at the end: its entries' bytes, and the memory its buffers keep.
     store_bytes: usize,
     store_held_bytes: usize,
+    /// The shared model's step counts when this stream ended (one frame, stream batch,
+    /// cross-stream), and the report line the element logs.
+    graph_stats: [GraphStats; 3],
+    graph_report: String,
 }
 
 fn session(stylizer: Stylizer, stream: &Stream, batch_timeout: Option<BatchTimeout>) -> VideoSession {
@@ -110,7 +115,8 @@ fn run(mut session: VideoSession, stream: &Stream) -> Run {
     frames.extend(session.drain_stylized().unwrap());
     let store_bytes = session.attention().stored_bytes();
     let store_held_bytes = session.attention().held_bytes();
-    Run { frames, shared_per_frame, store_bytes, store_held_bytes }
+    let (graph_stats, graph_report) = (session.step_graph_stats(), session.graph_report());
+    Run { frames, shared_per_frame, store_bytes, store_held_bytes, graph_stats, graph_report }
 }
 
 /// Runs the streams on threads of their own through one shared copy of the models (loaded
@@ -179,6 +185,18 @@ fn two_streams_share_calls_and_give_what_each_gives_alone() {
     for run in &runs {
         assert!(run.shared_per_frame.iter().all(|&n| n == 3), "shared calls per frame {:?}", run.shared_per_frame);
     }
+    // The model's counts (what the element logs at stop): the runs alone made one-frame calls
+    // only, 3 per frame; together every call was one cross-stream call for both streams. On
+    // the CPU every call runs eagerly. The stream that ended last saw the final counts.
+    let last = runs.iter().max_by_key(|r| r.graph_stats[2].eager).unwrap();
+    let frames: usize = runs.iter().map(|r| r.frames.len()).sum();
+    let shared: u64 = runs[0].shared_per_frame.iter().sum();
+    assert_eq!(last.graph_stats[0], GraphStats { eager: frames * DENOISING_STEPS, ..Default::default() });
+    assert_eq!(last.graph_stats[1], GraphStats::default(), "no stream batch here");
+    assert_eq!(last.graph_stats[2], GraphStats { eager: shared as usize, ..Default::default() });
+    let expected =
+        format!("one frame {}/0/0/0, stream batch 0/0/0/0, cross-stream {shared}/0/0/0", frames * DENOISING_STEPS);
+    assert!(last.graph_report.contains(&expected), "{}", last.graph_report);
 }
 
 #[test]

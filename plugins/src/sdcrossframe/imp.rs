@@ -1194,6 +1194,11 @@ impl BaseTransformImpl for SdCrossFrame {
             if let Some(summary) = state.timings.summary() {
                 gst::info!(CAT, imp = self, "{summary}");
             }
+            // How the (possibly shared) model's steps ran: which call compositions were
+            // captured, and what their graphs hold (scripts/gst-gpu.sh prints this line).
+            if let Model::Ready(session) = &state.model {
+                gst::info!(CAT, imp = self, "{}", session.graph_report());
+            }
         }
         *self.cancel.lock().unwrap() = None;
         *self.frame_duration.lock().unwrap() = None;
