@@ -66,25 +66,36 @@ pub fn memory_info(device: &Device) -> Option<MemoryInfo> {
     None
 }
 
-/// Device memory CUDA graphs hold for their allocations now (`cuDeviceGetGraphMemAttribute`,
-/// used memory: every graph of the process on the device); `None` off CUDA or when the driver
-/// does not answer.
-pub fn graph_memory(device: &Device) -> Option<u64> {
+/// Device memory CUDA graphs hold for their allocations (every graph of the process on the
+/// device), bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GraphMemory {
+    /// Associated with graphs now.
+    pub used: u64,
+    /// Reserved for graphs' allocations (used, and cached for them).
+    pub reserved: u64,
+}
+
+/// What CUDA graphs hold on `device` now (`cuDeviceGetGraphMemAttribute`); `None` off CUDA or
+/// when the driver does not answer.
+pub fn graph_memory(device: &Device) -> Option<GraphMemory> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = device {
         use candle_core::cuda_backend::cudarc::driver::sys;
         let context = cuda.cuda_stream().context().clone();
         context.bind_to_thread().ok()?;
-        let mut bytes: u64 = 0;
-        // SAFETY: the attribute is a 64-bit value written into `bytes`.
-        let result = unsafe {
-            sys::cuDeviceGetGraphMemAttribute(
-                context.cu_device(),
-                sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT,
-                &mut bytes as *mut u64 as *mut _,
-            )
+        let attribute = |attr: sys::CUgraphMem_attribute| {
+            let mut bytes: u64 = 0;
+            // SAFETY: both attributes are 64-bit values written into `bytes`.
+            let result = unsafe {
+                sys::cuDeviceGetGraphMemAttribute(context.cu_device(), attr, &mut bytes as *mut u64 as *mut _)
+            };
+            (result == sys::CUresult::CUDA_SUCCESS).then_some(bytes)
         };
-        return (result == sys::CUresult::CUDA_SUCCESS).then_some(bytes);
+        return Some(GraphMemory {
+            used: attribute(sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT)?,
+            reserved: attribute(sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT)?,
+        });
     }
     let _ = device;
     None

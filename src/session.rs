@@ -617,7 +617,7 @@ impl VideoSession {
         let graphs = held.iter().map(|h| h.graphs.to_string()).collect::<Vec<_>>().join(" / ");
         let buffer_mib = held.iter().map(|h| h.buffer_bytes).sum::<usize>() as f64 / (1 << 20) as f64;
         let device_memory = crate::gpu_memory::graph_memory(self.stylizer.device())
-            .map(|bytes| format!("; CUDA graph memory in use {:.1} MiB", bytes as f64 / (1 << 20) as f64))
+            .map(|graphs| format!("; CUDA graph memory in use {:.1} MiB", graphs.used as f64 / (1 << 20) as f64))
             .unwrap_or_default();
         format!(
             "step graphs of the shared model: calls eager/captured/replayed/failed: one frame {}, stream batch {}, cross-stream {}; graphs held (one frame / stream batch / cross-stream) {graphs}, static buffers {buffer_mib:.1} MiB{device_memory}",

@@ -23,6 +23,7 @@ mod imp {
     pub struct Probe {
         pool: sys::CUmemoryPool,
         ctx: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
+        device: Device,
     }
 
     fn check(r: sys::CUresult, what: &str) -> anyhow::Result<()> {
@@ -40,7 +41,7 @@ mod imp {
             ctx.bind_to_thread()?;
             let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
             check(unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()) }, "cuDeviceGetDefaultMemPool")?;
-            Ok(Some(Self { pool, ctx }))
+            Ok(Some(Self { pool, ctx, device: device.clone() }))
         }
 
         /// Starts a new high-water mark at the memory in use now.
@@ -69,17 +70,6 @@ mod imp {
             Ok(v)
         }
 
-        /// One of the device's CUDA graph memory attributes (bytes).
-        fn graph_attr(&self, attr: sys::CUgraphMem_attribute) -> anyhow::Result<u64> {
-            self.ctx.bind_to_thread()?;
-            let mut v: u64 = 0;
-            check(
-                unsafe { sys::cuDeviceGetGraphMemAttribute(self.ctx.cu_device(), attr, &mut v as *mut u64 as *mut _) },
-                "cuDeviceGetGraphMemAttribute",
-            )?;
-            Ok(v)
-        }
-
         /// Peak bytes allocated from the pool since the last reset.
         pub fn peak(&self) -> anyhow::Result<u64> {
             self.pool_attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
@@ -96,8 +86,9 @@ mod imp {
         pub fn breakdown(&self) -> anyhow::Result<super::Breakdown> {
             let tensors = self.current()?;
             let pool_reserved = self.pool_attr(sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?;
-            let graphs = self.graph_attr(sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT)?;
-            let graphs_used = self.graph_attr(sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT)?;
+            let graph_memory = sdcrossframe::gpu_memory::graph_memory(&self.device)
+                .ok_or_else(|| anyhow::anyhow!("cuDeviceGetGraphMemAttribute failed"))?;
+            let (graphs, graphs_used) = (graph_memory.reserved, graph_memory.used);
             Ok(super::Breakdown { tensors, pool_reserved, graphs, graphs_used })
         }
 

@@ -573,6 +573,20 @@ mod cuda {
         const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/channels_last.ptx"));
         const MODULE: &str = "sdcrossframe_channels_last";
 
+        /// The launch of the 32 pixels x 32 channels tile kernels (to_nchw, pad_to_nhwc,
+        /// phases_to_nchw): `pixels` and `channels` tiled, `slices` (samples, or samples x
+        /// phases) in z; `values`, the most values either side holds, within 32-bit indexing.
+        fn tiles(what: &str, pixels: usize, channels: usize, slices: usize, values: usize) -> Result<LaunchConfig> {
+            if values > i32::MAX as usize || slices > 65_535 || channels.div_ceil(32) > 65_535 {
+                candle_core::bail!("{what}: too large for the kernel");
+            }
+            Ok(LaunchConfig {
+                grid_dim: (pixels.div_ceil(32) as u32, channels.div_ceil(32) as u32, slices as u32),
+                block_dim: (32, 8, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+
         pub(super) fn group_norm<T: CudaDType + DeviceRepr>(
             op: &GroupNormOp,
             (xs, xl): Input,
@@ -678,9 +692,7 @@ mod cuda {
         ) -> Result<CudaStorage> {
             let what = "channels-last output";
             let total = op.batch * op.channels * op.pixels;
-            if total > i32::MAX as usize || op.batch > 65_535 || op.channels.div_ceil(32) > 65_535 {
-                candle_core::bail!("{what}: too large for the kernel");
-            }
+            let cfg = tiles(what, op.pixels, op.channels, op.batch, total)?;
             let y = cuda_view::<T>(ys, yl, what, "input")?;
             let b = cuda_view::<T>(bs, bl, what, "bias")?;
             let r = cuda_view::<T>(rs, rl, what, "residual")?;
@@ -688,11 +700,6 @@ mod cuda {
             let func = dev.get_or_load_custom_func(&format!("to_nchw_{type_name}"), MODULE, PTX)?;
             // SAFETY: the kernel writes every output value.
             let out = unsafe { dev.alloc::<T>(total)? };
-            let cfg = LaunchConfig {
-                grid_dim: (op.pixels.div_ceil(32) as u32, op.channels.div_ceil(32) as u32, op.batch as u32),
-                block_dim: (32, 8, 1),
-                shared_mem_bytes: 0,
-            };
             let (pixels, channels) = (op.pixels as i32, op.channels as i32);
             let mut builder = func.builder();
             builder.arg(&y).arg(&b).arg(&r).arg(&out).arg(&pixels).arg(&channels);
@@ -709,19 +716,12 @@ mod cuda {
             let what = "padded NHWC input";
             let padded = (op.height + 2) * (op.width + 2);
             let total = op.batch * op.channels * padded;
-            if total > i32::MAX as usize || op.batch > 65_535 || op.channels.div_ceil(32) > 65_535 {
-                candle_core::bail!("{what}: too large for the kernel");
-            }
+            let cfg = tiles(what, padded, op.channels, op.batch, total)?;
             let x = cuda_view::<T>(xs, xl, what, "input")?;
             let dev = xs.device();
             let func = dev.get_or_load_custom_func(&format!("pad_to_nhwc_{type_name}"), MODULE, PTX)?;
             // SAFETY: the kernel writes every output value (the border as zeros).
             let out = unsafe { dev.alloc::<T>(total)? };
-            let cfg = LaunchConfig {
-                grid_dim: (padded.div_ceil(32) as u32, op.channels.div_ceil(32) as u32, op.batch as u32),
-                block_dim: (32, 8, 1),
-                shared_mem_bytes: 0,
-            };
             let (h, w, channels) = (op.height as i32, op.width as i32, op.channels as i32);
             let mut builder = func.builder();
             builder.arg(&x).arg(&out).arg(&h).arg(&w).arg(&channels);
@@ -739,24 +739,13 @@ mod cuda {
             let what = "sub-pixel output";
             let total = op.batch * op.channels * 4 * op.height * op.width;
             let input = op.batch * (op.height + 1) * (op.width + 1) * 4 * op.channels;
-            if total.max(input) > i32::MAX as usize || 4 * op.batch > 65_535 || op.channels.div_ceil(32) > 65_535 {
-                candle_core::bail!("{what}: too large for the kernel");
-            }
+            let cfg = tiles(what, op.height * op.width, op.channels, 4 * op.batch, total.max(input))?;
             let y = cuda_view::<T>(ys, yl, what, "input")?;
             let b = cuda_view::<T>(bs, bl, what, "bias")?;
             let dev = ys.device();
             let func = dev.get_or_load_custom_func(&format!("phases_to_nchw_{type_name}"), MODULE, PTX)?;
             // SAFETY: the four phases write every output value.
             let out = unsafe { dev.alloc::<T>(total)? };
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    (op.height * op.width).div_ceil(32) as u32,
-                    op.channels.div_ceil(32) as u32,
-                    4 * op.batch as u32,
-                ),
-                block_dim: (32, 8, 1),
-                shared_mem_bytes: 0,
-            };
             let (h, w, channels) = (op.height as i32, op.width as i32, op.channels as i32);
             let mut builder = func.builder();
             builder.arg(&y).arg(&b).arg(&out).arg(&h).arg(&w).arg(&channels);
