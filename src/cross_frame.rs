@@ -680,8 +680,8 @@ impl CrossFrameAttention {
                 // The anchor's own inputs: as first and as prev they are one set of keys twice,
                 // which attention weighs exactly as the set once.
                 match mode {
-                    AttentionMode::FirstPrev => Tensor::cat(&[&part, &part], 1)?,
-                    _ => part,
+                    AttentionMode::FirstPrev => vec![part.clone(), part],
+                    _ => vec![part],
                 }
             } else {
                 let Some(entry) = layers.get(layer) else {
@@ -696,9 +696,9 @@ impl CrossFrameAttention {
                     );
                 }
                 match mode {
-                    AttentionMode::First => entry.first.clone(),
-                    AttentionMode::Prev => entry.prev.clone(),
-                    AttentionMode::FirstPrev => Tensor::cat(&[&entry.first, &entry.prev], 1)?,
+                    AttentionMode::First => vec![entry.first.clone()],
+                    AttentionMode::Prev => vec![entry.prev.clone()],
+                    AttentionMode::FirstPrev => vec![entry.first.clone(), entry.prev.clone()],
                     AttentionMode::Off => unreachable!("checked above"),
                 }
             };
@@ -732,8 +732,9 @@ impl CrossFrameAttention {
 enum RowsContext {
     /// Their own inputs (plain attention).
     Own,
-    /// Per frame, the stored inputs to project into keys and values.
-    Stored(Vec<Tensor>),
+    /// Per frame, the stored inputs to project into keys and values: pieces `(rows, tokens,
+    /// channels)` whose tokens, one after the other, are the frame's key set (first, prev).
+    Stored(Vec<Vec<Tensor>>),
 }
 
 /// Several streams' cross-frame states in one UNet call (cross-stream batching): the call's
@@ -835,39 +836,82 @@ fn streams_self_attention(
     project: &dyn Fn(&Tensor) -> candle_core::Result<(Tensor, Tensor)>,
 ) -> candle_core::Result<Option<(Tensor, Tensor)>> {
     let mut parts = Vec::with_capacity(streams.len());
+    // Per group of rows, the pieces of its key set.
+    let mut key_sets: Vec<Vec<Tensor>> = Vec::new();
+    let mut all_own = true;
     let mut offset = 0;
     for (stream, &batch) in streams.iter_mut().zip(batches) {
         let part = hidden.narrow(0, offset, batch)?;
         offset += batch;
-        let context = stream.rows_contexts(layer, &part)?;
-        parts.push((part, context));
+        match stream.rows_contexts(layer, &part)? {
+            RowsContext::Own => key_sets.push(vec![part.clone()]),
+            RowsContext::Stored(stored) => {
+                all_own = false;
+                key_sets.extend(stored);
+            }
+        }
+        parts.push(part);
     }
-    if parts.iter().all(|(_, context)| matches!(context, RowsContext::Own)) {
+    if all_own {
         return Ok(None);
     }
-    let mut contexts = Vec::new();
-    for (part, context) in &parts {
-        match context {
-            RowsContext::Own => contexts.push(part.clone()),
-            RowsContext::Stored(stored) => contexts.extend(stored.iter().cloned()),
-        }
-    }
-    let tokens = contexts.iter().map(|c| c.dim(1)).collect::<candle_core::Result<Vec<_>>>()?;
-    let longest = tokens.iter().copied().max().unwrap_or(0);
-    let mut padded = Vec::with_capacity(contexts.len());
-    for (context, tokens) in contexts.iter().zip(tokens) {
-        if longest % tokens != 0 {
-            candle_core::bail!(
-                "cross-stream attention at {layer}: key sets of {tokens} and {longest} tokens cannot be lined up"
-            );
-        }
-        padded.push(if tokens == longest { context.clone() } else { context.repeat((1, longest / tokens, 1))? });
-    }
-    let (keys, values) = project(&Tensor::cat(&padded, 0)?)?;
-    for ((part, _), stream) in parts.iter().zip(streams.iter_mut()) {
+    let context = assemble_key_sets(layer, &key_sets)?;
+    let (keys, values) = project(&context)?;
+    // Gone before the attention allocates its own (the largest tensor of the call's
+    // up-block attention at full latent size: rows x 2 x tokens x channels).
+    drop(context);
+    for (part, stream) in parts.iter().zip(streams.iter_mut()) {
         stream.rows_written(layer, part)?;
     }
     Ok(Some((keys, values)))
+}
+
+/// The key sets of a call's row groups as one `(rows, tokens, channels)` tensor, written in
+/// place (no per-frame copies on the way): each group's pieces one after the other along the
+/// tokens, repeated up to the longest set's length, which attention weighs exactly as the set
+/// once (first+prev holds twice the tokens of first, prev or plain).
+fn assemble_key_sets(layer: &str, key_sets: &[Vec<Tensor>]) -> candle_core::Result<Tensor> {
+    let Some(first) = key_sets.first().and_then(|pieces| pieces.first()) else {
+        candle_core::bail!("cross-frame attention at {layer}: no key set")
+    };
+    let (_, _, channels) = first.dims3()?;
+    let mut lengths = Vec::with_capacity(key_sets.len());
+    let mut rows = 0;
+    for pieces in key_sets {
+        let mut tokens = 0;
+        let mut group_rows = None;
+        for piece in pieces {
+            let (r, t, c) = piece.dims3()?;
+            if c != channels || group_rows.is_some_and(|g| g != r) {
+                candle_core::bail!("cross-frame attention at {layer}: key set pieces of shapes that do not line up");
+            }
+            group_rows = Some(r);
+            tokens += t;
+        }
+        rows += group_rows.unwrap_or(0);
+        lengths.push(tokens);
+    }
+    let longest = lengths.iter().copied().max().unwrap_or(0);
+    let context = Tensor::zeros((rows, longest, channels), first.dtype(), first.device())?;
+    let mut row = 0;
+    for (pieces, tokens) in key_sets.iter().zip(lengths) {
+        if tokens == 0 || longest % tokens != 0 {
+            candle_core::bail!(
+                "cross-frame attention at {layer}: key sets of {tokens} and {longest} tokens cannot be lined up"
+            );
+        }
+        let group_rows = pieces[0].dim(0)?;
+        let target = context.narrow(0, row, group_rows)?;
+        let mut at = 0;
+        for _ in 0..longest / tokens {
+            for piece in pieces {
+                target.slice_set(&piece.contiguous()?, 1, at)?;
+                at += piece.dim(1)?;
+            }
+        }
+        row += group_rows;
+    }
+    Ok(context)
 }
 
 /// An anchor's attention input becomes both the first and the previous frame's entry.

@@ -74,6 +74,8 @@ pub struct GraphMemory {
     pub used: u64,
     /// Reserved for graphs' allocations (used, and cached for them).
     pub reserved: u64,
+    /// The most ever reserved at once (since the process started).
+    pub reserved_high: u64,
 }
 
 /// What CUDA graphs hold on `device` now (`cuDeviceGetGraphMemAttribute`); `None` off CUDA or
@@ -86,7 +88,7 @@ pub fn graph_memory(device: &Device) -> Option<GraphMemory> {
         context.bind_to_thread().ok()?;
         let attribute = |attr: sys::CUgraphMem_attribute| {
             let mut bytes: u64 = 0;
-            // SAFETY: both attributes are 64-bit values written into `bytes`.
+            // SAFETY: these attributes are 64-bit values written into `bytes`.
             let result = unsafe {
                 sys::cuDeviceGetGraphMemAttribute(context.cu_device(), attr, &mut bytes as *mut u64 as *mut _)
             };
@@ -95,10 +97,141 @@ pub fn graph_memory(device: &Device) -> Option<GraphMemory> {
         return Some(GraphMemory {
             used: attribute(sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT)?,
             reserved: attribute(sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT)?,
+            reserved_high: attribute(sys::CUgraphMem_attribute::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH)?,
         });
     }
     let _ = device;
     None
+}
+
+/// The device's default memory pool, which every tensor candle allocates outside a CUDA graph
+/// comes from (`cuMemAllocAsync`), bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PoolMemory {
+    /// Allocated to tensors now.
+    pub used: u64,
+    /// Held by the pool now (in use, and freed but not yet given back to the driver).
+    pub reserved: u64,
+    /// The most ever allocated to tensors at once (until [`reset_pool_peak`]).
+    pub used_high: u64,
+    /// The most ever held at once (until [`reset_pool_peak`]).
+    pub reserved_high: u64,
+}
+
+/// What the default memory pool of `device` holds (`cuMemPoolGetAttribute`); `None` off CUDA
+/// or when the driver does not answer.
+pub fn pool_memory(device: &Device) -> Option<PoolMemory> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as Attr;
+        let pool = DefaultPool::of(cuda)?;
+        return Some(PoolMemory {
+            used: pool.attribute(Attr::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+            reserved: pool.attribute(Attr::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
+            used_high: pool.attribute(Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+            reserved_high: pool.attribute(Attr::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+        });
+    }
+    let _ = device;
+    None
+}
+
+/// The device memory of tensors, of the pool and of CUDA graphs now, in one line (the
+/// element's per-frame trace); `None` off CUDA.
+pub fn summary(device: &Device) -> Option<String> {
+    let pool = pool_memory(device)?;
+    let graphs = graph_memory(device)?;
+    let mib = |bytes: u64| bytes / MIB;
+    Some(format!(
+        "device memory: tensors {} MiB, pool {} MiB, graphs {} MiB",
+        mib(pool.used),
+        mib(pool.reserved),
+        mib(graphs.used)
+    ))
+}
+
+/// Starts the default pool's high-water marks over at what it holds now (benchmarks measure
+/// one stage's peak this way); `false` off CUDA or when the driver refuses.
+pub fn reset_pool_peak(device: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute as Attr;
+        let Some(pool) = DefaultPool::of(cuda) else { return false };
+        return pool.set_zero(Attr::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
+            && pool.set_zero(Attr::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH);
+    }
+    let _ = device;
+    false
+}
+
+/// Gives what the default pool and the graphs' memory hold unused back to the driver
+/// (`cuMemPoolTrimTo` to 0, `cuDeviceGraphMemTrim`; idle graphs map theirs again at their next
+/// launch): memory read after this is memory in use, not a cache. `false` off CUDA or when the
+/// driver refuses.
+pub fn trim(device: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let Some(pool) = DefaultPool::of(cuda) else { return false };
+        // SAFETY: a pool and device of the bound context.
+        return unsafe {
+            sys::cuMemPoolTrimTo(pool.pool, 0) == sys::CUresult::CUDA_SUCCESS
+                && sys::cuDeviceGraphMemTrim(pool.context.cu_device()) == sys::CUresult::CUDA_SUCCESS
+        };
+    }
+    let _ = device;
+    false
+}
+
+/// Gives what the default pool holds unused back to the driver (`cuMemPoolTrimTo` to 0);
+/// `false` off CUDA or when the driver refuses.
+pub fn trim_pool(device: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let Some(pool) = DefaultPool::of(cuda) else { return false };
+        // SAFETY: a pool of the bound context.
+        return unsafe { sys::cuMemPoolTrimTo(pool.pool, 0) == sys::CUresult::CUDA_SUCCESS };
+    }
+    let _ = device;
+    false
+}
+
+/// The default memory pool of a CUDA device, its context bound to the calling thread.
+#[cfg(feature = "cuda")]
+struct DefaultPool {
+    pool: candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool,
+    context: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
+}
+
+#[cfg(feature = "cuda")]
+impl DefaultPool {
+    fn of(cuda: &candle_core::CudaDevice) -> Option<Self> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let context = cuda.cuda_stream().context().clone();
+        context.bind_to_thread().ok()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        // SAFETY: writes the device's default pool handle into `pool`.
+        let result = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()) };
+        (result == sys::CUresult::CUDA_SUCCESS).then_some(Self { pool, context })
+    }
+
+    fn attribute(&self, attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute) -> Option<u64> {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let mut bytes: u64 = 0;
+        // SAFETY: the attributes read here are 64-bit values written into `bytes`.
+        let result = unsafe { sys::cuMemPoolGetAttribute(self.pool, attr, &mut bytes as *mut u64 as *mut _) };
+        (result == sys::CUresult::CUDA_SUCCESS).then_some(bytes)
+    }
+
+    fn set_zero(&self, attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute) -> bool {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let mut zero: u64 = 0;
+        // SAFETY: a high-water mark attribute, reset with a 64-bit zero.
+        unsafe {
+            sys::cuMemPoolSetAttribute(self.pool, attr, &mut zero as *mut u64 as *mut _) == sys::CUresult::CUDA_SUCCESS
+        }
+    }
 }
 
 /// Free and total memory of CUDA device `ordinal` without opening a candle device (for

@@ -607,8 +607,8 @@ impl VideoSession {
     }
 
     /// One line on the shared model's step graphs (logged by the element when it stops): the
-    /// calls of each kind, the captured graphs and static buffers held, and the device memory
-    /// CUDA graphs hold (all of this process's models).
+    /// calls of each kind, the captured graphs and static buffers held, the device memory CUDA
+    /// graphs hold and the default memory pool's (both for all of this process's models).
     pub fn graph_report(&self) -> String {
         let show =
             |g: &crate::ops::step_graphs::GraphStats| format!("{}/{}/{}/{}", g.eager, g.captured, g.replayed, g.failed);
@@ -616,11 +616,28 @@ impl VideoSession {
         let held = self.stylizer.img2img().graph_holdings();
         let graphs = held.iter().map(|h| h.graphs.to_string()).collect::<Vec<_>>().join(" / ");
         let buffer_mib = held.iter().map(|h| h.buffer_bytes).sum::<usize>() as f64 / (1 << 20) as f64;
-        let device_memory = crate::gpu_memory::graph_memory(self.stylizer.device())
-            .map(|graphs| format!("; CUDA graph memory in use {:.1} MiB", graphs.used as f64 / (1 << 20) as f64))
+        let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+        let device = self.stylizer.device();
+        let graph_memory = crate::gpu_memory::graph_memory(device)
+            .map(|g| {
+                format!("; CUDA graph memory in use {:.1} MiB (most reserved {:.1})", mib(g.used), mib(g.reserved_high))
+            })
+            .unwrap_or_default();
+        // The pool's peak against the graphs' tells a warm-up peak (eager calls) from the
+        // steady state's.
+        let pool_memory = crate::gpu_memory::pool_memory(device)
+            .map(|p| {
+                format!(
+                    "; memory pool: tensors {:.1} MiB (most {:.1}), held {:.1} MiB (most {:.1})",
+                    mib(p.used),
+                    mib(p.used_high),
+                    mib(p.reserved),
+                    mib(p.reserved_high)
+                )
+            })
             .unwrap_or_default();
         format!(
-            "step graphs of the shared model: calls eager/captured/replayed/failed: one frame {}, stream batch {}, cross-stream {}; graphs held (one frame / stream batch / cross-stream) {graphs}, static buffers {buffer_mib:.1} MiB{device_memory}",
+            "step graphs of the shared model: calls eager/captured/replayed/failed: one frame {}, stream batch {}, cross-stream {}; graphs held (one frame / stream batch / cross-stream) {graphs}, static buffers {buffer_mib:.1} MiB{graph_memory}{pool_memory}",
             show(&one),
             show(&stream),
             show(&cross)

@@ -10,7 +10,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope, StoreLocation};
-use sdcrossframe::ops::step_graphs::StepGraphs;
+use sdcrossframe::ops::step_graphs::{StepGraphs, StepKey};
 use sdcrossframe::pipeline::Stylizer;
 use sdcrossframe::session::{SessionConfig, VideoSession};
 
@@ -231,6 +231,41 @@ fn check_cross_stream_calls(label: &str, store: StoreLocation) {
             "{label}: calls did not run from CUDA graphs: {stats:?}, capture error: {error:?}"
         );
     }
+}
+
+/// A step that runs eagerly among captured ones (a stream batch draining at the end of a
+/// stream, a new composition of streams) first gives the idle graphs' memory back, so that the
+/// two do not add up; the graph maps memory again at its next launch and computes the same.
+#[test]
+fn an_eager_step_among_captured_ones_runs_with_the_graphs_memory_given_back() {
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let input = Tensor::arange(0f32, (1 << 20) as f32, &gpu).unwrap().reshape((1024, 1024)).unwrap();
+    // 64 MiB of temporaries: graph memory once captured.
+    let step = |t: &[Tensor]| -> candle_core::Result<Tensor> {
+        let wide = t[0].repeat((16, 1))?;
+        wide.narrow(0, 1024, 1024)? * 2.0
+    };
+    let key = |hook| StepKey { index: 0, timestep: 1, controlnet_scale_bits: 0, hook };
+    let expected = (&input * 2.0).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let check = |out: Tensor, what: &str| {
+        assert_eq!(out.flatten_all().unwrap().to_vec1::<f32>().unwrap(), expected, "{what}");
+    };
+    let mut graphs = StepGraphs::default();
+    for run in ["eager", "captured", "replayed"] {
+        check(graphs.run(&gpu, key(Some(7)), &[&input], step).unwrap(), run);
+    }
+    let stats = graphs.stats();
+    assert_eq!((stats.captured, stats.replayed), (1, 1), "{stats:?}");
+    gpu.synchronize().unwrap();
+    let held = sdcrossframe::gpu_memory::graph_memory(&gpu).expect("graph memory readable").used;
+    assert!(held >= 64 << 20, "the captured step holds {held} bytes of graph memory");
+    // Not replayable (a draining stream batch): eager, after the graphs' memory went back.
+    check(graphs.run(&gpu, key(None), &[&input], step).unwrap(), "eager among captured");
+    let after = sdcrossframe::gpu_memory::graph_memory(&gpu).expect("graph memory readable").used;
+    println!("graph memory before the eager step {held} bytes, after {after}");
+    assert!(after + (64 << 20) <= held, "the eager step ran beside {after} bytes of graph memory (before {held})");
+    check(graphs.run(&gpu, key(Some(7)), &[&input], step).unwrap(), "replayed after the memory went back");
+    assert_eq!(graphs.stats().replayed, 2);
 }
 
 /// The cross-frame store on the host (`ops::offload`): its copies run on a stream of their own

@@ -83,7 +83,7 @@ fn unet_matches_diffusers_with_residuals() {
     let down: Vec<Tensor> = (0..9).map(|i| r[&format!("down_residual.{i}")].clone()).collect();
     let residuals = ControlNetResiduals { down, mid: r["mid_residual"].clone() };
     let out = unet
-        .forward(&r["sample"], scalar(&r["timestep"]), &r["encoder_hidden_states"], Some(&residuals), &mut NoHook)
+        .forward(&r["sample"], scalar(&r["timestep"]), &r["encoder_hidden_states"], Some(residuals), &mut NoHook)
         .unwrap();
     assert_close("unet out_with_residuals", &out, &r["out_with_residuals"]);
     // The residuals must matter (guards against a reference that ignores them).
@@ -97,7 +97,7 @@ fn unet_rejects_wrong_residual_count() {
     let down: Vec<Tensor> = (0..8).map(|i| r[&format!("down_residual.{i}")].clone()).collect();
     let residuals = ControlNetResiduals { down, mid: r["mid_residual"].clone() };
     let err = unet
-        .forward(&r["sample"], scalar(&r["timestep"]), &r["encoder_hidden_states"], Some(&residuals), &mut NoHook)
+        .forward(&r["sample"], scalar(&r["timestep"]), &r["encoder_hidden_states"], Some(residuals), &mut NoHook)
         .unwrap_err()
         .to_string();
     assert!(err.contains("8 ControlNet down residuals") && err.contains("9 skip connections"), "{err}");
@@ -390,7 +390,7 @@ fn odd_latent_size_matches_diffusers() {
     }
     assert_close("odd mid", &residuals.mid, &r["mid"]);
     let out = load_unet()
-        .forward(&r["sample"], scalar(&r["timestep"]), &r["encoder_hidden_states"], Some(&residuals), &mut NoHook)
+        .forward(&r["sample"], scalar(&r["timestep"]), &r["encoder_hidden_states"], Some(residuals), &mut NoHook)
         .unwrap();
     assert_close("odd out", &out, &r["out"]);
 }

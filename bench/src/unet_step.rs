@@ -122,7 +122,7 @@ pub fn run(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, probe:
             let residuals = controlnet.forward(&latents, TIMESTEP as f64, &text, &control, 0.7)?;
             let t_cn = elapsed_ms(device, t0)?;
             let t1 = Instant::now();
-            let out = unet.forward(&latents, TIMESTEP as f64, &text, Some(&residuals), hook.attention_hook())?;
+            let out = unet.forward(&latents, TIMESTEP as f64, &text, Some(residuals), hook.attention_hook())?;
             let t_unet = elapsed_ms(device, t1)?;
             hook.end_frame()?;
             if profiled {
@@ -163,7 +163,7 @@ pub fn run(cli: &Cli, args: &UnetStepArgs, device: &Device, dtype: DType, probe:
     if args.cuda_graph {
         let step = || -> candle_core::Result<Tensor> {
             let residuals = controlnet.forward(&latents, TIMESTEP as f64, &text, &control, 0.7)?;
-            unet.forward(&latents, TIMESTEP as f64, &text, Some(&residuals), &mut NoHook)
+            unet.forward(&latents, TIMESTEP as f64, &text, Some(residuals), &mut NoHook)
         };
         graph_replay(cli, device, probe, step)?;
     }

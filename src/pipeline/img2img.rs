@@ -640,7 +640,7 @@ impl Img2Img {
                         model_input,
                         &inputs.timesteps,
                         embeddings,
-                        Some(&residuals),
+                        Some(residuals),
                         hook.attention_hook(),
                     )
                 });
@@ -719,6 +719,12 @@ impl StepInputs {
     /// The device the call runs on.
     pub fn device(&self) -> &candle_core::Device {
         self.model_input.device()
+    }
+
+    /// Rows x height x width of the model input (what a call's activations grow with).
+    pub fn latent_pixels(&self) -> usize {
+        let dims = self.model_input.dims();
+        dims.first().copied().unwrap_or(0) * dims.iter().skip(2).product::<usize>()
     }
 }
 

@@ -1535,7 +1535,14 @@ impl SdCrossFrame {
             stylized.prepare_time,
             stylized.diffuse_time
         );
-        gst::trace!(CAT, imp = self, "frame {} downloaded in {:?}", stylized.index, finished.wait_time);
+        gst::trace!(
+            CAT,
+            imp = self,
+            "frame {} downloaded in {:?}{}",
+            stylized.index,
+            finished.wait_time,
+            sdcrossframe::gpu_memory::summary(stylized.image.device()).map(|m| format!("; {m}")).unwrap_or_default()
+        );
     }
 
     /// Writes the stylized frame (already at the buffer's size) in the buffer's layout, alpha
