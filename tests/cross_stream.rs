@@ -122,11 +122,19 @@ fn run(mut session: VideoSession, stream: &Stream) -> Run {
 /// Runs the streams on threads of their own through one shared copy of the models (loaded
 /// once), and each alone; checks each stream against itself alone. Returns the shared runs.
 fn check(label: &str, streams: &[Stream]) -> Vec<Run> {
+    check_with_call_limit(label, streams, Some(sdcrossframe::pipeline::DEFAULT_MAX_CALL_PIXELS))
+}
+
+/// [`check`] with the batcher's limit on latent pixels per UNet call.
+fn check_with_call_limit(label: &str, streams: &[Stream], max_call_pixels: Option<usize>) -> Vec<Run> {
     let _serial = serial();
     let loads = registry::loads();
     let stylizers: Vec<Stylizer> =
         streams.iter().map(|_| Stylizer::load_shared(&tiny_spec(), &Device::Cpu, DType::F32, "").unwrap()).collect();
     assert_eq!(registry::loads() - loads, 1, "{label}: the streams' model is loaded once");
+    let batcher = stylizers[0].shared().batcher();
+    assert_eq!(batcher.max_call_pixels(), Some(sdcrossframe::pipeline::DEFAULT_MAX_CALL_PIXELS), "the default limit");
+    batcher.set_max_call_pixels(max_call_pixels);
     let alone: Vec<Run> = streams.iter().zip(&stylizers).map(|(s, st)| run(session(st.share(), s, None), s)).collect();
     // Every session exists before any frame goes in, so that the streams meet from the first call.
     let sessions: Vec<VideoSession> =
@@ -197,6 +205,29 @@ fn two_streams_share_calls_and_give_what_each_gives_alone() {
     let expected =
         format!("one frame {}/0/0/0, stream batch 0/0/0/0, cross-stream {shared}/0/0/0", frames * DENOISING_STEPS);
     assert!(last.graph_report.contains(&expected), "{}", last.graph_report);
+}
+
+/// A round whose calls would hold more latent pixels than the batcher's limit runs as several
+/// calls of whole streams (on a GPU, 4 live streams' 16-row calls as two of 8 rows: less
+/// memory at the same rate); each stream still gets what it gets alone.
+#[test]
+fn a_round_over_the_call_limit_runs_as_calls_of_whole_streams() {
+    let streams: Vec<Stream> = ["a watercolor painting", "an oil painting", "a pencil sketch"]
+        .iter()
+        .map(|prompt| Stream::new(AttentionMode::FirstPrev, prompt, false))
+        .collect();
+    // 96x64 frames: 12x8 latent pixels a row, 2 rows a stream (the guidance batch); room for
+    // two streams per call. Members in order: the first two share, the third runs alone.
+    let runs = check_with_call_limit("a call limit of two streams", &streams, Some(2 * 2 * 12 * 8));
+    let shared: Vec<u64> = runs.iter().map(|r| r.shared_per_frame.iter().sum()).collect();
+    let calls = (streams[0].frames.len() * DENOISING_STEPS) as u64;
+    assert_eq!(shared, [calls, calls, 0], "shared calls per stream");
+    // One cross-stream call per round (the pair), one one-frame call (the third stream).
+    let last = runs.iter().max_by_key(|r| r.graph_stats[2].eager).unwrap();
+    assert_eq!(last.graph_stats[2].eager, calls as usize, "{}", last.graph_report);
+    // Without the limit the three share every call.
+    let runs = check_with_call_limit("no call limit", &streams, None);
+    assert!(runs.iter().all(|r| r.shared_per_frame.iter().sum::<u64>() == calls));
 }
 
 #[test]

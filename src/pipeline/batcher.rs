@@ -3,7 +3,9 @@
 //! the same time and share a step plan (size, timesteps, guidance batch, ControlNet scale) run
 //! as one UNet + ControlNet call ([`Img2Img::predict_streams`]), each stream's rows with their
 //! own timesteps, prompt embeddings, control image and cross-frame keys and values
-//! ([`StreamsAttention`]). Calls with other plans run on their own in the same round.
+//! ([`StreamsAttention`]). Calls with other plans run on their own in the same round, and a
+//! plan's calls that would hold more than [`DEFAULT_MAX_CALL_PIXELS`] (8 rows at 512x512, see
+//! [`StreamBatcher::max_call_pixels`]) run as several calls of whole streams.
 //!
 //! The first stream to arrive leads a round. It waits for partners until every active member
 //! has arrived or its batch timeout has passed, then has the round's calls run and each stream
@@ -232,8 +234,31 @@ impl State {
     }
 }
 
+/// Latent pixels (rows x height x width) one cross-stream UNet call holds at most by default:
+/// 8 rows at 512x512 (unless one stream's call alone holds more). More rows cost about the same
+/// per row but more memory: 4 batched live4 streams (4 rows each) on an H200 took 5,385-5,639
+/// MiB through GStreamer in two calls of 8 rows against 6,055 MiB in one of 16 (CUDA graph
+/// memory 0.9-1.0 against 1.4 GiB: graphs replayed on one CUDA stream share theirs) at 52.3-52.7
+/// against 53.0 fps. `SDCROSSFRAME_MAX_CALL_PIXELS` overrides it (0: no limit).
+pub const DEFAULT_MAX_CALL_PIXELS: usize = 8 * 64 * 64;
+
+/// [`DEFAULT_MAX_CALL_PIXELS`], or the environment's `SDCROSSFRAME_MAX_CALL_PIXELS` (an
+/// unreadable value is logged and the default used).
+fn max_call_pixels_from_env() -> Option<usize> {
+    let Ok(value) = std::env::var("SDCROSSFRAME_MAX_CALL_PIXELS") else { return Some(DEFAULT_MAX_CALL_PIXELS) };
+    match value.trim().parse::<usize>() {
+        Ok(0) => None,
+        Ok(pixels) => Some(pixels),
+        Err(_) => {
+            tracing::warn!(
+                "SDCROSSFRAME_MAX_CALL_PIXELS={value:?} is not a number of latent pixels (0: no limit); using {DEFAULT_MAX_CALL_PIXELS}"
+            );
+            Some(DEFAULT_MAX_CALL_PIXELS)
+        }
+    }
+}
+
 /// The meeting point of the streams sharing one model (one per [`super::SharedModels`]).
-#[derive(Default)]
 pub struct StreamBatcher {
     state: Mutex<State>,
     changed: Condvar,
@@ -241,6 +266,21 @@ pub struct StreamBatcher {
     next_ticket: AtomicU64,
     /// Sends rounds to the thread that runs them (started with the first round).
     executor: Mutex<Option<mpsc::Sender<Round>>>,
+    /// Latent pixels per UNet call at most (0: no limit); see [`DEFAULT_MAX_CALL_PIXELS`].
+    max_call_pixels: AtomicU64,
+}
+
+impl Default for StreamBatcher {
+    fn default() -> Self {
+        Self {
+            state: Mutex::default(),
+            changed: Condvar::new(),
+            next_member: AtomicU64::new(0),
+            next_ticket: AtomicU64::new(0),
+            executor: Mutex::new(None),
+            max_call_pixels: AtomicU64::new(max_call_pixels_from_env().unwrap_or(0) as u64),
+        }
+    }
 }
 
 /// A round's calls, for the batcher's thread.
@@ -279,6 +319,18 @@ impl StreamBatcher {
         }
         let sender = executor.as_ref().expect("set above");
         sender.send(round).map_err(|_| anyhow!("the cross-stream batcher's thread stopped"))
+    }
+
+    /// Latent pixels (rows x height x width) one UNet call holds at most; `None`: no limit. A
+    /// round's calls of one plan that hold more run as several calls of whole streams, one
+    /// after another.
+    pub fn max_call_pixels(&self) -> Option<usize> {
+        Some(self.max_call_pixels.load(Ordering::Relaxed) as usize).filter(|&p| p > 0)
+    }
+
+    /// Sets [`Self::max_call_pixels`] for the rounds that start from now on.
+    pub fn set_max_call_pixels(&self, pixels: Option<usize>) {
+        self.max_call_pixels.store(pixels.unwrap_or(0) as u64, Ordering::Relaxed);
     }
 
     /// Calls so far, and how many held several streams.
@@ -388,10 +440,11 @@ impl StreamBatcher {
         self.changed.notify_all();
         let (finished, finish) = mpsc::channel();
         let models_for_round = models.clone();
+        let max_call_pixels = self.max_call_pixels();
         let ran = self
             .execute(Box::new(move || {
                 let mut stats = BatcherStats::default();
-                for group in group_by_plan(round) {
+                for group in group_by_plan(round).into_iter().flat_map(|g| split_by_size(g, max_call_pixels)) {
                     stats.calls += 1;
                     stats.shared_calls += u64::from(group.len() > 1);
                     run_group(models_for_round.img2img(), group);
@@ -457,6 +510,30 @@ fn group_by_plan(round: Vec<Pending>) -> Vec<Vec<Pending>> {
         }
     }
     groups
+}
+
+/// The calls of a group of one plan, each holding latent pixels (rows x height x width) up to
+/// `max_pixels` (whole streams, in member order; a stream that alone holds more gets a call of
+/// its own); `None`: one call.
+fn split_by_size(mut group: Vec<Pending>, max_pixels: Option<usize>) -> Vec<Vec<Pending>> {
+    let Some(max_pixels) = max_pixels else { return vec![group] };
+    group.sort_by_key(|p| p.member);
+    let mut calls: Vec<Vec<Pending>> = Vec::new();
+    let mut pixels = 0;
+    for pending in group {
+        let size = pending.request.inputs.latent_pixels();
+        match calls.last_mut() {
+            Some(call) if pixels + size <= max_pixels => {
+                pixels += size;
+                call.push(pending);
+            }
+            _ => {
+                pixels = size;
+                calls.push(vec![pending]);
+            }
+        }
+    }
+    calls
 }
 
 /// Runs one group's call and answers every request in it (a panic in the models is an error

@@ -16,7 +16,9 @@ mod size;
 mod stylizer;
 mod vae;
 
-pub use batcher::{BatchTimeout, BatcherStats, FramePace, Membership, StepReply, StepRequest, StreamBatcher};
+pub use batcher::{
+    BatchTimeout, BatcherStats, DEFAULT_MAX_CALL_PIXELS, FramePace, Membership, StepReply, StepRequest, StreamBatcher,
+};
 pub use cancel::{CancelHandle, Cancelled};
 pub use guidance::{Guidance, RESIDUAL_DELTA};
 pub use hooks::{FrameHook, PlainFrame, Stage, StageObserver, StepRow};
