@@ -53,7 +53,10 @@
 #       --streams) gives per run the aggregate fps (outputs of all streams while every stream
 #       was past its skipped frames and none had finished), each stream's fps (its outputs after
 #       the skipped ones), latency p50 and max over those frames, and the peak memory; then
-#       shared against separate per N.
+#       shared against separate per N. After each run (this mode or the one above) it prints the
+#       line the element logs at stop on its model's step graphs and memory, and on CUDA the
+#       device memory read at each frame (tensors, memory pool, CUDA graphs) over the second
+#       half of the frames: median and largest.
 #       Options:
 #         --bin DIR        holds sdcrossframe-bench and libgstsdcrossframe.so, plain or .xz
 #                          (default: $GST_GPU_BIN, else DIR/bin, else target-cuda/release); runs
@@ -125,6 +128,23 @@ die() { echo "gst-gpu: $*" >&2; exit 1; }
 log() { echo "gst-gpu: $*" >&2; }
 
 usage() { sed -n '2,/^set -uo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; exit "${1:-2}"; }
+
+# The device memory readings at the end of the element's per-frame trace lines (CUDA only:
+# `device memory: tensors A MiB, pool B MiB, graphs C MiB`), over the second half of the run's
+# frames (the steady state): median and largest of each; nothing when the log has none.
+memory_readings() {
+    python3 - "$1" <<'PY'
+import re, statistics, sys
+text = open(sys.argv[1], errors="replace").read()
+rows = [tuple(map(int, m.groups())) for m in
+        re.finditer(r"device memory: tensors (\d+) MiB, pool (\d+) MiB, graphs (\d+) MiB", text)]
+late = rows[len(rows) // 2:]
+if late:
+    cols = list(zip(*late))
+    show = ", ".join(f"{name} {statistics.median(col):.0f} ({max(col)})" for name, col in zip(("tensors", "pool", "graphs"), cols))
+    print(f"   device memory over the second half of {len(rows)} frames, median (max): {show} MiB")
+PY
+}
 
 CMD=${1:-}
 [ $# -ge 2 ] || usage
@@ -454,6 +474,7 @@ PY
         local made
         made=$(find "$out" -name 'o*.jpg' | wc -l)
         grep -h "step graphs of the shared model" "$results/$label.log" | tail -1 | sed 's/^.*step graphs/   step graphs/'
+        memory_readings "$results/$label.log"
         if [ "$rc" != 0 ] || [ "$made" != "$n" ]; then
             echo "gst-gpu: $label: gst-launch exit $rc, $made of $n frames written" >&2
             tail -5 "$results/$label.stdout" >&2
@@ -567,6 +588,7 @@ PY
         echo "   $label: frames written per stream: $written(of $n)"
         # The element logs its model's step graphs at stop (the last to stop saw every call).
         grep -h "step graphs of the shared model" "$results/$label.log" | tail -1 | sed 's/^.*step graphs/   step graphs/'
+        memory_readings "$results/$label.log"
         if [ "$rc" != 0 ] || [ "$short" = 1 ]; then
             echo "gst-gpu: $label: gst-launch exit $rc, frames written per stream: $written(of $n)" >&2
             tail -5 "$results/$label.stdout" >&2

@@ -165,22 +165,11 @@ pub fn reset_pool_peak(device: &Device) -> bool {
 }
 
 /// Gives what the default pool and the graphs' memory hold unused back to the driver
-/// (`cuMemPoolTrimTo` to 0, `cuDeviceGraphMemTrim`; idle graphs map theirs again at their next
+/// ([`trim_pool`], then `cuDeviceGraphMemTrim`; idle graphs map theirs again at their next
 /// launch): memory read after this is memory in use, not a cache. `false` off CUDA or when the
 /// driver refuses.
 pub fn trim(device: &Device) -> bool {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(cuda) = device {
-        use candle_core::cuda_backend::cudarc::driver::sys;
-        let Some(pool) = DefaultPool::of(cuda) else { return false };
-        // SAFETY: a pool and device of the bound context.
-        return unsafe {
-            sys::cuMemPoolTrimTo(pool.pool, 0) == sys::CUresult::CUDA_SUCCESS
-                && sys::cuDeviceGraphMemTrim(pool.context.cu_device()) == sys::CUresult::CUDA_SUCCESS
-        };
-    }
-    let _ = device;
-    false
+    trim_pool(device) && trim_graph_memory(device)
 }
 
 /// Gives what the default pool holds unused back to the driver (`cuMemPoolTrimTo` to 0);
@@ -197,11 +186,29 @@ pub fn trim_pool(device: &Device) -> bool {
     false
 }
 
+/// Gives the memory of graphs that are neither running nor queued back to the driver
+/// (`cuDeviceGraphMemTrim`).
+fn trim_graph_memory(device: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let context = cuda.cuda_stream().context().clone();
+        if context.bind_to_thread().is_err() {
+            return false;
+        }
+        // SAFETY: the device of the bound context.
+        return unsafe { sys::cuDeviceGraphMemTrim(context.cu_device()) == sys::CUresult::CUDA_SUCCESS };
+    }
+    let _ = device;
+    false
+}
+
 /// The default memory pool of a CUDA device, its context bound to the calling thread.
 #[cfg(feature = "cuda")]
 struct DefaultPool {
     pool: candle_core::cuda_backend::cudarc::driver::sys::CUmemoryPool,
-    context: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
+    /// Held while the pool is used: the pool belongs to the device of this context.
+    _context: std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>,
 }
 
 #[cfg(feature = "cuda")]
@@ -213,7 +220,7 @@ impl DefaultPool {
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
         // SAFETY: writes the device's default pool handle into `pool`.
         let result = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()) };
-        (result == sys::CUresult::CUDA_SUCCESS).then_some(Self { pool, context })
+        (result == sys::CUresult::CUDA_SUCCESS).then_some(Self { pool, _context: context })
     }
 
     fn attribute(&self, attr: candle_core::cuda_backend::cudarc::driver::sys::CUmemPool_attribute) -> Option<u64> {
