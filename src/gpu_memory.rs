@@ -84,8 +84,7 @@ pub fn graph_memory(device: &Device) -> Option<GraphMemory> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = device {
         use candle_core::cuda_backend::cudarc::driver::sys;
-        let context = cuda.cuda_stream().context().clone();
-        context.bind_to_thread().ok()?;
+        let context = bound_context(cuda)?;
         let attribute = |attr: sys::CUgraphMem_attribute| {
             let mut bytes: u64 = 0;
             // SAFETY: these attributes are 64-bit values written into `bytes`.
@@ -192,15 +191,23 @@ fn trim_graph_memory(device: &Device) -> bool {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = device {
         use candle_core::cuda_backend::cudarc::driver::sys;
-        let context = cuda.cuda_stream().context().clone();
-        if context.bind_to_thread().is_err() {
-            return false;
-        }
+        let Some(context) = bound_context(cuda) else { return false };
         // SAFETY: the device of the bound context.
         return unsafe { sys::cuDeviceGraphMemTrim(context.cu_device()) == sys::CUresult::CUDA_SUCCESS };
     }
     let _ = device;
     false
+}
+
+/// The device's CUDA context, bound to the calling thread (the driver calls below act on the
+/// thread's current context).
+#[cfg(feature = "cuda")]
+fn bound_context(
+    cuda: &candle_core::CudaDevice,
+) -> Option<std::sync::Arc<candle_core::cuda_backend::cudarc::driver::CudaContext>> {
+    let context = cuda.cuda_stream().context().clone();
+    context.bind_to_thread().ok()?;
+    Some(context)
 }
 
 /// The default memory pool of a CUDA device, its context bound to the calling thread.
@@ -215,8 +222,7 @@ struct DefaultPool {
 impl DefaultPool {
     fn of(cuda: &candle_core::CudaDevice) -> Option<Self> {
         use candle_core::cuda_backend::cudarc::driver::sys;
-        let context = cuda.cuda_stream().context().clone();
-        context.bind_to_thread().ok()?;
+        let context = bound_context(cuda)?;
         let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
         // SAFETY: writes the device's default pool handle into `pool`.
         let result = unsafe { sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device()) };

@@ -615,8 +615,8 @@ impl VideoSession {
         let [one, stream, cross] = self.step_graph_stats();
         let held = self.stylizer.img2img().graph_holdings();
         let graphs = held.iter().map(|h| h.graphs.to_string()).collect::<Vec<_>>().join(" / ");
-        let buffer_mib = held.iter().map(|h| h.buffer_bytes).sum::<usize>() as f64 / (1 << 20) as f64;
         let mib = |bytes: u64| bytes as f64 / (1 << 20) as f64;
+        let buffer_mib = mib(held.iter().map(|h| h.buffer_bytes as u64).sum());
         let device = self.stylizer.device();
         let graph_memory = crate::gpu_memory::graph_memory(device)
             .map(|g| {
