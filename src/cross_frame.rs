@@ -37,6 +37,7 @@ use candle_core::Tensor;
 
 use crate::models::attention::SelfAttentionHook;
 use crate::ops::offload::{CopyStream, HostArena, HostTensor};
+use crate::ops::step_graphs::{GraphOwner, GraphWatch};
 use crate::pipeline::{FrameHook, FramePlan, StepRow};
 
 /// Which frames' keys and values a frame attends to.
@@ -209,6 +210,8 @@ pub struct CrossFrameAttention {
     /// Names the store's current buffers; a fresh number (unique in the process) whenever they
     /// are dropped, so graphs captured on old buffers, or on another instance's, never match.
     generation: u64,
+    /// Gone with the generation: the step graphs drop that generation's graphs.
+    graph_owner: GraphOwner,
     location: StoreLocation,
     /// Host location: the copies' own stream (declared before the buffers it copies, so it is
     /// dropped, which waits for its copies, before they are).
@@ -239,6 +242,7 @@ impl CrossFrameAttention {
             anchor_requested: false,
             frames_since_anchor: 0,
             generation: next_generation(),
+            graph_owner: GraphOwner::default(),
             location: StoreLocation::Device,
             copies: CopyStream::default(),
             host: Vec::new(),
@@ -336,6 +340,7 @@ impl CrossFrameAttention {
         self.arena = HostArena::default();
         self.upload_pending = false;
         self.generation = next_generation();
+        self.graph_owner = GraphOwner::default();
     }
 
     /// Whether entries exist for `step`, in whichever location.
@@ -543,6 +548,10 @@ impl FrameHook for CrossFrameAttention {
         let mode = self.mode as u64;
         let scope = self.scope as u64;
         Some((self.generation << 8) | (mode << 4) | (scope << 2) | role)
+    }
+
+    fn graph_owners(&self) -> Vec<GraphWatch> {
+        vec![self.graph_owner.watch()]
     }
 
     fn end_frame(&mut self) -> Result<()> {
@@ -808,6 +817,10 @@ impl FrameHook for StreamsAttention<'_> {
             (stream.graph_key()?, count).hash(&mut hasher);
         }
         Some(hasher.finish())
+    }
+
+    fn graph_owners(&self) -> Vec<GraphWatch> {
+        self.streams.iter().flat_map(|stream| stream.graph_owners()).collect()
     }
 }
 

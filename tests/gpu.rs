@@ -10,7 +10,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope, StoreLocation};
-use sdcrossframe::ops::step_graphs::{StepGraphs, StepKey};
+use sdcrossframe::ops::step_graphs::{GraphOwner, StepGraphs, StepKey};
 use sdcrossframe::pipeline::Stylizer;
 use sdcrossframe::session::{SessionConfig, VideoSession};
 
@@ -252,7 +252,7 @@ fn an_eager_step_among_captured_ones_runs_with_the_graphs_memory_given_back() {
     };
     let mut graphs = StepGraphs::default();
     for run in ["eager", "captured", "replayed"] {
-        check(graphs.run(&gpu, key(Some(7)), &[&input], step).unwrap(), run);
+        check(graphs.run(&gpu, key(Some(7)), Vec::new(), &[&input], step).unwrap(), run);
     }
     let stats = graphs.stats();
     assert_eq!((stats.captured, stats.replayed), (1, 1), "{stats:?}");
@@ -260,12 +260,87 @@ fn an_eager_step_among_captured_ones_runs_with_the_graphs_memory_given_back() {
     let held = sdcrossframe::gpu_memory::graph_memory(&gpu).expect("graph memory readable").used;
     assert!(held >= 64 << 20, "the captured step holds {held} bytes of graph memory");
     // Not replayable (a draining stream batch): eager, after the graphs' memory went back.
-    check(graphs.run(&gpu, key(None), &[&input], step).unwrap(), "eager among captured");
+    check(graphs.run(&gpu, key(None), Vec::new(), &[&input], step).unwrap(), "eager among captured");
     let after = sdcrossframe::gpu_memory::graph_memory(&gpu).expect("graph memory readable").used;
     println!("graph memory before the eager step {held} bytes, after {after}");
     assert!(after + (64 << 20) <= held, "the eager step ran beside {after} bytes of graph memory (before {held})");
-    check(graphs.run(&gpu, key(Some(7)), &[&input], step).unwrap(), "replayed after the memory went back");
+    check(graphs.run(&gpu, key(Some(7)), Vec::new(), &[&input], step).unwrap(), "replayed after the memory went back");
     assert_eq!(graphs.stats().replayed, 2);
+}
+
+/// Threads sharing step graphs (elements sharing a model without batching, each on its own
+/// thread and stream): each captures on buffers of its own and replays them without waiting
+/// for the others, and a step captured on one thread replays right on another.
+#[test]
+fn threads_replay_their_captured_steps_on_buffers_of_their_own() {
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let graphs = std::sync::Mutex::new(StepGraphs::default());
+    let key = |hook| StepKey { index: 0, timestep: 1, controlnet_scale_bits: 0, hook };
+    // Enough work per step that unordered copies would show.
+    let step = |t: &[Tensor]| -> candle_core::Result<Tensor> {
+        let mut x = t[0].clone();
+        for _ in 0..8 {
+            x = (x.matmul(&t[0])? / 256.0)?;
+        }
+        Ok(x)
+    };
+    let input = |seed: f32| (Tensor::rand(0f32, 1.0, (256, 256), &gpu).unwrap() + seed as f64 * 1e-3).unwrap();
+    let run = |hook: u64, x: &Tensor| graphs.lock().unwrap().run(&gpu, key(Some(hook)), Vec::new(), &[x], step).unwrap();
+    std::thread::scope(|scope| {
+        for thread in 0..2u64 {
+            let (run, input, step) = (&run, &input, &step);
+            scope.spawn(move || {
+                for i in 0..12 {
+                    let x = input((thread * 100 + i) as f32);
+                    let expected = step(&[x.clone()]).unwrap();
+                    let out = run(thread, &x);
+                    let diff = (out - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                    assert!(diff < 1e-6, "thread {thread}, run {i}: {diff}");
+                }
+            });
+        }
+    });
+    let holdings = graphs.lock().unwrap().holdings();
+    assert_eq!(holdings.graphs, 2);
+    // Two threads' sets of one signature's buffers.
+    assert_eq!(holdings.buffer_bytes, 2 * 2 * 256 * 256 * 4, "{holdings:?}");
+    // Thread 0's step, replayed on a third thread.
+    std::thread::scope(|scope| {
+        scope.spawn(|| {
+            let x = input(7.0);
+            let expected = step(&[x.clone()]).unwrap();
+            let diff = (run(0, &x) - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-6, "replayed on another thread: {diff}");
+        });
+    });
+    let stats = graphs.lock().unwrap().stats();
+    assert_eq!((stats.captured, stats.replayed), (2, 21), "{stats:?}");
+}
+
+/// A captured step whose owner (a cross-frame store's buffers) is gone is dropped when the next
+/// new key arrives, its graph with it; one whose owner lives stays and replays.
+#[test]
+fn captured_steps_of_an_owner_that_is_gone_are_dropped() {
+    let gpu = Device::new_cuda(0).expect("a CUDA device");
+    let input = Tensor::arange(0f32, 1024f32, &gpu).unwrap();
+    let step = |t: &[Tensor]| -> candle_core::Result<Tensor> { t[0].clone() * 3.0 };
+    let key = |hook| StepKey { index: 0, timestep: 1, controlnet_scale_bits: 0, hook };
+    let (kept, dropped) = (GraphOwner::default(), GraphOwner::default());
+    let mut graphs = StepGraphs::default();
+    for _ in 0..2 {
+        graphs.run(&gpu, key(Some(1)), vec![kept.watch()], &[&input], step).unwrap();
+        graphs.run(&gpu, key(Some(2)), vec![kept.watch(), dropped.watch()], &[&input], step).unwrap();
+    }
+    assert_eq!(graphs.holdings().graphs, 2);
+    drop(dropped);
+    // Dropping the owner alone changes nothing; the next new key clears its graphs away.
+    assert_eq!(graphs.holdings().graphs, 2);
+    graphs.run(&gpu, key(Some(3)), Vec::new(), &[&input], step).unwrap();
+    assert_eq!(graphs.holdings().graphs, 1, "the graph of the owner that is gone is dropped");
+    let out = graphs.run(&gpu, key(Some(1)), vec![kept.watch()], &[&input], step).unwrap();
+    assert_eq!(out.to_vec1::<f32>().unwrap(), (&input * 3.0).unwrap().to_vec1::<f32>().unwrap());
+    let stats = graphs.stats();
+    assert_eq!((stats.captured, stats.replayed), (2, 1), "{stats:?}");
 }
 
 /// The cross-frame store on the host (`ops::offload`): its copies run on a stream of their own

@@ -29,12 +29,37 @@
 //! one's captured step; stage graphs depend only on their input's shape and the weights.
 
 use std::collections::HashMap;
+use std::thread::ThreadId;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor};
 
-/// Captured steps kept at most (a frame plan needs two per denoising step: anchor, follower).
-const MAX_ENTRIES: usize = 128;
+/// Keys kept at most (a stream needs two per denoising step: anchor, follower; elements sharing
+/// a model without batching each have their own, 8 streams at 18 steps 288). Past it, the keys
+/// of dropped cross-frame stores go first, then the least recently used.
+const MAX_ENTRIES: usize = 320;
+
+/// Held by the state a captured step bakes in besides its inputs (a cross-frame store's
+/// buffers); the step graphs drop the graphs of an owner that is gone.
+#[derive(Debug, Default)]
+pub struct GraphOwner(std::sync::Arc<()>);
+
+impl GraphOwner {
+    /// What a graph keeps to know whether its owner still exists.
+    pub fn watch(&self) -> GraphWatch {
+        GraphWatch(std::sync::Arc::downgrade(&self.0))
+    }
+}
+
+/// A captured step's link to its [`GraphOwner`].
+#[derive(Debug, Clone)]
+pub struct GraphWatch(std::sync::Weak<()>);
+
+impl GraphWatch {
+    fn alive(&self) -> bool {
+        self.0.strong_count() > 0
+    }
+}
 
 /// What fixes a captured step besides its inputs' values.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -75,31 +100,37 @@ const MAX_SIGNATURES: usize = 16;
 /// The captured steps of one kind of call; see the module docs.
 #[derive(Default)]
 pub struct StepGraphs {
-    /// Static buffers per input signature (shapes and dtypes): a graph replays fixed addresses,
-    /// so each signature keeps its own, and calls of several signatures (cross-stream calls of
-    /// 2, 3 or 4 streams) alternate without dropping each other's graphs.
+    /// Static buffers per input signature (shapes and dtypes) and capturing thread: a graph
+    /// replays fixed addresses, so each signature keeps its own, and calls of several
+    /// signatures (cross-stream calls of 2, 3 or 4 streams) alternate without dropping each
+    /// other's graphs. Per thread, because users of one set wait for each other on the device:
+    /// elements sharing a model without batching (each on its own thread and CUDA stream)
+    /// would otherwise replay their steps one at a time (8 at the original settings ran 4.5 fps
+    /// that way, where 8 separate copies overlapping on the GPU ran 5.0).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    buffers: HashMap<String, Buffers>,
-    entries: HashMap<(String, StepKey), Entry>,
+    buffers: HashMap<String, HashMap<ThreadId, Buffers>>,
+    entries: Entries<Entry>,
     stats: GraphStats,
     last_error: Option<String>,
-    fence: Fence,
 }
 
-/// The inputs a signature's graphs read and the output they write.
+/// The inputs a signature's graphs of one capturing thread read and the output they write,
+/// and the fence of their last user (see the module docs).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 struct Buffers {
     inputs: Vec<Tensor>,
     output: Tensor,
+    fence: Fence,
 }
 
 enum Entry {
     /// Ran eagerly on these threads; a thread captures it after its own eager run: the capture
     /// finds its small uploads in candle's upload cache, which is per thread (a cross-stream
     /// call runs on whichever stream's thread leads the round).
-    Warm(Vec<std::thread::ThreadId>),
+    Warm(Vec<ThreadId>),
+    /// Captured on the buffers of its signature that this thread made.
     #[cfg(feature = "cuda")]
-    Graph(CapturedGraph),
+    Graph(CapturedGraph, ThreadId),
     /// Capture failed; always eager.
     Eager,
 }
@@ -120,20 +151,63 @@ impl StepGraphs {
         let buffer_bytes = self
             .buffers
             .values()
+            .flat_map(HashMap::values)
             .flat_map(|b| b.inputs.iter().chain(std::iter::once(&b.output)))
             .map(super::held_bytes)
             .sum();
         #[cfg(feature = "cuda")]
-        let graphs = self.entries.values().filter(|e| matches!(e, Entry::Graph(_))).count();
+        let graphs = self.entries.values().filter(|e| matches!(e, Entry::Graph(..))).count();
         #[cfg(not(feature = "cuda"))]
         let graphs = 0;
         GraphHoldings { signatures: self.buffers.len(), buffer_bytes, graphs }
     }
 
-    /// Drops every graph and buffer (the next runs warm up again).
-    pub fn clear(&mut self) {
-        let fence = std::mem::take(&mut self.fence);
-        *self = Self { stats: self.stats, last_error: self.last_error.take(), fence, ..Self::default() };
+    /// Drops every graph and buffer (the next runs warm up again), once the calling thread's
+    /// stream has waited for their last users.
+    fn clear(&mut self, device: &Device) -> Result<()> {
+        self.wait_and_drop_buffers(device, |_, _| false)?;
+        *self = Self { stats: self.stats, last_error: self.last_error.take(), ..Self::default() };
+        Ok(())
+    }
+
+    /// Drops the buffer sets `keep` refuses, after the calling thread's stream has waited for
+    /// their last users (their memory goes back to the pool on this stream).
+    fn wait_and_drop_buffers(&mut self, device: &Device, keep: impl Fn(&str, &ThreadId) -> bool) -> Result<()> {
+        for (signature, sets) in &mut self.buffers {
+            let mut dropped = Vec::new();
+            for (thread, set) in sets.iter() {
+                if !keep(signature, thread) {
+                    set.fence.wait(device)?;
+                    dropped.push(*thread);
+                }
+            }
+            for thread in dropped {
+                sets.remove(&thread);
+            }
+        }
+        self.buffers.retain(|_, sets| !sets.is_empty());
+        Ok(())
+    }
+
+    /// Drops the buffer sets no captured graph reads any more (their keys were dropped).
+    fn drop_unused_buffers(&mut self, device: &Device) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        {
+            let used: Vec<(String, ThreadId)> = self
+                .entries
+                .iter()
+                .filter_map(|(key, entry)| match entry {
+                    Entry::Graph(_, thread) => Some((key.0.clone(), *thread)),
+                    _ => None,
+                })
+                .collect();
+            self.wait_and_drop_buffers(device, |signature, thread| {
+                used.iter().any(|(s, t)| s == signature && t == thread)
+            })?;
+        }
+        #[cfg(not(feature = "cuda"))]
+        let _ = device;
+        Ok(())
     }
 
     /// Whether steps on `device` go through graphs: CUDA builds, CUDA devices, not switched off.
@@ -144,11 +218,14 @@ impl StepGraphs {
     /// Runs `step` on `inputs`, eagerly or through a graph as `key` allows. `step` gets the
     /// inputs to use (the live ones, or the static buffers while capturing), must not keep
     /// anything it allocates beyond its return value, and returns a tensor shaped like the
-    /// first input (a noise prediction for a model input).
+    /// first input (a noise prediction for a model input). `owners`: what the key's graph
+    /// bakes in besides the inputs (the frame hook's [`crate::pipeline::FrameHook::graph_owners`]);
+    /// the graph is dropped once one of them is.
     pub fn run(
         &mut self,
         device: &Device,
         key: StepKey,
+        owners: Vec<GraphWatch>,
         inputs: &[&Tensor],
         mut step: impl FnMut(&[Tensor]) -> candle_core::Result<Tensor>,
     ) -> Result<Tensor> {
@@ -163,24 +240,19 @@ impl StepGraphs {
             }
             return eager(&mut step);
         }
-        // Before the buffers are written or dropped (see the module docs).
-        self.fence.wait(device)?;
         let signature = inputs.iter().map(|t| format!("{:?}{:?};", t.dtype(), t.dims())).collect::<String>();
         let known = self.buffers.contains_key(&signature) || self.entries.keys().any(|(s, _)| *s == signature);
         if !known && self.signatures() >= MAX_SIGNATURES {
             tracing::debug!("{} input signatures with captured steps: dropping them all", self.signatures());
-            self.clear();
+            self.clear(device)?;
         }
         let key = (signature, key);
-        if self.entries.len() >= MAX_ENTRIES && !self.entries.contains_key(&key) {
-            // Keys of dropped cross-frame stores never come back; start over.
-            tracing::debug!("{} captured steps: dropping them all", self.entries.len());
-            self.clear();
-        }
         let thread = std::thread::current().id();
         match self.entries.get_mut(&key) {
             None => {
-                self.entries.insert(key, Entry::Warm(vec![thread]));
+                if self.entries.insert(key, Entry::Warm(vec![thread]), owners) {
+                    self.drop_unused_buffers(device)?;
+                }
                 self.stats.eager += 1;
                 make_room_for_eager(device)?;
                 eager(&mut step)
@@ -195,23 +267,30 @@ impl StepGraphs {
                 eager(&mut step)
             }
             #[cfg(feature = "cuda")]
-            Some(Entry::Graph(graph)) => {
-                let buffers = self.buffers.get(&key.0).expect("a graph implies its signature's buffers");
+            Some(Entry::Graph(graph, owner)) => {
+                let buffers = self
+                    .buffers
+                    .get_mut(&key.0)
+                    .and_then(|sets| sets.get_mut(owner))
+                    .expect("a graph implies its buffers");
+                // Before the buffers are written (see the module docs).
+                buffers.fence.wait(device)?;
                 imp::copy_into(&buffers.inputs, inputs)?;
-                graph.launch()?;
+                graph.launch_from(device)?;
                 self.stats.replayed += 1;
                 // The buffer is rewritten by the next launch: hand out a copy.
                 let output = buffers.output.copy()?;
-                self.fence.record(device)?;
+                buffers.fence.record(device)?;
                 Ok(output)
             }
             Some(Entry::Warm(_)) => {
                 #[cfg(feature = "cuda")]
                 match self.capture(device, &key.0, inputs, &mut step) {
                     Ok(graph) => {
-                        let output = self.buffers[&key.0].output.copy()?;
-                        self.fence.record(device)?;
-                        self.entries.insert(key, Entry::Graph(graph));
+                        let buffers = self.own_buffers(&key.0).expect("a capture makes its buffers");
+                        let output = buffers.output.copy()?;
+                        buffers.fence.record(device)?;
+                        self.entries.replace(&key, Entry::Graph(graph, thread));
                         self.stats.captured += 1;
                         return Ok(output);
                     }
@@ -222,7 +301,9 @@ impl StepGraphs {
                         self.stats.failed += 1;
                         self.last_error = Some(format!("{e:#}"));
                         // The buffers were written before the capture began.
-                        self.fence.record(device)?;
+                        if let Some(buffers) = self.own_buffers(&key.0) {
+                            buffers.fence.record(device)?;
+                        }
                         if crate::gpu_memory::is_out_of_memory(&e) {
                             // Not this step's fault: it may be captured once memory is free.
                             self.entries.remove(&key);
@@ -231,11 +312,17 @@ impl StepGraphs {
                         }
                     }
                 }
-                self.entries.insert(key, Entry::Eager);
+                self.entries.replace(&key, Entry::Eager);
                 self.stats.eager += 1;
                 eager(&mut step)
             }
         }
+    }
+
+    /// The calling thread's buffers of `signature`.
+    #[cfg(feature = "cuda")]
+    fn own_buffers(&mut self, signature: &str) -> Option<&mut Buffers> {
+        self.buffers.get_mut(signature)?.get_mut(&std::thread::current().id())
     }
 
     /// Input signatures with buffers or entries.
@@ -255,14 +342,19 @@ impl StepGraphs {
         inputs: &[&Tensor],
         step: &mut dyn FnMut(&[Tensor]) -> candle_core::Result<Tensor>,
     ) -> Result<CapturedGraph> {
-        if !self.buffers.contains_key(signature) {
+        let thread = std::thread::current().id();
+        let sets = self.buffers.entry(signature.to_string()).or_default();
+        if !sets.contains_key(&thread) {
             let buffers = Buffers {
                 inputs: inputs.iter().map(|t| t.zeros_like()).collect::<candle_core::Result<_>>()?,
                 output: inputs[0].zeros_like()?,
+                fence: Fence::default(),
             };
-            self.buffers.insert(signature.to_string(), buffers);
+            sets.insert(thread, buffers);
         }
-        let buffers = &self.buffers[signature];
+        let buffers = &sets[&thread];
+        // Before the buffers are written (see the module docs).
+        buffers.fence.wait(device)?;
         imp::copy_into(&buffers.inputs, inputs)?;
         let output = &buffers.output;
         let graph = CapturedGraph::capture(device, || {
@@ -290,11 +382,97 @@ impl StepGraphs {
 /// were the run's peak, 700-930 MiB above the steady state (H200). Waits for the calling
 /// thread's stream first: a graph still running keeps its memory.
 fn make_room_for_eager(device: &Device) -> Result<()> {
+    if !super::switches::switches().eager_trim {
+        return Ok(());
+    }
     if crate::gpu_memory::graph_memory(device).is_some_and(|graphs| graphs.used > 0) {
         device.synchronize()?;
         crate::gpu_memory::trim(device);
     }
     Ok(())
+}
+
+/// The step graphs' entries by key, at most [`MAX_ENTRIES`]: a new key first drops the keys
+/// whose owners are gone (dropped or re-made cross-frame stores: their keys never come back),
+/// then, while still full, the least recently used one (before, a full cache dropped every key,
+/// so that 4 elements sharing a model at 18 steps, re-anchoring, kept warming up again).
+struct Entries<V> {
+    slots: HashMap<(String, StepKey), Slot<V>>,
+    /// Counts lookups, for "least recently used".
+    clock: u64,
+}
+
+struct Slot<V> {
+    value: V,
+    owners: Vec<GraphWatch>,
+    last_used: u64,
+}
+
+impl<V> Default for Entries<V> {
+    fn default() -> Self {
+        Self { slots: HashMap::new(), clock: 0 }
+    }
+}
+
+impl<V> Entries<V> {
+    fn get_mut(&mut self, key: &(String, StepKey)) -> Option<&mut V> {
+        self.clock += 1;
+        let slot = self.slots.get_mut(key)?;
+        slot.last_used = self.clock;
+        Some(&mut slot.value)
+    }
+
+    /// Whether keys were dropped to make room.
+    fn insert(&mut self, key: (String, StepKey), value: V, owners: Vec<GraphWatch>) -> bool {
+        let before = self.slots.len();
+        if !self.slots.contains_key(&key) {
+            self.slots.retain(|_, slot| slot.owners.iter().all(GraphWatch::alive));
+            if self.slots.len() < before {
+                tracing::debug!("dropped {} captured-step keys of cross-frame stores that are gone", before - self.slots.len());
+            }
+            while self.slots.len() >= MAX_ENTRIES {
+                let Some(oldest) = self.slots.iter().min_by_key(|(_, slot)| slot.last_used).map(|(k, _)| k.clone()) else {
+                    break;
+                };
+                self.slots.remove(&oldest);
+            }
+        }
+        let dropped = self.slots.len() < before;
+        self.clock += 1;
+        self.slots.insert(key, Slot { value, owners, last_used: self.clock });
+        dropped
+    }
+
+    /// A new value for a key that is there (its owners and use stay).
+    fn replace(&mut self, key: &(String, StepKey), value: V) {
+        if let Some(slot) = self.slots.get_mut(key) {
+            slot.value = value;
+        }
+    }
+
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn remove(&mut self, key: &(String, StepKey)) {
+        self.slots.remove(key);
+    }
+
+    fn keys(&self) -> impl Iterator<Item = &(String, StepKey)> {
+        self.slots.keys()
+    }
+
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn values(&self) -> impl Iterator<Item = &V> {
+        self.slots.values().map(|slot| &slot.value)
+    }
+
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    fn iter(&self) -> impl Iterator<Item = (&(String, StepKey), &V)> {
+        self.slots.iter().map(|(key, slot)| (key, &slot.value))
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.slots.len()
+    }
 }
 
 /// A CUDA graph for one computation of one input outside the denoising steps (the VAE's
@@ -346,7 +524,7 @@ impl StageGraph {
         {
             if let (Some(graph), Some((input_buffer, output))) = (&self.graph, &self.buffers) {
                 input_buffer.slice_set(input, 0, 0)?;
-                graph.launch()?;
+                graph.launch_from(device)?;
                 self.stats.replayed += 1;
                 // The buffer is rewritten by the next launch: hand out a copy.
                 let output = output.copy()?;
@@ -479,16 +657,22 @@ pub use imp::CapturedGraph;
 #[cfg(feature = "cuda")]
 mod imp {
     use anyhow::{Context, Result, anyhow, bail};
-    use candle_core::cuda_backend::cudarc::driver::CudaGraph;
+    use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaStream};
+    use std::sync::Arc;
     use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
     use candle_core::{Device, Tensor};
 
-    /// A captured, instantiated CUDA graph (also what the benchmark's `--cuda-graph` uses).
-    pub struct CapturedGraph(CudaGraph);
+    /// A captured, instantiated CUDA graph (also what the benchmark's `--cuda-graph` uses). It
+    /// launches on the stream it was captured on.
+    pub struct CapturedGraph {
+        graph: CudaGraph,
+        stream: Arc<CudaStream>,
+    }
 
     // SAFETY: a graph exec belongs to a CUDA context, not to a thread; cudarc binds the
     // context to the calling thread before each launch. The pipeline uses it from one thread
-    // at a time (behind its Mutex; threads' streams are ordered by a `Fence`).
+    // at a time (behind its Mutex; threads' streams are ordered by a `Fence` and
+    // `launch_from`).
     unsafe impl Send for CapturedGraph {}
 
     impl CapturedGraph {
@@ -511,11 +695,26 @@ mod imp {
                 .map_err(|e| anyhow!("cuStreamEndCapture / instantiate: {e:?}"))?
                 .context("the capture recorded no graph")?;
             graph.upload().map_err(|e| anyhow!("cuGraphUpload: {e:?}"))?;
-            Ok(Self(graph))
+            Ok(Self { graph, stream })
         }
 
+        /// Launches on the capturing stream.
         pub fn launch(&self) -> Result<()> {
-            self.0.launch().map_err(|e| anyhow!("cuGraphLaunch: {e:?}"))
+            self.graph.launch().map_err(|e| anyhow!("cuGraphLaunch: {e:?}"))
+        }
+
+        /// Launches in order with the calling thread's stream on `device`: a graph captured on
+        /// another thread runs on that thread's stream, which then first waits for the caller's
+        /// work (its copies into the static buffers), and the caller's stream for the graph.
+        pub fn launch_from(&self, device: &Device) -> Result<()> {
+            let Device::Cuda(cuda) = device else { bail!("CUDA graphs need a CUDA device") };
+            let caller = cuda.cuda_stream();
+            if caller.cu_stream() == self.stream.cu_stream() {
+                return self.launch();
+            }
+            self.stream.join(&caller).map_err(|e| anyhow!("ordering a graph after its caller's stream: {e:?}"))?;
+            self.launch()?;
+            caller.join(&self.stream).map_err(|e| anyhow!("ordering a caller's stream after a graph: {e:?}"))
         }
     }
 
@@ -526,4 +725,55 @@ mod imp {
         }
         Ok(())
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(n: usize) -> (String, StepKey) {
+        ("f16[2, 4, 64, 64];".to_string(), StepKey { index: n, timestep: 0, controlnet_scale_bits: 0, hook: Some(1) })
+    }
+
+    /// A new key first drops the keys whose owners are gone, whatever their use.
+    #[test]
+    fn keys_of_owners_that_are_gone_go_first() {
+        let (live, gone) = (GraphOwner::default(), GraphOwner::default());
+        let mut entries = Entries::default();
+        entries.insert(key(0), "gone", vec![live.watch(), gone.watch()]);
+        entries.insert(key(1), "live", vec![live.watch()]);
+        entries.insert(key(2), "no owner", Vec::new());
+        drop(gone);
+        assert_eq!(entries.len(), 3, "nothing is dropped before a new key arrives");
+        assert!(entries.get_mut(&key(0)).is_some());
+        entries.insert(key(3), "new", vec![live.watch()]);
+        assert_eq!(entries.len(), 3);
+        assert!(entries.get_mut(&key(0)).is_none(), "the key of the owner that is gone stays");
+        for n in 1..=3 {
+            assert!(entries.get_mut(&key(n)).is_some(), "key {n} was dropped");
+        }
+    }
+
+    /// Full of live keys: the least recently used one makes room, not all of them (a cache
+    /// dropped whole kept 4 streams of 36 keys each warming up again).
+    #[test]
+    fn a_full_cache_drops_its_least_recently_used_key() {
+        let owner = GraphOwner::default();
+        let mut entries = Entries::default();
+        for n in 0..MAX_ENTRIES {
+            entries.insert(key(n), n, vec![owner.watch()]);
+        }
+        // Key 0 is used again: key 1 is now the least recently used.
+        assert_eq!(entries.get_mut(&key(0)), Some(&mut 0));
+        entries.insert(key(MAX_ENTRIES), MAX_ENTRIES, vec![owner.watch()]);
+        assert_eq!(entries.len(), MAX_ENTRIES);
+        assert!(entries.get_mut(&key(1)).is_none());
+        assert!(entries.get_mut(&key(0)).is_some() && entries.get_mut(&key(2)).is_some());
+        // A value replaced in place keeps its key's place; a key that is there is not "new".
+        entries.replace(&key(2), 99);
+        entries.insert(key(2), 98, Vec::new());
+        assert_eq!(entries.len(), MAX_ENTRIES);
+        assert_eq!(entries.get_mut(&key(2)), Some(&mut 98));
+    }
+
 }

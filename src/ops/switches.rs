@@ -19,6 +19,7 @@ pub const VAE_STREAM: &str = "SDCROSSFRAME_VAE_STREAM";
 pub const CHANNELS_LAST: &str = "SDCROSSFRAME_CHANNELS_LAST";
 pub const FF_CHUNK: &str = "SDCROSSFRAME_FF_CHUNK";
 pub const UPSAMPLE: &str = "SDCROSSFRAME_UPSAMPLE";
+pub const EAGER_TRIM: &str = "SDCROSSFRAME_EAGER_TRIM";
 
 /// Which convolutions the cuDNN build considers for f16/bf16 on CUDA (`SDCROSSFRAME_CONV`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +86,10 @@ pub struct Switches {
     /// one 2x2 convolution per output phase on NHWC data ([`super::subpixel`]), where the
     /// resnets run channels-last; `nearest`: upsampling, then the convolution.
     pub subpixel_upsample: bool,
+    /// `SDCROSSFRAME_EAGER_TRIM=on|off`: before a denoising step runs eagerly while captured
+    /// steps hold device memory, wait for it and give idle graphs' memory back
+    /// ([`super::step_graphs`]).
+    pub eager_trim: bool,
 }
 
 impl Default for Switches {
@@ -132,6 +137,7 @@ impl Switches {
             ),
             feed_forward_chunks: parse(&lookup, FF_CHUNK, &on_off, true),
             subpixel_upsample: parse(&lookup, UPSAMPLE, &[("subpixel", true), ("nearest", false)], true),
+            eager_trim: parse(&lookup, EAGER_TRIM, &on_off, true),
         }
     }
 }
@@ -204,6 +210,7 @@ mod tests {
                 channels_last_stages: true,
                 feed_forward_chunks: true,
                 subpixel_upsample: true,
+                eager_trim: true,
             }
         );
         assert_eq!(s, Switches::default());
@@ -223,8 +230,9 @@ mod tests {
             (CHANNELS_LAST, "OFF"),
             (FF_CHUNK, " oFF"),
             (UPSAMPLE, "Nearest "),
+            (EAGER_TRIM, " OFF "),
         ]);
-        assert!(!s.feed_forward_chunks && !s.subpixel_upsample);
+        assert!(!s.feed_forward_chunks && !s.subpixel_upsample && !s.eager_trim);
         assert!(!s.fused_attention && !s.fused_group_norm && !s.fused_epilogues && !s.cuda_graphs && !s.vae_stream);
         assert!(!s.channels_last && !s.channels_last_stages);
         assert_eq!((s.conv, s.flash_warps), (ConvChoice::Cudnn, Some(8)));
@@ -253,6 +261,7 @@ mod tests {
             (CHANNELS_LAST, "nhwc"),
             (FF_CHUNK, "chunked"),
             (UPSAMPLE, "bilinear"),
+            (EAGER_TRIM, "no"),
         ]);
         assert_eq!(s, Switches::default());
     }

@@ -6,6 +6,7 @@ use anyhow::Result;
 
 use super::settings::FramePlan;
 use crate::models::attention::{NoHook, SelfAttentionHook};
+use crate::ops::step_graphs::GraphWatch;
 
 /// Follows one frame's denoising loop and supplies the UNet's self-attention hook.
 pub trait FrameHook {
@@ -25,6 +26,12 @@ pub trait FrameHook {
     /// this key. `None` (the default) keeps the step eager.
     fn graph_key(&self) -> Option<u64> {
         None
+    }
+    /// What the step's graph bakes in besides its inputs and the key (the cross-frame store's
+    /// buffers): once an owner is gone the graph is dropped, since its key never comes back.
+    /// Empty (the default): the graph stays as long as the step graphs keep it.
+    fn graph_owners(&self) -> Vec<GraphWatch> {
+        Vec::new()
     }
     /// Called at the start of every UNet + ControlNet call, inside a CUDA graph capture when
     /// the call is captured (unlike `begin_step`): device work queued here is part of the

@@ -621,7 +621,7 @@ impl Img2Img {
         let _upload_cache = upload_cache(&device);
         let mut graphs = cache.lock().map_err(|_| anyhow::anyhow!("step graphs poisoned by a panic"))?;
         let graph_inputs = [&inputs.model_input, &inputs.embeddings, &inputs.condition];
-        graphs.run(&device, key, &graph_inputs, |tensors| {
+        graphs.run(&device, key, hook.graph_owners(), &graph_inputs, |tensors| {
             let [model_input, embeddings, condition] = tensors else {
                 candle_core::bail!("a denoising step takes three inputs")
             };
