@@ -21,9 +21,11 @@
 //! Mutex (the pipeline's), and everything that touches the buffers (the copies in, the launch,
 //! the copy of the output that [`StepGraphs::run`] and [`StageGraph::run`] hand out) is queued
 //! before the lock is released. candle opens CUDA devices on the per-thread default stream, so
-//! two threads queue on two streams that do not wait for each other: a [`Fence`] makes the
-//! next user's stream wait (on the device, without blocking the host) for the event recorded
-//! after the last user's copy out, before it writes the buffers or drops them. Keys keep
+//! two threads queue on two streams that do not wait for each other: a [`Fence`] per set of
+//! buffers makes the next user's stream wait (on the device, without blocking the host) for
+//! the event recorded after the last user's copy out, before it writes the buffers or drops
+//! them. Step graphs keep a set per capturing thread, so threads replaying their own steps
+//! never wait for each other; a stage graph has one set for all. Keys keep
 //! users apart where a graph bakes in a user's state: a step's key includes the frame hook's
 //! key (the cross-frame store's generation, unique per store), so no session replays another
 //! one's captured step; stage graphs depend only on their input's shape and the weights.
@@ -272,7 +274,7 @@ impl StepGraphs {
                     .buffers
                     .get_mut(&key.0)
                     .and_then(|sets| sets.get_mut(owner))
-                    .expect("a graph implies its buffers");
+                    .ok_or_else(|| anyhow::anyhow!("the static buffers of a captured step are gone"))?;
                 // Before the buffers are written (see the module docs).
                 buffers.fence.wait(device)?;
                 imp::copy_into(&buffers.inputs, inputs)?;
@@ -287,7 +289,9 @@ impl StepGraphs {
                 #[cfg(feature = "cuda")]
                 match self.capture(device, &key.0, inputs, &mut step) {
                     Ok(graph) => {
-                        let buffers = self.own_buffers(&key.0).expect("a capture makes its buffers");
+                        let buffers = self
+                            .own_buffers(&key.0)
+                            .ok_or_else(|| anyhow::anyhow!("a capture left no static buffers"))?;
                         let output = buffers.output.copy()?;
                         buffers.fence.record(device)?;
                         self.entries.replace(&key, Entry::Graph(graph, thread));
