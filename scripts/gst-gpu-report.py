@@ -228,31 +228,40 @@ def streams_report(results, labels):
           "Per-stream fps: a stream's outputs after the skipped ones. Latency: per frame, its buffer entering the "
           "element's sink pad to the buffer with the same PTS leaving it (so it includes the frames the element holds "
           "and the time a shared model keeps it waiting), over the same frames.")
-    # Shared against separate, and against one stream.
+    # Shared (batched as the run asked), shared without batching and separate, against each
+    # other and against one stream.
     single = {(r["config"], r["input"]): r for r in rows if r["n"] == 1}
-    pairs = {}
+    order = ("shared", "unbatched", "separate")
+    groups = {}
     for r in rows:
-        if r["mode"] in ("shared", "separate"):
-            pairs.setdefault((r["config"], r["input"], r["n"]), {})[r["mode"]] = r
-    if pairs:
+        if r["mode"] in order:
+            groups.setdefault((r["config"], r["input"], r["n"]), {})[r["mode"]] = r
+    present = [m for m in order if any(m in g for g in groups.values())]
+    if groups:
+
+        def ratio(a, b):
+            return f"{a / b:.2f}x" if a is not None and b else "-"
+
+        def value(r, key):
+            return r[key] if r else None
+
+        names = " / ".join(present)
+        over = [m for m in present if m != "separate"] if "separate" in present else []
         print()
-        print("| config | input | streams | aggregate fps shared / separate | shared over separate | aggregate over one stream, shared / separate "
-              "| memory over one stream's, shared / separate |")
-        print("|---|---|---:|---|---:|---|---|")
-        for (config, input_, n), modes in pairs.items():
-            shared, separate = modes.get("shared"), modes.get("separate")
+        print(f"| config | input | streams | aggregate fps {names} | "
+              + "".join(f"{m} over separate | " for m in over)
+              + f"aggregate over one stream, {names} | memory over one stream's, {names} |")
+        print("|---|---|---:|---|" + "---:|" * len(over) + "---|---|")
+        for (config, input_, n), modes in groups.items():
             one = single.get((config, input_))
-
-            def ratio(a, b):
-                return f"{a / b:.2f}x" if a is not None and b else "-"
-
-            def value(r, key):
-                return r[key] if r else None
-            rough = " (rough)" if any(r is not None and is_rough(r) for r in (shared, separate)) else ""
-            print(f"| {config} | {input_} | {n} | {fmt(value(shared, 'aggregate'))} / {fmt(value(separate, 'aggregate'))} "
-                  f"| {ratio(value(shared, 'aggregate'), value(separate, 'aggregate'))}{rough} "
-                  f"| {ratio(value(shared, 'aggregate'), value(one, 'aggregate'))} / {ratio(value(separate, 'aggregate'), value(one, 'aggregate'))} "
-                  f"| {ratio(value(shared, 'memory'), value(one, 'memory'))} / {ratio(value(separate, 'memory'), value(one, 'memory'))} |")
+            runs = [modes.get(m) for m in present]
+            rough = " (rough)" if any(r is not None and is_rough(r) for r in runs) else ""
+            separate = modes.get("separate")
+            cells = [" / ".join(fmt(value(r, "aggregate")) for r in runs)]
+            cells += [f"{ratio(value(modes.get(m), 'aggregate'), value(separate, 'aggregate'))}{rough}" for m in over]
+            cells.append(" / ".join(ratio(value(r, "aggregate"), value(one, "aggregate")) for r in runs))
+            cells.append(" / ".join(ratio(value(r, "memory"), value(one, "memory")) for r in runs))
+            print(f"| {config} | {input_} | {n} | " + " | ".join(cells) + " |")
     print()
     for r in rows:
         parts = [f"s{k} {fmt(s['fps'])} fps, p50 {fmt(s['p50'])} ms, max {fmt(s['max'])} ms" for k, s in enumerate(r["streams"])]

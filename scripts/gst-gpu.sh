@@ -43,8 +43,9 @@
 #         multifilesrc ! jpegdec ! videoconvert ! queue ! sdcrossframe name=sK ... ! queue name=outK
 #           ! videoconvert ! jpegenc ! multifilesink location=.../sK-o%03d.jpg
 #       once "shared" (the default model-instance-id: one loaded model; batch-timeout=MS added
-#       when the element has that property and --batch-timeout is given, else its default)
-#       and once "separate" (model-instance-id=sK: N loaded copies); N=1 runs once ("single").
+#       when the element has that property and --batch-timeout is given, else its default),
+#       once "separate" (model-instance-id=sK: N loaded copies), and with --modes unbatched
+#       once "unbatched" (one model, batch-timeout=0); N=1 runs once ("single").
 #       Each frame's latency is the time from its buffer entering sK's sink pad to the buffer
 #       with the same PTS entering outK's sink pad (GST_SCHEDULING's chain-function lines in
 #       the debug log, ns log clock); the memory is sampled every 0.2 s during the run
@@ -76,7 +77,11 @@
 #         --no-restart     skip the second start of the first run (start-up with whatever the first
 #                          start left behind, e.g. a convolution-plan cache)
 #         --streams LIST   many streams in one process (see above), e.g. 1,2,4,8
-#         --modes LIST     with --streams: shared, separate or both (default shared,separate)
+#         --modes LIST     with --streams: any of shared, unbatched, separate (default shared,separate);
+#                          unbatched: one model like shared, with batch-timeout=0 whatever
+#                          --batch-timeout says (e.g. --modes shared,unbatched,separate
+#                          --batch-timeout -1 measures one model batched, one model unbatched
+#                          and separate copies in one call)
 #         --batch-timeout MS  with --streams: the shared runs' batch-timeout (when the element has it)
 #         --local          smoke test without a GPU: the system's GStreamer, no dpkg -x, no random
 #                          models: tests/fixtures/tiny-sd + tiny-controlnet (+ tiny-taesd for the
@@ -515,6 +520,7 @@ PY
             case "$mode" in
                 separate) per=("model-instance-id=s$k") ;;
                 shared) [ -n "$batch_timeout" ] && [ "$has_batch_timeout" = 1 ] && per=("batch-timeout=$batch_timeout") ;;
+                unbatched) [ "$has_batch_timeout" = 1 ] && per=("batch-timeout=0") ;;
             esac
             pipeline+=(
                 multifilesrc "location=$frames_dir/f%03d.jpg" start-index=0 "stop-index=$((n - 1))"
@@ -550,6 +556,7 @@ PY
             echo "config ${label%%-*}"
             echo "memory_kind $([ -n "$gpu" ] && echo "gpu" || echo "rss")"
             if [ "$mode" = shared ] && [ "$has_batch_timeout" = 1 ]; then echo "batch_timeout ${batch_timeout:-default}"; fi
+            if [ "$mode" = unbatched ] && [ "$has_batch_timeout" = 1 ]; then echo "batch_timeout 0"; fi
             [ -n "$baseline" ] && echo "memory_baseline $baseline"
             echo "settings $*"
             echo "pipeline $shown"
@@ -642,7 +649,7 @@ PY
                 for n_streams in ${streams_list//,/ }; do
                     [[ "$n_streams" =~ ^[1-9][0-9]*$ ]] || die "--streams: $n_streams is not a stream count"
                     for mode in ${modes//,/ }; do
-                        case "$mode" in shared|separate) ;; *) die "--modes: unknown mode $mode (shared, separate)" ;; esac
+                        case "$mode" in shared|unbatched|separate) ;; *) die "--modes: unknown mode $mode (shared, unbatched, separate)" ;; esac
                         # One stream is the same run either way.
                         if [ "$n_streams" = 1 ]; then
                             [ "$mode" = "${modes%%,*}" ] || continue
