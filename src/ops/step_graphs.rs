@@ -42,9 +42,20 @@ use candle_core::{Device, Tensor};
 const MAX_ENTRIES: usize = 320;
 
 /// Held by the state a captured step bakes in besides its inputs (a cross-frame store's
-/// buffers); the step graphs drop the graphs of an owner that is gone.
+/// buffers); the step graphs drop the graphs of an owner that is gone at their next use.
 #[derive(Debug, Default)]
 pub struct GraphOwner(std::sync::Arc<()>);
+
+/// Owners dropped so far in the process: step graphs look for keys to drop only when it moved.
+static OWNERS_DROPPED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl Drop for GraphOwner {
+    fn drop(&mut self) {
+        // Gone before it is counted, so that whoever sees the count sees it gone.
+        drop(std::mem::take(&mut self.0));
+        OWNERS_DROPPED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
 
 impl GraphOwner {
     /// What a graph keeps to know whether its owner still exists.
@@ -249,6 +260,9 @@ impl StepGraphs {
             self.clear(device)?;
         }
         let key = (signature, key);
+        if self.entries.drop_gone() {
+            self.drop_unused_buffers(device)?;
+        }
         let thread = std::thread::current().id();
         match self.entries.get_mut(&key) {
             None => {
@@ -396,14 +410,17 @@ fn make_room_for_eager(device: &Device) -> Result<()> {
     Ok(())
 }
 
-/// The step graphs' entries by key, at most [`MAX_ENTRIES`]: a new key first drops the keys
-/// whose owners are gone (dropped or re-made cross-frame stores: their keys never come back),
-/// then, while still full, the least recently used one (before, a full cache dropped every key,
-/// so that 4 elements sharing a model at 18 steps, re-anchoring, kept warming up again).
+/// The step graphs' entries by key, at most [`MAX_ENTRIES`]: the keys whose owners are gone
+/// (dropped or re-made cross-frame stores: their keys never come back) are dropped at the next
+/// look ([`Entries::drop_gone`], every run), and a new key that does not fit drops the least
+/// recently used one (before, a full cache dropped every key, so that 4 elements sharing a
+/// model at 18 steps, re-anchoring, kept warming up again).
 struct Entries<V> {
     slots: HashMap<(String, StepKey), Slot<V>>,
     /// Counts lookups, for "least recently used".
     clock: u64,
+    /// [`OWNERS_DROPPED`] when the keys of gone owners were last dropped.
+    owners_dropped: u64,
 }
 
 struct Slot<V> {
@@ -414,7 +431,7 @@ struct Slot<V> {
 
 impl<V> Default for Entries<V> {
     fn default() -> Self {
-        Self { slots: HashMap::new(), clock: 0 }
+        Self { slots: HashMap::new(), clock: 0, owners_dropped: 0 }
     }
 }
 
@@ -426,14 +443,28 @@ impl<V> Entries<V> {
         Some(&mut slot.value)
     }
 
+    /// Drops the keys of owners that are gone, when an owner went since the last look (a
+    /// stream that stopped or re-made its cross-frame store: its graphs' memory goes back now,
+    /// not when another key comes). Whether any was dropped.
+    fn drop_gone(&mut self) -> bool {
+        let dropped_owners = OWNERS_DROPPED.load(std::sync::atomic::Ordering::SeqCst);
+        if dropped_owners == self.owners_dropped {
+            return false;
+        }
+        self.owners_dropped = dropped_owners;
+        let before = self.slots.len();
+        self.slots.retain(|_, slot| slot.owners.iter().all(GraphWatch::alive));
+        if self.slots.len() < before {
+            tracing::debug!("dropped {} captured-step keys of cross-frame stores that are gone", before - self.slots.len());
+        }
+        self.slots.len() < before
+    }
+
     /// Whether keys were dropped to make room.
     fn insert(&mut self, key: (String, StepKey), value: V, owners: Vec<GraphWatch>) -> bool {
         let before = self.slots.len();
         if !self.slots.contains_key(&key) {
-            self.slots.retain(|_, slot| slot.owners.iter().all(GraphWatch::alive));
-            if self.slots.len() < before {
-                tracing::debug!("dropped {} captured-step keys of cross-frame stores that are gone", before - self.slots.len());
-            }
+            self.drop_gone();
             while self.slots.len() >= MAX_ENTRIES {
                 let Some(oldest) = self.slots.iter().min_by_key(|(_, slot)| slot.last_used).map(|(k, _)| k.clone()) else {
                     break;
@@ -739,7 +770,29 @@ mod tests {
         ("f16[2, 4, 64, 64];".to_string(), StepKey { index: n, timestep: 0, controlnet_scale_bits: 0, hook: Some(1) })
     }
 
-    /// A new key first drops the keys whose owners are gone, whatever their use.
+    /// The keys of an owner that is gone are dropped at the next look, whatever their use; a
+    /// look with no owner gone since the last drops nothing.
+    #[test]
+    fn keys_of_owners_that_are_gone_are_dropped_at_the_next_look() {
+        let (live, gone) = (GraphOwner::default(), GraphOwner::default());
+        let mut entries = Entries::default();
+        entries.insert(key(0), "gone", vec![live.watch(), gone.watch()]);
+        entries.insert(key(1), "live", vec![live.watch()]);
+        entries.drop_gone();
+        assert!(!entries.drop_gone(), "nothing went since the last look");
+        drop(gone);
+        assert!(entries.drop_gone());
+        assert_eq!(entries.len(), 1);
+        assert!(entries.get_mut(&key(0)).is_none() && entries.get_mut(&key(1)).is_some());
+        // Re-made (a store's buffers renewed, as `drop_entries` does): the old owner's keys go.
+        let mut live = live;
+        drop(std::mem::take(&mut live));
+        assert!(entries.drop_gone());
+        assert_eq!(entries.len(), 0);
+        drop(live);
+    }
+
+    /// Inserting looks for gone owners' keys too, whatever their use.
     #[test]
     fn keys_of_owners_that_are_gone_go_first() {
         let (live, gone) = (GraphOwner::default(), GraphOwner::default());
@@ -748,7 +801,7 @@ mod tests {
         entries.insert(key(1), "live", vec![live.watch()]);
         entries.insert(key(2), "no owner", Vec::new());
         drop(gone);
-        assert_eq!(entries.len(), 3, "nothing is dropped before a new key arrives");
+        assert_eq!(entries.len(), 3, "nothing is dropped before a look");
         assert!(entries.get_mut(&key(0)).is_some());
         entries.insert(key(3), "new", vec![live.watch()]);
         assert_eq!(entries.len(), 3);
