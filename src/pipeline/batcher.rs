@@ -236,10 +236,10 @@ impl State {
 
 /// Latent pixels (rows x height x width) one cross-stream UNet call holds at most by default:
 /// 8 rows at 512x512 (unless one stream's call alone holds more). More rows cost about the same
-/// per row but more memory: 4 batched live4 streams (4 rows each) on an H200 took 5,385-5,639
-/// MiB through GStreamer in two calls of 8 rows against 6,055 MiB in one of 16 (CUDA graph
-/// memory 0.8-1.0 against 1.3-1.4 GiB: the two graphs, replayed on one CUDA stream, seem to
-/// share much of theirs) at 51.0-52.7 against 53.0 fps. `SDCROSSFRAME_MAX_CALL_PIXELS` overrides it (0: no limit).
+/// per row but more memory: 4 batched live4 streams (4 rows each) on an H200 took 5,289-5,639
+/// MiB through GStreamer (4 runs) in two calls of 8 rows against 5,959-6,055 MiB (4 runs) in one
+/// of 16 (CUDA graph memory 0.8-1.0 against 1.3-1.4 GiB: the two graphs, replayed on one CUDA
+/// stream, seem to share much of theirs) at 51.0-52.7 against 49.9-53.0 fps. `SDCROSSFRAME_MAX_CALL_PIXELS` overrides it (0: no limit).
 pub const DEFAULT_MAX_CALL_PIXELS: usize = 8 * 64 * 64;
 
 /// [`DEFAULT_MAX_CALL_PIXELS`], or the environment's `SDCROSSFRAME_MAX_CALL_PIXELS` (an
