@@ -10,7 +10,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::*;
 use sdcrossframe::cross_frame::{AttentionMode, AttentionScope, StoreLocation};
-use sdcrossframe::ops::step_graphs::{GraphOwner, StageGraph, StepGraphs, StepKey};
+use sdcrossframe::ops::step_graphs::{GraphOwner, StepGraphs, StepKey};
 use sdcrossframe::pipeline::Stylizer;
 use sdcrossframe::session::{SessionConfig, VideoSession};
 
@@ -342,49 +342,6 @@ fn captured_steps_of_an_owner_that_is_gone_are_dropped() {
     assert_eq!(out.to_vec1::<f32>().unwrap(), expected);
     let stats = graphs.stats();
     assert_eq!((stats.captured, stats.replayed), (2, 2), "{stats:?}");
-}
-
-/// Stage graphs (VAE encode and decode, the control embedding) used by threads at once
-/// (elements sharing a model without batching): each thread captures and replays on buffers
-/// of its own and gets its own input's result; a thread's set goes once the thread has ended.
-#[test]
-fn threads_run_stages_on_graphs_of_their_own() {
-    let gpu = Device::new_cuda(0).expect("a CUDA device");
-    let stage = std::sync::Mutex::new(StageGraph::default());
-    // Enough work per run that unordered copies would show.
-    let f = |x: &Tensor| -> candle_core::Result<Tensor> {
-        let mut y = x.clone();
-        for _ in 0..8 {
-            y = (y.matmul(x)? / 256.0)?;
-        }
-        Ok(y)
-    };
-    let input = |seed: f32| (Tensor::rand(0f32, 1.0, (256, 256), &gpu).unwrap() + seed as f64 * 1e-3).unwrap();
-    const RUNS: usize = 6;
-    std::thread::scope(|scope| {
-        for thread in 0..2u64 {
-            let (stage, input, f, gpu) = (&stage, &input, &f, &gpu);
-            scope.spawn(move || {
-                for i in 0..RUNS {
-                    let x = input((thread * 100 + i as u64) as f32);
-                    let expected = f(&x).unwrap();
-                    let out = stage.lock().unwrap().run(gpu, &x, f).unwrap();
-                    let diff = (out - expected).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                    assert!(diff < 1e-6, "thread {thread}, run {i}: {diff}");
-                }
-            });
-        }
-    });
-    let stats = stage.lock().unwrap().stats();
-    // Each thread: eager, captured, then replays of its own graph.
-    assert_eq!((stats.eager, stats.captured, stats.replayed), (2, 2, 2 * (RUNS - 2)), "{stats:?}");
-    assert_eq!(stage.lock().unwrap().captured_sets(), 2);
-    // Both threads have ended: the next run (eager, this thread never ran it) drops their sets.
-    let x = input(7.0);
-    let out = stage.lock().unwrap().run(&gpu, &x, f).unwrap();
-    let diff = (out - f(&x).unwrap()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert!(diff < 1e-6, "after the threads ended: {diff}");
-    assert_eq!(stage.lock().unwrap().captured_sets(), 0, "the sets of threads that ended are kept");
 }
 
 /// The cross-frame store on the host (`ops::offload`): its copies run on a stream of their own

@@ -25,7 +25,7 @@
 //! buffers makes the next user's stream wait (on the device, without blocking the host) for
 //! the event recorded after the last user's copy out, before it writes the buffers or drops
 //! them. Step graphs keep a set per capturing thread, so threads replaying their own steps
-//! never wait for each other; stage graphs keep a set per thread too. Keys keep
+//! never wait for each other; a stage graph has one set for all. Keys keep
 //! users apart where a graph bakes in a user's state: a step's key includes the frame hook's
 //! key (the cross-frame store's generation, unique per store), so no session replays another
 //! one's captured step; stage graphs depend only on their input's shape and the weights.
@@ -517,13 +517,9 @@ impl<V> Entries<V> {
 /// (that tunes the convolutions), captured on static input and output buffers on the second,
 /// replayed after; a capture that fails leaves it eager. Whatever `f` depends on besides its
 /// input must not change between runs (the models' weights do not).
-///
-/// Each thread captures and replays on buffers of its own, as the step graphs do: with one
-/// set for all, elements sharing a model without batching waited on the device for each
-/// other's VAE work, and through it for everything the other had queued before it.
 #[derive(Default)]
 pub struct StageGraph {
-    /// Shape and dtype of the input the buffers and graphs were made for.
+    /// Shape and dtype of the input the buffers and graph were made for.
     signature: Option<String>,
     /// The threads that ran it eagerly: a capture finds the small uploads it needs in candle's
     /// upload cache, which is per thread, so a thread captures only after its own eager run
@@ -531,46 +527,11 @@ pub struct StageGraph {
     warmed: Vec<std::thread::ThreadId>,
     failed: bool,
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    sets: HashMap<ThreadId, StageSet>,
-    /// Counts runs, for "least recently used".
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    clock: u64,
-    stats: GraphStats,
-}
-
-/// One thread's captured stage: its static buffers and graph, the fence of its last run
-/// (another thread that drops the set waits for it) and whether the thread still exists.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-struct StageSet {
-    input: Tensor,
-    output: Tensor,
+    buffers: Option<(Tensor, Tensor)>,
     #[cfg(feature = "cuda")]
-    graph: CapturedGraph,
+    graph: Option<CapturedGraph>,
+    stats: GraphStats,
     fence: Fence,
-    thread: ThreadAlive,
-    last_used: u64,
-}
-
-/// Threads that keep captured stages at most; one more drops the least recently used set.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-const MAX_STAGE_SETS: usize = 16;
-
-/// Whether a thread still exists: the thread-local token's strong count goes with the thread.
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-struct ThreadAlive(std::sync::Weak<()>);
-
-impl ThreadAlive {
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-    fn current() -> Self {
-        thread_local! {
-            static TOKEN: std::sync::Arc<()> = std::sync::Arc::new(());
-        }
-        Self(TOKEN.with(std::sync::Arc::downgrade))
-    }
-
-    fn alive(&self) -> bool {
-        self.0.strong_count() > 0
-    }
 }
 
 impl StageGraph {
@@ -578,12 +539,7 @@ impl StageGraph {
         self.stats
     }
 
-    /// Threads holding captured buffers and graphs now.
-    pub fn captured_sets(&self) -> usize {
-        self.sets.len()
-    }
-
-    /// `f(input)`, eagerly or through the calling thread's graph; see the type's docs.
+    /// `f(input)`, eagerly or through the graph; see the type's docs.
     pub fn run(
         &mut self,
         device: &Device,
@@ -594,37 +550,27 @@ impl StageGraph {
             self.stats.eager += 1;
             return Ok(f(input)?);
         }
-        // The sets of threads that ended (an element stopped: its streaming thread is gone).
-        self.drop_sets(device, |_, set| set.thread.alive())?;
+        // Before the buffers are written or dropped (see the module docs).
+        self.fence.wait(device)?;
         if !self.signature_matches(input) {
-            self.drop_sets(device, |_, _| false)?;
-            *self = Self { signature: Some(Self::signature(input)), stats: self.stats, ..Self::default() };
+            let fence = std::mem::take(&mut self.fence);
+            *self = Self { signature: Some(Self::signature(input)), stats: self.stats, fence, ..Self::default() };
         }
-        let thread = std::thread::current().id();
         #[cfg(feature = "cuda")]
         {
-            self.clock += 1;
-            // `SDCROSSFRAME_STAGE_GRAPHS=shared` (for comparisons): every thread uses the one set.
-            let per_thread = super::switches::switches().stage_graphs_per_thread;
-            let set = match per_thread {
-                true => self.sets.get_mut(&thread),
-                false => self.sets.values_mut().next(),
-            };
-            if let Some(set) = set {
-                set.last_used = self.clock;
-                // Before the buffers are written: a set's last user may be another thread.
-                set.fence.wait(device)?;
-                set.input.slice_set(input, 0, 0)?;
-                set.graph.launch_from(device)?;
+            if let (Some(graph), Some((input_buffer, output))) = (&self.graph, &self.buffers) {
+                input_buffer.slice_set(input, 0, 0)?;
+                graph.launch_from(device)?;
                 self.stats.replayed += 1;
                 // The buffer is rewritten by the next launch: hand out a copy.
-                let output = set.output.copy()?;
-                set.fence.record(device)?;
+                let output = output.copy()?;
+                self.fence.record(device)?;
                 return Ok(output);
             }
-            if self.warmed.contains(&thread) {
+            if self.warmed.contains(&std::thread::current().id()) {
                 match self.capture(device, input, &mut f) {
                     Ok(output) => {
+                        self.fence.record(device)?;
                         self.stats.captured += 1;
                         return Ok(output);
                     }
@@ -637,6 +583,7 @@ impl StageGraph {
                 }
             }
         }
+        let thread = std::thread::current().id();
         if !self.warmed.contains(&thread) {
             self.warmed.push(thread);
         }
@@ -652,21 +599,8 @@ impl StageGraph {
         self.signature.as_deref() == Some(Self::signature(input).as_str())
     }
 
-    /// Drops the sets `keep` refuses, once the calling thread's stream has waited for their
-    /// last runs (their memory goes back to the pool on this stream).
-    fn drop_sets(&mut self, device: &Device, keep: impl Fn(&ThreadId, &StageSet) -> bool) -> Result<()> {
-        let dropped: Vec<ThreadId> = self.sets.iter().filter(|(t, set)| !keep(t, set)).map(|(t, _)| *t).collect();
-        for thread in dropped {
-            if let Some(set) = self.sets.remove(&thread) {
-                set.fence.wait(device)?;
-            }
-            self.warmed.retain(|t| *t != thread);
-        }
-        Ok(())
-    }
-
-    /// Captures `f` on static buffers of the calling thread (the output's shaped by an eager
-    /// run), launches it once and returns a copy of the output.
+    /// Captures `f` on a static input buffer into a static output buffer shaped by an eager
+    /// run's output, launches it once and returns a copy of the output.
     #[cfg(feature = "cuda")]
     fn capture(
         &mut self,
@@ -674,10 +608,6 @@ impl StageGraph {
         input: &Tensor,
         f: &mut dyn FnMut(&Tensor) -> candle_core::Result<Tensor>,
     ) -> Result<Tensor> {
-        if self.sets.len() >= MAX_STAGE_SETS {
-            let oldest = self.sets.iter().min_by_key(|(_, set)| set.last_used).map(|(t, _)| *t);
-            self.drop_sets(device, |thread, _| Some(*thread) != oldest)?;
-        }
         let input_buffer = input.copy()?;
         // The output's shape: from an eager run, which also leaves every lazily made resource
         // (tuned convolution plans, cached uploads) in place before capturing.
@@ -688,15 +618,8 @@ impl StageGraph {
         })?;
         graph.launch()?;
         let result = output.copy()?;
-        let set = StageSet {
-            input: input_buffer,
-            output,
-            graph,
-            fence: Fence::recorded(device)?,
-            thread: ThreadAlive::current(),
-            last_used: self.clock,
-        };
-        self.sets.insert(std::thread::current().id(), set);
+        self.buffers = Some((input_buffer, output));
+        self.graph = Some(graph);
         Ok(result)
     }
 }

@@ -20,7 +20,6 @@ pub const CHANNELS_LAST: &str = "SDCROSSFRAME_CHANNELS_LAST";
 pub const FF_CHUNK: &str = "SDCROSSFRAME_FF_CHUNK";
 pub const UPSAMPLE: &str = "SDCROSSFRAME_UPSAMPLE";
 pub const EAGER_TRIM: &str = "SDCROSSFRAME_EAGER_TRIM";
-pub const STAGE_GRAPHS: &str = "SDCROSSFRAME_STAGE_GRAPHS";
 
 /// Which convolutions the cuDNN build considers for f16/bf16 on CUDA (`SDCROSSFRAME_CONV`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -91,10 +90,6 @@ pub struct Switches {
     /// steps hold device memory, wait for it and give idle graphs' memory back
     /// ([`super::step_graphs`]).
     pub eager_trim: bool,
-    /// `SDCROSSFRAME_STAGE_GRAPHS=per-thread|shared`: each thread captures the VAE's and the
-    /// control embedding's graphs on buffers of its own; `shared`: one set for all threads
-    /// ([`super::step_graphs::StageGraph`]).
-    pub stage_graphs_per_thread: bool,
 }
 
 impl Default for Switches {
@@ -143,12 +138,6 @@ impl Switches {
             feed_forward_chunks: parse(&lookup, FF_CHUNK, &on_off, true),
             subpixel_upsample: parse(&lookup, UPSAMPLE, &[("subpixel", true), ("nearest", false)], true),
             eager_trim: parse(&lookup, EAGER_TRIM, &on_off, true),
-            stage_graphs_per_thread: parse(
-                &lookup,
-                STAGE_GRAPHS,
-                &[("per-thread", true), ("shared", false)],
-                true,
-            ),
         }
     }
 }
@@ -222,7 +211,6 @@ mod tests {
                 feed_forward_chunks: true,
                 subpixel_upsample: true,
                 eager_trim: true,
-                stage_graphs_per_thread: true,
             }
         );
         assert_eq!(s, Switches::default());
@@ -243,9 +231,8 @@ mod tests {
             (FF_CHUNK, " oFF"),
             (UPSAMPLE, "Nearest "),
             (EAGER_TRIM, " OFF "),
-            (STAGE_GRAPHS, " Shared"),
         ]);
-        assert!(!s.feed_forward_chunks && !s.subpixel_upsample && !s.eager_trim && !s.stage_graphs_per_thread);
+        assert!(!s.feed_forward_chunks && !s.subpixel_upsample && !s.eager_trim);
         assert!(!s.fused_attention && !s.fused_group_norm && !s.fused_epilogues && !s.cuda_graphs && !s.vae_stream);
         assert!(!s.channels_last && !s.channels_last_stages);
         assert_eq!((s.conv, s.flash_warps), (ConvChoice::Cudnn, Some(8)));
@@ -275,7 +262,6 @@ mod tests {
             (FF_CHUNK, "chunked"),
             (UPSAMPLE, "bilinear"),
             (EAGER_TRIM, "no"),
-            (STAGE_GRAPHS, "off"),
         ]);
         assert_eq!(s, Switches::default());
     }
