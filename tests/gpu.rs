@@ -285,7 +285,8 @@ fn threads_replay_their_captured_steps_on_buffers_of_their_own() {
         Ok(x)
     };
     let input = |seed: f32| (Tensor::rand(0f32, 1.0, (256, 256), &gpu).unwrap() + seed as f64 * 1e-3).unwrap();
-    let run = |hook: u64, x: &Tensor| graphs.lock().unwrap().run(&gpu, key(Some(hook)), Vec::new(), &[x], step).unwrap();
+    let run =
+        |hook: u64, x: &Tensor| graphs.lock().unwrap().run(&gpu, key(Some(hook)), Vec::new(), &[x], step).unwrap();
     std::thread::scope(|scope| {
         for thread in 0..2u64 {
             let (run, input, step) = (&run, &input, &step);

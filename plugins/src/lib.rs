@@ -9,6 +9,7 @@
 
 use gst::glib;
 
+pub mod engine_log;
 pub mod sdcanny;
 pub mod sdcrossframe;
 pub mod video;

@@ -446,6 +446,37 @@ fn frames_through_the_tiny_vae() {
     assert!(diff > 10.0, "the tiny VAE changed the frame by only {diff} (8-bit mean)");
 }
 
+/// The engine's warnings reach the GStreamer debug log on the element that ran the work
+/// (category `sdcrossframe-engine`; before, they went nowhere): here the text encoder's,
+/// about a prompt longer than its tokens.
+#[test]
+fn engine_warnings_reach_the_gstreamer_log() {
+    init();
+    gst::log::set_threshold_for_name("sdcrossframe-engine", gst::DebugLevel::Warning);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
+    let log_function = {
+        let seen = seen.clone();
+        gst::log::add_log_function(move |category, level, _file, _function, _line, object, message| {
+            if category.name() == "sdcrossframe-engine" && level == gst::DebugLevel::Warning {
+                let object = object.map(|o| o.to_string()).unwrap_or_default();
+                let text = message.get().map(|m| m.to_string()).unwrap_or_default();
+                seen.lock().unwrap().push((object, text));
+            }
+        })
+    };
+    let long_prompt = vec!["red hair"; 100].join(", ");
+    let mut tiny = Tiny::new(&[("prompt", long_prompt.as_str())]);
+    let name = tiny.element().name().to_string();
+    tiny.process(&frame(0), gst_video::VideoFormat::Rgb, 0);
+    gst::log::remove_log_function(log_function);
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.iter()
+            .any(|(object, text)| object.contains(&name) && text.contains("prompt is longer than the text encoder")),
+        "no warning about the long prompt on {name} in the log: {seen:?}"
+    );
+}
+
 /// Bad scheduler settings at start are error messages naming the value.
 #[test]
 fn bad_scheduler_settings_are_error_messages_naming_the_value() {

@@ -456,7 +456,10 @@ impl<V> Entries<V> {
         let before = self.slots.len();
         self.slots.retain(|_, slot| slot.owners.iter().all(GraphWatch::alive));
         if self.slots.len() < before {
-            tracing::debug!("dropped {} captured-step keys of cross-frame stores that are gone", before - self.slots.len());
+            tracing::debug!(
+                "dropped {} captured-step keys of cross-frame stores that are gone",
+                before - self.slots.len()
+            );
         }
         self.slots.len() < before
     }
@@ -467,7 +470,8 @@ impl<V> Entries<V> {
         if !self.slots.contains_key(&key) {
             self.drop_gone();
             while self.slots.len() >= MAX_ENTRIES {
-                let Some(oldest) = self.slots.iter().min_by_key(|(_, slot)| slot.last_used).map(|(k, _)| k.clone()) else {
+                let Some(oldest) = self.slots.iter().min_by_key(|(_, slot)| slot.last_used).map(|(k, _)| k.clone())
+                else {
                     break;
                 };
                 self.slots.remove(&oldest);
@@ -693,10 +697,10 @@ pub use imp::CapturedGraph;
 #[cfg(feature = "cuda")]
 mod imp {
     use anyhow::{Context, Result, anyhow, bail};
-    use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaStream};
-    use std::sync::Arc;
     use candle_core::cuda_backend::cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    use candle_core::cuda_backend::cudarc::driver::{CudaGraph, CudaStream};
     use candle_core::{Device, Tensor};
+    use std::sync::Arc;
 
     /// A captured, instantiated CUDA graph (also what the benchmark's `--cuda-graph` uses). It
     /// launches on the stream it was captured on.
@@ -833,5 +837,4 @@ mod tests {
         assert_eq!(entries.len(), MAX_ENTRIES);
         assert_eq!(entries.get_mut(&key(2)), Some(&mut 98));
     }
-
 }

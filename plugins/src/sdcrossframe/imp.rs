@@ -58,6 +58,7 @@ use sdcrossframe::scheduler::TimestepIndices;
 use sdcrossframe::session::{FinishedFrame, InFlightFrame, PreparedFrame, SessionConfig, VideoSession};
 
 use super::{Attention, AttentionScope, CrossFrameStore, DType, Guidance, Noise, Scheduler};
+use crate::engine_log::EngineLog;
 use crate::video::{self, PixelLayout};
 
 static CAT: LazyLock<gst::DebugCategory> = LazyLock::new(|| {
@@ -421,6 +422,8 @@ pub struct SdCrossFrame {
     loader: Mutex<Option<Loader>>,
     /// Model loads running now, and the most at once since the element was made (`stats`).
     loads: Arc<LoadCounter>,
+    /// The engine's `tracing` events into this element's GStreamer log (made on first use).
+    engine_log: std::sync::OnceLock<EngineLog>,
 }
 
 /// The loading thread and the flag that makes its result stale.
@@ -504,6 +507,16 @@ impl Stats {
 }
 
 impl SdCrossFrame {
+    /// Sends the calling thread's engine events to this element's log while the guard lives
+    /// (see [`crate::engine_log`]); taken at every entry point that runs engine code.
+    fn engine_log(&self) -> Option<tracing::dispatcher::DefaultGuard> {
+        self.engine_log_bridge().enter()
+    }
+
+    fn engine_log_bridge(&self) -> &EngineLog {
+        self.engine_log.get_or_init(|| EngineLog::new(self.obj().upcast_ref()))
+    }
+
     /// Starts loading the models on their own thread (named `sdcf-load`), after joining any
     /// earlier one: an element runs at most one load at a time (`stop` joins it too).
     fn spawn_loader(&self, request: LoadRequest) -> std::io::Result<mpsc::Receiver<Option<VideoSession>>> {
@@ -513,7 +526,9 @@ impl SdCrossFrame {
         let stale = Arc::new(AtomicBool::new(false));
         let in_flight = InFlight::new(&self.loads);
         let thread_stale = stale.clone();
+        let engine_log = self.engine_log_bridge().clone();
         let handle = std::thread::Builder::new().name("sdcf-load".into()).spawn(move || {
+            let _engine_log = engine_log.enter();
             let _in_flight = in_flight;
             let stale = thread_stale;
             if stale.load(Ordering::SeqCst) {
@@ -1184,6 +1199,7 @@ impl BaseTransformImpl for SdCrossFrame {
         // back). A load still in progress cannot be interrupted (candle reads whole tensors):
         // its result is marked stale and its thread joined, so no load outlives the element's
         // run and the next start never runs a second one beside it.
+        let _engine_log = self.engine_log();
         let state = self.state.lock().unwrap().take();
         self.join_loader();
         if let Some(state) = state {
@@ -1206,6 +1222,7 @@ impl BaseTransformImpl for SdCrossFrame {
     }
 
     fn sink_event(&self, event: gst::Event) -> bool {
+        let _engine_log = self.engine_log();
         match event.view() {
             gst::EventView::FlushStart(_) => self.unblock(),
             gst::EventView::FlushStop(_) => {
@@ -1266,6 +1283,7 @@ impl BaseTransformImpl for SdCrossFrame {
     /// Pulled from downstream (pull mode), the element cannot push: frames go synchronously.
     fn generate_output(&self) -> Result<gst_base::subclass::base_transform::GenerateOutputSuccess, gst::FlowError> {
         use gst_base::subclass::base_transform::GenerateOutputSuccess;
+        let _engine_log = self.engine_log();
         if !self.overlapping() || self.obj().src_pad().mode() != gst::PadMode::Push {
             return self.parent_generate_output();
         }
@@ -1331,6 +1349,7 @@ impl VideoFilterImpl for SdCrossFrame {
         &self,
         frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
     ) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let _engine_log = self.engine_log();
         let settings = self.settings.lock().unwrap().clone();
         let mut state = self.state.lock().unwrap();
         let state = state.as_mut().ok_or(gst::FlowError::Flushing)?;
