@@ -301,8 +301,11 @@ impl StreamBatcher {
     }
 
     /// Runs `round` on the batcher's thread (started here the first time; it ends when the
-    /// batcher is dropped).
+    /// batcher is dropped), under the `tracing` dispatcher of the thread that hands it over:
+    /// a round's events go where that stream's own go (the GStreamer element's log).
     fn execute(&self, round: Round) -> Result<()> {
+        let dispatch = tracing::dispatcher::get_default(tracing::Dispatch::clone);
+        let round: Round = Box::new(move || tracing::dispatcher::with_default(&dispatch, round));
         let mut executor =
             self.executor.lock().map_err(|_| anyhow!("the cross-stream batcher's thread handle was poisoned"))?;
         if executor.is_none() {
@@ -610,6 +613,54 @@ impl Drop for Membership {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Counts the events it sees.
+    struct CountEvents(Arc<AtomicU64>);
+
+    impl tracing::Subscriber for CountEvents {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+            tracing::span::Id::from_u64(1)
+        }
+        fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+        fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+        fn event(&self, _: &tracing::Event<'_>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+        fn enter(&self, _: &tracing::span::Id) {}
+        fn exit(&self, _: &tracing::span::Id) {}
+    }
+
+    /// A round's events go to the dispatcher of the thread that handed it over (an element's
+    /// GStreamer log), not to the batcher thread's (none), whichever thread hands it over.
+    #[test]
+    fn rounds_log_where_the_thread_that_hands_them_over_logs() {
+        let batcher = StreamBatcher::default();
+        let run_round = |batcher: &StreamBatcher| {
+            let (done, finished) = mpsc::channel();
+            batcher
+                .execute(Box::new(move || {
+                    tracing::warn!("from the round");
+                    done.send(()).unwrap();
+                }))
+                .unwrap();
+            finished.recv_timeout(Duration::from_secs(10)).expect("the round ran");
+        };
+        let (first, second) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        tracing::subscriber::with_default(CountEvents(first.clone()), || run_round(&batcher));
+        assert_eq!(first.load(Ordering::SeqCst), 1);
+        // The same thread, already running, now runs a round of another dispatcher's thread.
+        std::thread::spawn({
+            let second = second.clone();
+            let batcher = Arc::new(batcher);
+            move || tracing::subscriber::with_default(CountEvents(second), || run_round(&batcher))
+        })
+        .join()
+        .unwrap();
+        assert_eq!((first.load(Ordering::SeqCst), second.load(Ordering::SeqCst)), (1, 1));
+    }
 
     fn ms(v: u64) -> Duration {
         Duration::from_millis(v)
