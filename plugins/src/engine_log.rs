@@ -5,8 +5,8 @@
 //! know). Without this they went nowhere: GStreamer applications do not set up `tracing`.
 //!
 //! Installed per thread for the duration of the element's work ([`EngineLog::enter`]), and only
-//! where no `tracing` subscriber is in place: an application that set its own keeps the
-//! events. Spans are not forwarded (GStreamer's log has none); only events.
+//! where no `tracing` subscriber of the application's is in place: an application that set its
+//! own keeps the events. Spans are not forwarded (GStreamer's log has none); only events.
 
 use std::fmt::Write as _;
 use std::sync::LazyLock;
@@ -39,12 +39,14 @@ impl EngineLog {
         Self { dispatch: Dispatch::new(Bridge { element: element.downgrade(), next_span: AtomicU64::new(1) }) }
     }
 
-    /// Sends the calling thread's engine events to the GStreamer log until the guard drops,
-    /// unless a subscriber is in place already (the application's, or an outer `enter`).
+    /// Sends the calling thread's engine events to this element's GStreamer log until the
+    /// guard drops, unless the application's subscriber is in place. Another element's bridge
+    /// is replaced until then: an element upstream in the same thread (its push runs this
+    /// one's chain) must not get this one's events.
     #[must_use]
     pub fn enter(&self) -> Option<DefaultGuard> {
-        let unset = tracing::dispatcher::get_default(|current| current.is::<NoSubscriber>());
-        unset.then(|| tracing::dispatcher::set_default(&self.dispatch))
+        let ours = tracing::dispatcher::get_default(|current| current.is::<NoSubscriber>() || current.is::<Bridge>());
+        ours.then(|| tracing::dispatcher::set_default(&self.dispatch))
     }
 }
 

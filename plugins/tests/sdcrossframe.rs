@@ -477,6 +477,62 @@ fn engine_warnings_reach_the_gstreamer_log() {
     );
 }
 
+/// Two elements in one thread (the first pushes into the second from its own frame work):
+/// the second's engine warnings are logged on the second, not on the first.
+#[test]
+fn engine_warnings_of_a_downstream_element_are_logged_on_it() {
+    init();
+    gst::log::set_threshold_for_name("sdcrossframe-engine", gst::DebugLevel::Warning);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log_function = {
+        let seen = seen.clone();
+        gst::log::add_log_function(move |category, level, _file, _function, _line, object, message| {
+            let text = message.get().map(|m| m.to_string()).unwrap_or_default();
+            if category.name() == "sdcrossframe-engine"
+                && level == gst::DebugLevel::Warning
+                && text.contains("prompt is longer")
+            {
+                let object = object.map(|o| o.to_string()).unwrap_or_default();
+                // Tests run side by side: only this test's elements.
+                if object.contains("nested_") {
+                    seen.lock().unwrap().push(object);
+                }
+            }
+        })
+    };
+    let (model, controlnet) = (fixture("tiny-sd"), fixture("tiny-controlnet"));
+    let props = format!(
+        "model={} controlnet={} prompt=hair steps=2 strength=1.0 width=96 height=64",
+        model.display(),
+        controlnet.display()
+    );
+    let mut h = gst_check::Harness::new_parse(&format!(
+        "sdcrossframe name=nested_up {props} ! sdcrossframe name=nested_down {props}"
+    ));
+    let (buf, info) = buffer(&frame(0), gst_video::VideoFormat::Rgb, 0);
+    h.set_src_caps(info.to_caps().unwrap());
+    assert_eq!(h.push(buf), Ok(gst::FlowSuccess::Ok));
+    // While playing: the downstream element encodes its new prompt in its next frame's work,
+    // which the upstream one's push runs.
+    let bin = h.element().unwrap().downcast::<gst::Bin>().unwrap();
+    let down = bin.by_name("nested_down").unwrap();
+    down.set_property("prompt", vec!["red hair"; 100].join(", "));
+    for pts in [40, 80] {
+        let (buf, _) = buffer(&frame(1), gst_video::VideoFormat::Rgb, pts);
+        assert_eq!(h.push(buf), Ok(gst::FlowSuccess::Ok));
+    }
+    assert!(h.push_event(gst::event::Eos::new()));
+    let mut out = 0;
+    while h.try_pull().is_some() {
+        out += 1;
+    }
+    gst::log::remove_log_function(log_function);
+    assert_eq!(out, 3, "frames out of the two elements");
+    let seen = seen.lock().unwrap();
+    assert!(!seen.is_empty(), "no warning about the long prompt");
+    assert!(seen.iter().all(|object| object.contains("nested_down")), "logged on {seen:?}");
+}
+
 /// Bad scheduler settings at start are error messages naming the value.
 #[test]
 fn bad_scheduler_settings_are_error_messages_naming_the_value() {
