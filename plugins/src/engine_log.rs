@@ -10,7 +10,6 @@
 
 use std::fmt::Write as _;
 use std::sync::LazyLock;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use gst::glib;
 use gst::prelude::*;
@@ -36,7 +35,7 @@ pub struct EngineLog {
 
 impl EngineLog {
     pub fn new(element: &gst::Element) -> Self {
-        Self { dispatch: Dispatch::new(Bridge { element: element.downgrade(), next_span: AtomicU64::new(1) }) }
+        Self { dispatch: Dispatch::new(Bridge { element: element.downgrade() }) }
     }
 
     /// Sends the calling thread's engine events to this element's GStreamer log until the
@@ -52,7 +51,6 @@ impl EngineLog {
 
 struct Bridge {
     element: glib::WeakRef<gst::Element>,
-    next_span: AtomicU64,
 }
 
 fn gst_level(level: &Level) -> gst::DebugLevel {
@@ -76,8 +74,8 @@ impl Subscriber for Bridge {
     }
 
     fn new_span(&self, _span: &Attributes<'_>) -> Id {
-        // Spans are disabled (see `enabled`); an id is still owed to any that asks.
-        Id::from_u64(self.next_span.fetch_add(1, Ordering::Relaxed))
+        // Never asked: spans are disabled (see `enabled`).
+        Id::from_u64(1)
     }
 
     fn record(&self, _span: &Id, _values: &Record<'_>) {}
