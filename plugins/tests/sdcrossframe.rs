@@ -477,6 +477,44 @@ fn engine_warnings_reach_the_gstreamer_log() {
     );
 }
 
+/// A buffer refused downstream with an error no one posted (as a queue does before EOS with
+/// its own downstream's error) goes back upstream and is in the element's log, so a pipeline
+/// that stops on it says where it stopped.
+#[test]
+fn a_buffer_refused_downstream_is_logged_and_its_error_returned() {
+    init();
+    gst::log::set_threshold_for_name("sdcrossframe", gst::DebugLevel::Warning);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let log_function = {
+        let seen = seen.clone();
+        gst::log::add_log_function(move |category, level, _file, _function, _line, object, message| {
+            let object = object.map(|o| o.to_string()).unwrap_or_default();
+            // Tests run side by side: only this test's element.
+            if category.name() == "sdcrossframe" && level == gst::DebugLevel::Warning && object.contains("refused_down")
+            {
+                seen.lock().unwrap().push(message.get().map(|m| m.to_string()).unwrap_or_default());
+            }
+        })
+    };
+    let mut t = Tiny::new(&[("name", "refused_down")]);
+    t.element().static_pad("src").unwrap().add_probe(gst::PadProbeType::BUFFER, |_, info| {
+        info.flow_res = Err(gst::FlowError::Error);
+        gst::PadProbeReturn::Handled
+    });
+    let (first, info) = buffer(&frame(0), gst_video::VideoFormat::Rgb, 0);
+    let (second, _) = buffer(&frame(1), gst_video::VideoFormat::Rgb, 40);
+    t.h.set_src_caps(info.to_caps().unwrap());
+    // Overlap holds the first frame; it goes out (and is refused) as the second comes in.
+    assert_eq!(t.h.push(first), Ok(gst::FlowSuccess::Ok));
+    assert_eq!(t.h.push(second), Err(gst::FlowError::Error));
+    gst::log::remove_log_function(log_function);
+    let seen = seen.lock().unwrap();
+    assert!(
+        seen.iter().any(|text| text.contains("downstream refused the buffer at") && text.contains("Error")),
+        "no warning about the refused buffer in the log: {seen:?}"
+    );
+}
+
 /// Two elements in one thread (the first pushes into the second from its own frame work):
 /// the second's engine warnings are logged on the second, not on the first.
 #[test]

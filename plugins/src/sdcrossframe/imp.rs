@@ -555,7 +555,10 @@ impl SdCrossFrame {
                 );
             }
             let started = Instant::now();
-            let result = request.load();
+            // A panic in the load (candle or a driver binding) is a load error with its text,
+            // not a loader that vanishes and leaves the first frame failing unexplained.
+            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| request.load()))
+                .unwrap_or_else(|panic| Err(anyhow::anyhow!("the load panicked: {}", panic_text(&*panic))));
             let Some(element) = src else {
                 return;
             };
@@ -670,7 +673,17 @@ impl SdCrossFrame {
                             *self.cancel.lock().unwrap() = Some(session.cancel_handle());
                             state.model = Model::Ready(Box::new(session));
                         }
-                        Ok(None) | Err(mpsc::RecvTimeoutError::Disconnected) => state.model = Model::Failed,
+                        Ok(None) => state.model = Model::Failed,
+                        Err(mpsc::RecvTimeoutError::Disconnected) => {
+                            // The loader ended without a result and without its error message
+                            // (it posts one for every failed load): say so here.
+                            gst::element_imp_error!(
+                                self,
+                                gst::LibraryError::Init,
+                                ("The model loading thread ended without a model or an error")
+                            );
+                            state.model = Model::Failed;
+                        }
                         Err(mpsc::RecvTimeoutError::Timeout) => {}
                     }
                 }
@@ -1290,9 +1303,10 @@ impl BaseTransformImpl for SdCrossFrame {
         let Some(buffer) = self.take_queued_buffer() else {
             return Ok(GenerateOutputSuccess::NoOutput);
         };
-        for previous in self.process_overlapped(buffer)? {
+        let buffers = self.process_overlapped(buffer).inspect_err(|flow| self.log_frame_failure(*flow))?;
+        for previous in buffers {
             self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
-            self.obj().src_pad().push(previous)?;
+            self.push_downstream(previous)?;
         }
         Ok(GenerateOutputSuccess::NoOutput)
     }
@@ -1350,6 +1364,16 @@ impl VideoFilterImpl for SdCrossFrame {
         frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
     ) -> Result<gst::FlowSuccess, gst::FlowError> {
         let _engine_log = self.engine_log();
+        self.diffuse_in_place(frame).inspect_err(|flow| self.log_frame_failure(*flow))
+    }
+}
+
+impl SdCrossFrame {
+    /// One frame, synchronously: prepared, diffused, downloaded and written into its buffer.
+    fn diffuse_in_place(
+        &self,
+        frame: &mut gst_video::VideoFrameRef<&mut gst::BufferRef>,
+    ) -> Result<gst::FlowSuccess, gst::FlowError> {
         let settings = self.settings.lock().unwrap().clone();
         let mut state = self.state.lock().unwrap();
         let state = state.as_mut().ok_or(gst::FlowError::Flushing)?;
@@ -1369,9 +1393,7 @@ impl VideoFilterImpl for SdCrossFrame {
         self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
         Ok(gst::FlowSuccess::Ok)
     }
-}
 
-impl SdCrossFrame {
     /// Waits for the model, applies changed properties, reads the frame and prepares it
     /// (the CPU work before the diffusion); also returns the time the reading took. Errors are
     /// on the bus.
@@ -1760,9 +1782,30 @@ impl SdCrossFrame {
         };
         for buffer in buffers {
             self.stats.frames_out.fetch_add(1, Ordering::Relaxed);
-            self.obj().src_pad().push(buffer)?;
+            self.push_downstream(buffer)?;
         }
         Ok(gst::FlowSuccess::Ok)
+    }
+
+    /// Pushes a finished buffer; a refusal other than flushing or EOS is logged here, since
+    /// an element downstream that returns an error without posting one (a queue before EOS
+    /// passes its downstream's on) would otherwise leave it unexplained.
+    fn push_downstream(&self, buffer: gst::Buffer) -> Result<gst::FlowSuccess, gst::FlowError> {
+        let pts = buffer.pts();
+        self.obj().src_pad().push(buffer).inspect_err(|flow| match flow {
+            gst::FlowError::Flushing | gst::FlowError::Eos => {
+                gst::debug!(CAT, imp = self, "downstream took no buffer at {pts:?}: {flow:?}")
+            }
+            _ => gst::warning!(CAT, imp = self, "downstream refused the buffer at {pts:?}: {flow:?}"),
+        })
+    }
+
+    /// Logs a frame's failure of its own (its error message is on the bus already; this
+    /// puts it in the element's log next to its frames).
+    fn log_frame_failure(&self, flow: gst::FlowError) {
+        if !matches!(flow, gst::FlowError::Flushing | gst::FlowError::Eos) {
+            gst::error!(CAT, imp = self, "frame failed: {flow:?}");
+        }
     }
 
     /// What the element adds to a live pipeline's latency: the `latency` property, and with
@@ -1786,6 +1829,15 @@ impl SdCrossFrame {
     fn overlapping(&self) -> bool {
         self.state.lock().unwrap().as_ref().is_some_and(|state| state.overlap)
     }
+}
+
+/// The text a panic was raised with (`panic!` with a literal or a formatted message).
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
 }
 
 #[cfg(test)]
