@@ -168,12 +168,14 @@ pub fn reset_pool_peak(device: &Device) -> bool {
 /// launch): memory read after this is memory in use, not a cache. `false` off CUDA or when the
 /// driver refuses.
 pub fn trim(device: &Device) -> bool {
+    let _exclusive = exclusive_graph_memory();
     trim_pool(device) && trim_graph_memory(device)
 }
 
 /// Gives what the default pool holds unused back to the driver (`cuMemPoolTrimTo` to 0);
 /// `false` off CUDA or when the driver refuses.
 pub fn trim_pool(device: &Device) -> bool {
+    let _exclusive = exclusive_graph_memory();
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = device {
         use candle_core::cuda_backend::cudarc::driver::sys;
@@ -183,6 +185,39 @@ pub fn trim_pool(device: &Device) -> bool {
     }
     let _ = device;
     false
+}
+
+/// Held while a CUDA graph is captured and while the default pool or the graphs' memory is
+/// trimmed ([`exclusive_graph_memory`]).
+pub struct GraphMemoryGuard(Option<std::sync::MutexGuard<'static, ()>>);
+
+thread_local! {
+    static HOLDS_GRAPH_MEMORY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+impl Drop for GraphMemoryGuard {
+    fn drop(&mut self) {
+        if self.0.is_some() {
+            HOLDS_GRAPH_MEMORY.set(false);
+        }
+    }
+}
+
+/// Graph captures and trims, one at a time in the whole process (a thread that holds it already,
+/// such as a capture that trims the pool first, passes). A trim acts on the device's memory
+/// pool and graph memory, which every model copy in the process shares, but each copy's graphs
+/// have locks of their own: with 8 separate copies (`model-instance-id`), one copy's trim
+/// before an eager step could run while another captured, and 2 runs of 15 ended on a capture
+/// that failed with `CUDA_ERROR_INVALID_VALUE`, then a download that failed the same way
+/// (H200; with this lock 14 of 14 passed). Steady-state frames take it nowhere.
+pub fn exclusive_graph_memory() -> GraphMemoryGuard {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    if HOLDS_GRAPH_MEMORY.get() {
+        return GraphMemoryGuard(None);
+    }
+    let guard = LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    HOLDS_GRAPH_MEMORY.set(true);
+    GraphMemoryGuard(Some(guard))
 }
 
 /// Gives the memory of graphs that are neither running nor queued back to the driver
@@ -432,6 +467,30 @@ pub fn device_name(device: &Device) -> String {
 mod tests {
     use super::*;
     use crate::models::sd15;
+
+    /// One thread at a time holds the graph memory; the holder takes it again without waiting
+    /// for itself (a capture trims the pool first), and the others get it when the outer
+    /// guard goes.
+    #[test]
+    fn graph_memory_is_held_by_one_thread_at_a_time_and_its_holder_passes() {
+        use std::sync::mpsc;
+        use std::time::Duration;
+        let outer = exclusive_graph_memory();
+        let inner = exclusive_graph_memory();
+        let (tx, rx) = mpsc::channel();
+        let other = std::thread::spawn(move || {
+            let _held = exclusive_graph_memory();
+            tx.send(()).unwrap();
+        });
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "another thread got it while held");
+        drop(inner);
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err(), "the inner guard released it");
+        drop(outer);
+        rx.recv_timeout(Duration::from_secs(10)).expect("the other thread gets it once released");
+        other.join().unwrap();
+        // Released: this thread takes it again.
+        drop(exclusive_graph_memory());
+    }
 
     fn kl() -> VaeConfig {
         VaeConfig::Kl(sd15::vae_config().unwrap())

@@ -720,6 +720,9 @@ mod imp {
         pub fn capture(device: &Device, body: impl FnOnce() -> candle_core::Result<()>) -> Result<Self> {
             let Device::Cuda(cuda) = device else { bail!("CUDA graphs need a CUDA device") };
             let stream = cuda.cuda_stream();
+            // No other thread trims the device's memory (or captures) until this graph is
+            // instantiated and uploaded.
+            let _exclusive = crate::gpu_memory::exclusive_graph_memory();
             device.synchronize()?;
             // What the eager runs before it left in the memory pool goes back to the driver
             // before the graph maps memory of its own.
