@@ -446,30 +446,48 @@ fn frames_through_the_tiny_vae() {
     assert!(diff > 10.0, "the tiny VAE changed the frame by only {diff} (8-bit mean)");
 }
 
+/// Warnings logged in one debug category on objects whose name contains a given part (tests
+/// run side by side), as (object, text), from `start` until `stop`.
+struct LoggedWarnings {
+    seen: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>>,
+    function: gst::log::DebugLogFunction,
+}
+
+impl LoggedWarnings {
+    fn start(category: &'static str, objects: &'static str) -> Self {
+        init();
+        gst::log::set_threshold_for_name(category, gst::DebugLevel::Warning);
+        let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let function = {
+            let seen = seen.clone();
+            gst::log::add_log_function(move |logged_in, level, _file, _function, _line, object, message| {
+                let object = object.map(|o| o.to_string()).unwrap_or_default();
+                if logged_in.name() == category && level == gst::DebugLevel::Warning && object.contains(objects) {
+                    let text = message.get().map(|m| m.to_string()).unwrap_or_default();
+                    seen.lock().unwrap().push((object, text));
+                }
+            })
+        };
+        Self { seen, function }
+    }
+
+    fn stop(self) -> Vec<(String, String)> {
+        gst::log::remove_log_function(self.function);
+        std::mem::take(&mut *self.seen.lock().unwrap())
+    }
+}
+
 /// The engine's warnings reach the GStreamer debug log on the element that ran the work
 /// (category `sdcrossframe-engine`; before, they went nowhere): here the text encoder's,
 /// about a prompt longer than its tokens.
 #[test]
 fn engine_warnings_reach_the_gstreamer_log() {
-    init();
-    gst::log::set_threshold_for_name("sdcrossframe-engine", gst::DebugLevel::Warning);
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<(String, String)>::new()));
-    let log_function = {
-        let seen = seen.clone();
-        gst::log::add_log_function(move |category, level, _file, _function, _line, object, message| {
-            if category.name() == "sdcrossframe-engine" && level == gst::DebugLevel::Warning {
-                let object = object.map(|o| o.to_string()).unwrap_or_default();
-                let text = message.get().map(|m| m.to_string()).unwrap_or_default();
-                seen.lock().unwrap().push((object, text));
-            }
-        })
-    };
+    let log = LoggedWarnings::start("sdcrossframe-engine", "");
     let long_prompt = vec!["red hair"; 100].join(", ");
     let mut tiny = Tiny::new(&[("prompt", long_prompt.as_str())]);
     let name = tiny.element().name().to_string();
     tiny.process(&frame(0), gst_video::VideoFormat::Rgb, 0);
-    gst::log::remove_log_function(log_function);
-    let seen = seen.lock().unwrap();
+    let seen = log.stop();
     assert!(
         seen.iter()
             .any(|(object, text)| object.contains(&name) && text.contains("prompt is longer than the text encoder")),
@@ -482,20 +500,7 @@ fn engine_warnings_reach_the_gstreamer_log() {
 /// that stops on it says where it stopped.
 #[test]
 fn a_buffer_refused_downstream_is_logged_and_its_error_returned() {
-    init();
-    gst::log::set_threshold_for_name("sdcrossframe", gst::DebugLevel::Warning);
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let log_function = {
-        let seen = seen.clone();
-        gst::log::add_log_function(move |category, level, _file, _function, _line, object, message| {
-            let object = object.map(|o| o.to_string()).unwrap_or_default();
-            // Tests run side by side: only this test's element.
-            if category.name() == "sdcrossframe" && level == gst::DebugLevel::Warning && object.contains("refused_down")
-            {
-                seen.lock().unwrap().push(message.get().map(|m| m.to_string()).unwrap_or_default());
-            }
-        })
-    };
+    let log = LoggedWarnings::start("sdcrossframe", "refused_down");
     let mut t = Tiny::new(&[("name", "refused_down")]);
     t.element().static_pad("src").unwrap().add_probe(gst::PadProbeType::BUFFER, |_, info| {
         info.flow_res = Err(gst::FlowError::Error);
@@ -507,10 +512,9 @@ fn a_buffer_refused_downstream_is_logged_and_its_error_returned() {
     // Overlap holds the first frame; it goes out (and is refused) as the second comes in.
     assert_eq!(t.h.push(first), Ok(gst::FlowSuccess::Ok));
     assert_eq!(t.h.push(second), Err(gst::FlowError::Error));
-    gst::log::remove_log_function(log_function);
-    let seen = seen.lock().unwrap();
+    let seen = log.stop();
     assert!(
-        seen.iter().any(|text| text.contains("downstream refused the buffer at") && text.contains("Error")),
+        seen.iter().any(|(_, text)| text.contains("downstream refused the buffer at") && text.contains("Error")),
         "no warning about the refused buffer in the log: {seen:?}"
     );
 }
@@ -519,25 +523,7 @@ fn a_buffer_refused_downstream_is_logged_and_its_error_returned() {
 /// the second's engine warnings are logged on the second, not on the first.
 #[test]
 fn engine_warnings_of_a_downstream_element_are_logged_on_it() {
-    init();
-    gst::log::set_threshold_for_name("sdcrossframe-engine", gst::DebugLevel::Warning);
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let log_function = {
-        let seen = seen.clone();
-        gst::log::add_log_function(move |category, level, _file, _function, _line, object, message| {
-            let text = message.get().map(|m| m.to_string()).unwrap_or_default();
-            if category.name() == "sdcrossframe-engine"
-                && level == gst::DebugLevel::Warning
-                && text.contains("prompt is longer")
-            {
-                let object = object.map(|o| o.to_string()).unwrap_or_default();
-                // Tests run side by side: only this test's elements.
-                if object.contains("nested_") {
-                    seen.lock().unwrap().push(object);
-                }
-            }
-        })
-    };
+    let log = LoggedWarnings::start("sdcrossframe-engine", "nested_");
     let (model, controlnet) = (fixture("tiny-sd"), fixture("tiny-controlnet"));
     let props = format!(
         "model={} controlnet={} prompt=hair steps=2 strength=1.0 width=96 height=64",
@@ -564,9 +550,13 @@ fn engine_warnings_of_a_downstream_element_are_logged_on_it() {
     while h.try_pull().is_some() {
         out += 1;
     }
-    gst::log::remove_log_function(log_function);
+    let seen: Vec<String> = log
+        .stop()
+        .into_iter()
+        .filter(|(_, text)| text.contains("prompt is longer"))
+        .map(|(object, _)| object)
+        .collect();
     assert_eq!(out, 3, "frames out of the two elements");
-    let seen = seen.lock().unwrap();
     assert!(!seen.is_empty(), "no warning about the long prompt");
     assert!(seen.iter().all(|object| object.contains("nested_down")), "logged on {seen:?}");
 }
