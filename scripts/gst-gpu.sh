@@ -94,7 +94,8 @@
 #       default 300), GST_GPU_BENCH_ARGS (extra `frame` arguments for the bench),
 #       GST_GPU_ELEMENT_ARGS (extra element properties), GST_GPU_MODELS_DIR (default
 #       /tmp/gst-gpu-models), GST_GPU_DEBUG (GST_DEBUG of the many-streams runs, default
-#       "*:2,sdcrossframe:7,GST_SCHEDULING:5").
+#       "*:2,sdcrossframe:7"; GST_SCHEDULING:5 is added unless it names GST_SCHEDULING: the
+#       report times each output by its push into the queue after the element).
 #       Results: $OUT (when set, as on the device machine) or /tmp/gst-gpu-out: per run LABEL.log
 #       (GStreamer debug log), LABEL.stdout (gst-launch's output, each line prefixed with the wall
 #       clock), LABEL.times (launch start, end, exit code, output files' mtimes), the first and last
@@ -563,7 +564,9 @@ PY
             echo "pipeline $shown"
         } >"$results/$label.times"
         local start=$EPOCHREALTIME rc pid
-        env "${gst_env[@]}" GST_DEBUG="${GST_GPU_DEBUG:-*:2,sdcrossframe:7,GST_SCHEDULING:5}" GST_DEBUG_NO_COLOR=1 \
+        local gst_debug=${GST_GPU_DEBUG:-*:2,sdcrossframe:7}
+        case "$gst_debug" in *GST_SCHEDULING*) ;; *) gst_debug+=",GST_SCHEDULING:5" ;; esac
+        env "${gst_env[@]}" GST_DEBUG="$gst_debug" GST_DEBUG_NO_COLOR=1 \
             GST_DEBUG_FILE="$results/$label.log" gst-launch-1.0 -e "${pipeline[@]}" >"$results/$label.stdout" 2>&1 &
         pid=$!
         local deadline=$(( ${start%.*} + timeout_s )) m
