@@ -557,8 +557,7 @@ impl SdCrossFrame {
             let started = Instant::now();
             // A panic in the load (candle or a driver binding) is a load error with its text,
             // not a loader that vanishes and leaves the first frame failing unexplained.
-            let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| request.load()))
-                .unwrap_or_else(|panic| Err(anyhow::anyhow!("the load panicked: {}", panic_text(&*panic))));
+            let result = catching_panics("the load", || request.load());
             let Some(element) = src else {
                 return;
             };
@@ -1831,13 +1830,16 @@ impl SdCrossFrame {
     }
 }
 
-/// The text a panic was raised with (`panic!` with a literal or a formatted message).
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
-    panic
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
-        .unwrap_or("no message")
+/// `f`'s result, or a panic in it as an error: "WHAT panicked: " and the panic's text.
+fn catching_panics<T>(what: &str, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
+        let text = panic
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("no message");
+        Err(anyhow::anyhow!("{what} panicked: {text}"))
+    })
 }
 
 #[cfg(test)]
@@ -1858,6 +1860,19 @@ mod tests {
                 assert_eq!(element.property::<f64>(name), before, "{name} took {bad}");
             }
         }
+    }
+
+    /// A panic while loading is the load's error, with the panic's text (a literal or a
+    /// formatted message); a load that returns keeps its result.
+    #[test]
+    fn a_panic_in_the_load_is_an_error_with_its_text() {
+        let literal = catching_panics::<()>("the load", || panic!("cudarc unwrap")).unwrap_err();
+        assert_eq!(literal.to_string(), "the load panicked: cudarc unwrap");
+        let formatted = catching_panics::<()>("the load", || panic!("tensor {} missing", 7)).unwrap_err();
+        assert_eq!(formatted.to_string(), "the load panicked: tensor 7 missing");
+        assert_eq!(catching_panics("the load", || Ok(3)).unwrap(), 3);
+        let failed = catching_panics::<()>("the load", || Err(anyhow::anyhow!("no such file"))).unwrap_err();
+        assert_eq!(failed.to_string(), "no such file");
     }
 
     #[test]
