@@ -126,7 +126,7 @@ struct Settings {
 }
 
 /// The `batch-timeout` default: off. Batching pays when the elements share a step plan (on an
-/// H200, 4 elements: 1.05x to 1.27x the throughput of separate copies, see the README), but a
+/// H200, 4 elements: 1.02x to 1.27x the throughput of separate copies, see MEASUREMENTS.md), but a
 /// round runs the calls of different plans one after another, where separate elements would
 /// overlap on the GPU: opt in.
 const DEFAULT_BATCH_TIMEOUT_MS: i32 = 0;
