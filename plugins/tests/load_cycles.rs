@@ -23,6 +23,21 @@ fn loader_threads() -> usize {
         .count()
 }
 
+/// Loader threads still listed once the joined ones have finished exiting: a thread's join
+/// returns when it clears its thread id, a moment before the kernel drops its /proc entry, so
+/// an entry may linger for microseconds after a correct stop (seen once in a test run). A
+/// loader that was not joined is still loading the model, far longer than this grace.
+fn loader_threads_after_exit() -> usize {
+    let deadline = std::time::Instant::now() + Duration::from_millis(20);
+    loop {
+        let running = loader_threads();
+        if running == 0 || std::time::Instant::now() >= deadline {
+            return running;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+}
+
 /// A `/proc/self/status` field in kB (VmRSS, VmHWM).
 fn status_kb(field: &str) -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -55,7 +70,7 @@ fn rapid_state_cycles_leave_no_load_running() {
             std::thread::sleep(Duration::from_millis(5 * (cycle as u64 % 7)));
         }
         element.set_state(gst::State::Null).unwrap();
-        assert_eq!(loader_threads(), 0, "cycle {cycle}: a loader thread outlived the stop");
+        assert_eq!(loader_threads_after_exit(), 0, "cycle {cycle}: a loader thread outlived the stop");
         assert_eq!(stats(&element, "loads-in-flight"), 0, "cycle {cycle}");
     }
     let most = stats(&element, "max-loads-in-flight");
